@@ -1,0 +1,27 @@
+"""jdfp: dynamic fixed point (DFP16), HBFP and mixed-precision training for JAX with exact INT16 kernels.
+
+Layers: formats (``DFP``, ``BFP``, ``FP16``, ``BF16``) -> quantization (``quantize_array``) ->
+exact reference arithmetic (``reference_gemm``) -> FFI kernels -> differentiable ops -> Flax / optax /
+parallel integrations.
+"""
+
+from jdfp._src.formats import BF16, BFP, DFP, FP16, FloatFormat, NONFINITE_EXPONENT
+from jdfp._src.quantize import QArray, dequantize, fake_quantize, quantize_array
+from jdfp._src.reference import reference_gemm, safe_chain_length
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BF16",
+    "BFP",
+    "DFP",
+    "FP16",
+    "FloatFormat",
+    "NONFINITE_EXPONENT",
+    "QArray",
+    "dequantize",
+    "fake_quantize",
+    "quantize_array",
+    "reference_gemm",
+    "safe_chain_length",
+]

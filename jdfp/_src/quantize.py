@@ -1,0 +1,149 @@
+"""Quantize float arrays to a jdfp format and back (pure JAX; jit, vmap and grad friendly)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdfp._src import formats
+from jdfp._src.formats import BFP, DFP, FloatFormat, NONFINITE_EXPONENT, ZERO_EXPONENT
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized array: ``values * 2**exponent`` with ``exponent`` broadcast over its blocks.
+
+  Attributes:
+    values: int16 integers (float16/bfloat16 values for FP16/BF16 formats), the array's shape.
+    exponent: int32 per-block exponents; one axis per axis of ``values``, of length
+      ``ceil(n / block)`` (1 where the exponent is shared along the whole axis).
+    fmt: the format (static).
+  """
+
+  values: jax.Array
+  exponent: jax.Array
+  fmt: formats.Format = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  @property
+  def ndim(self):
+    return self.values.ndim
+
+  @property
+  def block_shape(self) -> tuple[int, ...]:
+    if not self.fmt.is_integer:
+      return tuple(max(n, 1) for n in self.values.shape)
+    return self.fmt.block_shape(self.values.shape)
+
+  def dequantize(self) -> jax.Array:
+    return dequantize(self)
+
+
+def _check_rounding(rounding, key):
+  if rounding not in formats.ROUNDING_MODES:
+    raise ValueError(f"rounding must be one of {formats.ROUNDING_MODES}, got {rounding!r}")
+  if rounding == "stochastic" and key is None:
+    raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+
+
+def as_float_input(x, name: str = "x") -> jax.Array:
+  """float inputs pass through (float64 -> float32 under x32); integer inputs become float32."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(jnp.float32) if x.dtype != jnp.float32 else x
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return x.astype(jnp.float32)
+  raise TypeError(f"{name} must be a real float (or integer) array, got dtype {x.dtype}")
+
+
+def group_exponent(amax: jax.Array, fmt) -> jax.Array:
+  """The shared exponent of each group from its max magnitude (SPEC 1 for DFP, SPEC 3 for BFP)."""
+  finite = jnp.isfinite(amax)
+  positive = amax > 0
+  safe = jnp.where(finite & positive, amax, 1.0)
+  k = formats.frexp_exponent(safe)  # safe = f * 2**k, f in [0.5, 1)
+  if isinstance(fmt, DFP):
+    e = k - (fmt.bits - 1)  # floor(log2 m) + 1 - (bits - 1), floor(log2 m) = k - 1
+  else:
+    is_pow2 = safe == formats.scale2(jnp.full_like(safe, 0.5), k)
+    ceil_log2 = jnp.where(is_pow2, k - 1, k)  # ceil(log2 m)
+    e = ceil_log2 - fmt.mantissa_bits
+  e = jnp.where(positive, e, ZERO_EXPONENT)
+  return jnp.where(finite, e, NONFINITE_EXPONENT).astype(jnp.int32)
+
+
+def round_to_int(y: jax.Array, rounding: str, key) -> jax.Array:
+  """Round float32 y to integers (as float32) with the named rule (docs/arithmetic.md)."""
+  if rounding == "nearest":
+    return jnp.round(y)  # half to even
+  if rounding == "biased":
+    mag = jnp.abs(y)
+    low = jnp.floor(mag)
+    return jnp.sign(y) * (low + (mag - low >= 0.25).astype(y.dtype))
+  # Stochastic: floor(y) + Bernoulli(frac). A 24-bit uniform keeps u exact in float32, and the
+  # comparison (instead of floor(y + u)) avoids the rounding of y + u for large |y|.
+  low = jnp.floor(y)
+  frac = y - low
+  bits = jax.random.bits(key, y.shape, jnp.uint32) >> 8
+  u = bits.astype(jnp.float32) * np.float32(2.0**-24)
+  return low + (u < frac).astype(y.dtype)
+
+
+def quantize_array(x, fmt, *, rounding: str = "nearest", key=None) -> QArray:
+  """Quantize ``x`` to ``fmt``.
+
+  Args:
+    x: a float array (integer arrays are converted to float32).
+    fmt: ``DFP``, ``BFP``, ``FP16`` or ``BF16``.
+    rounding: ``"nearest"`` (half to even), ``"stochastic"`` (unbiased; needs ``key``) or
+      ``"biased"`` (Intel's: magnitude up when the discarded fraction is >= 1/4). FP16/BF16 only
+      support ``"nearest"``.
+    key: a JAX PRNG key for stochastic rounding.
+
+  Returns:
+    A ``QArray``. NaN/Inf make their group's exponent ``NONFINITE_EXPONENT`` so the group
+    dequantizes to NaN.
+  """
+  formats.check_format(fmt)
+  _check_rounding(rounding, key)
+  x = as_float_input(x)
+  if isinstance(fmt, FloatFormat):
+    if rounding != "nearest":
+      raise ValueError(f"rounding={rounding!r} is not supported for {fmt!r}; use 'nearest'")
+    return QArray(x.astype(fmt.dtype), jnp.zeros((1,) * x.ndim, jnp.int32), fmt)
+  bshape = fmt.block_shape(x.shape)
+  if x.size == 0:
+    grid = formats._grid_shape(x.shape, bshape)
+    return QArray(jnp.zeros(x.shape, jnp.int16), jnp.zeros(grid, jnp.int32), fmt)
+  e = group_exponent(formats.block_amax(x, bshape), fmt)
+  e_full = formats.expand_blocks(e, bshape, x.shape)
+  nonfinite = e_full == NONFINITE_EXPONENT
+  y = formats.scale2(jnp.where(nonfinite, 0.0, x), -jnp.where(nonfinite, 0, e_full))
+  i = jnp.clip(round_to_int(y, rounding, key), -fmt.qmax, fmt.qmax)
+  return QArray(i.astype(jnp.int16), e, fmt)
+
+
+def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
+  """Values of a ``QArray`` as floats (NaN where the group was non-finite)."""
+  if not isinstance(q, QArray):
+    raise TypeError(f"dequantize expects a jdfp.QArray, got {type(q).__name__}")
+  if not q.fmt.is_integer:
+    return q.values.astype(dtype)
+  e_full = formats.expand_blocks(q.exponent, q.block_shape, q.values.shape)
+  nonfinite = e_full == NONFINITE_EXPONENT
+  x = formats.scale2(q.values.astype(jnp.float32), jnp.where(nonfinite, 0, e_full))
+  return jnp.where(nonfinite, jnp.nan, x).astype(dtype)
+
+
+def fake_quantize(x, fmt, *, rounding: str = "nearest", key=None) -> jax.Array:
+  """``dequantize(quantize_array(x, fmt))`` in the input's float dtype: x rounded onto fmt's grid."""
+  x = jnp.asarray(x)
+  dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+  return dequantize(quantize_array(x, fmt, rounding=rounding, key=key), dtype)
