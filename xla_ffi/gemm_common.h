@@ -1,0 +1,126 @@
+// Shared definitions of the jdfp exact INT16 GEMM (see docs/arithmetic.md).
+//
+// Functions here are `static inline` on purpose: this header is compiled with different -m flags in
+// different TUs, and a merged (ODR) copy built with AVX-512 could otherwise end up in the scalar path.
+// Everything in this header is ISA-neutral: it is included by the handler TU (baseline flags) and by
+// every per-ISA kernel TU (compiled with -mavx2 / -mavxvnni / -mavx512*).  Keep it free of
+// non-static inline definitions that could be compiled with different flags in different TUs (ODR).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+namespace jdfp {
+
+constexpr int32_t kNonfiniteExponent = 1 << 30;  // NONFINITE_EXPONENT in the contract
+constexpr int64_t kMaxChain = int64_t(1) << 20;  // cap on the safe chain length L
+// Exponents are clamped to +-kExponentClamp before use (formats.EXPONENT_CLAMP of the reference):
+// ea + eb then cannot overflow, and anything beyond already saturates scale2.
+constexpr int32_t kExponentClamp = 1000;
+
+enum Isa : int { kIsaAuto = 0, kIsaScalar = 1, kIsaAvx2 = 2, kIsaAvxVnni = 3, kIsaAvx512Vnni = 4 };
+
+static inline int32_t qmax_of(int bits) { return (int32_t(1) << (bits - 1)) - 1; }
+
+// L = floor((2**31 - 1) / (qmax_a * qmax_b)), capped at 2**20.
+static inline int64_t safe_chain_length(int bits_a, int bits_b) {
+  int64_t p = int64_t(qmax_of(bits_a)) * int64_t(qmax_of(bits_b));
+  int64_t l = (int64_t(2147483647)) / p;
+  return l < kMaxChain ? l : kMaxChain;
+}
+
+
+// 2**e as float32 for e in [-126, 127] (exact, built from the bits).
+static inline float pow2f(int32_t e) {
+  uint32_t u = uint32_t(e + 127) << 23;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline int32_t clamp_i32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+static inline int32_t eclamp(int32_t e) { return clamp_i32(e, -kExponentClamp, kExponentClamp); }
+
+// scale2 of the contract: two float32 multiplies by powers of two, each rounded.  |e| <= 2000 here
+// (a sum of two clamped exponents).
+static inline float scale2(float x, int32_t e) {
+  int32_t e1 = clamp_i32(e, -126, 127);
+  int32_t e2 = clamp_i32(e - e1, -126, 127);
+  return (x * pow2f(e1)) * pow2f(e2);
+}
+
+// Quantize one float32 for the fused-quantization entry: clip(round_half_even(scale2(x, -e)), +-qmax).
+// NaN -> 0 (the contract gives NaN groups the sentinel exponent, which forces a NaN output anyway).
+// Rounding uses the 1.5*2**23 trick: exact round-half-even for |y| <= 2**22 whatever the compiler
+// does with rint(); y is clipped to |y| <= 32767 first.
+static inline int16_t quantize1(float x, float s1, float s2, float qm) {
+  float y = (x * s1) * s2;
+  if (!(y == y)) y = 0.0f;
+  y = y < -qm ? -qm : (y > qm ? qm : y);
+  const float magic = 12582912.0f;  // not folded: no -ffast-math anywhere
+  float r = (y + magic) - magic;
+  return int16_t(r);
+}
+
+// One piece of a chain inside one kc block.  A chain (the contract's `C` products, never straddling
+// a block) is usually one piece; a chain longer than a kc block is split into several pieces whose
+// int32 accumulators carry over (cont_in / cont_out), so the FP32 spill still happens once per chain.
+struct Piece {
+  int64_t k_start;  // global k of the first element
+  int32_t len;      // valid elements (the last pair may be half padding)
+  int32_t pairs;    // ceil(len / 2)
+  int32_t blk;      // global block index j
+  int32_t bl;       // block index relative to the kc block's first block
+  uint8_t cont_in;  // int32 accumulators continue from the carry buffer
+  uint8_t cont_out; // chain continues in the next kc block: save int32 accumulators, no spill
+};
+
+struct KcBlock {
+  int32_t piece_begin, piece_end;
+  int32_t pairs;      // total packed pairs
+  int32_t blk_first;  // first global block touched
+  int32_t nblk;       // number of blocks touched
+};
+
+// Fully validated problem description handed to the per-ISA tile functions.
+struct Problem {
+  int64_t M, N, K, KB, block_k;
+  int bits_a, bits_b;
+  int32_t qmax_a, qmax_b;
+  bool trans_a, trans_b;
+  bool a_f32, b_f32;  // fused quantization of a float32 operand while packing
+  const void* a;
+  const void* b;
+  const int32_t* ea;
+  const int32_t* eb;
+  float* out;
+  // Per output batch element: element offsets into a, b, ea, eb (broadcast dims have stride 0).
+  const int64_t* a_off;
+  const int64_t* b_off;
+  const int64_t* ea_off;
+  const int64_t* eb_off;
+  int64_t ea_mstride;  // KB, or 0 when ea's M dim is 1 (broadcast)
+  int64_t eb_nstride;  // 1, or 0 when eb's N dim is 1
+  const Piece* pieces;
+  const KcBlock* kcb;
+  int64_t nkcb;
+  int32_t max_pairs;  // max KcBlock::pairs
+  int32_t max_nblk;   // max KcBlock::nblk
+  bool has_carry;     // some chain is split across kc blocks
+};
+
+struct Tile {
+  int64_t batch, m0, m1, n0, n1;
+};
+
+// Result of a tile: 0 = ok, 1 = an int16 operand value out of [-qmax, qmax].
+using TileFn = int (*)(const Problem&, const Tile&);
+
+// Per-ISA entry points (defined in kernel_*.cc) and their micro-tile shapes.
+int tile_scalar(const Problem&, const Tile&);
+int tile_avx2(const Problem&, const Tile&);
+int tile_avxvnni(const Problem&, const Tile&);
+int tile_avx512vnni(const Problem&, const Tile&);
+
+}  // namespace jdfp

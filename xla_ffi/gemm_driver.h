@@ -1,0 +1,281 @@
+// BLIS-style macro kernel for one output tile, templated on a micro-kernel.
+//
+// Included by every per-ISA TU, so packing and the epilogue get that TU's -m flags too.  Everything
+// lives in an anonymous namespace: each TU gets its own copy (no ODR merging across ISA flags).
+//
+// Loop nest for a tile (batch, [m0, m1) x [n0, n1)):
+//   for kc block (groups of whole chains, in increasing K)     -- FP32 spill order = K order
+//     pack B tile panel (pairs x NR micro-panels, k-pairs interleaved), pack A (pairs x MR)
+//     for NR micro-panel (B micro-panel stays in L1)
+//       for MR micro-panel (A streamed from L2)
+//         micro-kernel: int32 chains in registers, FP32 accumulator tile in L1
+//   epilogue: KB == 1 scale2, NaN for NONFINITE exponents
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "gemm_common.h"
+
+namespace jdfp {
+namespace {
+
+template <class T>
+struct AlignedBuf {
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      size_t bytes = ((want * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes ? bytes : 64));
+      n = want;
+    }
+    return p;
+  }
+  ~AlignedBuf() { std::free(p); }
+};
+
+struct Scratch {
+  AlignedBuf<int16_t> apack, bpack;
+  AlignedBuf<int32_t> eapack, ebpack, carry;
+  std::vector<int64_t> k0, k1;
+  std::vector<int32_t> pblk;
+};
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Pair table of a kc block: packed pair p holds global k indices k0[p] and k1[p] (-1 = zero pad).
+static inline void build_pairs(const Problem& P, const KcBlock& kb, Scratch& s) {
+  s.k0.resize(kb.pairs);
+  s.k1.resize(kb.pairs);
+  s.pblk.resize(kb.pairs);
+  int64_t p = 0;
+  for (int32_t pi = kb.piece_begin; pi < kb.piece_end; ++pi) {
+    const Piece& pc = P.pieces[pi];
+    for (int32_t q = 0; q < pc.pairs; ++q, ++p) {
+      int64_t k = pc.k_start + 2 * q;
+      s.k0[p] = k;
+      s.k1[p] = (2 * q + 1 < pc.len) ? k + 1 : -1;
+      s.pblk[p] = pc.blk;
+    }
+  }
+}
+
+// Pack rows [r0, r0 + rows) of an operand viewed as X[r, k] = src[r*sr + k*sk] into micro-panels of
+// width W: dst[((panel * pairs + p) * W + i) * 2 + {0, 1}] = X[r0 + panel*W + i, k0/k1[p]].
+// Rows past `rows` and pad halves are zero.  Returns max |value| for the range check.
+template <int W>
+static inline int32_t pack_i16(const int16_t* src, int64_t sr, int64_t sk, int64_t r0, int64_t rows,
+                               const Scratch& s, int32_t pairs, int16_t* dst) {
+  int32_t vmin = 0, vmax = 0;
+  const int64_t panels = (rows + W - 1) / W;
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const int64_t rb = r0 + pn * W;
+    const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
+    int16_t* d = dst + pn * int64_t(pairs) * W * 2;
+    for (int32_t p = 0; p < pairs; ++p, d += 2 * W) {
+      const int64_t k0 = s.k0[p], k1 = s.k1[p];
+      const int16_t* c0 = src + rb * sr + k0 * sk;
+      if (k1 >= 0) {
+        const int16_t* c1 = src + rb * sr + k1 * sk;
+        for (int i = 0; i < nvalid; ++i) {
+          int16_t v0 = c0[i * sr], v1 = c1[i * sr];
+          d[2 * i] = v0;
+          d[2 * i + 1] = v1;
+          vmin = std::min<int32_t>(vmin, std::min(v0, v1));
+          vmax = std::max<int32_t>(vmax, std::max(v0, v1));
+        }
+      } else {
+        for (int i = 0; i < nvalid; ++i) {
+          int16_t v0 = c0[i * sr];
+          d[2 * i] = v0;
+          d[2 * i + 1] = 0;
+          vmin = std::min<int32_t>(vmin, v0);
+          vmax = std::max<int32_t>(vmax, v0);
+        }
+      }
+      for (int i = nvalid; i < W; ++i) d[2 * i] = d[2 * i + 1] = 0;
+    }
+  }
+  return std::max(-vmin, vmax);
+}
+
+// Same as pack_i16 from float32 with fused quantization; exponent of (row r, block j) is
+// e[r*er + j*ej].  Cannot fail (values are clipped).
+template <int W>
+static inline void pack_f32(const float* src, int64_t sr, int64_t sk, int64_t r0, int64_t rows,
+                            const int32_t* e, int64_t er, int64_t ej, int32_t qmax, const Scratch& s,
+                            int32_t pairs, int16_t* dst) {
+  const float qm = float(qmax);
+  const int64_t panels = (rows + W - 1) / W;
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const int64_t rb = r0 + pn * W;
+    const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
+    int16_t* d = dst + pn * int64_t(pairs) * W * 2;
+    int32_t cur_blk = -1;
+    float s1[W], s2[W];
+    for (int32_t p = 0; p < pairs; ++p, d += 2 * W) {
+      if (s.pblk[p] != cur_blk) {
+        cur_blk = s.pblk[p];
+        for (int i = 0; i < nvalid; ++i) {
+          const int32_t ei = e[(rb + i) * er + int64_t(cur_blk) * ej];
+          const int32_t ne = -eclamp(ei);
+          const int32_t e1 = clamp_i32(ne, -126, 127);
+          const int32_t e2 = clamp_i32(ne - e1, -126, 127);
+          // A NONFINITE group quantizes to 0 (as quantize_array does); its output is NaN anyway.
+          s1[i] = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);
+          s2[i] = pow2f(e2);
+        }
+      }
+      const int64_t k0 = s.k0[p], k1 = s.k1[p];
+      const float* c0 = src + rb * sr + k0 * sk;
+      const float* c1 = src + rb * sr + (k1 >= 0 ? k1 : k0) * sk;
+      const bool h1 = k1 >= 0;
+      for (int i = 0; i < nvalid; ++i) {
+        d[2 * i] = quantize1(c0[i * sr], s1[i], s2[i], qm);
+        d[2 * i + 1] = h1 ? quantize1(c1[i * sr], s1[i], s2[i], qm) : int16_t(0);
+      }
+      for (int i = nvalid; i < W; ++i) d[2 * i] = d[2 * i + 1] = 0;
+    }
+  }
+}
+
+// Micro-kernel contract (UK::kernel):
+//   Ap: [pairs][MR][2] int16, Bp: [pairs][NR][2] int16 (pieces back to back),
+//   C: MR x NR floats with row stride ldc (always a full tile; the driver handles edges),
+//   first: start the FP32 accumulators at +0.0 instead of loading C,
+//   scaled: KB > 1, multiply each chain by scale2(., ea + eb) before adding,
+//   eap[bl * ea_ld + i], ebp[bl * eb_ld + j]: clamped exponents of the tile's rows / columns,
+//   carry: MR x NR int32 for chains split across kc blocks.
+template <class UK>
+int run_tile(const Problem& P, const Tile& T) {
+  constexpr int MR = UK::MR, NR = UK::NR;
+  thread_local Scratch s;
+  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
+  if (mb <= 0 || nb <= 0) return 0;
+  const int64_t mbp = round_up(mb, MR), nbp = round_up(nb, NR);
+  const int64_t M = P.M, N = P.N, K = P.K, KB = P.KB;
+  float* C = P.out + T.batch * M * N;
+
+  if (K > 0) {
+    int16_t* ap = s.apack.get(size_t(mbp) * P.max_pairs * 2);
+    int16_t* bp = s.bpack.get(size_t(nbp) * P.max_pairs * 2);
+    const bool scaled = KB > 1;
+    int32_t* eap = scaled ? s.eapack.get(size_t(mbp) * P.max_nblk) : nullptr;
+    int32_t* ebp = scaled ? s.ebpack.get(size_t(nbp) * P.max_nblk) : nullptr;
+    int32_t* carry = P.has_carry ? s.carry.get(size_t(mbp) * nbp) : nullptr;
+    const int32_t* ea = P.ea + P.ea_off[T.batch];
+    const int32_t* eb = P.eb + P.eb_off[T.batch];
+    const int64_t eb_j = P.eb_nstride ? N : 1;  // eb is [KB, N] or [KB, 1]
+
+    // Operand views X[r, k]: A rows are m, B "rows" are n.
+    const int64_t a_sr = P.trans_a ? 1 : K, a_sk = P.trans_a ? M : 1;
+    const int64_t b_sr = P.trans_b ? K : 1, b_sk = P.trans_b ? 1 : N;
+
+    for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
+      const KcBlock& kb = P.kcb[kbi];
+      const int32_t pairs = kb.pairs;
+      build_pairs(P, kb, s);
+
+      // ---- pack B and A (and their exponents for KB > 1)
+      if (P.b_f32) {
+        pack_f32<NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], b_sr, b_sk, T.n0, nb, eb,
+                     P.eb_nstride, eb_j, P.qmax_b, s, pairs, bp);
+      } else {
+        int32_t amax = pack_i16<NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], b_sr, b_sk,
+                                    T.n0, nb, s, pairs, bp);
+        if (amax > P.qmax_b) return 2;
+      }
+      if (P.a_f32) {
+        pack_f32<MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], a_sr, a_sk, T.m0, mb, ea,
+                     P.ea_mstride, 1, P.qmax_a, s, pairs, ap);
+      } else {
+        int32_t amax = pack_i16<MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], a_sr, a_sk,
+                                    T.m0, mb, s, pairs, ap);
+        if (amax > P.qmax_a) return 1;
+      }
+      if (scaled) {
+        for (int32_t bl = 0; bl < kb.nblk; ++bl) {
+          const int64_t j = kb.blk_first + bl;
+          int32_t* er = eap + bl * mbp;
+          for (int64_t i = 0; i < mbp; ++i)
+            er[i] = (i < mb) ? eclamp(ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
+          int32_t* ec = ebp + bl * nbp;
+          for (int64_t i = 0; i < nbp; ++i)
+            ec[i] = (i < nb) ? eclamp(eb[j * eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
+        }
+      }
+
+      // ---- micro-kernels
+      const bool first = kbi == 0;
+      const Piece* pcs = P.pieces + kb.piece_begin;
+      const int npcs = kb.piece_end - kb.piece_begin;
+      for (int64_t jr = 0; jr < nbp; jr += NR) {
+        const int16_t* bpanel = bp + jr * pairs * 2;
+        const int nv = int(std::min<int64_t>(NR, nb - jr));
+        for (int64_t ir = 0; ir < mbp; ir += MR) {
+          const int16_t* apanel = ap + ir * pairs * 2;
+          const int mv = int(std::min<int64_t>(MR, mb - ir));
+          int32_t* cr = carry ? carry + (ir / MR * (nbp / NR) + jr / NR) * (MR * NR) : nullptr;
+          float* cdst = C + (T.m0 + ir) * N + T.n0 + jr;
+          if (mv == MR && nv == NR) {
+            UK::kernel(apanel, bpanel, pcs, npcs, cdst, N, first, scaled, eap ? eap + ir : nullptr,
+                       mbp, ebp ? ebp + jr : nullptr, nbp, cr);
+          } else {
+            alignas(64) float edge[MR * NR];
+            if (!first)
+              for (int i = 0; i < mv; ++i)
+                for (int j = 0; j < nv; ++j) edge[i * NR + j] = cdst[i * N + j];
+            UK::kernel(apanel, bpanel, pcs, npcs, edge, NR, first, scaled, eap ? eap + ir : nullptr,
+                       mbp, ebp ? ebp + jr : nullptr, nbp, cr);
+            for (int i = 0; i < mv; ++i)
+              for (int j = 0; j < nv; ++j) cdst[i * N + j] = edge[i * NR + j];
+          }
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: KB == 1 scale, K == 0 zeros, NaN for NONFINITE exponents
+  const int32_t* ea = P.ea + P.ea_off[T.batch];
+  const int32_t* eb = P.eb + P.eb_off[T.batch];
+  const int64_t eb_j = P.eb_nstride ? N : 1;
+  const float qnan = __builtin_nanf("");
+  bool any_col_bad = false;
+  thread_local std::vector<uint8_t> colbad;
+  colbad.assign(size_t(nb), 0);
+  for (int64_t j = 0; j < KB; ++j)
+    for (int64_t n = 0; n < nb; ++n)
+      if (eb[j * eb_j + (T.n0 + n) * P.eb_nstride] == kNonfiniteExponent) colbad[n] = 1, any_col_bad = true;
+  for (int64_t m = T.m0; m < T.m1; ++m) {
+    float* row = C + m * N + T.n0;
+    const int32_t* er = ea + m * P.ea_mstride;
+    bool bad = false;
+    for (int64_t j = 0; j < KB; ++j) bad |= er[j] == kNonfiniteExponent;
+    if (K == 0) {
+      for (int64_t n = 0; n < nb; ++n) row[n] = 0.0f;
+    } else if (KB == 1) {
+      const int32_t e0 = eclamp(er[0]);
+      const int32_t* ec = eb + T.n0 * P.eb_nstride;
+      if (P.eb_nstride) {
+        for (int64_t n = 0; n < nb; ++n) row[n] = scale2(row[n], e0 + eclamp(ec[n]));
+      } else {
+        const int32_t e = e0 + eclamp(ec[0]);
+        for (int64_t n = 0; n < nb; ++n) row[n] = scale2(row[n], e);
+      }
+    }
+    if (bad) {
+      for (int64_t n = 0; n < nb; ++n) row[n] = qnan;
+    } else if (any_col_bad) {
+      for (int64_t n = 0; n < nb; ++n)
+        if (colbad[n]) row[n] = qnan;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace jdfp

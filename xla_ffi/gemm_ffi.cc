@@ -1,0 +1,410 @@
+// XLA FFI handlers of the jdfp exact INT16 GEMM (contract: docs/arithmetic.md).
+//
+//   JdfpGemmI16 : int16 a, int16 b
+//   JdfpGemmQ   : a and/or b float32, quantized while packing (the int16 copy is never stored)
+//
+// Both: int32 ea [..., M|1, KB], eb [..., KB, N|1] -> float32 out [..., M, N], leading batch dims
+// broadcast (size 1 on one side, stride 0, no copies).  Work is split into (batch, M, N) tiles that
+// the caller and XLA's intra-op pool threads grab from an atomic counter; the handler returns an
+// ffi::Future completed by the last worker, so no pool thread ever waits for another.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <xmmintrin.h>
+#define JDFP_X86 1
+#else
+#define JDFP_X86 0
+#endif
+
+#include "gemm_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#define JDFP_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace jdfp {
+namespace {
+
+// ---------------------------------------------------------------- ISA detection
+#if JDFP_X86
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+#endif
+
+int detect_isa_mask() {
+  int mask = 1 << kIsaScalar;
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return mask;
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
+  if (!osxsave || !avx) return mask;
+  const uint64_t xcr0 = xgetbv0();
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE + AVX state
+  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+  if (__get_cpuid_max(0, nullptr) < 7) return mask;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
+  const bool avx512vnni = (c >> 11) & 1;
+  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  const bool avxvnni = (a1 >> 4) & 1;
+  if (os_ymm && avx2) mask |= 1 << kIsaAvx2;
+  if (os_ymm && avx2 && avxvnni) mask |= 1 << kIsaAvxVnni;
+  if (os_zmm && avx512f && avx512bw && avx512vnni) mask |= 1 << kIsaAvx512Vnni;
+#endif
+  return mask;
+}
+
+int isa_mask() {
+  static const int m = detect_isa_mask();
+  return m;
+}
+
+int best_isa() {
+  const int m = isa_mask();
+  for (int i = kIsaAvx512Vnni; i > kIsaScalar; --i)
+    if (m & (1 << i)) return i;
+  return kIsaScalar;
+}
+
+struct IsaInfo {
+  TileFn fn;
+  int mr, nr;       // micro-tile
+  int kc_pairs;     // max packed k-pairs per kc block
+  const char* name;
+};
+
+IsaInfo isa_info(int isa) {
+  switch (isa) {
+#if defined(JDFP_HAVE_SIMD)
+    case kIsaAvx512Vnni: return {tile_avx512vnni, 14, 32, 128, "avx512_vnni"};
+    case kIsaAvxVnni: return {tile_avxvnni, 6, 16, 128, "avx_vnni"};
+    case kIsaAvx2: return {tile_avx2, 6, 16, 128, "avx2"};
+#endif
+    default: return {tile_scalar, 4, 8, 128, "scalar"};
+  }
+}
+
+// ---------------------------------------------------------------- problem set-up
+struct Job {
+  Problem P{};
+  std::vector<Piece> pieces;
+  std::vector<KcBlock> kcb;
+  std::vector<int64_t> a_off, b_off, ea_off, eb_off;
+  std::vector<Tile> tiles;
+  TileFn fn = nullptr;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+  int bits_a = 0, bits_b = 0;
+};
+
+ffi::Error invalid(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jdfp gemm: " + msg);
+}
+
+std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+// Chains of the contract cut into pieces and grouped into kc blocks of at most kc_pairs pairs.
+void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_pairs) {
+  auto& pcs = j.pieces;
+  auto& kcb = j.kcb;
+  int32_t cur_begin = 0, cur_pairs = 0;
+  auto close = [&]() {
+    const int32_t end = int32_t(pcs.size());
+    if (end == cur_begin) return;
+    KcBlock b{};
+    b.piece_begin = cur_begin;
+    b.piece_end = end;
+    b.pairs = cur_pairs;
+    b.blk_first = pcs[cur_begin].blk;
+    b.nblk = pcs[end - 1].blk - b.blk_first + 1;
+    for (int32_t i = cur_begin; i < end; ++i) pcs[i].bl = pcs[i].blk - b.blk_first;
+    kcb.push_back(b);
+    cur_begin = end;
+    cur_pairs = 0;
+  };
+  for (int64_t blk = 0; blk < KB; ++blk) {
+    const int64_t bs = blk * block_k, be = std::min(bs + block_k, K);
+    for (int64_t cs = bs; cs < be; cs += C) {
+      const int64_t len = std::min(C, be - cs);
+      const int64_t cp = (len + 1) / 2;
+      if (cp <= kc_pairs) {
+        if (cur_pairs + cp > kc_pairs) close();
+        pcs.push_back(Piece{cs, int32_t(len), int32_t(cp), int32_t(blk), 0, 0, 0});
+        cur_pairs += int32_t(cp);
+      } else {
+        // A chain longer than a kc block: split at even offsets, carry the int32 sums across.
+        close();
+        for (int64_t o = 0; o < len; o += 2 * int64_t(kc_pairs)) {
+          const int64_t pl = std::min<int64_t>(2 * int64_t(kc_pairs), len - o);
+          const bool last = o + pl >= len;
+          pcs.push_back(Piece{cs + o, int32_t(pl), int32_t((pl + 1) / 2), int32_t(blk), 0,
+                              uint8_t(o > 0), uint8_t(!last)});
+          cur_pairs += int32_t((pl + 1) / 2);
+          if (!last) close();
+        }
+        j.P.has_carry = true;
+      }
+    }
+  }
+  close();
+}
+
+// Batch broadcasting: `d` right-aligned against the output batch dims `ob`.  Fills the element
+// offset of every output batch index (0 stride where d has size 1).  Returns false if incompatible.
+bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, int64_t mat_elems,
+                   std::vector<int64_t>& off) {
+  const size_t nb = ob.size(), db = d.size() - 2;
+  if (db > nb) return false;
+  std::vector<int64_t> stride(nb, 0);
+  int64_t st = mat_elems;
+  for (size_t i = 0; i < db; ++i) {
+    const size_t di = db - 1 - i, oi = nb - 1 - i;
+    if (d[di] != ob[oi] && d[di] != 1) return false;
+    stride[oi] = d[di] == 1 ? 0 : st;
+    st *= d[di];
+  }
+  int64_t total = 1;
+  for (int64_t x : ob) total *= x;
+  off.assign(size_t(total), 0);
+  std::vector<int64_t> idx(nb, 0);
+  for (int64_t t = 0; t < total; ++t) {
+    int64_t o = 0;
+    for (size_t i = 0; i < nb; ++i) o += idx[i] * stride[i];
+    off[size_t(t)] = o;
+    for (size_t i = nb; i-- > 0;) {
+      if (++idx[i] < ob[i]) break;
+      idx[i] = 0;
+    }
+  }
+  return true;
+}
+
+void run_worker(const std::shared_ptr<Job>& job) {
+#if JDFP_X86
+  // Fixed FP environment: round-to-nearest-even with FTZ+DAZ, which is what XLA:CPU runs its own
+  // float code with (so the pure-JAX reference and this kernel flush the same way).
+  const unsigned old_csr = _mm_getcsr();
+  _mm_setcsr(0x1F80u | 0x8000u | 0x0040u);
+#endif
+  int bad = 0;
+  const int64_t nt = int64_t(job->tiles.size());
+  for (;;) {
+    const int64_t t = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= nt) break;
+    if (bad) continue;  // keep draining so the count stays right; the output is an error anyway
+    bad = job->fn(job->P, job->tiles[size_t(t)]);
+  }
+#if JDFP_X86
+  _mm_setcsr(old_csr);
+#endif
+  if (bad) {
+    const bool is_a = bad == 1;
+    job->done.CountDown(invalid(std::string("int16 operand ") + (is_a ? "a" : "b") +
+                                " has a value outside [-qmax, qmax] for bits_" + (is_a ? "a" : "b") +
+                                "=" + std::to_string(is_a ? job->bits_a : job->bits_b) +
+                                " (qmax = 2**(bits-1) - 1; -32768 is never valid)"));
+  } else {
+    job->done.CountDown();
+  }
+}
+
+ffi::Future error_future(ffi::Error e) {
+  ffi::Promise p;
+  ffi::Future f(p);
+  p.SetError(std::move(e));
+  return f;
+}
+
+ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                      ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
+                      ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a, int32_t bits_b,
+                      int64_t block_k, bool trans_a, bool trans_b, int32_t isa, bool allow_f32) {
+  // ---- attributes
+  if (bits_a < 2 || bits_a > 16) return error_future(invalid("bits_a must be in [2, 16], got " + std::to_string(bits_a)));
+  if (bits_b < 2 || bits_b > 16) return error_future(invalid("bits_b must be in [2, 16], got " + std::to_string(bits_b)));
+  if (isa < 0 || isa > kIsaAvx512Vnni) return error_future(invalid("isa must be 0..4, got " + std::to_string(isa)));
+  if (isa == kIsaAuto) isa = best_isa();
+  if (!(isa_mask() & (1 << isa)))
+    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
+                                   "jdfp gemm: ISA " + std::string(isa_info(isa).name) +
+                                       " is not supported by this CPU/OS (or not built)"));
+  // ---- dtypes
+  const auto ta = a.element_type(), tb = b.element_type();
+  const bool a_f32 = ta == ffi::F32, b_f32 = tb == ffi::F32;
+  if (!(ta == ffi::S16 || (allow_f32 && a_f32)))
+    return error_future(invalid(std::string("a must be int16") + (allow_f32 ? " or float32" : "")));
+  if (!(tb == ffi::S16 || (allow_f32 && b_f32)))
+    return error_future(invalid(std::string("b must be int16") + (allow_f32 ? " or float32" : "")));
+  // ---- shapes
+  const auto da = a.dimensions(), db = b.dimensions(), dea = ea.dimensions(), deb = eb.dimensions();
+  const auto dout = out->dimensions();
+  if (da.size() < 2 || db.size() < 2 || dea.size() < 2 || deb.size() < 2 || dout.size() < 2)
+    return error_future(invalid("a, b, ea, eb and out must have rank >= 2"));
+  const size_t ra = da.size(), rb = db.size();
+  const int64_t M = trans_a ? da[ra - 1] : da[ra - 2];
+  const int64_t K = trans_a ? da[ra - 2] : da[ra - 1];
+  const int64_t Kb = trans_b ? db[rb - 1] : db[rb - 2];
+  const int64_t N = trans_b ? db[rb - 2] : db[rb - 1];
+  if (K != Kb)
+    return error_future(invalid("contraction dims differ: a " + dims_str(da) + " b " + dims_str(db)));
+  if (block_k == 0 || block_k < -1)
+    return error_future(invalid("block_k must be >= 1 (or -1 for K), got " + std::to_string(block_k)));
+  const int64_t bk = block_k == -1 ? std::max<int64_t>(K, 1) : block_k;
+  const int64_t KB = (K + bk - 1) / bk;
+  const size_t rea = dea.size(), reb = deb.size();
+  if (dea[rea - 1] != KB || (dea[rea - 2] != M && dea[rea - 2] != 1))
+    return error_future(invalid("ea must be [..., M or 1, KB] = [..., " + std::to_string(M) + ", " +
+                                std::to_string(KB) + "], got " + dims_str(dea)));
+  if (deb[reb - 2] != KB || (deb[reb - 1] != N && deb[reb - 1] != 1))
+    return error_future(invalid("eb must be [..., KB, N or 1] = [..., " + std::to_string(KB) + ", " +
+                                std::to_string(N) + "], got " + dims_str(deb)));
+  const size_t ro = dout.size();
+  if (dout[ro - 2] != M || dout[ro - 1] != N)
+    return error_future(invalid("out must be [..., M, N], got " + dims_str(dout)));
+  std::vector<int64_t> ob(dout.begin(), dout.end() - 2);
+  // Each output batch dim must be the broadcast of the inputs' (not larger than all of them).
+  for (size_t i = 0; i < ob.size(); ++i) {
+    int64_t mx = 1;
+    for (auto d : {da, db, dea, deb}) {
+      const size_t nbd = d.size() - 2, back = ob.size() - i;
+      if (back <= nbd) mx = std::max(mx, d[nbd - back]);
+    }
+    if (ob[i] != mx) return error_future(invalid("out batch dims " + dims_str(dout) + " are not the broadcast of the inputs'"));
+  }
+
+  auto job = std::make_shared<Job>();
+  Problem& P = job->P;
+  if (!batch_offsets(da, ob, M * K, job->a_off) || !batch_offsets(db, ob, K * N, job->b_off) ||
+      !batch_offsets(dea, ob, dea[rea - 2] * KB, job->ea_off) ||
+      !batch_offsets(deb, ob, KB * deb[reb - 1], job->eb_off))
+    return error_future(invalid("batch dims do not broadcast: a " + dims_str(da) + " b " + dims_str(db) +
+                                " ea " + dims_str(dea) + " eb " + dims_str(deb) + " out " + dims_str(dout)));
+  const int64_t nbatch = int64_t(job->a_off.size());
+
+  const IsaInfo info = isa_info(isa);
+  const int64_t L = safe_chain_length(bits_a, bits_b);
+  const int64_t C = std::min(L, bk);
+  build_chains(*job, K, bk, KB, C, info.kc_pairs);
+
+  P.M = M; P.N = N; P.K = K; P.KB = KB; P.block_k = bk;
+  P.bits_a = bits_a; P.bits_b = bits_b;
+  P.qmax_a = qmax_of(bits_a); P.qmax_b = qmax_of(bits_b);
+  P.trans_a = trans_a; P.trans_b = trans_b;
+  P.a_f32 = a_f32; P.b_f32 = b_f32;
+  P.a = a.untyped_data(); P.b = b.untyped_data();
+  P.ea = ea.typed_data(); P.eb = eb.typed_data();
+  P.out = out->typed_data();
+  P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
+  P.ea_off = job->ea_off.data(); P.eb_off = job->eb_off.data();
+  P.ea_mstride = dea[rea - 2] == 1 ? 0 : KB;
+  P.eb_nstride = deb[reb - 1] == 1 ? 0 : 1;
+  P.pieces = job->pieces.data();
+  P.kcb = job->kcb.data();
+  P.nkcb = int64_t(job->kcb.size());
+  P.max_pairs = 0; P.max_nblk = 0;
+  for (const auto& kb : job->kcb) {
+    P.max_pairs = std::max(P.max_pairs, kb.pairs);
+    P.max_nblk = std::max(P.max_nblk, kb.nblk);
+  }
+  job->fn = info.fn;
+  job->bits_a = bits_a; job->bits_b = bits_b;
+
+  // ---- tiles and workers
+  const int64_t work = nbatch * M * N * std::max<int64_t>(K, 1);
+  int64_t nthreads = std::max<int64_t>(1, pool.num_threads());
+  if (work < (int64_t(1) << 21)) nthreads = 1;  // small problems run inline
+  // Tiles big enough to amortize packing (B over mb rows, A over nb columns), small enough to give
+  // every worker several tiles so a busy core does not leave the others idle at the end.
+  auto rup = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
+  int64_t mb = std::min(rup(M, info.mr), int64_t(info.mr) * std::max(1, 192 / info.mr));
+  int64_t nb = std::min(rup(N, info.nr), int64_t(512));
+  auto count = [&]() { return nbatch * ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
+  if (nthreads > 1) {
+    while (count() < 4 * nthreads) {
+      if (nb >= 2 * 128 && nb >= mb) nb = rup(nb / 2, info.nr);
+      else if (mb >= 2 * 4 * info.mr) mb = rup(mb / 2, info.mr);
+      else if (nb >= 2 * 64) nb = rup(nb / 2, info.nr);
+      else break;
+    }
+  }
+  for (int64_t bi = 0; bi < nbatch; ++bi)
+    for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += nb)
+      for (int64_t m0 = 0; m0 < std::max<int64_t>(M, 1); m0 += mb)
+        job->tiles.push_back(Tile{bi, m0, std::min(m0 + mb, M), n0, std::min(n0 + nb, N)});
+  if (job->tiles.empty() || M == 0 || N == 0) {
+    job->tiles.clear();
+    nthreads = 1;
+  }
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, int64_t(job->tiles.size())));
+  job->done = ffi::CountDownPromise(nworkers);
+  ffi::Future fut(job->done);
+  for (int64_t w = 1; w < nworkers; ++w) pool.Schedule([job]() { run_worker(job); });
+  run_worker(job);  // the calling thread works too; it never waits for the others
+  return fut;
+}
+
+}  // namespace
+}  // namespace jdfp
+
+// ---------------------------------------------------------------- exported symbols
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmI16(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmQ(XLA_FFI_CallFrame*);
+
+// Both bind AnyBuffer for a/b so that a wrong dtype gets our own error message.
+static ffi::Future gemm_i16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                            ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a, int32_t bits_b,
+                            int64_t block_k, bool trans_a, bool trans_b, int32_t isa) {
+  return jdfp::gemm_impl(pool, a, b, ea, eb, out, bits_a, bits_b,
+                         block_k, trans_a, trans_b, isa, /*allow_f32=*/false);
+}
+
+static ffi::Future gemm_q(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                          ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
+                          ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a, int32_t bits_b,
+                          int64_t block_k, bool trans_a, bool trans_b, int32_t isa) {
+  return jdfp::gemm_impl(pool, a, b, ea, eb, out, bits_a, bits_b, block_k, trans_a, trans_b, isa,
+                         /*allow_f32=*/true);
+}
+
+#define JDFP_BINDING(A_T, B_T)                    \
+  ffi::Ffi::Bind()                                \
+      .Ctx<ffi::ThreadPool>()                     \
+      .Arg<A_T>()                                 \
+      .Arg<B_T>()                                 \
+      .Arg<ffi::Buffer<ffi::S32>>()               \
+      .Arg<ffi::Buffer<ffi::S32>>()               \
+      .Ret<ffi::Buffer<ffi::F32>>()               \
+      .Attr<int32_t>("bits_a")                    \
+      .Attr<int32_t>("bits_b")                    \
+      .Attr<int64_t>("block_k")                   \
+      .Attr<bool>("transpose_a")                  \
+      .Attr<bool>("transpose_b")                  \
+      .Attr<int32_t>("isa")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16, gemm_i16, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmQ, gemm_q, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
+
+// Plain C helpers for the Python side (ctypes).
+JDFP_EXPORT int jdfp_abi_version() { return 1; }
+JDFP_EXPORT int jdfp_isa_mask() { return jdfp::isa_mask(); }
+JDFP_EXPORT int jdfp_best_isa() { return jdfp::best_isa(); }
+JDFP_EXPORT int64_t jdfp_safe_chain_length(int bits_a, int bits_b) {
+  if (bits_a < 2 || bits_a > 16 || bits_b < 2 || bits_b > 16) return -1;
+  return jdfp::safe_chain_length(bits_a, bits_b);
+}
