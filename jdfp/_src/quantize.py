@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,13 @@ def quantize_array(x, fmt, *, rounding: str = "nearest", key=None) -> QArray:
   formats.check_format(fmt)
   _check_rounding(rounding, key)
   x = as_float_input(x)
+  return _quantize(x, key if rounding == "stochastic" else None, fmt, rounding)
+
+
+# One jit per (shape, format, rounding): eager callers get one compiled program instead of a
+# dozen small ones, and inside an outer jit this simply inlines.
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _quantize(x, key, fmt, rounding) -> QArray:
   if isinstance(fmt, FloatFormat):
     if rounding != "nearest":
       raise ValueError(f"rounding={rounding!r} is not supported for {fmt!r}; use 'nearest'")
@@ -134,6 +142,11 @@ def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
   """Values of a ``QArray`` as floats (NaN where the group was non-finite)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize expects a jdfp.QArray, got {type(q).__name__}")
+  return _dequantize(q, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q: QArray, dtype) -> jax.Array:
   if not q.fmt.is_integer:
     return q.values.astype(dtype)
   e_full = formats.expand_blocks(q.exponent, q.block_shape, q.values.shape)
