@@ -8,6 +8,10 @@ parallel integrations.
 from jdfp._src.formats import BF16, BFP, DFP, FP16, FloatFormat, NONFINITE_EXPONENT
 from jdfp._src.quantize import QArray, dequantize, fake_quantize, quantize_array
 from jdfp._src.reference import reference_gemm, safe_chain_length
+from jdfp._src.policy import Policy, policies
+from jdfp._src.ops import conv_general_dilated, dot_general, einsum
+from jdfp._src import kernels
+from jdfp._src.explain import explain
 
 __version__ = "0.1.0"
 
@@ -19,7 +23,14 @@ __all__ = [
     "FloatFormat",
     "NONFINITE_EXPONENT",
     "QArray",
+    "Policy",
+    "conv_general_dilated",
     "dequantize",
+    "dot_general",
+    "einsum",
+    "explain",
+    "kernels",
+    "policies",
     "fake_quantize",
     "quantize_array",
     "reference_gemm",

@@ -23,11 +23,13 @@ class QArray:
     exponent: int32 per-block exponents; one axis per axis of ``values``, of length
       ``ceil(n / block)`` (1 where the exponent is shared along the whole axis).
     fmt: the format (static).
+    blocks: the block shape used (static; None means ``fmt.block_shape(values.shape)``).
   """
 
   values: jax.Array
   exponent: jax.Array
   fmt: formats.Format = dataclasses.field(metadata=dict(static=True))
+  blocks: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def shape(self):
@@ -41,6 +43,8 @@ class QArray:
   def block_shape(self) -> tuple[int, ...]:
     if not self.fmt.is_integer:
       return tuple(max(n, 1) for n in self.values.shape)
+    if self.blocks is not None:
+      return self.blocks
     return self.fmt.block_shape(self.values.shape)
 
   def dequantize(self) -> jax.Array:
@@ -115,27 +119,37 @@ def quantize_array(x, fmt, *, rounding: str = "nearest", key=None) -> QArray:
   formats.check_format(fmt)
   _check_rounding(rounding, key)
   x = as_float_input(x)
-  return _quantize(x, key if rounding == "stochastic" else None, fmt, rounding)
+  bshape = fmt.block_shape(x.shape) if fmt.is_integer else None
+  return _quantize(x, key if rounding == "stochastic" else None, fmt, rounding, bshape)
+
+
+def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest", key=None) -> QArray:
+  """Like `quantize_array` but with an explicit block shape (the ops choose blocks per GEMM view).
+
+  The returned QArray records ``bshape``; `dequantize` and the GEMM exponent maps use it.
+  """
+  formats.check_format(fmt)
+  _check_rounding(rounding, key)
+  return _quantize(as_float_input(x), key if rounding == "stochastic" else None, fmt, rounding, tuple(bshape))
 
 
 # One jit per (shape, format, rounding): eager callers get one compiled program instead of a
 # dozen small ones, and inside an outer jit this simply inlines.
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _quantize(x, key, fmt, rounding) -> QArray:
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _quantize(x, key, fmt, rounding, bshape) -> QArray:
   if isinstance(fmt, FloatFormat):
     if rounding != "nearest":
       raise ValueError(f"rounding={rounding!r} is not supported for {fmt!r}; use 'nearest'")
-    return QArray(x.astype(fmt.dtype), jnp.zeros((1,) * x.ndim, jnp.int32), fmt)
-  bshape = fmt.block_shape(x.shape)
+    return QArray(x.astype(fmt.dtype), jnp.zeros((1,) * x.ndim, jnp.int32), fmt, None)
   if x.size == 0:
     grid = formats._grid_shape(x.shape, bshape)
-    return QArray(jnp.zeros(x.shape, jnp.int16), jnp.zeros(grid, jnp.int32), fmt)
+    return QArray(jnp.zeros(x.shape, jnp.int16), jnp.zeros(grid, jnp.int32), fmt, bshape)
   e = group_exponent(formats.block_amax(x, bshape), fmt)
   e_full = formats.expand_blocks(e, bshape, x.shape)
   nonfinite = e_full == NONFINITE_EXPONENT
   y = formats.scale2(jnp.where(nonfinite, 0.0, x), -jnp.where(nonfinite, 0, e_full))
   i = jnp.clip(round_to_int(y, rounding, key), -fmt.qmax, fmt.qmax)
-  return QArray(i.astype(jnp.int16), e, fmt)
+  return QArray(i.astype(jnp.int16), e, fmt, bshape)
 
 
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:

@@ -1,0 +1,110 @@
+"""`explain`: which dots and convolutions of a traced program run in low precision, and where.
+
+The proof a user needs that the low-precision path really ran: every `dot_general`, convolution
+and jdfp FFI call in the jaxpr (nested jaxprs of jit, custom_vjp, scan, cond, remat, shard_map
+included) is listed and classified.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr types)
+import jax.numpy as jnp
+
+
+KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
+REFERENCE = "jdfp reference (exact int32 chains in XLA)"
+MIXED = "mixed precision (fp16/bf16 operands, fp32 accumulation)"
+FLOAT = "float (not quantized)"
+INTEGER = "integer dot (XLA)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  primitive: str
+  path: str
+  kind: str
+  operands: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  ops: tuple[Op, ...]
+
+  def count(self, kind: str) -> int:
+    return sum(op.kind == kind for op in self.ops)
+
+  @property
+  def kernel_calls(self) -> int:
+    return self.count(KERNEL)
+
+  @property
+  def float_ops(self) -> tuple[Op, ...]:
+    return tuple(op for op in self.ops if op.kind == FLOAT)
+
+  def summary(self) -> dict[str, int]:
+    return dict(collections.Counter(op.kind for op in self.ops))
+
+  def __str__(self) -> str:
+    lines = [f"{'primitive':<22} {'kind':<52} operands   [where]"]
+    for op in self.ops:
+      lines.append(f"{op.primitive:<22} {op.kind:<52} {op.operands}   [{op.path}]")
+    lines.append("summary: " + ", ".join(f"{k}: {v}" for k, v in self.summary().items()))
+    return "\n".join(lines)
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    vals = v if isinstance(v, (tuple, list)) else (v,)
+    for x in vals:
+      if isinstance(x, jax.extend.core.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jax.extend.core.Jaxpr):
+        yield x
+
+
+def _dtype_str(vars_):
+  return " x ".join(str(getattr(v.aval, "dtype", "?")) for v in vars_)
+
+
+def _walk(jaxpr, path, in_reference, out):
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    # The name stack carries jax.named_scope / named_call names (and Flax module paths).
+    stack = str(getattr(eqn.source_info, "name_stack", "") or "")
+    here = "/".join(p for p in (path, stack) if p)
+    ref = in_reference or "jdfp_reference_gemm" in here
+    if name == "ffi_call" or "custom_call" in name:
+      target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
+      if target.startswith("jdfp_"):
+        out.append(Op(f"{name}:{target}", here, KERNEL, _dtype_str(eqn.invars)))
+    elif name in ("dot_general", "conv_general_dilated"):
+      dts = [v.aval.dtype for v in eqn.invars]
+      if ref and all(jnp.issubdtype(d, jnp.integer) for d in dts):
+        kind = REFERENCE
+      elif all(jnp.issubdtype(d, jnp.integer) for d in dts):
+        kind = INTEGER
+      elif all(d in (jnp.float16, jnp.bfloat16) for d in dts):
+        kind = MIXED
+      else:
+        kind = FLOAT
+      out.append(Op(name, here, kind, _dtype_str(eqn.invars)))
+    for sub in _sub_jaxprs(eqn):
+      _walk(sub, here, ref, out)
+
+
+def explain(fn, *args, **kwargs) -> Report:
+  """Trace ``fn(*args, **kwargs)`` and classify every dot/conv in it.
+
+  Returns a `Report` (print it for a table); ``report.kernel_calls`` counts jdfp FFI kernel calls and
+  ``report.float_ops`` lists the dots that run in plain float.
+  """
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  ops: list[Op] = []
+  _walk(closed.jaxpr, "", False, ops)
+  return Report(tuple(ops))
+
+

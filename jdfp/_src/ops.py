@@ -1,0 +1,443 @@
+"""Differentiable low-precision ops: drop-in `dot_general`, `einsum` and `conv_general_dilated`.
+
+Each op is a `jax.custom_vjp`:
+- forward: quantize both operands (per `Policy`) and run the GEMM on the backend;
+- residuals: the quantized int16 operands + exponents (half the bytes of float32 copies);
+- backward: quantize the incoming gradient and run backward-data and weight-gradient GEMMs on the
+  same backend, reusing the forward's int16 operands.
+
+Every GEMM goes through `_gemm`, which maps any operand layout onto the kernel's
+``[B, M, K] x [B, K, N]`` (with transpose flags instead of copies where the layout allows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdfp._src import formats, kernels, quantize as qz, reference
+from jdfp._src.policy import Policy
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+_warned: set[str] = set()
+# Every backend decision made while tracing, for `explain` and for users who want to check.
+fallback_log: list[str] = []
+
+
+def _warn_once(msg: str) -> None:
+  if msg not in _warned:
+    _warned.add(msg)
+    fallback_log.append(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(policy: Policy) -> str:
+  """The backend an integer-format GEMM runs on now: "ffi" or "reference"."""
+  if policy.backend == "reference":
+    return "reference"
+  platform = jax.default_backend()
+  if policy.backend == "ffi":
+    if platform != "cpu":
+      raise ValueError(f"backend='ffi' runs on CPU only; the default backend is {platform!r}. "
+                       "Use backend='auto' or 'reference'.")
+    if not kernels.kernel_available():
+      raise RuntimeError(f"backend='ffi' but the jdfp kernel library is not loaded: {kernels._load_error}")
+    return "ffi"
+  if platform != "cpu":
+    _warn_once(f"jdfp: no integer kernel for platform {platform!r}; DFP/BFP GEMMs run on the exact "
+               "pure-JAX reference path (integer arithmetic in XLA, bit-identical to the CPU kernel).")
+    return "reference"
+  if not kernels.kernel_available():
+    _warn_once(f"jdfp: the FFI kernel library is unavailable ({kernels._load_error}); DFP/BFP GEMMs run "
+               "on the exact pure-JAX reference path, which is much slower.")
+    return "reference"
+  return "ffi"
+
+
+# ------------------------------------------------------------------------------------------------
+# Operand views.
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """How an operand of rank n maps onto a physical 3-D ``[B, R, C]`` array.
+
+  ``perm`` is applied first (identity when no copy is needed); ``c_ax`` (1 or 2) is the physical
+  axis holding the contraction dims of the *forward* GEMM; the other one holds the free dims.
+  """
+
+  perm: tuple[int, ...]
+  shape3: tuple[int, int, int]
+  c_ax: int
+
+  @property
+  def f_ax(self) -> int:
+    return 3 - self.c_ax
+
+
+def _prod(xs) -> int:
+  return int(math.prod(xs))
+
+
+def _make_view(shape, batch, contract, prefer_contract_last: bool) -> _View:
+  ndim = len(shape)
+  free = tuple(d for d in range(ndim) if d not in batch and d not in contract)
+  b, k, f = _prod(shape[d] for d in batch), _prod(shape[d] for d in contract), _prod(shape[d] for d in free)
+  ident = tuple(range(ndim))
+  last = tuple(batch) + free + tuple(contract)
+  first = tuple(batch) + tuple(contract) + free
+  options = [(last, (b, f, k), 2), (first, (b, k, f), 1)]
+  if not prefer_contract_last:
+    options.reverse()
+  for perm, shape3, c_ax in options:
+    if perm == ident:
+      return _View(perm, shape3, c_ax)
+  perm, shape3, c_ax = options[0]
+  return _View(perm, shape3, c_ax)
+
+
+def _to3(x, view: _View):
+  if view.perm != tuple(range(x.ndim)):
+    x = jnp.transpose(x, view.perm)
+  return x.reshape(view.shape3)
+
+
+def _from3(x3, view: _View, shape):
+  permuted_shape = tuple(shape[d] for d in view.perm)
+  x = x3.reshape(permuted_shape)
+  if view.perm != tuple(range(len(shape))):
+    x = jnp.transpose(x, np.argsort(view.perm))
+  return x
+
+
+def _quantize3(x3, fmt, c_ax: int, rounding: str, key) -> qz.QArray:
+  """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view."""
+  if not fmt.is_integer:
+    return qz.quantize_array(x3, fmt)
+  bsz, r, c = x3.shape
+  logical = (bsz, c, r) if c_ax == 1 else (bsz, r, c)
+  lb = fmt.block_shape(logical)
+  phys = (lb[0], lb[2], lb[1]) if c_ax == 1 else lb
+  return qz.quantize_blocks(x3, fmt, phys, rounding=rounding, key=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# One GEMM on quantized 3-D operands.
+
+
+def _kernel_exponents(q: qz.QArray, c_ax: int, role: str):
+  """Exponents of a kernel operand: ``[B', F', KB]`` for "a", ``[B', KB, F']`` for "b"; and block_k."""
+  e = q.exponent
+  bs = q.block_shape
+  shape = q.values.shape
+  f_ax = 3 - c_ax
+  # Expand the batch and free axes of the grid to full size unless the exponent is shared.
+  for ax in (0, f_ax):
+    if e.shape[ax] not in (1, shape[ax]):
+      e = formats.expand_blocks(e, tuple(bs[i] if i == ax else 1 for i in range(3)),
+                                tuple(shape[i] if i == ax else e.shape[i] for i in range(3)))
+  block = None if e.shape[c_ax] == 1 else bs[c_ax]
+  order = (0, f_ax, c_ax) if role == "a" else (0, c_ax, f_ax)
+  return jnp.transpose(e, order), block
+
+
+def _align_blocks(e, block, target, k, axis):
+  """Re-express per-block exponents (blocks of `block`, None = whole K) on blocks of `target`."""
+  if block == target:
+    return e
+  kb = -(-k // target)
+  if block is None:
+    return jnp.broadcast_to(e, e.shape[:axis] + (kb,) + e.shape[axis + 1:])
+  return lax.slice_in_dim(jnp.repeat(e, block // target, axis=axis), 0, kb, axis=axis)
+
+
+def _gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, precision=None) -> jax.Array:
+  """float32 ``[B, Fa, Fb]`` = sum over K of a * b, where a's contraction is physical axis a_c, b's b_c."""
+  if not qa.fmt.is_integer:
+    dims = (((a_c,), (b_c,)), ((0,), (0,)))
+    return lax.dot_general(qa.values, qb.values, dims, precision=precision, preferred_element_type=jnp.float32)
+  k = qa.values.shape[a_c]
+  ea, bka = _kernel_exponents(qa, a_c, "a")
+  eb, bkb = _kernel_exponents(qb, b_c, "b")
+  if bka is None and bkb is None:
+    block = None
+  else:
+    block = math.gcd(*(x for x in (bka, bkb) if x is not None))
+    ea = _align_blocks(ea, bka, block, k, 2)
+    eb = _align_blocks(eb, bkb, block, k, 1)
+  bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
+  ta, tb = a_c == 1, b_c == 2
+  if resolve_backend(policy) == "ffi":
+    return kernels.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
+                        transpose_a=ta, transpose_b=tb, isa=policy.isa)
+  return _reference_call(qa.values, qb.values, ea, eb, bits_a, bits_b, block, ta, tb)
+
+
+@functools.partial(jax.named_call, name="jdfp_reference_gemm")
+def _reference_call(a, b, ea, eb, bits_a, bits_b, block, ta, tb):
+  a = jnp.swapaxes(a, 1, 2) if ta else a
+  b = jnp.swapaxes(b, 1, 2) if tb else b
+  bsz = max(a.shape[0], b.shape[0], ea.shape[0], eb.shape[0])
+  m, n = a.shape[1], b.shape[2]
+  a = jnp.broadcast_to(a, (bsz,) + a.shape[1:])
+  b = jnp.broadcast_to(b, (bsz,) + b.shape[1:])
+  ea = jnp.broadcast_to(ea, (bsz, m, ea.shape[2]))
+  eb = jnp.broadcast_to(eb, (bsz, eb.shape[1], n))
+  return reference.reference_gemm(a, b, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block)
+
+
+# ------------------------------------------------------------------------------------------------
+# dot_general with a custom VJP.
+
+
+def _check_float(name, x):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"jdfp ops take float operands; {name} has dtype {x.dtype}")
+
+
+def _canonical_dims(dimension_numbers, lhs_ndim, rhs_ndim):
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) for d in ds) for ds in (lc, rc, lb, rb))
+  except (TypeError, ValueError):
+    raise ValueError(f"dimension_numbers must be ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)), "
+                     f"got {dimension_numbers!r}") from None
+  lc = tuple(d % lhs_ndim for d in lc)
+  lb = tuple(d % lhs_ndim for d in lb)
+  rc = tuple(d % rhs_ndim for d in rc)
+  rb = tuple(d % rhs_ndim for d in rb)
+  return (lc, rc), (lb, rb)
+
+
+def _split_keys(key, n):
+  if key is None:
+    return (None,) * n
+  return tuple(jax.random.split(key, n))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _dot_core(lhs, rhs, key, dims, policy, precision, out_dtype):
+  out, _ = _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype)
+  return out
+
+
+def _views(lhs_shape, rhs_shape, dims):
+  (lc, rc), (lb, rb) = dims
+  return (_make_view(lhs_shape, lb, lc, prefer_contract_last=True),
+          _make_view(rhs_shape, rb, rc, prefer_contract_last=False))
+
+
+def _out_shape(lhs_shape, rhs_shape, dims):
+  (lc, rc), (lb, rb) = dims
+  lf = [lhs_shape[d] for d in range(len(lhs_shape)) if d not in lc and d not in lb]
+  rf = [rhs_shape[d] for d in range(len(rhs_shape)) if d not in rc and d not in rb]
+  return tuple(lhs_shape[d] for d in lb) + tuple(lf) + tuple(rf)
+
+
+def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
+  lv, rv = _views(lhs.shape, rhs.shape, dims)
+  k_fwd_l, k_fwd_r, k_bwd = _split_keys(key, 3)
+  ql = _quantize3(_to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l)
+  qr = _quantize3(_to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r)
+  out3 = _gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
+  out = out3.reshape(_out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
+  # Zero-size arrays carry the operands' shapes and dtypes through the residuals for free.
+  res = (ql, qr, k_bwd, jnp.zeros((0,) + lhs.shape, lhs.dtype), jnp.zeros((0,) + rhs.shape, rhs.dtype))
+  return out, res
+
+
+def _dot_bwd(dims, policy, precision, out_dtype, res, g):
+  ql, qr, k_bwd, lhs_dt, rhs_dt = res
+  lhs_shape, rhs_shape = lhs_dt.shape[1:], rhs_dt.shape[1:]
+  lv, rv = _views(lhs_shape, rhs_shape, dims)
+  bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
+  g3 = g.astype(jnp.float32).reshape(bsz, m, n)
+  k_dl, k_dr = _split_keys(k_bwd, 2)
+  # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
+  # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
+  g_dl = _quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl)
+  same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
+          _quantize_blocks_equal(policy.dlhs, g3.shape)))
+  g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr)
+
+  # Backward-data: produce lhs's physical layout directly (no transposes of the result).
+  if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
+    dl3 = _gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
+  else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
+    dl3 = _gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
+  # Weight-gradient, in rhs's physical layout.
+  if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
+    dr3 = _gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
+  else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
+    dr3 = _gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
+  dlhs = _from3(dl3, lv, lhs_shape).astype(lhs_dt.dtype)
+  drhs = _from3(dr3, rv, rhs_shape).astype(rhs_dt.dtype)
+  return dlhs, drhs, None
+
+
+def _quantize_blocks_equal(fmt, shape3) -> bool:
+  bsz, m, n = shape3
+  a = fmt.block_shape((bsz, m, n))
+  b = fmt.block_shape((bsz, n, m))
+  return a == (bsz, m, n) and b == (bsz, n, m)
+
+
+_dot_core.defvjp(_dot_fwd, _dot_bwd)
+
+
+def _out_dtype(lhs, rhs, preferred_element_type):
+  if preferred_element_type is not None:
+    dt = jnp.dtype(preferred_element_type)
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise TypeError(f"preferred_element_type must be a float dtype for jdfp ops, got {dt}")
+    return dt
+  return jnp.result_type(lhs.dtype, rhs.dtype)
+
+
+def dot_general(lhs, rhs, dimension_numbers: DimensionNumbers, precision=None, preferred_element_type=None,
+                *, policy: Policy | None = None, key=None, **kwargs) -> jax.Array:
+  """Drop-in for `jax.lax.dot_general` that runs the GEMM (and its two backward GEMMs) in DFP/BFP.
+
+  Args:
+    lhs, rhs, dimension_numbers, precision, preferred_element_type: as `jax.lax.dot_general`
+      (`precision` applies to FP16/BF16 policies; integer GEMMs are exact).
+    policy: a `jdfp.Policy` (default `Policy()`: DFP with 14 bits, nearest rounding, kernel on CPU).
+    key: PRNG key, required when the policy rounds stochastically.
+  Other keyword arguments of newer `lax.dot_general` (e.g. ``out_sharding``) must be None.
+  """
+  for k_, v in kwargs.items():
+    if v is not None:
+      raise TypeError(f"jdfp.dot_general does not support {k_}={v!r}")
+  policy = Policy() if policy is None else policy
+  if not isinstance(policy, Policy):
+    raise TypeError(f"policy must be a jdfp.Policy, got {type(policy).__name__}")
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  _check_float("lhs", lhs)
+  _check_float("rhs", rhs)
+  dims = _canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  (lc, rc), (lb, rb) = dims
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f"dimension_numbers pair {len(lc)} lhs with {len(rc)} rhs contracting dims and "
+                     f"{len(lb)} with {len(rb)} batch dims")
+  for a, b in zip(lc + lb, rc + rb):
+    if lhs.shape[a] != rhs.shape[b]:
+      raise ValueError(f"lhs dim {a} (size {lhs.shape[a]}) and rhs dim {b} (size {rhs.shape[b]}) are paired "
+                       "but differ in size")
+  needs_key = ((policy.fwd_rounding == "stochastic" and not policy.is_float) or
+               (policy.grad_rounding == "stochastic" and policy.grad.is_integer))
+  if needs_key and key is None:
+    raise ValueError("this policy rounds stochastically: pass key=jax.random.key(...) "
+                     "(the Flax wrapper draws it from its 'dfp' RNG stream)")
+  out_dtype = _out_dtype(lhs, rhs, preferred_element_type)
+  return _dot_core(lhs, rhs, key, dims, policy, precision, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# einsum: jnp.einsum's contraction planning, with every pairwise contraction through dot_general.
+
+
+class _EinsumDot:
+  """The `_dot_general` hook of jnp.einsum; hashed by identity, carries the policy and a key."""
+
+  def __init__(self, policy, key):
+    self.policy, self.key, self.count = policy, key, 0
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    key = None
+    if self.key is not None:
+      key = jax.random.fold_in(self.key, self.count)
+      self.count += 1
+    return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                       policy=self.policy, key=key, **kw)
+
+
+def einsum(subscripts, *operands, precision=None, preferred_element_type=None, optimize="auto",
+           policy: Policy | None = None, key=None, **kwargs):
+  """Drop-in for `jnp.einsum` whose contractions run through `jdfp.dot_general`."""
+  hook = _EinsumDot(Policy() if policy is None else policy, key)
+  return jnp.einsum(subscripts, *operands, precision=precision, preferred_element_type=preferred_element_type,
+                    optimize=optimize, _dot_general=hook, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolution: im2col (strided slices, cheap to differentiate) + the GEMM above.
+
+
+def _patches(x, kernel_spatial, strides, pads, lhs_dil, rhs_dil):
+  """x ``[N, *S, C]`` -> patches ``[N, *O, KK, C]`` (KK = prod(kernel_spatial), row-major offsets)."""
+  nsp = len(kernel_spatial)
+  cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)] + [(0, 0, 0)]
+  x = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  sizes = x.shape[1:1 + nsp]
+  eff = [(k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dil)]
+  out = [max(0, (s - e) // st + 1) for s, e, st in zip(sizes, eff, strides)]
+  slices = []
+  for offs in np.ndindex(*kernel_spatial):
+    start = [0] + [o * d for o, d in zip(offs, rhs_dil)] + [0]
+    limit = [x.shape[0]] + [st0 + (o_ - 1) * st + 1 if o_ > 0 else st0
+                            for st0, o_, st in zip(start[1:-1], out, strides)] + [x.shape[-1]]
+    slices.append(lax.slice(x, start, limit, [1] + list(strides) + [1]))
+  return jnp.stack(slices, axis=-2), tuple(out)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None, *, policy: Policy | None = None,
+                         key=None) -> jax.Array:
+  """Drop-in for `jax.lax.conv_general_dilated`: forward, backward-data and weight-gradient GEMMs
+  run through `jdfp.dot_general` on im2col patches (any dimension numbers, strides, padding,
+  lhs/rhs dilation, feature groups)."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  _check_float("lhs", lhs)
+  _check_float("rhs", rhs)
+  if batch_group_count != 1:
+    raise NotImplementedError("jdfp.conv_general_dilated: batch_group_count > 1 is not supported")
+  nsp = lhs.ndim - 2
+  if nsp < 1 or rhs.ndim != lhs.ndim:
+    raise ValueError(f"lhs and rhs must have the same rank >= 3, got {lhs.shape} and {rhs.shape}")
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  strides = tuple(window_strides)
+  lhs_dil = tuple(lhs_dilation or (1,) * nsp)
+  rhs_dil = tuple(rhs_dilation or (1,) * nsp)
+  if len(strides) != nsp or len(lhs_dil) != nsp or len(rhs_dil) != nsp:
+    raise ValueError(f"window_strides, lhs_dilation and rhs_dilation need {nsp} entries each")
+  # Canonical layouts: lhs [N, *S, C], rhs [*K, I, O].
+  x = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+  w = jnp.transpose(rhs, tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0]))
+  ksp = w.shape[:nsp]
+  c, i, o = x.shape[-1], w.shape[-2], w.shape[-1]
+  g = int(feature_group_count)
+  if g < 1 or c != i * g or o % g:
+    raise ValueError(f"feature_group_count={g}: lhs features {c} must equal rhs input features {i} x groups, "
+                     f"and rhs output features {o} must divide by groups")
+  if isinstance(padding, str):
+    in_sp = [(s - 1) * d + 1 for s, d in zip(x.shape[1:1 + nsp], lhs_dil)]
+    k_eff = [(k - 1) * d + 1 for k, d in zip(ksp, rhs_dil)]
+    pads = lax.padtype_to_pads(in_sp, k_eff, strides, padding)
+  else:
+    pads = tuple(tuple(p) for p in padding)
+  p, out_sp = _patches(x, ksp, strides, pads, lhs_dil, rhs_dil)  # [N, *O, KK, C]
+  n = x.shape[0]
+  kk = _prod(ksp)
+  rows = n * _prod(out_sp)
+  # [G, rows, KK*I] . [G, KK*I, O/G] -> [G, rows, O/G]
+  p = p.reshape(rows, kk, g, i).transpose(2, 0, 1, 3).reshape(g, rows, kk * i)
+  w = w.reshape(kk, i, g, o // g).transpose(2, 0, 1, 3).reshape(g, kk * i, o // g)
+  y = dot_general(p, w, (((2,), (1,)), ((0,), (0,))), precision, preferred_element_type, policy=policy, key=key)
+  y = y.transpose(1, 0, 2).reshape((n,) + out_sp + (o,))
+  # back to the requested output layout
+  out_perm = [0] * (nsp + 2)
+  out_perm[dn.out_spec[0]] = 0
+  out_perm[dn.out_spec[1]] = nsp + 1
+  for j, d in enumerate(dn.out_spec[2:]):
+    out_perm[d] = 1 + j
+  return jnp.transpose(y, out_perm)

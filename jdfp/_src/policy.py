@@ -1,0 +1,129 @@
+"""`Policy`: which format and rounding each GEMM role of training uses, and on which backend.
+
+Three GEMMs run per dot product in training (SPEC 1): the forward ``y = x . w``, backward-data
+``dx = dy . w^T`` ("dlhs") and weight-gradient ``dw = x^T . dy`` ("drhs"). The forward quantizes both
+operands; the backward reuses the forward's int16 operands (kept as residuals) and quantizes the
+incoming gradient ``dy``, optionally with a different format per backward GEMM (as AQT's
+fwd/dlhs/drhs split).
+
+Block formats (per row, 1-D blocks, tiles) are read on each GEMM operand's ``[batch, free,
+contraction]`` view: ``axis=-1`` means "along the contraction axis", ``block=(r, c)`` tiles
+(free, contraction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jdfp._src import formats
+from jdfp._src.formats import BF16, BFP, DFP, FP16, Format
+
+BACKENDS = ("auto", "ffi", "reference")
+SCALINGS = ("current",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Per-role formats and rounding for jdfp's dot_general / einsum / conv_general_dilated.
+
+  Args:
+    lhs: format of the left operand (activations) in the forward GEMM.
+    rhs: format of the right operand (weights) in the forward GEMM.
+    grad: format of the output gradient in both backward GEMMs.
+    dlhs_grad, drhs_grad: optional overrides of ``grad`` for backward-data / weight-gradient.
+    fwd_rounding: rounding of the forward operands (the paper: nearest).
+    grad_rounding: rounding of output gradients. ``Policy()`` defaults to ``"nearest"`` so the ops
+      stay drop-in without a key; the ready-made recipes (`jdfp.policies`) use ``"stochastic"``,
+      which needs ``key=`` (the Flax wrapper draws it from its RNG stream).
+    scaling: ``"current"``: each tensor's exponent from its own max in this step (the paper).
+    backend: ``"auto"`` (the FFI kernel on CPU; elsewhere the reference path with a one-time
+      warning), ``"ffi"`` (the kernel, error if unavailable) or ``"reference"`` (pure JAX, bit-identical).
+    isa: SIMD path of the kernel: ``"auto"`` or one of `jdfp.kernels.available_isas()`.
+  """
+
+  # 14 effective bits (Intel's DFP16 setting): int32 chains of 32 products. DFP(16) is exact too but
+  # allows chains of only 2, which makes the kernel ~3x slower.
+  lhs: Format = DFP(14)
+  rhs: Format = DFP(14)
+  grad: Format = DFP(14)
+  dlhs_grad: Format | None = None
+  drhs_grad: Format | None = None
+  fwd_rounding: str = "nearest"
+  grad_rounding: str = "nearest"
+  scaling: str = "current"
+  backend: str = "auto"
+  isa: str = "auto"
+
+  def __post_init__(self):
+    for name in ("lhs", "rhs", "grad"):
+      formats.check_format(getattr(self, name), name)
+    for name in ("dlhs_grad", "drhs_grad"):
+      if getattr(self, name) is not None:
+        formats.check_format(getattr(self, name), name)
+    for name in ("fwd_rounding", "grad_rounding"):
+      if getattr(self, name) not in formats.ROUNDING_MODES:
+        raise ValueError(f"{name} must be one of {formats.ROUNDING_MODES}, got {getattr(self, name)!r}")
+    if self.scaling not in SCALINGS:
+      raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r} "
+                       "(delayed scaling lives in the Flax integration's state)")
+    if self.backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+    float_ops = [f for f in (self.lhs, self.rhs) if not f.is_integer]
+    if float_ops and len(float_ops) != 2:
+      raise ValueError(f"lhs and rhs must both be integer formats or both FP16/BF16, got {self.lhs!r}, {self.rhs!r}")
+
+  @property
+  def dlhs(self) -> Format:
+    return self.dlhs_grad or self.grad
+
+  @property
+  def drhs(self) -> Format:
+    return self.drhs_grad or self.grad
+
+  @property
+  def is_float(self) -> bool:
+    return not self.lhs.is_integer
+
+  def replace(self, **changes) -> "Policy":
+    return dataclasses.replace(self, **changes)
+
+
+class policies:  # noqa: N801 - a namespace of ready-made recipes, like optax's aliases
+  """Ready-made policies for the three recipes. Each is a function returning a `Policy`."""
+
+  @staticmethod
+  def dfp16(bits: int = 14, **kw) -> Policy:
+    """DFP16 (Das et al.): int16 storage, 14 effective bits as Intel's GxM (32-long int32 chains)."""
+    f = DFP(bits)
+    return Policy(lhs=f, rhs=f, grad=f, grad_rounding=kw.pop("grad_rounding", "stochastic"), **kw)
+
+  @staticmethod
+  def hbfp(mantissa_bits: int, tile: int = 24, **kw) -> Policy:
+    """HBFP (Drumond et al.): BFP tiles (tile x tile) for every GEMM operand, stochastic gradients."""
+    f = BFP(mantissa_bits, block=(tile, tile))
+    return Policy(lhs=f, rhs=f, grad=f, grad_rounding=kw.pop("grad_rounding", "stochastic"), **kw)
+
+  @staticmethod
+  def hbfp8(**kw) -> Policy:
+    return policies.hbfp(7, **kw)
+
+  @staticmethod
+  def hbfp12(**kw) -> Policy:
+    return policies.hbfp(11, **kw)
+
+  @staticmethod
+  def fp16(**kw) -> Policy:
+    """FP16 mixed precision (Micikevicius et al.): fp16 operands, fp32 accumulation."""
+    return Policy(lhs=FP16, rhs=FP16, grad=FP16, **kw)
+
+  @staticmethod
+  def bf16(**kw) -> Policy:
+    return Policy(lhs=BF16, rhs=BF16, grad=BF16, **kw)
+
+  @staticmethod
+  def get(name: str, **kw) -> Policy:
+    table = {"dfp16": policies.dfp16, "hbfp8": policies.hbfp8, "hbfp12": policies.hbfp12,
+             "fp16": policies.fp16, "bf16": policies.bf16}
+    if name not in table:
+      raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(table)}")
+    return table[name](**kw)
