@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "gemm_common.h"
@@ -143,6 +144,41 @@ static inline void pack_f32(const float* src, int64_t sr, int64_t sk, int64_t r0
   }
 }
 
+// Packing entry used by the driver: the ISA's vectorized packer when the micro-kernel class has one
+// (UK::kFastPack), else the portable loops above.  Same output layout and checks either way.
+struct PackArgs {
+  int64_t sr, sk, r0, rows;       // X[r, k] = src[r*sr + k*sk], rows [r0, r0 + rows)
+  const Piece* pcs;
+  int npcs;
+  int32_t pairs;
+  const int32_t* e;               // float input: exponent of (row r, block j) = e[r*er + j*ej]
+  int64_t er, ej;
+  int32_t qmax;
+};
+
+template <class UK, class = void>
+struct HasFastPack : std::false_type {};
+template <class UK>
+struct HasFastPack<UK, std::void_t<decltype(UK::kFastPack)>> : std::bool_constant<UK::kFastPack> {};
+
+template <class UK, int W>
+static inline int32_t pack_i16_any(const int16_t* src, const PackArgs& a, const Scratch& s, int16_t* dst) {
+  if constexpr (HasFastPack<UK>::value) {
+    return UK::template pack<W>(src, a, dst);
+  } else {
+    return pack_i16<W>(src, a.sr, a.sk, a.r0, a.rows, s, a.pairs, dst);
+  }
+}
+
+template <class UK, int W>
+static inline void pack_f32_any(const float* src, const PackArgs& a, const Scratch& s, int16_t* dst) {
+  if constexpr (HasFastPack<UK>::value) {
+    UK::template pack<W>(src, a, dst);
+  } else {
+    pack_f32<W>(src, a.sr, a.sk, a.r0, a.rows, a.e, a.er, a.ej, a.qmax, s, a.pairs, dst);
+  }
+}
+
 // Micro-kernel contract (UK::kernel):
 //   Ap: [pairs][MR][2] int16, Bp: [pairs][NR][2] int16 (pieces back to back),
 //   C: MR x NR floats with row stride ldc (always a full tile; the driver handles edges),
@@ -181,21 +217,21 @@ int run_tile(const Problem& P, const Tile& T) {
       build_pairs(P, kb, s);
 
       // ---- pack B and A (and their exponents for KB > 1)
+      const Piece* kpcs = P.pieces + kb.piece_begin;
+      const int knp = kb.piece_end - kb.piece_begin;
+      const PackArgs pb{b_sr, b_sk, T.n0, nb, kpcs, knp, pairs, eb, P.eb_nstride, eb_j, P.qmax_b};
+      const PackArgs pa{a_sr, a_sk, T.m0, mb, kpcs, knp, pairs, ea, P.ea_mstride, 1, P.qmax_a};
       if (P.b_f32) {
-        pack_f32<NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], b_sr, b_sk, T.n0, nb, eb,
-                     P.eb_nstride, eb_j, P.qmax_b, s, pairs, bp);
+        pack_f32_any<UK, NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], pb, s, bp);
       } else {
-        int32_t amax = pack_i16<NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], b_sr, b_sk,
-                                    T.n0, nb, s, pairs, bp);
-        if (amax > P.qmax_b) return 2;
+        if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, bp) > P.qmax_b)
+          return 2;
       }
       if (P.a_f32) {
-        pack_f32<MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], a_sr, a_sk, T.m0, mb, ea,
-                     P.ea_mstride, 1, P.qmax_a, s, pairs, ap);
+        pack_f32_any<UK, MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], pa, s, ap);
       } else {
-        int32_t amax = pack_i16<MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], a_sr, a_sk,
-                                    T.m0, mb, s, pairs, ap);
-        if (amax > P.qmax_a) return 1;
+        if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, ap) > P.qmax_a)
+          return 1;
       }
       if (scaled) {
         for (int32_t bl = 0; bl < kb.nblk; ++bl) {

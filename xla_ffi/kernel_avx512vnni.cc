@@ -8,8 +8,215 @@
 namespace jdfp {
 namespace {
 
+// ---------------------------------------------------------------- vectorized packing
+// Quantize 16 floats: clip(round_half_even(scale2(x, -e)), +-qmax) with NaN -> 0 (gemm_common.h's
+// quantize1; vcvtps2dq rounds half-to-even under the MXCSR the workers set).
+static inline __m512i quant16(__m512 x, __m512 s1, __m512 s2, __m512 qm) {
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, s1), s2);
+  y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
+  y = _mm512_min_ps(_mm512_max_ps(y, _mm512_sub_ps(_mm512_setzero_ps(), qm)), qm);
+  return _mm512_cvtps_epi32(y);
+}
+
+// 32 int16 of one operand row segment (lanes past `m` are zero).  For float input, lane l is
+// quantized with scales s1[l], s2[l].
+struct Load32 {
+  static inline __m512i get(const int16_t* p, __mmask32 m, const __m512*, const __m512*, __m512) {
+    return _mm512_maskz_loadu_epi16(m, p);
+  }
+  static inline __m512i get(const float* p, __mmask32 m, const __m512* s1, const __m512* s2, __m512 qm) {
+    const __m512i lo = quant16(_mm512_maskz_loadu_ps(__mmask16(m), p), s1[0], s2[0], qm);
+    const __m512i hi = quant16(_mm512_maskz_loadu_ps(__mmask16(m >> 16), p + 16), s1[1], s2[1], qm);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)), _mm512_cvtepi32_epi16(hi), 1);
+  }
+};
+
+static inline void scales_of(int32_t e, float& s1, float& s2) {
+  const int32_t ne = -eclamp(e);
+  const int32_t e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+  s1 = e == kNonfiniteExponent ? 0.0f : pow2f(e1);
+  s2 = pow2f(e2);
+}
+
+// In-register transpose of a 16 x 16 int32 matrix.
+static inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// pack_i16 / pack_f32 of gemm_driver.h, vectorized for the two layouts that occur:
+//   rows contiguous (sr == 1: b [K, N], a^T [K, M]): two k rows interleaved with vpermt2w;
+//   k contiguous (sk == 1: a [M, K], b^T [N, K]): k-pairs are int32s, 16 x 16 transposes.
+// Returns max |value| seen (int16 input) for the range check.
+template <int W, class T>
+static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
+  static_assert(W <= 32, "panel width");
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const __m512 qm = _mm512_set1_ps(float(a.qmax));
+  __m512i vmin = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+  const int64_t panels = (a.rows + W - 1) / W;
+  if (a.sr == 1) {
+    // Pair-outer, panel-inner: each k row is read sequentially (panel-outer strides through
+    // kc rows N apart per cache line and thrashes the TLB and the prefetchers).
+    const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+    thread_local std::vector<float> sc;  // float input: per-row scales of the current block
+    int64_t poff = 0;  // pair offset of the piece inside the kc block
+    for (int pi = 0; pi < a.npcs; ++pi) {
+      const Piece& pc = a.pcs[pi];
+      if constexpr (kF32) {
+        sc.assign(size_t(panels * W * 2 + 64), 0.0f);
+        for (int64_t i = 0; i < a.rows; ++i)
+          scales_of(a.e[(a.r0 + i) * a.er + int64_t(pc.blk) * a.ej], sc[2 * i], sc[2 * i + 1]);
+      }
+      for (int32_t q = 0; q < pc.pairs; ++q) {
+        const int64_t k0 = pc.k_start + 2 * q;
+        const bool has1 = 2 * q + 1 < pc.len;
+        const T* row0 = src + k0 * a.sk;
+        const T* row1 = src + (k0 + 1) * a.sk;
+        for (int64_t pn = 0; pn < panels; ++pn) {
+          const int64_t rb = a.r0 + pn * W;
+          const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
+          const __mmask32 rmask = __mmask32((uint64_t(1) << nvalid) - 1);
+          __m512 s1[2], s2[2];
+          if constexpr (kF32) {
+            // sc holds (s1, s2) interleaved per row: de-interleave 32 rows.
+            const float* f = sc.data() + 2 * pn * W;
+            const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+            for (int h = 0; h < 2; ++h) {
+              const __m512 x0 = _mm512_loadu_ps(f + 32 * h), x1 = _mm512_loadu_ps(f + 32 * h + 16);
+              s1[h] = _mm512_permutex2var_ps(x0, even, x1);
+              s2[h] = _mm512_permutex2var_ps(x0, odd, x1);
+            }
+          }
+          const __m512i v0 = Load32::get(row0 + rb, rmask, s1, s2, qm);
+          const __m512i v1 = has1 ? Load32::get(row1 + rb, rmask, s1, s2, qm) : _mm512_setzero_si512();
+          if constexpr (!kF32) {
+            vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
+            vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
+          }
+          int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
+          const __m512i lo = _mm512_permutex2var_epi16(v0, ilo, v1);
+          if constexpr (W == 32) {
+            _mm512_storeu_si512(d, lo);
+            _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
+          } else if constexpr (W <= 16) {
+            _mm512_mask_storeu_epi16(d, __mmask32((uint64_t(1) << (2 * W)) - 1), lo);
+          } else {
+            _mm512_storeu_si512(d, lo);
+            _mm512_mask_storeu_epi16(d + 32, __mmask32((uint64_t(1) << (2 * W - 32)) - 1),
+                                     _mm512_permutex2var_epi16(v0, ihi, v1));
+          }
+        }
+      }
+      poff += pc.pairs;
+    }
+  } else {
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const int64_t rb = a.r0 + pn * W;
+      const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
+      int16_t* d = dst + pn * int64_t(a.pairs) * W * 2;
+      // k contiguous: rows are rb + i, a k-pair of row i is the int32 at src + (rb+i)*sr + k0.
+      for (int pi = 0; pi < a.npcs; ++pi) {
+        const Piece& pc = a.pcs[pi];
+        const int32_t full = pc.len / 2;
+        float f1[W], f2[W];
+        if constexpr (kF32) {
+          for (int i = 0; i < W; ++i) {
+            if (i < nvalid) scales_of(a.e[(rb + i) * a.er + int64_t(pc.blk) * a.ej], f1[i], f2[i]);
+            else f1[i] = f2[i] = 0.0f;
+          }
+        }
+        for (int32_t q0 = 0; q0 < full; q0 += 16) {
+          const int cnt = std::min<int32_t>(16, full - q0);
+          const __mmask32 wmask = cnt == 16 ? ~__mmask32(0) : ((__mmask32(1) << (2 * cnt)) - 1);
+          for (int g = 0; g < W; g += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; ++i) {
+              const int row = g + i;
+              if (row < nvalid) {
+                const T* p = src + (rb + row) * a.sr + pc.k_start + 2 * q0;
+                __m512 t1[2], t2[2];
+                if constexpr (kF32) {
+                  t1[0] = t1[1] = _mm512_set1_ps(f1[row]);
+                  t2[0] = t2[1] = _mm512_set1_ps(f2[row]);
+                }
+                r[i] = Load32::get(p, wmask, t1, t2, qm);
+                if constexpr (!kF32) {
+                  vmin = _mm512_min_epi16(vmin, r[i]);
+                  vmax = _mm512_max_epi16(vmax, r[i]);
+                }
+              } else {
+                r[i] = _mm512_setzero_si512();
+              }
+            }
+            transpose16(r);
+            const int wcols = std::min(16, W - g);
+            const __mmask16 smask = wcols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << wcols) - 1);
+            for (int t = 0; t < cnt; ++t)
+              _mm512_mask_storeu_epi32(d + (int64_t(q0 + t) * W + g) * 2, smask, r[t]);
+          }
+        }
+        if (pc.len & 1) {  // trailing half pair: (x, 0)
+          int16_t* dd = d + int64_t(full) * W * 2;
+          const int64_t k0 = pc.k_start + 2 * full;
+          for (int i = 0; i < W; ++i) {
+            int16_t v = 0;
+            if (i < nvalid) {
+              if constexpr (kF32) {
+                v = quantize1(src[(rb + i) * a.sr + k0], f1[i], f2[i], float(a.qmax));
+              } else {
+                v = src[(rb + i) * a.sr + k0];
+                vmin = _mm512_min_epi16(vmin, _mm512_set1_epi16(v));
+                vmax = _mm512_max_epi16(vmax, _mm512_set1_epi16(v));
+              }
+            }
+            dd[2 * i] = v;
+            dd[2 * i + 1] = 0;
+          }
+        }
+        d += int64_t(pc.pairs) * W * 2;
+      }
+    }
+  }
+  if constexpr (kF32) return 0;
+  // |int16| as int32: -32768 must read as 32768 (> any qmax), so widen before negating.
+  const int32_t mn = _mm512_reduce_min_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_min_epi16(
+      vmin, _mm512_shuffle_i64x2(vmin, vmin, 0x4E)))));
+  const int32_t mx = _mm512_reduce_max_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_max_epi16(
+      vmax, _mm512_shuffle_i64x2(vmax, vmax, 0x4E)))));
+  return std::max(-mn, mx);
+}
+
 struct V512 {
   static constexpr int kLanes = 16;
+  static constexpr bool kFastPack = true;
+  template <int W, class T>
+  static int32_t pack(const T* src, const PackArgs& a, int16_t* dst) {
+    if (a.sr == 1 || a.sk == 1) return pack512<W>(src, a, dst);
+    return 0;  // not reached: one of the two strides is always 1
+  }
   using vi = __m512i;
   using vf = __m512;
   template <class T>

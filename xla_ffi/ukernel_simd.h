@@ -5,14 +5,37 @@
 // would alias in L1 for power-of-two N.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include "gemm_driver.h"
 
 namespace jdfp {
 namespace {
 
+// Compile-time loop: every accumulator index is a constant before GCC's scalar replacement of
+// aggregates runs, so the MR x NV accumulators are kept in registers (with `#pragma unroll` over a
+// plain array GCC spilled them to the stack on every k-pair).
+template <class F, int... I>
+static inline __attribute__((always_inline)) void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+static inline __attribute__((always_inline)) void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+template <class V, class = void>
+struct VFastPack : std::false_type {};
+template <class V>
+struct VFastPack<V, std::void_t<decltype(V::kFastPack)>> : std::bool_constant<V::kFastPack> {};
+
 template <class V, int MR_, int NV>
 struct UkSimd {
   static constexpr int MR = MR_, NR = V::kLanes * NV;
+  static constexpr bool kFastPack = VFastPack<V>::value;
+  template <int W, class T>
+  static int32_t pack(const T* src, const PackArgs& a, int16_t* dst) { return V::template pack<W>(src, a, dst); }
   using vi = typename V::vi;
   using vf = typename V::vf;
 
@@ -22,87 +45,81 @@ struct UkSimd {
     return v;
   }
 
-  // acc += one chain piece (pairs k-pairs).
-  static inline __attribute__((always_inline)) void chain(vi (&acc)[MR][NV], const int16_t*& Ap,
-                                                          const int16_t*& Bp, int32_t pairs) {
-    for (int32_t p = 0; p < pairs; ++p) {
-      vi b[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) b[v] = V::load(Bp + v * V::kLanes * 2);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const vi a = V::bcast(ld32(Ap + 2 * i));
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] = V::dp(acc[i][v], b[v], a);
-      }
-      Ap += 2 * MR;
-      Bp += 2 * NR;
-    }
-  }
-
-  static void kernel(const int16_t* Ap, const int16_t* Bp, const Piece* pcs, int npcs, float* C,
-                     int64_t ldc, bool first, bool scaled, const int32_t* eap, int64_t ea_ld,
+  // noinline: inlined into the driver, GCC ran out of zmm registers and spilled an accumulator.
+  __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const Piece* pcs,
+                     int npcs, float* C, int64_t ldc, bool first, bool scaled, const int32_t* eap, int64_t ea_ld,
                      const int32_t* ebp, int64_t eb_ld, int32_t* carry) {
     alignas(64) float ct[MR * NR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
+    static_for<MR>([&](auto i) __attribute__((always_inline)) {
+      static_for<NV>([&](auto v) __attribute__((always_inline)) {
         V::storef(ct + i * NR + v * V::kLanes,
                   first ? V::zerof() : V::loadf(C + i * ldc + v * V::kLanes));
+      });
+    });
     vi acc[MR][NV];
     for (int pi = 0; pi < npcs; ++pi) {
       const Piece& pc = pcs[pi];
       if (pc.cont_in) {
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[i][v] = V::load(carry + i * NR + v * V::kLanes);
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) {
+            acc[i][v] = V::load(carry + i * NR + v * V::kLanes);
+          });
+        });
       } else {
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) { acc[i][v] = V::zero(); });
+        });
       }
-      chain(acc, Ap, Bp, pc.pairs);
+      // The chain: int32 accumulators only, k-pair by k-pair.
+      for (int32_t p = 0; p < pc.pairs; ++p) {
+        vi b[NV];
+        static_for<NV>([&](auto v) __attribute__((always_inline)) {
+          b[v] = V::load(Bp + v * V::kLanes * 2);
+        });
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          const vi a = V::bcast(ld32(Ap + 2 * i));
+          static_for<NV>([&](auto v) __attribute__((always_inline)) {
+            acc[i][v] = V::dp(acc[i][v], b[v], a);
+          });
+        });
+        Ap += 2 * MR;
+        Bp += 2 * NR;
+      }
       if (pc.cont_out) {
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) V::store(carry + i * NR + v * V::kLanes, acc[i][v]);
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) {
+            V::store(carry + i * NR + v * V::kLanes, acc[i][v]);
+          });
+        });
         continue;
       }
       if (!scaled) {
         // FP32 spill: ct += f(s), one rounding per add (compiled with -ffp-contract=off).
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) {
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) {
             float* d = ct + i * NR + v * V::kLanes;
             V::storef(d, V::addf(V::loadf(d), V::cvt(acc[i][v])));
-          }
+          });
+        });
       } else {
         const int32_t* er = eap + pc.bl * ea_ld;
         const int32_t* ec = ebp + pc.bl * eb_ld;
         vi eb[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) eb[v] = V::load(ec + v * V::kLanes);
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
+        static_for<NV>([&](auto v) __attribute__((always_inline)) { eb[v] = V::load(ec + v * V::kLanes); });
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
           const vi ea = V::bcast(er[i]);
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) {
             float* d = ct + i * NR + v * V::kLanes;
             V::storef(d, V::addf(V::loadf(d), V::scale2(V::cvt(acc[i][v]), V::add(ea, eb[v]))));
-          }
-        }
+          });
+        });
       }
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
+    static_for<MR>([&](auto i) __attribute__((always_inline)) {
+      static_for<NV>([&](auto v) __attribute__((always_inline)) {
         V::storef(C + i * ldc + v * V::kLanes, V::loadf(ct + i * NR + v * V::kLanes));
+      });
+    });
   }
 };
 
