@@ -389,7 +389,9 @@ _PMAP_SCRIPT = textwrap.dedent("""
 
 def test_identical_decisions_on_every_replica_under_pmap_and_shard_map():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+  flag = "--xla_force_host_platform_device_count=4"
+  if flag not in env.get("XLA_FLAGS", ""):
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run([sys.executable, "-c", _PMAP_SCRIPT], env=env, capture_output=True,
