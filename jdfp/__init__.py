@@ -12,10 +12,33 @@ from jdfp._src.policy import Policy, policies
 from jdfp._src.ops import conv_general_dilated, dot_general, einsum
 from jdfp._src import kernels
 from jdfp._src.explain import explain
+from jdfp._src.loss_scale import (DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale, all_finite,
+                                  select_tree)
+from jdfp._src.loss_scaled import LossScaledState, current_loss_scale, loss_scale_state, loss_scaled
+from jdfp._src.master_weights import MasterWeightsState, cast_params, master_params, master_weights
+from jdfp._src.overwrite_state import OverwriteState, overwrite_state
+from jdfp._src import recipes_optax as recipes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicLossScale",
+    "LossScale",
+    "LossScaledState",
+    "MasterWeightsState",
+    "NoOpLossScale",
+    "OverwriteState",
+    "StaticLossScale",
+    "all_finite",
+    "cast_params",
+    "current_loss_scale",
+    "loss_scale_state",
+    "loss_scaled",
+    "master_params",
+    "master_weights",
+    "overwrite_state",
+    "recipes",
+    "select_tree",
     "BF16",
     "BFP",
     "DFP",
