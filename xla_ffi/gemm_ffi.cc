@@ -9,6 +9,7 @@
 // ffi::Future completed by the last worker, so no pool thread ever waits for another.
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -83,6 +84,12 @@ struct IsaInfo {
   int kc_pairs;     // max packed k-pairs per kc block
   const char* name;
 };
+
+// Tuning knobs for benchmarking only (JDFP_KC_PAIRS, JDFP_TILE_M, JDFP_TILE_N); 0 = default.
+int64_t env_knob(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::strtoll(v, nullptr, 10) : 0;
+}
 
 IsaInfo isa_info(int isa) {
   switch (isa) {
@@ -299,7 +306,8 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   const IsaInfo info = isa_info(isa);
   const int64_t L = safe_chain_length(bits_a, bits_b);
   const int64_t C = std::min(L, bk);
-  build_chains(*job, K, bk, KB, C, info.kc_pairs);
+  static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
+  build_chains(*job, K, bk, KB, C, kc_env > 0 ? int32_t(kc_env) : info.kc_pairs);
 
   P.M = M; P.N = N; P.K = K; P.KB = KB; P.block_k = bk;
   P.bits_a = bits_a; P.bits_b = bits_b;
@@ -331,8 +339,9 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   // Tiles big enough to amortize packing (B over mb rows, A over nb columns), small enough to give
   // every worker several tiles so a busy core does not leave the others idle at the end.
   auto rup = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
-  int64_t mb = std::min(rup(M, info.mr), int64_t(info.mr) * std::max(1, 192 / info.mr));
-  int64_t nb = std::min(rup(N, info.nr), int64_t(512));
+  static const int64_t tm_env = env_knob("JDFP_TILE_M"), tn_env = env_knob("JDFP_TILE_N");
+  int64_t mb = std::min(rup(M, info.mr), tm_env > 0 ? rup(tm_env, info.mr) : int64_t(info.mr) * std::max(1, 192 / info.mr));
+  int64_t nb = std::min(rup(N, info.nr), tn_env > 0 ? rup(tn_env, info.nr) : int64_t(512));
   auto count = [&]() { return nbatch * ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
   if (nthreads > 1) {
     while (count() < 4 * nthreads) {

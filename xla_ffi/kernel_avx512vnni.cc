@@ -80,14 +80,26 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
     const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
-    thread_local std::vector<float> sc;  // float input: per-row scales of the current block
+    // Float input: per-panel scale vectors [pn][s1 lo, s1 hi, s2 lo, s2 hi], rebuilt when the
+    // piece's block changes (once per kc block when KB == 1).
+    thread_local AlignedBuf<float> scbuf;
+    float* sc = kF32 ? scbuf.get(size_t(panels) * 64) : nullptr;
+    int32_t sc_blk = -1;
     int64_t poff = 0;  // pair offset of the piece inside the kc block
     for (int pi = 0; pi < a.npcs; ++pi) {
       const Piece& pc = a.pcs[pi];
       if constexpr (kF32) {
-        sc.assign(size_t(panels * W * 2 + 64), 0.0f);
-        for (int64_t i = 0; i < a.rows; ++i)
-          scales_of(a.e[(a.r0 + i) * a.er + int64_t(pc.blk) * a.ej], sc[2 * i], sc[2 * i + 1]);
+        if (pc.blk != sc_blk) {
+          sc_blk = pc.blk;
+          for (int64_t pn = 0; pn < panels; ++pn)
+            for (int i = 0; i < 32; ++i) {
+              const int64_t r = pn * W + i;
+              float f1 = 0.0f, f2 = 0.0f;
+              if (i < W && r < a.rows) scales_of(a.e[(a.r0 + r) * a.er + int64_t(pc.blk) * a.ej], f1, f2);
+              sc[pn * 64 + i] = f1;
+              sc[pn * 64 + 32 + i] = f2;
+            }
+        }
       }
       for (int32_t q = 0; q < pc.pairs; ++q) {
         const int64_t k0 = pc.k_start + 2 * q;
@@ -100,15 +112,9 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
           const __mmask32 rmask = __mmask32((uint64_t(1) << nvalid) - 1);
           __m512 s1[2], s2[2];
           if constexpr (kF32) {
-            // sc holds (s1, s2) interleaved per row: de-interleave 32 rows.
-            const float* f = sc.data() + 2 * pn * W;
-            const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-            const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-            for (int h = 0; h < 2; ++h) {
-              const __m512 x0 = _mm512_loadu_ps(f + 32 * h), x1 = _mm512_loadu_ps(f + 32 * h + 16);
-              s1[h] = _mm512_permutex2var_ps(x0, even, x1);
-              s2[h] = _mm512_permutex2var_ps(x0, odd, x1);
-            }
+            const float* f = sc + pn * 64;
+            s1[0] = _mm512_load_ps(f); s1[1] = _mm512_load_ps(f + 16);
+            s2[0] = _mm512_load_ps(f + 32); s2[1] = _mm512_load_ps(f + 48);
           }
           const __m512i v0 = Load32::get(row0 + rb, rmask, s1, s2, qm);
           const __m512i v1 = has1 ? Load32::get(row1 + rb, rmask, s1, s2, qm) : _mm512_setzero_si512();

@@ -1,0 +1,9 @@
+"""Benchmarks: ``python -m jdfp.bench <subcommand> [options]``.
+
+Subcommands live in modules of this package, each with ``add_arguments(parser)`` and
+``main(args) -> int``; list a new one in ``SUBCOMMANDS`` (name -> module, help).
+"""
+
+SUBCOMMANDS = {
+    "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),
+}

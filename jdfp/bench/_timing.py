@@ -1,0 +1,70 @@
+"""Side-by-side timing helpers shared by the benchmark subcommands."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _block(x):
+  for leaf in (x if isinstance(x, (tuple, list)) else (x,)):
+    leaf.block_until_ready()
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2,
+                      min_time: float = 0.02) -> dict[str, float]:
+  """Median seconds per call of each fn, measured round-robin in the same process.
+
+  Round-robin (one timing of each candidate per round) makes load from other processes hit all
+  candidates alike, so the ratios stay meaningful on a shared machine.  Each timing runs a fn
+  `number` times back to back (enough for >= min_time) and blocks on every result.
+  """
+  number = {}
+  for name, fn in fns.items():
+    for _ in range(warmup):
+      _block(fn())
+    t0 = time.perf_counter()
+    _block(fn())
+    dt = max(time.perf_counter() - t0, 1e-6)
+    number[name] = max(1, int(min_time / dt))
+  samples: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      n = number[name]
+      t0 = time.perf_counter()
+      outs = [fn() for _ in range(n)]
+      for o in outs:
+        _block(o)
+      samples[name].append((time.perf_counter() - t0) / n)
+  return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+  """'1024' -> (1024, 1024, 1024); 'MxKxN' -> (M, K, N)."""
+  parts = [int(p) for p in text.lower().split("x")]
+  if len(parts) == 1:
+    return (parts[0],) * 3
+  if len(parts) == 3:
+    return tuple(parts)  # type: ignore[return-value]
+  raise ValueError(f"size must be N or MxKxN, got {text!r}")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+  try:
+    from rich.console import Console
+    from rich.table import Table
+  except ImportError:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print(title)
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+      print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    return
+  table = Table(title=title)
+  for c in columns:
+    table.add_column(c, justify="right")
+  for r in rows:
+    table.add_row(*r)
+  Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)

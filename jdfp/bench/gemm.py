@@ -1,0 +1,108 @@
+"""``python -m jdfp.bench gemm``: the exact INT16 GEMM kernel against XLA's dots, side by side.
+
+Candidates (all jitted, same process, timed round-robin; GOP/s counts 2*M*K*N):
+  xla_f32    jnp.dot on float32                       (the baseline)
+  xla_i16    lax.dot int16 x int16 -> int32           (XLA's integer path; wraps, not exact)
+  jdfp_i16   jdfp kernel, int16 inputs                (exact, docs/arithmetic.md)
+  jdfp_f32q  jdfp kernel, float32 inputs quantized while packing (no int16 copy)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+DEFAULT_SIZES = ["256", "512", "1024", "2048", "512x1024x1024", "512x4096x1024"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,
+                 help="N (square) or MxKxN; default: %(default)s")
+  p.add_argument("--bits", type=int, default=14, help="bits of both operands (14 -> chain 32)")
+  p.add_argument("--isa", default="auto", help="kernel ISA: auto, scalar, avx2, avx_vnni, avx512_vnni")
+  p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--min-time", type=float, default=0.05, help="seconds per timing sample")
+  p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  from jdfp._src import kernels
+  from jdfp.bench._timing import parse_shape, print_table, time_side_by_side
+
+  if not kernels.kernel_available():
+    raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see jdfp/_src/kernels.py")
+  bits = args.bits
+  qmax = 2 ** (bits - 1) - 1
+  isa = kernels.best_isa() if args.isa == "auto" else args.isa
+  rng = np.random.default_rng(0)
+  results = []
+  for text in args.sizes:
+    m, k, n = parse_shape(text)
+    a16 = jnp.asarray(rng.integers(-qmax, qmax + 1, (m, k), dtype=np.int16))
+    b16 = jnp.asarray(rng.integers(-qmax, qmax + 1, (k, n), dtype=np.int16))
+    ea = jnp.full((1, 1), -10, jnp.int32)  # per-tensor exponents, broadcast over rows / columns
+    eb = jnp.full((1, 1), -12, jnp.int32)
+    af = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    bf = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
+    ea_f = jnp.full((1, 1), -(bits - 3), jnp.int32)  # |x| < 4 -> fits qmax
+    eb_f = jnp.full((1, 1), -(bits - 3), jnp.int32)
+    kw = dict(bits_a=bits, bits_b=bits, isa=isa)
+    f_f32 = jax.jit(lambda x, y: jnp.dot(x, y))
+    f_i16 = jax.jit(lambda x, y: lax.dot(x, y, preferred_element_type=jnp.int32))
+    f_k16 = jax.jit(lambda x, y, ex, ey: kernels.gemm(x, y, ex, ey, **kw))
+    fns = {
+        "xla_f32": lambda: f_f32(af, bf),
+        "xla_i16": lambda: f_i16(a16, b16),
+        "jdfp_i16": lambda: f_k16(a16, b16, ea, eb),
+        "jdfp_f32q": lambda: f_k16(af, bf, ea_f, eb_f),
+    }
+    secs = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
+    ops = 2.0 * m * k * n
+    row = {"m": m, "k": k, "n": n, "seconds": secs,
+           "gops": {name: ops / s / 1e9 for name, s in secs.items()}}
+    row["speedup_vs_xla_f32"] = {name: secs["xla_f32"] / s for name, s in secs.items()}
+    row["speedup_vs_xla_i16"] = {name: secs["xla_i16"] / s for name, s in secs.items()}
+    results.append(row)
+    print(f"  {m}x{k}x{n}: " + ", ".join(f"{nm} {g:.1f}" for nm, g in row["gops"].items()) + " GOP/s",
+          flush=True)
+
+  cols = ["M x K x N", "XLA f32", "XLA i16", "jdfp i16", "jdfp f32q", "i16/f32", "i16/XLA i16",
+          "f32q/f32"]
+  rows = []
+  for r in results:
+    g = r["gops"]
+    rows.append([f"{r['m']}x{r['k']}x{r['n']}", f"{g['xla_f32']:.1f}", f"{g['xla_i16']:.1f}",
+                 f"{g['jdfp_i16']:.1f}", f"{g['jdfp_f32q']:.1f}",
+                 f"{r['speedup_vs_xla_f32']['jdfp_i16']:.2f}x",
+                 f"{r['speedup_vs_xla_i16']['jdfp_i16']:.2f}x",
+                 f"{r['speedup_vs_xla_f32']['jdfp_f32q']:.2f}x"])
+  title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa}, "
+           f"jax {jax.__version__}, {os.cpu_count()} CPUs -- GOP/s (median of {args.repeats})")
+  print_table(title, cols, rows)
+  if args.json:
+    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa, "bits": bits,
+            "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "processor": _cpu_name()}
+    with open(args.json, "w") as f:
+      json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(f"wrote {args.json}")
+  return 0
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
