@@ -94,7 +94,7 @@ int64_t env_knob(const char* name) {
 IsaInfo isa_info(int isa) {
   switch (isa) {
 #if defined(JDFP_HAVE_SIMD)
-    case kIsaAvx512Vnni: return {tile_avx512vnni, 14, 32, 128, "avx512_vnni"};
+    case kIsaAvx512Vnni: return {tile_avx512vnni, 12, 32, 128, "avx512_vnni"};
     case kIsaAvxVnni: return {tile_avxvnni, 6, 16, 128, "avx_vnni"};
     case kIsaAvx2: return {tile_avx2, 6, 16, 128, "avx2"};
 #endif
