@@ -210,23 +210,29 @@ void run_worker(const std::shared_ptr<Job>& job) {
 #endif
   int bad = 0;
   const int64_t nt = int64_t(job->tiles.size());
+  int64_t done = 0;
   for (;;) {
     const int64_t t = job->next.fetch_add(1, std::memory_order_relaxed);
     if (t >= nt) break;
+    ++done;
     if (bad) continue;  // keep draining so the count stays right; the output is an error anyway
     bad = job->fn(job->P, job->tiles[size_t(t)]);
   }
 #if JDFP_X86
   _mm_setcsr(old_csr);
 #endif
+  // The promise counts tiles, not workers: a scheduled worker that starts late (or never, while
+  // the pool threads sit in a collective's rendezvous waiting for this very op) finds no tiles and
+  // owes nothing, so the calling thread alone can always complete the op. No deadlock under pmap.
+  if (done == 0) return;
   if (bad) {
     const bool is_a = bad == 1;
-    job->done.CountDown(invalid(std::string("int16 operand ") + (is_a ? "a" : "b") +
+    job->done.CountDown(size_t(done), invalid(std::string("int16 operand ") + (is_a ? "a" : "b") +
                                 " has a value outside [-qmax, qmax] for bits_" + (is_a ? "a" : "b") +
                                 "=" + std::to_string(is_a ? job->bits_a : job->bits_b) +
                                 " (qmax = 2**(bits-1) - 1; -32768 is never valid)"));
   } else {
-    job->done.CountDown();
+    job->done.CountDown(size_t(done));
   }
 }
 
@@ -360,10 +366,12 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     nthreads = 1;
   }
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, int64_t(job->tiles.size())));
-  job->done = ffi::CountDownPromise(nworkers);
+  const int64_t ntiles = int64_t(job->tiles.size());
+  job->done = ffi::CountDownPromise(std::max<int64_t>(ntiles, 1));
   ffi::Future fut(job->done);
   for (int64_t w = 1; w < nworkers; ++w) pool.Schedule([job]() { run_worker(job); });
   run_worker(job);  // the calling thread works too; it never waits for the others
+  if (ntiles == 0) job->done.CountDown();
   return fut;
 }
 
