@@ -73,33 +73,30 @@ static inline int32_t pack_i16(const int16_t* src, int64_t sr, int64_t sk, int64
                                const Scratch& s, int32_t pairs, int16_t* dst) {
   int32_t vmin = 0, vmax = 0;
   const int64_t panels = (rows + W - 1) / W;
-  for (int64_t pn = 0; pn < panels; ++pn) {
+  auto one = [&](int64_t pn, int32_t p) {
     const int64_t rb = r0 + pn * W;
     const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
-    int16_t* d = dst + pn * int64_t(pairs) * W * 2;
-    for (int32_t p = 0; p < pairs; ++p, d += 2 * W) {
-      const int64_t k0 = s.k0[p], k1 = s.k1[p];
-      const int16_t* c0 = src + rb * sr + k0 * sk;
-      if (k1 >= 0) {
-        const int16_t* c1 = src + rb * sr + k1 * sk;
-        for (int i = 0; i < nvalid; ++i) {
-          int16_t v0 = c0[i * sr], v1 = c1[i * sr];
-          d[2 * i] = v0;
-          d[2 * i + 1] = v1;
-          vmin = std::min<int32_t>(vmin, std::min(v0, v1));
-          vmax = std::max<int32_t>(vmax, std::max(v0, v1));
-        }
-      } else {
-        for (int i = 0; i < nvalid; ++i) {
-          int16_t v0 = c0[i * sr];
-          d[2 * i] = v0;
-          d[2 * i + 1] = 0;
-          vmin = std::min<int32_t>(vmin, v0);
-          vmax = std::max<int32_t>(vmax, v0);
-        }
-      }
-      for (int i = nvalid; i < W; ++i) d[2 * i] = d[2 * i + 1] = 0;
+    int16_t* d = dst + (pn * int64_t(pairs) + p) * W * 2;
+    const int64_t k0 = s.k0[p], k1 = s.k1[p];
+    const int16_t* c0 = src + rb * sr + k0 * sk;
+    const int16_t* c1 = src + rb * sr + (k1 >= 0 ? k1 : k0) * sk;
+    const int16_t m1 = k1 >= 0 ? int16_t(-1) : int16_t(0);  // zero the pad half without a branch
+    for (int i = 0; i < nvalid; ++i) {
+      const int16_t v0 = c0[i * sr], v1 = int16_t(c1[i * sr] & m1);
+      d[2 * i] = v0;
+      d[2 * i + 1] = v1;
+      vmin = std::min<int32_t>(vmin, std::min(v0, v1));
+      vmax = std::max<int32_t>(vmax, std::max(v0, v1));
     }
+    for (int i = nvalid; i < W; ++i) d[2 * i] = d[2 * i + 1] = 0;
+  };
+  // Rows contiguous (sr == 1): pair-outer so each k row is read sequentially; otherwise panel-outer.
+  if (sr == 1) {
+    for (int32_t p = 0; p < pairs; ++p)
+      for (int64_t pn = 0; pn < panels; ++pn) one(pn, p);
+  } else {
+    for (int64_t pn = 0; pn < panels; ++pn)
+      for (int32_t p = 0; p < pairs; ++p) one(pn, p);
   }
   return std::max(-vmin, vmax);
 }
