@@ -1,0 +1,336 @@
+"""Statistics-tracking wrappers of jdfp's ops, shared by the Linen and NNX integrations.
+
+Every GEMM still runs through `jdfp.dot_general` (its custom VJP, the quantizers and the kernel).
+Around it, `tracked_dot_general`:
+
+- recomputes the forward operands' quantization with the op's own block layout, rounding and key
+  (so the numbers are exactly those of the op) and reduces them to a handful of scalars per tensor:
+  the exponents in use, elements saturated (``|x| > qmax * 2**e``, clipped), elements flushed to zero
+  (nonzero ``x`` quantized to 0) and non-finite inputs;
+- passes the output through `_grad_tap`, an identity with a custom VJP. Its backward quantizes the
+  incoming output gradient exactly as jdfp's backward does (same format, rounding and key), reduces
+  it to the same scalars and returns the *new state* as the cotangent of the state input: Flax's
+  ``fp8_ops`` OVERWRITE_WITH_GRADIENT convention. `jdfp.overwrite_state` (optax) or a plain
+  ``replace`` then installs it.
+
+State layout (one Flax variable per quantized op, value a dict)::
+
+    {"lhs":  {"exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size"},
+     "rhs":  {...},   # weights (forward right operand)
+     "grad": {...}}   # output gradient (both backward GEMMs)
+
+All leaves are float32 scalars holding integers. Not int32, because the backward statistics leave
+through a cotangent, and JAX gives integer inputs only ``float0`` cotangents (``jax.grad`` refuses
+integer inputs outright). Integers up to 2**24 are exact in float32, and `jdfp.overwrite_state`'s
+``old + (new - old)`` is then bitwise exact. Counters are per step (the last update), so they stay
+below the tensor size; ``size`` is the element count, for rates. ``exponent`` is the largest
+exponent over the finite groups (for per-tensor DFP: *the* exponent), ``exponent_min`` the smallest
+over groups holding a nonzero finite value; a group with NaN/Inf is counted in ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdfp._src import formats, ops
+from jdfp._src import quantize as qz
+from jdfp._src.policy import Policy
+
+ROLES = ("lhs", "rhs", "grad")
+FIELDS = ("exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size")
+STATE_DTYPE = jnp.float32
+
+
+def empty_role():
+  return {f: jnp.zeros((), STATE_DTYPE) for f in FIELDS}
+
+
+def empty_state():
+  """The initial value of one op's state variable (all zeros)."""
+  return {r: empty_role() for r in ROLES}
+
+
+def needs_key(policy: Policy) -> bool:
+  return ((policy.fwd_rounding == "stochastic" and not policy.is_float) or
+          (policy.grad_rounding == "stochastic" and policy.grad.is_integer))
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics of one quantized tensor.
+
+_Q3_HAS_AXIS = "axis_name" in inspect.signature(ops._quantize3).parameters
+
+
+def _quantize3(x3, fmt, c_ax, rounding, key, policy):
+  """ops._quantize3 with the policy's data-parallel axis when this version of ops has one."""
+  ax = getattr(policy, "axis_name", None)
+  if _Q3_HAS_AXIS:
+    return ops._quantize3(x3, fmt, c_ax, rounding, key, ax)
+  return ops._quantize3(x3, fmt, c_ax, rounding, key)
+
+
+def role_stats(x, q: qz.QArray) -> dict:
+  """Scalars (float32 holding integers) describing how ``x`` fared when quantized to ``q``."""
+  x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  finite = jnp.isfinite(x)
+  nonzero = finite & (x != 0)
+  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
+  count = lambda m: f32(jnp.sum(m, dtype=jnp.int32))
+  fmt = q.fmt
+  if not fmt.is_integer:  # FP16 / BF16: overflow to Inf, underflow to zero; exponent of the max
+    qv = lax.stop_gradient(q.values)
+    amax = jnp.max(jnp.where(finite, jnp.abs(x), 0.0)) if x.size else jnp.zeros((), jnp.float32)
+    e = jnp.where(amax > 0, formats.frexp_exponent(jnp.where(amax > 0, amax, 1.0)) - 1, 0)
+    amin = jnp.min(jnp.where(nonzero, jnp.abs(x), jnp.inf)) if x.size else jnp.inf
+    e_min = jnp.where(jnp.isfinite(amin), formats.frexp_exponent(jnp.where(jnp.isfinite(amin), amin, 1.0)) - 1, 0)
+    return {"exponent": f32(e), "exponent_min": f32(e_min),
+            "saturated": count(finite & ~jnp.isfinite(qv)),
+            "underflow": count(nonzero & (qv == 0)),
+            "nonfinite": count(~finite), "size": f32(x.size)}
+  e_grid = lax.stop_gradient(q.exponent)
+  e_full = formats.expand_blocks(e_grid, q.block_shape, x.shape)
+  group_finite = e_full != formats.NONFINITE_EXPONENT
+  e_safe = jnp.where(group_finite, e_full, 0)
+  ok = nonzero & group_finite
+  scaled = formats.scale2(jnp.where(ok, jnp.abs(x), 0.0), -e_safe)
+  grid_finite = e_grid != formats.NONFINITE_EXPONENT
+  big = jnp.iinfo(jnp.int32).max
+  e_max = jnp.max(jnp.where(grid_finite, e_grid, -big))
+  e_max = jnp.where(jnp.any(grid_finite), e_max, 0)
+  e_min = jnp.min(jnp.where(ok, e_full, big))
+  e_min = jnp.where(jnp.any(ok), e_min, 0)
+  return {"exponent": f32(e_max), "exponent_min": f32(e_min),
+          "saturated": count(ok & (scaled > fmt.qmax)),
+          "underflow": count(ok & (lax.stop_gradient(q.values) == 0)),
+          "nonfinite": count(~finite), "size": f32(x.size)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The gradient tap: identity forward; backward emits the new state as the state's cotangent.
+
+
+@dataclasses.dataclass(frozen=True)
+class _TapCfg:
+  shape3: tuple[int, int, int]
+  fmt: Any
+  rounding: str
+  policy: Policy
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grad_tap(out, state, fwd_state, key, cfg):
+  del state, fwd_state, key, cfg
+  return out
+
+
+def _grad_tap_fwd(out, state, fwd_state, key, cfg):
+  del state
+  return out, (fwd_state, key)
+
+
+def _grad_tap_bwd(cfg, res, g):
+  fwd_state, key = res
+  g3 = g.astype(jnp.float32).reshape(cfg.shape3)
+  k_dl = None if key is None else jax.random.split(key, 2)[0]
+  qg = _quantize3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy)
+  new_state = {**fwd_state, "grad": role_stats(g3, qg)}
+  zeros = jax.tree.map(jnp.zeros_like, fwd_state)
+  return g, new_state, zeros, None
+
+
+_grad_tap.defvjp(_grad_tap_fwd, _grad_tap_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# dot_general with statistics.
+
+
+def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
+                        policy: Policy, key=None, state=None, **kwargs):
+  """`jdfp.dot_general` plus statistics. Returns ``(out, new_state)``.
+
+  ``state`` is the op's current state (see the module docstring) or None (no statistics: returns
+  ``(out, None)``). ``new_state`` holds this call's forward statistics and the previous gradient
+  statistics; the gradient statistics arrive as ``state``'s cotangent.
+  """
+  out = ops.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                        policy=policy, key=key, **kwargs)
+  if state is None:
+    return out, None
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  dims = ops._canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  lv, rv = ops._views(lhs.shape, rhs.shape, dims)
+  k_l, k_r, k_bwd = ops._split_keys(key, 3)
+  l3 = lax.stop_gradient(ops._to3(lhs, lv))
+  r3 = lax.stop_gradient(ops._to3(rhs, rv))
+  ql = _quantize3(l3, policy.lhs, lv.c_ax, policy.fwd_rounding, k_l, policy)
+  qr = _quantize3(r3, policy.rhs, rv.c_ax, policy.fwd_rounding, k_r, policy)
+  old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  fwd_state = {"lhs": role_stats(l3, ql), "rhs": role_stats(r3, qr),
+               "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
+  bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
+  cfg = _TapCfg((bsz, m, n), policy.dlhs, policy.grad_rounding, policy)
+  out = _grad_tap(out, old, fwd_state, k_bwd, cfg)
+  return out, fwd_state
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolutions: the im2col arrangement of `jdfp.conv_general_dilated`, with any dot function.
+
+
+def conv_via_dot(dot_fn, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                 precision=None, preferred_element_type=None):
+  """`jdfp.conv_general_dilated`'s arrangement (im2col patches, grouped GEMM) with ``dot_fn`` as the
+  GEMM; ``dot_fn(p, w, dims, precision, preferred_element_type)`` returns the product. With
+  `jdfp.dot_general` this is bit-identical to `jdfp.conv_general_dilated` (tested)."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  if batch_group_count != 1:
+    raise NotImplementedError("jdfp: batch_group_count > 1 is not supported")
+  nsp = lhs.ndim - 2
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  strides = tuple(window_strides)
+  lhs_dil = tuple(lhs_dilation or (1,) * nsp)
+  rhs_dil = tuple(rhs_dilation or (1,) * nsp)
+  x = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+  w = jnp.transpose(rhs, tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0]))
+  ksp = w.shape[:nsp]
+  c, i, o = x.shape[-1], w.shape[-2], w.shape[-1]
+  g = int(feature_group_count)
+  if g < 1 or c != i * g or o % g:
+    raise ValueError(f"feature_group_count={g}: lhs features {c} must equal rhs input features {i} x groups, "
+                     f"and rhs output features {o} must divide by groups")
+  if isinstance(padding, str):
+    in_sp = [(s - 1) * d + 1 for s, d in zip(x.shape[1:1 + nsp], lhs_dil)]
+    k_eff = [(k - 1) * d + 1 for k, d in zip(ksp, rhs_dil)]
+    pads = lax.padtype_to_pads(in_sp, k_eff, strides, padding)
+  else:
+    pads = tuple(tuple(p) for p in padding)
+  p, out_sp = ops._patches(x, ksp, strides, pads, lhs_dil, rhs_dil)
+  n = x.shape[0]
+  kk = int(np.prod(ksp))
+  rows = n * int(np.prod(out_sp))
+  p = p.reshape(rows, kk, g, i).transpose(2, 0, 1, 3).reshape(g, rows, kk * i)
+  w = w.reshape(kk, i, g, o // g).transpose(2, 0, 1, 3).reshape(g, kk * i, o // g)
+  y = dot_fn(p, w, (((2,), (1,)), ((0,), (0,))), precision, preferred_element_type)
+  y = y.transpose(1, 0, 2).reshape((n,) + out_sp + (o,))
+  out_perm = [0] * (nsp + 2)
+  out_perm[dn.out_spec[0]] = 0
+  out_perm[dn.out_spec[1]] = nsp + 1
+  for j, d in enumerate(dn.out_spec[2:]):
+    out_perm[d] = 1 + j
+  return jnp.transpose(y, out_perm)
+
+
+def conv_transpose_via(conv_fn, lhs, rhs, strides, padding, rhs_dilation=None, dimension_numbers=None,
+                       transpose_kernel=False, precision=None, preferred_element_type=None, **kw):
+  """`jax.lax.conv_transpose` with its inner `conv_general_dilated` replaced by ``conv_fn``.
+
+  jax's conv_transpose computes the padding and calls ``conv_general_dilated`` (a global of
+  ``jax._src.lax.convolution``); that global is swapped for the duration of the call.
+  """
+  from jax._src.lax import convolution as conv_mod  # pylint: disable=import-outside-toplevel
+  orig = conv_mod.conv_general_dilated
+  conv_mod.conv_general_dilated = conv_fn
+  try:
+    return _ORIG_CONV_TRANSPOSE(lhs, rhs, strides, padding, rhs_dilation=rhs_dilation,
+                                dimension_numbers=dimension_numbers, transpose_kernel=transpose_kernel,
+                                precision=precision, preferred_element_type=preferred_element_type, **kw)
+  finally:
+    conv_mod.conv_general_dilated = orig
+
+
+_ORIG_CONV_TRANSPOSE = lax.conv_transpose
+
+
+# ------------------------------------------------------------------------------------------------
+# Two-operand einsum as one dot_general (no jit inside, so state updates stay in the caller's trace).
+
+
+def _parse_einsum(subscripts: str, lhs_ndim: int, rhs_ndim: int):
+  """``(dims, out_perm, lhs_sum_axes, rhs_sum_axes)`` for a two-operand einsum, or None when it is
+  not a plain contraction (repeated letters in an operand, etc.)."""
+  s = subscripts.replace(" ", "")
+  if "->" in s:
+    ins, out = s.split("->")
+  else:
+    ins, out = s, None
+  parts = ins.split(",")
+  if len(parts) != 2:
+    return None
+  ndims = (lhs_ndim, rhs_ndim)
+  letters_used = set(c for c in s if c.isalpha())
+  free_letters = [c for c in string.ascii_letters if c not in letters_used]
+  n_ell = 0
+  for part, nd in zip(parts, ndims):
+    if "..." in part:
+      n_ell = max(n_ell, nd - (len(part) - 3))
+  if n_ell > len(free_letters):
+    return None
+  ell = "".join(free_letters[:n_ell])
+  specs = []
+  for part, nd in zip(parts, ndims):
+    if "..." in part:
+      k = nd - (len(part) - 3)
+      if k < 0:
+        return None
+      # Broadcast ellipsis dims of differing rank: only allow equal ellipsis ranks.
+      if k != n_ell:
+        return None
+      part = part.replace("...", ell[n_ell - k:])
+    if len(part) != nd or not all(c.isalpha() for c in part) or len(set(part)) != len(part):
+      return None
+    specs.append(part)
+  a, b = specs
+  if out is None:
+    counts = {c: (a + b).count(c) for c in set(a + b)}
+    out = ell + "".join(sorted(c for c in counts if counts[c] == 1 and c not in ell))
+  else:
+    if "..." in out:
+      out = out.replace("...", ell)
+    if not all(c.isalpha() for c in out) or len(set(out)) != len(out) or any(c not in a + b for c in out):
+      return None
+  lhs_sum = tuple(i for i, c in enumerate(a) if c not in b and c not in out)
+  rhs_sum = tuple(i for i, c in enumerate(b) if c not in a and c not in out)
+  a2 = "".join(c for c in a if c in b or c in out)
+  b2 = "".join(c for c in b if c in a or c in out)
+  batch = [c for c in a2 if c in b2 and c in out]
+  contract = [c for c in a2 if c in b2 and c not in out]
+  dims = ((tuple(a2.index(c) for c in contract), tuple(b2.index(c) for c in contract)),
+          (tuple(a2.index(c) for c in batch), tuple(b2.index(c) for c in batch)))
+  res = batch + [c for c in a2 if c not in b2] + [c for c in b2 if c not in a2]
+  if sorted(res) != sorted(out):
+    return None
+  perm = tuple(res.index(c) for c in out)
+  return dims, perm, lhs_sum, rhs_sum
+
+
+def einsum_via_dot(dot_fn, subscripts, lhs, rhs, precision=None, preferred_element_type=None):
+  """A two-operand einsum through ``dot_fn``; None when the expression is not a plain contraction
+  (the caller then falls back to `jdfp.einsum`)."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  parsed = _parse_einsum(subscripts, lhs.ndim, rhs.ndim)
+  if parsed is None:
+    return None
+  dims, perm, lsum, rsum = parsed
+  if lsum:
+    lhs = jnp.sum(lhs, axis=lsum)
+  if rsum:
+    rhs = jnp.sum(rhs, axis=rsum)
+  (lc, rc), (lb, rb) = dims
+  for x, y in zip(lc + lb, rc + rb):
+    if lhs.shape[x] != rhs.shape[y]:
+      return None  # broadcasting of size-1 dims: leave to jnp.einsum
+  y = dot_fn(lhs, rhs, dims, precision, preferred_element_type)
+  if perm != tuple(range(len(perm))):
+    y = jnp.transpose(y, perm)
+  return y
