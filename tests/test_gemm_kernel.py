@@ -452,17 +452,22 @@ def test_pmap_and_shard_map_two_devices():
     except ImportError:
       from jax.experimental.shard_map import shard_map
     rng = np.random.default_rng(0)
-    a = rng.integers(-8191, 8192, (2, 16, 40), dtype=np.int16)
-    b = rng.integers(-8191, 8192, (2, 40, 24), dtype=np.int16)
-    ea = np.zeros((2, 16, 1), np.int32); eb = np.ones((2, 1, 24), np.int32)
-    f = lambda a, b, ea, eb: kernels.gemm(a, b, ea, eb, bits_a=14, bits_b=14)
-    want = np.asarray(f(a, b, ea, eb))
-    got = np.asarray(jax.pmap(f)(a, b, ea, eb))
-    assert np.array_equal(got.view(np.int32), want.view(np.int32))
-    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-    sm = shard_map(f, mesh=mesh, in_specs=(P("x"),) * 4, out_specs=P("x"))
-    got = np.asarray(jax.jit(sm)(a, b, ea, eb))
-    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    # Small (runs inline) and large (uses the intra-op pool while the other device may sit in a
+    # collective): both must complete and match the unsharded call.
+    for m, k, n in ((16, 40, 24), (160, 400, 240)):
+      a = rng.integers(-8191, 8192, (2, m, k), dtype=np.int16)
+      b = rng.integers(-8191, 8192, (2, k, n), dtype=np.int16)
+      ea = np.zeros((2, m, 1), np.int32); eb = np.ones((2, 1, n), np.int32)
+      f = lambda a, b, ea, eb: kernels.gemm(a, b, ea, eb, bits_a=14, bits_b=14)
+      want = np.asarray(f(a, b, ea, eb))
+      g = lambda a, b, ea, eb: jax.lax.psum(f(a, b, ea, eb), "x")
+      got = np.asarray(jax.pmap(f, axis_name="x")(a, b, ea, eb))
+      assert np.array_equal(got.view(np.int32), want.view(np.int32))
+      np.asarray(jax.pmap(g, axis_name="x")(a, b, ea, eb))  # kernel followed by a collective
+      mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+      sm = shard_map(f, mesh=mesh, in_specs=(P("x"),) * 4, out_specs=P("x"))
+      got = np.asarray(jax.jit(sm)(a, b, ea, eb))
+      assert np.array_equal(got.view(np.int32), want.view(np.int32))
     print("OK")
   """)
   env = dict(os.environ)
