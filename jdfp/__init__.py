@@ -18,6 +18,7 @@ from jdfp._src.loss_scaled import LossScaledState, current_loss_scale, loss_scal
 from jdfp._src.master_weights import MasterWeightsState, cast_params, master_params, master_weights
 from jdfp._src.overwrite_state import OverwriteState, overwrite_state
 from jdfp._src import recipes_optax as recipes
+from jdfp import parallel
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "master_params",
     "master_weights",
     "overwrite_state",
+    "parallel",
     "recipes",
     "select_tree",
     "BF16",

@@ -340,7 +340,9 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
 
   // ---- tiles and workers
   const int64_t work = nbatch * M * N * std::max<int64_t>(K, 1);
+  static const int64_t threads_env = env_knob("JDFP_THREADS");  // cap on workers (0: the pool size)
   int64_t nthreads = std::max<int64_t>(1, pool.num_threads());
+  if (threads_env > 0) nthreads = std::min(nthreads, threads_env);
   if (work < (int64_t(1) << 21)) nthreads = 1;  // small problems run inline
   // Tiles big enough to amortize packing (B over mb rows, A over nb columns), small enough to give
   // every worker several tiles so a busy core does not leave the others idle at the end.

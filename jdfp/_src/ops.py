@@ -25,6 +25,7 @@ from jax import lax
 
 from jdfp._src import formats, kernels, quantize as qz, reference
 from jdfp._src.policy import Policy
+from jdfp._src.shard_types import match_varying, varying_axes
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 
@@ -119,7 +120,7 @@ def _from3(x3, view: _View, shape):
   return x
 
 
-def _quantize3(x3, fmt, c_ax: int, rounding: str, key) -> qz.QArray:
+def _quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None) -> qz.QArray:
   """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view."""
   if not fmt.is_integer:
     return qz.quantize_array(x3, fmt)
@@ -127,7 +128,7 @@ def _quantize3(x3, fmt, c_ax: int, rounding: str, key) -> qz.QArray:
   logical = (bsz, c, r) if c_ax == 1 else (bsz, r, c)
   lb = fmt.block_shape(logical)
   phys = (lb[0], lb[2], lb[1]) if c_ax == 1 else lb
-  return qz.quantize_blocks(x3, fmt, phys, rounding=rounding, key=key)
+  return qz.quantize_blocks(x3, fmt, phys, rounding=rounding, key=key, axis_name=axis_name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,8 +178,10 @@ def _gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, prec
   bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
   ta, tb = a_c == 1, b_c == 2
   if resolve_backend(policy) == "ffi":
-    return kernels.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
-                        transpose_a=ta, transpose_b=tb, isa=policy.isa)
+    out = kernels.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
+                       transpose_a=ta, transpose_b=tb, isa=policy.isa)
+    # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
+    return match_varying(out, qa.values, qb.values, ea, eb)
   return _reference_call(qa.values, qb.values, ea, eb, bits_a, bits_b, block, ta, tb)
 
 
@@ -246,12 +249,13 @@ def _out_shape(lhs_shape, rhs_shape, dims):
 def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
   lv, rv = _views(lhs.shape, rhs.shape, dims)
   k_fwd_l, k_fwd_r, k_bwd = _split_keys(key, 3)
-  ql = _quantize3(_to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l)
-  qr = _quantize3(_to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r)
+  ax = policy.axis_name
+  ql = _quantize3(_to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l, ax)
+  qr = _quantize3(_to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r, ax)
   out3 = _gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(_out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
-  # Zero-size arrays carry the operands' shapes and dtypes through the residuals for free.
-  res = (ql, qr, k_bwd, jnp.zeros((0,) + lhs.shape, lhs.dtype), jnp.zeros((0,) + rhs.shape, rhs.dtype))
+  # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
+  res = (ql, qr, k_bwd, lhs[None][:0], rhs[None][:0])
   return out, res
 
 
@@ -264,10 +268,11 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   k_dl, k_dr = _split_keys(k_bwd, 2)
   # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
   # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
-  g_dl = _quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl)
+  ax = policy.axis_name
+  g_dl = _quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax)
   same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
           _quantize_blocks_equal(policy.dlhs, g3.shape)))
-  g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr)
+  g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax)
 
   # Backward-data: produce lhs's physical layout directly (no transposes of the result).
   if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
@@ -279,9 +284,18 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
     dr3 = _gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
   else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
     dr3 = _gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
-  dlhs = _from3(dl3, lv, lhs_shape).astype(lhs_dt.dtype)
-  drhs = _from3(dr3, rv, rhs_shape).astype(rhs_dt.dtype)
+  dlhs = _as_cotangent_of(_from3(dl3, lv, lhs_shape).astype(lhs_dt.dtype), lhs_dt)
+  drhs = _as_cotangent_of(_from3(dr3, rv, rhs_shape).astype(rhs_dt.dtype), rhs_dt)
   return dlhs, drhs, None
+
+
+def _as_cotangent_of(d, primal):
+  """Inside shard_map, the cotangent of an input that is invariant over an axis is the psum over it
+  (as JAX's own autodiff does: the transpose of the implicit pvary), and carries the input's type."""
+  extra = varying_axes(d) - varying_axes(primal)
+  if extra:
+    d = lax.psum(d, tuple(sorted(extra)))
+  return match_varying(d, primal)
 
 
 def _quantize_blocks_equal(fmt, shape3) -> bool:

@@ -39,6 +39,10 @@ class Policy:
     backend: ``"auto"`` (the FFI kernel on CPU; elsewhere the reference path with a one-time
       warning), ``"ffi"`` (the kernel, error if unavailable) or ``"reference"`` (pure JAX, bit-identical).
     isa: SIMD path of the kernel: ``"auto"`` or one of `jdfp.kernels.available_isas()`.
+    axis_name: data-parallel axis (inside `pmap` / `shard_map`) over which replicas share every
+      operand's exponents (a `pmax` of the block max): the forward then equals single-device
+      execution on the global batch bit for bit, and exponent state is identical on every replica.
+      None (default): each replica takes exponents from its own shard. `jdfp.parallel` recipes set it.
   """
 
   # 14 effective bits (Intel's DFP16 setting): int32 chains of 32 products. DFP(16) is exact too but
@@ -53,6 +57,7 @@ class Policy:
   scaling: str = "current"
   backend: str = "auto"
   isa: str = "auto"
+  axis_name: str | tuple[str, ...] | None = None
 
   def __post_init__(self):
     for name in ("lhs", "rhs", "grad"):

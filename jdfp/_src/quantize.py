@@ -101,7 +101,7 @@ def round_to_int(y: jax.Array, rounding: str, key) -> jax.Array:
   return low + (u < frac).astype(y.dtype)
 
 
-def quantize_array(x, fmt, *, rounding: str = "nearest", key=None) -> QArray:
+def quantize_array(x, fmt, *, rounding: str = "nearest", key=None, axis_name=None) -> QArray:
   """Quantize ``x`` to ``fmt``.
 
   Args:
@@ -111,6 +111,8 @@ def quantize_array(x, fmt, *, rounding: str = "nearest", key=None) -> QArray:
       ``"biased"`` (Intel's: magnitude up when the discarded fraction is >= 1/4). FP16/BF16 only
       support ``"nearest"``.
     key: a JAX PRNG key for stochastic rounding.
+    axis_name: inside `pmap` / `shard_map`, a mapped axis name (or tuple) whose replicas agree on
+      the exponents: each block's max is `lax.pmax`-ed over it before the exponent is taken.
 
   Returns:
     A ``QArray``. NaN/Inf make their group's exponent ``NONFINITE_EXPONENT`` so the group
@@ -120,23 +122,29 @@ def quantize_array(x, fmt, *, rounding: str = "nearest", key=None) -> QArray:
   _check_rounding(rounding, key)
   x = as_float_input(x)
   bshape = fmt.block_shape(x.shape) if fmt.is_integer else None
-  return _quantize(x, key if rounding == "stochastic" else None, fmt, rounding, bshape)
+  return _quantize(x, key if rounding == "stochastic" else None, fmt, rounding, bshape, _axis(axis_name))
 
 
-def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest", key=None) -> QArray:
+def _axis(axis_name):
+  return tuple(axis_name) if isinstance(axis_name, list) else axis_name
+
+
+def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest", key=None,
+                    axis_name=None) -> QArray:
   """Like `quantize_array` but with an explicit block shape (the ops choose blocks per GEMM view).
 
   The returned QArray records ``bshape``; `dequantize` and the GEMM exponent maps use it.
   """
   formats.check_format(fmt)
   _check_rounding(rounding, key)
-  return _quantize(as_float_input(x), key if rounding == "stochastic" else None, fmt, rounding, tuple(bshape))
+  return _quantize(as_float_input(x), key if rounding == "stochastic" else None, fmt, rounding, tuple(bshape),
+                   _axis(axis_name))
 
 
 # One jit per (shape, format, rounding): eager callers get one compiled program instead of a
 # dozen small ones, and inside an outer jit this simply inlines.
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _quantize(x, key, fmt, rounding, bshape) -> QArray:
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _quantize(x, key, fmt, rounding, bshape, axis_name=None) -> QArray:
   if isinstance(fmt, FloatFormat):
     if rounding != "nearest":
       raise ValueError(f"rounding={rounding!r} is not supported for {fmt!r}; use 'nearest'")
@@ -144,7 +152,10 @@ def _quantize(x, key, fmt, rounding, bshape) -> QArray:
   if x.size == 0:
     grid = formats._grid_shape(x.shape, bshape)
     return QArray(jnp.zeros(x.shape, jnp.int16), jnp.zeros(grid, jnp.int32), fmt, bshape)
-  e = group_exponent(formats.block_amax(x, bshape), fmt)
+  amax = formats.block_amax(x, bshape)
+  if axis_name is not None:
+    amax = jax.lax.pmax(amax, axis_name)  # Inf (from NaN/Inf) wins, so a non-finite replica taints all
+  e = group_exponent(amax, fmt)
   e_full = formats.expand_blocks(e, bshape, x.shape)
   nonfinite = e_full == NONFINITE_EXPONENT
   y = formats.scale2(jnp.where(nonfinite, 0.0, x), -jnp.where(nonfinite, 0, e_full))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdfp._src import formats
+from jdfp._src.shard_types import match_varying
 
 # Chains are capped so the safe length stays a small int and the reference's chunking stays sane.
 MAX_CHAIN = 2**20
@@ -137,7 +138,7 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
       acc = acc + jax.lax.optimization_barrier(f)
     return acc, None
 
-  acc0 = jnp.zeros((bsz, m, n), jnp.float32)
+  acc0 = match_varying(jnp.zeros((bsz, m, n), jnp.float32), a, b, ea, eb)
   acc, _ = jax.lax.scan(step, acc0, (a_ch, b_ch, blk_steps))
   if kb == 1:
     acc = formats.scale2(acc, ea_c[:, :, 0][:, :, None] + eb_c[:, 0, :][:, None, :])

@@ -57,6 +57,11 @@ def _kind_of(module) -> str | None:
   return None
 
 
+def _iter_modules(model):
+  it = getattr(nnx, "iter_modules", None)
+  return it(model) if it is not None else model.iter_modules()
+
+
 class JdfpOp(nnx.Module):
   """The injected GEMM function of one NNX layer (see the module docstring)."""
 
@@ -82,8 +87,8 @@ class JdfpOp(nnx.Module):
 
   def _dot(self, lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
     out, new = core.tracked_dot_general(lhs, rhs, dims, precision, preferred_element_type, policy=self.policy,
-                                        key=self._key(), state=unpack(self.state.value), **kw)
-    self.state.value = pack(new)
+                                        key=self._key(), state=unpack(self.state[...]), **kw)
+    self.state[...] = pack(new)
     return out
 
   def __call__(self, *args, **kwargs):
@@ -109,7 +114,7 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
   if copy:
     model = nnx.clone(model)
   layers = []
-  for path, m in model.iter_modules():
+  for path, m in _iter_modules(model):
     kind = _kind_of(m)
     if kind is not None:
       layers.append(("/".join(str(p) for p in path), m, kind))
@@ -127,7 +132,9 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
     if core.needs_key(pol) and rngs is None:
       raise ValueError(f"jdfp.quantize: the policy for {path or '<root>'} rounds stochastically and needs keys: pass "
                        f"rngs=nnx.Rngs({rng_stream}=...) to jdfp.quantize")
-    setattr(m, name, JdfpOp(kind, pol, path, rngs if core.needs_key(pol) else None, rng_stream))
+    op = JdfpOp(kind, pol, path, rngs if core.needs_key(pol) else None, rng_stream)
+    # The layer declared the attribute static (a function); the op is graph data (it holds state).
+    setattr(m, name, nnx.data(op) if hasattr(nnx, "data") else op)
   report.traces += 1
   report.warn_unmatched()
   return model
@@ -136,9 +143,9 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
 def state_of(model) -> dict:
   """``{path: state dict}`` of every `JdfpOp` in an NNX model (for `jdfp.telemetry`)."""
   out = {}
-  for path, m in model.iter_modules():
+  for path, m in _iter_modules(model):
     if isinstance(m, JdfpOp):
-      out["/".join(str(p) for p in path)] = unpack(m.state.value)
+      out["/".join(str(p) for p in path)] = unpack(m.state[...])
   return out
 
 
