@@ -52,8 +52,8 @@ def test_ffi_equals_reference_forward_and_grads(lhs_shape, rhs_shape, dims, base
   outs = {}
   for backend in ("ffi", "reference"):
     p = base.replace(backend=backend)
-    y = jdfp.dot_general(lhs, rhs, dims, policy=p, key=key)
-    g = jax.grad(loss, argnums=(1, 2))(p, lhs, rhs, dims, key)
+    y = jax.jit(lambda a, b, k: jdfp.dot_general(a, b, dims, policy=p, key=k))(lhs, rhs, key)
+    g = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=(0, 3))(p, lhs, rhs, dims, key)
     outs[backend] = (y, g)
   bits_equal(outs["ffi"], outs["reference"])
   assert outs["ffi"][0].shape == lax.dot_general(lhs, rhs, dims).shape
@@ -250,17 +250,18 @@ def test_conv_matches_lax_and_backends_agree(case):
             feature_group_count=case.get("groups", 1))
   y32 = lax.conv_general_dilated(lhs, rhs, case["strides"], case["padding"], precision="highest", **kw)
   f = lambda pol: (lambda a, b: jdfp.conv_general_dilated(a, b, case["strides"], case["padding"], policy=pol, **kw))
-  y = f(REF)(lhs, rhs)
+  grad = lambda fn: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), argnums=(0, 1)))
+  y = jax.jit(f(REF))(lhs, rhs)
   assert y.shape == y32.shape
   np.testing.assert_allclose(y, y32, atol=3e-3 * float(jnp.abs(y32).max()))
   g32 = jax.grad(lambda a, b: jnp.sum(jnp.sin(lax.conv_general_dilated(a, b, case["strides"], case["padding"], **kw))),
                  argnums=(0, 1))(lhs, rhs)
-  gr = jax.grad(lambda a, b: jnp.sum(jnp.sin(f(REF)(a, b))), argnums=(0, 1))(lhs, rhs)
+  gr = grad(f(REF))(lhs, rhs)
   for a, b in zip(gr, g32):
     np.testing.assert_allclose(a, b, atol=5e-3 * float(jnp.abs(b).max()))
   if jdfp.kernels.kernel_available():
-    bits_equal(f(FFI)(lhs, rhs), y)
-    bits_equal(jax.grad(lambda a, b: jnp.sum(jnp.sin(f(FFI)(a, b))), argnums=(0, 1))(lhs, rhs), gr)
+    bits_equal(jax.jit(f(FFI))(lhs, rhs), y)
+    bits_equal(grad(f(FFI))(lhs, rhs), gr)
 
 
 def test_residuals_are_int16():

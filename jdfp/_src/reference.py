@@ -140,6 +140,9 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
 
   acc0 = match_varying(jnp.zeros((bsz, m, n), jnp.float32), a, b, ea, eb)
   acc, _ = jax.lax.scan(step, acc0, (a_ch, b_ch, blk_steps))
+  # The contract's accumulator starts at +0.0, so it is never -0.0 (+0.0 + -0.0 = +0.0); XLA folds
+  # the first `0 + x` to `x`, which would let an underflowed -0.0 chain through.
+  acc = jnp.where(acc == 0, jnp.float32(0), acc)
   if kb == 1:
     acc = formats.scale2(acc, ea_c[:, :, 0][:, :, None] + eb_c[:, 0, :][:, None, :])
   return jnp.where(nonfinite, jnp.nan, acc)
