@@ -253,7 +253,7 @@ class Coverage(nn.Module):
     h = jax.lax.dot_general(x, w, (((2,), (0,)), ((), ())))
     h = h + jnp.einsum("bld,de->ble", x, w)
     h = nn.Einsum((8, 8), "bld,de->ble")(h)
-    h = nn.SelfAttention(num_heads=2, qkv_features=8)(h)
+    h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(h)
     h = nn.ConvTranspose(4, (3,), strides=(2,))(h)
     return h + jnp.matmul(h, jnp.ones((4, 4)))
 

@@ -31,8 +31,7 @@ import contextlib
 import functools
 import dataclasses
 import threading
-import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ from flax import linen as nn
 
 from jdfp._src import ops
 from jdfp._src.flax import core
-from jdfp._src.flax.rules import QuantizeReport, Rule, Site, normalize_rules, resolve
+from jdfp._src.flax.rules import QuantizeReport, Rule, Site, resolve
 from jdfp._src.policy import Policy
 
 _tls = threading.local()
@@ -105,17 +104,6 @@ def _inside():
     yield
   finally:
     _tls.inside -= 1
-
-
-@contextlib.contextmanager
-def _outside():
-  """Runs code as if no frame were active (jdfp's own internals)."""
-  old = getattr(_tls, "inside", 0)
-  _tls.inside = old + 1
-  try:
-    yield
-  finally:
-    _tls.inside = old
 
 
 # ------------------------------------------------------------------------------------------------
