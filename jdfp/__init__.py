@@ -19,10 +19,23 @@ from jdfp._src.master_weights import MasterWeightsState, cast_params, master_par
 from jdfp._src.overwrite_state import OverwriteState, overwrite_state
 from jdfp._src import recipes_optax as recipes
 from jdfp import parallel
+from jdfp._src.flax import QuantizeReport, Rule, fp32_first_and_last, quantize, quantize_report
+from jdfp._src.flax.nnx import DfpState, apply_state_grads, state_of as nnx_state
+from jdfp._src.telemetry import Telemetry, telemetry
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DfpState",
+    "QuantizeReport",
+    "Rule",
+    "Telemetry",
+    "apply_state_grads",
+    "fp32_first_and_last",
+    "nnx_state",
+    "quantize",
+    "quantize_report",
+    "telemetry",
     "DynamicLossScale",
     "LossScale",
     "LossScaledState",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jdfp._src import formats, kernels, quantize as qz, reference
 from jdfp._src.policy import Policy
@@ -259,8 +260,19 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
   return out, res
 
 
+def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
+  """fwd with symbolic zeros: an operand nobody differentiates (the input batch, say) needs no
+  backward GEMM. A None marker in the residuals tells `_dot_bwd` to skip it."""
+  key = jax.tree.map(lambda k: k.value, key, is_leaf=lambda k: isinstance(k, CustomVJPPrimal))
+  out, res = _dot_fwd(lhs.value, rhs.value, key, dims, policy, precision, out_dtype)
+  marker = lambda p: jnp.zeros((0,), jnp.int8) if p.perturbed else None
+  return out, res + (marker(lhs), marker(rhs))
+
+
 def _dot_bwd(dims, policy, precision, out_dtype, res, g):
-  ql, qr, k_bwd, lhs_dt, rhs_dt = res
+  ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r = res
+  if isinstance(g, SymbolicZero):
+    return None, None, None
   lhs_shape, rhs_shape = lhs_dt.shape[1:], rhs_dt.shape[1:]
   lv, rv = _views(lhs_shape, rhs_shape, dims)
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
@@ -274,18 +286,21 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
           _quantize_blocks_equal(policy.dlhs, g3.shape)))
   g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax)
 
+  dlhs = drhs = None
   # Backward-data: produce lhs's physical layout directly (no transposes of the result).
-  if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
-    dl3 = _gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
-  else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
-    dl3 = _gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
+  if need_l is not None:
+    if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
+      dl3 = _gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
+    else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
+      dl3 = _gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
+    dlhs = _as_cotangent_of(_from3(dl3, lv, lhs_shape).astype(lhs_dt.dtype), lhs_dt)
   # Weight-gradient, in rhs's physical layout.
-  if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
-    dr3 = _gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
-  else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
-    dr3 = _gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
-  dlhs = _as_cotangent_of(_from3(dl3, lv, lhs_shape).astype(lhs_dt.dtype), lhs_dt)
-  drhs = _as_cotangent_of(_from3(dr3, rv, rhs_shape).astype(rhs_dt.dtype), rhs_dt)
+  if need_r is not None:
+    if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
+      dr3 = _gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
+    else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
+      dr3 = _gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
+    drhs = _as_cotangent_of(_from3(dr3, rv, rhs_shape).astype(rhs_dt.dtype), rhs_dt)
   return dlhs, drhs, None
 
 
@@ -305,7 +320,7 @@ def _quantize_blocks_equal(fmt, shape3) -> bool:
   return a == (bsz, m, n) and b == (bsz, n, m)
 
 
-_dot_core.defvjp(_dot_fwd, _dot_bwd)
+_dot_core.defvjp(_dot_fwd_perturbed, _dot_bwd, symbolic_zeros=True)
 
 
 def _out_dtype(lhs, rhs, preferred_element_type):

@@ -6,4 +6,5 @@ Subcommands live in modules of this package, each with ``add_arguments(parser)``
 
 SUBCOMMANDS = {
     "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),
+    "train": ("jdfp.bench.train", "end-to-end training steps: FP32 vs DFP16 (kernel, reference) vs BF16"),
 }

@@ -1,0 +1,154 @@
+"""``python -m jdfp.bench train``: end-to-end training steps, FP32 vs jdfp, side by side.
+
+Workloads (jitted step = forward + backward + optax SGD-momentum update):
+  mlp   3 x Dense(1024) on [512, 1024] inputs
+  cnn   ResNet-style CNN on 32x32x3, batch 32: conv 3x3 3->64, 2 residual blocks (3x3 64->64),
+        a stride-2 block to 128 with a 1x1 projection, global pooling, Dense(10)
+
+Candidates:
+  fp32        lax.dot_general / lax.conv_general_dilated (the baseline)
+  dfp16       jdfp ops on the FFI kernel, DFP 14 effective bits (chains of 32), nearest rounding
+  dfp16_ref   jdfp ops on the pure-JAX exact reference path (same bits as dfp16)
+  bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation, XLA dots)
+
+Reported: median step time, ratio to fp32 (>1 is faster), XLA's peak temp memory of the compiled
+step, and the bytes saved for the backward pass (the residuals of `jax.vjp`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+
+CANDIDATES = ("fp32", "dfp16", "dfp16_ref", "bf16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+  p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--min-time", type=float, default=0.2)
+  p.add_argument("--json", metavar="PATH")
+
+
+def _ops(name):
+  import jax.lax as lax
+
+  import jdfp
+
+  if name == "fp32":
+    return lax.dot_general, lax.conv_general_dilated
+  policy = {"dfp16": jdfp.Policy(backend="ffi"), "dfp16_ref": jdfp.Policy(backend="reference"),
+            "bf16": jdfp.policies.bf16()}[name]
+  return (functools.partial(jdfp.dot_general, policy=policy),
+          functools.partial(jdfp.conv_general_dilated, policy=policy))
+
+
+def _mlp(key):
+  import jax
+  import jax.numpy as jnp
+
+  keys = jax.random.split(key, 5)
+  params = [jax.random.normal(k, (1024, 1024)) * (2 / 1024) ** 0.5 for k in keys[:3]]
+  x = jax.random.normal(keys[3], (512, 1024))
+  y = jax.random.normal(keys[4], (512, 1024))
+  dims = (((1,), (0,)), ((), ()))
+
+  def loss(params, x, y, dot, conv):
+    h = x
+    for i, w in enumerate(params):
+      h = dot(h, w, dims)
+      if i < len(params) - 1:
+        h = jax.nn.relu(h)
+    return jnp.mean((h - y) ** 2)
+
+  return params, (x, y), loss
+
+
+def _cnn(key):
+  import jax
+  import jax.numpy as jnp
+
+  ks = iter(jax.random.split(key, 16))
+  he = lambda shape: jax.random.normal(next(ks), shape) * (2 / (shape[0] * shape[1] * shape[2])) ** 0.5
+  params = {
+      "stem": he((3, 3, 3, 64)),
+      "b1a": he((3, 3, 64, 64)), "b1b": he((3, 3, 64, 64)),
+      "b2a": he((3, 3, 64, 64)), "b2b": he((3, 3, 64, 64)),
+      "b3a": he((3, 3, 64, 128)), "b3b": he((3, 3, 128, 128)), "b3p": he((1, 1, 64, 128)),
+      "fc": jax.random.normal(next(ks), (128, 10)) * 0.05,
+  }
+  x = jax.random.normal(next(ks), (32, 32, 32, 3))
+  y = jax.random.randint(next(ks), (32,), 0, 10)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def norm(h):  # a parameter-free batch norm in FP32 (BN runs in FP32 in every recipe)
+    mu = jnp.mean(h, axis=(0, 1, 2))
+    var = jnp.var(h, axis=(0, 1, 2))
+    return (h - mu) * jax.lax.rsqrt(var + 1e-5)
+
+  def loss(p, x, y, dot, conv):
+    c = lambda h, w, s=1: conv(h, w, (s, s), "SAME", dimension_numbers=dn)
+    h = jax.nn.relu(norm(c(x, p["stem"])))
+    for blk in ("b1", "b2"):
+      r = jax.nn.relu(norm(c(h, p[blk + "a"])))
+      h = jax.nn.relu(h + norm(c(r, p[blk + "b"])))
+    r = jax.nn.relu(norm(c(h, p["b3a"], 2)))
+    h = jax.nn.relu(norm(c(r, p["b3b"])) + norm(c(h, p["b3p"], 2)))
+    h = jnp.mean(h, axis=(1, 2))
+    logits = dot(h, p["fc"], (((1,), (0,)), ((), ())))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  return params, (x, y), loss
+
+
+def main(args: argparse.Namespace) -> int:
+  import jax
+  import numpy as np
+  import optax
+
+  import jdfp
+  from jdfp.bench._timing import print_table, time_side_by_side
+
+  results = {"jax": jax.__version__, "python": platform.python_version(),
+             "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None, "workloads": {}}
+  for wl in args.workloads:
+    params, batch, loss = {"mlp": _mlp, "cnn": _cnn}[wl](jax.random.key(0))
+    tx = optax.sgd(1e-3, momentum=0.9)
+    fns, stats = {}, {}
+    for name in args.candidates:
+      dot, conv = _ops(name)
+
+      def step(p, s, x, y, dot=dot, conv=conv):
+        val, g = jax.value_and_grad(loss)(p, x, y, dot, conv)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, val
+
+      jstep = jax.jit(step)
+      state = tx.init(params)
+      compiled = jstep.lower(params, state, *batch).compile()
+      mem = compiled.memory_analysis()
+      _, vjp = jax.vjp(lambda p, _dot=dot, _conv=conv: loss(p, *batch, _dot, _conv), params)
+      saved = sum(int(np.prod(l.shape)) * l.dtype.itemsize for l in jax.tree.leaves(vjp))
+      stats[name] = {"peak_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
+                     "saved_for_backward_bytes": saved}
+      fns[name] = functools.partial(lambda f, a: f(*a), compiled, (params, state) + tuple(batch))
+    times = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
+    rows = []
+    for name in args.candidates:
+      st = stats[name]
+      st["step_ms"] = times[name] * 1e3
+      st["speedup_vs_fp32"] = times.get("fp32", float("nan")) / times[name]
+      rows.append([name, f"{st['step_ms']:.2f}", f"{st['speedup_vs_fp32']:.2f}x",
+                   f"{(st['peak_temp_bytes'] or 0) / 2**20:.1f}", f"{st['saved_for_backward_bytes'] / 2**20:.1f}",
+                   f"{st['saved_for_backward_bytes'] / stats.get('fp32', st)['saved_for_backward_bytes']:.2f}"])
+    results["workloads"][wl] = stats
+    print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']})",
+                ["candidate", "step ms", "vs fp32", "peak temp MiB", "saved for bwd MiB", "saved vs fp32"], rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return 0
