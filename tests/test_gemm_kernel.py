@@ -473,7 +473,10 @@ def test_pmap_and_shard_map_two_devices():
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
   env["PYTHONPATH"] = os.path.dirname(root) + os.pathsep + env.get("PYTHONPATH", "")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+  # cwd: the directory holding the imported jdfp, so `python -c` (which puts cwd first on sys.path)
+  # never picks up an unbuilt source checkout instead of the installed package.
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                     cwd=os.path.dirname(root))
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
