@@ -83,6 +83,60 @@ struct KcBlock {
   int32_t nblk;       // number of blocks touched
 };
 
+// Implicit-GEMM view of a convolution operand gathered from an N,D,H,W,C int16 input (the im2col
+// matrix is never stored: the packing routines read the input at the right offsets).  Spatial dims
+// are always 3 (1-D / 2-D convs use size-1 leading dims).  Output pixel o, kernel tap t read the
+// lhs-dilated, padded input at pos[d] = o[d]*stride[d] - pad[d] + t[d]*rdil[d]; that is input
+// element pos[d] / ldil[d] when ldil[d] divides it and it is in range, else zero (padding).
+enum ConvMode : int {
+  kConvNone = 0,
+  kConvRowsPixels = 1,  // A[r = output pixel (n, o), k = (tap, c)]: forward / backward-data
+  kConvRowsTaps = 2,    // A[r = (tap, c), k = output pixel (n, o)]: weight-gradient
+};
+
+struct ConvGeom {
+  int mode = kConvNone;
+  int64_t n = 0;                      // batch
+  int64_t in[3] = {1, 1, 1};          // input spatial sizes
+  int64_t out[3] = {1, 1, 1};         // output spatial sizes
+  int64_t ks[3] = {1, 1, 1};          // kernel spatial sizes
+  int64_t stride[3] = {1, 1, 1};
+  int64_t pad[3] = {0, 0, 0};         // low padding (may be negative: cropping)
+  int64_t ldil[3] = {1, 1, 1};        // lhs (input) dilation
+  int64_t rdil[3] = {1, 1, 1};        // rhs (kernel) dilation
+  int64_t C = 0;                      // channels of one input pixel (element stride of a pixel)
+  int64_t cg = 0;                     // channels read per tap (per group)
+  int64_t npix = 0;                   // n * out[0] * out[1] * out[2]
+  int64_t ntaps = 0;                  // ks[0] * ks[1] * ks[2]
+};
+
+// Element offset of input pixel (n, pos(o, t)) or -1 when it is padding.
+static inline int64_t conv_pixel_offset(const ConvGeom& g, int64_t n, const int64_t* o, const int64_t* t) {
+  int64_t off = n;
+  for (int d = 0; d < 3; ++d) {
+    int64_t pos = o[d] * g.stride[d] - g.pad[d] + t[d] * g.rdil[d];
+    if (pos < 0) return -1;
+    if (g.ldil[d] > 1) {
+      if (pos % g.ldil[d]) return -1;
+      pos /= g.ldil[d];
+    }
+    if (pos >= g.in[d]) return -1;
+    off = off * g.in[d] + pos;
+  }
+  return off * g.C;
+}
+
+// Output pixel index -> (n, o[3]); tap index -> t[3].
+static inline void conv_split_pixel(const ConvGeom& g, int64_t r, int64_t& n, int64_t* o) {
+  o[2] = r % g.out[2]; r /= g.out[2];
+  o[1] = r % g.out[1]; r /= g.out[1];
+  o[0] = r % g.out[0]; n = r / g.out[0];
+}
+static inline void conv_split_tap(const ConvGeom& g, int64_t t, int64_t* td) {
+  td[2] = t % g.ks[2]; t /= g.ks[2];
+  td[1] = t % g.ks[1]; td[0] = t / g.ks[1];
+}
+
 // Fully validated problem description handed to the per-ISA tile functions.
 struct Problem {
   int64_t M, N, K, KB, block_k;
@@ -108,6 +162,12 @@ struct Problem {
   int32_t max_pairs;  // max KcBlock::pairs
   int32_t max_nblk;   // max KcBlock::nblk
   bool has_carry;     // some chain is split across kc blocks
+  // Operand views X[r, k] = src[r*sr + k*sk] (A rows are m, B rows are n), unless `conv` gathers A.
+  int64_t a_sr, a_sk, b_sr, b_sk;
+  // Output: C of batch element b is out + c_off[b] (b*M*N when c_off is null), row stride ldc.
+  int64_t ldc;
+  const int64_t* c_off;
+  const ConvGeom* conv;  // non-null: A is an implicit-GEMM gather from the int16 input at a + a_off
 };
 
 struct Tile {

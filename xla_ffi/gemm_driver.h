@@ -152,6 +152,13 @@ struct PackArgs {
   int64_t er, ej;
   int32_t qmax;
 };
+}  // namespace
+}  // namespace jdfp
+
+#include "conv_pack.h"
+
+namespace jdfp {
+namespace {
 
 template <class UK, class = void>
 struct HasFastPack : std::false_type {};
@@ -164,6 +171,21 @@ static inline int32_t pack_i16_any(const int16_t* src, const PackArgs& a, const 
     return UK::template pack<W>(src, a, dst);
   } else {
     return pack_i16<W>(src, a.sr, a.sk, a.r0, a.rows, s, a.pairs, dst);
+  }
+}
+
+// Implicit-GEMM conv operand: the ISA's vectorized gather when it has one (UK::kConvPack).
+template <class UK, class = void>
+struct HasConvPack : std::false_type {};
+template <class UK>
+struct HasConvPack<UK, std::void_t<decltype(UK::kConvPack)>> : std::bool_constant<UK::kConvPack> {};
+
+template <class UK, int W>
+static inline int32_t pack_conv_any(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+  if constexpr (HasConvPack<UK>::value) {
+    return UK::template conv_pack<W>(x, g, a, dst);
+  } else {
+    return conv_pack_generic<W>(x, g, a, dst);
   }
 }
 
@@ -191,7 +213,8 @@ int run_tile(const Problem& P, const Tile& T) {
   if (mb <= 0 || nb <= 0) return 0;
   const int64_t mbp = round_up(mb, MR), nbp = round_up(nb, NR);
   const int64_t M = P.M, N = P.N, K = P.K, KB = P.KB;
-  float* C = P.out + T.batch * M * N;
+  const int64_t ldc = P.ldc;
+  float* C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * M * N);
 
   if (K > 0) {
     int16_t* ap = s.apack.get(size_t(mbp) * P.max_pairs * 2);
@@ -205,8 +228,7 @@ int run_tile(const Problem& P, const Tile& T) {
     const int64_t eb_j = P.eb_nstride ? N : 1;  // eb is [KB, N] or [KB, 1]
 
     // Operand views X[r, k]: A rows are m, B "rows" are n.
-    const int64_t a_sr = P.trans_a ? 1 : K, a_sk = P.trans_a ? M : 1;
-    const int64_t b_sr = P.trans_b ? K : 1, b_sk = P.trans_b ? 1 : N;
+    const int64_t a_sr = P.a_sr, a_sk = P.a_sk, b_sr = P.b_sr, b_sk = P.b_sk;
 
     for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
       const KcBlock& kb = P.kcb[kbi];
@@ -224,7 +246,10 @@ int run_tile(const Problem& P, const Tile& T) {
         if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, bp) > P.qmax_b)
           return 2;
       }
-      if (P.a_f32) {
+      if (P.conv) {
+        if (pack_conv_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], *P.conv, pa, ap) > P.qmax_a)
+          return 1;
+      } else if (P.a_f32) {
         pack_f32_any<UK, MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], pa, s, ap);
       } else {
         if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, ap) > P.qmax_a)
@@ -253,19 +278,19 @@ int run_tile(const Problem& P, const Tile& T) {
           const int16_t* apanel = ap + ir * pairs * 2;
           const int mv = int(std::min<int64_t>(MR, mb - ir));
           int32_t* cr = carry ? carry + (ir / MR * (nbp / NR) + jr / NR) * (MR * NR) : nullptr;
-          float* cdst = C + (T.m0 + ir) * N + T.n0 + jr;
+          float* cdst = C + (T.m0 + ir) * ldc + T.n0 + jr;
           if (mv == MR && nv == NR) {
-            UK::kernel(apanel, bpanel, pcs, npcs, cdst, N, first, scaled, eap ? eap + ir : nullptr,
+            UK::kernel(apanel, bpanel, pcs, npcs, cdst, ldc, first, scaled, eap ? eap + ir : nullptr,
                        mbp, ebp ? ebp + jr : nullptr, nbp, cr);
           } else {
             alignas(64) float edge[MR * NR];
             if (!first)
               for (int i = 0; i < mv; ++i)
-                for (int j = 0; j < nv; ++j) edge[i * NR + j] = cdst[i * N + j];
+                for (int j = 0; j < nv; ++j) edge[i * NR + j] = cdst[i * ldc + j];
             UK::kernel(apanel, bpanel, pcs, npcs, edge, NR, first, scaled, eap ? eap + ir : nullptr,
                        mbp, ebp ? ebp + jr : nullptr, nbp, cr);
             for (int i = 0; i < mv; ++i)
-              for (int j = 0; j < nv; ++j) cdst[i * N + j] = edge[i * NR + j];
+              for (int j = 0; j < nv; ++j) cdst[i * ldc + j] = edge[i * NR + j];
           }
         }
       }
@@ -284,7 +309,7 @@ int run_tile(const Problem& P, const Tile& T) {
     for (int64_t n = 0; n < nb; ++n)
       if (eb[j * eb_j + (T.n0 + n) * P.eb_nstride] == kNonfiniteExponent) colbad[n] = 1, any_col_bad = true;
   for (int64_t m = T.m0; m < T.m1; ++m) {
-    float* row = C + m * N + T.n0;
+    float* row = C + m * ldc + T.n0;
     const int32_t* er = ea + m * P.ea_mstride;
     bool bad = false;
     for (int64_t j = 0; j < KB; ++j) bad |= er[j] == kNonfiniteExponent;

@@ -19,12 +19,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 __all__ = [
     "ISA_NAMES",
     "KernelUnavailableError",
     "available_isas",
     "best_isa",
+    "conv",
+    "conv_input_grad",
+    "conv_weight_grad",
     "gemm",
     "kernel_available",
     "safe_chain_length",
@@ -36,6 +40,8 @@ _ISA_CODE = {name: i for i, name in enumerate(ISA_NAMES)}
 
 TARGET_I16 = "jdfp_gemm_i16"  # int16 a, int16 b
 TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
+TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
+TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
 
 _LIB_FILE = "libjdfp_ffi.so"
 _MAX_CHAIN = 2**20
@@ -69,7 +75,8 @@ def _load() -> None:
     lib.jdfp_safe_chain_length.argtypes = (ctypes.c_int, ctypes.c_int)
     if lib.jdfp_abi_version() != 1:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
-    for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ)):
+    for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ),
+                      (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (
@@ -203,3 +210,211 @@ def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
   return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
               block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
               transpose_b=bool(transpose_b), isa=np.int32(isa_code))
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolution: implicit GEMM on the same driver (xla_ffi/conv_ffi.cc).  Canonical layouts: input
+# [N, *S, C] (NWC / NHWC / NDHWC), kernel [*K, C/G, O] (WIO / HWIO / DHWIO), output [N, *O, O_features].
+# The contraction order is (kernel taps row-major, then input channel): the result is bit-identical to
+# the GEMM contract on the im2col matrix in that order.
+
+
+def _check_ints(name: str, v, n: int, lo: int) -> tuple[int, ...]:
+  try:
+    t = tuple(int(x) for x in v)
+  except TypeError:
+    raise TypeError(f"{name} must be a sequence of {n} ints, got {v!r}") from None
+  if len(t) != n or any(x < lo for x in t) or any(isinstance(x, bool) for x in v):
+    raise ValueError(f"{name} must be {n} ints >= {lo} (one per spatial dim), got {v!r}")
+  return t
+
+
+def conv_padding(padding, in_spatial, kernel_spatial, window_strides, lhs_dilation, rhs_dilation):
+  """Explicit ``((lo, hi), ...)`` padding from "SAME" / "VALID" / explicit pairs (lax's rules, applied
+  to the lhs-dilated input and the rhs-dilated kernel as `lax.conv_general_dilated` does)."""
+  nsp = len(in_spatial)
+  if isinstance(padding, str):
+    in_d = [(s - 1) * d + 1 if s else 0 for s, d in zip(in_spatial, lhs_dilation)]
+    k_d = [(k - 1) * d + 1 if k else 0 for k, d in zip(kernel_spatial, rhs_dilation)]
+    try:
+      pads = lax.padtype_to_pads(in_d, k_d, window_strides, padding)
+    except Exception as e:  # unknown padding string
+      raise ValueError(f"padding must be 'SAME', 'VALID', 'SAME_LOWER' or (lo, hi) pairs, got {padding!r}") from e
+    return tuple((int(lo), int(hi)) for lo, hi in pads)
+  try:
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  except (TypeError, ValueError):
+    raise ValueError(f"padding must be a string or a sequence of (lo, hi) pairs, got {padding!r}") from None
+  if len(pads) != nsp:
+    raise ValueError(f"padding needs {nsp} (lo, hi) pairs, got {padding!r}")
+  return pads
+
+
+def conv_out_spatial(in_spatial, kernel_spatial, window_strides, pads, lhs_dilation, rhs_dilation):
+  out = []
+  for s, k, st, (lo, hi), ld, rd in zip(in_spatial, kernel_spatial, window_strides, pads, lhs_dilation,
+                                         rhs_dilation):
+    din = (s - 1) * ld + 1 if s else 0
+    dk = (k - 1) * rd + 1 if k else 0
+    span = din + lo + hi - dk
+    out.append(span // st + 1 if span >= 0 else 0)
+  return tuple(out)
+
+
+def _conv_common(x, b, ex, eb, names, nsp_from, window_strides, lhs_dilation, rhs_dilation,
+                 feature_group_count, bits_a, bits_b, isa):
+  bits_a = _check_bits(f"bits_{names[0]}", bits_a)
+  bits_b = _check_bits(f"bits_{names[1]}", bits_b)
+  isa_code = _isa_code(isa)
+  for name, v, allowed in ((names[0], x, "int16"), (names[1], b, "int16"), ("e" + names[0], ex, "int32"),
+                           ("e" + names[1], eb, "int32")):
+    dt = _dtype_of(name, v)
+    if dt.name != allowed:
+      raise TypeError(f"{name} must have dtype {allowed}, got {dt.name}")
+  for name, v in (("e" + names[0], ex), ("e" + names[1], eb)):
+    if np.size(v) != 1:
+      raise ValueError(f"{name} must hold one (per-tensor) exponent, got shape {np.shape(v)}")
+  nsp = np.ndim(nsp_from) - 2
+  if not 1 <= nsp <= 3 or np.ndim(x) != nsp + 2 or np.ndim(b) != nsp + 2:
+    raise ValueError(f"conv operands must have rank 3, 4 or 5 (1 to 3 spatial dims) and equal ranks, got "
+                     f"{names[0]} {np.shape(x)} and {names[1]} {np.shape(b)}")
+  strides = _check_ints("window_strides", window_strides, nsp, 1)
+  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  if isinstance(feature_group_count, bool) or not isinstance(feature_group_count, (int, np.integer)) \
+      or feature_group_count < 1:
+    raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
+  return nsp, strides, ldil, rdil, int(feature_group_count), bits_a, bits_b, isa_code
+
+
+def _to5(x, nsp):
+  s = np.shape(x)
+  return x.reshape((s[0],) + (1,) * (3 - nsp) + tuple(s[1:]))
+
+
+def _w5(w, nsp):
+  s = np.shape(w)
+  return w.reshape((1,) * (3 - nsp) + tuple(s))
+
+
+def _attrs(nsp, strides, pads, ldil, rdil, groups, bits_a, bits_b, isa_code):
+  pad3 = lambda v, fill: np.asarray((fill,) * (3 - nsp) + tuple(v), np.int64)
+  return dict(window_strides=pad3(strides, 1), padding_lo=pad3([p[0] for p in pads], 0),
+              padding_hi=pad3([p[1] for p in pads], 0), lhs_dilation=pad3(ldil, 1), rhs_dilation=pad3(rdil, 1),
+              feature_group_count=np.int64(groups), bits_x=np.int32(bits_a), bits_w=np.int32(bits_b),
+              isa=np.int32(isa_code))
+
+
+def conv(x, w, ex, ew, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+         feature_group_count: int = 1, bits_x: int, bits_w: int, isa: str = "auto") -> jax.Array:
+  """Exact DFP convolution on the C++ kernel (implicit GEMM, no im2col buffer): float32 ``[N, *O, O]``.
+
+  Args:
+    x: int16 ``[N, *S, C]`` with 1 to 3 spatial dims (NWC, NHWC, NDHWC), values in ``[-qmax_x, qmax_x]``.
+    w: int16 ``[*K, C / G, O]`` (WIO, HWIO, DHWIO), values in ``[-qmax_w, qmax_w]``.
+    ex, ew: int32 per-tensor exponents (one element each).
+    window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count: as
+      `jax.lax.conv_general_dilated` (padding "SAME", "VALID" or ``(lo, hi)`` pairs).
+    bits_x, bits_w: the operands' bits (2..16); they fix the safe int32 chain length.
+    isa: "auto" or one of `available_isas()`.
+
+  The result is bit-identical to the GEMM contract (docs/arithmetic.md) on ``im2col(x)`` with K
+  ordered as (kernel taps row-major, input channel), per group.  An int16 value outside
+  ``[-qmax, qmax]`` that the conv reads makes the call fail at run time.
+  """
+  nsp, strides, ldil, rdil, g, bx, bw, isa_code = _conv_common(
+      x, w, ex, ew, ("x", "w"), x, window_strides, lhs_dilation, rhs_dilation, feature_group_count,
+      bits_x, bits_w, isa)
+  sx, sw = tuple(np.shape(x)), tuple(np.shape(w))
+  c, i, o = sx[-1], sw[-2], sw[-1]
+  if c != i * g or o % g:
+    raise ValueError(f"feature_group_count={g}: x features {c} must equal w input features {i} x groups, "
+                     f"and w output features {o} must divide by groups")
+  pads = conv_padding(padding, sx[1:-1], sw[:-2], strides, ldil, rdil)
+  out_sp = conv_out_spatial(sx[1:-1], sw[:-2], strides, pads, ldil, rdil)
+  _require_lib()
+  out5 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (o,)
+  call = jax.ffi.ffi_call(TARGET_CONV_FWD, jax.ShapeDtypeStruct(out5, jnp.float32), vmap_method="sequential")
+  y = call(_to5(x, nsp), _w5(w, nsp), jnp.reshape(ex, (1,)), jnp.reshape(ew, (1,)),
+           **_attrs(nsp, strides, pads, ldil, rdil, g, bx, bw, isa_code))
+  return y.reshape((sx[0],) + out_sp + (o,))
+
+
+def conv_weight_grad(x, dy, ex, edy, *, kernel_spatial, window_strides, padding, lhs_dilation=None,
+                     rhs_dilation=None, feature_group_count: int = 1, bits_x: int, bits_dy: int,
+                     isa: str = "auto") -> jax.Array:
+  """Weight-gradient of `conv` on the kernel: float32 ``[*K, C / G, O]``.
+
+  ``dw[(tap, c), o] = sum over output pixels (n, *o) of im2col(x)[pixel, (tap, c)] * dy[pixel, o]``
+  per group: the GEMM contract with K = the output pixels in row-major order (so bit-identical to
+  ``reference_gemm(im2col(x)^T, dy)``).  ``dy``: int16 ``[N, *O, O]``, its exponent ``edy``.
+  """
+  nsp, strides, ldil, rdil, g, bx, bd, isa_code = _conv_common(
+      x, dy, ex, edy, ("x", "dy"), x, window_strides, lhs_dilation, rhs_dilation, feature_group_count,
+      bits_x, bits_dy, isa)
+  ksp = _check_ints("kernel_spatial", kernel_spatial, nsp, 0)
+  sx, sd = tuple(np.shape(x)), tuple(np.shape(dy))
+  c, o = sx[-1], sd[-1]
+  if c % g or o % g:
+    raise ValueError(f"feature_group_count={g} must divide x features {c} and dy features {o}")
+  pads = conv_padding(padding, sx[1:-1], ksp, strides, ldil, rdil)
+  out_sp = conv_out_spatial(sx[1:-1], ksp, strides, pads, ldil, rdil)
+  if sd != (sx[0],) + out_sp + (o,):
+    raise ValueError(f"dy must have shape {(sx[0],) + out_sp + (o,)} (the conv output), got {sd}")
+  _require_lib()
+  out5 = (1,) * (3 - nsp) + ksp + (c // g, o)
+  call = jax.ffi.ffi_call(TARGET_CONV_WGRAD, jax.ShapeDtypeStruct(out5, jnp.float32), vmap_method="sequential")
+  dw = call(_to5(x, nsp), _to5(dy, nsp), jnp.reshape(ex, (1,)), jnp.reshape(edy, (1,)),
+            **_attrs(nsp, strides, pads, ldil, rdil, g, bx, bd, isa_code))
+  return dw.reshape(ksp + (c // g, o))
+
+
+def conv_input_grad_setup(w, in_spatial, window_strides, pads, lhs_dilation, rhs_dilation,
+                          feature_group_count: int):
+  """The backward-data conv of `conv`: ``dx = conv(dy, w_t, strides=lhs_dilation, padding=pads_t,
+  lhs_dilation=window_strides, rhs_dilation=rhs_dilation, groups)``.  Returns ``(w_t, pads_t)``:
+  ``w_t[*K, O/G, C]`` is w flipped spatially with the input and output features swapped per group
+  (an exact int16 permutation), ``pads_t`` the adjusted padding (JAX's transpose rule)."""
+  ksp = tuple(np.shape(w)[:-2])
+  i, o = np.shape(w)[-2:]
+  g = feature_group_count
+  nsp = len(ksp)
+  wt = lax.rev(w, tuple(range(nsp)))
+  wt = wt.reshape(ksp + (i, g, o // g))
+  wt = jnp.transpose(wt, tuple(range(nsp)) + (nsp + 2, nsp + 1, nsp)).reshape(ksp + (o // g, g * i))
+  out_sp = conv_out_spatial(in_spatial, ksp, window_strides, pads, lhs_dilation, rhs_dilation)
+  pads_t = []
+  for s, k, st, (lo, _), ld, rd, os_ in zip(in_spatial, ksp, window_strides, pads, lhs_dilation, rhs_dilation,
+                                             out_sp):
+    din = (s - 1) * ld + 1 if s else 0
+    dk = (k - 1) * rd + 1 if k else 0
+    dout = (os_ - 1) * st + 1 if os_ else 0
+    before = dk - lo - 1
+    pads_t.append((int(before), int(din + dk - 1 - dout - before)))
+  return wt, tuple(pads_t)
+
+
+def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, lhs_dilation=None,
+                    rhs_dilation=None, feature_group_count: int = 1, bits_dy: int, bits_w: int,
+                    isa: str = "auto") -> jax.Array:
+  """Backward-data of `conv` on the kernel: float32 ``[N, *S, C]``, the conv of ``dy`` with the
+  flipped, transposed kernel (`conv_input_grad_setup`), lhs dilation = the forward strides."""
+  nsp = np.ndim(dy) - 2
+  if not 1 <= nsp <= 3 or np.ndim(w) != nsp + 2:
+    raise ValueError(f"dy and w must have equal ranks 3..5, got {np.shape(dy)} and {np.shape(w)}")
+  strides = _check_ints("window_strides", window_strides, nsp, 1)
+  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  in_sp = _check_ints("input_spatial", input_spatial, nsp, 0)
+  pads = conv_padding(padding, in_sp, np.shape(w)[:-2], strides, ldil, rdil)
+  out_sp = conv_out_spatial(in_sp, np.shape(w)[:-2], strides, pads, ldil, rdil)
+  if tuple(np.shape(dy)[1:-1]) != out_sp or np.shape(dy)[-1] != np.shape(w)[-1]:
+    raise ValueError(f"dy must have shape {(np.shape(dy)[0],) + out_sp + (np.shape(w)[-1],)} (the conv output), "
+                     f"got {np.shape(dy)}")
+  if isinstance(feature_group_count, bool) or not isinstance(feature_group_count, (int, np.integer)) \
+      or feature_group_count < 1 or np.shape(w)[-1] % feature_group_count:
+    raise ValueError(f"feature_group_count must be an int >= 1 dividing the output features, "
+                     f"got {feature_group_count!r}")
+  wt, pads_t = conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, int(feature_group_count))
+  return conv(dy, wt, edy, ew, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil,
+              feature_group_count=feature_group_count, bits_x=bits_dy, bits_w=bits_w, isa=isa)

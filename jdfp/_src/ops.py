@@ -418,13 +418,190 @@ def _patches(x, kernel_spatial, strides, pads, lhs_dil, rhs_dil):
   return jnp.stack(slices, axis=-2), tuple(out)
 
 
+# Integer per-tensor policies: a custom VJP whose three passes are convolutions on the int16 tensors
+# (x and w quantized once, never their im2col copies), each one GEMM of the contract on the im2col
+# matrix with K ordered (kernel taps row-major, input channel):
+#   forward          y  = conv(x, w)
+#   backward-data    dx = conv(dy, w flipped with in/out features swapped, lhs dilation = strides)
+#   weight-gradient  dw = im2col(x)^T . dy   (K = the output pixels)
+# backend "ffi": the implicit-GEMM conv kernel (no im2col buffer); "reference": im2col in JAX + the
+# reference GEMM -- bit-identical.  Other formats (block exponents, FP16/BF16) take the im2col +
+# `dot_general` path below.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvGeom:
+  """Static geometry of a conv on canonical layouts (x ``[N, *S, C]``, w ``[*K, C/G, O]``)."""
+
+  in_sp: tuple[int, ...]
+  k_sp: tuple[int, ...]
+  strides: tuple[int, ...]
+  pads: tuple[tuple[int, int], ...]
+  lhs_dil: tuple[int, ...]
+  rhs_dil: tuple[int, ...]
+  groups: int
+
+  @property
+  def out_sp(self) -> tuple[int, ...]:
+    return kernels.conv_out_spatial(self.in_sp, self.k_sp, self.strides, self.pads, self.lhs_dil, self.rhs_dil)
+
+  def covered(self):
+    """Per spatial dim, which input positions some output reads (None: all of them), as a static mask."""
+    masks, all_read = [], True
+    for s, k, st, (lo, _), ld, rd, o in zip(self.in_sp, self.k_sp, self.strides, self.pads, self.lhs_dil,
+                                             self.rhs_dil, self.out_sp):
+      pos = (np.arange(o)[:, None] * st + np.arange(k)[None, :] * rd - lo).ravel()
+      pos = pos[(pos >= 0) & (pos % ld == 0)] // ld
+      m = np.zeros(s, bool)
+      m[pos[pos < s]] = True
+      masks.append(m)
+      all_read &= bool(m.all())
+    return None if all_read else masks
+
+
+def _per_tensor(fmt) -> bool:
+  return fmt.is_integer and fmt.block is None and fmt.axis is None
+
+
+def _conv_kernel_eligible(policy: Policy, x_shape, w_shape, geom: _ConvGeom) -> bool:
+  if not all(_per_tensor(f) for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs)):
+    return False
+  # Degenerate (empty) convolutions keep the im2col path, whose edge cases are already defined.
+  return (len(geom.in_sp) <= 3 and _prod(x_shape) > 0 and _prod(w_shape) > 0 and _prod(geom.out_sp) > 0)
+
+
+def _quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None):
+  """Per-tensor quantization of a conv operand: int16 values and a ``(1,)`` exponent.
+
+  ``masks`` (per spatial dim, static) restrict the max to the input positions the conv reads, so the
+  exponent is the one of the im2col matrix (what the GEMM sees) even when a stride skips inputs."""
+  if masks is None:
+    q = qz.quantize_array(x, fmt, rounding=rounding, key=key if rounding == "stochastic" else None,
+                          axis_name=axis_name)
+    return q.values, q.exponent.reshape(1)
+  x = qz.as_float_input(x)
+  nsp = len(masks)
+  mask = functools.reduce(np.logical_and, [m.reshape((1,) + tuple(-1 if j == d else 1 for j in range(nsp)) + (1,))
+                                           for d, m in enumerate(masks)])
+  ax = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))  # as formats.block_amax
+  amax = jnp.max(jnp.where(mask, ax, 0.0))
+  if axis_name is not None:
+    amax = lax.pmax(amax, qz._axis(axis_name))
+  e = qz.group_exponent(amax, fmt)
+  nonfinite = e == formats.NONFINITE_EXPONENT
+  # Unread non-finite inputs must not leak into int16 (they are never read, but keep them 0).
+  xs = jnp.where(nonfinite | ~jnp.isfinite(x), 0.0, x)
+  y = formats.scale2(xs, -jnp.where(nonfinite, 0, e))
+  i = jnp.clip(qz.round_to_int(y, rounding, key), -fmt.qmax, fmt.qmax)
+  return i.astype(jnp.int16), e.reshape(1)
+
+
+def _conv_int(x, ex, w, ew, geom: _ConvGeom, bits_x: int, bits_w: int, policy: Policy):
+  """float32 ``[N, *O, O]`` = conv of int16 x ``[N, *S, C]`` and w ``[*K, C/G, O]`` (per-tensor exponents)."""
+  kw = dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil,
+            feature_group_count=geom.groups)
+  if resolve_backend(policy) == "ffi":
+    y = kernels.conv(x, w, ex, ew, bits_x=bits_x, bits_w=bits_w, isa=policy.isa, **kw)
+    return match_varying(y, x, w, ex, ew)
+  g, n = geom.groups, x.shape[0]
+  kk, i, o = _prod(geom.k_sp), w.shape[-2], w.shape[-1]
+  p, out_sp = _patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)
+  rows = n * _prod(out_sp)
+  p = p.reshape(rows, kk, g, i).transpose(2, 0, 1, 3).reshape(g, rows, kk * i)
+  w3 = w.reshape(kk, i, g, o // g).transpose(2, 0, 1, 3).reshape(g, kk * i, o // g)
+  y = _reference_call(p, w3, ex.reshape(1, 1, 1), ew.reshape(1, 1, 1), bits_x, bits_w, None, False, False)
+  return y.transpose(1, 0, 2).reshape((n,) + out_sp + (o,))
+
+
+def _conv_wgrad_int(x, ex, dy, edy, geom: _ConvGeom, bits_x: int, bits_dy: int, policy: Policy):
+  """float32 ``[*K, C/G, O]`` = im2col(x)^T . dy per group (K = output pixels, row-major)."""
+  kw = dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil,
+            feature_group_count=geom.groups)
+  if resolve_backend(policy) == "ffi":
+    dw = kernels.conv_weight_grad(x, dy, ex, edy, kernel_spatial=geom.k_sp, bits_x=bits_x, bits_dy=bits_dy,
+                                  isa=policy.isa, **kw)
+    return match_varying(dw, x, dy, ex, edy)
+  g, n = geom.groups, x.shape[0]
+  kk, c, o = _prod(geom.k_sp), x.shape[-1], dy.shape[-1]
+  i = c // g
+  p, out_sp = _patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)
+  rows = n * _prod(out_sp)
+  p = p.reshape(rows, kk, g, i).transpose(2, 0, 1, 3).reshape(g, rows, kk * i)
+  d3 = dy.reshape(rows, g, o // g).transpose(1, 0, 2)
+  dw = _reference_call(p, d3, ex.reshape(1, 1, 1), edy.reshape(1, 1, 1), bits_x, bits_dy, None, True, False)
+  return dw.reshape(g, kk, i, o // g).transpose(1, 2, 0, 3).reshape(geom.k_sp + (i, o))
+
+
+def _conv_input_grad_int(dy, edy, w, ew, geom: _ConvGeom, bits_dy: int, bits_w: int, policy: Policy):
+  """float32 ``[N, *S, C]``: the backward-data conv (kernels.conv_input_grad_setup), either backend."""
+  wt, pads_t = kernels.conv_input_grad_setup(w, geom.in_sp, geom.strides, geom.pads, geom.lhs_dil,
+                                             geom.rhs_dil, geom.groups)
+  gt = _ConvGeom(geom.out_sp, geom.k_sp, geom.lhs_dil, pads_t, geom.strides, geom.rhs_dil, geom.groups)
+  return _conv_int(dy, edy, wt, ew, gt, bits_dy, bits_w, policy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_core(x, w, key, geom, policy, out_dtype):
+  out, _ = _conv_fwd(x, w, key, geom, policy, out_dtype)
+  return out
+
+
+def _conv_fwd(x, w, key, geom, policy, out_dtype):
+  k_x, k_w, k_bwd = _split_keys(key, 3)
+  ax = policy.axis_name
+  xq, ex = _quantize_conv_operand(x, policy.lhs, policy.fwd_rounding, k_x, ax, geom.covered())
+  wq, ew = _quantize_conv_operand(w, policy.rhs, policy.fwd_rounding, k_w, ax)
+  y = _conv_int(xq, ex, wq, ew, geom, policy.lhs.int_bits, policy.rhs.int_bits, policy).astype(out_dtype)
+  # Residuals: the int16 tensors + exponents; zero-size slices carry shapes, dtypes and shard_map types.
+  return y, (xq, ex, wq, ew, k_bwd, x[None][:0], w[None][:0])
+
+
+def _conv_fwd_perturbed(x, w, key, geom, policy, out_dtype):
+  """fwd with symbolic zeros: an operand nobody differentiates (the input images) needs no pass."""
+  key = jax.tree.map(lambda k: k.value, key, is_leaf=lambda k: isinstance(k, CustomVJPPrimal))
+  out, res = _conv_fwd(x.value, w.value, key, geom, policy, out_dtype)
+  marker = lambda p: jnp.zeros((0,), jnp.int8) if p.perturbed else None
+  return out, res + (marker(x), marker(w))
+
+
+def _conv_bwd(geom, policy, out_dtype, res, g):
+  xq, ex, wq, ew, k_bwd, x_dt, w_dt, need_x, need_w = res
+  if isinstance(g, SymbolicZero):
+    return None, None, None
+  k_dl, k_dr = _split_keys(k_bwd, 2)
+  ax = policy.axis_name
+  g = g.astype(jnp.float32)
+  dx = dw = None
+  gl = gr = None
+  if need_x is not None:
+    gl = _quantize_conv_operand(g, policy.dlhs, policy.grad_rounding, k_dl, ax)
+    dx = _conv_input_grad_int(*gl, wq, ew, geom, policy.dlhs.int_bits, policy.rhs.int_bits, policy)
+    dx = _as_cotangent_of(dx.astype(x_dt.dtype), x_dt)
+  if need_w is not None:
+    gr = gl if (gl is not None and policy.drhs == policy.dlhs) else \
+        _quantize_conv_operand(g, policy.drhs, policy.grad_rounding, k_dr, ax)
+    dw = _conv_wgrad_int(xq, ex, *gr, geom, policy.lhs.int_bits, policy.drhs.int_bits, policy)
+    dw = _as_cotangent_of(dw.astype(w_dt.dtype), w_dt)
+  return dx, dw, None
+
+
+_conv_core.defvjp(_conv_fwd_perturbed, _conv_bwd, symbolic_zeros=True)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, *, policy: Policy | None = None,
                          key=None) -> jax.Array:
-  """Drop-in for `jax.lax.conv_general_dilated`: forward, backward-data and weight-gradient GEMMs
-  run through `jdfp.dot_general` on im2col patches (any dimension numbers, strides, padding,
-  lhs/rhs dilation, feature groups)."""
+  """Drop-in for `jax.lax.conv_general_dilated` (any dimension numbers, strides, padding, lhs/rhs
+  dilation, feature groups) with forward, backward-data and weight-gradient in low precision.
+
+  Integer formats with per-tensor exponents (`DFP` / `BFP` with ``axis=None, block=None``, the
+  default): x, w and the output gradient are quantized once and each pass is a convolution of the
+  int16 tensors -- on the C++ implicit-GEMM conv kernel (backend "ffi") or, bit-identically, im2col
+  + the reference GEMM (backend "reference").  Backward-data is the conv of the output gradient
+  with the flipped kernel (lhs dilation = strides), weight-gradient im2col(x)^T . dy.
+  Other formats (block exponents, FP16/BF16): im2col patches in JAX + `jdfp.dot_general` (on the
+  kernel, the block-format case is logged in `fallback_log`)."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   _check_float("lhs", lhs)
   _check_float("rhs", rhs)
@@ -454,6 +631,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads = lax.padtype_to_pads(in_sp, k_eff, strides, padding)
   else:
     pads = tuple(tuple(p) for p in padding)
+  policy = Policy() if policy is None else policy
+  if not isinstance(policy, Policy):
+    raise TypeError(f"policy must be a jdfp.Policy, got {type(policy).__name__}")
+  geom = _ConvGeom(tuple(int(s) for s in x.shape[1:1 + nsp]), tuple(int(k) for k in ksp),
+                   tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in pads),
+                   tuple(int(d) for d in lhs_dil), tuple(int(d) for d in rhs_dil), g)
+  if _conv_kernel_eligible(policy, x.shape, w.shape, geom):
+    needs_key = policy.fwd_rounding == "stochastic" or policy.grad_rounding == "stochastic"
+    if needs_key and key is None:
+      raise ValueError("this policy rounds stochastically: pass key=jax.random.key(...) "
+                       "(the Flax wrapper draws it from its 'dfp' RNG stream)")
+    y = _conv_core(x, w, key, geom, policy, _out_dtype(lhs, rhs, preferred_element_type))
+    return jnp.transpose(y, _conv_out_perm(dn, nsp))
+  if policy.lhs.is_integer and resolve_backend(policy) == "ffi":
+    _warn_once(f"jdfp.conv_general_dilated: formats with block exponents ({policy.lhs!r}, {policy.rhs!r}, "
+               f"{policy.grad!r}) run the conv as an im2col GEMM on the GEMM kernel (patches materialised "
+               "in JAX); the implicit-GEMM conv kernel takes per-tensor exponents only.")
   p, out_sp = _patches(x, ksp, strides, pads, lhs_dil, rhs_dil)  # [N, *O, KK, C]
   n = x.shape[0]
   kk = _prod(ksp)
@@ -463,10 +657,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   w = w.reshape(kk, i, g, o // g).transpose(2, 0, 1, 3).reshape(g, kk * i, o // g)
   y = dot_general(p, w, (((2,), (1,)), ((0,), (0,))), precision, preferred_element_type, policy=policy, key=key)
   y = y.transpose(1, 0, 2).reshape((n,) + out_sp + (o,))
-  # back to the requested output layout
+  return jnp.transpose(y, _conv_out_perm(dn, nsp))
+
+
+def _conv_out_perm(dn, nsp):
+  """Permutation from the canonical output ``[N, *O, C]`` to the requested layout."""
   out_perm = [0] * (nsp + 2)
   out_perm[dn.out_spec[0]] = 0
   out_perm[dn.out_spec[1]] = nsp + 1
   for j, d in enumerate(dn.out_spec[2:]):
     out_perm[d] = 1 + j
-  return jnp.transpose(y, out_perm)
+  return tuple(out_perm)
