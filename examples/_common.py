@@ -95,8 +95,11 @@ class _Program:
     self.tx = tx = jdfp.overwrite_state(jdfp.recipes.optimizer(recipe, inner), collections=("dfp",))
     self.scaled = scaled = recipe == "fp16"
     x0 = jnp.asarray(task.example_x)
-    # Initial parameters from the *unquantized* model, so every recipe starts from the same weights.
-    self.init_params = jax.jit(lambda k: task.model.init({"params": k}, x0, train=False))
+    # Initial parameters from the *unquantized* model, so every recipe starts from the same weights
+    # (one compiled init per task, shared by the recipes).
+    if getattr(task, "_init_params", None) is None:
+      task._init_params = jax.jit(lambda k: task.model.init({"params": k}, x0, train=False))
+    self.init_params = task._init_params
     self.dfp_shapes = None
     if policy is not None:
       # The "dfp" collection (scale statistics) of the quantized model. Only its structure is
@@ -129,6 +132,7 @@ class _Program:
       return model.apply(v, x, train=False, rngs={"dfp": jax.random.key(0)})
 
     self.apply_train = apply_train
+    self._init_rest = None
     self.jstep = jax.jit(step)
     self.jeval = jax.jit(apply_eval)
 
@@ -138,11 +142,15 @@ class _Program:
 
     import jdfp  # pylint: disable=import-outside-toplevel
     variables = self.init_params(k_init)
-    batch_stats = variables.get("batch_stats", {})
-    trained = {"params": jdfp.recipes.optimizer_params(self.recipe, variables["params"])}
-    if self.dfp_shapes is not None:
-      trained["dfp"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.dfp_shapes)
-    return trained, batch_stats, self.tx.init(trained)
+    if self._init_rest is None:
+      def rest(params):
+        trained = {"params": jdfp.recipes.optimizer_params(self.recipe, params)}
+        if self.dfp_shapes is not None:
+          trained["dfp"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.dfp_shapes)
+        return trained, self.tx.init(trained)
+      self._init_rest = jax.jit(rest)  # one compile instead of many small eager ones
+    trained, opt_state = self._init_rest(variables["params"])
+    return trained, variables.get("batch_stats", {}), opt_state
 
 
 def program(task: Task, recipe: str, steps: int) -> _Program:
@@ -249,7 +257,8 @@ def tail_mean(losses: np.ndarray, frac: float = 0.05) -> float:
 
 
 def results_table(title: str, results: dict, metric: str, metric_label: str, *, metric_scale=100.0,
-                  metric_suffix="", targets: dict | None = None, lower_is_better=False, relative=False):
+                  metric_suffix="", targets: dict | None = None, lower_is_better=False, relative=False,
+                  metric_digits=2):
   """A rich Table: recipe, metric (mean ± std), delta vs FP32 (paired per seed), final loss, steps/s.
 
   ``results``: ``{recipe: [RunResult per seed]}``. ``targets``: ``{recipe: allowed delta}``; the
@@ -263,7 +272,7 @@ def results_table(title: str, results: dict, metric: str, metric_label: str, *, 
   rows = []
   for recipe, runs in results.items():
     vals = [r.metrics[metric] for r in runs]
-    cell = fmt_ms(vals, metric_scale, 2, metric_suffix)
+    cell = fmt_ms(vals, metric_scale, metric_digits, metric_suffix)
     delta_cell, verdict = "", ""
     if base and recipe != "fp32":
       by_seed = {r.seed: r.metrics[metric] for r in base}
@@ -321,14 +330,31 @@ def save_figure(path, results: dict, *, title: str, history_recipes: Sequence[st
   fig = Figure(figsize=(5.2 * ncols, 3.0 * len(roles)))
   FigureCanvasAgg(fig)
   grid = fig.add_gridspec(len(roles), ncols)
-  ax = fig.add_subplot(grid[:, 0])
-  for recipe, runs in results.items():
+  nrows = len(roles)
+  top = max(1, nrows - 1) if "fp32" in results and len(results) > 1 else nrows
+  ax = fig.add_subplot(grid[:top, 0])
+  base = None
+  if top < nrows:
+    n0 = min(len(r.losses) for r in results["fp32"])
+    base = np.mean([r.losses[:n0] for r in results["fp32"]], axis=0)
+    axd = fig.add_subplot(grid[top:, 0], sharex=ax)
+  for j, (recipe, runs) in enumerate(results.items()):
     n = min(len(r.losses) for r in runs)
     y = np.mean([r.losses[:n] for r in runs], axis=0)
-    ax.plot(np.arange(n), smooth(y, max(1, n // 50)), label=LABELS.get(recipe, recipe), lw=1.2)
+    k = max(1, n // 50)
+    ax.plot(np.arange(n), smooth(y, k), label=LABELS.get(recipe, recipe), lw=1.2, color=f"C{j}")
+    if base is not None and recipe != "fp32":
+      m = min(n, len(base))
+      axd.plot(np.arange(m), smooth(y[:m] - base[:m], k), lw=1, color=f"C{j}")
+  if base is not None:
+    axd.axhline(0, color="k", lw=0.6)
+    axd.set_ylabel("loss − FP32 loss")
+    axd.set_xlabel("step")
+    axd.grid(True, alpha=0.3)
   if log_loss:
     ax.set_yscale("log")
-  ax.set_xlabel("step")
+  if base is None:
+    ax.set_xlabel("step")
   ax.set_ylabel("training loss (moving average)")
   ax.set_title("loss curves (mean over seeds)")
   ax.grid(True, alpha=0.3)

@@ -58,7 +58,7 @@ def load_data(name: str, seed: int = 0):
   return (xtr - mean) / std, ytr, (xte - mean) / std, yte
 
 
-def make_model(width: int = 16):
+def make_model(width: int = 16, stages: int = 2):
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
   class Block(nn.Module):
@@ -78,8 +78,9 @@ def make_model(width: int = 16):
       return nn.relu(x + r)
 
   class ResNet(nn.Module):
-    """conv 3x3 -> BN -> ReLU, residual blocks [w, 2w/2], global average pool, Dense(10)."""
+    """conv 3x3 -> BN -> ReLU, residual blocks (w; 2w stride 2; ...), global average pool, Dense(10)."""
     width: int = 16
+    stages: int = 2
     num_classes: int = 10
 
     @nn.compact
@@ -87,17 +88,18 @@ def make_model(width: int = 16):
       x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_bn")(x))
       x = Block(self.width, name="block1")(x, train)
-      x = Block(2 * self.width, 2, name="block2")(x, train)
+      for i in range(1, self.stages):  # each further stage: stride 2, twice the channels
+        x = Block(2 ** i * self.width, 2, name=f"block{i + 1}")(x, train)
       x = jnp_mean(x)
       return nn.Dense(self.num_classes, name="head")(x)
 
   def jnp_mean(x):
     return x.mean(axis=(1, 2))
 
-  return ResNet(width=width)
+  return ResNet(width=width, stages=stages)
 
 
-def make_task(dataset: str, batch: int, width: int, lr: float):
+def make_task(dataset: str, batch: int, width: int, lr: float, stages: int = 2):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
@@ -116,7 +118,7 @@ def make_task(dataset: str, batch: int, width: int, lr: float):
     return {"test_acc": float(np.mean(logits.argmax(-1) == yte)),
             "test_loss": float(loss(jnp.asarray(logits), jnp.asarray(yte)))}
 
-  return _common.Task(f"cnn/{dataset}", make_model(width), xtr[:2], sample, loss, evaluate, lr=lr, warmup=20), \
+  return _common.Task(f"cnn/{dataset}", make_model(width, stages), xtr[:2], sample, loss, evaluate, lr=lr, warmup=20), \
       (len(xtr), len(xte))
 
 
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
   ap.add_argument("--dataset", default="digits", choices=DATASETS)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--width", type=int, default=16, help="channels of the first stage")
+  ap.add_argument("--stages", type=int, default=2, help="residual stages (each after the first halves the size)")
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--out", default="cnn_results.png", help="PNG with loss curves and exponent histories")
   ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
@@ -143,11 +146,11 @@ def main(argv=None) -> int:
   console = Console() if sys.stdout.isatty() else Console(width=150)
   recipes = _common.parse_recipes(args.recipes)
   seeds = _common.parse_seeds(args.seeds)
-  task, (ntr, nte) = make_task(args.dataset, args.batch, args.width, args.lr)
+  task, (ntr, nte) = make_task(args.dataset, args.batch, args.width, args.lr, args.stages)
   steps = args.steps
   if steps is None:
     steps = int(round(args.epochs * ntr / args.batch)) if args.epochs else 400
-  console.print(f"[bold]jdfp {jdfp.__version__}[/bold]: ResNet (width {args.width}) on {args.dataset} "
+  console.print(f"[bold]jdfp {jdfp.__version__}[/bold]: ResNet ({args.stages} stages, width {args.width}) on {args.dataset} "
                 f"({ntr} train / {nte} test), batch {args.batch}, Adam lr {args.lr:g} cosine, {steps} steps "
                 f"(~{steps * args.batch / ntr:.1f} epochs), recipes {', '.join(recipes)}, seeds {seeds}; "
                 f"kernel: {jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else 'unavailable'}")

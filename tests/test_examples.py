@@ -1,0 +1,68 @@
+"""Smoke tests of the training examples: each main() runs a tiny configuration end to end and
+produces its results table and PNG (the full runs and their numbers are in examples/RESULTS.md)."""
+
+import importlib
+import os
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("rich")
+pytest.importorskip("tqdm")
+
+
+def _example(name):
+  if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+  return importlib.import_module(name)
+
+
+def _check(tmp_path, capsys, module, args, recipes, title):
+  out_png = tmp_path / f"{module}.png"
+  md = tmp_path / f"{module}.md"
+  rc = _example(module).main(args + ["--recipes", ",".join(recipes), "--seeds", "1", "--no-progress",
+                                     "--out", str(out_png), "--markdown", str(md)])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert title in text
+  for r in recipes:
+    assert f"{r} seed 0" in text, text
+  assert out_png.exists() and out_png.stat().st_size > 10_000
+  table = md.read_text()
+  assert table.count("\n") == 2 + len(recipes), table
+  assert "nan" not in table.lower(), table
+  return text
+
+
+def test_train_cnn_tiny(tmp_path, capsys):
+  text = _check(tmp_path, capsys, "train_cnn", ["--steps", "4", "--width", "4", "--batch", "16", "--stages", "1"],
+                ["fp32", "dfp16"], "ResNet on digits")
+  assert "jdfp kernel" in text  # jdfp.explain: the INT16 kernel is in the training step
+  assert "DFP16 telemetry" in text
+
+
+def test_train_lm_tiny(tmp_path, capsys):
+  _check(tmp_path, capsys, "train_lm",
+         ["--steps", "4", "--d-model", "16", "--heads", "2", "--layers", "1", "--seq", "16", "--batch", "4",
+          "--val-windows", "8"], ["fp32", "dfp16"], "char transformer")
+
+
+def test_train_mnist1d_tiny(tmp_path, capsys):
+  # fp16: the loss-scaled optimizer path. --dataset synthetic needs no optional package.
+  text = _check(tmp_path, capsys, "train_mnist1d", ["--steps", "4", "--width", "4", "--batch", "16",
+                                                    "--dataset", "synthetic"], ["fp32", "fp16"], "1-D ResNet")
+  assert "loss scale" in text
+
+
+def test_seed_and_recipe_parsing():
+  common = _example("_common")
+  assert common.parse_seeds("3") == [0, 1, 2] and common.parse_seeds("0,4") == [0, 4]
+  assert common.parse_recipes("dfp16,FP32") == ["fp32", "dfp16"]  # the baseline first
+  with pytest.raises(SystemExit):
+    common.parse_recipes("int4")
