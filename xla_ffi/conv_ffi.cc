@@ -3,7 +3,7 @@
 //   JdfpConvFwd   : x int16 [N, D, H, W, C], w int16 [KD, KH, KW, C/G, O], ex, ew int32 [1]
 //                   -> y float32 [N, OD, OH, OW, O]
 //   JdfpConvWgrad : x int16 [N, D, H, W, C], dy int16 [N, OD, OH, OW, O], ex, edy int32 [1]
-//                   -> dw float32 [KD, KH, KW, C/G, O]
+//                   -> dw^T float32 [G, O/G, KD, KH, KW, C/G] (the caller transposes it to [KD, KH, KW, C/G, O])
 //
 // Attributes (3 entries each, one per spatial dim): window_strides, padding_lo, padding_hi,
 // lhs_dilation, rhs_dilation; feature_group_count; bits_x, bits_w (bits of the second operand:
@@ -11,10 +11,11 @@
 //
 // The forward is y[pixel, o] = sum over K = (tap, c) of im2col(x)[pixel, (tap, c)] * w[(tap, c), o],
 // per group, with K in (kd, kh, kw, c) order; the weight-gradient is dw[(tap, c), o] = sum over
-// K = pixel (n, od, oh, ow) of im2col(x)[pixel, (tap, c)] * dy[pixel, o].  Both are exactly the GEMM
+// K = pixel (n, od, oh, ow) of im2col(x)[pixel, (tap, c)] * dy[pixel, o] (computed as dy^T . im2col(x):
+// the same chains and FP32 adds per element).  Both are exactly the GEMM
 // contract of docs/arithmetic.md (same chains, FP32 spill order and epilogue as JdfpGemmI16) on that
 // im2col matrix, with per-tensor exponents (KB == 1).  The im2col matrix is never stored: the driver's
-// A packing gathers it from x (conv_pack.h, and the ISA's vectorized gather).  Backward-data is the
+// A (forward) or B (weight-gradient) packing gathers it from x (conv_pack.h, and the ISA's vectorized gather).  Backward-data is the
 // forward handler on dy with the flipped, transposed kernel (lhs dilation = forward stride); the
 // Python side (jdfp._src.kernels.conv_input_grad) sets that up.
 #include "ffi_runtime.h"
@@ -93,18 +94,30 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   if (x.element_type() != ffi::S16) return error_future(conv_invalid("x must be int16"));
   if (b.element_type() != ffi::S16) return error_future(conv_invalid(std::string(bname) + " must be int16"));
   const auto dx = x.dimensions(), db = b.dimensions(), dout = out->dimensions();
-  if (dx.size() != 5 || db.size() != 5 || dout.size() != 5)
-    return error_future(conv_invalid("x, " + std::string(bname) + " and the output must have rank 5 (N, D, H, W, C / "
-                                     "KD, KH, KW, I, O); got x " + dims_str(dx) + ", " + bname + " " + dims_str(db) +
-                                     ", out " + dims_str(dout)));
+  const size_t out_rank = wgrad ? 6 : 5;
+  if (dx.size() != 5 || db.size() != 5 || dout.size() != out_rank)
+    return error_future(conv_invalid(
+        std::string("expected x [N, D, H, W, C], ") +
+        (wgrad ? "dy [N, OD, OH, OW, O] and out [G, O/G, KD, KH, KW, C/G]" : "w [KD, KH, KW, C/G, O] and out [N, OD, OH, OW, O]") +
+        "; got x " + dims_str(dx) + ", " + bname + " " + dims_str(db) + ", out " + dims_str(dout)));
   if (ex.element_count() != 1 || eb.element_count() != 1)
     return error_future(conv_invalid("the exponents must have one element each (per-tensor), got " +
                                      dims_str(ex.dimensions()) + " and " + dims_str(eb.dimensions())));
   const int64_t G = at.groups, C = dx[4];
-  // Kernel [KD, KH, KW, I, O] and output [N, O...] of the GEMM, whichever pass this is.
-  const auto dw = wgrad ? dout : db;  // weights-shaped
-  const auto dy = wgrad ? db : dout;  // output-shaped
-  const int64_t I = dw[3], O = dw[4];
+  // Kernel spatial sizes, input features per group I and output features O, whichever pass this is.
+  int64_t ks[3], I, O;
+  if (wgrad) {
+    if (dout[0] != G)
+      return error_future(conv_invalid("out must be [G, O/G, KD, KH, KW, C/G] with G = feature_group_count = " +
+                                       std::to_string(G) + ", got " + dims_str(dout)));
+    for (int d = 0; d < 3; ++d) ks[d] = dout[2 + d];
+    I = dout[5];
+    O = dout[1] * G;
+  } else {
+    for (int d = 0; d < 3; ++d) ks[d] = db[d];
+    I = db[3];
+    O = db[4];
+  }
   if (C != I * G || O % G != 0)
     return error_future(conv_invalid("feature_group_count=" + std::to_string(G) + ": input channels " +
                                      std::to_string(C) + " must equal kernel input features " + std::to_string(I) +
@@ -112,18 +125,20 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   const int64_t Og = O / G;
   ConvGeom g;
   g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
+  g.on_b = wgrad;
   g.n = dx[0];
   g.C = C;
   g.cg = I;
   for (int d = 0; d < 3; ++d) {
     g.in[d] = dx[1 + d];
-    g.ks[d] = dw[d];
+    g.ks[d] = ks[d];
     g.stride[d] = at.stride[d];
     g.pad[d] = at.lo[d];
     g.ldil[d] = at.ldil[d];
     g.rdil[d] = at.rdil[d];
     g.out[d] = conv_out_size(g.in[d], g.ks[d], at, d);
   }
+  const auto dy = wgrad ? db : dout;  // output-shaped
   const int64_t want[5] = {g.n, g.out[0], g.out[1], g.out[2], O};
   for (int i = 0; i < 5; ++i)
     if (dy[i] != want[i])
@@ -137,36 +152,43 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
 
   auto job = std::make_shared<Job>();
   job->who = "conv";
-  job->name_a = "x";
-  job->name_b = bname;
   job->conv = g;
   Problem& P = job->P;
-  const int64_t M = wgrad ? g.ntaps * I : g.npix;
+  // Forward:         A = im2col(x) [npix, taps*I] (gathered), B = w [taps*I, O] cols g*Og.., C = y [npix, O].
+  // Weight-gradient: A = dy^T [Og, npix] (dy [npix, O], rows contiguous), B = im2col(x) [npix, taps*I]
+  //                  (gathered, so its 32-wide panels amortize the gather over all of A), C = dw^T
+  //                  [G, Og, taps*I] (the caller transposes this small tensor to [taps, I, O]).
+  const int64_t M = wgrad ? Og : g.npix;
   const int64_t K = wgrad ? g.npix : g.ntaps * I;
-  const int64_t N = Og;
+  const int64_t N = wgrad ? g.ntaps * I : Og;
+  const int32_t bits_gemm_a = wgrad ? bits_b : bits_a, bits_gemm_b = wgrad ? bits_a : bits_b;
+  job->name_a = wgrad ? "dy" : "x";
+  job->name_b = wgrad ? "x" : "w";
   job->a_off.resize(size_t(G));
   job->b_off.resize(size_t(G));
   job->c_off.resize(size_t(G));
   job->ea_off.assign(size_t(G), 0);
   job->eb_off.assign(size_t(G), 0);
   for (int64_t gi = 0; gi < G; ++gi) {
-    job->a_off[size_t(gi)] = gi * I;   // channel offset of the group in x
-    job->b_off[size_t(gi)] = gi * Og;  // column offset in w [K, O] or dy [npix, O]
-    job->c_off[size_t(gi)] = gi * Og;  // column offset in y [npix, O] or dw [K, O]
+    job->a_off[size_t(gi)] = wgrad ? gi * Og : gi * I;  // dy column / x channel offset of the group
+    job->b_off[size_t(gi)] = wgrad ? gi * I : gi * Og;  // x channel / w column offset
+    job->c_off[size_t(gi)] = wgrad ? gi * M * N : gi * Og;
   }
   const IsaInfo info = isa_info(isa);
-  const int64_t L = safe_chain_length(bits_a, bits_b);
+  const int64_t L = safe_chain_length(bits_gemm_a, bits_gemm_b);
   const int64_t bk = std::max<int64_t>(K, 1);
   static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
   build_chains(*job, K, bk, 1, std::min(L, bk), kc_env > 0 ? int32_t(kc_env) : info.kc_pairs);
 
   P.M = M; P.N = N; P.K = K; P.KB = 1; P.block_k = bk;
-  P.bits_a = bits_a; P.bits_b = bits_b;
-  P.qmax_a = qmax_of(bits_a); P.qmax_b = qmax_of(bits_b);
+  P.bits_a = bits_gemm_a; P.bits_b = bits_gemm_b;
+  P.qmax_a = qmax_of(bits_gemm_a); P.qmax_b = qmax_of(bits_gemm_b);
   P.trans_a = false; P.trans_b = false;
   P.a_f32 = false; P.b_f32 = false;
-  P.a = x.untyped_data(); P.b = b.untyped_data();
-  P.ea = ex.typed_data(); P.eb = eb.typed_data();
+  P.a = wgrad ? b.untyped_data() : x.untyped_data();
+  P.b = wgrad ? x.untyped_data() : b.untyped_data();
+  P.ea = wgrad ? eb.typed_data() : ex.typed_data();
+  P.eb = wgrad ? ex.typed_data() : eb.typed_data();
   P.out = out->typed_data();
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   P.ea_off = job->ea_off.data(); P.eb_off = job->eb_off.data();
@@ -180,13 +202,19 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
     P.max_pairs = std::max(P.max_pairs, kb.pairs);
     P.max_nblk = std::max(P.max_nblk, kb.nblk);
   }
-  P.a_sr = 0; P.a_sk = 0;  // A is gathered (P.conv)
-  P.b_sr = 1; P.b_sk = O;
-  P.ldc = O;
+  if (wgrad) {
+    P.a_sr = 1; P.a_sk = O;  // dy^T
+    P.b_sr = 0; P.b_sk = 0;  // gathered
+    P.ldc = N;
+  } else {
+    P.a_sr = 0; P.a_sk = 0;  // gathered
+    P.b_sr = 1; P.b_sk = O;
+    P.ldc = O;
+  }
   P.c_off = job->c_off.data();
   P.conv = &job->conv;
   job->fn = info.fn;
-  job->bits_a = bits_a; job->bits_b = bits_b;
+  job->bits_a = bits_gemm_a; job->bits_b = bits_gemm_b;
   return launch(job, pool, info, G, M, N, K);
 }
 

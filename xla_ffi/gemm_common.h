@@ -90,12 +90,13 @@ struct KcBlock {
 // element pos[d] / ldil[d] when ldil[d] divides it and it is in range, else zero (padding).
 enum ConvMode : int {
   kConvNone = 0,
-  kConvRowsPixels = 1,  // A[r = output pixel (n, o), k = (tap, c)]: forward / backward-data
-  kConvRowsTaps = 2,    // A[r = (tap, c), k = output pixel (n, o)]: weight-gradient
+  kConvRowsPixels = 1,  // X[r = output pixel (n, o), k = (tap, c)]: forward / backward-data (A)
+  kConvRowsTaps = 2,    // X[r = (tap, c), k = output pixel (n, o)]: weight-gradient (B, r = n)
 };
 
 struct ConvGeom {
   int mode = kConvNone;
+  bool on_b = false;                  // the gathered operand is B (its pack rows are the GEMM's n)
   int64_t n = 0;                      // batch
   int64_t in[3] = {1, 1, 1};          // input spatial sizes
   int64_t out[3] = {1, 1, 1};         // output spatial sizes
@@ -167,7 +168,7 @@ struct Problem {
   // Output: C of batch element b is out + c_off[b] (b*M*N when c_off is null), row stride ldc.
   int64_t ldc;
   const int64_t* c_off;
-  const ConvGeom* conv;  // non-null: A is an implicit-GEMM gather from the int16 input at a + a_off
+  const ConvGeom* conv;  // non-null: A (or B if conv->on_b) is gathered from the int16 input at a|b + off
 };
 
 struct Tile {

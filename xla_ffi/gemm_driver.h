@@ -240,13 +240,16 @@ int run_tile(const Problem& P, const Tile& T) {
       const int knp = kb.piece_end - kb.piece_begin;
       const PackArgs pb{b_sr, b_sk, T.n0, nb, kpcs, knp, pairs, eb, P.eb_nstride, eb_j, P.qmax_b};
       const PackArgs pa{a_sr, a_sk, T.m0, mb, kpcs, knp, pairs, ea, P.ea_mstride, 1, P.qmax_a};
-      if (P.b_f32) {
+      if (P.conv && P.conv->on_b) {
+        if (pack_conv_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], *P.conv, pb, bp) > P.qmax_b)
+          return 2;
+      } else if (P.b_f32) {
         pack_f32_any<UK, NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], pb, s, bp);
       } else {
         if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, bp) > P.qmax_b)
           return 2;
       }
-      if (P.conv) {
+      if (P.conv && !P.conv->on_b) {
         if (pack_conv_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], *P.conv, pa, ap) > P.qmax_a)
           return 1;
       } else if (P.a_f32) {

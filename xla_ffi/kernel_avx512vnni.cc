@@ -215,6 +215,199 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
   return std::max(-mn, mx);
 }
 
+
+// ---------------------------------------------------------------- implicit-GEMM conv packing
+// Vectorized versions of conv_pack_pixels / conv_pack_taps (conv_pack.h): same layout, same checks.
+
+// Row (output pixel) geometry for the linear offset formula: with no lhs dilation, input pixel
+// (n, p + t*rdil) is at base + delta(t), where p = o*stride - pad and delta(t) = the tap's offset.
+struct PixInfo {
+  int64_t p[3];
+  int64_t base;
+};
+static inline PixInfo pix_info(const ConvGeom& g, int64_t r) {
+  int64_t n, o[3];
+  conv_split_pixel(g, r, n, o);
+  PixInfo pi;
+  int64_t off = n;
+  for (int d = 0; d < 3; ++d) {
+    pi.p[d] = o[d] * g.stride[d] - g.pad[d];
+    off = off * g.in[d] + pi.p[d];
+  }
+  pi.base = off * g.C;
+  return pi;
+}
+struct TapInfo {
+  int64_t tr[3];  // t[d] * rdil[d]
+  int64_t delta;
+};
+static inline TapInfo tap_info(const ConvGeom& g, int64_t tap) {
+  int64_t t[3];
+  conv_split_tap(g, tap, t);
+  TapInfo ti;
+  int64_t off = 0;
+  for (int d = 0; d < 3; ++d) {
+    ti.tr[d] = t[d] * g.rdil[d];
+    off = off * g.in[d] + ti.tr[d];
+  }
+  ti.delta = off * g.C;
+  return ti;
+}
+static inline bool pix_tap_valid(const ConvGeom& g, const PixInfo& p, const TapInfo& t) {
+  bool ok = true;
+  for (int d = 0; d < 3; ++d) {
+    const int64_t pos = p.p[d] + t.tr[d];
+    ok &= (pos >= 0) & (pos < g.in[d]);
+  }
+  return ok;
+}
+static inline bool conv_linear(const ConvGeom& g) { return g.ldil[0] == 1 && g.ldil[1] == 1 && g.ldil[2] == 1; }
+
+static inline int32_t reduce_absmax16(__m512i vmin, __m512i vmax) {
+  const int32_t mn = _mm512_reduce_min_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_min_epi16(
+      vmin, _mm512_shuffle_i64x2(vmin, vmin, 0x4E)))));
+  const int32_t mx = _mm512_reduce_max_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_max_epi16(
+      vmax, _mm512_shuffle_i64x2(vmax, vmax, 0x4E)))));
+  return std::max(-mn, mx);
+}
+
+// A[r = pixel, k = (tap, c)]: per panel of W pixels and per run of <= 32 channels inside one tap,
+// 16 masked row loads + a 16 x 16 int32 transpose give 16 k-pairs of the panel.
+template <int W>
+static int32_t conv_pack_pixels512(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+  static_assert(W <= 16, "panel width");
+  bool even = (g.cg & 1) == 0;
+  for (int pi = 0; pi < a.npcs; ++pi) even &= (a.pcs[pi].k_start & 1) == 0;
+  if (!even) return conv_pack_pixels<W>(x, g, a, dst);  // a k-pair would straddle two taps
+  const bool linear = conv_linear(g);
+  __m512i vmin = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+  const int64_t panels = (a.rows + W - 1) / W;
+  const __mmask16 smask = __mmask16((1u << W) - 1);
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const int64_t rb = a.r0 + pn * W;
+    const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
+    PixInfo pinfo[W];
+    int64_t rn[W], ro[W][3];
+    for (int i = 0; i < nvalid; ++i) {
+      if (linear) pinfo[i] = pix_info(g, rb + i);
+      else conv_split_pixel(g, rb + i, rn[i], ro[i]);
+    }
+    int64_t off[W];
+    int64_t cur_tap = -1;
+    int16_t* d = dst + pn * int64_t(a.pairs) * W * 2;
+    for (int pi = 0; pi < a.npcs; ++pi) {
+      const Piece& pc = a.pcs[pi];
+      int64_t k = pc.k_start;
+      const int64_t ke = k + pc.len;
+      while (k < ke) {
+        const int64_t tap = k / g.cg, c = k - tap * g.cg;
+        const int run = int(std::min<int64_t>(std::min<int64_t>(ke - k, g.cg - c), 32));
+        if (tap != cur_tap) {
+          cur_tap = tap;
+          if (linear) {
+            const TapInfo ti = tap_info(g, tap);
+            for (int i = 0; i < nvalid; ++i) off[i] = pix_tap_valid(g, pinfo[i], ti) ? pinfo[i].base + ti.delta : -1;
+          } else {
+            int64_t td[3];
+            conv_split_tap(g, tap, td);
+            for (int i = 0; i < nvalid; ++i) off[i] = conv_pixel_offset(g, rn[i], ro[i], td);
+          }
+        }
+        const __mmask32 lm = run >= 32 ? ~__mmask32(0) : __mmask32((1u << run) - 1);
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          if (i < nvalid && off[i] >= 0) {
+            r[i] = _mm512_maskz_loadu_epi16(lm, x + off[i] + c);
+            vmin = _mm512_min_epi16(vmin, r[i]);
+            vmax = _mm512_max_epi16(vmax, r[i]);
+          } else {
+            r[i] = _mm512_setzero_si512();
+          }
+        }
+        transpose16(r);
+        const int np = (run + 1) / 2;
+        for (int t = 0; t < np; ++t) _mm512_mask_storeu_epi32(d + t * W * 2, smask, r[t]);
+        d += int64_t(np) * W * 2;
+        k += run;
+      }
+    }
+  }
+  return reduce_absmax16(vmin, vmax);
+}
+
+// A[r = (tap, c), k = pixel] (weight-gradient): pair-outer, panel-inner; a panel's W rows are a few
+// runs of consecutive channels of one tap each, gathered into two vectors (pixel k0 and k0 + 1) and
+// interleaved with vpermt2w.
+template <int W>
+static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+  static_assert(W <= 32, "panel width");
+  if (!conv_linear(g)) return conv_pack_taps<W>(x, g, a, dst);
+  struct Run {
+    TapInfo ti;
+    int64_t c0;
+    __mmask32 mask;  // lanes of the run
+    __m512i idx;     // lane l takes loaded element l - lane0
+  };
+  const int64_t panels = (a.rows + W - 1) / W;
+  thread_local std::vector<Run> runs;
+  thread_local std::vector<int> run_begin;
+  runs.clear();
+  run_begin.assign(size_t(panels) + 1, 0);
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    run_begin[size_t(pn)] = int(runs.size());
+    const int64_t rb = a.r0 + pn * W;
+    const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
+    int i = 0;
+    while (i < nvalid) {
+      const int64_t r = rb + i, tap = r / g.cg, c = r - tap * g.cg;
+      const int len = int(std::min<int64_t>(nvalid - i, g.cg - c));
+      alignas(64) int16_t id[32];
+      for (int l = 0; l < 32; ++l) id[l] = int16_t((l - i) & 31);
+      runs.push_back(Run{tap_info(g, tap), c, __mmask32(((uint64_t(1) << len) - 1) << i),
+                         _mm512_load_si512(id)});
+      i += len;
+    }
+  }
+  run_begin[size_t(panels)] = int(runs.size());
+  const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+  const __mmask32 smask = W >= 16 ? ~__mmask32(0) : __mmask32((uint64_t(1) << (2 * W)) - 1);
+  const __mmask32 smask_hi = W <= 16 ? 0 : W >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << (2 * W - 32)) - 1);
+  __m512i vmin = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+  int64_t poff = 0;
+  for (int pi = 0; pi < a.npcs; ++pi) {
+    const Piece& pc = a.pcs[pi];
+    for (int32_t q = 0; q < pc.pairs; ++q) {
+      const int64_t k0 = pc.k_start + 2 * q;
+      const bool has1 = 2 * q + 1 < pc.len;
+      const PixInfo p0 = pix_info(g, k0);
+      const PixInfo p1 = has1 ? pix_info(g, k0 + 1) : p0;
+      for (int64_t pn = 0; pn < panels; ++pn) {
+        __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
+        for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
+          const Run& rn = runs[size_t(ri)];
+          const int cnt = __builtin_popcount(rn.mask);
+          const __mmask32 lm = __mmask32((uint64_t(1) << cnt) - 1);
+          if (pix_tap_valid(g, p0, rn.ti))
+            v0 = _mm512_mask_permutexvar_epi16(v0, rn.mask, rn.idx,
+                                               _mm512_maskz_loadu_epi16(lm, x + p0.base + rn.ti.delta + rn.c0));
+          if (has1 && pix_tap_valid(g, p1, rn.ti))
+            v1 = _mm512_mask_permutexvar_epi16(v1, rn.mask, rn.idx,
+                                               _mm512_maskz_loadu_epi16(lm, x + p1.base + rn.ti.delta + rn.c0));
+        }
+        vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
+        vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
+        int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
+        _mm512_mask_storeu_epi16(d, smask, _mm512_permutex2var_epi16(v0, ilo, v1));
+        if constexpr (W > 16) _mm512_mask_storeu_epi16(d + 32, smask_hi, _mm512_permutex2var_epi16(v0, ihi, v1));
+      }
+    }
+    poff += pc.pairs;
+  }
+  return reduce_absmax16(vmin, vmax);
+}
+
 struct V512 {
   static constexpr int kLanes = 16;
   static constexpr bool kFastPack = true;
@@ -222,6 +415,13 @@ struct V512 {
   static int32_t pack(const T* src, const PackArgs& a, int16_t* dst) {
     if (a.sr == 1 || a.sk == 1) return pack512<W>(src, a, dst);
     return 0;  // not reached: one of the two strides is always 1
+  }
+  static constexpr bool kConvPack = true;
+  template <int W>
+  static int32_t conv_pack(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+    if (g.mode == kConvRowsTaps) return conv_pack_taps512<W>(x, g, a, dst);
+    if constexpr (W <= 16) return conv_pack_pixels512<W>(x, g, a, dst);
+    return conv_pack_pixels<W>(x, g, a, dst);  // not used: the pixel gather is always A (W = MR)
   }
   using vi = __m512i;
   using vf = __m512;

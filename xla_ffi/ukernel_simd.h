@@ -30,12 +30,22 @@ struct VFastPack : std::false_type {};
 template <class V>
 struct VFastPack<V, std::void_t<decltype(V::kFastPack)>> : std::bool_constant<V::kFastPack> {};
 
+template <class V, class = void>
+struct VConvPack : std::false_type {};
+template <class V>
+struct VConvPack<V, std::void_t<decltype(V::kConvPack)>> : std::bool_constant<V::kConvPack> {};
+
 template <class V, int MR_, int NV>
 struct UkSimd {
   static constexpr int MR = MR_, NR = V::kLanes * NV;
   static constexpr bool kFastPack = VFastPack<V>::value;
   template <int W, class T>
   static int32_t pack(const T* src, const PackArgs& a, int16_t* dst) { return V::template pack<W>(src, a, dst); }
+  static constexpr bool kConvPack = VConvPack<V>::value;
+  template <int W>
+  static int32_t conv_pack(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+    return V::template conv_pack<W>(x, g, a, dst);
+  }
   using vi = typename V::vi;
   using vf = typename V::vf;
 

@@ -362,11 +362,14 @@ def conv_weight_grad(x, dy, ex, edy, *, kernel_spatial, window_strides, padding,
   if sd != (sx[0],) + out_sp + (o,):
     raise ValueError(f"dy must have shape {(sx[0],) + out_sp + (o,)} (the conv output), got {sd}")
   _require_lib()
-  out5 = (1,) * (3 - nsp) + ksp + (c // g, o)
-  call = jax.ffi.ffi_call(TARGET_CONV_WGRAD, jax.ShapeDtypeStruct(out5, jnp.float32), vmap_method="sequential")
-  dw = call(_to5(x, nsp), _to5(dy, nsp), jnp.reshape(ex, (1,)), jnp.reshape(edy, (1,)),
-            **_attrs(nsp, strides, pads, ldil, rdil, g, bx, bd, isa_code))
-  return dw.reshape(ksp + (c // g, o))
+  # The kernel writes dw^T per group, [G, O/G, *K, C/G]; the transpose of this small tensor is cheap.
+  out6 = (g, o // g) + (1,) * (3 - nsp) + ksp + (c // g,)
+  call = jax.ffi.ffi_call(TARGET_CONV_WGRAD, jax.ShapeDtypeStruct(out6, jnp.float32), vmap_method="sequential")
+  dwt = call(_to5(x, nsp), _to5(dy, nsp), jnp.reshape(ex, (1,)), jnp.reshape(edy, (1,)),
+             **_attrs(nsp, strides, pads, ldil, rdil, g, bx, bd, isa_code))
+  dwt = dwt.reshape((g, o // g) + ksp + (c // g,))
+  perm = tuple(range(2, 2 + nsp)) + (2 + nsp, 0, 1)
+  return jnp.transpose(dwt, perm).reshape(ksp + (c // g, o))
 
 
 def conv_input_grad_setup(w, in_spatial, window_strides, pads, lhs_dilation, rhs_dilation,

@@ -6,5 +6,6 @@ Subcommands live in modules of this package, each with ``add_arguments(parser)``
 
 SUBCOMMANDS = {
     "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),
+    "conv": ("jdfp.bench.conv", "exact INT16 conv kernel (3 training passes) vs XLA FP32 / int16 convs"),
     "train": ("jdfp.bench.train", "end-to-end training steps: FP32 vs DFP16 (kernel, reference) vs BF16"),
 }
