@@ -204,7 +204,9 @@ static inline void pack_f32_any(const float* src, const PackArgs& a, const Scrat
 //   first: start the FP32 accumulators at +0.0 instead of loading C,
 //   scaled: KB > 1, multiply each chain by scale2(., ea + eb) before adding,
 //   eap[bl * ea_ld + i], ebp[bl * eb_ld + j]: clamped exponents of the tile's rows / columns,
-//   carry: MR x NR int32 for chains split across kc blocks.
+//   carry: MR x NR int32 for chains split across kc blocks,
+//   fuse: last kc block with one exponent pair for the whole tile: store scale2(acc, fuse_e) (the
+//     epilogue's KB == 1 scale, the same two float32 multiplies).
 template <class UK>
 int run_tile(const Problem& P, const Tile& T) {
   constexpr int MR = UK::MR, NR = UK::NR;
@@ -216,6 +218,10 @@ int run_tile(const Problem& P, const Tile& T) {
   const int64_t ldc = P.ldc;
   float* C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * M * N);
 
+  // One exponent pair for the whole batch element (KB == 1, both broadcast): the scale is applied by
+  // the micro-kernel's last store instead of a second pass over C.
+  const bool fused = K > 0 && KB == 1 && P.ea_mstride == 0 && P.eb_nstride == 0;
+  const int32_t fuse_e = fused ? eclamp(P.ea[P.ea_off[T.batch]]) + eclamp(P.eb[P.eb_off[T.batch]]) : 0;
   if (K > 0) {
     int16_t* ap = s.apack.get(size_t(mbp) * P.max_pairs * 2);
     int16_t* bp = s.bpack.get(size_t(nbp) * P.max_pairs * 2);
@@ -272,6 +278,7 @@ int run_tile(const Problem& P, const Tile& T) {
 
       // ---- micro-kernels
       const bool first = kbi == 0;
+      const bool fuse = fused && kbi == P.nkcb - 1;
       const Piece* pcs = P.pieces + kb.piece_begin;
       const int npcs = kb.piece_end - kb.piece_begin;
       for (int64_t jr = 0; jr < nbp; jr += NR) {
@@ -284,14 +291,14 @@ int run_tile(const Problem& P, const Tile& T) {
           float* cdst = C + (T.m0 + ir) * ldc + T.n0 + jr;
           if (mv == MR && nv == NR) {
             UK::kernel(apanel, bpanel, pcs, npcs, cdst, ldc, first, scaled, eap ? eap + ir : nullptr,
-                       mbp, ebp ? ebp + jr : nullptr, nbp, cr);
+                       mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
           } else {
             alignas(64) float edge[MR * NR];
             if (!first)
               for (int i = 0; i < mv; ++i)
                 for (int j = 0; j < nv; ++j) edge[i * NR + j] = cdst[i * ldc + j];
             UK::kernel(apanel, bpanel, pcs, npcs, edge, NR, first, scaled, eap ? eap + ir : nullptr,
-                       mbp, ebp ? ebp + jr : nullptr, nbp, cr);
+                       mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
             for (int i = 0; i < mv; ++i)
               for (int j = 0; j < nv; ++j) cdst[i * ldc + j] = edge[i * NR + j];
           }
@@ -303,6 +310,7 @@ int run_tile(const Problem& P, const Tile& T) {
   // ---- epilogue: KB == 1 scale, K == 0 zeros, NaN for NONFINITE exponents
   const int32_t* ea = P.ea + P.ea_off[T.batch];
   const int32_t* eb = P.eb + P.eb_off[T.batch];
+  if (fused && ea[0] != kNonfiniteExponent && eb[0] != kNonfiniteExponent) return 0;  // nothing left to do
   const int64_t eb_j = P.eb_nstride ? N : 1;
   const float qnan = __builtin_nanf("");
   bool any_col_bad = false;
@@ -318,7 +326,7 @@ int run_tile(const Problem& P, const Tile& T) {
     for (int64_t j = 0; j < KB; ++j) bad |= er[j] == kNonfiniteExponent;
     if (K == 0) {
       for (int64_t n = 0; n < nb; ++n) row[n] = 0.0f;
-    } else if (KB == 1) {
+    } else if (KB == 1 && !fused) {
       const int32_t e0 = eclamp(er[0]);
       const int32_t* ec = eb + T.n0 * P.eb_nstride;
       if (P.eb_nstride) {

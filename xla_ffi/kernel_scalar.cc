@@ -9,7 +9,7 @@ struct UkScalar {
   static constexpr int MR = 4, NR = 8;
   static void kernel(const int16_t* Ap, const int16_t* Bp, const Piece* pcs, int npcs, float* C,
                      int64_t ldc, bool first, bool scaled, const int32_t* eap, int64_t ea_ld,
-                     const int32_t* ebp, int64_t eb_ld, int32_t* carry) {
+                     const int32_t* ebp, int64_t eb_ld, int32_t* carry, bool fuse, int32_t fuse_e) {
     float ct[MR][NR];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) ct[i][j] = first ? 0.0f : C[i * ldc + j];
@@ -40,7 +40,7 @@ struct UkScalar {
         }
     }
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) C[i * ldc + j] = ct[i][j];
+      for (int j = 0; j < NR; ++j) C[i * ldc + j] = fuse ? scale2(ct[i][j], fuse_e) : ct[i][j];
   }
 };
 

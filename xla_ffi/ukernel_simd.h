@@ -58,7 +58,7 @@ struct UkSimd {
   // noinline: inlined into the driver, GCC ran out of zmm registers and spilled an accumulator.
   __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const Piece* pcs,
                      int npcs, float* C, int64_t ldc, bool first, bool scaled, const int32_t* eap, int64_t ea_ld,
-                     const int32_t* ebp, int64_t eb_ld, int32_t* carry) {
+                     const int32_t* ebp, int64_t eb_ld, int32_t* carry, bool fuse, int32_t fuse_e) {
     alignas(64) float ct[MR * NR];
     static_for<MR>([&](auto i) __attribute__((always_inline)) {
       static_for<NV>([&](auto v) __attribute__((always_inline)) {
@@ -124,6 +124,15 @@ struct UkSimd {
           });
         });
       }
+    }
+    if (fuse) {  // the epilogue's KB == 1 scale2, fused into the last store (same two multiplies)
+      const vi e = V::bcast(fuse_e);
+      static_for<MR>([&](auto i) __attribute__((always_inline)) {
+        static_for<NV>([&](auto v) __attribute__((always_inline)) {
+          V::storef(C + i * ldc + v * V::kLanes, V::scale2(V::loadf(ct + i * NR + v * V::kLanes), e));
+        });
+      });
+      return;
     }
     static_for<MR>([&](auto i) __attribute__((always_inline)) {
       static_for<NV>([&](auto v) __attribute__((always_inline)) {

@@ -418,6 +418,74 @@ def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, l
       or feature_group_count < 1 or np.shape(w)[-1] % feature_group_count:
     raise ValueError(f"feature_group_count must be an int >= 1 dividing the output features, "
                      f"got {feature_group_count!r}")
-  wt, pads_t = conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, int(feature_group_count))
-  return conv(dy, wt, edy, ew, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil,
-              feature_group_count=feature_group_count, bits_x=bits_dy, bits_w=bits_w, isa=isa)
+  g = int(feature_group_count)
+  wt, pads_t = conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, g)
+  kw = dict(feature_group_count=g, bits_x=bits_dy, bits_w=bits_w, isa=isa)
+  if any(s > 1 for s in strides) and all(d == 1 for d in ldil):
+    bits_dy = _check_bits("bits_dy", bits_dy)
+    bits_w = _check_bits("bits_w", bits_w)
+    k_full = _prod(np.shape(wt)[:-1])
+    og = np.shape(wt)[-2]
+    chain = min(safe_chain_length(bits_dy, bits_w), max(k_full, 1))
+    if chain == k_full or og % chain == 0:
+      return _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw)
+  return conv(dy, wt, edy, ew, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil, **kw)
+
+
+def _prod(xs) -> int:
+  return int(math.prod(xs))
+
+
+def _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw):
+  """Backward-data of a strided conv without the zeros of the lhs-dilated dy: one stride-1 conv per
+  output phase (dx[..., r::s, ...]) with the kernel taps that phase reads (sub-pixel decomposition).
+
+  Exact: the dropped taps read only dilation zeros, and the caller checked that every int32 chain of
+  the full problem lies inside one tap (or is all of K), so the dropped taps are whole all-zero chains
+  (each adds +0.0 to the FP32 accumulator, which is never -0.0) and the kept chains are the same.
+  """
+  nsp = len(in_sp)
+  od = np.shape(dy)[1:-1]
+  ksp = np.shape(wt)[:nsp]
+  per_dim = []  # per dim: for each phase r, (count, taps, rhs dilation, (lo, hi)) or None (no taps)
+  for d in range(nsp):
+    s, rd, lo, size = strides[d], rdil[d], pads_t[d][0], in_sp[d]
+    phases = []
+    for r in range(s):
+      cnt = len(range(r, size, s))
+      taps = [k for k in range(ksp[d]) if (r + k * rd - lo) % s == 0]
+      if cnt == 0 or not taps:
+        phases.append((cnt, None, None, None))
+        continue
+      q = [(r + k * rd - lo) // s for k in taps]
+      rd2 = q[1] - q[0] if len(q) > 1 else 1
+      lo2 = -q[0]
+      hi2 = cnt + (len(taps) - 1) * rd2 - od[d] - lo2
+      phases.append((cnt, tuple(taps), rd2, (lo2, hi2)))
+    per_dim.append(phases)
+  nb, c = np.shape(dy)[0], np.shape(wt)[-1]
+  blocks = [-(-size // s) for size, s in zip(in_sp, strides)]
+  zero_or_nan = None
+  outs = []
+  for ph in np.ndindex(*strides):
+    sel = [per_dim[d][r] for d, r in enumerate(ph)]
+    shape = (nb,) + tuple(x[0] for x in sel) + (c,)
+    if any(x[1] is None for x in sel):
+      if zero_or_nan is None:  # nothing reads this phase: +0.0 (NaN for a non-finite exponent), as the kernel
+        bad = (jnp.reshape(edy, ()) == 2**30) | (jnp.reshape(ew, ()) == 2**30)
+        zero_or_nan = jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(0))
+      y = jnp.broadcast_to(zero_or_nan, shape)
+    else:
+      wsub = wt
+      for d, x in enumerate(sel):
+        if len(x[1]) != ksp[d]:
+          wsub = jnp.take(wsub, np.asarray(x[1]), axis=d)
+      y = conv(dy, wsub, edy, ew, window_strides=(1,) * nsp, padding=tuple(x[3] for x in sel),
+               rhs_dilation=tuple(x[2] for x in sel), **kw)
+    # pad every phase to the block grid, then interleave
+    outs.append(jnp.pad(y, [(0, 0)] + [(0, b - x[0]) for b, x in zip(blocks, sel)] + [(0, 0)]))
+  st = jnp.stack(outs).reshape(tuple(strides) + (nb,) + tuple(blocks) + (c,))
+  # [*s, N, *B, C] -> [N, B0, s0, B1, s1, ..., C]
+  perm = (nsp,) + tuple(x for d in range(nsp) for x in (nsp + 1 + d, d)) + (2 * nsp + 1,)
+  full = jnp.transpose(st, perm).reshape((nb,) + tuple(b * s for b, s in zip(blocks, strides)) + (c,))
+  return full[(slice(None),) + tuple(slice(0, size) for size in in_sp)]
