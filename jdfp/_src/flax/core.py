@@ -184,6 +184,41 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
 
 
 # ------------------------------------------------------------------------------------------------
+# Convolutions with statistics: on jdfp's conv kernel when the formats are per-tensor.
+
+
+def conv(dot, args):
+  """A quantized op's convolution. ``dot`` is the op's tracked dot function (with ``.policy`` and
+  ``.tracked_call``); ``args`` are `lax.conv_general_dilated`'s positional arguments.
+
+  Per-tensor integer formats run `jdfp.conv_general_dilated` (the implicit-GEMM conv kernel for all
+  three passes) with statistics of its input, kernel and output gradient; other formats take the
+  im2col arrangement through ``dot`` (as `jdfp.conv_general_dilated` does for them)."""
+  policy = dot.policy
+  per_tensor = all(ops._per_tensor(f) for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
+  if not per_tensor or args[8] != 1:
+    return conv_via_dot(dot, *args)
+  return dot.tracked_call(lambda state, key: tracked_conv(args, policy=policy, key=key, state=state))
+
+
+def tracked_conv(args, *, policy: Policy, key=None, state=None):
+  """`jdfp.conv_general_dilated` plus statistics, as `tracked_dot_general`. Returns ``(out, new_state)``."""
+  out = ops.conv_general_dilated(*args, policy=policy, key=key)
+  if state is None:
+    return out, None
+  lhs, rhs = (lax.stop_gradient(qz.as_float_input(a)) for a in args[:2])
+  k_l, k_r, k_bwd = ops._split_keys(key, 3)
+  stoch = policy.fwd_rounding == "stochastic"
+  quant = lambda x, fmt, k: qz.quantize_array(x, fmt, rounding=policy.fwd_rounding, key=k if stoch else None,
+                                              axis_name=getattr(policy, "axis_name", None))
+  old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  fwd_state = {"lhs": role_stats(lhs, quant(lhs, policy.lhs, k_l)), "rhs": role_stats(rhs, quant(rhs, policy.rhs, k_r)),
+               "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
+  cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy)
+  return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
+
+
+# ------------------------------------------------------------------------------------------------
 # Convolutions: the im2col arrangement of `jdfp.conv_general_dilated`, with any dot function.
 
 

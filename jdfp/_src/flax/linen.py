@@ -156,21 +156,22 @@ def _run(kind: str, compute, fallback):
           "(or use a policy with nearest rounding)")
   calls = []
 
-  def dot_fn(lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
+  def tracked_call(fn):
+    """Run ``fn(state, key) -> (out, new_state)`` with this op's state (once; later calls stateless)."""
     if calls:  # one GEMM per op; a second one (never expected) runs without state
-      out, _ = core.tracked_dot_general(lhs, rhs, dims, precision, preferred_element_type,
-                                        policy=policy, key=None if key is None else
-                                        jax.random.fold_in(key, len(calls)), state=None, **kw)
+      out, _ = fn(None, None if key is None else jax.random.fold_in(key, len(calls)))
       return out
     calls.append(1)
-    state = None if var is None else var.value
-    out, new = core.tracked_dot_general(lhs, rhs, dims, precision, preferred_element_type,
-                                        policy=policy, key=key, state=state, **kw)
+    out, new = fn(None if var is None else var.value, key)
     if var is not None and module.is_mutable_collection(col):
       var.value = new
     return out
 
-  dot_fn.policy, dot_fn.key = policy, key
+  def dot_fn(lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
+    return tracked_call(lambda state, k: core.tracked_dot_general(
+        lhs, rhs, dims, precision, preferred_element_type, policy=policy, key=k, state=state, **kw))
+
+  dot_fn.policy, dot_fn.key, dot_fn.tracked_call = policy, key, tracked_call
 
   with _inside():
     return compute(dot_fn)
@@ -194,7 +195,7 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
   orig = lambda: _ORIG["conv_general_dilated"](*args, **kw)
   if _active() is None or batch_group_count != 1 or any(v is not None for v in kw.values()):
     return orig()
-  return _run("conv", lambda dot: core.conv_via_dot(dot, *args), orig)
+  return _run("conv", lambda dot: core.conv(dot, args), orig)
 
 
 def _conv(lhs, rhs, window_strides, padding, precision=None, preferred_element_type=None):

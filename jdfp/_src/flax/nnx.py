@@ -85,18 +85,28 @@ class JdfpOp(nnx.Module):
       stream = self.rngs.default
     return stream()
 
-  def _dot(self, lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
-    out, new = core.tracked_dot_general(lhs, rhs, dims, precision, preferred_element_type, policy=self.policy,
-                                        key=self._key(), state=unpack(self.state[...]), **kw)
+  def _tracked_call(self, fn):
+    out, new = fn(unpack(self.state[...]), self._key())
     self.state[...] = pack(new)
     return out
+
+  def _dot(self, lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
+    return self._tracked_call(lambda state, key: core.tracked_dot_general(
+        lhs, rhs, dims, precision, preferred_element_type, policy=self.policy, key=key, state=state, **kw))
 
   def __call__(self, *args, **kwargs):
     if self.kind == "dot_general":
       return self._dot(*args, **kwargs)
     if self.kind == "conv":
-      kw = {k: v for k, v in kwargs.items() if v is not None or k in ("padding",)}
-      return core.conv_via_dot(self._dot, *args, **kw)
+      names = ("lhs", "rhs", "window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
+               "feature_group_count", "batch_group_count", "precision", "preferred_element_type")
+      full = dict(zip(names, args), **kwargs)
+      full.setdefault("feature_group_count", 1)
+      full.setdefault("batch_group_count", 1)
+      def dot(*a, **k):
+        return self._dot(*a, **k)
+      dot.policy, dot.tracked_call = self.policy, self._tracked_call
+      return core.conv(dot, tuple(full.get(n) for n in names))
     subscripts, *operands = args
     precision = kwargs.pop("precision", None)
     pet = kwargs.pop("preferred_element_type", None)
