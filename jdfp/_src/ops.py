@@ -591,7 +591,7 @@ _conv_core.defvjp(_conv_fwd_perturbed, _conv_bwd, symbolic_zeros=True)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, *, policy: Policy | None = None,
-                         key=None) -> jax.Array:
+                         key=None, _dot_general=None) -> jax.Array:
   """Drop-in for `jax.lax.conv_general_dilated` (any dimension numbers, strides, padding, lhs/rhs
   dilation, feature groups) with forward, backward-data and weight-gradient in low precision.
 
@@ -637,14 +637,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   geom = _ConvGeom(tuple(int(s) for s in x.shape[1:1 + nsp]), tuple(int(k) for k in ksp),
                    tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in pads),
                    tuple(int(d) for d in lhs_dil), tuple(int(d) for d in rhs_dil), g)
-  if _conv_kernel_eligible(policy, x.shape, w.shape, geom):
+  # `_dot_general` (as jnp.einsum's hook): force the im2col arrangement with that GEMM (the Flax
+  # integration passes its statistics-tracking dot for block formats).
+  if _dot_general is None and _conv_kernel_eligible(policy, x.shape, w.shape, geom):
     needs_key = policy.fwd_rounding == "stochastic" or policy.grad_rounding == "stochastic"
     if needs_key and key is None:
       raise ValueError("this policy rounds stochastically: pass key=jax.random.key(...) "
                        "(the Flax wrapper draws it from its 'dfp' RNG stream)")
     y = _conv_core(x, w, key, geom, policy, _out_dtype(lhs, rhs, preferred_element_type))
     return jnp.transpose(y, _conv_out_perm(dn, nsp))
-  if policy.lhs.is_integer and resolve_backend(policy) == "ffi":
+  if _dot_general is None and policy.lhs.is_integer and resolve_backend(policy) == "ffi":
     _warn_once(f"jdfp.conv_general_dilated: formats with block exponents ({policy.lhs!r}, {policy.rhs!r}, "
                f"{policy.grad!r}) run the conv as an im2col GEMM on the GEMM kernel (patches materialised "
                "in JAX); the implicit-GEMM conv kernel takes per-tensor exponents only.")
@@ -655,7 +657,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   # [G, rows, KK*I] . [G, KK*I, O/G] -> [G, rows, O/G]
   p = p.reshape(rows, kk, g, i).transpose(2, 0, 1, 3).reshape(g, rows, kk * i)
   w = w.reshape(kk, i, g, o // g).transpose(2, 0, 1, 3).reshape(g, kk * i, o // g)
-  y = dot_general(p, w, (((2,), (1,)), ((0,), (0,))), precision, preferred_element_type, policy=policy, key=key)
+  dims = (((2,), (1,)), ((0,), (0,)))
+  if _dot_general is None:
+    y = dot_general(p, w, dims, precision, preferred_element_type, policy=policy, key=key)
+  else:
+    y = _dot_general(p, w, dims, precision, preferred_element_type)
   y = y.transpose(1, 0, 2).reshape((n,) + out_sp + (o,))
   return jnp.transpose(y, _conv_out_perm(dn, nsp))
 

@@ -225,45 +225,12 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None):
 def conv_via_dot(dot_fn, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                  precision=None, preferred_element_type=None):
-  """`jdfp.conv_general_dilated`'s arrangement (im2col patches, grouped GEMM) with ``dot_fn`` as the
-  GEMM; ``dot_fn(p, w, dims, precision, preferred_element_type)`` returns the product. With
-  `jdfp.dot_general` this is bit-identical to `jdfp.conv_general_dilated` (tested)."""
-  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-  if batch_group_count != 1:
-    raise NotImplementedError("jdfp: batch_group_count > 1 is not supported")
-  nsp = lhs.ndim - 2
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  strides = tuple(window_strides)
-  lhs_dil = tuple(lhs_dilation or (1,) * nsp)
-  rhs_dil = tuple(rhs_dilation or (1,) * nsp)
-  x = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
-  w = jnp.transpose(rhs, tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0]))
-  ksp = w.shape[:nsp]
-  c, i, o = x.shape[-1], w.shape[-2], w.shape[-1]
-  g = int(feature_group_count)
-  if g < 1 or c != i * g or o % g:
-    raise ValueError(f"feature_group_count={g}: lhs features {c} must equal rhs input features {i} x groups, "
-                     f"and rhs output features {o} must divide by groups")
-  if isinstance(padding, str):
-    in_sp = [(s - 1) * d + 1 for s, d in zip(x.shape[1:1 + nsp], lhs_dil)]
-    k_eff = [(k - 1) * d + 1 for k, d in zip(ksp, rhs_dil)]
-    pads = lax.padtype_to_pads(in_sp, k_eff, strides, padding)
-  else:
-    pads = tuple(tuple(p) for p in padding)
-  p, out_sp = ops._patches(x, ksp, strides, pads, lhs_dil, rhs_dil)
-  n = x.shape[0]
-  kk = int(np.prod(ksp))
-  rows = n * int(np.prod(out_sp))
-  p = p.reshape(rows, kk, g, i).transpose(2, 0, 1, 3).reshape(g, rows, kk * i)
-  w = w.reshape(kk, i, g, o // g).transpose(2, 0, 1, 3).reshape(g, kk * i, o // g)
-  y = dot_fn(p, w, (((2,), (1,)), ((0,), (0,))), precision, preferred_element_type)
-  y = y.transpose(1, 0, 2).reshape((n,) + out_sp + (o,))
-  out_perm = [0] * (nsp + 2)
-  out_perm[dn.out_spec[0]] = 0
-  out_perm[dn.out_spec[1]] = nsp + 1
-  for j, d in enumerate(dn.out_spec[2:]):
-    out_perm[d] = 1 + j
-  return jnp.transpose(y, out_perm)
+  """`jdfp.conv_general_dilated`'s im2col arrangement with ``dot_fn`` as the GEMM;
+  ``dot_fn(p, w, dims, precision, preferred_element_type)`` returns the product. With
+  `jdfp.dot_general` this is bit-identical to the op's im2col path (tested)."""
+  return ops.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                  feature_group_count, batch_group_count, precision, preferred_element_type,
+                                  _dot_general=dot_fn)
 
 
 def conv_transpose_via(conv_fn, lhs, rhs, strides, padding, rhs_dilation=None, dimension_numbers=None,
