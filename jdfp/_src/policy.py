@@ -70,7 +70,7 @@ class Policy:
         raise ValueError(f"{name} must be one of {formats.ROUNDING_MODES}, got {getattr(self, name)!r}")
     if self.scaling not in SCALINGS:
       raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r} "
-                       "(delayed scaling lives in the Flax integration's state)")
+                       "(delayed scaling from an amax history is not implemented yet)")
     if self.backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
     float_ops = [f for f in (self.lhs, self.rhs) if not f.is_integer]
