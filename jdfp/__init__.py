@@ -12,6 +12,7 @@ from jdfp._src.policy import Policy, policies
 from jdfp._src.ops import conv_general_dilated, dot_general, einsum
 from jdfp._src import kernels
 from jdfp._src.explain import explain
+from jdfp._src.delayed import ScaleState, delayed_state_update, init_scale_state
 from jdfp._src.loss_scale import (DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale, all_finite,
                                   select_tree)
 from jdfp._src.loss_scaled import LossScaledState, current_loss_scale, loss_scale_state, loss_scaled
@@ -26,6 +27,9 @@ from jdfp._src.telemetry import Telemetry, telemetry
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScaleState",
+    "delayed_state_update",
+    "init_scale_state",
     "DfpState",
     "QuantizeReport",
     "Rule",

@@ -333,7 +333,7 @@ def _out_dtype(lhs, rhs, preferred_element_type):
 
 
 def dot_general(lhs, rhs, dimension_numbers: DimensionNumbers, precision=None, preferred_element_type=None,
-                *, policy: Policy | None = None, key=None, **kwargs) -> jax.Array:
+                *, policy: Policy | None = None, key=None, scale_state=None, **kwargs) -> jax.Array:
   """Drop-in for `jax.lax.dot_general` that runs the GEMM (and its two backward GEMMs) in DFP/BFP.
 
   Args:
@@ -341,6 +341,8 @@ def dot_general(lhs, rhs, dimension_numbers: DimensionNumbers, precision=None, p
       (`precision` applies to FP16/BF16 policies; integer GEMMs are exact).
     policy: a `jdfp.Policy` (default `Policy()`: DFP with 14 bits, nearest rounding, kernel on CPU).
     key: PRNG key, required when the policy rounds stochastically.
+    scale_state: with ``Policy(scaling="delayed")``, the `jdfp.ScaleState` of this op; the call then
+      returns ``(out, new_state)`` (see `jdfp._src.delayed` for how the gradient history flows).
   Other keyword arguments of newer `lax.dot_general` (e.g. ``out_sharding``) must be None.
   """
   for k_, v in kwargs.items():
@@ -367,6 +369,14 @@ def dot_general(lhs, rhs, dimension_numbers: DimensionNumbers, precision=None, p
     raise ValueError("this policy rounds stochastically: pass key=jax.random.key(...) "
                      "(the Flax wrapper draws it from its 'dfp' RNG stream)")
   out_dtype = _out_dtype(lhs, rhs, preferred_element_type)
+  if policy.scaling == "delayed":
+    if scale_state is None:
+      raise ValueError("Policy(scaling='delayed') needs scale_state=jdfp.init_scale_state(policy) "
+                       "(the call then returns (out, new_state))")
+    from jdfp._src import delayed  # pylint: disable=import-outside-toplevel
+    return delayed.dot_general(lhs, rhs, dims, precision, out_dtype, policy=policy, key=key, scale_state=scale_state)
+  if scale_state is not None:
+    raise ValueError("scale_state= is for Policy(scaling='delayed'); this policy uses current scaling")
   return _dot_core(lhs, rhs, key, dims, policy, precision, out_dtype)
 
 
@@ -634,6 +644,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   policy = Policy() if policy is None else policy
   if not isinstance(policy, Policy):
     raise TypeError(f"policy must be a jdfp.Policy, got {type(policy).__name__}")
+  if policy.scaling == "delayed":
+    raise NotImplementedError("jdfp.conv_general_dilated: delayed scaling is implemented for dot_general only")
   geom = _ConvGeom(tuple(int(s) for s in x.shape[1:1 + nsp]), tuple(int(k) for k in ksp),
                    tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in pads),
                    tuple(int(d) for d in lhs_dil), tuple(int(d) for d in rhs_dil), g)

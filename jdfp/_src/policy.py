@@ -19,7 +19,7 @@ from jdfp._src import formats
 from jdfp._src.formats import BF16, BFP, DFP, FP16, Format
 
 BACKENDS = ("auto", "ffi", "reference")
-SCALINGS = ("current",)
+SCALINGS = ("current", "delayed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,10 @@ class Policy:
     grad_rounding: rounding of output gradients. ``Policy()`` defaults to ``"nearest"`` so the ops
       stay drop-in without a key; the ready-made recipes (`jdfp.policies`) use ``"stochastic"``,
       which needs ``key=`` (the Flax wrapper draws it from its RNG stream).
-    scaling: ``"current"``: each tensor's exponent from its own max in this step (the paper).
+    scaling: ``"current"``: each tensor's exponent from its own max in this step (the paper);
+      ``"delayed"``: from the largest of the last ``history_length`` maxima (beyond the paper; the op
+      then takes ``scale_state=`` and returns ``(out, new_state)``, see `jdfp.init_scale_state`).
+    history_length: length of the amax history for delayed scaling.
     backend: ``"auto"`` (the FFI kernel on CPU; elsewhere the reference path with a one-time
       warning), ``"ffi"`` (the kernel, error if unavailable) or ``"reference"`` (pure JAX, bit-identical).
     isa: SIMD path of the kernel: ``"auto"`` or one of `jdfp.kernels.available_isas()`.
@@ -55,6 +58,7 @@ class Policy:
   fwd_rounding: str = "nearest"
   grad_rounding: str = "nearest"
   scaling: str = "current"
+  history_length: int = 16
   backend: str = "auto"
   isa: str = "auto"
   axis_name: str | tuple[str, ...] | None = None
@@ -70,7 +74,9 @@ class Policy:
         raise ValueError(f"{name} must be one of {formats.ROUNDING_MODES}, got {getattr(self, name)!r}")
     if self.scaling not in SCALINGS:
       raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r} "
-                       "(delayed scaling from an amax history is not implemented yet)")
+                       "(delayed: exponents from a history of maxima, see jdfp.init_scale_state)")
+    if isinstance(self.history_length, bool) or not isinstance(self.history_length, int) or self.history_length < 1:
+      raise ValueError(f"history_length must be an int >= 1, got {self.history_length!r}")
     if self.backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
     float_ops = [f for f in (self.lhs, self.rhs) if not f.is_integer]

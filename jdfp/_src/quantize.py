@@ -155,6 +155,12 @@ def _quantize(x, key, fmt, rounding, bshape, axis_name=None) -> QArray:
   amax = formats.block_amax(x, bshape)
   if axis_name is not None:
     amax = jax.lax.pmax(amax, axis_name)  # Inf (from NaN/Inf) wins, so a non-finite replica taints all
+  return quantize_given_amax(x, amax, fmt, rounding, key, bshape)
+
+
+def quantize_given_amax(x, amax, fmt, rounding, key, bshape) -> QArray:
+  """Quantize with the per-block maxima given (delayed scaling passes a history's max; larger
+  elements saturate at qmax). ``amax`` must be Inf for blocks holding NaN/Inf."""
   e = group_exponent(amax, fmt)
   e_full = formats.expand_blocks(e, bshape, x.shape)
   nonfinite = e_full == NONFINITE_EXPONENT
