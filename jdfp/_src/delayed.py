@@ -96,17 +96,8 @@ def _bwd(dims, policy, precision, out_dtype, res, cts):
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   g3 = g.astype(jnp.float32).reshape(bsz, m, n)
   k_dl, _ = ops._split_keys(k_bwd, 2)
-  qg, new_g = _quantize3(g3, policy.grad, policy.grad_rounding, k_dl, hist_grad)
-  if lv.c_ax == 2:
-    dl3 = ops._gemm(qg, 2, qr, rv.f_ax, policy, precision)
-  else:
-    dl3 = ops._gemm(qr, rv.f_ax, qg, 2, policy, precision)
-  if rv.c_ax == 1:
-    dr3 = ops._gemm(ql, lv.f_ax, qg, 1, policy, precision)
-  else:
-    dr3 = ops._gemm(qg, 1, ql, lv.f_ax, policy, precision)
-  dlhs = ops._as_cotangent_of(ops._from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
-  drhs = ops._as_cotangent_of(ops._from3(dr3, rv, rhs_dt.shape[1:]).astype(rhs_dt.dtype), rhs_dt)
+  qg, new_g = _quantize3(g3, policy.dlhs, policy.grad_rounding, k_dl, hist_grad)
+  dlhs, drhs = ops.backward_gemms(ql, qr, qg, qg, lhs_dt, rhs_dt, dims, policy, precision)
   # The new gradient history leaves as the cotangent of the old one (overwrite semantics).
   return dlhs, drhs, None, None, new_g
 
@@ -119,7 +110,9 @@ def dot_general(lhs, rhs, dims, precision, out_dtype, *, policy, key, scale_stat
   if not isinstance(scale_state, ScaleState):
     raise TypeError("scale_state must be a jdfp.ScaleState (jdfp.init_scale_state(policy)), "
                     f"got {type(scale_state).__name__}")
-  for f in (policy.lhs, policy.rhs, policy.grad):
+  if policy.dlhs != policy.drhs:
+    raise ValueError("delayed scaling keeps one gradient history: dlhs_grad and drhs_grad must agree")
+  for f in (policy.lhs, policy.rhs, policy.dlhs):
     if not (f.is_integer and f.axis is None and f.block is None):
       raise ValueError(f"delayed scaling supports per-tensor integer formats only, got {f!r}")
   hist_fwd = jnp.stack([jnp.asarray(scale_state.lhs, jnp.float32), jnp.asarray(scale_state.rhs, jnp.float32)])

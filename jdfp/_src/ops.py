@@ -286,22 +286,29 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
           _quantize_blocks_equal(policy.dlhs, g3.shape)))
   g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax)
 
+  dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
+                              need_l is not None, need_r is not None)
+  return dlhs, drhs, None
+
+
+def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, need_l=True, need_r=True):
+  """Backward-data and weight-gradient GEMMs from the quantized operands and output gradient, each
+  produced directly in its operand's physical layout (no transposes of the results)."""
+  lv, rv = _views(lhs_dt.shape[1:], rhs_dt.shape[1:], dims)
   dlhs = drhs = None
-  # Backward-data: produce lhs's physical layout directly (no transposes of the result).
-  if need_l is not None:
+  if need_l:
     if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
       dl3 = _gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
     else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
       dl3 = _gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
-    dlhs = _as_cotangent_of(_from3(dl3, lv, lhs_shape).astype(lhs_dt.dtype), lhs_dt)
-  # Weight-gradient, in rhs's physical layout.
-  if need_r is not None:
+    dlhs = _as_cotangent_of(_from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
+  if need_r:
     if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
       dr3 = _gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
     else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
       dr3 = _gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
-    drhs = _as_cotangent_of(_from3(dr3, rv, rhs_shape).astype(rhs_dt.dtype), rhs_dt)
-  return dlhs, drhs, None
+    drhs = _as_cotangent_of(_from3(dr3, rv, rhs_dt.shape[1:]).astype(rhs_dt.dtype), rhs_dt)
+  return dlhs, drhs
 
 
 def _as_cotangent_of(d, primal):
