@@ -102,10 +102,11 @@ def role_stats(x, q: qz.QArray) -> dict:
   e_safe = jnp.where(group_finite, e_full, 0)
   ok = nonzero & group_finite
   scaled = formats.scale2(jnp.where(ok, jnp.abs(x), 0.0), -e_safe)
-  grid_finite = e_grid != formats.NONFINITE_EXPONENT
   big = jnp.iinfo(jnp.int32).max
-  e_max = jnp.max(jnp.where(grid_finite, e_grid, -big))
-  e_max = jnp.where(jnp.any(grid_finite), e_max, 0)
+  # The largest exponent among elements that hold a value: all-zero blocks (exponent 0 by
+  # convention, e.g. masked attention tiles) must not count.
+  e_max = jnp.max(jnp.where(ok, e_full, -big))
+  e_max = jnp.where(jnp.any(ok), e_max, 0)
   e_min = jnp.min(jnp.where(ok, e_full, big))
   e_min = jnp.where(jnp.any(ok), e_min, 0)
   return {"exponent": f32(e_max), "exponent_min": f32(e_min),
