@@ -271,3 +271,13 @@ def test_residuals_are_int16():
   assert ql.values.dtype == jnp.int16 and qr.values.dtype == jnp.int16
   saved = sum(np.asarray(l).nbytes for l in jax.tree.leaves(res))
   assert saved <= 0.5 * (x.nbytes + w.nbytes) + 64
+
+
+def test_kernel_library_is_loaded():
+  """The kernel-dependent tests skip without the library; this one makes a missing build fail loudly
+  (set JDFP_ALLOW_NO_KERNEL=1 only on platforms where the extension cannot be built)."""
+  import os
+  if os.environ.get("JDFP_ALLOW_NO_KERNEL"):
+    pytest.skip("JDFP_ALLOW_NO_KERNEL is set")
+  assert jdfp.kernels.kernel_available(), jdfp._src.kernels._load_error
+  assert jdfp.kernels.best_isa() in jdfp.kernels.available_isas()
