@@ -5,8 +5,8 @@ last H maxima in a `ScaleState`. The exponent comes from the largest of them (th
 the history is still empty); elements beyond it saturate at qmax (counted as "saturated" by
 telemetry in the Flax path). A non-finite current max still makes the result NaN.
 
-State flow (as Flax's fp8_ops): ``out, new_state = jdfp.dot_general(..., scale_state=state)``
-returns the new lhs/rhs histories; the new gradient history leaves the backward pass as the
+State flow (as Flax's fp8_ops): ``out, new_state = jdfp.dot_general(..., scale_state=state)`` (or
+``jdfp.conv_general_dilated(..., scale_state=state)``) returns the new lhs/rhs histories; the new gradient history leaves the backward pass as the
 *cotangent* of ``state.grad``. So differentiate w.r.t. the state too and take
 ``new_state = jdfp.delayed_state_update(new_state, state_grads)`` (overwrite, not add).
 """
@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
@@ -110,15 +111,108 @@ def dot_general(lhs, rhs, dims, precision, out_dtype, *, policy, key, scale_stat
   if not isinstance(scale_state, ScaleState):
     raise TypeError("scale_state must be a jdfp.ScaleState (jdfp.init_scale_state(policy)), "
                     f"got {type(scale_state).__name__}")
-  if policy.dlhs != policy.drhs:
-    raise ValueError("delayed scaling keeps one gradient history: dlhs_grad and drhs_grad must agree")
-  for f in (policy.lhs, policy.rhs, policy.dlhs):
-    if not (f.is_integer and f.axis is None and f.block is None):
-      raise ValueError(f"delayed scaling supports per-tensor integer formats only, got {f!r}")
+  _check_policy(policy)
   hist_fwd = jnp.stack([jnp.asarray(scale_state.lhs, jnp.float32), jnp.asarray(scale_state.rhs, jnp.float32)])
   out, new_fwd = _core(lhs, rhs, key, lax.stop_gradient(hist_fwd), jnp.asarray(scale_state.grad, jnp.float32),
                        dims, policy, precision, out_dtype)
   return out, ScaleState(new_fwd[0], new_fwd[1], scale_state.grad)
 
 
-del formats
+
+def _check_policy(policy):
+  if policy.dlhs != policy.drhs:
+    raise ValueError("delayed scaling keeps one gradient history: dlhs_grad and drhs_grad must agree")
+  for f in (policy.lhs, policy.rhs, policy.dlhs):
+    if not (f.is_integer and f.axis is None and f.block is None):
+      raise ValueError(f"delayed scaling supports per-tensor integer formats only, got {f!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolutions: ops' implicit-GEMM conv passes (`ops._conv_int` & co.), operands quantized with
+# exponents from the histories. With empty histories this is bit-identical to current scaling.
+
+
+def _conv_quantize(x, fmt, rounding, key, hist, masks=None):
+  """As `ops._quantize_conv_operand`, with the exponent from ``max(hist)`` (the current max of the
+  positions the conv reads while the history is empty). Returns int16 values, the ``(1,)``
+  exponent and the new history."""
+  x = qz.as_float_input(x)
+  ax = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))
+  if masks is not None:
+    nsp = len(masks)
+    mask = functools.reduce(np.logical_and, [m.reshape((1,) + tuple(-1 if j == d else 1 for j in range(nsp)) + (1,))
+                                             for d, m in enumerate(masks)])
+    ax = jnp.where(mask, ax, 0.0)
+  cur = jnp.max(ax) if x.size else jnp.float32(0)
+  e = qz.group_exponent(_used_amax(hist, cur), fmt)
+  nonfinite = e == formats.NONFINITE_EXPONENT
+  xs = jnp.where(nonfinite | ~jnp.isfinite(x), 0.0, x)
+  y = formats.scale2(xs, -jnp.where(nonfinite, 0, e))
+  i = jnp.clip(qz.round_to_int(y, rounding, key if rounding == "stochastic" else None), -fmt.qmax, fmt.qmax)
+  return i.astype(jnp.int16), e.reshape(1), _push(hist, cur)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _conv_core(x, w, key, hist_fwd, hist_grad, geom, policy, out_dtype):
+  out, _ = _conv_fwd(x, w, key, hist_fwd, hist_grad, geom, policy, out_dtype)
+  return out
+
+
+def _conv_fwd(x, w, key, hist_fwd, hist_grad, geom, policy, out_dtype):
+  k_x, k_w, k_bwd = ops._split_keys(key, 3)
+  xq, ex, new_x = _conv_quantize(x, policy.lhs, policy.fwd_rounding, k_x, hist_fwd[0], geom.covered())
+  wq, ew, new_w = _conv_quantize(w, policy.rhs, policy.fwd_rounding, k_w, hist_fwd[1])
+  y = ops._conv_int(xq, ex, wq, ew, geom, policy.lhs.int_bits, policy.rhs.int_bits, policy).astype(out_dtype)
+  return (y, jnp.stack([new_x, new_w])), (xq, ex, wq, ew, k_bwd, hist_grad, x[None][:0], w[None][:0])
+
+
+def _conv_fwd_sz(x, w, key, hist_fwd, hist_grad, geom, policy, out_dtype):
+  unwrap = lambda t: jax.tree.map(lambda k: k.value, t, is_leaf=lambda k: isinstance(k, CustomVJPPrimal))
+  out, res = _conv_fwd(x.value, w.value, unwrap(key), hist_fwd.value, hist_grad.value, geom, policy, out_dtype)
+  marker = lambda p: jnp.zeros((0,), jnp.int8) if p.perturbed else None
+  return out, res + (marker(x), marker(w))
+
+
+def _conv_bwd(geom, policy, out_dtype, res, cts):
+  xq, ex, wq, ew, k_bwd, hist_grad, x_dt, w_dt, need_x, need_w = res
+  g = cts[0]
+  if isinstance(g, SymbolicZero):
+    return None, None, None, None, hist_grad
+  k_dl, k_dr = ops._split_keys(k_bwd, 2)
+  k_g = k_dl if need_x is not None else k_dr  # the key current scaling's conv uses (see ops._conv_bwd)
+  gq, eg, new_g = _conv_quantize(g.astype(jnp.float32), policy.dlhs, policy.grad_rounding, k_g, hist_grad)
+  dx = dw = None
+  if need_x is not None:
+    dx = ops._conv_input_grad_int(gq, eg, wq, ew, geom, policy.dlhs.int_bits, policy.rhs.int_bits, policy)
+    dx = ops._as_cotangent_of(dx.astype(x_dt.dtype), x_dt)
+  if need_w is not None:
+    dw = ops._conv_wgrad_int(xq, ex, gq, eg, geom, policy.lhs.int_bits, policy.drhs.int_bits, policy)
+    dw = ops._as_cotangent_of(dw.astype(w_dt.dtype), w_dt)
+  return dx, dw, None, None, new_g
+
+
+_conv_core.defvjp(_conv_fwd_sz, _conv_bwd, symbolic_zeros=True)
+
+
+def conv_general_dilated(x, w, geom, *, policy, key, scale_state, out_dtype):
+  """The delayed-scaling conv on canonical layouts (x ``[N, *S, C]``, w ``[*K, C/G, O]``; called by
+  `jdfp.conv_general_dilated`, which handles the layouts). Returns ``(out, new_state)``."""
+  if scale_state is None:
+    raise ValueError("Policy(scaling='delayed') needs scale_state=jdfp.init_scale_state(policy) "
+                     "(the call then returns (out, new_state))")
+  if policy.scaling != "delayed":
+    raise ValueError("scale_state= is for Policy(scaling='delayed'); this policy uses current scaling")
+  if not isinstance(scale_state, ScaleState):
+    raise TypeError("scale_state must be a jdfp.ScaleState (jdfp.init_scale_state(policy)), "
+                    f"got {type(scale_state).__name__}")
+  _check_policy(policy)
+  if not ops._conv_kernel_eligible(policy, x.shape, w.shape, geom):
+    raise NotImplementedError("jdfp.conv_general_dilated: delayed scaling needs 1-3 spatial dims and non-empty "
+                              "operands")
+  needs_key = policy.fwd_rounding == "stochastic" or policy.grad_rounding == "stochastic"
+  if needs_key and key is None:
+    raise ValueError("this policy rounds stochastically: pass key=jax.random.key(...)")
+  hist_fwd = jnp.stack([jnp.asarray(scale_state.lhs, jnp.float32), jnp.asarray(scale_state.rhs, jnp.float32)])
+  out, new_fwd = _conv_core(x, w, key, lax.stop_gradient(hist_fwd), jnp.asarray(scale_state.grad, jnp.float32),
+                            geom, policy, out_dtype)
+  return out, ScaleState(new_fwd[0], new_fwd[1], scale_state.grad)

@@ -608,7 +608,7 @@ _conv_core.defvjp(_conv_fwd_perturbed, _conv_bwd, symbolic_zeros=True)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, *, policy: Policy | None = None,
-                         key=None, _dot_general=None) -> jax.Array:
+                         key=None, scale_state=None, _dot_general=None) -> jax.Array:
   """Drop-in for `jax.lax.conv_general_dilated` (any dimension numbers, strides, padding, lhs/rhs
   dilation, feature groups) with forward, backward-data and weight-gradient in low precision.
 
@@ -618,7 +618,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   + the reference GEMM (backend "reference").  Backward-data is the conv of the output gradient
   with the flipped kernel (lhs dilation = strides), weight-gradient im2col(x)^T . dy.
   Other formats (block exponents, FP16/BF16): im2col patches in JAX + `jdfp.dot_general` (on the
-  kernel, the block-format case is logged in `fallback_log`)."""
+  kernel, the block-format case is logged in `fallback_log`).
+  ``scale_state``: with ``Policy(scaling="delayed")`` (per-tensor formats), the op's `jdfp.ScaleState`;
+  the call then returns ``(out, new_state)`` as `jdfp.dot_general` does."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   _check_float("lhs", lhs)
   _check_float("rhs", rhs)
@@ -651,11 +653,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   policy = Policy() if policy is None else policy
   if not isinstance(policy, Policy):
     raise TypeError(f"policy must be a jdfp.Policy, got {type(policy).__name__}")
-  if policy.scaling == "delayed":
-    raise NotImplementedError("jdfp.conv_general_dilated: delayed scaling is implemented for dot_general only")
   geom = _ConvGeom(tuple(int(s) for s in x.shape[1:1 + nsp]), tuple(int(k) for k in ksp),
                    tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in pads),
                    tuple(int(d) for d in lhs_dil), tuple(int(d) for d in rhs_dil), g)
+  if policy.scaling == "delayed" or scale_state is not None:  # returns (out, new_state): jdfp._src.delayed
+    from jdfp._src import delayed  # pylint: disable=import-outside-toplevel
+    y, new_state = delayed.conv_general_dilated(x, w, geom, policy=policy, key=key, scale_state=scale_state,
+                                                out_dtype=_out_dtype(lhs, rhs, preferred_element_type))
+    return jnp.transpose(y, _conv_out_perm(dn, nsp)), new_state
   # `_dot_general` (as jnp.einsum's hook): force the im2col arrangement with that GEMM (the Flax
   # integration passes its statistics-tracking dot for block formats).
   if _dot_general is None and _conv_kernel_eligible(policy, x.shape, w.shape, geom):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdfp._src import formats, ops
+from jdfp._src import delayed, formats, ops
 from jdfp._src import quantize as qz
 from jdfp._src.policy import Policy
 
@@ -50,13 +50,42 @@ FIELDS = ("exponent", "exponent_min", "saturated", "underflow", "nonfinite", "si
 STATE_DTYPE = jnp.float32
 
 
-def empty_role():
-  return {f: jnp.zeros((), STATE_DTYPE) for f in FIELDS}
+HISTORY = "amax_history"
 
 
-def empty_state():
-  """The initial value of one op's state variable (all zeros)."""
-  return {r: empty_role() for r in ROLES}
+def is_delayed(policy: Policy | None) -> bool:
+  return policy is not None and policy.scaling == "delayed"
+
+
+def empty_role(policy: Policy | None = None):
+  role = {f: jnp.zeros((), STATE_DTYPE) for f in FIELDS}
+  if is_delayed(policy):
+    role[HISTORY] = jnp.zeros((policy.history_length,), STATE_DTYPE)
+  return role
+
+
+def empty_state(policy: Policy | None = None):
+  """The initial value of one op's state variable (all zeros; with delayed scaling each role also
+  holds an empty ``amax_history`` of ``policy.history_length`` maxima)."""
+  return {r: empty_role(policy) for r in ROLES}
+
+
+def history_values(hist):
+  """Amax history entries as stored in the state: each maximum ``m`` replaced by the representative
+  of its exponent class, ``m`` itself when it is 0 or a power of two, else ``1.5 * 2**floor(log2 m)``.
+  Both DFP's ``floor(log2 m)`` and BFP's ``ceil(log2 m)`` are unchanged (so is the exponent taken from
+  the history's max), and every entry is ``3 * 2**j`` or ``2**j``: `jdfp.overwrite_state`'s float32
+  ``old + (new - old)`` then reproduces the new history bitwise (arbitrary floats could be off by an
+  ulp, and a maximum of exactly 1.0 that comes back as 0.99999994 moves the exponent)."""
+  hist = jnp.asarray(hist, STATE_DTYPE)
+  safe = jnp.where(hist > 0, hist, 1.0)
+  p = formats.scale2(jnp.full_like(safe, 0.5), formats.frexp_exponent(safe))  # 2**floor(log2 m)
+  return jnp.where((hist > 0) & (hist != p), 1.5 * p, hist)
+
+
+def _scale_state(old) -> "delayed.ScaleState":
+  """The op's amax histories (constants for the op: their update leaves through the grad tap)."""
+  return delayed.ScaleState(*(lax.stop_gradient(old[r][HISTORY]) for r in ROLES))
 
 
 def needs_key(policy: Policy) -> bool:
@@ -125,6 +154,7 @@ class _TapCfg:
   fmt: Any
   rounding: str
   policy: Policy
+  delayed: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -142,8 +172,12 @@ def _grad_tap_bwd(cfg, res, g):
   fwd_state, key = res
   g3 = g.astype(jnp.float32).reshape(cfg.shape3)
   k_dl = None if key is None else jax.random.split(key, 2)[0]
-  qg = _quantize3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy)
-  new_state = {**fwd_state, "grad": role_stats(g3, qg)}
+  if cfg.delayed:  # as jdfp's delayed backward: exponent from the gradient history, then push max|g|
+    qg, hist = delayed._quantize3(g3, cfg.fmt, cfg.rounding, k_dl, fwd_state["grad"][HISTORY])
+    grad = {**role_stats(g3, qg), HISTORY: history_values(hist)}
+  else:
+    grad = role_stats(g3, _quantize3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy))
+  new_state = {**fwd_state, "grad": grad}
   zeros = jax.tree.map(jnp.zeros_like, fwd_state)
   return g, new_state, zeros, None
 
@@ -156,13 +190,23 @@ _grad_tap.defvjp(_grad_tap_fwd, _grad_tap_bwd)
 
 
 def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
-                        policy: Policy, key=None, state=None, **kwargs):
+                        policy: Policy, key=None, state=None, update_history: bool = True, **kwargs):
   """`jdfp.dot_general` plus statistics. Returns ``(out, new_state)``.
 
   ``state`` is the op's current state (see the module docstring) or None (no statistics: returns
   ``(out, None)``). ``new_state`` holds this call's forward statistics and the previous gradient
   statistics; the gradient statistics arrive as ``state``'s cotangent.
+
+  Delayed scaling (``policy.scaling == "delayed"``): each role of ``state`` holds an
+  ``amax_history``; the op quantizes with exponents from those histories (`jdfp._src.delayed`),
+  ``new_state`` carries the lhs/rhs histories with this call's maxima pushed (unless
+  ``update_history`` is False, as during Flax ``init``) and the new gradient history leaves, with
+  the gradient statistics, as ``state``'s cotangent. Without ``state`` the histories are empty
+  (the op then behaves as current scaling).
   """
+  if is_delayed(policy):
+    return _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, policy=policy,
+                                key=key, state=state, update_history=update_history, **kwargs)
   out = ops.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                         policy=policy, key=key, **kwargs)
   if state is None:
@@ -184,6 +228,32 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
   return out, fwd_state
 
 
+def _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, *, policy, key, state,
+                         update_history, **kwargs):
+  old = None if state is None else jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  hist = _scale_state(old if old is not None else empty_state(policy))
+  out, new_hist = ops.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                  policy=policy, key=key, scale_state=hist, **kwargs)
+  if old is None:
+    return out, None
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  dims = ops._canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  lv, rv = ops._views(lhs.shape, rhs.shape, dims)
+  k_l, k_r, k_bwd = ops._split_keys(key, 3)
+  l3 = lax.stop_gradient(ops._to3(lhs, lv))
+  r3 = lax.stop_gradient(ops._to3(rhs, rv))
+  # The same quantization as the op's forward (same history, rounding and key): exact statistics.
+  ql, _ = delayed._quantize3(l3, policy.lhs, policy.fwd_rounding, k_l, hist.lhs)
+  qr, _ = delayed._quantize3(r3, policy.rhs, policy.fwd_rounding, k_r, hist.rhs)
+  keep = lambda new, r: lax.stop_gradient(history_values(new) if update_history else old[r][HISTORY])
+  fwd_state = {"lhs": {**role_stats(l3, ql), HISTORY: keep(new_hist.lhs, "lhs")},
+               "rhs": {**role_stats(r3, qr), HISTORY: keep(new_hist.rhs, "rhs")},
+               "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
+  bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
+  cfg = _TapCfg((bsz, m, n), policy.dlhs, policy.grad_rounding, policy, delayed=True)
+  return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
+
+
 # ------------------------------------------------------------------------------------------------
 # Convolutions with statistics: on jdfp's conv kernel when the formats are per-tensor.
 
@@ -199,11 +269,15 @@ def conv(dot, args):
   per_tensor = all(ops._per_tensor(f) for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
   if not per_tensor or args[8] != 1:
     return conv_via_dot(dot, *args)
-  return dot.tracked_call(lambda state, key: tracked_conv(args, policy=policy, key=key, state=state))
+  upd = getattr(dot, "update_history", True)
+  return dot.tracked_call(lambda state, key: tracked_conv(args, policy=policy, key=key, state=state,
+                                                         update_history=upd))
 
 
-def tracked_conv(args, *, policy: Policy, key=None, state=None):
+def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: bool = True):
   """`jdfp.conv_general_dilated` plus statistics, as `tracked_dot_general`. Returns ``(out, new_state)``."""
+  if is_delayed(policy):
+    return _tracked_delayed_conv(args, policy=policy, key=key, state=state, update_history=update_history)
   out = ops.conv_general_dilated(*args, policy=policy, key=key)
   if state is None:
     return out, None
@@ -216,6 +290,33 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None):
   fwd_state = {"lhs": role_stats(lhs, quant(lhs, policy.lhs, k_l)), "rhs": role_stats(rhs, quant(rhs, policy.rhs, k_r)),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy)
+  return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
+
+
+def _tracked_delayed_conv(args, *, policy: Policy, key, state, update_history):
+  old = None if state is None else jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  hist = _scale_state(old if old is not None else empty_state(policy))
+  out, new_hist = ops.conv_general_dilated(*args, policy=policy, key=key, scale_state=hist)
+  if old is None:
+    return out, None
+  lhs, rhs = (lax.stop_gradient(qz.as_float_input(a)) for a in args[:2])
+  k_l, k_r, k_bwd = ops._split_keys(key, 3)
+  stoch = policy.fwd_rounding == "stochastic"
+
+  def quant(x, fmt, k, h, new_h):
+    # The op's max over the positions the conv reads is new_h[0] (0 when it is not finite).
+    cur = jnp.where(new_h[0] > 0, new_h[0], delayed._amax(x))
+    amax = delayed._used_amax(h, cur)
+    return qz.quantize_given_amax(x, jnp.full((1,) * x.ndim, amax), fmt, policy.fwd_rounding,
+                                  k if stoch else None, x.shape)
+
+  keep = lambda new, r: lax.stop_gradient(history_values(new) if update_history else old[r][HISTORY])
+  fwd_state = {"lhs": {**role_stats(lhs, quant(lhs, policy.lhs, k_l, hist.lhs, new_hist.lhs)),
+                       HISTORY: keep(new_hist.lhs, "lhs")},
+               "rhs": {**role_stats(rhs, quant(rhs, policy.rhs, k_r, hist.rhs, new_hist.rhs)),
+                       HISTORY: keep(new_hist.rhs, "rhs")},
+               "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
+  cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy, delayed=True)
   return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
 
 

@@ -14,9 +14,12 @@ Mechanism (the one Qwix uses for Linen, without editing the model's code):
 - Covered: `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`, `nn.ConvTranspose`, attention
   (`dot_product_attention`'s einsums and its Dense projections), and users' modules that call the
   functions above by their public names (``lax.dot_general(...)``, ``jnp.einsum(...)``, ...).
-  Not covered: the ``@`` operator and ``jnp.tensordot``/``jnp.inner``/private aliases (JAX calls
-  its internal ``dot_general`` for those); `jdfp.explain` lists such dots as float. Modules given
-  their own ``dot_general=``/``dot_general_cls=`` keep them (the injected function is used as is).
+  Also the ``@`` operator (``Array.__matmul__`` calls ``jax._src.numpy.tensor_contractions.matmul``,
+  swapped as well) and ``jnp.tensordot``.
+  Not covered: ``jnp.inner``/``jnp.vdot``/private aliases of ``dot_general``; GEMMs traced inside a
+  JAX transform the module's scope does not know (``jax.vmap`` in a module body, jitted
+  ``jnp.linalg`` functions) stay in float, since they could not keep state. `jdfp.explain` lists such
+  dots as float. Modules given their own ``dot_general=``/``dot_general_cls=`` keep them.
 
 State: one variable per quantized op in the module that issued it, named after the op kind and its
 order within that call of the module (``dot_general``, ``conv``, ``einsum_1``, ...). A module
@@ -36,6 +39,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import tracers as flax_tracers
+from jax._src.numpy import tensor_contractions as jnp_tc
 
 from jdfp._src import ops
 from jdfp._src.flax import core
@@ -54,6 +59,7 @@ _ORIG = {
     "einsum": jnp.einsum,
     "dot": jnp.dot,
     "matmul": jnp.matmul,
+    "tensordot": jnp.tensordot,
 }
 
 
@@ -119,10 +125,20 @@ def _module_path(module) -> str:
 
 def _run(kind: str, compute, fallback):
   frame = _active()
-  if frame is None or not frame.stack:
+  if frame is None:
+    return fallback()
+  if hasattr(frame, "run"):  # an NNX layer's frame (jdfp._src.flax.nnx)
+    return frame.run(kind, compute, fallback)
+  if not frame.stack:
     return fallback()
   module = frame.stack[-1]
   if getattr(module, "scope", None) is None:
+    return fallback()
+  # A GEMM traced inside a JAX transform that the module's scope does not know about (jax.vmap in
+  # the module body, a jitted jnp.linalg function using `@`) cannot keep state: it stays in float.
+  # (Flax's own lifted transforms, nn.scan / nn.remat / nn.jit, give their modules inner scopes.)
+  level = getattr(module.scope, "trace_level", None)
+  if level is not None and flax_tracers.current_trace() != level:
     return fallback()
   cfg = frame.config
   path = _module_path(module)
@@ -138,7 +154,7 @@ def _run(kind: str, compute, fallback):
   var = None
   if policy is not None:
     if module.has_variable(col, name) or module.is_mutable_collection(col):
-      var = module.scope.variable(col, name, core.empty_state)
+      var = module.scope.variable(col, name, core.empty_state, policy)
   cfg.report.record(Site(path, name, kind, policy, rule, var is not None))
   if policy is None:
     with _inside():
@@ -167,11 +183,17 @@ def _run(kind: str, compute, fallback):
       var.value = new
     return out
 
+  # init creates the state but leaves amax histories empty: init's (often dummy) batch must not
+  # set the exponents of the first training steps.
+  update_history = not module.is_initializing()
+
   def dot_fn(lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
     return tracked_call(lambda state, k: core.tracked_dot_general(
-        lhs, rhs, dims, precision, preferred_element_type, policy=policy, key=k, state=state, **kw))
+        lhs, rhs, dims, precision, preferred_element_type, policy=policy, key=k, state=state,
+        update_history=update_history, **kw))
 
   dot_fn.policy, dot_fn.key, dot_fn.tracked_call = policy, key, tracked_call
+  dot_fn.update_history = update_history
 
   with _inside():
     return compute(dot_fn)
@@ -258,18 +280,61 @@ def _dot(a, b, *, precision=None, preferred_element_type=None, **kw):
   return _run("dot_general", lambda dot: dot(a, b, dims, precision, preferred_element_type), orig)
 
 
+def _floats(*xs) -> bool:
+  return all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in xs)
+
+
 def _matmul(a, b, *, precision=None, preferred_element_type=None, **kw):
+  """jnp.matmul and the ``@`` operator (jax's ``Array.__matmul__`` calls
+  ``jax._src.numpy.tensor_contractions.matmul``, which is swapped too)."""
   orig = lambda: _ORIG["matmul"](a, b, precision=precision, preferred_element_type=preferred_element_type, **kw)
-  if _active() is None or kw:
+  if _active() is None or any(v is not None for v in kw.values()):
     return orig()
   na, nb = jnp.ndim(a), jnp.ndim(b)
-  if na == 0 or nb == 0 or not (jnp.issubdtype(jnp.result_type(a), jnp.floating)
-                                and jnp.issubdtype(jnp.result_type(b), jnp.floating)):
+  if na == 0 or nb == 0 or not _floats(a, b):
     return orig()
-  if nb <= 2 or (na <= 2 and nb <= 2):  # no batch dims on b: contract a's last with b's first/row axis
-    dims = (((na - 1,), (0,)), ((), ()))
-    return _run("dot_general", lambda dot: dot(a, b, dims, precision, preferred_element_type), orig)
-  return orig()
+
+  def compute(dot):
+    x = jnp.asarray(a) if na > 1 else jnp.asarray(a)[None]
+    y = jnp.asarray(b) if nb > 1 else jnp.asarray(b)[:, None]
+    if y.ndim == 2:  # weights-like right operand: contract x's last axis with y's rows, no broadcast
+      dims = (((x.ndim - 1,), (0,)), ((), ()))
+    else:  # numpy broadcasting of the batch dims, then one batched GEMM
+      batch = jnp.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+      x = jnp.broadcast_to(x, batch + x.shape[-2:])
+      y = jnp.broadcast_to(y, batch + y.shape[-2:])
+      nd = len(batch)
+      dims = (((nd + 1,), (nd,)), (tuple(range(nd)), tuple(range(nd))))
+    out = dot(x, y, dims, precision, preferred_element_type)
+    if nb == 1:
+      out = out[..., 0]
+    if na == 1:
+      out = out[..., 0, :] if nb > 1 else out[..., 0]
+    return out
+
+  return _run("dot_general", compute, orig)
+
+
+def _tensordot(a, b, axes=2, *, precision=None, preferred_element_type=None, **kw):
+  orig = lambda: _ORIG["tensordot"](a, b, axes, precision=precision, preferred_element_type=preferred_element_type,
+                                    **kw)
+  if _active() is None or any(v is not None for v in kw.values()) or not _floats(a, b):
+    return orig()
+  na, nb = jnp.ndim(a), jnp.ndim(b)
+  try:
+    if isinstance(axes, int):
+      ca, cb = tuple(range(na - axes, na)), tuple(range(axes))
+    else:
+      ca, cb = axes
+      ca = (ca,) if isinstance(ca, int) else tuple(ca)
+      cb = (cb,) if isinstance(cb, int) else tuple(cb)
+      ca, cb = tuple(int(d) % na for d in ca), tuple(int(d) % nb for d in cb)
+  except (TypeError, ValueError):
+    return orig()
+  if len(ca) != len(cb) or na == 0 or nb == 0:
+    return orig()
+  dims = ((ca, cb), ((), ()))
+  return _run("dot_general", lambda dot: dot(a, b, dims, precision, preferred_element_type), orig)
 
 
 _PATCHES = {
@@ -280,7 +345,11 @@ _PATCHES = {
     (jnp, "einsum"): _einsum,
     (jnp, "dot"): _dot,
     (jnp, "matmul"): _matmul,
+    (jnp, "tensordot"): _tensordot,
+    # `Array.__matmul__` (the @ operator) calls jax._src.numpy.tensor_contractions.matmul.
+    (jnp_tc, "matmul"): _matmul,
 }
+_SAVED = {(id(mod), name): getattr(mod, name) for (mod, name) in _PATCHES}
 
 
 def _dot_general_patched():
@@ -302,7 +371,7 @@ def _patched():
       _patch_depth -= 1
       if _patch_depth == 0:
         for (mod, name), _ in _PATCHES.items():
-          setattr(mod, name, _ORIG[name])
+          setattr(mod, name, _SAVED[(id(mod), name)])
 
 
 def _tracker(next_fun, args, kwargs, context):
@@ -319,6 +388,23 @@ def _tracker(next_fun, args, kwargs, context):
 def _active_frame_any():
   f = _frames()
   return f[-1] if f else None
+
+
+@contextlib.contextmanager
+def push_frame(fr):
+  """Make ``fr`` the innermost frame (with JAX's functions swapped) for the duration; NNX layers use
+  it with a frame that has a ``run(kind, compute, fallback)`` method."""
+  _frames().append(fr)
+  try:
+    with _patched():
+      yield fr
+  finally:
+    _frames().pop()
+
+
+def inside():
+  """Context in which the dispatchers run JAX's originals (jdfp's own ops inside a frame)."""
+  return _inside()
 
 
 @contextlib.contextmanager

@@ -21,14 +21,17 @@ statistics add up); give each use its own layer if that matters.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import tracers as flax_tracers
 
 from jdfp._src import ops
 from jdfp._src.flax import core
+from jdfp._src.flax import linen as jlinen
 from jdfp._src.flax.rules import QuantizeReport, Site, resolve
 
 
@@ -37,11 +40,23 @@ class DfpState(nnx.Variable):
 
 
 def pack(state: dict) -> jax.Array:
-  return jnp.stack([jnp.stack([jnp.asarray(state[r][f], core.STATE_DTYPE) for f in core.FIELDS]) for r in core.ROLES])
+  """``[3, 6]`` (``[3, 6 + H]`` with delayed scaling: the amax history after the six fields)."""
+  def row(r):
+    cols = [jnp.asarray(state[r][f], core.STATE_DTYPE)[None] for f in core.FIELDS]
+    if core.HISTORY in state[r]:
+      cols.append(jnp.asarray(state[r][core.HISTORY], core.STATE_DTYPE))
+    return jnp.concatenate(cols)
+  return jnp.stack([row(r) for r in core.ROLES])
 
 
 def unpack(arr) -> dict:
-  return {r: {f: arr[i, j] for j, f in enumerate(core.FIELDS)} for i, r in enumerate(core.ROLES)}
+  n = len(core.FIELDS)
+  out = {}
+  for i, r in enumerate(core.ROLES):
+    out[r] = {f: arr[..., i, j] for j, f in enumerate(core.FIELDS)}
+    if arr.shape[-1] > n:
+      out[r][core.HISTORY] = arr[..., i, n:]
+  return out
 
 
 _KIND_ATTR = {"dot_general": "dot_general", "einsum": "einsum_op", "conv": "conv_general_dilated"}
@@ -71,7 +86,7 @@ class JdfpOp(nnx.Module):
     self.site_path = path
     self.rng_stream = rng_stream
     self.rngs = rngs
-    self.state = DfpState(pack(core.empty_state()))
+    self.state = DfpState(pack(core.empty_state(policy)))
 
   def _key(self):
     if not core.needs_key(self.policy):
@@ -95,6 +110,10 @@ class JdfpOp(nnx.Module):
         lhs, rhs, dims, precision, preferred_element_type, policy=self.policy, key=key, state=state, **kw))
 
   def __call__(self, *args, **kwargs):
+    with jlinen.inside():  # jdfp's own dots must not be taken by an enclosing layer's frame
+      return self._call(*args, **kwargs)
+
+  def _call(self, *args, **kwargs):
     if self.kind == "dot_general":
       return self._dot(*args, **kwargs)
     if self.kind == "conv":
@@ -119,15 +138,124 @@ class JdfpOp(nnx.Module):
                       key=self._key(), **extra)
 
 
+# ------------------------------------------------------------------------------------------------
+# Layers without an injection point (nnx.ConvTranspose, users' own modules) and attention: a
+# `JdfpScope` runs the layer's call inside a frame of the Linen mechanism (JAX's GEMM functions and
+# the @ operator swapped for dispatchers, see linen.py); the n-th GEMM of a call uses the scope's
+# n-th `JdfpOp` (created at quantize time for the known layers, at the first call otherwise).
+
+
+class _NoSow:
+  """Stands in for ``module=`` of `nnx.dot_product_attention` so that it takes its einsum path
+  (with ``dropout_rate == 0`` and no module it calls ``jax.nn.dot_product_attention``, whose vmapped
+  einsums cannot keep state) without sowing attention weights."""
+
+  def sow(self, *args, **kwargs):
+    del args, kwargs
+
+
+class _ScopeFrame:
+  def __init__(self, scope):
+    self.scope = scope
+    self.count = 0
+    self.level = flax_tracers.current_trace()
+
+  def run(self, kind, compute, fallback):
+    if flax_tracers.current_trace() != self.level:  # inside a transform of the layer's body (vmap)
+      return fallback()
+    scope = self.scope
+    i, self.count = self.count, self.count + 1
+    if i < len(scope.ops):
+      op = scope.ops[i]
+    else:
+      op = JdfpOp(kind, scope.policy, scope.site_path, scope.rngs, scope.rng_stream)
+      scope.ops.append(op)
+      if scope.report is not None:
+        scope.report.record(Site(scope.site_path, f"ops/{i}", kind, scope.policy, scope.rule, True))
+
+    def dot_fn(lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
+      return op._dot(lhs, rhs, dims, precision, preferred_element_type, **kw)  # pylint: disable=protected-access
+
+    dot_fn.policy, dot_fn.tracked_call = op.policy, op._tracked_call  # pylint: disable=protected-access
+    dot_fn.key = op._key()  # pylint: disable=protected-access
+    with jlinen.inside():
+      return compute(dot_fn)
+
+
+class JdfpScope(nnx.Module):
+  """The quantized GEMMs of one NNX layer that has no injectable GEMM function: ``ops[i]`` is the
+  `JdfpOp` (state, key stream) of the i-th GEMM the layer's call issues."""
+
+  def __init__(self, policy, path: str, rngs=None, rng_stream: str = "dfp", kinds=(), rule=None, report=None):
+    self.policy = policy
+    self.site_path = path
+    self.rngs = rngs
+    self.rng_stream = rng_stream
+    self.rule = rule
+    self.report = report
+    self.ops = nnx.List([JdfpOp(k, policy, path, rngs, rng_stream) for k in kinds])
+
+  def call(self, fn, *args, **kwargs):
+    with jlinen.push_frame(_ScopeFrame(self)):
+      return fn(*args, **kwargs)
+
+
+class JdfpAttention(nnx.Module):
+  """The injected ``attention_fn`` of an `nnx.MultiHeadAttention`: the wrapped function (default
+  `nnx.dot_product_attention`) with its two einsums (weights, values) through jdfp."""
+
+  def __init__(self, fn, scope: JdfpScope):
+    self.fn = fn
+    self.scope = scope
+
+  def __call__(self, *args, **kwargs):
+    if self.fn is nnx.dot_product_attention and kwargs.get("module") is None:
+      kwargs["module"] = _NoSow()
+    return self.scope.call(self.fn, *args, **kwargs)
+
+
+_QUANTIZED_CLASSES: dict = {}
+
+
+def _scoped_class(cls):
+  """A subclass of ``cls`` whose ``__call__`` runs inside the instance's `JdfpScope`."""
+  if getattr(cls, "_jdfp_scoped", False):
+    return cls
+  if cls not in _QUANTIZED_CLASSES:
+    base_call = cls.__call__
+
+    def __call__(self, *args, **kwargs):  # noqa: N807
+      scope = getattr(self, "_jdfp_scope", None)
+      if scope is None:
+        return base_call(self, *args, **kwargs)
+      return scope.call(base_call, self, *args, **kwargs)
+
+    functools.update_wrapper(__call__, base_call)
+    new = type(cls.__name__, (cls,), {"__call__": __call__, "_jdfp_scoped": True,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    _QUANTIZED_CLASSES[cls] = new
+  return _QUANTIZED_CLASSES[cls]
+
+
+def _is_users_module(m) -> bool:
+  """Modules defined outside Flax and jdfp (their own GEMMs are intercepted through a scope)."""
+  mod = type(m).__module__ or ""
+  return callable(m) and not mod.startswith(("flax.", "jdfp."))
+
+
 def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and_last_fp32: bool = False,
                  rngs=None, rng_stream: str = "dfp", copy: bool = False):
   if copy:
     model = nnx.clone(model)
   layers = []
-  for path, m in _iter_modules(model):
+  scoped = []
+  for path, m in list(_iter_modules(model)):
+    p = "/".join(str(x) for x in path)
     kind = _kind_of(m)
     if kind is not None:
-      layers.append(("/".join(str(p) for p in path), m, kind))
+      layers.append((p, m, kind))
+    elif isinstance(m, nnx.ConvTranspose) or isinstance(m, nnx.MultiHeadAttention) or _is_users_module(m):
+      scoped.append((p, m))
   first_last = set()
   if keep_first_and_last_fp32 and layers:
     first_last = {layers[0][0], layers[-1][0]}
@@ -145,6 +273,31 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
     op = JdfpOp(kind, pol, path, rngs if core.needs_key(pol) else None, rng_stream)
     # The layer declared the attribute static (a function); the op is graph data (it holds state).
     setattr(m, name, nnx.data(op) if hasattr(nnx, "data") else op)
+  for path, m in scoped:
+    if isinstance(m, nnx.ConvTranspose):
+      kind, kinds = "conv_transpose", ("conv_transpose",)
+    elif isinstance(m, nnx.MultiHeadAttention):
+      kind, kinds = "einsum", ("einsum", "einsum")
+    else:
+      kind, kinds = "dot_general", ()
+    pol, rule = resolve(rules, policy, path, kind)
+    if pol is None:
+      if kinds:
+        report.record(Site(path, "attention_fn" if kind == "einsum" else "conv_transpose", kind, None, rule, False))
+      continue
+    if core.needs_key(pol) and rngs is None:
+      raise ValueError(f"jdfp.quantize: the policy for {path or '<root>'} rounds stochastically and needs keys: pass "
+                       f"rngs=nnx.Rngs({rng_stream}=...) to jdfp.quantize")
+    scope = JdfpScope(pol, path, rngs if core.needs_key(pol) else None, rng_stream, kinds, rule,
+                      None if kinds else report)
+    for i, k in enumerate(kinds):
+      report.record(Site(path, f"ops/{i}", k, pol, rule, True))
+    if isinstance(m, nnx.MultiHeadAttention):
+      m.attention_fn = nnx.data(JdfpAttention(m.attention_fn, scope)) if hasattr(nnx, "data") else \
+          JdfpAttention(m.attention_fn, scope)
+    else:
+      m._jdfp_scope = scope  # pylint: disable=protected-access
+      object.__setattr__(m, "__class__", _scoped_class(type(m)))
   report.traces += 1
   report.warn_unmatched()
   return model
