@@ -345,3 +345,81 @@ def test_nnx_mlp():
 def test_nnx_stochastic_needs_rngs():
   with pytest.raises(ValueError, match="rngs"):
     quantize(MLP(nnx.Rngs(0)), DFP)
+
+
+class UserOps(nn.Module):
+  """A user's module with the @ operator, jnp.tensordot, a batched matmul, and a vmap (stays float)."""
+
+  @nn.compact
+  def __call__(self, x):  # [B, L, D]
+    w = self.param("w", nn.initializers.normal(0.3), (x.shape[-1], 8))
+    h = x @ w + jnp.tensordot(x, w, axes=1)
+    a = jnp.swapaxes(h, -1, -2) @ h  # [B, 8, 8], batch dims
+    inner = jax.vmap(lambda r: r @ w)(x)  # a transform the module's scope does not know: float
+    return (h @ a).sum(-1) + inner.sum(-1)
+
+
+def test_linen_matmul_operator_tensordot_batched():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  model = UserOps()
+  qm = quantize(model, NEAREST)
+  v = jax.jit(qm.init)(jax.random.key(1), x)
+  assert set(v["dfp"]) == {"dot_general", "dot_general_1", "dot_general_2", "dot_general_3"}
+  ex = jdfp.explain(lambda v: qm.apply(v, x), v)
+  assert ex.kernel_calls == 4, str(ex)
+  assert len(ex.float_ops) == 1 and "vmap" in ex.float_ops[0].path, str(ex)
+  yq = jax.jit(lambda v: qm.apply(v, x))(v)
+  y32 = model.apply(v, x)
+  np.testing.assert_allclose(yq, y32, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(y32))))
+  # The batched matmul's state: B x 8 x 4 operand (h^T), 2 x 4 x 8 (h); the @ restored afterwards.
+  assert float(v["dfp"]["dot_general_2"]["lhs"]["size"]) == 2 * 8 * 4
+  gv = jax.grad(lambda v: jnp.sum(qm.apply(v, x) ** 2))(v)
+  assert float(gv["dfp"]["dot_general"]["grad"]["size"]) == 2 * 4 * 8
+  assert jdfp._src.flax.linen.jnp_tc.matmul is jdfp._src.flax.linen._ORIG["matmul"]
+
+
+class NNXCoverage(nnx.Module):
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (8, 8)) * 0.3)
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+    self.ct = nnx.ConvTranspose(8, 4, kernel_size=(3,), strides=(2,), rngs=rngs)
+
+  def __call__(self, x):
+    h = x @ self.w[...]
+    return self.ct(self.attn(h))
+
+
+def test_nnx_convtranspose_attention_and_user_matmul():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  ref = NNXCoverage(nnx.Rngs(0))
+  model = quantize(NNXCoverage(nnx.Rngs(0)), DFP, rngs=nnx.Rngs(dfp=1))
+  fwd = nnx.jit(lambda m, x: m(x))
+  y32 = ref(x)
+  np.testing.assert_allclose(fwd(model, x), y32, atol=5e-3 * float(jnp.max(jnp.abs(y32))))
+  ex = jdfp.explain(fwd, model, x)
+  # user @, q/k/v/out projections, the two attention einsums, the transposed conv
+  assert ex.kernel_calls == 8 and not ex.float_ops, str(ex)
+  st = jnnx.state_of(model)
+  assert {"_jdfp_scope/ops/0", "attn/attention_fn/scope/ops/0", "attn/attention_fn/scope/ops/1",
+          "ct/_jdfp_scope/ops/0"} <= set(st)
+  assert float(st["attn/attention_fn/scope/ops/0"]["lhs"]["size"]) == 2 * 4 * 2 * 4  # q: [B, L, heads, d]
+  assert float(st["ct/_jdfp_scope/ops/0"]["rhs"]["size"]) == 3 * 8 * 4
+  # Backward statistics of the scoped ops arrive through the DfpState gradients.
+  opt = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2),
+                                     argnums=nnx.DiffState(0, nnx.Any(nnx.Param, jnnx.DfpState)))(m)
+    opt.update(m, jnnx.apply_state_grads(m, grads))
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  st = jnnx.state_of(model)
+  for k in ("_jdfp_scope/ops/0", "attn/attention_fn/scope/ops/1", "ct/_jdfp_scope/ops/0"):
+    assert float(st[k]["grad"]["size"]) > 0, k
+  # A rule keeping the attention in FP32 leaves its einsums (and projections) float.
+  m2 = quantize(NNXCoverage(nnx.Rngs(0)), NEAREST, [Rule("attn.*", None)])
+  ex2 = jdfp.explain(nnx.jit(lambda m, x: m(x)), m2, x)
+  assert ex2.kernel_calls == 2 and len(ex2.float_ops) == 6, str(ex2)

@@ -13,10 +13,19 @@ graph, through `nnx.split`/`merge`, `nnx.jit`, `nnx.grad` and checkpoints) holdi
   including the backward statistics: `apply_state_grads` installs it;
 - ``rngs``: the model's `nnx.Rngs` when the policy rounds stochastically (stream ``"dfp"``).
 
-Not covered in NNX: `nnx.ConvTranspose` (no injection point), the attention-weight einsums inside
-`nnx.dot_product_attention`, and direct ``jax.lax`` calls in users' own modules (call
-`jdfp.dot_general` there). A layer used twice shares one state (last call wins; its backward
-statistics add up); give each use its own layer if that matters.
+Layers without an injection point run their call inside a `JdfpScope` (a frame of the Linen
+mechanism: JAX's GEMM functions and the ``@`` operator are swapped for the call's duration, and the
+n-th GEMM uses the scope's n-th `JdfpOp`): `nnx.ConvTranspose` (one op, created by `quantize`),
+users' own modules (``x @ w``, ``jnp.einsum``, ``lax.dot_general``, ...; ops created at the first
+call, so the first step's backward statistics of those are not recorded when that call happens
+inside ``nnx.grad``), and `nnx.MultiHeadAttention`'s ``attention_fn`` (a `JdfpAttention` with two
+einsum ops; `nnx.dot_product_attention` is steered to its einsum path, since its fused
+``jax.nn.dot_product_attention`` path runs under ``vmap``). Layers a rule keeps in FP32 get a scope
+that keeps every GEMM in float (so an enclosing quantized module does not take them).
+GEMMs inside a JAX transform in a layer's body (``jax.vmap``) stay in float. A layer used twice
+shares one state (last call wins; its backward statistics add up); give each use its own layer if
+that matters. Delayed scaling: the ``DfpState`` array is ``[3, 6 + H]`` (the amax history after the
+six fields).
 """
 
 from __future__ import annotations
@@ -161,9 +170,11 @@ class _ScopeFrame:
     self.level = flax_tracers.current_trace()
 
   def run(self, kind, compute, fallback):
-    if flax_tracers.current_trace() != self.level:  # inside a transform of the layer's body (vmap)
-      return fallback()
     scope = self.scope
+    if scope.policy is None or flax_tracers.current_trace() != self.level:
+      # An FP32 layer (kept out by a rule) or a transform inside the layer's body (vmap): float.
+      with jlinen.inside():
+        return fallback()
     i, self.count = self.count, self.count + 1
     if i < len(scope.ops):
       op = scope.ops[i]
@@ -243,6 +254,12 @@ def _is_users_module(m) -> bool:
   return callable(m) and not mod.startswith(("flax.", "jdfp."))
 
 
+def _fp32_scope(m, path):
+  """Run ``m``'s call in a frame that keeps every GEMM in float."""
+  m._jdfp_scope = JdfpScope(None, path)  # pylint: disable=protected-access
+  object.__setattr__(m, "__class__", _scoped_class(type(m)))
+
+
 def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and_last_fp32: bool = False,
                  rngs=None, rng_stream: str = "dfp", copy: bool = False):
   if copy:
@@ -266,6 +283,7 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
     name = _KIND_ATTR[kind]
     report.record(Site(path, name, kind, pol, rule, pol is not None))
     if pol is None:
+      _fp32_scope(m, path)  # not taken by an enclosing quantized module's frame either
       continue
     if core.needs_key(pol) and rngs is None:
       raise ValueError(f"jdfp.quantize: the policy for {path or '<root>'} rounds stochastically and needs keys: pass "
@@ -284,6 +302,7 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
     if pol is None:
       if kinds:
         report.record(Site(path, "attention_fn" if kind == "einsum" else "conv_transpose", kind, None, rule, False))
+      _fp32_scope(m, path)
       continue
     if core.needs_key(pol) and rngs is None:
       raise ValueError(f"jdfp.quantize: the policy for {path or '<root>'} rounds stochastically and needs keys: pass "
