@@ -127,7 +127,7 @@ std::string dims_str(ffi::Span<const int64_t> d) {
 }
 
 // Chains of the contract cut into pieces and grouped into kc blocks of at most kc_pairs pairs.
-void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_pairs) {
+[[maybe_unused]] void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_pairs) {
   auto& pcs = j.pieces;
   auto& kcb = j.kcb;
   int32_t cur_begin = 0, cur_pairs = 0;
@@ -247,7 +247,7 @@ ffi::Future error_future(ffi::Error e) {
 
 // Split (batch, M, N) into tiles and run them on the calling thread plus XLA's pool; the returned
 // future completes when the last tile is done (see run_worker).
-ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaInfo& info, int64_t nbatch,
+[[maybe_unused]] ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaInfo& info, int64_t nbatch,
                    int64_t M, int64_t N, int64_t K) {
   // ---- tiles and workers
   const int64_t work = nbatch * M * N * std::max<int64_t>(K, 1);

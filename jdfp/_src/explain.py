@@ -79,7 +79,7 @@ def _walk(jaxpr, path, in_reference, out):
     ref = in_reference or "jdfp_reference_gemm" in here
     if name == "ffi_call" or "custom_call" in name:
       target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
-      if target.startswith("jdfp_"):
+      if target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
         out.append(Op(f"{name}:{target}", here, KERNEL, _dtype_str(eqn.invars)))
     elif name in ("dot_general", "conv_general_dilated"):
       dts = [v.aval.dtype for v in eqn.invars]

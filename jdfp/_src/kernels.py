@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jdfp._src.shard_types import match_varying
+
 __all__ = [
     "ISA_NAMES",
     "KernelUnavailableError",
@@ -31,6 +33,8 @@ __all__ = [
     "conv_weight_grad",
     "gemm",
     "kernel_available",
+    "quantize",
+    "quantize_dfp",
     "safe_chain_length",
 ]
 
@@ -42,6 +46,8 @@ TARGET_I16 = "jdfp_gemm_i16"  # int16 a, int16 b
 TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
 TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
+TARGET_QUANTIZE = "jdfp_quantize_i16"  # float32 x, int32 e (per tensor) -> int16
+TARGET_QUANTIZE_DFP = "jdfp_quantize_dfp"  # float32 x -> int16, int32 e (from max |x|)
 
 _LIB_FILE = "libjdfp_ffi.so"
 _MAX_CHAIN = 2**20
@@ -76,7 +82,8 @@ def _load() -> None:
     if lib.jdfp_abi_version() != 1:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ),
-                      (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad)):
+                      (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
+                      (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (
@@ -210,6 +217,54 @@ def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
   return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
               block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
               transpose_b=bool(transpose_b), isa=np.int32(isa_code))
+
+
+def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
+  """int16 values of a per-tensor DFP quantization on the C++ kernel (nearest rounding).
+
+  ``clip(round_half_even(scale2(x, -e)), -qmax, qmax)`` for float32 ``x`` and one int32 exponent
+  ``e`` (any shape of size 1); NaN -> 0 and all zeros when ``e`` is ``NONFINITE_EXPONENT``:
+  bit-identical to `jdfp.quantize_array(x, DFP(bits)).values` given the same exponent, in one
+  vectorized, multi-threaded pass (XLA:CPU's own float -> int16 conversion is several times slower).
+  """
+  bits = _check_bits("bits", bits)
+  isa_code = _isa_code(isa)
+  for name, v, want in (("x", x, "float32"), ("e", e, "int32")):
+    dt = _dtype_of(name, v)
+    if dt.name != want:
+      raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
+  if int(np.prod(np.shape(x))) == 0:
+    return jnp.zeros(np.shape(x), jnp.int16)
+  if int(np.prod(np.shape(e))) != 1:
+    raise ValueError(f"e must hold exactly one exponent (a per-tensor format), got shape {np.shape(e)}")
+  _require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE, jax.ShapeDtypeStruct(np.shape(x), jnp.int16),
+                          vmap_method="sequential")
+  # An FFI result carries no shard_map varying axes: give it its inputs' ones.
+  return match_varying(call(x, e, bits=np.int32(bits), isa=np.int32(isa_code)), x, e)
+
+
+def quantize_dfp(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """Per-tensor DFP quantization in one kernel call: ``(int16 values, int32 exponent)``.
+
+  The exponent is ``quantize.group_exponent(max|x|)`` (NaN/Inf: ``NONFINITE_EXPONENT`` and zeros;
+  an all-zero tensor: 0), shaped ``(1,) * x.ndim``; values as `quantize`. Bit-identical to
+  `jdfp.quantize_array(x, DFP(bits))`. Subnormal inputs read as zero (XLA:CPU's DAZ).
+  """
+  bits = _check_bits("bits", bits)
+  isa_code = _isa_code(isa)
+  dt = _dtype_of("x", x)
+  if dt.name != "float32":
+    raise TypeError(f"x must have dtype float32, got {dt.name}")
+  shape = tuple(np.shape(x))
+  if int(np.prod(shape)) == 0:
+    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32)
+  _require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct(shape, jnp.int16),
+                                                jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32)),
+                          vmap_method="sequential")
+  values, e = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
+  return match_varying(values, x), match_varying(e, x)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -121,15 +121,23 @@ def _from3(x3, view: _View, shape):
   return x
 
 
-def _quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None) -> qz.QArray:
-  """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view."""
+def _quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel=None) -> qz.QArray:
+  """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view.
+  ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run)."""
   if not fmt.is_integer:
     return qz.quantize_array(x3, fmt)
   bsz, r, c = x3.shape
   logical = (bsz, c, r) if c_ax == 1 else (bsz, r, c)
   lb = fmt.block_shape(logical)
   phys = (lb[0], lb[2], lb[1]) if c_ax == 1 else lb
-  return qz.quantize_blocks(x3, fmt, phys, rounding=rounding, key=key, axis_name=axis_name)
+  return qz.quantize_blocks(x3, fmt, phys, rounding=rounding, key=key, axis_name=axis_name, use_kernel=use_kernel)
+
+
+def _kernel_quantize(policy: Policy) -> bool:
+  """Whether this policy's operands are converted on the C++ kernel: only with the FFI GEMM (the
+  reference backend stays pure JAX end to end)."""
+  integer = any(f.is_integer for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
+  return integer and resolve_backend(policy) == "ffi"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,8 +259,9 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
   lv, rv = _views(lhs.shape, rhs.shape, dims)
   k_fwd_l, k_fwd_r, k_bwd = _split_keys(key, 3)
   ax = policy.axis_name
-  ql = _quantize3(_to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l, ax)
-  qr = _quantize3(_to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r, ax)
+  uk = _kernel_quantize(policy)
+  ql = _quantize3(_to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l, ax, uk)
+  qr = _quantize3(_to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r, ax, uk)
   out3 = _gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(_out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
   # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
@@ -281,10 +290,11 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
   # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
   ax = policy.axis_name
-  g_dl = _quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax)
+  uk = _kernel_quantize(policy)
+  g_dl = _quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)
   same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
           _quantize_blocks_equal(policy.dlhs, g3.shape)))
-  g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax)
+  g_dr = g_dl if same else _quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk)
 
   dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
                               need_l is not None, need_r is not None)
@@ -487,14 +497,16 @@ def _conv_kernel_eligible(policy: Policy, x_shape, w_shape, geom: _ConvGeom) -> 
   return (len(geom.in_sp) <= 3 and _prod(x_shape) > 0 and _prod(w_shape) > 0 and _prod(geom.out_sp) > 0)
 
 
-def _quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None):
+def _quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None, use_kernel=False):
   """Per-tensor quantization of a conv operand: int16 values and a ``(1,)`` exponent.
 
   ``masks`` (per spatial dim, static) restrict the max to the input positions the conv reads, so the
-  exponent is the one of the im2col matrix (what the GEMM sees) even when a stride skips inputs."""
+  exponent is the one of the im2col matrix (what the GEMM sees) even when a stride skips inputs.
+  ``use_kernel``: the float -> int16 conversion on the C++ kernel (nearest rounding only)."""
   if masks is None:
-    q = qz.quantize_array(x, fmt, rounding=rounding, key=key if rounding == "stochastic" else None,
-                          axis_name=axis_name)
+    q = qz.quantize_blocks(x, fmt, fmt.block_shape(jnp.shape(x)), rounding=rounding,
+                           key=key if rounding == "stochastic" else None, axis_name=axis_name,
+                           use_kernel=use_kernel)
     return q.values, q.exponent.reshape(1)
   x = qz.as_float_input(x)
   nsp = len(masks)
@@ -505,6 +517,9 @@ def _quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None):
   if axis_name is not None:
     amax = lax.pmax(amax, qz._axis(axis_name))
   e = qz.group_exponent(amax, fmt)
+  if use_kernel and rounding == "nearest" and x.size:
+    # Unread positions may convert to any in-range value (NaN -> 0, Inf -> +-qmax): never read.
+    return kernels.quantize(x, e, bits=fmt.bits), e.reshape(1)
   nonfinite = e == formats.NONFINITE_EXPONENT
   # Unread non-finite inputs must not leak into int16 (they are never read, but keep them 0).
   xs = jnp.where(nonfinite | ~jnp.isfinite(x), 0.0, x)
@@ -566,8 +581,9 @@ def _conv_core(x, w, key, geom, policy, out_dtype):
 def _conv_fwd(x, w, key, geom, policy, out_dtype):
   k_x, k_w, k_bwd = _split_keys(key, 3)
   ax = policy.axis_name
-  xq, ex = _quantize_conv_operand(x, policy.lhs, policy.fwd_rounding, k_x, ax, geom.covered())
-  wq, ew = _quantize_conv_operand(w, policy.rhs, policy.fwd_rounding, k_w, ax)
+  uk = _kernel_quantize(policy)
+  xq, ex = _quantize_conv_operand(x, policy.lhs, policy.fwd_rounding, k_x, ax, geom.covered(), uk)
+  wq, ew = _quantize_conv_operand(w, policy.rhs, policy.fwd_rounding, k_w, ax, use_kernel=uk)
   y = _conv_int(xq, ex, wq, ew, geom, policy.lhs.int_bits, policy.rhs.int_bits, policy).astype(out_dtype)
   # Residuals: the int16 tensors + exponents; zero-size slices carry shapes, dtypes and shard_map types.
   return y, (xq, ex, wq, ew, k_bwd, x[None][:0], w[None][:0])
@@ -590,13 +606,14 @@ def _conv_bwd(geom, policy, out_dtype, res, g):
   g = g.astype(jnp.float32)
   dx = dw = None
   gl = gr = None
+  uk = _kernel_quantize(policy)
   if need_x is not None:
-    gl = _quantize_conv_operand(g, policy.dlhs, policy.grad_rounding, k_dl, ax)
+    gl = _quantize_conv_operand(g, policy.dlhs, policy.grad_rounding, k_dl, ax, use_kernel=uk)
     dx = _conv_input_grad_int(*gl, wq, ew, geom, policy.dlhs.int_bits, policy.rhs.int_bits, policy)
     dx = _as_cotangent_of(dx.astype(x_dt.dtype), x_dt)
   if need_w is not None:
     gr = gl if (gl is not None and policy.drhs == policy.dlhs) else \
-        _quantize_conv_operand(g, policy.drhs, policy.grad_rounding, k_dr, ax)
+        _quantize_conv_operand(g, policy.drhs, policy.grad_rounding, k_dr, ax, use_kernel=uk)
     dw = _conv_wgrad_int(xq, ex, *gr, geom, policy.lhs.int_bits, policy.drhs.int_bits, policy)
     dw = _as_cotangent_of(dw.astype(w_dt.dtype), w_dt)
   return dx, dw, None

@@ -1,0 +1,346 @@
+// XLA FFI handler: float32 -> int16 conversion of a DFP tensor with one shared exponent.
+//
+//   JdfpQuantizeI16 : float32 x [...], int32 e (one element) -> int16 out [...]      (exponent given)
+//   JdfpQuantizeDfp : float32 x [...] -> int16 out [...], int32 e [1...]  (exponent from max |x|)
+//   attrs: bits, isa
+//
+// out = clip(round_half_even(scale2(x, -e)), -qmax, qmax), NaN -> 0, all zeros when e is the
+// NONFINITE sentinel: bit for bit what jdfp's pure-JAX `quantize_given_amax` gives for a per-tensor
+// format with nearest rounding (docs/arithmetic.md).  XLA:CPU lowers that conversion to a slow
+// scalar-ish loop (~1 GB/s here); this one is a vectorized pass split over XLA's intra-op pool.
+// With a cross-replica max (`pmax`) or delayed scaling the exponent comes from XLA (JdfpQuantizeI16);
+// otherwise one call finds max |x| (NaN/Inf -> the NONFINITE sentinel, subnormals read as zero)
+// and converts, reading x twice but with no float temporary (XLA materializes |x| before its max).
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "ffi_runtime.h"
+
+#define JDFP_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace jdfp {
+namespace {
+
+struct ConvertArgs {
+  const float* x;
+  int16_t* out;
+  float s1, s2, qm;
+};
+using ConvertFn = void (*)(const ConvertArgs&, int64_t begin, int64_t end);
+
+void convert_scalar(const ConvertArgs& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) a.out[i] = quantize1(a.x[i], a.s1, a.s2, a.qm);
+}
+
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+// Round with the MXCSR mode (round-to-nearest-even: set by the worker) after clamping to +-qmax, so
+// the int32 -> int16 narrowing never saturates. NaN lanes are zeroed before the clamp.
+__attribute__((target("avx2"))) void convert_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
+  const __m256 s1 = _mm256_set1_ps(a.s1), s2 = _mm256_set1_ps(a.s2);
+  const __m256 hi = _mm256_set1_ps(a.qm), lo = _mm256_set1_ps(-a.qm);
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    __m256 y0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.x + i), s1), s2);
+    __m256 y1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.x + i + 8), s1), s2);
+    y0 = _mm256_and_ps(y0, _mm256_cmp_ps(y0, y0, _CMP_ORD_Q));
+    y1 = _mm256_and_ps(y1, _mm256_cmp_ps(y1, y1, _CMP_ORD_Q));
+    y0 = _mm256_min_ps(_mm256_max_ps(y0, lo), hi);
+    y1 = _mm256_min_ps(_mm256_max_ps(y1, lo), hi);
+    const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(y0), _mm256_cvtps_epi32(y1));
+    // packs works per 128-bit lane: [a0..3 b0..3 | a4..7 b4..7] -> reorder the 64-bit quarters.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + i), _mm256_permute4x64_epi64(p, 0xD8));
+  }
+  convert_scalar(a, i, end);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m256i convert16_avx512(__m512 v, __m512 s1, __m512 s2,
+                                                                                __m512 lo, __m512 hi) {
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(v, s1), s2);
+  y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
+  y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+  return _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(y));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void convert_avx512(const ConvertArgs& a, int64_t begin,
+                                                                 int64_t end) {
+  const __m512 s1 = _mm512_set1_ps(a.s1), s2 = _mm512_set1_ps(a.s2);
+  const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
+  int64_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    const __m256i r0 = convert16_avx512(_mm512_loadu_ps(a.x + i), s1, s2, lo, hi), r1 = convert16_avx512(_mm512_loadu_ps(a.x + i + 16), s1, s2, lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + i), r0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + i + 16), r1);
+  }
+  if (i < end) {  // masked tail: no scalar loop
+    for (; i < end; i += 16) {
+      const int rem = int(std::min<int64_t>(16, end - i));
+      const __mmask16 m = __mmask16((1u << rem) - 1u);
+      const __m256i r = convert16_avx512(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
+      _mm256_mask_storeu_epi16(a.out + i, m, r);
+    }
+  }
+}
+#endif
+
+// max |x| as the bit pattern of a non-negative float (integer order == float order there):
+// NaN patterns exceed Inf's, subnormals count as zero (DAZ, as XLA:CPU's own max reads them).
+using AmaxFn = uint32_t (*)(const float* x, int64_t begin, int64_t end);
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu, kMinNormalBits = 0x00800000u, kInfBits = 0x7F800000u;
+
+uint32_t amax_scalar(const float* x, int64_t begin, int64_t end) {
+  uint32_t m = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    u &= kAbsMask;
+    m = std::max(m, u < kMinNormalBits ? 0u : u);
+  }
+  return m;
+}
+
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+__attribute__((target("avx2"))) uint32_t amax_avx2(const float* x, int64_t begin, int64_t end) {
+  const __m256i abs = _mm256_set1_epi32(int(kAbsMask)), tiny = _mm256_set1_epi32(int(kMinNormalBits));
+  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    __m256i u0 = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), abs);
+    __m256i u1 = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8)), abs);
+    // Subnormals (0 < u < min normal) lose to any normal and are >= 0: only an all-subnormal
+    // tensor could pick one; flush them (u < tiny -> 0) to keep DAZ semantics exactly.
+    u0 = _mm256_andnot_si256(_mm256_cmpgt_epi32(tiny, u0), u0);
+    u1 = _mm256_andnot_si256(_mm256_cmpgt_epi32(tiny, u1), u1);
+    m0 = _mm256_max_epu32(m0, u0);
+    m1 = _mm256_max_epu32(m1, u1);
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu32(m0, m1));
+  uint32_t m = amax_scalar(x, i, end);
+  for (uint32_t v : lanes) m = std::max(m, v);
+  return m;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) uint32_t amax_avx512(const float* x, int64_t begin,
+                                                                          int64_t end) {
+  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits));
+  __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+  int64_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    __m512i u0 = _mm512_and_si512(_mm512_loadu_si512(x + i), abs);
+    __m512i u1 = _mm512_and_si512(_mm512_loadu_si512(x + i + 16), abs);
+    u0 = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(u0, tiny), u0);
+    u1 = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(u1, tiny), u1);
+    m0 = _mm512_max_epu32(m0, u0);
+    m1 = _mm512_max_epu32(m1, u1);
+  }
+  return std::max(uint32_t(_mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1))), amax_scalar(x, i, end));
+}
+#endif
+
+AmaxFn amax_fn(int isa) {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  if (isa == kIsaAvx512Vnni) return amax_avx512;
+  if (isa == kIsaAvx2 || isa == kIsaAvxVnni) return amax_avx2;
+#endif
+  return amax_scalar;
+}
+
+// The DFP exponent of a tensor from its max bits (quantize.group_exponent): floor(log2 m) + 1 -
+// (bits - 1) for finite m > 0; 0 (ZERO_EXPONENT) for an all-zero tensor; the sentinel for NaN/Inf.
+int32_t dfp_exponent(uint32_t amax_bits, int bits) {
+  if (amax_bits >= kInfBits) return kNonfiniteExponent;
+  if (amax_bits == 0) return 0;
+  const int32_t k = int32_t(amax_bits >> 23) - 126;  // m = f * 2**k, f in [0.5, 1); m is normal here
+  return k - (bits - 1);
+}
+
+ConvertFn convert_fn(int isa) {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  if (isa == kIsaAvx512Vnni) return convert_avx512;
+  if (isa == kIsaAvx2 || isa == kIsaAvxVnni) return convert_avx2;
+#endif
+  return convert_scalar;
+}
+
+// One conversion: optional phase 1 (max |x| -> exponent, when the exponent is not given), then
+// phase 2 (convert). Both phases split x into chunks grabbed from atomic counters by the calling
+// thread and XLA's pool threads. The thread finishing the last phase-1 chunk sets the exponent and
+// goes on to phase 2; others that run out of phase-1 chunks wait for that only briefly (bounded
+// spin, then they leave), so no pool thread ever blocks on another. The promise counts phase-2
+// chunks, so whoever is left finishes the job.
+struct QuantJob {
+  ConvertArgs args{};
+  ConvertFn convert = nullptr;
+  AmaxFn amax = nullptr;
+  const float* x = nullptr;
+  int32_t* e_out = nullptr;  // phase 1 writes the exponent here (null: exponent given)
+  int bits = 0;
+  int64_t n = 0, chunk = 0, nchunks = 0;
+  std::atomic<int64_t> next1{0}, done1{0}, next2{0};
+  std::atomic<uint32_t> amax_bits{0};
+  std::atomic<bool> phase2_ready{false};
+  ffi::CountDownPromise done;
+};
+
+void set_exponent(QuantJob& j, int32_t ei) {
+  const int32_t ne = -eclamp(ei);
+  const int32_t e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+  // A non-finite tensor converts to zeros: x * 0 is 0 or NaN, and NaN converts to 0.
+  j.args.s1 = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);
+  j.args.s2 = pow2f(e2);
+}
+
+void quant_worker(const std::shared_ptr<QuantJob>& job) {
+#if JDFP_X86
+  const unsigned old_csr = _mm_getcsr();
+  _mm_setcsr(0x1F80u | 0x8000u | 0x0040u);  // RNE + FTZ + DAZ, as XLA:CPU and the GEMM workers
+#endif
+  QuantJob& j = *job;
+  bool go = j.e_out == nullptr;
+  if (!go) {
+    for (;;) {
+      const int64_t c = j.next1.fetch_add(1, std::memory_order_relaxed);
+      if (c >= j.nchunks) break;
+      const int64_t b = c * j.chunk;
+      const uint32_t m = j.amax(j.x, b, std::min(j.n, b + j.chunk));
+      uint32_t cur = j.amax_bits.load(std::memory_order_relaxed);
+      while (m > cur && !j.amax_bits.compare_exchange_weak(cur, m, std::memory_order_relaxed)) {
+      }
+      if (j.done1.fetch_add(1, std::memory_order_acq_rel) + 1 == j.nchunks) {
+        const int32_t ei = dfp_exponent(j.amax_bits.load(std::memory_order_relaxed), j.bits);
+        *j.e_out = ei;
+        set_exponent(j, ei);
+        j.phase2_ready.store(true, std::memory_order_release);
+        go = true;
+      }
+    }
+    // Bounded wait for the exponent (~tens of microseconds); leaving is always safe.
+    for (int spin = 0; !go && spin < 20000; ++spin) {
+      if (j.phase2_ready.load(std::memory_order_acquire)) go = true;
+#if JDFP_X86
+      else _mm_pause();
+#endif
+    }
+  }
+  int64_t done = 0;
+  if (go) {
+    for (;;) {
+      const int64_t c = j.next2.fetch_add(1, std::memory_order_relaxed);
+      if (c >= j.nchunks) break;
+      const int64_t b = c * j.chunk;
+      j.convert(j.args, b, std::min(j.n, b + j.chunk));
+      ++done;
+    }
+  }
+#if JDFP_X86
+  _mm_setcsr(old_csr);
+#endif
+  if (done) j.done.CountDown(size_t(done));
+}
+
+ffi::Error check_common(int32_t bits, int32_t& isa, ffi::AnyBuffer x, ffi::AnyBuffer out) {
+  auto bad = [](const std::string& m) { return invalid_as("quantize", m); };
+  if (bits < 2 || bits > 16) return bad("bits must be in [2, 16], got " + std::to_string(bits));
+  if (isa < 0 || isa > kIsaAvx512Vnni) return bad("isa must be 0..4, got " + std::to_string(isa));
+  if (isa == kIsaAuto) isa = best_isa();
+  if (!(isa_mask() & (1 << isa)))
+    return ffi::Error(ffi::ErrorCode::kUnimplemented, "jdfp quantize: ISA " + std::string(isa_info(isa).name) +
+                                                          " is not supported by this CPU/OS (or not built)");
+  if (x.element_type() != ffi::F32) return bad("x must be float32");
+  if (out.element_type() != ffi::S16) return bad("out must be int16");
+  const auto dx = x.dimensions(), dout = out.dimensions();
+  if (dx.size() != dout.size() || !std::equal(dx.begin(), dx.end(), dout.begin()))
+    return bad("out must have x's shape " + dims_str(dx) + ", got " + dims_str(dout));
+  return ffi::Error::Success();
+}
+
+ffi::Future launch_quant(const std::shared_ptr<QuantJob>& job, ffi::ThreadPool pool, int32_t isa) {
+  QuantJob& j = *job;
+  j.convert = convert_fn(isa);
+  j.amax = amax_fn(isa);
+  // Chunks of 64 Ki elements (256 KiB read): several per thread for balance, inline when small.
+  j.chunk = int64_t(1) << 16;
+  j.nchunks = std::max<int64_t>(1, (j.n + j.chunk - 1) / j.chunk);
+  static const int64_t threads_env = env_knob("JDFP_THREADS");
+  int64_t nthreads = std::max<int64_t>(1, pool.num_threads());
+  if (threads_env > 0) nthreads = std::min(nthreads, threads_env);
+  nthreads = std::min(nthreads, j.nchunks);
+  j.done = ffi::CountDownPromise(size_t(j.nchunks));
+  ffi::Future fut(j.done);
+  for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { quant_worker(job); });
+  quant_worker(job);  // the calling thread always completes both phases if nobody else shows up
+  return fut;
+}
+
+// Exponent given (e.g. after a cross-replica max): convert only.
+ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
+                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
+  if (ffi::Error err = check_common(bits, isa, x, *out); err.failure()) return error_future(std::move(err));
+  if (e.element_type() != ffi::S32) return error_future(invalid_as("quantize", "e must be int32"));
+  if (e.element_count() != 1)
+    return error_future(invalid_as("quantize", "e must hold one exponent (per-tensor format), got " +
+                                                  dims_str(e.dimensions())));
+  auto job = std::make_shared<QuantJob>();
+  int32_t ei;
+  std::memcpy(&ei, e.untyped_data(), 4);
+  job->args = ConvertArgs{static_cast<const float*>(x.untyped_data()), static_cast<int16_t*>(out->untyped_data()),
+                          0.0f, 0.0f, float(qmax_of(bits))};
+  set_exponent(*job, ei);
+  job->x = job->args.x;
+  job->bits = bits;
+  job->n = int64_t(x.element_count());
+  return launch_quant(job, pool, isa);
+}
+
+// Exponent from the tensor's own max (per-tensor DFP): one call, x read twice.
+ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                              ffi::Result<ffi::AnyBuffer> e, int32_t bits, int32_t isa) {
+  if (ffi::Error err = check_common(bits, isa, x, *out); err.failure()) return error_future(std::move(err));
+  if (e->element_type() != ffi::S32 || e->element_count() != 1)
+    return error_future(invalid_as("quantize", "e (result) must be one int32"));
+  auto job = std::make_shared<QuantJob>();
+  job->args = ConvertArgs{static_cast<const float*>(x.untyped_data()), static_cast<int16_t*>(out->untyped_data()),
+                          0.0f, 0.0f, float(qmax_of(bits))};
+  job->x = job->args.x;
+  job->e_out = static_cast<int32_t*>(e->untyped_data());
+  job->bits = bits;
+  job->n = int64_t(x.element_count());
+  return launch_quant(job, pool, isa);
+}
+
+}  // namespace
+}  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeI16(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeDfp(XLA_FFI_CallFrame*);
+
+static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
+                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
+  return jdfp::quantize_given_impl(pool, x, e, out, bits, isa);
+}
+
+static ffi::Future quantize_dfp(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                ffi::Result<ffi::AnyBuffer> e, int32_t bits, int32_t isa) {
+  return jdfp::quantize_dfp_impl(pool, x, out, e, bits, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeI16, quantize_i16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfp, quantize_dfp,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("isa"));
