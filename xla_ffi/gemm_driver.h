@@ -42,6 +42,7 @@ struct AlignedBuf {
 struct Scratch {
   AlignedBuf<int16_t> apack, bpack;
   AlignedBuf<int32_t> eapack, ebpack, carry;
+  AlignedBuf<float> cacc;  // FP32 accumulators of the tile between kc blocks
   std::vector<int64_t> k0, k1;
   std::vector<int32_t> pblk;
 };
@@ -200,8 +201,10 @@ static inline void pack_f32_any(const float* src, const PackArgs& a, const Scrat
 
 // Micro-kernel contract (UK::kernel):
 //   Ap: [pairs][MR][2] int16, Bp: [pairs][NR][2] int16 (pieces back to back),
-//   C: MR x NR floats with row stride ldc (always a full tile; the driver handles edges),
-//   first: start the FP32 accumulators at +0.0 instead of loading C,
+//   acc: MR x NR contiguous floats, the FP32 accumulators carried between kc blocks,
+//   first: start the FP32 accumulators at +0.0 instead of loading acc,
+//   C: null (store the accumulators back to acc) or the last kc block's destination, MR x NR floats
+//     with row stride ldc (always a full tile; the driver handles edges),
 //   scaled: KB > 1, multiply each chain by scale2(., ea + eb) before adding,
 //   eap[bl * ea_ld + i], ebp[bl * eb_ld + j]: clamped exponents of the tile's rows / columns,
 //   carry: MR x NR int32 for chains split across kc blocks,
@@ -229,6 +232,9 @@ int run_tile(const Problem& P, const Tile& T) {
     int32_t* eap = scaled ? s.eapack.get(size_t(mbp) * P.max_nblk) : nullptr;
     int32_t* ebp = scaled ? s.ebpack.get(size_t(nbp) * P.max_nblk) : nullptr;
     int32_t* carry = P.has_carry ? s.carry.get(size_t(mbp) * nbp) : nullptr;
+    // One kc block: a single L1-resident accumulator block serves every micro-tile.
+    const bool one_kc = P.nkcb == 1;
+    float* cacc = s.cacc.get(one_kc ? size_t(MR * NR) : size_t(mbp) * nbp);
     const int32_t* ea = P.ea + P.ea_off[T.batch];
     const int32_t* eb = P.eb + P.eb_off[T.batch];
     const int64_t eb_j = P.eb_nstride ? N : 1;  // eb is [KB, N] or [KB, 1]
@@ -277,27 +283,29 @@ int run_tile(const Problem& P, const Tile& T) {
       }
 
       // ---- micro-kernels
+      // FP32 accumulators of the tile live in `cacc`, one contiguous MR x NR block per micro-tile in
+      // call order (C rows are N floats apart: re-reading them every kc block missed L1 on the
+      // aliased sets and was not prefetched).  The last kc block writes C itself.
       const bool first = kbi == 0;
-      const bool fuse = fused && kbi == P.nkcb - 1;
+      const bool last = kbi == P.nkcb - 1;
+      const bool fuse = fused && last;
       const Piece* pcs = P.pieces + kb.piece_begin;
       const int npcs = kb.piece_end - kb.piece_begin;
+      float* accb = cacc;
       for (int64_t jr = 0; jr < nbp; jr += NR) {
         const int16_t* bpanel = bp + jr * pairs * 2;
         const int nv = int(std::min<int64_t>(NR, nb - jr));
-        for (int64_t ir = 0; ir < mbp; ir += MR) {
+        for (int64_t ir = 0; ir < mbp; ir += MR, accb += one_kc ? 0 : MR * NR) {
           const int16_t* apanel = ap + ir * pairs * 2;
           const int mv = int(std::min<int64_t>(MR, mb - ir));
           int32_t* cr = carry ? carry + (ir / MR * (nbp / NR) + jr / NR) * (MR * NR) : nullptr;
           float* cdst = C + (T.m0 + ir) * ldc + T.n0 + jr;
-          if (mv == MR && nv == NR) {
-            UK::kernel(apanel, bpanel, pcs, npcs, cdst, ldc, first, scaled, eap ? eap + ir : nullptr,
-                       mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
+          if (!last || (mv == MR && nv == NR)) {
+            UK::kernel(apanel, bpanel, pcs, npcs, accb, first, last ? cdst : nullptr, ldc, scaled,
+                       eap ? eap + ir : nullptr, mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
           } else {
             alignas(64) float edge[MR * NR];
-            if (!first)
-              for (int i = 0; i < mv; ++i)
-                for (int j = 0; j < nv; ++j) edge[i * NR + j] = cdst[i * ldc + j];
-            UK::kernel(apanel, bpanel, pcs, npcs, edge, NR, first, scaled, eap ? eap + ir : nullptr,
+            UK::kernel(apanel, bpanel, pcs, npcs, accb, first, edge, NR, scaled, eap ? eap + ir : nullptr,
                        mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
             for (int i = 0; i < mv; ++i)
               for (int j = 0; j < nv; ++j) cdst[i * ldc + j] = edge[i * NR + j];

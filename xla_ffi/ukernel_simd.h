@@ -1,8 +1,8 @@
 // Register-blocked SIMD micro-kernel, shared by the AVX2 / AVX-VNNI / AVX-512 VNNI TUs through a
 // small traits class V (vector type and the handful of operations used).  MR rows x NV vectors of
 // int32 accumulators stay in registers for a whole chain; the FP32 accumulator tile lives in a
-// contiguous stack buffer (L1) between chains -- the C rows themselves are N floats apart and
-// would alias in L1 for power-of-two N.
+// contiguous buffer (L1) between chains and kc blocks -- the C rows themselves are N floats apart
+// and would alias in L1 for power-of-two N.
 #pragma once
 
 #include <type_traits>
@@ -56,28 +56,35 @@ struct UkSimd {
   }
 
   // noinline: inlined into the driver, GCC ran out of zmm registers and spilled an accumulator.
-  __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const Piece* pcs,
-                     int npcs, float* C, int64_t ldc, bool first, bool scaled, const int32_t* eap, int64_t ea_ld,
-                     const int32_t* ebp, int64_t eb_ld, int32_t* carry, bool fuse, int32_t fuse_e) {
-    alignas(64) float ct[MR * NR];
-    static_for<MR>([&](auto i) __attribute__((always_inline)) {
-      static_for<NV>([&](auto v) __attribute__((always_inline)) {
-        V::storef(ct + i * NR + v * V::kLanes,
-                  first ? V::zerof() : V::loadf(C + i * ldc + v * V::kLanes));
+  // The FP32 accumulators stay in `acc` (contiguous, L1) between chains; see gemm_driver.h for the
+  // contract.
+  __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const Piece* pcs, int npcs,
+                                               float* acc, bool first, float* C, int64_t ldc, bool scaled,
+                                               const int32_t* eap, int64_t ea_ld, const int32_t* ebp, int64_t eb_ld,
+                                               int32_t* carry, bool fuse, int32_t fuse_e) {
+    float* const ct = acc;
+    if (first) {
+      static_for<MR>([&](auto i) __attribute__((always_inline)) {
+        static_for<NV>([&](auto v) __attribute__((always_inline)) {
+          V::storef(ct + i * NR + v * V::kLanes, V::zerof());
+        });
       });
-    });
-    vi acc[MR][NV];
+    }
+    // The next micro-tile's accumulators follow this one (driver's call order): pull them into L1.
+    for (int l = 0; l < MR * NR * 4; l += 64) __builtin_prefetch(reinterpret_cast<const char*>(ct + MR * NR) + l, 1, 3);
+    vi acc_[MR][NV];
+    auto& accv = acc_;
     for (int pi = 0; pi < npcs; ++pi) {
       const Piece& pc = pcs[pi];
       if (pc.cont_in) {
         static_for<MR>([&](auto i) __attribute__((always_inline)) {
           static_for<NV>([&](auto v) __attribute__((always_inline)) {
-            acc[i][v] = V::load(carry + i * NR + v * V::kLanes);
+            accv[i][v] = V::load(carry + i * NR + v * V::kLanes);
           });
         });
       } else {
         static_for<MR>([&](auto i) __attribute__((always_inline)) {
-          static_for<NV>([&](auto v) __attribute__((always_inline)) { acc[i][v] = V::zero(); });
+          static_for<NV>([&](auto v) __attribute__((always_inline)) { accv[i][v] = V::zero(); });
         });
       }
       // The chain: int32 accumulators only, k-pair by k-pair.
@@ -89,7 +96,7 @@ struct UkSimd {
         static_for<MR>([&](auto i) __attribute__((always_inline)) {
           const vi a = V::bcast(ld32(Ap + 2 * i));
           static_for<NV>([&](auto v) __attribute__((always_inline)) {
-            acc[i][v] = V::dp(acc[i][v], b[v], a);
+            accv[i][v] = V::dp(accv[i][v], b[v], a);
           });
         });
         Ap += 2 * MR;
@@ -98,7 +105,7 @@ struct UkSimd {
       if (pc.cont_out) {
         static_for<MR>([&](auto i) __attribute__((always_inline)) {
           static_for<NV>([&](auto v) __attribute__((always_inline)) {
-            V::store(carry + i * NR + v * V::kLanes, acc[i][v]);
+            V::store(carry + i * NR + v * V::kLanes, accv[i][v]);
           });
         });
         continue;
@@ -108,7 +115,7 @@ struct UkSimd {
         static_for<MR>([&](auto i) __attribute__((always_inline)) {
           static_for<NV>([&](auto v) __attribute__((always_inline)) {
             float* d = ct + i * NR + v * V::kLanes;
-            V::storef(d, V::addf(V::loadf(d), V::cvt(acc[i][v])));
+            V::storef(d, V::addf(V::loadf(d), V::cvt(accv[i][v])));
           });
         });
       } else {
@@ -120,11 +127,12 @@ struct UkSimd {
           const vi ea = V::bcast(er[i]);
           static_for<NV>([&](auto v) __attribute__((always_inline)) {
             float* d = ct + i * NR + v * V::kLanes;
-            V::storef(d, V::addf(V::loadf(d), V::scale2(V::cvt(acc[i][v]), V::add(ea, eb[v]))));
+            V::storef(d, V::addf(V::loadf(d), V::scale2(V::cvt(accv[i][v]), V::add(ea, eb[v]))));
           });
         });
       }
     }
+    if (!C) return;
     if (fuse) {  // the epilogue's KB == 1 scale2, fused into the last store (same two multiplies)
       const vi e = V::bcast(fuse_e);
       static_for<MR>([&](auto i) __attribute__((always_inline)) {
