@@ -241,6 +241,8 @@ def test_linen_delayed_training_train_state_overwrite_and_fixed_shapes():
   assert float(g["exponent"]) == _exp(np.max(grad_hist[-2]))
   rows = jdfp.telemetry(state.params).where("Dense_1", "grad")
   assert rows[0]["exponent"] == int(g["exponent"])
+  assert rows[0]["history_max"] == float(np.max(grad_hist[-1])) and rows[0]["history_filled"] == len(grad_hist[-1])
+  assert "hist max" in str(jdfp.telemetry(state.params))
 
 
 class MLP(nnx.Module):

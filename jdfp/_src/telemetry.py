@@ -5,7 +5,8 @@ collection itself, a `flax.training.train_state.TrainState` (or anything with ``
 ``.params`` holding one of those) or an NNX model quantized by `jdfp.quantize`. It returns a
 `Telemetry`: one row per quantized op and tensor role (``lhs`` = activations, ``rhs`` = weights,
 ``grad`` = output gradients) with the exponent in use, the smallest exponent, and the elements
-saturated / flushed to zero / non-finite in the last update (counts and fractions). Ops inside
+saturated / flushed to zero / non-finite in the last update (counts and fractions); with delayed
+scaling also ``history_max`` (the amax the exponent came from) and ``history_filled``. Ops inside
 ``nn.scan`` have one row per iteration (``path[i]``).
 
 ``jdfp.telemetry.plot_exponent_history(history, path)`` draws the exponent of every op and role
@@ -87,6 +88,10 @@ def _rows(x, collection="dfp") -> list[dict]:
         row.update({f: int(vals[f]) for f in FIELDS})
         row["saturated_frac"] = vals["saturated"] / size if size else 0.0
         row["underflow_frac"] = vals["underflow"] / size if size else 0.0
+        if "amax_history" in st[r]:  # delayed scaling: the max the exponent came from, and its depth
+          h = np.asarray(st[r]["amax_history"])[idx]
+          row["history_max"] = float(h.max(initial=0.0))
+          row["history_filled"] = int((h > 0).sum())
         rows.append(row)
   return rows
 
@@ -114,12 +119,23 @@ class Telemetry(Sequence):
     """Rows where precision was lost: any saturated, flushed-to-zero or non-finite element."""
     return Telemetry([r for r in self.rows if r["saturated"] or r["underflow"] or r["nonfinite"]])
 
-  def _cells(self, r):
-    return [r["path"], r["role"], str(r["exponent"]), str(r["exponent_min"]), str(r["saturated"]),
-            f"{r['saturated_frac']:.2%}", str(r["underflow"]), f"{r['underflow_frac']:.2%}", str(r["nonfinite"]),
-            str(r["size"])]
+  @property
+  def _delayed(self) -> bool:
+    return any("history_max" in r for r in self.rows)
 
-  _HEAD = ["op", "role", "exp", "exp_min", "saturated", "sat %", "underflow", "uflow %", "nonfinite", "size"]
+  def _cells(self, r):
+    cells = [r["path"], r["role"], str(r["exponent"]), str(r["exponent_min"]), str(r["saturated"]),
+             f"{r['saturated_frac']:.2%}", str(r["underflow"]), f"{r['underflow_frac']:.2%}", str(r["nonfinite"]),
+             str(r["size"])]
+    if self._delayed:
+      cells += [f"{r['history_max']:.3g}" if "history_max" in r else "", str(r.get("history_filled", ""))]
+    return cells
+
+  _BASE_HEAD = ["op", "role", "exp", "exp_min", "saturated", "sat %", "underflow", "uflow %", "nonfinite", "size"]
+
+  @property
+  def _HEAD(self):
+    return self._BASE_HEAD + (["hist max", "hist n"] if self._delayed else [])
 
   def __str__(self) -> str:
     table = [self._HEAD] + [self._cells(r) for r in self.rows]
