@@ -169,6 +169,9 @@ struct Problem {
   int64_t ldc;
   const int64_t* c_off;
   const ConvGeom* conv;  // non-null: A (or B if conv->on_b) is gathered from the int16 input at a|b + off
+  // Nonzero and unique per op call: a worker may keep the packed B panels of a tile's column range
+  // (all kc blocks) and reuse them for its next tile with the same batch and columns.  0: no reuse.
+  uint64_t job_id;
 };
 
 struct Tile {

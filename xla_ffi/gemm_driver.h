@@ -47,6 +47,14 @@ struct Scratch {
   std::vector<int32_t> pblk;
 };
 
+// Packed B panels of one column range, reused across a worker's tiles (run_tile).
+struct BCache {
+  uint64_t job = 0;  // Problem::job_id of the valid contents, 0 = nothing valid
+  int64_t batch = -1, n0 = -1, n1 = -1;
+  AlignedBuf<int16_t> buf;
+};
+constexpr size_t kBCacheBytes = size_t(8) << 20;
+
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Pair table of a kc block: packed pair p holds global k indices k0[p] and k1[p] (-1 = zero pad).
@@ -228,6 +236,19 @@ int run_tile(const Problem& P, const Tile& T) {
   if (K > 0) {
     int16_t* ap = s.apack.get(size_t(mbp) * P.max_pairs * 2);
     int16_t* bp = s.bpack.get(size_t(nbp) * P.max_pairs * 2);
+    // Packed B of the whole column range, kept for this worker's next tile of the same job, batch
+    // and columns (tiles are ordered columns-outer, so a worker usually gets several in a row):
+    // B is then packed once per worker and column range instead of once per tile.
+    thread_local BCache bc;
+    size_t btotal = 0;
+    for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) btotal += size_t(nbp) * P.kcb[kbi].pairs * 2;
+    const bool bcache = P.job_id != 0 && btotal * sizeof(int16_t) <= kBCacheBytes;
+    const bool bhit = bcache && bc.job == P.job_id && bc.batch == T.batch && bc.n0 == T.n0 && bc.n1 == T.n1;
+    if (bcache && !bhit) {
+      bc.job = 0;  // invalid until every kc block is packed (and range-checked)
+      bc.buf.get(btotal);
+    }
+    size_t boff = 0;
     const bool scaled = KB > 1;
     int32_t* eap = scaled ? s.eapack.get(size_t(mbp) * P.max_nblk) : nullptr;
     int32_t* ebp = scaled ? s.ebpack.get(size_t(nbp) * P.max_nblk) : nullptr;
@@ -252,7 +273,13 @@ int run_tile(const Problem& P, const Tile& T) {
       const int knp = kb.piece_end - kb.piece_begin;
       const PackArgs pb{b_sr, b_sk, T.n0, nb, kpcs, knp, pairs, eb, P.eb_nstride, eb_j, P.qmax_b};
       const PackArgs pa{a_sr, a_sk, T.m0, mb, kpcs, knp, pairs, ea, P.ea_mstride, 1, P.qmax_a};
-      if (P.conv && P.conv->on_b) {
+      if (bcache) {
+        bp = bc.buf.p + boff;
+        boff += size_t(nbp) * pairs * 2;
+      }
+      if (bhit) {
+        // packed by this worker for an earlier tile of this job
+      } else if (P.conv && P.conv->on_b) {
         if (pack_conv_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], *P.conv, pb, bp) > P.qmax_b)
           return 2;
       } else if (P.b_f32) {
@@ -312,6 +339,12 @@ int run_tile(const Problem& P, const Tile& T) {
           }
         }
       }
+    }
+    if (bcache && !bhit) {
+      bc.job = P.job_id;
+      bc.batch = T.batch;
+      bc.n0 = T.n0;
+      bc.n1 = T.n1;
     }
   }
 

@@ -93,6 +93,8 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   P.a_sr = trans_a ? 1 : K; P.a_sk = trans_a ? M : 1;
   P.b_sr = trans_b ? K : 1; P.b_sk = trans_b ? 1 : N;
   P.ldc = N; P.c_off = nullptr; P.conv = nullptr;
+  static std::atomic<uint64_t> job_seq{0};
+  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
   P.a_f32 = a_f32; P.b_f32 = b_f32;
   P.a = a.untyped_data(); P.b = b.untyped_data();
   P.ea = ea.typed_data(); P.eb = eb.typed_data();
