@@ -138,8 +138,10 @@ def master_weights(inner: optax.GradientTransformation, param_format=None, *,
     return q.astype(param.dtype)
 
   def init(params):
+    # The masters are copies even where the params are already float32: a state that shared the
+    # params' buffers could not be donated together with them (`jit(..., donate_argnums=...)`).
     return MasterWeightsState(
-        master=jax.tree.map(_to_master, params),
+        master=jax.tree.map(lambda p: jnp.array(_to_master(p), copy=True) if _is_float(p) else p, params),
         inner_state=inner.init(jax.tree.map(_to_master, params)),
         key=key,
     )
