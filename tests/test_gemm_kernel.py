@@ -181,17 +181,21 @@ def test_multi_tile_multi_kc_threads(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_packed_b_reuse_across_tiles_batches_and_calls(isa):
-  # A worker reuses its packed B panels for its next tile of the same op, batch element and columns
-  # (M split into several tiles, several kc blocks).  Other batch elements and later calls with the
-  # same shapes but other data must not see them.
+def test_packed_operand_reuse_across_tiles_batches_and_calls(isa):
+  # A worker reuses its packed B panels for its next tile of the same op, batch element and columns,
+  # and its packed A panels for a later tile of the same op, batch element and rows (M and N split
+  # into several tiles, several kc blocks).  Other batch elements and later calls with the same
+  # shapes but other data must not see them.
   rng = np.random.default_rng(11)
-  for batch, bk in (((2,), None), ((), 96)):
-    a, b, ea, eb = _rand_case(rng, batch, batch, 900, 600, 70, 14, 14, bk)
+  for batch, m, k, n, bk in (((2,), 900, 600, 70, None), ((), 400, 300, 1100, 96),
+                             ((2,), 400, 260, 1100, None)):
+    a, b, ea, eb = _rand_case(rng, batch, batch, m, k, n, 14, 14, bk)
     kw = dict(bits_a=14, bits_b=14, block_k=bk)
     bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
     b2 = rng.integers(-8191, 8192, b.shape, dtype=np.int16)
     bits_eq(_run(a, b2, ea, eb, isa=isa, **kw), _oracle(a, b2, ea, eb, **kw))
+    a2 = rng.integers(-8191, 8192, a.shape, dtype=np.int16)
+    bits_eq(_run(a2, b2, ea, eb, isa=isa, **kw), _oracle(a2, b2, ea, eb, **kw))
     bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
 
 

@@ -55,6 +55,22 @@ struct BCache {
 };
 constexpr size_t kBCacheBytes = size_t(8) << 20;
 
+// Packed A panels of several row ranges of one job and batch element, reused across a worker's tiles.
+struct ACache {
+  struct Entry {
+    int64_t m0, m1;
+    size_t off;  // elements into buf
+  };
+  uint64_t job = 0;  // Problem::job_id the entries belong to
+  int64_t batch = -1;
+  std::vector<Entry> ents;  // fully packed (and range-checked) ranges only
+  AlignedBuf<int16_t> buf;
+  size_t cap = 0, used = 0;  // elements
+};
+// Caps on the per-worker caches (allocated once per thread and kept; a job whose operand needs
+// more simply packs per tile as before).  Only pages a worker actually packs become resident.
+constexpr size_t kACacheBytes = size_t(16) << 20;
+
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Pair table of a kc block: packed pair p holds global k indices k0[p] and k1[p] (-1 = zero pad).
@@ -249,6 +265,33 @@ int run_tile(const Problem& P, const Tile& T) {
       bc.buf.get(btotal);
     }
     size_t boff = 0;
+    // Packed A of the tile's rows (all kc blocks), kept per worker for the job's later column ranges:
+    // a worker usually meets the same row ranges again, so A is packed about once per worker and
+    // row range instead of once per tile.  Entries are appended to one buffer sized for the job.
+    thread_local ACache ac;
+    const size_t atotal = btotal / size_t(nbp) * size_t(mbp);
+    int16_t* acached = nullptr;
+    bool ahit = false;
+    if (P.job_id != 0 && mb < M && nb < N) {
+      if (ac.job != P.job_id || ac.batch != T.batch) {
+        ac.job = P.job_id;
+        ac.batch = T.batch;
+        ac.ents.clear();
+        ac.used = 0;
+        // Every row range of the batch element, with up to MR - 1 rows of padding per range.
+        const size_t need = (size_t(M) + size_t(MR) * size_t((M + mb - 1) / mb)) * (atotal / size_t(mbp));
+        ac.cap = need * sizeof(int16_t) <= kACacheBytes ? need : 0;
+        if (ac.cap) ac.buf.get(ac.cap);
+      }
+      for (const auto& e : ac.ents)
+        if (e.m0 == T.m0 && e.m1 == T.m1) {
+          acached = ac.buf.p + e.off;
+          ahit = true;
+          break;
+        }
+      if (!ahit && ac.used + atotal <= ac.cap) acached = ac.buf.p + ac.used;
+    }
+    size_t aoff = 0;
     const bool scaled = KB > 1;
     int32_t* eap = scaled ? s.eapack.get(size_t(mbp) * P.max_nblk) : nullptr;
     int32_t* ebp = scaled ? s.ebpack.get(size_t(nbp) * P.max_nblk) : nullptr;
@@ -288,7 +331,13 @@ int run_tile(const Problem& P, const Tile& T) {
         if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, bp) > P.qmax_b)
           return 2;
       }
-      if (P.conv && !P.conv->on_b) {
+      if (acached) {
+        ap = acached + aoff;
+        aoff += size_t(mbp) * pairs * 2;
+      }
+      if (ahit) {
+        // packed by this worker for an earlier tile of this job
+      } else if (P.conv && !P.conv->on_b) {
         if (pack_conv_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], *P.conv, pa, ap) > P.qmax_a)
           return 1;
       } else if (P.a_f32) {
@@ -339,6 +388,10 @@ int run_tile(const Problem& P, const Tile& T) {
           }
         }
       }
+    }
+    if (acached && !ahit) {
+      ac.ents.push_back(ACache::Entry{T.m0, T.m1, ac.used});
+      ac.used += atotal;
     }
     if (bcache && !bhit) {
       bc.job = P.job_id;
