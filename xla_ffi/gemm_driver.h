@@ -258,7 +258,7 @@ int run_tile(const Problem& P, const Tile& T) {
     thread_local BCache bc;
     size_t btotal = 0;
     for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) btotal += size_t(nbp) * P.kcb[kbi].pairs * 2;
-    const bool bcache = P.job_id != 0 && btotal * sizeof(int16_t) <= kBCacheBytes;
+    const bool bcache = P.job_id != 0 && mb < M && btotal * sizeof(int16_t) <= kBCacheBytes;
     const bool bhit = bcache && bc.job == P.job_id && bc.batch == T.batch && bc.n0 == T.n0 && bc.n1 == T.n1;
     if (bcache && !bhit) {
       bc.job = 0;  // invalid until every kc block is packed (and range-checked)
