@@ -211,12 +211,7 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
                         policy=policy, key=key, **kwargs)
   if state is None:
     return out, None
-  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-  dims = ops._canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
-  lv, rv = ops._views(lhs.shape, rhs.shape, dims)
-  k_l, k_r, k_bwd = ops._split_keys(key, 3)
-  l3 = lax.stop_gradient(ops._to3(lhs, lv))
-  r3 = lax.stop_gradient(ops._to3(rhs, rv))
+  lv, rv, l3, r3, (k_l, k_r, k_bwd) = _operand_views(lhs, rhs, dimension_numbers, key)
   ql = _quantize3(l3, policy.lhs, lv.c_ax, policy.fwd_rounding, k_l, policy)
   qr = _quantize3(r3, policy.rhs, rv.c_ax, policy.fwd_rounding, k_r, policy)
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
@@ -228,6 +223,16 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
   return out, fwd_state
 
 
+def _operand_views(lhs, rhs, dimension_numbers, key):
+  """The op's physical 3-D operand views (gradient-stopped, for statistics) and its key split."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  dims = ops._canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  lv, rv = ops._views(lhs.shape, rhs.shape, dims)
+  l3 = lax.stop_gradient(ops._to3(lhs, lv))
+  r3 = lax.stop_gradient(ops._to3(rhs, rv))
+  return lv, rv, l3, r3, ops._split_keys(key, 3)
+
+
 def _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, *, policy, key, state,
                          update_history, **kwargs):
   old = None if state is None else jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
@@ -236,12 +241,7 @@ def _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_eleme
                                   policy=policy, key=key, scale_state=hist, **kwargs)
   if old is None:
     return out, None
-  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-  dims = ops._canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
-  lv, rv = ops._views(lhs.shape, rhs.shape, dims)
-  k_l, k_r, k_bwd = ops._split_keys(key, 3)
-  l3 = lax.stop_gradient(ops._to3(lhs, lv))
-  r3 = lax.stop_gradient(ops._to3(rhs, rv))
+  lv, rv, l3, r3, (k_l, k_r, k_bwd) = _operand_views(lhs, rhs, dimension_numbers, key)
   # The same quantization as the op's forward (same history, rounding and key): exact statistics.
   ql, _ = delayed._quantize3(l3, policy.lhs, policy.fwd_rounding, k_l, hist.lhs)
   qr, _ = delayed._quantize3(r3, policy.rhs, policy.fwd_rounding, k_r, hist.rhs)
