@@ -265,8 +265,30 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
   out3 = _gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(_out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
   # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
-  res = (ql, qr, k_bwd, lhs[None][:0], rhs[None][:0])
+  res = (_residual(ql, lhs, "lhs", policy), _residual(qr, rhs, "rhs", policy), k_bwd, lhs[None][:0], rhs[None][:0])
   return out, res
+
+
+def _residual(q: qz.QArray, x, role: str, policy: Policy) -> qz.QArray:
+  """What the backward keeps of a forward operand: its int16 QArray, or with
+  ``Policy(float_residuals=...)`` the float input itself plus the forward's exponents."""
+  if role not in policy.float_residuals:
+    return q
+  return qz.QArray(x, q.exponent, q.fmt, q.blocks)
+
+
+def _reread(q: qz.QArray, view: _View, role: str, policy: Policy) -> qz.QArray:
+  """The forward's quantized operand again (bit for bit) from what `_residual` kept."""
+  if role not in policy.float_residuals:
+    return q
+  x3 = _to3(q.values, view)
+  if not q.fmt.is_integer:
+    return qz.quantize_array(x3, q.fmt)
+  if resolve_backend(policy) == "ffi" and policy.fwd_rounding == "nearest":
+    # The GEMM kernel quantizes float32 operands while packing them: no int16 copy is made.
+    return qz.QArray(x3.astype(jnp.float32), q.exponent, q.fmt, q.blocks)
+  return qz.quantize_given_exponent(qz.as_float_input(x3), q.exponent, q.fmt, policy.fwd_rounding, None, q.blocks,
+                                    _kernel_quantize(policy))
 
 
 def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
@@ -284,6 +306,7 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
     return None, None, None
   lhs_shape, rhs_shape = lhs_dt.shape[1:], rhs_dt.shape[1:]
   lv, rv = _views(lhs_shape, rhs_shape, dims)
+  ql, qr = _reread(ql, lv, "lhs", policy), _reread(qr, rv, "rhs", policy)
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   g3 = g.astype(jnp.float32).reshape(bsz, m, n)
   k_dl, k_dr = _split_keys(k_bwd, 2)
@@ -517,15 +540,20 @@ def _quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None, use_ker
   if axis_name is not None:
     amax = lax.pmax(amax, qz._axis(axis_name))
   e = qz.group_exponent(amax, fmt)
+  return _convert_conv_operand(x, e, fmt, rounding, key, use_kernel), e.reshape(1)
+
+
+def _convert_conv_operand(x, e, fmt, rounding, key, use_kernel):
+  """int16 values of a conv operand for the (scalar) exponent ``e``."""
   if use_kernel and rounding == "nearest" and x.size:
     # Unread positions may convert to any in-range value (NaN -> 0, Inf -> +-qmax): never read.
-    return kernels.quantize(x, e, bits=fmt.bits), e.reshape(1)
+    return kernels.quantize(x, e, bits=fmt.bits)
   nonfinite = e == formats.NONFINITE_EXPONENT
   # Unread non-finite inputs must not leak into int16 (they are never read, but keep them 0).
   xs = jnp.where(nonfinite | ~jnp.isfinite(x), 0.0, x)
   y = formats.scale2(xs, -jnp.where(nonfinite, 0, e))
   i = jnp.clip(qz.round_to_int(y, rounding, key), -fmt.qmax, fmt.qmax)
-  return i.astype(jnp.int16), e.reshape(1)
+  return i.astype(jnp.int16)
 
 
 def _conv_int(x, ex, w, ew, geom: _ConvGeom, bits_x: int, bits_w: int, policy: Policy):
@@ -585,8 +613,11 @@ def _conv_fwd(x, w, key, geom, policy, out_dtype):
   xq, ex = _quantize_conv_operand(x, policy.lhs, policy.fwd_rounding, k_x, ax, geom.covered(), uk)
   wq, ew = _quantize_conv_operand(w, policy.rhs, policy.fwd_rounding, k_w, ax, use_kernel=uk)
   y = _conv_int(xq, ex, wq, ew, geom, policy.lhs.int_bits, policy.rhs.int_bits, policy).astype(out_dtype)
-  # Residuals: the int16 tensors + exponents; zero-size slices carry shapes, dtypes and shard_map types.
-  return y, (xq, ex, wq, ew, k_bwd, x[None][:0], w[None][:0])
+  # Residuals: the int16 tensors (or, per Policy.float_residuals, the float inputs) + exponents;
+  # zero-size slices carry shapes, dtypes and shard_map types.
+  xr = x if "lhs" in policy.float_residuals else xq
+  wr = w if "rhs" in policy.float_residuals else wq
+  return y, (xr, ex, wr, ew, k_bwd, x[None][:0], w[None][:0])
 
 
 def _conv_fwd_perturbed(x, w, key, geom, policy, out_dtype):
@@ -607,6 +638,11 @@ def _conv_bwd(geom, policy, out_dtype, res, g):
   dx = dw = None
   gl = gr = None
   uk = _kernel_quantize(policy)
+  # Float residuals: the forward's int16 operands again, with the forward's exponents (bit for bit).
+  if "lhs" in policy.float_residuals and need_w is not None:
+    xq = _convert_conv_operand(qz.as_float_input(xq), ex[0], policy.lhs, policy.fwd_rounding, None, uk)
+  if "rhs" in policy.float_residuals and need_x is not None:
+    wq = _convert_conv_operand(qz.as_float_input(wq), ew[0], policy.rhs, policy.fwd_rounding, None, uk)
   if need_x is not None:
     gl = _quantize_conv_operand(g, policy.dlhs, policy.grad_rounding, k_dl, ax, use_kernel=uk)
     dx = _conv_input_grad_int(*gl, wq, ew, geom, policy.dlhs.int_bits, policy.rhs.int_bits, policy)

@@ -46,6 +46,13 @@ class Policy:
       operand's exponents (a `pmax` of the block max): the forward then equals single-device
       execution on the global batch bit for bit, and exponent state is identical on every replica.
       None (default): each replica takes exponents from its own shard. `jdfp.parallel` recipes set it.
+    float_residuals: operands (``"lhs"``, ``"rhs"``) whose backward GEMM re-reads the float input
+      instead of keeping the forward's int16 copy: it is quantized again with the forward's
+      exponent (inside the kernel's packing for dot products), so gradients are bit-identical. Use it
+      for operands that stay in memory anyway (the input batch; FP32 weights/master params): their
+      int16 copies then cost nothing between forward and backward. For activations computed inside
+      the step keep the default (their int16 copy is half of what a float residual holds).
+      Needs deterministic forward rounding (``"nearest"`` or ``"biased"``) and current scaling.
   """
 
   # 14 effective bits (Intel's DFP16 setting): int32 chains of 32 products. DFP(16) is exact too but
@@ -62,6 +69,7 @@ class Policy:
   backend: str = "auto"
   isa: str = "auto"
   axis_name: str | tuple[str, ...] | None = None
+  float_residuals: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ("lhs", "rhs", "grad"):
@@ -79,6 +87,15 @@ class Policy:
       raise ValueError(f"history_length must be an int >= 1, got {self.history_length!r}")
     if self.backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+    fr = self.float_residuals
+    if isinstance(fr, str) or not isinstance(fr, (tuple, list)) or any(r not in ("lhs", "rhs") for r in fr):
+      raise ValueError(f"float_residuals must be a tuple of 'lhs' and/or 'rhs', got {fr!r}")
+    object.__setattr__(self, "float_residuals", tuple(sorted(set(fr))))  # hashable, canonical
+    if fr and self.fwd_rounding == "stochastic":
+      raise ValueError("float_residuals needs deterministic forward rounding ('nearest' or 'biased'): a "
+                       "stochastic re-quantization in the backward would not match the forward's operand")
+    if fr and self.scaling != "current":
+      raise ValueError("float_residuals is supported with scaling='current' only")
     float_ops = [f for f in (self.lhs, self.rhs) if not f.is_integer]
     if float_ops and len(float_ops) != 2:
       raise ValueError(f"lhs and rhs must both be integer formats or both FP16/BF16, got {self.lhs!r}, {self.rhs!r}")

@@ -181,7 +181,13 @@ def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False) -
   """Quantize with the per-block maxima given (delayed scaling passes a history's max; larger
   elements saturate at qmax). ``amax`` must be Inf for blocks holding NaN/Inf.
   ``use_kernel``: see `quantize_blocks` (ignored where the kernel conversion does not apply)."""
-  e = group_exponent(amax, fmt)
+  return quantize_given_exponent(x, group_exponent(amax, fmt), fmt, rounding, key, bshape, use_kernel)
+
+
+def quantize_given_exponent(x, e, fmt, rounding, key, bshape, use_kernel=False) -> QArray:
+  """Quantize with the per-block exponents ``e`` given (`NONFINITE_EXPONENT` blocks become 0): the
+  conversion step of every quantizer, and how a backward pass re-reads a float residual
+  (``Policy(float_residuals=...)``) bit for bit as the forward's int16 operand."""
   if use_kernel and _kernel_converts(x, fmt, rounding, bshape):
     return QArray(kernels.quantize(x.astype(jnp.float32), e, bits=fmt.bits), e, fmt, bshape)
   e_full = formats.expand_blocks(e, bshape, x.shape)
