@@ -8,12 +8,17 @@ Workloads (jitted step = forward + backward + optax SGD-momentum update):
 Candidates:
   fp32        lax.dot_general / lax.conv_general_dilated (the baseline)
   dfp16       jdfp ops on the FFI kernel, DFP 14 effective bits (chains of 32), nearest rounding
+  dfp16_lean  dfp16 with `Policy(float_residuals=...)` for operands that stay alive anyway (weights,
+              and the input batch for the first layer): no int16 copies of them are kept for the
+              backward (gradients bit-identical to dfp16; the backward GEMMs quantize them again)
   dfp16_ref   jdfp ops on the pure-JAX exact reference path (same bits as dfp16)
   bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation, XLA dots)
 
 Reported: median step time, ratio to fp32 (>1 is faster), XLA's peak temp memory of the compiled
 step, and the bytes saved for the backward pass (JAX's residual list, see `_saved_bytes`): the
-activations (everything but weight copies) and, separately, weight copies (jdfp's int16 weights).
+activations (everything but weight copies), the part of them that are GEMM/conv operands (what jdfp
+stores in int16; the rest are ReLU masks, BN and loss residuals, FP32 in every recipe), and weight
+copies (jdfp's int16 weights).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import argparse
 import functools
 import json
 import platform
+from typing import Callable, NamedTuple
 
-CANDIDATES = ("fp32", "dfp16", "dfp16_ref", "bf16")
+CANDIDATES = ("fp32", "dfp16", "dfp16_lean", "dfp16_ref", "bf16")
+GEMM_OPERAND = "bench_gemm_operand"  # checkpoint_name of the activations that GEMMs/convs read
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,17 +42,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--json", metavar="PATH")
 
 
-def _ops(name):
+class Ops(NamedTuple):
+  """The GEMM functions a workload calls; ``*_in`` for the layer that reads the input batch."""
+  dot: Callable
+  conv: Callable
+  dot_in: Callable
+  conv_in: Callable
+
+
+def _ops(name) -> Ops:
   import jax.lax as lax
 
   import jdfp
 
   if name == "fp32":
-    return lax.dot_general, lax.conv_general_dilated
-  policy = {"dfp16": jdfp.Policy(backend="ffi"), "dfp16_ref": jdfp.Policy(backend="reference"),
-            "bf16": jdfp.policies.bf16()}[name]
-  return (functools.partial(jdfp.dot_general, policy=policy),
-          functools.partial(jdfp.conv_general_dilated, policy=policy))
+    return Ops(lax.dot_general, lax.conv_general_dilated, lax.dot_general, lax.conv_general_dilated)
+  if name == "dfp16_lean":
+    policy = jdfp.Policy(backend="ffi", float_residuals=("rhs",))  # the weights are params: alive
+    policy_in = policy.replace(float_residuals=("lhs", "rhs"))  # and so is the input batch
+  else:
+    policy_in = policy = {"dfp16": jdfp.Policy(backend="ffi"), "dfp16_ref": jdfp.Policy(backend="reference"),
+                          "bf16": jdfp.policies.bf16()}[name]
+  dot = lambda p: functools.partial(jdfp.dot_general, policy=p)
+  conv = lambda p: functools.partial(jdfp.conv_general_dilated, policy=p)
+  return Ops(dot(policy), conv(policy), dot(policy_in), conv(policy_in))
+
+
+def _operand(h):
+  """Marks an activation GEMMs read (once per activation: a second name would be a second residual),
+  so `_saved_bytes` can tell GEMM operands from other residuals."""
+  from jax.ad_checkpoint import checkpoint_name
+  return checkpoint_name(h, GEMM_OPERAND)
 
 
 def _mlp(key):
@@ -58,10 +85,10 @@ def _mlp(key):
   y = jax.random.normal(keys[4], (512, 1024))
   dims = (((1,), (0,)), ((), ()))
 
-  def loss(params, x, y, dot, conv):
+  def loss(params, x, y, ops):
     h = x
     for i, w in enumerate(params):
-      h = dot(h, w, dims)
+      h = ops.dot_in(h, w, dims) if i == 0 else ops.dot(_operand(h), w, dims)
       if i < len(params) - 1:
         h = jax.nn.relu(h)
     return jnp.mean((h - y) ** 2)
@@ -90,16 +117,17 @@ def _cnn(key):
     c = h - jnp.mean(h, axis=(0, 1, 2))  # centred once: one f32 residual, as a fused BN keeps
     return c * jax.lax.rsqrt(jnp.mean(c * c, axis=(0, 1, 2)) + 1e-5)
 
-  def loss(p, x, y, dot, conv):
-    c = lambda h, w, s=1: conv(h, w, (s, s), "SAME", dimension_numbers=dn)
-    h = jax.nn.relu(norm(c(x, p["stem"])))
+  def loss(p, x, y, ops):
+    c = lambda h, w, s=1: ops.conv(h, w, (s, s), "SAME", dimension_numbers=dn)
+    act = lambda h: _operand(jax.nn.relu(h))  # every activation below is read by a conv or the FC
+    h = act(norm(ops.conv_in(x, p["stem"], (1, 1), "SAME", dimension_numbers=dn)))
     for blk in ("b1", "b2"):
-      r = jax.nn.relu(norm(c(h, p[blk + "a"])))
-      h = jax.nn.relu(h + norm(c(r, p[blk + "b"])))
-    r = jax.nn.relu(norm(c(h, p["b3a"], 2)))
+      r = act(norm(c(h, p[blk + "a"])))
+      h = act(h + norm(c(r, p[blk + "b"])))
+    r = act(norm(c(h, p["b3a"], 2)))
     h = jax.nn.relu(norm(c(r, p["b3b"])) + norm(c(h, p["b3p"], 2)))
-    h = jnp.mean(h, axis=(1, 2))
-    logits = dot(h, p["fc"], (((1,), (0,)), ((), ())))
+    h = _operand(jnp.mean(h, axis=(1, 2)))
+    logits = ops.dot(h, p["fc"], (((1,), (0,)), ((), ())))
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
   return params, (x, y), loss
@@ -111,6 +139,8 @@ def _saved_bytes(fn, params) -> dict[str, int]:
 
   - ``activations``: every residual that is not a weight copy (GEMM/conv inputs, ReLU masks, BN and
     loss residuals): what grows with the batch;
+  - ``gemm_operands``: the part of ``activations`` that GEMMs/convs read: jdfp's int16 operand
+    copies, or (float recipes) the activations the workload marked with `_operand`;
   - ``weight_copies``: residuals shaped like a parameter (jdfp's int16 weights; FP32 reuses the params);
 
   not counting the params and batch themselves (they exist anyway) or broadcasts of constants
@@ -121,7 +151,7 @@ def _saved_bytes(fn, params) -> dict[str, int]:
   from jax._src.ad_checkpoint import saved_residuals
 
   param_shapes = {tuple(np.shape(p)) for p in jax.tree.leaves(params)}
-  out = {"activations": 0, "weight_copies": 0}
+  out = {"activations": 0, "gemm_operands": 0, "weight_copies": 0}
   for aval, where in saved_residuals(fn, params):
     if where.startswith(("from the argument", "from a constant", "from a literal")) or \
         where.startswith("output of broadcast_in_dim"):
@@ -130,7 +160,12 @@ def _saved_bytes(fn, params) -> dict[str, int]:
     squeezed = tuple(aval.shape)
     while len(squeezed) > 1 and squeezed[0] == 1:  # jdfp's [1, K, N] operand views
       squeezed = squeezed[1:]
-    out["weight_copies" if nbytes and squeezed in param_shapes else "activations"] += nbytes
+    if nbytes and squeezed in param_shapes:
+      out["weight_copies"] += nbytes
+      continue
+    out["activations"] += nbytes
+    if aval.dtype in (np.int16, np.int8) or where.startswith(f"named '{GEMM_OPERAND}'"):
+      out["gemm_operands"] += nbytes
   return out
 
 
@@ -149,10 +184,10 @@ def main(args: argparse.Namespace) -> int:
     tx = optax.sgd(1e-3, momentum=0.9)
     fns, stats = {}, {}
     for name in args.candidates:
-      dot, conv = _ops(name)
+      ops = _ops(name)
 
-      def step(p, s, x, y, dot=dot, conv=conv):
-        val, g = jax.value_and_grad(loss)(p, x, y, dot, conv)
+      def step(p, s, x, y, ops=ops):
+        val, g = jax.value_and_grad(loss)(p, x, y, ops)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, val
 
@@ -160,9 +195,10 @@ def main(args: argparse.Namespace) -> int:
       state = tx.init(params)
       compiled = jstep.lower(params, state, *batch).compile()
       mem = compiled.memory_analysis()
-      saved = _saved_bytes(lambda p, _dot=dot, _conv=conv: loss(p, *batch, _dot, _conv), params)
+      saved = _saved_bytes(lambda p, _ops=ops: loss(p, *batch, _ops), params)
       stats[name] = {"peak_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
                      "saved_activation_bytes": saved["activations"],
+                     "saved_gemm_operand_bytes": saved["gemm_operands"],
                      "saved_weight_copy_bytes": saved["weight_copies"]}
       fns[name] = functools.partial(lambda f, a: jax.tree.leaves(f(*a))[-1], compiled, (params, state) + tuple(batch))
     times = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
@@ -172,15 +208,18 @@ def main(args: argparse.Namespace) -> int:
       st = stats[name]
       st["step_ms"] = times[name] * 1e3
       st["speedup_vs_fp32"] = times.get("fp32", float("nan")) / times[name]
-      base = stats.get("fp32", st)["saved_activation_bytes"]
-      st["saved_activations_vs_fp32"] = st["saved_activation_bytes"] / base if base else float("nan")
+      ref = stats.get("fp32", st)
+      ratio = lambda k: st[k] / ref[k] if ref[k] else float("nan")
+      st["saved_activations_vs_fp32"] = ratio("saved_activation_bytes")
+      st["saved_gemm_operands_vs_fp32"] = ratio("saved_gemm_operand_bytes")
       rows.append([name, f"{st['step_ms']:.2f}", f"{st['speedup_vs_fp32']:.2f}x",
                    mib(st["peak_temp_bytes"] or 0), mib(st["saved_activation_bytes"]),
-                   f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])
+                   f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_gemm_operand_bytes"]),
+                   f"{st['saved_gemm_operands_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])
     results["workloads"][wl] = stats
     print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']})",
                 ["candidate", "step ms", "vs fp32", "peak temp MiB", "saved activations MiB", "vs fp32",
-                 "weight copies MiB"], rows)
+                 "of which GEMM operands MiB", "vs fp32", "weight copies MiB"], rows)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)
