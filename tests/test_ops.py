@@ -281,3 +281,33 @@ def test_kernel_library_is_loaded():
     pytest.skip("JDFP_ALLOW_NO_KERNEL is set")
   assert jdfp.kernels.kernel_available(), jdfp._src.kernels._load_error
   assert jdfp.kernels.best_isa() in jdfp.kernels.available_isas()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("shape,strides", [((2, 9, 9, 6), (2, 2)), ((3, 8, 10, 4), (2, 3)), ((2, 7, 7, 4), (3, 1))])
+def test_strided_1x1_conv_slices_first_bit_identical(backend, shape, strides):
+  """A strided 1x1 conv quantizes (and keeps for the backward) only the positions it reads; values and
+  gradients equal the unsliced strided conv bit for bit, an unread NaN included."""
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from jdfp._src import ops
+
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(k1, shape).at[0, -1, -1, 0].set(jnp.nan)
+  if (shape[1] - 1) % strides[0] == 0:  # keep the NaN where the conv does not read it
+    x = x.at[0, -1, -1, 0].set(1.0)
+  w = jax.random.normal(k2, (1, 1, shape[-1], 5))
+  policy = jdfp.Policy(backend=backend)
+  dn = ("NHWC", "HWIO", "NHWC")
+  sliced = lambda x, w: jnp.sum(jnp.sin(jdfp.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=dn,
+                                                                  policy=policy)))
+  geom = ops._ConvGeom(shape[1:3], (1, 1), strides, ((0, 0), (0, 0)), (1, 1), (1, 1), 1)
+  unsliced = lambda x, w: jnp.sum(jnp.sin(ops._conv_core(x, w, None, geom, policy, jnp.float32)))
+  got = jax.jit(jax.value_and_grad(sliced, argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.value_and_grad(unsliced, argnums=(0, 1)))(x, w)
+  assert np.isfinite(float(got[0]))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+  out_sp = tuple(-(-n // s) for n, s in zip(shape[1:3], strides))
+  ints = [tuple(a.shape) for a, _ in saved_residuals(sliced, x, w) if a.dtype == jnp.int16]
+  assert (shape[0],) + out_sp + (shape[-1],) in ints and shape not in ints

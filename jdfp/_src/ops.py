@@ -703,6 +703,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads = lax.padtype_to_pads(in_sp, k_eff, strides, padding)
   else:
     pads = tuple(tuple(p) for p in padding)
+  if (any(st > 1 for st in strides) and all(k == 1 for k in ksp) and all(d == 1 for d in lhs_dil)
+      and all(tuple(p) == (0, 0) for p in pads)):
+    # A strided 1x1 conv (ResNet's projection shortcut) reads only x[:, ::s, ::s]: slice first, so the
+    # int16 operand and its backward residual hold just that part. Exponents (taken over the read
+    # positions anyway), outputs and gradients are unchanged; JAX scatters dx back through the slice.
+    x = lax.slice(x, (0,) * x.ndim, x.shape, (1,) + strides + (1,))
+    strides = (1,) * nsp
   policy = Policy() if policy is None else policy
   if not isinstance(policy, Policy):
     raise TypeError(f"policy must be a jdfp.Policy, got {type(policy).__name__}")

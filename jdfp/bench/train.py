@@ -140,13 +140,15 @@ def _saved_bytes(fn, params) -> dict[str, int]:
   - ``activations``: every residual that is not a weight copy (GEMM/conv inputs, ReLU masks, BN and
     loss residuals): what grows with the batch;
   - ``gemm_operands``: the part of ``activations`` that GEMMs/convs read: jdfp's int16 operand
-    copies, or (float recipes) the activations the workload marked with `_operand`;
+    copies (int16, or bf16/fp16 for the float recipes), or in FP32 the activations the workload
+    marked with `_operand`;
   - ``weight_copies``: residuals shaped like a parameter (jdfp's int16 weights; FP32 reuses the params);
 
   not counting the params and batch themselves (they exist anyway) or broadcasts of constants
   (XLA rematerializes them; eager tracing materializes them).
   """
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from jax._src.ad_checkpoint import saved_residuals
 
@@ -164,7 +166,8 @@ def _saved_bytes(fn, params) -> dict[str, int]:
       out["weight_copies"] += nbytes
       continue
     out["activations"] += nbytes
-    if aval.dtype in (np.int16, np.int8) or where.startswith(f"named '{GEMM_OPERAND}'"):
+    low = aval.dtype in (np.int16, np.int8, jnp.bfloat16, jnp.float16)  # jdfp's quantized copies
+    if low or where.startswith(f"named '{GEMM_OPERAND}'"):
       out["gemm_operands"] += nbytes
   return out
 
