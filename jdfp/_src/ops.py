@@ -2,7 +2,8 @@
 
 Each op is a `jax.custom_vjp`:
 - forward: quantize both operands (per `Policy`) and run the GEMM on the backend;
-- residuals: the quantized int16 operands + exponents (half the bytes of float32 copies);
+- residuals: the quantized int16 operands + exponents (half the bytes of float32 copies), or for
+  operands in ``Policy.float_residuals`` the float inputs themselves (re-quantized in the backward);
 - backward: quantize the incoming gradient and run backward-data and weight-gradient GEMMs on the
   same backend, reusing the forward's int16 operands.
 
