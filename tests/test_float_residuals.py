@@ -133,3 +133,30 @@ def test_policy_validation():
     jdfp.Policy(fwd_rounding="stochastic", float_residuals=("lhs",))
   with pytest.raises(ValueError, match="scaling='current'"):
     jdfp.Policy(scaling="delayed", float_residuals=("rhs",))
+
+
+def test_through_flax_linen_quantize():
+  """The policy reaches the ops that jdfp.quantize dispatches: the CNN's kernels (params, alive
+  anyway) are re-read in the backward; gradients and the "dfp" statistics are unchanged."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3, 3))(x))
+      x = nn.Conv(8, (1, 1), strides=2)(x)
+      return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+
+  def grads(policy):
+    qm = jdfp.quantize(Net(), policy)
+    variables = qm.init(jax.random.key(1), x)
+
+    def loss(params):
+      out, state = qm.apply({**variables, "params": params}, x, mutable=["dfp"])
+      return jnp.sum(out ** 2), state
+
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+  _assert_same(grads(jdfp.Policy()), grads(jdfp.Policy(float_residuals=("rhs",))))
