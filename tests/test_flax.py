@@ -342,6 +342,15 @@ def test_nnx_mlp():
   assert float(g["size"]) == 16 * 32 and float(g["exponent"]) < 0
 
 
+def test_explain_takes_an_nnx_module_and_names_the_closure_mistake():
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  model = quantize(MLP(nnx.Rngs(0)), DFP, [Rule("l3", None)], rngs=nnx.Rngs(dfp=1))
+  ex = jdfp.explain(model, x)
+  assert ex.kernel_calls == 2 and len(ex.float_ops) == 1  # l3 kept in FP32
+  with pytest.raises(TypeError, match="jdfp.explain\\(model, x\\)"):
+    jdfp.explain(lambda: model(x))
+
+
 def test_nnx_stochastic_needs_rngs():
   with pytest.raises(ValueError, match="rngs"):
     quantize(MLP(nnx.Rngs(0)), DFP)

@@ -96,13 +96,38 @@ def _walk(jaxpr, path, in_reference, out):
       _walk(sub, here, ref, out)
 
 
+def _nnx_module_type():
+  try:
+    from flax import nnx
+  except ImportError:  # flax is a dependency, but explain itself needs only jax
+    return None
+  return nnx.Module
+
+
 def explain(fn, *args, **kwargs) -> Report:
   """Trace ``fn(*args, **kwargs)`` and classify every dot/conv in it.
+
+  ``fn`` may also be a Flax NNX module: ``jdfp.explain(model, x)`` traces ``model(x)`` (through
+  ``nnx.jit``, so the module's RNG streams and ``"dfp"`` state can update while tracing).
 
   Returns a `Report` (print it for a table); ``report.kernel_calls`` counts jdfp FFI kernel calls and
   ``report.float_ops`` lists the dots that run in plain float.
   """
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  module_type = _nnx_module_type()
+  if module_type is not None and isinstance(fn, module_type):
+    from flax import nnx
+    args = (fn,) + args
+    fn = nnx.jit(lambda m, *a, **k: m(*a, **k))
+  try:
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  except Exception as e:
+    if type(e).__name__ != "TraceContextError":
+      raise
+    raise TypeError(
+        "jdfp.explain: an NNX module was closed over by `fn` and its state (RNG stream or 'dfp' "
+        "statistics) cannot change inside explain's trace. Pass the module itself, "
+        "`jdfp.explain(model, x)`, or an nnx.jit function with the module as an argument, "
+        "`jdfp.explain(nnx.jit(lambda m, x: m(x)), model, x)`.") from e
   ops: list[Op] = []
   _walk(closed.jaxpr, "", False, ops)
   return Report(tuple(ops))
