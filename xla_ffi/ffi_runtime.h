@@ -104,7 +104,13 @@ struct Job {
   std::vector<int64_t> a_off, b_off, ea_off, eb_off;
   std::vector<Tile> tiles;
   TileFn fn = nullptr;
-  std::atomic<int64_t> next{0};
+  // Tiles are split into one contiguous chunk per worker (tiles are ordered columns-outer, so a
+  // chunk covers few column ranges and its B panels are packed once, by one worker); a worker that
+  // drains its own chunk steals from the others' (run_worker).
+  int64_t nchunks = 1;
+  std::unique_ptr<std::atomic<int64_t>[]> cursor;  // next unclaimed tile of each chunk
+  std::vector<int64_t> chunk_end;
+  std::atomic<int64_t> next_worker{0};
   ffi::CountDownPromise done;
   int bits_a = 0, bits_b = 0;
   // Error text: "jdfp <who>: int16 operand <name_a|name_b> has a value ..."
@@ -210,14 +216,20 @@ void run_worker(const std::shared_ptr<Job>& job) {
   _mm_setcsr(0x1F80u | 0x8000u | 0x0040u);
 #endif
   int bad = 0;
-  const int64_t nt = int64_t(job->tiles.size());
   int64_t done = 0;
-  for (;;) {
-    const int64_t t = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (t >= nt) break;
-    ++done;
-    if (bad) continue;  // keep draining so the count stays right; the output is an error anyway
-    bad = job->fn(job->P, job->tiles[size_t(t)]);
+  // Own chunk first, then the others' in turn: every tile is claimed exactly once (fetch_add on its
+  // chunk's cursor), whoever shows up, so the calling thread alone can always finish the op.
+  const int64_t nc = job->nchunks;
+  const int64_t first = job->next_worker.fetch_add(1, std::memory_order_relaxed) % nc;
+  for (int64_t i = 0; i < nc; ++i) {
+    const int64_t c = (first + i) % nc;
+    for (;;) {
+      const int64_t t = job->cursor[size_t(c)].fetch_add(1, std::memory_order_relaxed);
+      if (t >= job->chunk_end[size_t(c)]) break;
+      ++done;
+      if (bad) continue;  // keep draining so the count stays right; the output is an error anyway
+      bad = job->fn(job->P, job->tiles[size_t(t)]);
+    }
   }
 #if JDFP_X86
   _mm_setcsr(old_csr);
@@ -280,6 +292,13 @@ ffi::Future error_future(ffi::Error e) {
   }
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, int64_t(job->tiles.size())));
   const int64_t ntiles = int64_t(job->tiles.size());
+  job->nchunks = nworkers;
+  job->cursor.reset(new std::atomic<int64_t>[size_t(nworkers)]);
+  job->chunk_end.assign(size_t(nworkers), 0);
+  for (int64_t c = 0; c < nworkers; ++c) {
+    job->cursor[size_t(c)].store(ntiles * c / nworkers, std::memory_order_relaxed);
+    job->chunk_end[size_t(c)] = ntiles * (c + 1) / nworkers;
+  }
   job->done = ffi::CountDownPromise(std::max<int64_t>(ntiles, 1));
   ffi::Future fut(job->done);
   for (int64_t w = 1; w < nworkers; ++w) pool.Schedule([job]() { run_worker(job); });

@@ -86,6 +86,10 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
     float* sc = kF32 ? scbuf.get(size_t(panels) * 64) : nullptr;
     int32_t sc_blk = -1;
     int64_t poff = 0;  // pair offset of the piece inside the kc block
+    // The k rows are far apart (N elements): the hardware prefetchers see short runs and the loads
+    // wait on L3.  Prefetch the rows kPfRows ahead (inside this kc block's K range: no stray reads).
+    constexpr int64_t kPfRows = 8;
+    const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
     for (int pi = 0; pi < a.npcs; ++pi) {
       const Piece& pc = a.pcs[pi];
       if constexpr (kF32) {
@@ -106,8 +110,13 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
         const bool has1 = 2 * q + 1 < pc.len;
         const T* row0 = src + k0 * a.sk;
         const T* row1 = src + (k0 + 1) * a.sk;
+        const bool pf0 = k0 + kPfRows < k_end, pf1 = k0 + 1 + kPfRows < k_end;
         for (int64_t pn = 0; pn < panels; ++pn) {
           const int64_t rb = a.r0 + pn * W;
+          for (int64_t l = 0; l < int64_t(W * sizeof(T)); l += 64) {  // the panel's cache lines
+            if (pf0) _mm_prefetch(reinterpret_cast<const char*>(row0 + kPfRows * a.sk + rb) + l, _MM_HINT_T0);
+            if (pf1) _mm_prefetch(reinterpret_cast<const char*>(row1 + kPfRows * a.sk + rb) + l, _MM_HINT_T0);
+          }
           const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
           const __mmask32 rmask = __mmask32((uint64_t(1) << nvalid) - 1);
           __m512 s1[2], s2[2];
@@ -139,6 +148,10 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
       poff += pc.pairs;
     }
   } else {
+    // Rows are K elements apart and read 32 k at a time: prefetch each row kPfK elements ahead
+    // (inside this kc block's K range).
+    constexpr int64_t kPfK = 2 * 32;
+    const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
     for (int64_t pn = 0; pn < panels; ++pn) {
       const int64_t rb = a.r0 + pn * W;
       const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
@@ -157,12 +170,16 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
         for (int32_t q0 = 0; q0 < full; q0 += 16) {
           const int cnt = std::min<int32_t>(16, full - q0);
           const __mmask32 wmask = cnt == 16 ? ~__mmask32(0) : ((__mmask32(1) << (2 * cnt)) - 1);
+          const bool pf = pc.k_start + 2 * q0 + kPfK < k_end;
           for (int g = 0; g < W; g += 16) {
             __m512i r[16];
             for (int i = 0; i < 16; ++i) {
               const int row = g + i;
               if (row < nvalid) {
                 const T* p = src + (rb + row) * a.sr + pc.k_start + 2 * q0;
+                if (pf)
+                  for (int64_t l = 0; l < int64_t(32 * sizeof(T)); l += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(p + kPfK) + l, _MM_HINT_T0);
                 __m512 t1[2], t2[2];
                 if constexpr (kF32) {
                   t1[0] = t1[1] = _mm512_set1_ps(f1[row]);
