@@ -242,9 +242,7 @@ struct PixInfo {
   int64_t p[3];
   int64_t base;
 };
-static inline PixInfo pix_info(const ConvGeom& g, int64_t r) {
-  int64_t n, o[3];
-  conv_split_pixel(g, r, n, o);
+static inline PixInfo pix_info_at(const ConvGeom& g, int64_t n, const int64_t* o) {
   PixInfo pi;
   int64_t off = n;
   for (int d = 0; d < 3; ++d) {
@@ -254,6 +252,20 @@ static inline PixInfo pix_info(const ConvGeom& g, int64_t r) {
   pi.base = off * g.C;
   return pi;
 }
+// Output pixels in order without a division per pixel: (n, o) of pixel r, then r + 1, ...
+struct PixCursor {
+  int64_t n, o[3];
+  PixCursor(const ConvGeom& g, int64_t r) { conv_split_pixel(g, r, n, o); }
+  void next(const ConvGeom& g) {
+    if (++o[2] < g.out[2]) return;
+    o[2] = 0;
+    if (++o[1] < g.out[1]) return;
+    o[1] = 0;
+    if (++o[0] < g.out[0]) return;
+    o[0] = 0;
+    ++n;
+  }
+};
 struct TapInfo {
   int64_t tr[3];  // t[d] * rdil[d]
   int64_t delta;
@@ -305,9 +317,14 @@ static int32_t conv_pack_pixels512(const int16_t* x, const ConvGeom& g, const Pa
     const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
     PixInfo pinfo[W];
     int64_t rn[W], ro[W][3];
-    for (int i = 0; i < nvalid; ++i) {
-      if (linear) pinfo[i] = pix_info(g, rb + i);
-      else conv_split_pixel(g, rb + i, rn[i], ro[i]);
+    PixCursor pc_row(g, rb);  // consecutive pixels: one division set per panel
+    for (int i = 0; i < nvalid; ++i, pc_row.next(g)) {
+      if (linear) {
+        pinfo[i] = pix_info_at(g, pc_row.n, pc_row.o);
+      } else {
+        rn[i] = pc_row.n;
+        for (int d = 0; d < 3; ++d) ro[i][d] = pc_row.o[d];
+      }
     }
     int64_t off[W];
     int64_t cur_tap = -1;
@@ -364,6 +381,7 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
     int64_t c0;
     __mmask32 mask;  // lanes of the run
     __m512i idx;     // lane l takes loaded element l - lane0
+    bool whole;      // the run is lanes 0..31 in order: a plain load, no permute
   };
   const int64_t panels = (a.rows + W - 1) / W;
   thread_local std::vector<Run> runs;
@@ -381,7 +399,7 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
       alignas(64) int16_t id[32];
       for (int l = 0; l < 32; ++l) id[l] = int16_t((l - i) & 31);
       runs.push_back(Run{tap_info(g, tap), c, __mmask32(((uint64_t(1) << len) - 1) << i),
-                         _mm512_load_si512(id)});
+                         _mm512_load_si512(id), i == 0 && len == 32});
       i += len;
     }
   }
@@ -395,15 +413,22 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
   int64_t poff = 0;
   for (int pi = 0; pi < a.npcs; ++pi) {
     const Piece& pc = a.pcs[pi];
+    PixCursor cur(g, pc.k_start);
     for (int32_t q = 0; q < pc.pairs; ++q) {
-      const int64_t k0 = pc.k_start + 2 * q;
       const bool has1 = 2 * q + 1 < pc.len;
-      const PixInfo p0 = pix_info(g, k0);
-      const PixInfo p1 = has1 ? pix_info(g, k0 + 1) : p0;
+      const PixInfo p0 = pix_info_at(g, cur.n, cur.o);
+      cur.next(g);
+      const PixInfo p1 = has1 ? pix_info_at(g, cur.n, cur.o) : p0;
+      if (has1) cur.next(g);
       for (int64_t pn = 0; pn < panels; ++pn) {
         __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
         for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
           const Run& rn = runs[size_t(ri)];
+          if (rn.whole) {
+            if (pix_tap_valid(g, p0, rn.ti)) v0 = _mm512_loadu_si512(x + p0.base + rn.ti.delta + rn.c0);
+            if (has1 && pix_tap_valid(g, p1, rn.ti)) v1 = _mm512_loadu_si512(x + p1.base + rn.ti.delta + rn.c0);
+            continue;
+          }
           const int cnt = __builtin_popcount(rn.mask);
           const __mmask32 lm = __mmask32((uint64_t(1) << cnt) - 1);
           if (pix_tap_valid(g, p0, rn.ti))
