@@ -162,3 +162,57 @@ def test_axis_name_uses_the_given_exponent_entry():
   want = qz.quantize_array(x, jdfp.DFP(14))  # the shared exponent is the global one
   assert (np.asarray(e) == np.asarray(want.exponent).ravel()[0]).all()
   np.testing.assert_array_equal(np.asarray(v), np.asarray(want.values))
+
+
+# ------------------------------------------------------------------------------------------------
+# quant_stats: the Flax "dfp" counters in one pass, equal to the pure-JAX reductions.
+
+
+def _stats_cases(rng, n):
+  """(x, QArray) pairs: every adversarial input, quantized with its own max (nearest and
+  stochastic), with a too-small exponent (saturation), and with a too-large one (underflow)."""
+  from jdfp._src.flax import core  # noqa: F401  (the reference reductions live there)
+  for case in CASES:
+    x = _adversarial(rng, n, case)
+    for bits in (8, 14):
+      fmt = jdfp.DFP(bits)
+      yield case, x, qz.quantize_array(x, fmt)
+      yield case + "/stochastic", x, qz.quantize_array(x, fmt, rounding="stochastic", key=jax.random.key(n))
+      amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0))
+      for scale in (1e-3, 1e3):  # an exponent from another tensor's max (delayed scaling)
+        yield f"{case}/amax*{scale}", x, qz.quantize_given_amax(
+            x, jnp.full((1,), amax * scale, jnp.float32), fmt, "nearest", None, x.shape)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 33, 65537, 200003])
+def test_quant_stats_equals_the_pure_jax_reductions(isa, n):
+  from jdfp._src.flax import core
+  rng = np.random.default_rng(7 + n)
+  fields = ("exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size")
+  seen_sat = seen_under = False
+  for case, x, q in _stats_cases(rng, n):
+    want = core.role_stats(x, q)
+    sat, under, nonfin, ok = np.asarray(kernels.quant_stats(x, q.values, q.exponent, bits=q.fmt.int_bits, isa=isa))
+    got = core.role_stats(x, q, use_kernel=True)
+    for f in fields:
+      assert float(got[f]) == float(want[f]), (case, f, float(got[f]), float(want[f]))
+    assert ok == int(np.sum(np.isfinite(np.asarray(x)) & (np.abs(np.asarray(x)) >= np.float32(2.0**-126)))) or \
+        int(np.asarray(q.exponent).reshape(())) == NONFINITE
+    seen_sat |= sat > 0
+    seen_under |= under > 0
+  assert seen_sat and seen_under  # the cases exercise both counters
+
+
+def test_quant_stats_rejects_bad_input():
+  x = jnp.ones((4, 3), jnp.float32)
+  q = jnp.ones((4, 3), jnp.int16)
+  e = jnp.zeros((1, 1), jnp.int32)
+  with pytest.raises(TypeError, match="q must have dtype int16"):
+    kernels.quant_stats(x, q.astype(jnp.int32), e, bits=14)
+  with pytest.raises(ValueError, match="q must have x's shape"):
+    kernels.quant_stats(x, q[:2], e, bits=14)
+  with pytest.raises(ValueError, match="one exponent"):
+    kernels.quant_stats(x, q, jnp.zeros((2,), jnp.int32), bits=14)
+  with pytest.raises(ValueError, match="bits"):
+    kernels.quant_stats(x, q, e, bits=17)

@@ -2,6 +2,8 @@
 //
 //   JdfpQuantizeI16 : float32 x [...], int32 e (one element) -> int16 out [...]      (exponent given)
 //   JdfpQuantizeDfp : float32 x [...] -> int16 out [...], int32 e [1...]  (exponent from max |x|)
+//   JdfpQuantStats  : float32 x [...], int16 q [...], int32 e (one element) -> int32 [4]
+//                     (saturated, underflow, nonfinite, nonzero: how x fared in q, see below)
 //   attrs: bits, isa
 //
 // out = clip(round_half_even(scale2(x, -e)), -qmax, qmax), NaN -> 0, all zeros when e is the
@@ -146,6 +148,72 @@ AmaxFn amax_fn(int isa) {
   if (isa == kIsaAvx2 || isa == kIsaAvxVnni) return amax_avx2;
 #endif
   return amax_scalar;
+}
+
+// ---------------------------------------------------------------- quantization statistics
+// The Flax "dfp" collection's per-tensor counters (jdfp/_src/flax/core.py role_stats), in one pass
+// over x and its int16 values q instead of several XLA reductions.  With ok = x finite, nonzero
+// (subnormals read as zero: DAZ) and the exponent not the NONFINITE sentinel:
+//   saturated = #(ok & scale2(|x|, -e) > qmax), underflow = #(ok & q == 0),
+//   nonfinite = #(x is NaN/Inf), nonzero = #ok.
+struct StatsArgs {
+  const float* x;
+  const int16_t* q;
+  float p1, p2, qm;  // scale2(., -e) = (. * p1) * p2
+  bool group_ok;     // e is not the sentinel
+};
+struct Counts {
+  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+};
+using StatsFn = void (*)(const StatsArgs&, int64_t begin, int64_t end, Counts&);
+
+void stats_scalar(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
+  for (int64_t i = begin; i < end; ++i) {
+    uint32_t u;
+    std::memcpy(&u, a.x + i, 4);
+    u &= kAbsMask;
+    if (u >= kInfBits) {
+      ++c.nonfin;
+      continue;
+    }
+    if (u < kMinNormalBits || !a.group_ok) continue;
+    ++c.ok;
+    float ax;
+    std::memcpy(&ax, &u, 4);
+    c.sat += (ax * a.p1) * a.p2 > a.qm;
+    c.under += a.q[i] == 0;
+  }
+}
+
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void stats_avx512(const StatsArgs& a, int64_t begin,
+                                                                             int64_t end, Counts& c) {
+  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits)),
+                inf = _mm512_set1_epi32(int(kInfBits));
+  const __m512 p1 = _mm512_set1_ps(a.p1), p2 = _mm512_set1_ps(a.p2), qm = _mm512_set1_ps(a.qm);
+  const __mmask16 gok = a.group_ok ? __mmask16(0xFFFF) : __mmask16(0);
+  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+  for (int64_t i = begin; i < end; i += 16) {
+    const __mmask16 in = end - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - i)) - 1u);
+    const __m512i u = _mm512_and_si512(_mm512_maskz_loadu_epi32(in, a.x + i), abs);
+    const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
+    const __mmask16 good = _mm512_mask_cmplt_epu32_mask(gok & in, u, inf) & _mm512_cmpge_epu32_mask(u, tiny);
+    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
+    const __m512i q = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, a.q + i));
+    nonfin += _mm_popcnt_u32(bad);
+    ok += _mm_popcnt_u32(good);
+    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));
+    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, q, _mm512_setzero_si512()));
+  }
+  c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok;
+}
+#endif
+
+StatsFn stats_fn(int isa) {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  if (isa == kIsaAvx512Vnni) return stats_avx512;
+#endif
+  return stats_scalar;  // AVX2 machines: GCC vectorizes this loop well enough for a statistics pass
 }
 
 // The DFP exponent of a tensor from its max bits (quantize.group_exponent): floor(log2 m) + 1 -
@@ -311,11 +379,98 @@ ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Resul
   return launch_quant(job, pool, isa);
 }
 
+// Statistics: chunks grabbed by the calling thread and XLA's pool threads; each adds its counts,
+// and whoever finishes the last chunk writes them (the promise counts chunks, so the write lands
+// before the future completes).
+struct StatsJob {
+  StatsArgs args{};
+  StatsFn fn = nullptr;
+  int32_t* out = nullptr;
+  int64_t n = 0, chunk = 0, nchunks = 0;
+  std::atomic<int64_t> next{0}, finished{0};
+  std::atomic<int64_t> sat{0}, under{0}, nonfin{0}, ok{0};
+  ffi::CountDownPromise done;
+};
+
+void stats_worker(const std::shared_ptr<StatsJob>& job) {
+#if JDFP_X86
+  const unsigned old_csr = _mm_getcsr();
+  _mm_setcsr(0x1F80u | 0x8000u | 0x0040u);  // FTZ + DAZ, as XLA:CPU computes role_stats
+#endif
+  StatsJob& j = *job;
+  Counts c;
+  int64_t done = 0;
+  for (;;) {
+    const int64_t k = j.next.fetch_add(1, std::memory_order_relaxed);
+    if (k >= j.nchunks) break;
+    const int64_t b = k * j.chunk;
+    j.fn(j.args, b, std::min(j.n, b + j.chunk), c);
+    ++done;
+  }
+#if JDFP_X86
+  _mm_setcsr(old_csr);
+#endif
+  if (!done) return;
+  j.sat.fetch_add(c.sat, std::memory_order_relaxed);
+  j.under.fetch_add(c.under, std::memory_order_relaxed);
+  j.nonfin.fetch_add(c.nonfin, std::memory_order_relaxed);
+  j.ok.fetch_add(c.ok, std::memory_order_relaxed);
+  if (j.finished.fetch_add(done, std::memory_order_acq_rel) + done == j.nchunks) {
+    j.out[0] = int32_t(j.sat.load(std::memory_order_relaxed));
+    j.out[1] = int32_t(j.under.load(std::memory_order_relaxed));
+    j.out[2] = int32_t(j.nonfin.load(std::memory_order_relaxed));
+    j.out[3] = int32_t(j.ok.load(std::memory_order_relaxed));
+  }
+  j.done.CountDown(size_t(done));
+}
+
+ffi::Future quant_stats_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer e,
+                             ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
+  auto bad = [](const std::string& m) { return error_future(invalid_as("quant_stats", m)); };
+  if (bits < 2 || bits > 16) return bad("bits must be in [2, 16], got " + std::to_string(bits));
+  if (isa < 0 || isa > kIsaAvx512Vnni) return bad("isa must be 0..4, got " + std::to_string(isa));
+  if (isa == kIsaAuto) isa = best_isa();
+  if (!(isa_mask() & (1 << isa)))
+    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented, "jdfp quant_stats: ISA " +
+                                   std::string(isa_info(isa).name) + " is not supported by this CPU/OS (or not built)"));
+  if (x.element_type() != ffi::F32) return bad("x must be float32");
+  if (q.element_type() != ffi::S16) return bad("q must be int16");
+  if (e.element_type() != ffi::S32 || e.element_count() != 1) return bad("e must be one int32 (per-tensor exponent)");
+  if (out->element_type() != ffi::S32 || out->element_count() != 4) return bad("out must be int32 [4]");
+  const auto dx = x.dimensions(), dq = q.dimensions();
+  if (dx.size() != dq.size() || !std::equal(dx.begin(), dx.end(), dq.begin()))
+    return bad("q must have x's shape " + dims_str(dx) + ", got " + dims_str(dq));
+  const int64_t n = int64_t(x.element_count());
+  if (n > int64_t(2147483647)) return bad("x has more than 2**31 - 1 elements (int32 counts)");
+  auto job = std::make_shared<StatsJob>();
+  int32_t ei;
+  std::memcpy(&ei, e.untyped_data(), 4);
+  const int32_t ne = -eclamp(ei);
+  const int32_t e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+  job->args = StatsArgs{static_cast<const float*>(x.untyped_data()), static_cast<const int16_t*>(q.untyped_data()),
+                        pow2f(e1), pow2f(e2), float(qmax_of(bits)), ei != kNonfiniteExponent};
+  job->fn = stats_fn(isa);
+  job->out = static_cast<int32_t*>(out->untyped_data());
+  job->n = n;
+  job->chunk = int64_t(1) << 16;
+  job->nchunks = std::max<int64_t>(1, (n + job->chunk - 1) / job->chunk);
+  static const int64_t threads_env = env_knob("JDFP_THREADS");
+  int64_t nthreads = std::max<int64_t>(1, pool.num_threads());
+  if (threads_env > 0) nthreads = std::min(nthreads, threads_env);
+  nthreads = std::min(nthreads, job->nchunks);
+  job->done = ffi::CountDownPromise(size_t(job->nchunks));
+  ffi::Future fut(job->done);
+  for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { stats_worker(job); });
+  stats_worker(job);  // the calling thread finishes every chunk if nobody else shows up
+  return fut;
+}
+
 }  // namespace
 }  // namespace jdfp
 
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeI16(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeDfp(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpQuantStats(XLA_FFI_CallFrame*);
 
 static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
                                 ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
@@ -341,6 +496,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfp, quantize_dfp,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("isa"));
+
+static ffi::Future quant_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer e,
+                               ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
+  return jdfp::quant_stats_impl(pool, x, q, e, out, bits, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantStats, quant_stats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("isa"));

@@ -33,6 +33,7 @@ __all__ = [
     "conv_weight_grad",
     "gemm",
     "kernel_available",
+    "quant_stats",
     "quantize",
     "quantize_dfp",
     "safe_chain_length",
@@ -48,6 +49,7 @@ TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backwar
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
 TARGET_QUANTIZE = "jdfp_quantize_i16"  # float32 x, int32 e (per tensor) -> int16
 TARGET_QUANTIZE_DFP = "jdfp_quantize_dfp"  # float32 x -> int16, int32 e (from max |x|)
+TARGET_QUANT_STATS = "jdfp_quant_stats"  # float32 x, int16 q, int32 e -> int32 [4] counters
 
 _LIB_FILE = "libjdfp_ffi.so"
 _MAX_CHAIN = 2**20
@@ -83,7 +85,8 @@ def _load() -> None:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
-                      (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp)):
+                      (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp),
+                      (TARGET_QUANT_STATS, lib.JdfpQuantStats)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (
@@ -265,6 +268,35 @@ def quantize_dfp(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Arr
                           vmap_method="sequential")
   values, e = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
   return match_varying(values, x), match_varying(e, x)
+
+
+def quant_stats(x, q, e, *, bits: int, isa: str = "auto") -> jax.Array:
+  """How ``x`` fared in its per-tensor quantization ``q`` (int16) with exponent ``e``, in one pass:
+  int32 ``[saturated, underflow, nonfinite, nonzero]``.
+
+  With ``ok`` = x finite and nonzero (subnormals read as zero) and ``e`` not
+  ``NONFINITE_EXPONENT``: saturated = #(ok and scale2(|x|, -e) > qmax), underflow = #(ok and
+  q == 0), nonfinite = #(x NaN/Inf), nonzero = #ok. The Flax ``"dfp"`` collection's counters
+  (`jdfp._src.flax.core.role_stats`), equal to its pure-JAX reductions.
+  """
+  bits = _check_bits("bits", bits)
+  isa_code = _isa_code(isa)
+  for name, v, want in (("x", x, "float32"), ("q", q, "int16"), ("e", e, "int32")):
+    dt = _dtype_of(name, v)
+    if dt.name != want:
+      raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
+  if tuple(np.shape(q)) != tuple(np.shape(x)):
+    raise ValueError(f"q must have x's shape {tuple(np.shape(x))}, got {tuple(np.shape(q))}")
+  if int(np.prod(np.shape(e))) != 1:
+    raise ValueError(f"e must hold one exponent (per-tensor format), got shape {tuple(np.shape(e))}")
+  n = int(np.prod(np.shape(x)))
+  if n == 0:
+    return jnp.zeros((4,), jnp.int32)
+  if n > _INT32_MAX:
+    raise ValueError(f"x has {n} elements; the int32 counters hold at most {_INT32_MAX}")
+  _require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANT_STATS, jax.ShapeDtypeStruct((4,), jnp.int32), vmap_method="sequential")
+  return match_varying(call(x, q, e, bits=np.int32(bits), isa=np.int32(isa_code)), x)
 
 
 # ------------------------------------------------------------------------------------------------

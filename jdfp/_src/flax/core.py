@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdfp._src import delayed, formats, ops
+from jdfp._src import delayed, formats, kernels, ops
 from jdfp._src import quantize as qz
 from jdfp._src.policy import Policy
 
@@ -107,14 +107,24 @@ def _quantize3(x3, fmt, c_ax, rounding, key, policy):
   return ops._quantize3(x3, fmt, c_ax, rounding, key)
 
 
-def role_stats(x, q: qz.QArray) -> dict:
-  """Scalars (float32 holding integers) describing how ``x`` fared when quantized to ``q``."""
+def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
+  """Scalars (float32 holding integers) describing how ``x`` fared when quantized to ``q``.
+
+  ``use_kernel``: per-tensor integer formats count in one C++ pass (`kernels.quant_stats`) instead
+  of XLA's reductions (same numbers; five full reductions per tensor cost more than the GEMM)."""
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
+  fmt = q.fmt
+  if (use_kernel and fmt.is_integer and x.size and np.size(q.exponent) == 1 and q.values.dtype == jnp.int16
+      and kernels.kernel_available()):
+    e = lax.stop_gradient(q.exponent).astype(jnp.int32)
+    sat, under, nonfin, ok = kernels.quant_stats(x, lax.stop_gradient(q.values), e, bits=fmt.int_bits)
+    e_stat = f32(jnp.where(ok > 0, e.reshape(()), 0))
+    return {"exponent": e_stat, "exponent_min": e_stat, "saturated": f32(sat), "underflow": f32(under),
+            "nonfinite": f32(nonfin), "size": f32(x.size)}
   finite = jnp.isfinite(x)
   nonzero = finite & (x != 0)
-  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
   count = lambda m: f32(jnp.sum(m, dtype=jnp.int32))
-  fmt = q.fmt
   if not fmt.is_integer:  # FP16 / BF16: overflow to Inf, underflow to zero; exponent of the max
     qv = lax.stop_gradient(q.values)
     amax = jnp.max(jnp.where(finite, jnp.abs(x), 0.0)) if x.size else jnp.zeros((), jnp.float32)
@@ -174,9 +184,9 @@ def _grad_tap_bwd(cfg, res, g):
   k_dl = None if key is None else jax.random.split(key, 2)[0]
   if cfg.delayed:  # as jdfp's delayed backward: exponent from the gradient history, then push max|g|
     qg, hist = delayed._quantize3(g3, cfg.fmt, cfg.rounding, k_dl, fwd_state["grad"][HISTORY])
-    grad = {**role_stats(g3, qg), HISTORY: history_values(hist)}
+    grad = {**role_stats(g3, qg, ops._kernel_quantize(cfg.policy)), HISTORY: history_values(hist)}
   else:
-    grad = role_stats(g3, _quantize3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy))
+    grad = role_stats(g3, _quantize3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy), ops._kernel_quantize(cfg.policy))
   new_state = {**fwd_state, "grad": grad}
   zeros = jax.tree.map(jnp.zeros_like, fwd_state)
   return g, new_state, zeros, None
@@ -215,7 +225,8 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
   ql = _quantize3(l3, policy.lhs, lv.c_ax, policy.fwd_rounding, k_l, policy)
   qr = _quantize3(r3, policy.rhs, rv.c_ax, policy.fwd_rounding, k_r, policy)
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
-  fwd_state = {"lhs": role_stats(l3, ql), "rhs": role_stats(r3, qr),
+  uk = ops._kernel_quantize(policy)
+  fwd_state = {"lhs": role_stats(l3, ql, uk), "rhs": role_stats(r3, qr, uk),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   cfg = _TapCfg((bsz, m, n), policy.dlhs, policy.grad_rounding, policy)
@@ -246,8 +257,9 @@ def _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_eleme
   ql, _ = delayed._quantize3(l3, policy.lhs, policy.fwd_rounding, k_l, hist.lhs)
   qr, _ = delayed._quantize3(r3, policy.rhs, policy.fwd_rounding, k_r, hist.rhs)
   keep = lambda new, r: lax.stop_gradient(history_values(new) if update_history else old[r][HISTORY])
-  fwd_state = {"lhs": {**role_stats(l3, ql), HISTORY: keep(new_hist.lhs, "lhs")},
-               "rhs": {**role_stats(r3, qr), HISTORY: keep(new_hist.rhs, "rhs")},
+  uk = ops._kernel_quantize(policy)
+  fwd_state = {"lhs": {**role_stats(l3, ql, uk), HISTORY: keep(new_hist.lhs, "lhs")},
+               "rhs": {**role_stats(r3, qr, uk), HISTORY: keep(new_hist.rhs, "rhs")},
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   cfg = _TapCfg((bsz, m, n), policy.dlhs, policy.grad_rounding, policy, delayed=True)
@@ -284,10 +296,13 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: 
   lhs, rhs = (lax.stop_gradient(qz.as_float_input(a)) for a in args[:2])
   k_l, k_r, k_bwd = ops._split_keys(key, 3)
   stoch = policy.fwd_rounding == "stochastic"
-  quant = lambda x, fmt, k: qz.quantize_array(x, fmt, rounding=policy.fwd_rounding, key=k if stoch else None,
-                                              axis_name=getattr(policy, "axis_name", None))
+  uk = ops._kernel_quantize(policy)
+  quant = lambda x, fmt, k: qz.quantize_blocks(x, fmt, fmt.block_shape(x.shape), rounding=policy.fwd_rounding,
+                                               key=k if stoch else None, axis_name=getattr(policy, "axis_name", None),
+                                               use_kernel=uk)
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
-  fwd_state = {"lhs": role_stats(lhs, quant(lhs, policy.lhs, k_l)), "rhs": role_stats(rhs, quant(rhs, policy.rhs, k_r)),
+  fwd_state = {"lhs": role_stats(lhs, quant(lhs, policy.lhs, k_l), uk),
+               "rhs": role_stats(rhs, quant(rhs, policy.rhs, k_r), uk),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy)
   return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
@@ -311,9 +326,10 @@ def _tracked_delayed_conv(args, *, policy: Policy, key, state, update_history):
                                   k if stoch else None, x.shape)
 
   keep = lambda new, r: lax.stop_gradient(history_values(new) if update_history else old[r][HISTORY])
-  fwd_state = {"lhs": {**role_stats(lhs, quant(lhs, policy.lhs, k_l, hist.lhs, new_hist.lhs)),
+  uk = ops._kernel_quantize(policy)
+  fwd_state = {"lhs": {**role_stats(lhs, quant(lhs, policy.lhs, k_l, hist.lhs, new_hist.lhs), uk),
                        HISTORY: keep(new_hist.lhs, "lhs")},
-               "rhs": {**role_stats(rhs, quant(rhs, policy.rhs, k_r, hist.rhs, new_hist.rhs)),
+               "rhs": {**role_stats(rhs, quant(rhs, policy.rhs, k_r, hist.rhs, new_hist.rhs), uk),
                        HISTORY: keep(new_hist.rhs, "rhs")},
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy, delayed=True)
