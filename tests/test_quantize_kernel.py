@@ -52,6 +52,10 @@ def test_quantize_dfp_is_bit_identical_to_pure_jax(isa, bits, n):
     want = qz.quantize_array(x, jdfp.DFP(bits))
     v, e = kernels.quantize_dfp(x, bits=bits, isa=isa)
     assert v.dtype == jnp.int16 and e.dtype == jnp.int32 and e.shape == (1,)
+    # The counters the same call returns equal the separate statistics pass.
+    _, _, counts = kernels.quantize_dfp_with_stats(x, bits=bits, isa=isa)
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(kernels.quant_stats(x, v, e, bits=bits, isa=isa)),
+                                  err_msg=case)
     np.testing.assert_array_equal(np.asarray(e), np.asarray(want.exponent), err_msg=case)
     np.testing.assert_array_equal(np.asarray(v), np.asarray(want.values), err_msg=case)
     # Grid membership and the symmetric range: never -2**15, never beyond qmax.
@@ -107,9 +111,23 @@ def test_handler_validates_and_returns_ffi_errors():
   with pytest.raises(Exception, match="x's shape"):
     jax.block_until_ready(bad_shape(x, jnp.zeros((1,), jnp.int32), bits=np.int32(14), isa=np.int32(0)))
   dfp = jax.ffi.ffi_call(kernels.TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct((4, 4), jnp.int16),
-                                                      jax.ShapeDtypeStruct((1, 1), jnp.int32)))
+                                                      jax.ShapeDtypeStruct((1, 1), jnp.int32),
+                                                      jax.ShapeDtypeStruct((4,), jnp.int32)))
   with pytest.raises(Exception, match="x must be float32"):
     jax.block_until_ready(dfp(x.astype(jnp.int32), bits=np.int32(14), isa=np.int32(0)))
+  dfp_bad_counts = jax.ffi.ffi_call(kernels.TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct((4, 4), jnp.int16),
+                                                                 jax.ShapeDtypeStruct((1, 1), jnp.int32),
+                                                                 jax.ShapeDtypeStruct((3,), jnp.int32)))
+  with pytest.raises(Exception, match="counts"):
+    jax.block_until_ready(dfp_bad_counts(x, bits=np.int32(14), isa=np.int32(0)))
+  stats = jax.ffi.ffi_call(kernels.TARGET_QUANT_STATS, jax.ShapeDtypeStruct((4,), jnp.int32))
+  q, e = jnp.zeros((4, 4), jnp.int16), jnp.zeros((1,), jnp.int32)
+  with pytest.raises(Exception, match="q must be int16"):
+    jax.block_until_ready(stats(x, q.astype(jnp.int32), e, bits=np.int32(14), isa=np.int32(0)))
+  with pytest.raises(Exception, match="x's shape"):
+    jax.block_until_ready(stats(x, jnp.zeros((4, 5), jnp.int16), e, bits=np.int32(14), isa=np.int32(0)))
+  with pytest.raises(Exception, match="one int32"):
+    jax.block_until_ready(stats(x, q, jnp.zeros((2,), jnp.int32), bits=np.int32(14), isa=np.int32(0)))
 
 
 def test_ops_convert_on_the_kernel_only_with_the_ffi_backend():

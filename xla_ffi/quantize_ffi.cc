@@ -1,7 +1,8 @@
 // XLA FFI handler: float32 -> int16 conversion of a DFP tensor with one shared exponent.
 //
 //   JdfpQuantizeI16 : float32 x [...], int32 e (one element) -> int16 out [...]      (exponent given)
-//   JdfpQuantizeDfp : float32 x [...] -> int16 out [...], int32 e [1...]  (exponent from max |x|)
+//   JdfpQuantizeDfp : float32 x [...] -> int16 out [...], int32 e [1...]  (exponent from max |x|),
+//                     int32 counts [4] (as JdfpQuantStats: counted while converting)
 //   JdfpQuantStats  : float32 x [...], int16 q [...], int32 e (one element) -> int32 [4]
 //                     (saturated, underflow, nonfinite, nonzero: how x fared in q, see below)
 //   attrs: bits, isa
@@ -250,6 +251,12 @@ struct QuantJob {
   std::atomic<int64_t> next1{0}, done1{0}, next2{0};
   std::atomic<uint32_t> amax_bits{0};
   std::atomic<bool> phase2_ready{false};
+  // Optional statistics of the conversion (JdfpQuantizeDfp's third result): each converted chunk is
+  // counted while it is still in L2, and whoever converts the last chunk writes the totals.
+  int32_t* counts_out = nullptr;
+  StatsArgs stats{};
+  StatsFn stats_fn = nullptr;
+  std::atomic<int64_t> finished2{0}, sat{0}, under{0}, nonfin{0}, ok{0};
   ffi::CountDownPromise done;
 };
 
@@ -259,6 +266,7 @@ void set_exponent(QuantJob& j, int32_t ei) {
   // A non-finite tensor converts to zeros: x * 0 is 0 or NaN, and NaN converts to 0.
   j.args.s1 = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);
   j.args.s2 = pow2f(e2);
+  j.stats = StatsArgs{j.args.x, j.args.out, pow2f(e1), pow2f(e2), j.args.qm, ei != kNonfiniteExponent};
 }
 
 void quant_worker(const std::shared_ptr<QuantJob>& job) {
@@ -294,19 +302,34 @@ void quant_worker(const std::shared_ptr<QuantJob>& job) {
     }
   }
   int64_t done = 0;
+  Counts cnt;
   if (go) {
     for (;;) {
       const int64_t c = j.next2.fetch_add(1, std::memory_order_relaxed);
       if (c >= j.nchunks) break;
-      const int64_t b = c * j.chunk;
-      j.convert(j.args, b, std::min(j.n, b + j.chunk));
+      const int64_t b = c * j.chunk, e = std::min(j.n, b + j.chunk);
+      j.convert(j.args, b, e);
+      if (j.counts_out) j.stats_fn(j.stats, b, e, cnt);
       ++done;
     }
   }
 #if JDFP_X86
   _mm_setcsr(old_csr);
 #endif
-  if (done) j.done.CountDown(size_t(done));
+  if (!done) return;
+  if (j.counts_out) {
+    j.sat.fetch_add(cnt.sat, std::memory_order_relaxed);
+    j.under.fetch_add(cnt.under, std::memory_order_relaxed);
+    j.nonfin.fetch_add(cnt.nonfin, std::memory_order_relaxed);
+    j.ok.fetch_add(cnt.ok, std::memory_order_relaxed);
+    if (j.finished2.fetch_add(done, std::memory_order_acq_rel) + done == j.nchunks) {
+      j.counts_out[0] = int32_t(j.sat.load(std::memory_order_relaxed));
+      j.counts_out[1] = int32_t(j.under.load(std::memory_order_relaxed));
+      j.counts_out[2] = int32_t(j.nonfin.load(std::memory_order_relaxed));
+      j.counts_out[3] = int32_t(j.ok.load(std::memory_order_relaxed));
+    }
+  }
+  j.done.CountDown(size_t(done));
 }
 
 ffi::Error check_common(int32_t bits, int32_t& isa, ffi::AnyBuffer x, ffi::AnyBuffer out) {
@@ -329,6 +352,7 @@ ffi::Future launch_quant(const std::shared_ptr<QuantJob>& job, ffi::ThreadPool p
   QuantJob& j = *job;
   j.convert = convert_fn(isa);
   j.amax = amax_fn(isa);
+  j.stats_fn = stats_fn(isa);
   // Chunks of 64 Ki elements (256 KiB read): several per thread for balance, inline when small.
   j.chunk = int64_t(1) << 16;
   j.nchunks = std::max<int64_t>(1, (j.n + j.chunk - 1) / j.chunk);
@@ -365,15 +389,21 @@ ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
 
 // Exponent from the tensor's own max (per-tensor DFP): one call, x read twice.
 ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                              ffi::Result<ffi::AnyBuffer> e, int32_t bits, int32_t isa) {
+                              ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts, int32_t bits,
+                              int32_t isa) {
   if (ffi::Error err = check_common(bits, isa, x, *out); err.failure()) return error_future(std::move(err));
   if (e->element_type() != ffi::S32 || e->element_count() != 1)
     return error_future(invalid_as("quantize", "e (result) must be one int32"));
+  if (counts->element_type() != ffi::S32 || counts->element_count() != 4)
+    return error_future(invalid_as("quantize", "counts (result) must be int32 [4]"));
+  if (x.element_count() > size_t(2147483647))
+    return error_future(invalid_as("quantize", "x has more than 2**31 - 1 elements (int32 counts)"));
   auto job = std::make_shared<QuantJob>();
   job->args = ConvertArgs{static_cast<const float*>(x.untyped_data()), static_cast<int16_t*>(out->untyped_data()),
                           0.0f, 0.0f, float(qmax_of(bits))};
   job->x = job->args.x;
   job->e_out = static_cast<int32_t*>(e->untyped_data());
+  job->counts_out = static_cast<int32_t*>(counts->untyped_data());
   job->bits = bits;
   job->n = int64_t(x.element_count());
   return launch_quant(job, pool, isa);
@@ -478,8 +508,9 @@ static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
 }
 
 static ffi::Future quantize_dfp(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                                ffi::Result<ffi::AnyBuffer> e, int32_t bits, int32_t isa) {
-  return jdfp::quantize_dfp_impl(pool, x, out, e, bits, isa);
+                                ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts, int32_t bits,
+                                int32_t isa) {
+  return jdfp::quantize_dfp_impl(pool, x, out, e, counts, bits, isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeI16, quantize_i16,
@@ -495,6 +526,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfp, quantize_dfp,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("bits")

@@ -36,6 +36,7 @@ __all__ = [
     "quant_stats",
     "quantize",
     "quantize_dfp",
+    "quantize_dfp_with_stats",
     "safe_chain_length",
 ]
 
@@ -254,20 +255,35 @@ def quantize_dfp(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Arr
   an all-zero tensor: 0), shaped ``(1,) * x.ndim``; values as `quantize`. Bit-identical to
   `jdfp.quantize_array(x, DFP(bits))`. Subnormal inputs read as zero (XLA:CPU's DAZ).
   """
+  values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa)
+  return values, e
+
+
+def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`quantize_dfp` plus the `quant_stats` counters of the result, counted while converting.
+
+  It is the same kernel call as `quantize_dfp` (which drops the counters), so when both quantize
+  the same tensor in one program, XLA merges them into one call (the Flax statistics ride along
+  with the op's own quantization for free).
+  """
   bits = _check_bits("bits", bits)
   isa_code = _isa_code(isa)
   dt = _dtype_of("x", x)
   if dt.name != "float32":
     raise TypeError(f"x must have dtype float32, got {dt.name}")
   shape = tuple(np.shape(x))
-  if int(np.prod(shape)) == 0:
-    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32)
+  n = int(np.prod(shape))
+  if n == 0:
+    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32), jnp.zeros((4,), jnp.int32)
+  if n > _INT32_MAX:
+    raise ValueError(f"x has {n} elements; the int32 counters hold at most {_INT32_MAX}")
   _require_lib()
   call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct(shape, jnp.int16),
-                                                jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32)),
+                                                jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32),
+                                                jax.ShapeDtypeStruct((4,), jnp.int32)),
                           vmap_method="sequential")
-  values, e = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
-  return match_varying(values, x), match_varying(e, x)
+  values, e, counts = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
+  return match_varying(values, x), match_varying(e, x), match_varying(counts, x)
 
 
 def quant_stats(x, q, e, *, bits: int, isa: str = "auto") -> jax.Array:

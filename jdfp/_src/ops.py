@@ -127,11 +127,16 @@ def _quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kerne
   ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run)."""
   if not fmt.is_integer:
     return qz.quantize_array(x3, fmt)
-  bsz, r, c = x3.shape
+  return qz.quantize_blocks(x3, fmt, _block_shape3(x3.shape, fmt, c_ax), rounding=rounding, key=key,
+                            axis_name=axis_name, use_kernel=use_kernel)
+
+
+def _block_shape3(shape3, fmt, c_ax: int) -> tuple[int, ...]:
+  """Physical block shape of a 3-D operand whose blocks are read on its (batch, free, contraction) view."""
+  bsz, r, c = shape3
   logical = (bsz, c, r) if c_ax == 1 else (bsz, r, c)
   lb = fmt.block_shape(logical)
-  phys = (lb[0], lb[2], lb[1]) if c_ax == 1 else lb
-  return qz.quantize_blocks(x3, fmt, phys, rounding=rounding, key=key, axis_name=axis_name, use_kernel=use_kernel)
+  return (lb[0], lb[2], lb[1]) if c_ax == 1 else tuple(lb)
 
 
 def _kernel_quantize(policy: Policy) -> bool:

@@ -99,6 +99,13 @@ def needs_key(policy: Policy) -> bool:
 _Q3_HAS_AXIS = "axis_name" in inspect.signature(ops._quantize3).parameters
 
 
+def _stats3(x3, fmt, c_ax, rounding, key, policy) -> dict:
+  """quantized_stats of a physical 3-D GEMM operand (blocks as the op reads them)."""
+  if not fmt.is_integer:
+    return role_stats(x3, _quantize3(x3, fmt, c_ax, rounding, key, policy))
+  return quantized_stats(x3, fmt, ops._block_shape3(x3.shape, fmt, c_ax), rounding, key, policy)
+
+
 def _quantize3(x3, fmt, c_ax, rounding, key, policy):
   """ops._quantize3 with the policy's data-parallel axis when this version of ops has one."""
   ax = getattr(policy, "axis_name", None)
@@ -118,10 +125,7 @@ def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
   if (use_kernel and fmt.is_integer and x.size and np.size(q.exponent) == 1 and q.values.dtype == jnp.int16
       and kernels.kernel_available()):
     e = lax.stop_gradient(q.exponent).astype(jnp.int32)
-    sat, under, nonfin, ok = kernels.quant_stats(x, lax.stop_gradient(q.values), e, bits=fmt.int_bits)
-    e_stat = f32(jnp.where(ok > 0, e.reshape(()), 0))
-    return {"exponent": e_stat, "exponent_min": e_stat, "saturated": f32(sat), "underflow": f32(under),
-            "nonfinite": f32(nonfin), "size": f32(x.size)}
+    return _stats_from_counts(x, e, kernels.quant_stats(x, lax.stop_gradient(q.values), e, bits=fmt.int_bits))
   finite = jnp.isfinite(x)
   nonzero = finite & (x != 0)
   count = lambda m: f32(jnp.sum(m, dtype=jnp.int32))
@@ -152,6 +156,33 @@ def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
           "saturated": count(ok & (scaled > fmt.qmax)),
           "underflow": count(ok & (lax.stop_gradient(q.values) == 0)),
           "nonfinite": count(~finite), "size": f32(x.size)}
+
+
+def _stats_from_counts(x, e, counts) -> dict:
+  """role_stats from `kernels.quant_stats` counters (per-tensor integer formats)."""
+  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
+  sat, under, nonfin, ok = (lax.stop_gradient(counts[i]) for i in range(4))
+  e_stat = f32(jnp.where(ok > 0, lax.stop_gradient(e).reshape(()), 0))
+  return {"exponent": e_stat, "exponent_min": e_stat, "saturated": f32(sat), "underflow": f32(under),
+          "nonfinite": f32(nonfin), "size": f32(np.size(x))}
+
+
+def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
+  """role_stats of ``x`` quantized as the op quantizes it (``bshape``: its block shape).
+
+  Where the op converts on the C++ kernel (per-tensor DFP, nearest rounding, FFI backend, no
+  data-parallel exponent), the statistics come from the *same* kernel call as the op's own
+  quantization (`kernels.quantize_dfp_with_stats`; XLA merges the two identical calls), so they
+  cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
+  """
+  x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  uk = ops._kernel_quantize(policy)
+  ax = getattr(policy, "axis_name", None)
+  if uk and ax is None and qz.kernel_convert_available() and qz._kernel_converts(x, fmt, rounding, tuple(bshape)):
+    _, e, counts = kernels.quantize_dfp_with_stats(x, bits=fmt.bits)
+    return _stats_from_counts(x, e, counts)
+  q = qz.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
+  return role_stats(x, q, uk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +217,7 @@ def _grad_tap_bwd(cfg, res, g):
     qg, hist = delayed._quantize3(g3, cfg.fmt, cfg.rounding, k_dl, fwd_state["grad"][HISTORY])
     grad = {**role_stats(g3, qg, ops._kernel_quantize(cfg.policy)), HISTORY: history_values(hist)}
   else:
-    grad = role_stats(g3, _quantize3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy), ops._kernel_quantize(cfg.policy))
+    grad = _stats3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy)
   new_state = {**fwd_state, "grad": grad}
   zeros = jax.tree.map(jnp.zeros_like, fwd_state)
   return g, new_state, zeros, None
@@ -222,11 +253,9 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
   if state is None:
     return out, None
   lv, rv, l3, r3, (k_l, k_r, k_bwd) = _operand_views(lhs, rhs, dimension_numbers, key)
-  ql = _quantize3(l3, policy.lhs, lv.c_ax, policy.fwd_rounding, k_l, policy)
-  qr = _quantize3(r3, policy.rhs, rv.c_ax, policy.fwd_rounding, k_r, policy)
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
-  uk = ops._kernel_quantize(policy)
-  fwd_state = {"lhs": role_stats(l3, ql, uk), "rhs": role_stats(r3, qr, uk),
+  fwd_state = {"lhs": _stats3(l3, policy.lhs, lv.c_ax, policy.fwd_rounding, k_l, policy),
+               "rhs": _stats3(r3, policy.rhs, rv.c_ax, policy.fwd_rounding, k_r, policy),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   cfg = _TapCfg((bsz, m, n), policy.dlhs, policy.grad_rounding, policy)
@@ -296,13 +325,10 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: 
   lhs, rhs = (lax.stop_gradient(qz.as_float_input(a)) for a in args[:2])
   k_l, k_r, k_bwd = ops._split_keys(key, 3)
   stoch = policy.fwd_rounding == "stochastic"
-  uk = ops._kernel_quantize(policy)
-  quant = lambda x, fmt, k: qz.quantize_blocks(x, fmt, fmt.block_shape(x.shape), rounding=policy.fwd_rounding,
-                                               key=k if stoch else None, axis_name=getattr(policy, "axis_name", None),
-                                               use_kernel=uk)
+  stats = lambda x, fmt, k: quantized_stats(x, fmt, fmt.block_shape(x.shape), policy.fwd_rounding,
+                                            k if stoch else None, policy)
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
-  fwd_state = {"lhs": role_stats(lhs, quant(lhs, policy.lhs, k_l), uk),
-               "rhs": role_stats(rhs, quant(rhs, policy.rhs, k_r), uk),
+  fwd_state = {"lhs": stats(lhs, policy.lhs, k_l), "rhs": stats(rhs, policy.rhs, k_r),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy)
   return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
