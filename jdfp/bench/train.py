@@ -12,6 +12,10 @@ Candidates:
               and the input batch for the first layer): no int16 copies of them are kept for the
               backward (gradients bit-identical to dfp16; the backward GEMMs quantize them again)
   dfp16_ref   jdfp ops on the pure-JAX exact reference path (same bits as dfp16)
+  dfp16_flax  the user's path: the same forward as one Flax Linen module calling `lax.dot_general` /
+              `lax.conv_general_dilated`, wrapped with `jdfp.quantize(module, dfp16 policy)`; every step
+              also updates the "dfp" statistics collection (exponents, saturation, underflow of every
+              operand and gradient), applied with `jdfp.overwrite_state`
   bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation, XLA dots)
 
 Reported: median step time, ratio to fp32 (>1 is faster), XLA's peak temp memory of the compiled
@@ -29,7 +33,7 @@ import json
 import platform
 from typing import Callable, NamedTuple
 
-CANDIDATES = ("fp32", "dfp16", "dfp16_lean", "dfp16_ref", "bf16")
+CANDIDATES = ("fp32", "dfp16", "dfp16_lean", "dfp16_ref", "dfp16_flax", "bf16")
 GEMM_OPERAND = "bench_gemm_operand"  # checkpoint_name of the activations that GEMMs/convs read
 
 
@@ -66,6 +70,42 @@ def _ops(name) -> Ops:
   dot = lambda p: functools.partial(jdfp.dot_general, policy=p)
   conv = lambda p: functools.partial(jdfp.conv_general_dilated, policy=p)
   return Ops(dot(policy), conv(policy), dot(policy_in), conv(policy_in))
+
+
+# The public lax functions, looked up at call time: inside `jdfp.quantize`'s frame they are its
+# dispatchers (the dfp16_flax candidate), elsewhere plain lax.
+_LAX_AT_CALL_TIME = Ops(*(lambda *a, _n=n, **k: getattr(__import__("jax").lax, _n)(*a, **k)
+                          for n in ("dot_general", "conv_general_dilated") * 2))
+
+
+def _flax_step(loss, params, batch, tx):
+  """A jitted training step of the workload as a Linen module through `jdfp.quantize`, statistics on.
+
+  Returns (step, initial carry, function of the params for `_saved_bytes`)."""
+  import jax
+  from flax import linen as nn
+
+  import jdfp
+
+  class Workload(nn.Module):  # the workload's forward and loss; its GEMMs are found by module path
+    @nn.compact
+    def __call__(self, x, y):
+      return loss(self.param("w", lambda _: params), x, y, _LAX_AT_CALL_TIME)
+
+  model = jdfp.quantize(Workload(), jdfp.Policy(backend="ffi"))
+  variables = model.init({"params": jax.random.key(1)}, *batch)
+  otx = jdfp.overwrite_state(tx, collections=("dfp",))
+
+  def step(v, s, x, y):
+    def lf(v):
+      val, _ = model.apply(v, x, y, mutable=["dfp"])
+      return val
+    val, g = jax.value_and_grad(lf)(v)
+    u, s = otx.update(g, s, v)
+    return jax.tree.map(lambda a, b: a + b, v, u), s, val
+
+  saved_fn = lambda p: model.apply({"params": {"w": p}, "dfp": variables["dfp"]}, *batch, mutable=["dfp"])[0]
+  return step, (dict(variables), otx.init(dict(variables))), saved_fn
 
 
 def _operand(h):
@@ -187,23 +227,26 @@ def main(args: argparse.Namespace) -> int:
     tx = optax.sgd(1e-3, momentum=0.9)
     fns, stats = {}, {}
     for name in args.candidates:
-      ops = _ops(name)
+      if name == "dfp16_flax":
+        step, (p0, state), saved_fn = _flax_step(loss, params, batch, tx)
+      else:
+        ops = _ops(name)
 
-      def step(p, s, x, y, ops=ops):
-        val, g = jax.value_and_grad(loss)(p, x, y, ops)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, val
+        def step(p, s, x, y, ops=ops):
+          val, g = jax.value_and_grad(loss)(p, x, y, ops)
+          u, s = tx.update(g, s, p)
+          return optax.apply_updates(p, u), s, val
 
-      jstep = jax.jit(step)
-      state = tx.init(params)
-      compiled = jstep.lower(params, state, *batch).compile()
+        p0, state = params, tx.init(params)
+        saved_fn = lambda p, _ops=ops: loss(p, *batch, _ops)
+      compiled = jax.jit(step).lower(p0, state, *batch).compile()
       mem = compiled.memory_analysis()
-      saved = _saved_bytes(lambda p, _ops=ops: loss(p, *batch, _ops), params)
+      saved = _saved_bytes(saved_fn, params)
       stats[name] = {"peak_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
                      "saved_activation_bytes": saved["activations"],
                      "saved_gemm_operand_bytes": saved["gemm_operands"],
                      "saved_weight_copy_bytes": saved["weight_copies"]}
-      fns[name] = functools.partial(lambda f, a: jax.tree.leaves(f(*a))[-1], compiled, (params, state) + tuple(batch))
+      fns[name] = functools.partial(lambda f, a: jax.tree.leaves(f(*a))[-1], compiled, (p0, state) + tuple(batch))
     times = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
     rows = []
     mib = lambda b: f"{b / 2**20:.1f}"
