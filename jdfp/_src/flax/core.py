@@ -196,6 +196,9 @@ class _TapCfg:
   rounding: str
   policy: Policy
   delayed: bool = False
+  # shape3 is the output's own shape (a per-tensor conv output), not a 3-D GEMM view: the gradient is
+  # then quantized exactly as the conv's backward quantizes it, and XLA merges the two kernel calls.
+  natural: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -216,6 +219,8 @@ def _grad_tap_bwd(cfg, res, g):
   if cfg.delayed:  # as jdfp's delayed backward: exponent from the gradient history, then push max|g|
     qg, hist = delayed._quantize3(g3, cfg.fmt, cfg.rounding, k_dl, fwd_state["grad"][HISTORY])
     grad = {**role_stats(g3, qg, ops._kernel_quantize(cfg.policy)), HISTORY: history_values(hist)}
+  elif cfg.natural:
+    grad = quantized_stats(g3, cfg.fmt, cfg.fmt.block_shape(g3.shape), cfg.rounding, k_dl, cfg.policy)
   else:
     grad = _stats3(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy)
   new_state = {**fwd_state, "grad": grad}
@@ -330,7 +335,7 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: 
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
   fwd_state = {"lhs": stats(lhs, policy.lhs, k_l), "rhs": stats(rhs, policy.rhs, k_r),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
-  cfg = _TapCfg((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy)
+  cfg = _TapCfg(tuple(out.shape), policy.dlhs, policy.grad_rounding, policy, natural=True)
   return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
 
 
