@@ -168,6 +168,24 @@ struct Counts {
 };
 using StatsFn = void (*)(const StatsArgs&, int64_t begin, int64_t end, Counts&);
 
+// Counts of a multi-threaded pass: every worker adds its own; the one that brings the finished
+// chunks to the total writes them out (before anyone completes the op's promise with the last
+// chunks, so the result is in place when the future resolves).
+struct CountTotals {
+  std::atomic<int64_t> finished{0}, sat{0}, under{0}, nonfin{0}, ok{0};
+  void add(const Counts& c, int64_t done, int64_t nchunks, int32_t* out) {
+    sat.fetch_add(c.sat, std::memory_order_relaxed);
+    under.fetch_add(c.under, std::memory_order_relaxed);
+    nonfin.fetch_add(c.nonfin, std::memory_order_relaxed);
+    ok.fetch_add(c.ok, std::memory_order_relaxed);
+    if (finished.fetch_add(done, std::memory_order_acq_rel) + done != nchunks) return;
+    out[0] = int32_t(sat.load(std::memory_order_relaxed));
+    out[1] = int32_t(under.load(std::memory_order_relaxed));
+    out[2] = int32_t(nonfin.load(std::memory_order_relaxed));
+    out[3] = int32_t(ok.load(std::memory_order_relaxed));
+  }
+};
+
 void stats_scalar(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
   for (int64_t i = begin; i < end; ++i) {
     uint32_t u;
@@ -256,7 +274,7 @@ struct QuantJob {
   int32_t* counts_out = nullptr;
   StatsArgs stats{};
   StatsFn stats_fn = nullptr;
-  std::atomic<int64_t> finished2{0}, sat{0}, under{0}, nonfin{0}, ok{0};
+  CountTotals totals;
   ffi::CountDownPromise done;
 };
 
@@ -317,18 +335,7 @@ void quant_worker(const std::shared_ptr<QuantJob>& job) {
   _mm_setcsr(old_csr);
 #endif
   if (!done) return;
-  if (j.counts_out) {
-    j.sat.fetch_add(cnt.sat, std::memory_order_relaxed);
-    j.under.fetch_add(cnt.under, std::memory_order_relaxed);
-    j.nonfin.fetch_add(cnt.nonfin, std::memory_order_relaxed);
-    j.ok.fetch_add(cnt.ok, std::memory_order_relaxed);
-    if (j.finished2.fetch_add(done, std::memory_order_acq_rel) + done == j.nchunks) {
-      j.counts_out[0] = int32_t(j.sat.load(std::memory_order_relaxed));
-      j.counts_out[1] = int32_t(j.under.load(std::memory_order_relaxed));
-      j.counts_out[2] = int32_t(j.nonfin.load(std::memory_order_relaxed));
-      j.counts_out[3] = int32_t(j.ok.load(std::memory_order_relaxed));
-    }
-  }
+  if (j.counts_out) j.totals.add(cnt, done, j.nchunks, j.counts_out);
   j.done.CountDown(size_t(done));
 }
 
@@ -417,8 +424,8 @@ struct StatsJob {
   StatsFn fn = nullptr;
   int32_t* out = nullptr;
   int64_t n = 0, chunk = 0, nchunks = 0;
-  std::atomic<int64_t> next{0}, finished{0};
-  std::atomic<int64_t> sat{0}, under{0}, nonfin{0}, ok{0};
+  std::atomic<int64_t> next{0};
+  CountTotals totals;
   ffi::CountDownPromise done;
 };
 
@@ -441,16 +448,7 @@ void stats_worker(const std::shared_ptr<StatsJob>& job) {
   _mm_setcsr(old_csr);
 #endif
   if (!done) return;
-  j.sat.fetch_add(c.sat, std::memory_order_relaxed);
-  j.under.fetch_add(c.under, std::memory_order_relaxed);
-  j.nonfin.fetch_add(c.nonfin, std::memory_order_relaxed);
-  j.ok.fetch_add(c.ok, std::memory_order_relaxed);
-  if (j.finished.fetch_add(done, std::memory_order_acq_rel) + done == j.nchunks) {
-    j.out[0] = int32_t(j.sat.load(std::memory_order_relaxed));
-    j.out[1] = int32_t(j.under.load(std::memory_order_relaxed));
-    j.out[2] = int32_t(j.nonfin.load(std::memory_order_relaxed));
-    j.out[3] = int32_t(j.ok.load(std::memory_order_relaxed));
-  }
+  j.totals.add(c, done, j.nchunks, j.out);
   j.done.CountDown(size_t(done));
 }
 
