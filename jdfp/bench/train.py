@@ -13,7 +13,7 @@ Candidates:
               backward (gradients bit-identical to dfp16; the backward GEMMs quantize them again)
   dfp16_ref   jdfp ops on the pure-JAX exact reference path (same bits as dfp16)
   dfp16_flax  the user's path: the same forward as one Flax Linen module calling `lax.dot_general` /
-              `lax.conv_general_dilated`, wrapped with `jdfp.quantize(module, dfp16 policy)`; every step
+              `lax.conv_general_dilated`, wrapped with `jdfp.quantize(module, <dfp16's policy>)`; every step
               also updates the "dfp" statistics collection (exponents, saturation, underflow of every
               operand and gradient), applied with `jdfp.overwrite_state`
   bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation, XLA dots)
@@ -72,16 +72,23 @@ def _ops(name) -> Ops:
   return Ops(dot(policy), conv(policy), dot(policy_in), conv(policy_in))
 
 
-# The public lax functions, looked up at call time: inside `jdfp.quantize`'s frame they are its
-# dispatchers (the dfp16_flax candidate), elsewhere plain lax.
-_LAX_AT_CALL_TIME = Ops(*(lambda *a, _n=n, **k: getattr(__import__("jax").lax, _n)(*a, **k)
-                          for n in ("dot_general", "conv_general_dilated") * 2))
+def _lax_at_call_time(name: str) -> Callable:
+  """``jax.lax.<name>`` looked up at each call: inside `jdfp.quantize`'s frame that is its
+  dispatcher (the dfp16_flax candidate), elsewhere plain lax."""
+  def call(*args, **kwargs):
+    import jax
+    return getattr(jax.lax, name)(*args, **kwargs)
+  return call
+
+
+_LAX_AT_CALL_TIME = Ops(*(_lax_at_call_time(n) for n in ("dot_general", "conv_general_dilated") * 2))
 
 
 def _flax_step(loss, params, batch, tx):
-  """A jitted training step of the workload as a Linen module through `jdfp.quantize`, statistics on.
+  """A training step of the workload as a Linen module through `jdfp.quantize`, statistics on.
 
-  Returns (step, initial carry, function of the params for `_saved_bytes`)."""
+  Returns (step to jit, initial (variables, optimizer state), function of the params for
+  `_saved_bytes`)."""
   import jax
   from flax import linen as nn
 
