@@ -148,8 +148,8 @@ static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
       poff += pc.pairs;
     }
   } else {
-    // Rows are K elements apart and read 32 k at a time: prefetch each row kPfK elements ahead
-    // (inside this kc block's K range).
+    // Rows are K elements apart and read 32 k at a time: prefetch each row kPfK elements ahead when
+    // that start is inside this kc block's K range (a prefetch is only a hint and never faults).
     constexpr int64_t kPfK = 2 * 32;
     const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
     for (int64_t pn = 0; pn < panels; ++pn) {
