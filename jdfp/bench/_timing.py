@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Callable, Sequence
 
@@ -68,3 +69,15 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
   for r in rows:
     table.add_row(*r)
   Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)
+
+
+def cpu_name() -> str:
+  """The CPU model as /proc/cpuinfo names it (for benchmark records)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()

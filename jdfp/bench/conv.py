@@ -64,11 +64,11 @@ def main(args: argparse.Namespace) -> int:
   from jax import lax
 
   import jdfp
-  from jdfp._src import kernels
+  from jdfp import kernels
   from jdfp.bench._timing import print_table, time_side_by_side
 
   if not kernels.kernel_available():
-    raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see jdfp/_src/kernels.py")
+    raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
   bits = args.bits
   q = 2 ** (bits - 1) - 1
   isa = kernels.best_isa() if args.isa == "auto" else args.isa
@@ -152,10 +152,10 @@ def main(args: argparse.Namespace) -> int:
            f"jax {jax.__version__}, {os.cpu_count()} CPUs (median of {args.repeats})")
   print_table(title, cols, rows)
   if args.json:
-    from jdfp.bench.gemm import _cpu_name
+    from jdfp.bench._timing import cpu_name
     meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa, "bits": bits,
             "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": _cpu_name()}
+            "machine": platform.machine(), "processor": cpu_name()}
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")

@@ -34,11 +34,11 @@ def main(args: argparse.Namespace) -> int:
   import numpy as np
   from jax import lax
 
-  from jdfp._src import kernels
-  from jdfp.bench._timing import parse_shape, print_table, time_side_by_side
+  from jdfp import kernels
+  from jdfp.bench._timing import cpu_name, parse_shape, print_table, time_side_by_side
 
   if not kernels.kernel_available():
-    raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see jdfp/_src/kernels.py")
+    raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
   bits = args.bits
   qmax = 2 ** (bits - 1) - 1
   isa = kernels.best_isa() if args.isa == "auto" else args.isa
@@ -90,19 +90,8 @@ def main(args: argparse.Namespace) -> int:
   if args.json:
     meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa, "bits": bits,
             "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": _cpu_name()}
+            "machine": platform.machine(), "processor": cpu_name()}
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")
   return 0
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()

@@ -8,13 +8,13 @@ graph, through `nnx.split`/`merge`, `nnx.jit`, `nnx.grad` and checkpoints) holdi
 
 - ``state``: a `DfpState` variable, a float32 ``[3, 6]`` array (rows ``lhs``, ``rhs``, ``grad``;
   columns ``exponent, exponent_min, saturated, underflow, nonfinite, size``: see
-  ``jdfp._src.flax.core``), updated in place by every forward call; its gradient (take
+  ``jdfp._src.flax.state``), updated in place by every forward call; its gradient (take
   ``nnx.grad`` with ``nnx.DiffState(0, nnx.Any(nnx.Param, jdfp.DfpState))``) is the new state
   including the backward statistics: `apply_state_grads` installs it;
 - ``rngs``: the model's `nnx.Rngs` when the policy rounds stochastically (stream ``"dfp"``).
 
-Layers without an injection point run their call inside a `JdfpScope` (a frame of the Linen
-mechanism: JAX's GEMM functions and the ``@`` operator are swapped for the call's duration, and the
+Layers without an injection point run their call inside a `JdfpScope` (an interception
+frame: JAX's GEMM functions and the ``@`` operator are swapped for the call's duration, and the
 n-th GEMM uses the scope's n-th `JdfpOp`): `nnx.ConvTranspose` (one op, created by `quantize`),
 users' own modules (``x @ w``, ``jnp.einsum``, ``lax.dot_general``, ...; ops created at the first
 call, so the first step's backward statistics of those are not recorded when that call happens
@@ -31,17 +31,17 @@ six fields).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import tracers as flax_tracers
 
-from jdfp._src import ops
-from jdfp._src.flax import core
-from jdfp._src.flax import linen as jlinen
+from jdfp._src.flax import interception, tracked
+from jdfp._src.flax import state as dfp_state
+from jdfp._src.flax.gemm_rewrites import einsum_via_dot
 from jdfp._src.flax.rules import QuantizeReport, Site, resolve
+from jdfp._src.ops.einsum import einsum
 
 
 class DfpState(nnx.Variable):
@@ -51,20 +51,20 @@ class DfpState(nnx.Variable):
 def pack(state: dict) -> jax.Array:
   """``[3, 6]`` (``[3, 6 + H]`` with delayed scaling: the amax history after the six fields)."""
   def row(r):
-    cols = [jnp.asarray(state[r][f], core.STATE_DTYPE)[None] for f in core.FIELDS]
-    if core.HISTORY in state[r]:
-      cols.append(jnp.asarray(state[r][core.HISTORY], core.STATE_DTYPE))
+    cols = [jnp.asarray(state[r][f], dfp_state.STATE_DTYPE)[None] for f in dfp_state.FIELDS]
+    if dfp_state.HISTORY in state[r]:
+      cols.append(jnp.asarray(state[r][dfp_state.HISTORY], dfp_state.STATE_DTYPE))
     return jnp.concatenate(cols)
-  return jnp.stack([row(r) for r in core.ROLES])
+  return jnp.stack([row(r) for r in dfp_state.ROLES])
 
 
 def unpack(arr) -> dict:
-  n = len(core.FIELDS)
+  n = len(dfp_state.FIELDS)
   out = {}
-  for i, r in enumerate(core.ROLES):
-    out[r] = {f: arr[..., i, j] for j, f in enumerate(core.FIELDS)}
+  for i, r in enumerate(dfp_state.ROLES):
+    out[r] = {f: arr[..., i, j] for j, f in enumerate(dfp_state.FIELDS)}
     if arr.shape[-1] > n:
-      out[r][core.HISTORY] = arr[..., i, n:]
+      out[r][dfp_state.HISTORY] = arr[..., i, n:]
   return out
 
 
@@ -89,17 +89,20 @@ def _iter_modules(model):
 class JdfpOp(nnx.Module):
   """The injected GEMM function of one NNX layer (see the module docstring)."""
 
-  def __init__(self, kind: str, policy, path: str, rngs=None, rng_stream: str = "dfp"):
+  def __init__(self, kind: str, policy, path: str, rngs=None, rng_stream: str = "dfp", name: str | None = None):
     self.kind = kind
     self.policy = policy
     self.site_path = path
+    self.site_name = kind if name is None else name  # the op's name in quantize_report and telemetry
     self.rng_stream = rng_stream
     self.rngs = rngs
-    self.state = DfpState(pack(core.empty_state(policy)))
+    self.state = DfpState(pack(dfp_state.empty_state(policy)))
 
   def _key(self):
-    if not core.needs_key(self.policy):
+    if not self.policy.needs_key:
       return None
+    if self.rngs is None and not self.policy.forward_needs_key:
+      return None  # inference needs no key; a stochastic backward raises when it is traced
     if self.rngs is None:
       raise ValueError(f"jdfp: the policy of {self.site_path or '<root>'} rounds stochastically and needs a key: pass "
                        f"rngs=nnx.Rngs(..., {self.rng_stream}=...) to jdfp.quantize (or use nearest rounding)")
@@ -115,11 +118,13 @@ class JdfpOp(nnx.Module):
     return out
 
   def _dot(self, lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
-    return self._tracked_call(lambda state, key: core.tracked_dot_general(
+    return self._tracked_call(lambda state, key: tracked.tracked_dot_general(
         lhs, rhs, dims, precision, preferred_element_type, policy=self.policy, key=key, state=state, **kw))
 
   def __call__(self, *args, **kwargs):
-    with jlinen.inside():  # jdfp's own dots must not be taken by an enclosing layer's frame
+    # jdfp's own dots must not be taken by an enclosing layer's frame; the name scope puts the
+    # layer's path into the jaxpr (for `jdfp.explain`).
+    with interception.inside(), jax.named_scope(self.site_path or "root"):
       return self._call(*args, **kwargs)
 
   def _call(self, *args, **kwargs):
@@ -134,16 +139,16 @@ class JdfpOp(nnx.Module):
       def dot(*a, **k):
         return self._dot(*a, **k)
       dot.policy, dot.tracked_call = self.policy, self._tracked_call
-      return core.conv(dot, tuple(full.get(n) for n in names))
+      return tracked.conv(dot, tuple(full.get(n) for n in names))
     subscripts, *operands = args
     precision = kwargs.pop("precision", None)
     pet = kwargs.pop("preferred_element_type", None)
     extra = {k: v for k, v in kwargs.items() if v is not None}
     if len(operands) == 2 and not extra:
-      y = core.einsum_via_dot(self._dot, subscripts, operands[0], operands[1], precision, pet)
+      y = einsum_via_dot(self._dot, subscripts, operands[0], operands[1], precision, pet)
       if y is not None:
         return y
-    return ops.einsum(subscripts, *operands, precision=precision, preferred_element_type=pet, policy=self.policy,
+    return einsum(subscripts, *operands, precision=precision, preferred_element_type=pet, policy=self.policy,
                       key=self._key(), **extra)
 
 
@@ -163,7 +168,7 @@ class _NoSow:
     del args, kwargs
 
 
-class _ScopeFrame:
+class _ScopeFrame(interception.Frame):
   def __init__(self, scope):
     self.scope = scope
     self.count = 0
@@ -173,13 +178,13 @@ class _ScopeFrame:
     scope = self.scope
     if scope.policy is None or flax_tracers.current_trace() != self.level:
       # An FP32 layer (kept out by a rule) or a transform inside the layer's body (vmap): float.
-      with jlinen.inside():
+      with interception.inside():
         return fallback()
     i, self.count = self.count, self.count + 1
     if i < len(scope.ops):
       op = scope.ops[i]
     else:
-      op = JdfpOp(kind, scope.policy, scope.site_path, scope.rngs, scope.rng_stream)
+      op = JdfpOp(kind, scope.policy, scope.site_path, scope.rngs, scope.rng_stream, f"ops/{i}")
       scope.ops.append(op)
       if scope.report is not None:
         scope.report.record(Site(scope.site_path, f"ops/{i}", kind, scope.policy, scope.rule, True))
@@ -189,7 +194,7 @@ class _ScopeFrame:
 
     dot_fn.policy, dot_fn.tracked_call = op.policy, op._tracked_call  # pylint: disable=protected-access
     dot_fn.key = op._key()  # pylint: disable=protected-access
-    with jlinen.inside():
+    with interception.inside():
       return compute(dot_fn)
 
 
@@ -204,10 +209,10 @@ class JdfpScope(nnx.Module):
     self.rng_stream = rng_stream
     self.rule = rule
     self.report = report
-    self.ops = nnx.List([JdfpOp(k, policy, path, rngs, rng_stream) for k in kinds])
+    self.ops = nnx.List([JdfpOp(k, policy, path, rngs, rng_stream, f"ops/{i}") for i, k in enumerate(kinds)])
 
   def call(self, fn, *args, **kwargs):
-    with jlinen.push_frame(_ScopeFrame(self)):
+    with interception.push_frame(_ScopeFrame(self)):
       return fn(*args, **kwargs)
 
 
@@ -260,6 +265,11 @@ def _fp32_scope(m, path):
   object.__setattr__(m, "__class__", _scoped_class(type(m)))
 
 
+def is_quantized(model) -> bool:
+  """Whether ``model`` already holds jdfp ops or scopes (it went through `jdfp.quantize`)."""
+  return any(isinstance(m, (JdfpOp, JdfpScope)) for _, m in _iter_modules(model))
+
+
 def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and_last_fp32: bool = False,
                  rngs=None, rng_stream: str = "dfp", copy: bool = False):
   if copy:
@@ -285,10 +295,10 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
     if pol is None:
       _fp32_scope(m, path)  # not taken by an enclosing quantized module's frame either
       continue
-    if core.needs_key(pol) and rngs is None:
+    if pol.forward_needs_key and rngs is None:
       raise ValueError(f"jdfp.quantize: the policy for {path or '<root>'} rounds stochastically and needs keys: pass "
                        f"rngs=nnx.Rngs({rng_stream}=...) to jdfp.quantize")
-    op = JdfpOp(kind, pol, path, rngs if core.needs_key(pol) else None, rng_stream)
+    op = JdfpOp(kind, pol, path, rngs if pol.needs_key else None, rng_stream, name)
     # The layer declared the attribute static (a function); the op is graph data (it holds state).
     setattr(m, name, nnx.data(op) if hasattr(nnx, "data") else op)
   for path, m in scoped:
@@ -304,10 +314,10 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
         report.record(Site(path, "attention_fn" if kind == "einsum" else "conv_transpose", kind, None, rule, False))
       _fp32_scope(m, path)
       continue
-    if core.needs_key(pol) and rngs is None:
+    if pol.forward_needs_key and rngs is None:
       raise ValueError(f"jdfp.quantize: the policy for {path or '<root>'} rounds stochastically and needs keys: pass "
                        f"rngs=nnx.Rngs({rng_stream}=...) to jdfp.quantize")
-    scope = JdfpScope(pol, path, rngs if core.needs_key(pol) else None, rng_stream, kinds, rule,
+    scope = JdfpScope(pol, path, rngs if pol.needs_key else None, rng_stream, kinds, rule,
                       None if kinds else report)
     for i, k in enumerate(kinds):
       report.record(Site(path, f"ops/{i}", k, pol, rule, True))
@@ -323,11 +333,12 @@ def quantize_nnx(model, policy, rules, *, report: QuantizeReport, keep_first_and
 
 
 def state_of(model) -> dict:
-  """``{path: state dict}`` of every `JdfpOp` in an NNX model (for `jdfp.telemetry`)."""
+  """``{"module path/op name": state dict}`` of every `JdfpOp` in an NNX model (for `jdfp.telemetry`;
+  the names of `jdfp.quantize_report`)."""
   out = {}
-  for path, m in _iter_modules(model):
+  for _, m in _iter_modules(model):
     if isinstance(m, JdfpOp):
-      out["/".join(str(p) for p in path)] = unpack(m.state[...])
+      out["/".join(p for p in (m.site_path, m.site_name) if p)] = unpack(m.state[...])
   return out
 
 

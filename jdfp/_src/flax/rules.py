@@ -8,7 +8,7 @@ import threading
 import warnings
 from typing import Sequence
 
-from jdfp._src.policy import Policy
+from jdfp._src.ops.policy import Policy
 
 OP_KINDS = ("dot_general", "einsum", "conv", "conv_transpose")
 

@@ -1,0 +1,83 @@
+"""Python side of ``xla_ffi/gemm_ffi.cc``: the exact INT16 GEMM (docs/arithmetic.md) as a JAX op."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdfp._src.ffi.library import TARGET_I16, TARGET_Q, check_bits, dtype_of, isa_attribute, require_lib
+
+__all__ = ["gemm"]
+
+
+def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
+         transpose_a: bool = False, transpose_b: bool = False, isa: str = "auto") -> jax.Array:
+  """Exact DFP GEMM on the C++ kernel: ``float32 [..., M, N]`` per docs/arithmetic.md.
+
+  Args:
+    a: int16 ``[..., M, K]`` (``[..., K, M]`` with ``transpose_a``), values in ``[-qmax_a, qmax_a]``;
+      or float32, quantized while packing: ``clip(round_half_even(scale2(a, -ea)), +-qmax_a)``,
+      bit-identical to quantizing first and passing int16.
+    b: int16 or float32 ``[..., K, N]`` (``[..., N, K]`` with ``transpose_b``).
+    ea: int32 exponents ``[..., M, KB]`` (or ``[..., 1, KB]``: one exponent for every row).
+    eb: int32 exponents ``[..., KB, N]`` (or ``[..., KB, 1]``).  ``KB = ceil(K / block_k)``.
+    bits_a, bits_b: the operands' bits (2..16, sign included); they fix the safe chain length.
+    block_k: exponent block length along K; None means K (a single block, KB == 1).
+    transpose_a, transpose_b: the operand layouts above (no copies are made).
+    isa: "auto" (best available), "scalar", "avx2", "avx_vnni" or "avx512_vnni"; an ISA the CPU
+      lacks makes the call fail at run time.
+
+  Leading batch dims broadcast numpy-style (size 1 is read with stride 0, never copied).  An
+  int16 value outside ``[-qmax, qmax]`` makes the call fail at run time (never a silent wrap).  A
+  ``NONFINITE_EXPONENT`` (2**30) in ``ea[..., m, :]`` or ``eb[..., :, n]`` makes ``out[..., m, n]`` NaN.
+  """
+  bits_a = check_bits("bits_a", bits_a)
+  bits_b = check_bits("bits_b", bits_b)
+  isa_code = isa_attribute(isa)
+  for name, flag in (("transpose_a", transpose_a), ("transpose_b", transpose_b)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool, got {flag!r}")
+  dts = {}
+  for name, x, allowed in (("a", a, ("int16", "float32")), ("b", b, ("int16", "float32")),
+                           ("ea", ea, ("int32",)), ("eb", eb, ("int32",))):
+    dt = dtype_of(name, x)
+    if dt.name not in allowed:
+      raise TypeError(f"{name} must have dtype {' or '.join(allowed)}, got {dt.name}")
+    if np.ndim(x) < 2:
+      raise ValueError(f"{name} must have rank >= 2, got shape {np.shape(x)}")
+    dts[name] = dt
+  sa, sb, sea, seb = (tuple(np.shape(x)) for x in (a, b, ea, eb))
+  m, k = (sa[-1], sa[-2]) if transpose_a else (sa[-2], sa[-1])
+  kb_, n = (sb[-1], sb[-2]) if transpose_b else (sb[-2], sb[-1])
+  if k != kb_:
+    raise ValueError(f"contraction dims differ: a has K={k} (shape {sa}, transpose_a={transpose_a}), "
+                     f"b has K={kb_} (shape {sb}, transpose_b={transpose_b})")
+  if block_k is None:
+    bk_attr, bk = -1, max(k, 1)
+  else:
+    if isinstance(block_k, bool) or not isinstance(block_k, (int, np.integer)) or block_k < 1:
+      raise ValueError(f"block_k must be None or an int >= 1, got {block_k!r}")
+    bk_attr = bk = int(block_k)
+  kb = -(-k // bk)
+  if sea[-1] != kb or sea[-2] not in (m, 1):
+    raise ValueError(f"ea must have shape [..., {m} (or 1), {kb}] (KB = ceil(K={k} / block_k={bk})), "
+                     f"got {sea}")
+  if seb[-2] != kb or seb[-1] not in (n, 1):
+    raise ValueError(f"eb must have shape [..., {kb}, {n} (or 1)] (KB = ceil(K={k} / block_k={bk})), "
+                     f"got {seb}")
+  try:
+    batch = np.broadcast_shapes(sa[:-2], sb[:-2], sea[:-2], seb[:-2])
+  except ValueError:
+    raise ValueError(f"batch dims of a {sa[:-2]}, b {sb[:-2]}, ea {sea[:-2]}, eb {seb[:-2]} "
+                     "do not broadcast") from None
+  require_lib()
+  quant = dts["a"].name == "float32" or dts["b"].name == "float32"
+  call = jax.ffi.ffi_call(
+      TARGET_Q if quant else TARGET_I16,
+      jax.ShapeDtypeStruct(tuple(batch) + (m, n), jnp.float32),
+      vmap_method="expand_dims",
+  )
+  return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
+              block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
+              transpose_b=bool(transpose_b), isa=np.int32(isa_code))

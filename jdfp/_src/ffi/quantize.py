@@ -1,0 +1,113 @@
+"""Python side of ``xla_ffi/quantize_ffi.cc``: float32 -> int16 conversion, per-tensor exponents and
+the quantization counters, in C++ (bit-identical to the pure-JAX quantizer)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdfp._src.ffi.library import (INT32_MAX, TARGET_QUANT_STATS, TARGET_QUANTIZE, TARGET_QUANTIZE_DFP, check_bits, dtype_of,
+                                   isa_attribute, require_lib)
+from jdfp._src.numerics.shard_types import match_varying
+
+__all__ = ["quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
+
+
+def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
+  """int16 values of a per-tensor DFP quantization on the C++ kernel (nearest rounding).
+
+  ``clip(round_half_even(scale2(x, -e)), -qmax, qmax)`` for float32 ``x`` and one int32 exponent
+  ``e`` (any shape of size 1); NaN -> 0 and all zeros when ``e`` is ``NONFINITE_EXPONENT``:
+  bit-identical to `jdfp.quantize_array(x, DFP(bits)).values` given the same exponent, in one
+  vectorized, multi-threaded pass (XLA:CPU's own float -> int16 conversion is several times slower).
+  """
+  bits = check_bits("bits", bits)
+  isa_code = isa_attribute(isa)
+  for name, v, want in (("x", x, "float32"), ("e", e, "int32")):
+    dt = dtype_of(name, v)
+    if dt.name != want:
+      raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
+  if int(np.prod(np.shape(x))) == 0:
+    return jnp.zeros(np.shape(x), jnp.int16)
+  if int(np.prod(np.shape(e))) != 1:
+    raise ValueError(f"e must hold exactly one exponent (a per-tensor format), got shape {np.shape(e)}")
+  require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE, jax.ShapeDtypeStruct(np.shape(x), jnp.int16),
+                          vmap_method="sequential")
+  # An FFI result carries no shard_map varying axes: give it its inputs' ones.
+  return match_varying(call(x, e, bits=np.int32(bits), isa=np.int32(isa_code)), x, e)
+
+
+def quantize_dfp(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """Per-tensor DFP quantization in one kernel call: ``(int16 values, int32 exponent)``.
+
+  The exponent is ``quantize.group_exponent(max|x|)`` (NaN/Inf: ``NONFINITE_EXPONENT`` and zeros;
+  an all-zero tensor: 0), shaped ``(1,) * x.ndim``; values as `quantize`. Bit-identical to
+  `jdfp.quantize_array(x, DFP(bits))`. Subnormal inputs read as zero (XLA:CPU's DAZ).
+  """
+  values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa)
+  return values, e
+
+
+def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`quantize_dfp` plus the `quant_stats` counters of the result, counted while converting.
+
+  It is the same kernel call as `quantize_dfp` (which drops the counters), so when both quantize
+  the same tensor in one program, XLA merges them into one call (the Flax statistics ride along
+  with the op's own quantization for free).
+  """
+  bits = check_bits("bits", bits)
+  isa_code = isa_attribute(isa)
+  dt = dtype_of("x", x)
+  if dt.name != "float32":
+    raise TypeError(f"x must have dtype float32, got {dt.name}")
+  shape = tuple(np.shape(x))
+  n = int(np.prod(shape))
+  if n == 0:
+    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32), jnp.zeros((4,), jnp.int32)
+  if n > INT32_MAX:
+    raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
+  require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct(shape, jnp.int16),
+                                                jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32),
+                                                jax.ShapeDtypeStruct((4,), jnp.int32)),
+                          vmap_method="sequential")
+  values, e, counts = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
+  return match_varying(values, x), match_varying(e, x), match_varying(counts, x)
+
+
+def quant_stats(x, q, e, *, bits: int, isa: str = "auto") -> jax.Array:
+  """How ``x`` fared in its per-tensor quantization ``q`` (int16) with exponent ``e``, in one pass:
+  int32 ``[saturated, underflow, nonfinite, nonzero]``.
+
+  With ``ok`` = x finite and nonzero (subnormals read as zero) and ``e`` not
+  ``NONFINITE_EXPONENT``: saturated = #(ok and scale2(|x|, -e) > qmax), underflow = #(ok and
+  q == 0), nonfinite = #(x NaN/Inf), nonzero = #ok. The Flax ``"dfp"`` collection's counters
+  (`jdfp._src.flax.state.role_stats`), equal to its pure-JAX reductions.
+  """
+  bits = check_bits("bits", bits)
+  isa_code = isa_attribute(isa)
+  for name, v, want in (("x", x, "float32"), ("q", q, "int16"), ("e", e, "int32")):
+    dt = dtype_of(name, v)
+    if dt.name != want:
+      raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
+  if tuple(np.shape(q)) != tuple(np.shape(x)):
+    raise ValueError(f"q must have x's shape {tuple(np.shape(x))}, got {tuple(np.shape(q))}")
+  if int(np.prod(np.shape(e))) != 1:
+    raise ValueError(f"e must hold one exponent (per-tensor format), got shape {tuple(np.shape(e))}")
+  n = int(np.prod(np.shape(x)))
+  if n == 0:
+    return jnp.zeros((4,), jnp.int32)
+  if n > INT32_MAX:
+    raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
+  require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANT_STATS, jax.ShapeDtypeStruct((4,), jnp.int32), vmap_method="sequential")
+  return match_varying(call(x, q, e, bits=np.int32(bits), isa=np.int32(isa_code)), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolution: implicit GEMM on the same driver (xla_ffi/conv_ffi.cc).  Canonical layouts: input
+# [N, *S, C] (NWC / NHWC / NDHWC), kernel [*K, C/G, O] (WIO / HWIO / DHWIO), output [N, *O, O_features].
+# The contraction order is (kernel taps row-major, then input channel): the result is bit-identical to
+# the GEMM contract on the im2col matrix in that order.

@@ -1,0 +1,158 @@
+"""The Flax integration's per-op state ("dfp" collection) and the statistics that fill it.
+
+State layout (one Flax variable per quantized op, value a dict)::
+
+    {"lhs":  {"exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size"},
+     "rhs":  {...},   # weights (forward right operand)
+     "grad": {...}}   # output gradient (both backward GEMMs)
+
+All leaves are float32 scalars holding integers. Not int32, because the backward statistics leave
+through a cotangent, and JAX gives integer inputs only ``float0`` cotangents (``jax.grad`` refuses
+integer inputs outright). Integers up to 2**24 are exact in float32, and `jdfp.overwrite_state`'s
+``old + (new - old)`` is then bitwise exact. Counters are per step (the last update), so they stay
+below the tensor size; ``size`` is the element count, for rates. ``exponent`` is the largest
+exponent over the finite groups (for per-tensor DFP: *the* exponent), ``exponent_min`` the smallest
+over groups holding a nonzero finite value; a group with NaN/Inf is counted in ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdfp._src.ffi import library
+from jdfp._src.ffi import quantize as ffi_quantize
+from jdfp._src.numerics import formats
+from jdfp._src.numerics import quantize as qz
+from jdfp._src.ops import convert, delayed
+from jdfp._src.ops.backend import kernel_quantize
+from jdfp._src.ops.convert import block_shape3, quantize3
+from jdfp._src.ops.policy import Policy
+
+ROLES = ("lhs", "rhs", "grad")
+
+
+FIELDS = ("exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size")
+
+
+STATE_DTYPE = jnp.float32
+
+HISTORY = "amax_history"
+
+
+def is_delayed(policy: Policy | None) -> bool:
+  return policy is not None and policy.scaling == "delayed"
+
+
+def empty_role(policy: Policy | None = None):
+  role = {f: jnp.zeros((), STATE_DTYPE) for f in FIELDS}
+  if is_delayed(policy):
+    role[HISTORY] = jnp.zeros((policy.history_length,), STATE_DTYPE)
+  return role
+
+
+def empty_state(policy: Policy | None = None):
+  """The initial value of one op's state variable (all zeros; with delayed scaling each role also
+  holds an empty ``amax_history`` of ``policy.history_length`` maxima)."""
+  return {r: empty_role(policy) for r in ROLES}
+
+
+def history_values(hist):
+  """Amax history entries as stored in the state: each maximum ``m`` replaced by the representative
+  of its exponent class, ``m`` itself when it is 0 or a power of two, else ``1.5 * 2**floor(log2 m)``.
+  Both DFP's ``floor(log2 m)`` and BFP's ``ceil(log2 m)`` are unchanged (so is the exponent taken from
+  the history's max), and every entry is ``3 * 2**j`` or ``2**j``: `jdfp.overwrite_state`'s float32
+  ``old + (new - old)`` then reproduces the new history bitwise (arbitrary floats could be off by an
+  ulp, and a maximum of exactly 1.0 that comes back as 0.99999994 moves the exponent)."""
+  hist = jnp.asarray(hist, STATE_DTYPE)
+  safe = jnp.where(hist > 0, hist, 1.0)
+  p = formats.scale2(jnp.full_like(safe, 0.5), formats.frexp_exponent(safe))  # 2**floor(log2 m)
+  return jnp.where((hist > 0) & (hist != p), 1.5 * p, hist)
+
+
+def scale_state(old) -> "delayed.ScaleState":
+  """The op's amax histories (constants for the op: their update leaves through the grad tap)."""
+  return delayed.ScaleState(*(lax.stop_gradient(old[r][HISTORY]) for r in ROLES))
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics of one quantized tensor.
+
+
+def operand_stats(x3, fmt, c_ax, rounding, key, policy) -> dict:
+  """quantized_stats of a physical 3-D GEMM operand (blocks as the op reads them)."""
+  if not fmt.is_integer:
+    return role_stats(x3, quantize3(x3, fmt, c_ax, rounding, key, policy.axis_name))
+  return quantized_stats(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding, key, policy)
+
+
+def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
+  """Scalars (float32 holding integers) describing how ``x`` fared when quantized to ``q``.
+
+  ``use_kernel``: per-tensor integer formats count in one C++ pass (`ffi.quantize.quant_stats`) instead
+  of XLA's reductions (same numbers; five full reductions per tensor cost more than the GEMM)."""
+  x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
+  fmt = q.fmt
+  if (use_kernel and fmt.is_integer and x.size and np.size(q.exponent) == 1 and q.values.dtype == jnp.int16
+      and library.kernel_available()):
+    e = lax.stop_gradient(q.exponent).astype(jnp.int32)
+    return stats_from_counts(x, e, ffi_quantize.quant_stats(x, lax.stop_gradient(q.values), e, bits=fmt.int_bits))
+  finite = jnp.isfinite(x)
+  nonzero = finite & (x != 0)
+  count = lambda m: f32(jnp.sum(m, dtype=jnp.int32))
+  if not fmt.is_integer:  # FP16 / BF16: overflow to Inf, underflow to zero; exponent of the max
+    qv = lax.stop_gradient(q.values)
+    amax = jnp.max(jnp.where(finite, jnp.abs(x), 0.0)) if x.size else jnp.zeros((), jnp.float32)
+    e = jnp.where(amax > 0, formats.frexp_exponent(jnp.where(amax > 0, amax, 1.0)) - 1, 0)
+    amin = jnp.min(jnp.where(nonzero, jnp.abs(x), jnp.inf)) if x.size else jnp.inf
+    e_min = jnp.where(jnp.isfinite(amin), formats.frexp_exponent(jnp.where(jnp.isfinite(amin), amin, 1.0)) - 1, 0)
+    return {"exponent": f32(e), "exponent_min": f32(e_min),
+            "saturated": count(finite & ~jnp.isfinite(qv)),
+            "underflow": count(nonzero & (qv == 0)),
+            "nonfinite": count(~finite), "size": f32(x.size)}
+  e_grid = lax.stop_gradient(q.exponent)
+  e_full = formats.expand_blocks(e_grid, q.block_shape, x.shape)
+  group_finite = e_full != formats.NONFINITE_EXPONENT
+  e_safe = jnp.where(group_finite, e_full, 0)
+  ok = nonzero & group_finite
+  scaled = formats.scale2(jnp.where(ok, jnp.abs(x), 0.0), -e_safe)
+  big = jnp.iinfo(jnp.int32).max
+  # The largest exponent among elements that hold a value: all-zero blocks (exponent 0 by
+  # convention, e.g. masked attention tiles) must not count.
+  e_max = jnp.max(jnp.where(ok, e_full, -big))
+  e_max = jnp.where(jnp.any(ok), e_max, 0)
+  e_min = jnp.min(jnp.where(ok, e_full, big))
+  e_min = jnp.where(jnp.any(ok), e_min, 0)
+  return {"exponent": f32(e_max), "exponent_min": f32(e_min),
+          "saturated": count(ok & (scaled > fmt.qmax)),
+          "underflow": count(ok & (lax.stop_gradient(q.values) == 0)),
+          "nonfinite": count(~finite), "size": f32(x.size)}
+
+
+def stats_from_counts(x, e, counts) -> dict:
+  """role_stats from `ffi.quantize.quant_stats` counters (per-tensor integer formats)."""
+  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
+  sat, under, nonfin, ok = (lax.stop_gradient(counts[i]) for i in range(4))
+  e_stat = f32(jnp.where(ok > 0, lax.stop_gradient(e).reshape(()), 0))
+  return {"exponent": e_stat, "exponent_min": e_stat, "saturated": f32(sat), "underflow": f32(under),
+          "nonfinite": f32(nonfin), "size": f32(np.size(x))}
+
+
+def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
+  """role_stats of ``x`` quantized as the op quantizes it (``bshape``: its block shape).
+
+  Where the op converts on the C++ kernel (per-tensor DFP, nearest rounding, FFI backend, no
+  data-parallel exponent), the statistics come from the *same* kernel call as the op's own
+  quantization (`ffi.quantize.quantize_dfp_with_stats`; XLA merges the two identical calls), so they
+  cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
+  """
+  x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  uk = kernel_quantize(policy)
+  ax = getattr(policy, "axis_name", None)
+  if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts(x, fmt, rounding, tuple(bshape)):
+    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits)
+    return stats_from_counts(x, e, counts)
+  q = convert.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
+  return role_stats(x, q, uk)

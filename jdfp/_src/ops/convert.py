@@ -1,0 +1,95 @@
+"""Operand conversion for the ops: float -> int16 (+ exponents) on the C++ kernel where it applies
+(per-tensor DFP, nearest rounding; bit-identical and several times faster than XLA:CPU), else the
+pure-JAX quantizer of `jdfp._src.numerics.quantize`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jdfp._src.ffi import library
+from jdfp._src.ffi import quantize as ffi_quantize
+from jdfp._src.numerics import formats
+from jdfp._src.numerics import quantize as qz
+from jdfp._src.numerics.formats import DFP, FloatFormat
+
+
+def kernel_convert_available() -> bool:
+  """True where the kernel conversion can run: the library is loaded and JAX's backend is CPU."""
+  return library.kernel_available() and jax.default_backend() == "cpu"
+
+
+def kernel_converts(x, fmt, rounding, bshape) -> bool:
+  """The kernel conversion covers one exponent for the whole tensor, nearest rounding."""
+  return (isinstance(fmt, DFP) and rounding == "nearest" and x.size > 0 and len(bshape) == x.ndim
+          and all(b >= n for b, n in zip(bshape, x.shape)))
+
+
+def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest", key=None,
+                    axis_name=None, use_kernel: bool | None = False) -> qz.QArray:
+  """`jdfp._src.numerics.quantize.quantize_blocks`, converting on the C++ kernel where it applies.
+
+  ``use_kernel``: convert float -> int16 on the kernel (bit-identical); None: whenever the kernel is
+  loaded and JAX runs on CPU.
+  """
+  formats.check_format(fmt)
+  qz.check_rounding(rounding, key)
+  if use_kernel is None:
+    use_kernel = kernel_convert_available()
+  if not use_kernel:
+    return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
+  return _quantize(qz.as_float_input(x), key if rounding == "stochastic" else None, fmt, rounding, tuple(bshape),
+                   qz.normalize_axis_name(axis_name))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _quantize(x, key, fmt, rounding, bshape, axis_name=None) -> qz.QArray:
+  if isinstance(fmt, FloatFormat):
+    return qz.quantize_float(x, fmt, rounding)
+  if x.size == 0:
+    return qz.quantize_empty(x, fmt, bshape)
+  if axis_name is None and kernel_converts(x, fmt, rounding, bshape):
+    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits)  # max, exponent and conversion in one call
+    return qz.QArray(values, e, fmt, bshape)
+  amax = formats.block_amax(x, bshape)
+  if axis_name is not None:
+    amax = qz.shared_amax(amax, axis_name)
+  return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True)
+
+
+def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:
+  """`quantize_given_exponent` with the exponents of the per-block maxima ``amax``."""
+  return quantize_given_exponent(x, qz.group_exponent(amax, fmt), fmt, rounding, key, bshape, use_kernel)
+
+
+def quantize_given_exponent(x, e, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:
+  """`jdfp._src.numerics.quantize.quantize_given_exponent`, on the kernel where it applies."""
+  if use_kernel and kernel_converts(x, fmt, rounding, bshape):
+    return qz.QArray(ffi_quantize.quantize(x.astype(jnp.float32), e, bits=fmt.bits), e, fmt, bshape)
+  return qz.quantize_given_exponent(x, e, fmt, rounding, key, bshape)
+
+
+def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel=None) -> qz.QArray:
+  """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view.
+  ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run)."""
+  if not fmt.is_integer:
+    return qz.quantize_array(x3, fmt)
+  return quantize_blocks(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding=rounding, key=key,
+                            axis_name=axis_name, use_kernel=use_kernel)
+
+
+def block_shape3(shape3, fmt, c_ax: int) -> tuple[int, ...]:
+  """Physical block shape of a 3-D operand whose blocks are read on its (batch, free, contraction) view."""
+  bsz, r, c = shape3
+  logical = (bsz, c, r) if c_ax == 1 else (bsz, r, c)
+  lb = fmt.block_shape(logical)
+  return (lb[0], lb[2], lb[1]) if c_ax == 1 else tuple(lb)
+
+
+def quantize_blocks_equal(fmt, shape3) -> bool:
+  bsz, m, n = shape3
+  a = fmt.block_shape((bsz, m, n))
+  b = fmt.block_shape((bsz, n, m))
+  return a == (bsz, m, n) and b == (bsz, n, m)

@@ -1,0 +1,122 @@
+"""The custom VJP of `jdfp.dot_general` (current scaling), in flax ``fp8_ops`` style: `dot_core`,
+its forward `_dot_fwd` and backward `_dot_bwd`.
+
+- forward: quantize both operands (per `Policy`) and run the GEMM on the backend;
+- residuals: the quantized int16 operands + exponents (half the bytes of float32 copies), or for
+  operands in ``Policy.float_residuals`` the float inputs themselves (re-quantized in the backward);
+- backward: quantize the incoming gradient and run backward-data and weight-gradient GEMMs on the
+  same backend, reusing the forward's int16 operands (`backward_gemms`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jdfp._src.numerics import quantize as qz
+from jdfp._src.ops.backend import kernel_quantize, resolve_backend
+from jdfp._src.ops.convert import quantize3, quantize_blocks_equal, quantize_given_exponent
+from jdfp._src.ops.gemm import gemm
+from jdfp._src.ops.layout import View, from3, out_shape, to3, views
+from jdfp._src.ops.policy import Policy, check_backward_key
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values, split_keys
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def dot_core(lhs, rhs, key, dims, policy, precision, out_dtype):
+  out, _ = _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype)
+  return out
+
+
+def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
+  lv, rv = views(lhs.shape, rhs.shape, dims)
+  k_fwd_l, k_fwd_r, k_bwd = split_keys(key, 3)
+  ax = policy.axis_name
+  uk = kernel_quantize(policy)
+  ql = quantize3(to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l, ax, uk)
+  qr = quantize3(to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r, ax, uk)
+  out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
+  out = out3.reshape(out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
+  # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
+  res = (_residual(ql, lhs, "lhs", policy), _residual(qr, rhs, "rhs", policy), k_bwd, lhs[None][:0], rhs[None][:0])
+  return out, res
+
+
+def _residual(q: qz.QArray, x, role: str, policy: Policy) -> qz.QArray:
+  """What the backward keeps of a forward operand: its int16 QArray, or with
+  ``Policy(float_residuals=...)`` the float input itself plus the forward's exponents."""
+  if role not in policy.float_residuals:
+    return q
+  return qz.QArray(x, q.exponent, q.fmt, q.blocks)
+
+
+def _reread(q: qz.QArray, view: View, role: str, policy: Policy) -> qz.QArray:
+  """The forward's quantized operand again (bit for bit) from what `_residual` kept."""
+  if role not in policy.float_residuals:
+    return q
+  x3 = to3(q.values, view)
+  if not q.fmt.is_integer:
+    return qz.quantize_array(x3, q.fmt)
+  if resolve_backend(policy) == "ffi" and policy.fwd_rounding == "nearest":
+    # The GEMM kernel quantizes float32 operands while packing them: no int16 copy is made.
+    return qz.QArray(x3.astype(jnp.float32), q.exponent, q.fmt, q.blocks)
+  return quantize_given_exponent(qz.as_float_input(x3), q.exponent, q.fmt, policy.fwd_rounding, None, q.blocks,
+                                    kernel_quantize(policy))
+
+
+def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
+  """fwd with symbolic zeros: an operand nobody differentiates (the input batch, say) needs no
+  backward GEMM. A None marker in the residuals tells `_dot_bwd` to skip it."""
+  out, res = _dot_fwd(lhs.value, rhs.value, primal_values(key), dims, policy, precision, out_dtype)
+  return out, res + (perturbed_marker(lhs), perturbed_marker(rhs))
+
+
+def _dot_bwd(dims, policy, precision, out_dtype, res, g):
+  ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r = res
+  if isinstance(g, SymbolicZero):
+    return None, None, None
+  check_backward_key(policy, k_bwd)
+  lhs_shape, rhs_shape = lhs_dt.shape[1:], rhs_dt.shape[1:]
+  lv, rv = views(lhs_shape, rhs_shape, dims)
+  ql, qr = _reread(ql, lv, "lhs", policy), _reread(qr, rv, "rhs", policy)
+  bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
+  g3 = g.astype(jnp.float32).reshape(bsz, m, n)
+  k_dl, k_dr = split_keys(k_bwd, 2)
+  # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
+  # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
+  ax = policy.axis_name
+  uk = kernel_quantize(policy)
+  g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)
+  same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
+          quantize_blocks_equal(policy.dlhs, g3.shape)))
+  g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk)
+
+  dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
+                              need_l is not None, need_r is not None)
+  return dlhs, drhs, None
+
+
+def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, need_l=True, need_r=True):
+  """Backward-data and weight-gradient GEMMs from the quantized operands and output gradient, each
+  produced directly in its operand's physical layout (no transposes of the results)."""
+  lv, rv = views(lhs_dt.shape[1:], rhs_dt.shape[1:], dims)
+  dlhs = drhs = None
+  if need_l:
+    if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
+      dl3 = gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
+    else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
+      dl3 = gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
+    dlhs = as_cotangent_of(from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
+  if need_r:
+    if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
+      dr3 = gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
+    else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
+      dr3 = gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
+    drhs = as_cotangent_of(from3(dr3, rv, rhs_dt.shape[1:]).astype(rhs_dt.dtype), rhs_dt)
+  return dlhs, drhs
+
+
+dot_core.defvjp(_dot_fwd_perturbed, _dot_bwd, symbolic_zeros=True)

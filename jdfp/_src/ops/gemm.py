@@ -1,0 +1,82 @@
+"""One GEMM on quantized 3-D operands: any layout mapped onto the kernel's ``[B, M, K] x [B, K, N]``
+(transpose flags instead of copies where possible), block exponents aligned along K, run on the
+FFI kernel or the bit-identical pure-JAX reference."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdfp._src.ffi import gemm as ffi_gemm
+from jdfp._src.numerics import formats
+from jdfp._src.numerics import quantize as qz
+from jdfp._src.numerics import reference
+from jdfp._src.numerics.shard_types import match_varying
+from jdfp._src.ops.backend import resolve_backend
+from jdfp._src.ops.policy import Policy
+
+def kernel_exponents(q: qz.QArray, c_ax: int, role: str):
+  """Exponents of a kernel operand: ``[B', F', KB]`` for "a", ``[B', KB, F']`` for "b"; and block_k."""
+  e = q.exponent
+  bs = q.block_shape
+  shape = q.values.shape
+  f_ax = 3 - c_ax
+  # Expand the batch and free axes of the grid to full size unless the exponent is shared.
+  for ax in (0, f_ax):
+    if e.shape[ax] not in (1, shape[ax]):
+      e = formats.expand_blocks(e, tuple(bs[i] if i == ax else 1 for i in range(3)),
+                                tuple(shape[i] if i == ax else e.shape[i] for i in range(3)))
+  block = None if e.shape[c_ax] == 1 else bs[c_ax]
+  order = (0, f_ax, c_ax) if role == "a" else (0, c_ax, f_ax)
+  return jnp.transpose(e, order), block
+
+
+def align_blocks(e, block, target, k, axis):
+  """Re-express per-block exponents (blocks of `block`, None = whole K) on blocks of `target`."""
+  if block == target:
+    return e
+  kb = -(-k // target)
+  if block is None:
+    return jnp.broadcast_to(e, e.shape[:axis] + (kb,) + e.shape[axis + 1:])
+  return lax.slice_in_dim(jnp.repeat(e, block // target, axis=axis), 0, kb, axis=axis)
+
+
+def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, precision=None) -> jax.Array:
+  """float32 ``[B, Fa, Fb]`` = sum over K of a * b, where a's contraction is physical axis a_c, b's b_c."""
+  if not qa.fmt.is_integer:
+    dims = (((a_c,), (b_c,)), ((0,), (0,)))
+    return lax.dot_general(qa.values, qb.values, dims, precision=precision, preferred_element_type=jnp.float32)
+  k = qa.values.shape[a_c]
+  ea, bka = kernel_exponents(qa, a_c, "a")
+  eb, bkb = kernel_exponents(qb, b_c, "b")
+  if bka is None and bkb is None:
+    block = None
+  else:
+    block = math.gcd(*(x for x in (bka, bkb) if x is not None))
+    ea = align_blocks(ea, bka, block, k, 2)
+    eb = align_blocks(eb, bkb, block, k, 1)
+  bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
+  ta, tb = a_c == 1, b_c == 2
+  if resolve_backend(policy) == "ffi":
+    out = ffi_gemm.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
+                       transpose_a=ta, transpose_b=tb, isa=policy.isa)
+    # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
+    return match_varying(out, qa.values, qb.values, ea, eb)
+  return reference_call(qa.values, qb.values, ea, eb, bits_a, bits_b, block, ta, tb)
+
+
+@functools.partial(jax.named_call, name="jdfp_reference_gemm")
+def reference_call(a, b, ea, eb, bits_a, bits_b, block, ta, tb):
+  a = jnp.swapaxes(a, 1, 2) if ta else a
+  b = jnp.swapaxes(b, 1, 2) if tb else b
+  bsz = max(a.shape[0], b.shape[0], ea.shape[0], eb.shape[0])
+  m, n = a.shape[1], b.shape[2]
+  a = jnp.broadcast_to(a, (bsz,) + a.shape[1:])
+  b = jnp.broadcast_to(b, (bsz,) + b.shape[1:])
+  ea = jnp.broadcast_to(ea, (bsz, m, ea.shape[2]))
+  eb = jnp.broadcast_to(eb, (bsz, eb.shape[1], n))
+  return reference.reference_gemm(a, b, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block)

@@ -1,0 +1,37 @@
+"""The C++ kernels as JAX ops (XLA FFI, CPU): the exact INT16 GEMM and convolutions, float -> int16
+conversion and quantization counters. Exactness contract: docs/arithmetic.md.
+
+Most users call `jdfp.dot_general` & co., which quantize and dispatch here; these are for direct use
+and benchmarks. Every call raises `KernelUnavailableError` when the library is not built: there is no
+silent float fallback.
+"""
+
+from jdfp._src.ffi.conv import conv, conv_input_grad, conv_out_spatial, conv_padding, conv_weight_grad
+from jdfp._src.ffi.gemm import gemm
+from jdfp._src.ffi.library import ISA_NAMES, KernelUnavailableError, available_isas, best_isa, kernel_available
+from jdfp._src.ffi.quantize import quant_stats, quantize, quantize_dfp, quantize_dfp_with_stats
+from jdfp._src.numerics.reference import safe_chain_length
+
+__all__ = [
+    # conv.py
+    "conv",
+    "conv_input_grad",
+    "conv_out_spatial",
+    "conv_padding",
+    "conv_weight_grad",
+    # gemm.py
+    "gemm",
+    # library.py
+    "ISA_NAMES",
+    "KernelUnavailableError",
+    "available_isas",
+    "best_isa",
+    "kernel_available",
+    # quantize.py
+    "quant_stats",
+    "quantize",
+    "quantize_dfp",
+    "quantize_dfp_with_stats",
+    # numerics
+    "safe_chain_length",
+]
