@@ -20,8 +20,6 @@
 // Python side (jdfp._src.kernels.conv_input_grad) sets that up.
 #include "ffi_runtime.h"
 
-#define JDFP_EXPORT extern "C" __attribute__((visibility("default")))
-
 namespace jdfp {
 namespace {
 
@@ -81,12 +79,8 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   // ---- attributes
   if (bits_a < 2 || bits_a > 16) return error_future(conv_invalid("bits_x must be in [2, 16], got " + std::to_string(bits_a)));
   if (bits_b < 2 || bits_b > 16) return error_future(conv_invalid("bits_w must be in [2, 16], got " + std::to_string(bits_b)));
-  if (isa < 0 || isa > kIsaAvx512Vnni) return error_future(conv_invalid("isa must be 0..4, got " + std::to_string(isa)));
-  if (isa == kIsaAuto) isa = best_isa();
-  if (!(isa_mask() & (1 << isa)))
-    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
-                                   "jdfp conv: ISA " + std::string(isa_info(isa).name) +
-                                       " is not supported by this CPU/OS (or not built)"));
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error e = select_isa("conv", isa, kernels); e.failure()) return error_future(std::move(e));
   ConvAttrs at{};
   std::string err;
   if (!read_attrs(strides, plo, phi, ldil, rdil, groups, at, err)) return error_future(conv_invalid(err));
@@ -174,7 +168,7 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
     job->b_off[size_t(gi)] = wgrad ? gi * I : gi * Og;  // x channel / w column offset
     job->c_off[size_t(gi)] = wgrad ? gi * M * N : gi * Og;
   }
-  const IsaInfo info = isa_info(isa);
+  const IsaKernels& info = *kernels;
   const int64_t L = safe_chain_length(bits_gemm_a, bits_gemm_b);
   const int64_t bk = std::max<int64_t>(K, 1);
   static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
@@ -213,7 +207,7 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   }
   P.c_off = job->c_off.data();
   P.conv = &job->conv;
-  job->fn = info.fn;
+  job->fn = info.tile;
   job->bits_a = bits_gemm_a; job->bits_b = bits_gemm_b;
   return launch(job, pool, info, G, M, N, K);
 }

@@ -1,4 +1,4 @@
-// Run-time pieces shared by the GEMM and conv FFI handlers: ISA detection, chain/kc-block set-up,
+// Run-time pieces shared by the GEMM and conv FFI handlers: chain/kc-block set-up,
 // the job and its workers (tiles grabbed from an atomic counter by the caller and XLA's pool
 // threads, completion through a tile-counting CountDownPromise).  Handler TUs only (baseline flags).
 #pragma once
@@ -11,90 +11,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#include <xmmintrin.h>
-#define JDFP_X86 1
-#else
-#define JDFP_X86 0
-#endif
-
+#include "ffi_helpers.h"
 #include "gemm_common.h"
-#include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
 
 namespace jdfp {
 namespace {
-
-// ---------------------------------------------------------------- ISA detection
-#if JDFP_X86
-uint64_t xgetbv0() {
-  uint32_t lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  return (uint64_t(hi) << 32) | lo;
-}
-#endif
-
-int detect_isa_mask() {
-  int mask = 1 << kIsaScalar;
-#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
-  unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return mask;
-  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
-  if (!osxsave || !avx) return mask;
-  const uint64_t xcr0 = xgetbv0();
-  const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE + AVX state
-  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
-  if (__get_cpuid_max(0, nullptr) < 7) return mask;
-  __cpuid_count(7, 0, a, b, c, d);
-  const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
-  const bool avx512vnni = (c >> 11) & 1;
-  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
-  __cpuid_count(7, 1, a1, b1, c1, d1);
-  const bool avxvnni = (a1 >> 4) & 1;
-  if (os_ymm && avx2) mask |= 1 << kIsaAvx2;
-  if (os_ymm && avx2 && avxvnni) mask |= 1 << kIsaAvxVnni;
-  if (os_zmm && avx512f && avx512bw && avx512vnni) mask |= 1 << kIsaAvx512Vnni;
-#endif
-  return mask;
-}
-
-int isa_mask() {
-  static const int m = detect_isa_mask();
-  return m;
-}
-
-int best_isa() {
-  const int m = isa_mask();
-  for (int i = kIsaAvx512Vnni; i > kIsaScalar; --i)
-    if (m & (1 << i)) return i;
-  return kIsaScalar;
-}
-
-struct IsaInfo {
-  TileFn fn;
-  int mr, nr;       // micro-tile
-  int kc_pairs;     // max packed k-pairs per kc block
-  const char* name;
-};
-
-// Tuning knobs for benchmarking only (JDFP_KC_PAIRS, JDFP_TILE_M, JDFP_TILE_N); 0 = default.
-int64_t env_knob(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::strtoll(v, nullptr, 10) : 0;
-}
-
-IsaInfo isa_info(int isa) {
-  switch (isa) {
-#if defined(JDFP_HAVE_SIMD)
-    case kIsaAvx512Vnni: return {tile_avx512vnni, 12, 32, 128, "avx512_vnni"};
-    case kIsaAvxVnni: return {tile_avxvnni, 6, 16, 128, "avx_vnni"};
-    case kIsaAvx2: return {tile_avx2, 6, 16, 128, "avx2"};
-#endif
-    default: return {tile_scalar, 4, 8, 128, "scalar"};
-  }
-}
 
 // ---------------------------------------------------------------- problem set-up
 struct Job {
@@ -120,17 +42,7 @@ struct Job {
   std::vector<int64_t> c_off;
 };
 
-ffi::Error invalid_as(const std::string& who, const std::string& msg) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jdfp " + who + ": " + msg);
-}
-
 [[maybe_unused]] ffi::Error invalid(const std::string& msg) { return invalid_as("gemm", msg); }
-
-std::string dims_str(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
 
 // Chains of the contract cut into pieces and grouped into kc blocks of at most kc_pairs pairs.
 [[maybe_unused]] void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_pairs) {
@@ -250,16 +162,9 @@ void run_worker(const std::shared_ptr<Job>& job) {
   }
 }
 
-ffi::Future error_future(ffi::Error e) {
-  ffi::Promise p;
-  ffi::Future f(p);
-  p.SetError(std::move(e));
-  return f;
-}
-
 // Split (batch, M, N) into tiles and run them on the calling thread plus XLA's pool; the returned
 // future completes when the last tile is done (see run_worker).
-[[maybe_unused]] ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaInfo& info, int64_t nbatch,
+[[maybe_unused]] ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaKernels& info, int64_t nbatch,
                    int64_t M, int64_t N, int64_t K) {
   // ---- tiles and workers
   const int64_t work = nbatch * M * N * std::max<int64_t>(K, 1);

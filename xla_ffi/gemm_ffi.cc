@@ -9,8 +9,6 @@
 // ffi::Future completed by the last worker, so no pool thread ever waits for another.
 #include "ffi_runtime.h"
 
-#define JDFP_EXPORT extern "C" __attribute__((visibility("default")))
-
 namespace jdfp {
 namespace {
 
@@ -21,12 +19,8 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   // ---- attributes
   if (bits_a < 2 || bits_a > 16) return error_future(invalid("bits_a must be in [2, 16], got " + std::to_string(bits_a)));
   if (bits_b < 2 || bits_b > 16) return error_future(invalid("bits_b must be in [2, 16], got " + std::to_string(bits_b)));
-  if (isa < 0 || isa > kIsaAvx512Vnni) return error_future(invalid("isa must be 0..4, got " + std::to_string(isa)));
-  if (isa == kIsaAuto) isa = best_isa();
-  if (!(isa_mask() & (1 << isa)))
-    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
-                                   "jdfp gemm: ISA " + std::string(isa_info(isa).name) +
-                                       " is not supported by this CPU/OS (or not built)"));
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error e = select_isa("gemm", isa, kernels); e.failure()) return error_future(std::move(e));
   // ---- dtypes
   const auto ta = a.element_type(), tb = b.element_type();
   const bool a_f32 = ta == ffi::F32, b_f32 = tb == ffi::F32;
@@ -80,7 +74,7 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                                 " ea " + dims_str(dea) + " eb " + dims_str(deb) + " out " + dims_str(dout)));
   const int64_t nbatch = int64_t(job->a_off.size());
 
-  const IsaInfo info = isa_info(isa);
+  const IsaKernels& info = *kernels;
   const int64_t L = safe_chain_length(bits_a, bits_b);
   const int64_t C = std::min(L, bk);
   static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
@@ -111,7 +105,7 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     P.max_pairs = std::max(P.max_pairs, kb.pairs);
     P.max_nblk = std::max(P.max_nblk, kb.nblk);
   }
-  job->fn = info.fn;
+  job->fn = info.tile;
   job->bits_a = bits_a; job->bits_b = bits_b;
 
   return launch(job, pool, info, nbatch, M, N, K);
