@@ -35,7 +35,7 @@ const IsaKernels kTable[] = {
 };
 static_assert(sizeof(kTable) / sizeof(kTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
 
-#if JDFP_X86
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
 uint64_t xgetbv0() {
   uint32_t lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
