@@ -18,9 +18,11 @@
 // A (forward) or B (weight-gradient) packing gathers it from x (conv_pack.h, and the ISA's vectorized gather).  Backward-data is the
 // forward handler on dy with the flipped, transposed kernel (lhs dilation = forward stride); the
 // Python side (jdfp._src.kernels.conv_input_grad) sets that up.
+//
+// Flow: check the attributes and pick the ISA entry (check_attrs), check the buffers
+// (check_operands), derive the geometry and check the output-shaped operand (conv_geometry), map
+// the pass onto a GEMM (conv_gemm), fill the Job's Problem (set_up_job), run it (ffi_runtime's launch).
 #include "ffi_runtime.h"
-
-#define JDFP_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace jdfp {
 namespace {
@@ -71,45 +73,47 @@ int64_t conv_out_size(int64_t in, int64_t k, const ConvAttrs& a, int d) {
   return span < 0 ? 0 : span / a.stride[d] + 1;
 }
 
-ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ex,
-                      ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                      ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
-                      ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
-                      ffi::Span<const int64_t> rdil, int64_t groups, int32_t bits_a, int32_t bits_b,
-                      int32_t isa, bool wgrad) {
-  const char* bname = wgrad ? "dy" : "w";
-  // ---- attributes
-  if (bits_a < 2 || bits_a > 16) return error_future(conv_invalid("bits_x must be in [2, 16], got " + std::to_string(bits_a)));
-  if (bits_b < 2 || bits_b > 16) return error_future(conv_invalid("bits_w must be in [2, 16], got " + std::to_string(bits_b)));
-  if (isa < 0 || isa > kIsaAvx512Vnni) return error_future(conv_invalid("isa must be 0..4, got " + std::to_string(isa)));
-  if (isa == kIsaAuto) isa = best_isa();
-  if (!(isa_mask() & (1 << isa)))
-    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
-                                   "jdfp conv: ISA " + std::string(isa_info(isa).name) +
-                                       " is not supported by this CPU/OS (or not built)"));
-  ConvAttrs at{};
+// The attributes: bits, isa (-> its table entry), then the spatial ones.
+ffi::Error check_attrs(int32_t bits_x, int32_t bits_w, int32_t isa, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
+                       ffi::Span<const int64_t> rdil, int64_t groups, const IsaKernels*& kernels, ConvAttrs& at) {
+  if (ffi::Error e = check_bits("conv", "bits_x", bits_x); e.failure()) return e;
+  if (ffi::Error e = check_bits("conv", "bits_w", bits_w); e.failure()) return e;
+  if (ffi::Error e = select_isa("conv", isa, kernels); e.failure()) return e;
   std::string err;
-  if (!read_attrs(strides, plo, phi, ldil, rdil, groups, at, err)) return error_future(conv_invalid(err));
-  // ---- dtypes and ranks
-  if (x.element_type() != ffi::S16) return error_future(conv_invalid("x must be int16"));
-  if (b.element_type() != ffi::S16) return error_future(conv_invalid(std::string(bname) + " must be int16"));
-  const auto dx = x.dimensions(), db = b.dimensions(), dout = out->dimensions();
+  if (!read_attrs(strides, plo, phi, ldil, rdil, groups, at, err)) return conv_invalid(err);
+  return ffi::Error::Success();
+}
+
+// Dtypes and ranks of x, the second operand b (w or dy) and out; the per-tensor exponents.
+ffi::Error check_operands(ffi::AnyBuffer x, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ex, ffi::Buffer<ffi::S32> eb,
+                          ffi::Span<const int64_t> dout, bool wgrad) {
+  const char* bname = wgrad ? "dy" : "w";
+  if (x.element_type() != ffi::S16) return conv_invalid("x must be int16");
+  if (b.element_type() != ffi::S16) return conv_invalid(std::string(bname) + " must be int16");
+  const auto dx = x.dimensions(), db = b.dimensions();
   const size_t out_rank = wgrad ? 6 : 5;
   if (dx.size() != 5 || db.size() != 5 || dout.size() != out_rank)
-    return error_future(conv_invalid(
-        std::string("expected x [N, D, H, W, C], ") +
-        (wgrad ? "dy [N, OD, OH, OW, O] and out [G, O/G, KD, KH, KW, C/G]" : "w [KD, KH, KW, C/G, O] and out [N, OD, OH, OW, O]") +
-        "; got x " + dims_str(dx) + ", " + bname + " " + dims_str(db) + ", out " + dims_str(dout)));
+    return conv_invalid(std::string("expected x [N, D, H, W, C], ") +
+                        (wgrad ? "dy [N, OD, OH, OW, O] and out [G, O/G, KD, KH, KW, C/G]"
+                               : "w [KD, KH, KW, C/G, O] and out [N, OD, OH, OW, O]") +
+                        "; got x " + dims_str(dx) + ", " + bname + " " + dims_str(db) + ", out " + dims_str(dout));
   if (ex.element_count() != 1 || eb.element_count() != 1)
-    return error_future(conv_invalid("the exponents must have one element each (per-tensor), got " +
-                                     dims_str(ex.dimensions()) + " and " + dims_str(eb.dimensions())));
+    return conv_invalid("the exponents must have one element each (per-tensor), got " + dims_str(ex.dimensions()) +
+                        " and " + dims_str(eb.dimensions()));
+  return ffi::Error::Success();
+}
+
+// The convolution's geometry: kernel sizes, input features per group I and output features O from
+// w (forward) or out (weight-gradient), the gather geometry, and the output-shaped operand checked.
+ffi::Error conv_geometry(ffi::Span<const int64_t> dx, ffi::Span<const int64_t> db, ffi::Span<const int64_t> dout,
+                         const ConvAttrs& at, bool wgrad, ConvGeom& g, int64_t& I, int64_t& O) {
   const int64_t G = at.groups, C = dx[4];
-  // Kernel spatial sizes, input features per group I and output features O, whichever pass this is.
-  int64_t ks[3], I, O;
+  int64_t ks[3];
   if (wgrad) {
     if (dout[0] != G)
-      return error_future(conv_invalid("out must be [G, O/G, KD, KH, KW, C/G] with G = feature_group_count = " +
-                                       std::to_string(G) + ", got " + dims_str(dout)));
+      return conv_invalid("out must be [G, O/G, KD, KH, KW, C/G] with G = feature_group_count = " + std::to_string(G) +
+                          ", got " + dims_str(dout));
     for (int d = 0; d < 3; ++d) ks[d] = dout[2 + d];
     I = dout[5];
     O = dout[1] * G;
@@ -119,11 +123,9 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
     O = db[4];
   }
   if (C != I * G || O % G != 0)
-    return error_future(conv_invalid("feature_group_count=" + std::to_string(G) + ": input channels " +
-                                     std::to_string(C) + " must equal kernel input features " + std::to_string(I) +
-                                     " x groups, and output features " + std::to_string(O) + " must divide by groups"));
-  const int64_t Og = O / G;
-  ConvGeom g;
+    return conv_invalid("feature_group_count=" + std::to_string(G) + ": input channels " + std::to_string(C) +
+                        " must equal kernel input features " + std::to_string(I) + " x groups, and output features " +
+                        std::to_string(O) + " must divide by groups");
   g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
   g.on_b = wgrad;
   g.n = dx[0];
@@ -142,47 +144,61 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   const int64_t want[5] = {g.n, g.out[0], g.out[1], g.out[2], O};
   for (int i = 0; i < 5; ++i)
     if (dy[i] != want[i])
-      return error_future(conv_invalid(std::string(wgrad ? "dy" : "out") + " must be [N, OD, OH, OW, O] = [" +
-                                       std::to_string(want[0]) + ", " + std::to_string(want[1]) + ", " +
-                                       std::to_string(want[2]) + ", " + std::to_string(want[3]) + ", " +
-                                       std::to_string(want[4]) + "] for these shapes and attributes, got " +
-                                       dims_str(dy)));
+      return conv_invalid(std::string(wgrad ? "dy" : "out") + " must be [N, OD, OH, OW, O] = [" +
+                          std::to_string(want[0]) + ", " + std::to_string(want[1]) + ", " + std::to_string(want[2]) +
+                          ", " + std::to_string(want[3]) + ", " + std::to_string(want[4]) +
+                          "] for these shapes and attributes, got " + dims_str(dy));
   g.npix = g.n * g.out[0] * g.out[1] * g.out[2];
   g.ntaps = g.ks[0] * g.ks[1] * g.ks[2];
+  return ffi::Error::Success();
+}
 
-  auto job = std::make_shared<Job>();
-  job->who = "conv";
-  job->conv = g;
-  Problem& P = job->P;
-  // Forward:         A = im2col(x) [npix, taps*I] (gathered), B = w [taps*I, O] cols g*Og.., C = y [npix, O].
-  // Weight-gradient: A = dy^T [Og, npix] (dy [npix, O], rows contiguous), B = im2col(x) [npix, taps*I]
-  //                  (gathered, so its 32-wide panels amortize the gather over all of A), C = dw^T
-  //                  [G, Og, taps*I] (the caller transposes this small tensor to [taps, I, O]).
-  const int64_t M = wgrad ? Og : g.npix;
-  const int64_t K = wgrad ? g.npix : g.ntaps * I;
-  const int64_t N = wgrad ? g.ntaps * I : Og;
-  const int32_t bits_gemm_a = wgrad ? bits_b : bits_a, bits_gemm_b = wgrad ? bits_a : bits_b;
-  job->name_a = wgrad ? "dy" : "x";
-  job->name_b = wgrad ? "x" : "w";
-  job->a_off.resize(size_t(G));
-  job->b_off.resize(size_t(G));
-  job->c_off.resize(size_t(G));
-  job->ea_off.assign(size_t(G), 0);
-  job->eb_off.assign(size_t(G), 0);
+// The GEMM of one group, per pass:
+//   Forward:         A = im2col(x) [npix, taps*I] (gathered), B = w [taps*I, O] cols g*Og.., C = y [npix, O].
+//   Weight-gradient: A = dy^T [Og, npix] (dy [npix, O], rows contiguous), B = im2col(x) [npix, taps*I]
+//                    (gathered, so its 32-wide panels amortize the gather over all of A), C = dw^T
+//                    [G, Og, taps*I] (the caller transposes this small tensor to [taps, I, O]).
+struct ConvGemm {
+  int64_t G, I, O, Og, M, N, K;
+  int32_t bits_a, bits_b;  // of the GEMM's A and B
+};
+
+ConvGemm conv_gemm(const ConvGeom& g, int64_t G, int64_t I, int64_t O, int32_t bits_x, int32_t bits_w, bool wgrad) {
+  ConvGemm cg{};
+  cg.G = G; cg.I = I; cg.O = O; cg.Og = O / G;
+  cg.M = wgrad ? cg.Og : g.npix;
+  cg.K = wgrad ? g.npix : g.ntaps * I;
+  cg.N = wgrad ? g.ntaps * I : cg.Og;
+  cg.bits_a = wgrad ? bits_w : bits_x;
+  cg.bits_b = wgrad ? bits_x : bits_w;
+  return cg;
+}
+
+// Group offsets, chains (one block: per-tensor exponents, KB == 1) and the Problem of the job.
+void set_up_job(Job& job, const ConvGemm& cg, ffi::AnyBuffer x, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ex,
+                ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>>& out, bool wgrad,
+                const IsaKernels& isa) {
+  const int64_t G = cg.G, I = cg.I, Og = cg.Og, M = cg.M, N = cg.N, K = cg.K;
+  job.who = "conv";
+  job.name_a = wgrad ? "dy" : "x";
+  job.name_b = wgrad ? "x" : "w";
+  job.a_off.resize(size_t(G));
+  job.b_off.resize(size_t(G));
+  job.c_off.resize(size_t(G));
+  job.ea_off.assign(size_t(G), 0);
+  job.eb_off.assign(size_t(G), 0);
   for (int64_t gi = 0; gi < G; ++gi) {
-    job->a_off[size_t(gi)] = wgrad ? gi * Og : gi * I;  // dy column / x channel offset of the group
-    job->b_off[size_t(gi)] = wgrad ? gi * I : gi * Og;  // x channel / w column offset
-    job->c_off[size_t(gi)] = wgrad ? gi * M * N : gi * Og;
+    job.a_off[size_t(gi)] = wgrad ? gi * Og : gi * I;  // dy column / x channel offset of the group
+    job.b_off[size_t(gi)] = wgrad ? gi * I : gi * Og;  // x channel / w column offset
+    job.c_off[size_t(gi)] = wgrad ? gi * M * N : gi * Og;
   }
-  const IsaInfo info = isa_info(isa);
-  const int64_t L = safe_chain_length(bits_gemm_a, bits_gemm_b);
   const int64_t bk = std::max<int64_t>(K, 1);
-  static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
-  build_chains(*job, K, bk, 1, std::min(L, bk), kc_env > 0 ? int32_t(kc_env) : info.kc_pairs);
+  plan_chains(job, K, bk, 1, std::min(safe_chain_length(cg.bits_a, cg.bits_b), bk), isa.kc_pairs);
 
+  Problem& P = job.P;
   P.M = M; P.N = N; P.K = K; P.KB = 1; P.block_k = bk;
-  P.bits_a = bits_gemm_a; P.bits_b = bits_gemm_b;
-  P.qmax_a = qmax_of(bits_gemm_a); P.qmax_b = qmax_of(bits_gemm_b);
+  P.bits_a = cg.bits_a; P.bits_b = cg.bits_b;
+  P.qmax_a = qmax_of(cg.bits_a); P.qmax_b = qmax_of(cg.bits_b);
   P.trans_a = false; P.trans_b = false;
   P.a_f32 = false; P.b_f32 = false;
   P.a = wgrad ? b.untyped_data() : x.untyped_data();
@@ -190,32 +206,46 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   P.ea = wgrad ? eb.typed_data() : ex.typed_data();
   P.eb = wgrad ? ex.typed_data() : eb.typed_data();
   P.out = out->typed_data();
-  P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
-  P.ea_off = job->ea_off.data(); P.eb_off = job->eb_off.data();
+  P.a_off = job.a_off.data(); P.b_off = job.b_off.data();
+  P.ea_off = job.ea_off.data(); P.eb_off = job.eb_off.data();
   P.ea_mstride = 0;
   P.eb_nstride = 0;
-  P.pieces = job->pieces.data();
-  P.kcb = job->kcb.data();
-  P.nkcb = int64_t(job->kcb.size());
-  P.max_pairs = 0; P.max_nblk = 0;
-  for (const auto& kb : job->kcb) {
-    P.max_pairs = std::max(P.max_pairs, kb.pairs);
-    P.max_nblk = std::max(P.max_nblk, kb.nblk);
-  }
   if (wgrad) {
-    P.a_sr = 1; P.a_sk = O;  // dy^T
-    P.b_sr = 0; P.b_sk = 0;  // gathered
+    P.a_sr = 1; P.a_sk = cg.O;  // dy^T
+    P.b_sr = 0; P.b_sk = 0;     // gathered
     P.ldc = N;
   } else {
     P.a_sr = 0; P.a_sk = 0;  // gathered
-    P.b_sr = 1; P.b_sk = O;
-    P.ldc = O;
+    P.b_sr = 1; P.b_sk = cg.O;
+    P.ldc = cg.O;
   }
-  P.c_off = job->c_off.data();
-  P.conv = &job->conv;
-  job->fn = info.fn;
-  job->bits_a = bits_gemm_a; job->bits_b = bits_gemm_b;
-  return launch(job, pool, info, G, M, N, K);
+  P.c_off = job.c_off.data();
+  P.conv = &job.conv;  // job_id stays 0: no packed-panel reuse across conv tiles
+  job.bits_a = cg.bits_a; job.bits_b = cg.bits_b;
+}
+
+ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ex,
+                      ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                      ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
+                      ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
+                      ffi::Span<const int64_t> rdil, int64_t groups, int32_t bits_a, int32_t bits_b,
+                      int32_t isa, bool wgrad) {
+  const IsaKernels* kernels = nullptr;
+  ConvAttrs at{};
+  if (ffi::Error e = check_attrs(bits_a, bits_b, isa, strides, plo, phi, ldil, rdil, groups, kernels, at);
+      e.failure())
+    return error_future(std::move(e));
+  const auto dout = out->dimensions();
+  if (ffi::Error e = check_operands(x, b, ex, eb, dout, wgrad); e.failure()) return error_future(std::move(e));
+  ConvGeom g;
+  int64_t I = 0, O = 0;
+  if (ffi::Error e = conv_geometry(x.dimensions(), b.dimensions(), dout, at, wgrad, g, I, O); e.failure())
+    return error_future(std::move(e));
+  const ConvGemm cg = conv_gemm(g, at.groups, I, O, bits_a, bits_b, wgrad);
+  auto job = std::make_shared<Job>();
+  job->conv = g;
+  set_up_job(*job, cg, x, b, ex, eb, out, wgrad, *kernels);
+  return launch(job, pool, *kernels, cg.G, cg.M, cg.N, cg.K);
 }
 
 }  // namespace

@@ -7,114 +7,133 @@
 // broadcast (size 1 on one side, stride 0, no copies).  Work is split into (batch, M, N) tiles that
 // the caller and XLA's intra-op pool threads grab from an atomic counter; the handler returns an
 // ffi::Future completed by the last worker, so no pool thread ever waits for another.
+//
+// Flow: check the attributes and pick the ISA entry (check_attrs), check dtypes and shapes
+// (read_shapes, check_batch_dims), fill the Job's Problem (set_up_job), run it (ffi_runtime's
+// launch).  Also the plain C helpers of the Python side (jdfp_isa_mask, ...).
 #include "ffi_runtime.h"
-
-#define JDFP_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace jdfp {
 namespace {
 
-ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                      ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
-                      ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a, int32_t bits_b,
-                      int64_t block_k, bool trans_a, bool trans_b, int32_t isa, bool allow_f32) {
-  // ---- attributes
-  if (bits_a < 2 || bits_a > 16) return error_future(invalid("bits_a must be in [2, 16], got " + std::to_string(bits_a)));
-  if (bits_b < 2 || bits_b > 16) return error_future(invalid("bits_b must be in [2, 16], got " + std::to_string(bits_b)));
-  if (isa < 0 || isa > kIsaAvx512Vnni) return error_future(invalid("isa must be 0..4, got " + std::to_string(isa)));
-  if (isa == kIsaAuto) isa = best_isa();
-  if (!(isa_mask() & (1 << isa)))
-    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
-                                   "jdfp gemm: ISA " + std::string(isa_info(isa).name) +
-                                       " is not supported by this CPU/OS (or not built)"));
-  // ---- dtypes
+ffi::Error invalid(const std::string& msg) { return invalid_as("gemm", msg); }
+
+// The operands' GEMM view: a [..., M, K] (or [..., K, M] transposed), b [..., K, N] (or [..., N, K]).
+struct GemmShape {
+  ffi::Span<const int64_t> da, db, dea, deb, dout;
+  int64_t M = 0, N = 0, K = 0, bk = 0, KB = 0;
+  std::vector<int64_t> ob;  // output batch dims
+};
+
+ffi::Error check_attrs(int32_t bits_a, int32_t bits_b, int32_t isa, const IsaKernels*& kernels) {
+  if (ffi::Error e = check_bits("gemm", "bits_a", bits_a); e.failure()) return e;
+  if (ffi::Error e = check_bits("gemm", "bits_b", bits_b); e.failure()) return e;
+  return select_isa("gemm", isa, kernels);
+}
+
+ffi::Error check_dtypes(ffi::AnyBuffer a, ffi::AnyBuffer b, bool allow_f32) {
   const auto ta = a.element_type(), tb = b.element_type();
-  const bool a_f32 = ta == ffi::F32, b_f32 = tb == ffi::F32;
-  if (!(ta == ffi::S16 || (allow_f32 && a_f32)))
-    return error_future(invalid(std::string("a must be int16") + (allow_f32 ? " or float32" : "")));
-  if (!(tb == ffi::S16 || (allow_f32 && b_f32)))
-    return error_future(invalid(std::string("b must be int16") + (allow_f32 ? " or float32" : "")));
-  // ---- shapes
-  const auto da = a.dimensions(), db = b.dimensions(), dea = ea.dimensions(), deb = eb.dimensions();
-  const auto dout = out->dimensions();
+  if (!(ta == ffi::S16 || (allow_f32 && ta == ffi::F32)))
+    return invalid(std::string("a must be int16") + (allow_f32 ? " or float32" : ""));
+  if (!(tb == ffi::S16 || (allow_f32 && tb == ffi::F32)))
+    return invalid(std::string("b must be int16") + (allow_f32 ? " or float32" : ""));
+  return ffi::Error::Success();
+}
+
+// M, N, K, the block size and KB from the operands, with the exponents' and output's shapes checked.
+ffi::Error read_shapes(GemmShape& s, int64_t block_k, bool trans_a, bool trans_b) {
+  const auto &da = s.da, &db = s.db, &dea = s.dea, &deb = s.deb, &dout = s.dout;
   if (da.size() < 2 || db.size() < 2 || dea.size() < 2 || deb.size() < 2 || dout.size() < 2)
-    return error_future(invalid("a, b, ea, eb and out must have rank >= 2"));
+    return invalid("a, b, ea, eb and out must have rank >= 2");
   const size_t ra = da.size(), rb = db.size();
-  const int64_t M = trans_a ? da[ra - 1] : da[ra - 2];
-  const int64_t K = trans_a ? da[ra - 2] : da[ra - 1];
+  s.M = trans_a ? da[ra - 1] : da[ra - 2];
+  s.K = trans_a ? da[ra - 2] : da[ra - 1];
   const int64_t Kb = trans_b ? db[rb - 1] : db[rb - 2];
-  const int64_t N = trans_b ? db[rb - 2] : db[rb - 1];
-  if (K != Kb)
-    return error_future(invalid("contraction dims differ: a " + dims_str(da) + " b " + dims_str(db)));
+  s.N = trans_b ? db[rb - 2] : db[rb - 1];
+  if (s.K != Kb) return invalid("contraction dims differ: a " + dims_str(da) + " b " + dims_str(db));
   if (block_k == 0 || block_k < -1)
-    return error_future(invalid("block_k must be >= 1 (or -1 for K), got " + std::to_string(block_k)));
-  const int64_t bk = block_k == -1 ? std::max<int64_t>(K, 1) : block_k;
-  const int64_t KB = (K + bk - 1) / bk;
+    return invalid("block_k must be >= 1 (or -1 for K), got " + std::to_string(block_k));
+  s.bk = block_k == -1 ? std::max<int64_t>(s.K, 1) : block_k;
+  s.KB = (s.K + s.bk - 1) / s.bk;
   const size_t rea = dea.size(), reb = deb.size();
-  if (dea[rea - 1] != KB || (dea[rea - 2] != M && dea[rea - 2] != 1))
-    return error_future(invalid("ea must be [..., M or 1, KB] = [..., " + std::to_string(M) + ", " +
-                                std::to_string(KB) + "], got " + dims_str(dea)));
-  if (deb[reb - 2] != KB || (deb[reb - 1] != N && deb[reb - 1] != 1))
-    return error_future(invalid("eb must be [..., KB, N or 1] = [..., " + std::to_string(KB) + ", " +
-                                std::to_string(N) + "], got " + dims_str(deb)));
+  if (dea[rea - 1] != s.KB || (dea[rea - 2] != s.M && dea[rea - 2] != 1))
+    return invalid("ea must be [..., M or 1, KB] = [..., " + std::to_string(s.M) + ", " + std::to_string(s.KB) +
+                   "], got " + dims_str(dea));
+  if (deb[reb - 2] != s.KB || (deb[reb - 1] != s.N && deb[reb - 1] != 1))
+    return invalid("eb must be [..., KB, N or 1] = [..., " + std::to_string(s.KB) + ", " + std::to_string(s.N) +
+                   "], got " + dims_str(deb));
   const size_t ro = dout.size();
-  if (dout[ro - 2] != M || dout[ro - 1] != N)
-    return error_future(invalid("out must be [..., M, N], got " + dims_str(dout)));
-  std::vector<int64_t> ob(dout.begin(), dout.end() - 2);
-  // Each output batch dim must be the broadcast of the inputs' (not larger than all of them).
-  for (size_t i = 0; i < ob.size(); ++i) {
+  if (dout[ro - 2] != s.M || dout[ro - 1] != s.N) return invalid("out must be [..., M, N], got " + dims_str(dout));
+  return ffi::Error::Success();
+}
+
+// Each output batch dim must be the broadcast of the inputs' (not larger than all of them).
+ffi::Error check_batch_dims(GemmShape& s) {
+  s.ob.assign(s.dout.begin(), s.dout.end() - 2);
+  for (size_t i = 0; i < s.ob.size(); ++i) {
     int64_t mx = 1;
-    for (auto d : {da, db, dea, deb}) {
-      const size_t nbd = d.size() - 2, back = ob.size() - i;
+    for (auto d : {s.da, s.db, s.dea, s.deb}) {
+      const size_t nbd = d.size() - 2, back = s.ob.size() - i;
       if (back <= nbd) mx = std::max(mx, d[nbd - back]);
     }
-    if (ob[i] != mx) return error_future(invalid("out batch dims " + dims_str(dout) + " are not the broadcast of the inputs'"));
+    if (s.ob[i] != mx) return invalid("out batch dims " + dims_str(s.dout) + " are not the broadcast of the inputs'");
   }
+  return ffi::Error::Success();
+}
 
-  auto job = std::make_shared<Job>();
-  Problem& P = job->P;
-  if (!batch_offsets(da, ob, M * K, job->a_off) || !batch_offsets(db, ob, K * N, job->b_off) ||
-      !batch_offsets(dea, ob, dea[rea - 2] * KB, job->ea_off) ||
-      !batch_offsets(deb, ob, KB * deb[reb - 1], job->eb_off))
-    return error_future(invalid("batch dims do not broadcast: a " + dims_str(da) + " b " + dims_str(db) +
-                                " ea " + dims_str(dea) + " eb " + dims_str(deb) + " out " + dims_str(dout)));
-  const int64_t nbatch = int64_t(job->a_off.size());
+// Batch offsets of every operand, then the Problem (chains, strides, pointers) of the job.
+ffi::Error set_up_job(Job& job, const GemmShape& s, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
+                      ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>>& out, int32_t bits_a,
+                      int32_t bits_b, bool trans_a, bool trans_b, const IsaKernels& isa) {
+  const int64_t M = s.M, N = s.N, K = s.K, KB = s.KB;
+  const size_t rea = s.dea.size(), reb = s.deb.size();
+  if (!batch_offsets(s.da, s.ob, M * K, job.a_off) || !batch_offsets(s.db, s.ob, K * N, job.b_off) ||
+      !batch_offsets(s.dea, s.ob, s.dea[rea - 2] * KB, job.ea_off) ||
+      !batch_offsets(s.deb, s.ob, KB * s.deb[reb - 1], job.eb_off))
+    return invalid("batch dims do not broadcast: a " + dims_str(s.da) + " b " + dims_str(s.db) + " ea " +
+                   dims_str(s.dea) + " eb " + dims_str(s.deb) + " out " + dims_str(s.dout));
+  const int64_t C = std::min(safe_chain_length(bits_a, bits_b), s.bk);
+  plan_chains(job, K, s.bk, KB, C, isa.kc_pairs);
 
-  const IsaInfo info = isa_info(isa);
-  const int64_t L = safe_chain_length(bits_a, bits_b);
-  const int64_t C = std::min(L, bk);
-  static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
-  build_chains(*job, K, bk, KB, C, kc_env > 0 ? int32_t(kc_env) : info.kc_pairs);
-
-  P.M = M; P.N = N; P.K = K; P.KB = KB; P.block_k = bk;
+  Problem& P = job.P;
+  P.M = M; P.N = N; P.K = K; P.KB = KB; P.block_k = s.bk;
   P.bits_a = bits_a; P.bits_b = bits_b;
   P.qmax_a = qmax_of(bits_a); P.qmax_b = qmax_of(bits_b);
   P.trans_a = trans_a; P.trans_b = trans_b;
   P.a_sr = trans_a ? 1 : K; P.a_sk = trans_a ? M : 1;
   P.b_sr = trans_b ? K : 1; P.b_sk = trans_b ? 1 : N;
   P.ldc = N; P.c_off = nullptr; P.conv = nullptr;
+  // Unique per call: lets a worker reuse packed B panels across its own tiles of this call only.
   static std::atomic<uint64_t> job_seq{0};
   P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
-  P.a_f32 = a_f32; P.b_f32 = b_f32;
+  P.a_f32 = a.element_type() == ffi::F32; P.b_f32 = b.element_type() == ffi::F32;
   P.a = a.untyped_data(); P.b = b.untyped_data();
   P.ea = ea.typed_data(); P.eb = eb.typed_data();
   P.out = out->typed_data();
-  P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
-  P.ea_off = job->ea_off.data(); P.eb_off = job->eb_off.data();
-  P.ea_mstride = dea[rea - 2] == 1 ? 0 : KB;
-  P.eb_nstride = deb[reb - 1] == 1 ? 0 : 1;
-  P.pieces = job->pieces.data();
-  P.kcb = job->kcb.data();
-  P.nkcb = int64_t(job->kcb.size());
-  P.max_pairs = 0; P.max_nblk = 0;
-  for (const auto& kb : job->kcb) {
-    P.max_pairs = std::max(P.max_pairs, kb.pairs);
-    P.max_nblk = std::max(P.max_nblk, kb.nblk);
-  }
-  job->fn = info.fn;
-  job->bits_a = bits_a; job->bits_b = bits_b;
+  P.a_off = job.a_off.data(); P.b_off = job.b_off.data();
+  P.ea_off = job.ea_off.data(); P.eb_off = job.eb_off.data();
+  P.ea_mstride = s.dea[rea - 2] == 1 ? 0 : KB;
+  P.eb_nstride = s.deb[reb - 1] == 1 ? 0 : 1;
+  job.bits_a = bits_a; job.bits_b = bits_b;
+  return ffi::Error::Success();
+}
 
-  return launch(job, pool, info, nbatch, M, N, K);
+ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                      ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
+                      ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a, int32_t bits_b,
+                      int64_t block_k, bool trans_a, bool trans_b, int32_t isa, bool allow_f32) {
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error e = check_attrs(bits_a, bits_b, isa, kernels); e.failure()) return error_future(std::move(e));
+  if (ffi::Error e = check_dtypes(a, b, allow_f32); e.failure()) return error_future(std::move(e));
+  GemmShape s;
+  s.da = a.dimensions(); s.db = b.dimensions(); s.dea = ea.dimensions(); s.deb = eb.dimensions();
+  s.dout = out->dimensions();
+  if (ffi::Error e = read_shapes(s, block_k, trans_a, trans_b); e.failure()) return error_future(std::move(e));
+  if (ffi::Error e = check_batch_dims(s); e.failure()) return error_future(std::move(e));
+  auto job = std::make_shared<Job>();
+  if (ffi::Error e = set_up_job(*job, s, a, b, ea, eb, out, bits_a, bits_b, trans_a, trans_b, *kernels); e.failure())
+    return error_future(std::move(e));
+  return launch(job, pool, *kernels, int64_t(job->a_off.size()), s.M, s.N, s.K);
 }
 
 }  // namespace

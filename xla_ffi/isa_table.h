@@ -1,0 +1,34 @@
+// The ISA table: one entry per instruction set, holding every kernel family that has per-ISA code
+// (the GEMM/conv tile function with its micro-tile shape, and the conversion, max |x| and
+// statistics kernels), plus the CPU detection that decides which entries may run.  Handlers
+// resolve their `isa` attribute to an entry once (ffi_helpers.h's select_isa) and call through it;
+// nothing else branches on the ISA.  Baseline flags only: included by the handler TUs.
+#pragma once
+
+#include "gemm_common.h"
+#include "quantize_kernels.h"
+
+namespace jdfp {
+
+struct IsaKernels {
+  const char* name;  // as jdfp/_src/kernels.py's ISA_NAMES, for messages
+  // GEMM / conv: tile function, micro-tile (mr x nr), max packed k-pairs per kc block.
+  TileFn tile;
+  int mr, nr;
+  int kc_pairs;
+  // float32 -> int16 conversion, max |x|, quantization statistics.
+  ConvertFn convert;
+  AmaxFn amax;
+  StatsFn stats;
+};
+
+// Bit i set: ISA i (an Isa value, kIsaScalar..kIsaAvx512Vnni) is built and the CPU/OS runs it.
+// Detected once (cpuid + xgetbv), on first use.
+int isa_mask();
+// The highest ISA in isa_mask(): what kIsaAuto means.
+int best_isa();
+// The entry of a concrete ISA (kIsaScalar..kIsaAvx512Vnni).  Entries of ISAs that were not built
+// (non-x86) have null kernels; isa_mask() never lists them.
+const IsaKernels& isa_kernels(int isa);
+
+}  // namespace jdfp

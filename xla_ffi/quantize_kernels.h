@@ -1,0 +1,98 @@
+// Per-ISA kernels of the float32 -> int16 conversion, the max |x| pass and the quantization
+// statistics: their argument structs, function-pointer types and entry points (defined in
+// quantize_scalar.cc, quantize_avx2.cc, quantize_avx512.cc), plus the scalar reference loops.
+//
+// Included by the handler TUs (baseline flags) and by the per-ISA TUs (-mavx2 / -mavx512*): like
+// gemm_common.h, every function here is `static inline`, so each TU keeps a copy built with its own
+// flags and no AVX copy can be merged into the scalar path (ODR).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "gemm_common.h"
+
+namespace jdfp {
+
+// ---------------------------------------------------------------- conversion
+// out[i] = quantize1(x[i], s1, s2, qm) (gemm_common.h) for i in [begin, end).
+struct ConvertArgs {
+  const float* x;
+  int16_t* out;
+  float s1, s2, qm;
+};
+using ConvertFn = void (*)(const ConvertArgs&, int64_t begin, int64_t end);
+
+static inline void convert_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) a.out[i] = quantize1(a.x[i], a.s1, a.s2, a.qm);
+}
+
+// ---------------------------------------------------------------- max |x|
+// max |x| as the bit pattern of a non-negative float (integer order == float order there):
+// NaN patterns exceed Inf's, subnormals count as zero (DAZ, as XLA:CPU's own max reads them).
+using AmaxFn = uint32_t (*)(const float* x, int64_t begin, int64_t end);
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu, kMinNormalBits = 0x00800000u, kInfBits = 0x7F800000u;
+
+static inline uint32_t amax_ref(const float* x, int64_t begin, int64_t end) {
+  uint32_t m = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    u &= kAbsMask;
+    m = std::max(m, u < kMinNormalBits ? 0u : u);
+  }
+  return m;
+}
+
+// ---------------------------------------------------------------- quantization statistics
+// The Flax "dfp" collection's per-tensor counters (jdfp/_src/flax/core.py role_stats), in one pass
+// over x and its int16 values q instead of several XLA reductions.  With ok = x finite, nonzero
+// (subnormals read as zero: DAZ) and the exponent not the NONFINITE sentinel:
+//   saturated = #(ok & scale2(|x|, -e) > qmax), underflow = #(ok & q == 0),
+//   nonfinite = #(x is NaN/Inf), nonzero = #ok.
+struct StatsArgs {
+  const float* x;
+  const int16_t* q;
+  float p1, p2, qm;  // scale2(., -e) = (. * p1) * p2
+  bool group_ok;     // e is not the sentinel
+};
+struct Counts {
+  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+};
+using StatsFn = void (*)(const StatsArgs&, int64_t begin, int64_t end, Counts&);
+
+static inline void stats_ref(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
+  for (int64_t i = begin; i < end; ++i) {
+    uint32_t u;
+    std::memcpy(&u, a.x + i, 4);
+    u &= kAbsMask;
+    if (u >= kInfBits) {
+      ++c.nonfin;
+      continue;
+    }
+    if (u < kMinNormalBits || !a.group_ok) continue;
+    ++c.ok;
+    float ax;
+    std::memcpy(&ax, &u, 4);
+    c.sat += (ax * a.p1) * a.p2 > a.qm;
+    c.under += a.q[i] == 0;
+  }
+}
+
+// ---------------------------------------------------------------- per-ISA entry points
+// Scalar: always built.  SIMD: built on x86 only (JDFP_HAVE_SIMD); called only after the ISA
+// check of isa_table.cc.  AVX2 has no statistics kernel: GCC vectorizes stats_ref well enough for a
+// statistics pass, so the table gives AVX2 / AVX-VNNI the scalar one.
+void convert_scalar(const ConvertArgs&, int64_t begin, int64_t end);
+uint32_t amax_scalar(const float* x, int64_t begin, int64_t end);
+void stats_scalar(const StatsArgs&, int64_t begin, int64_t end, Counts&);
+
+void convert_avx2(const ConvertArgs&, int64_t begin, int64_t end);
+uint32_t amax_avx2(const float* x, int64_t begin, int64_t end);
+
+void convert_avx512(const ConvertArgs&, int64_t begin, int64_t end);
+uint32_t amax_avx512(const float* x, int64_t begin, int64_t end);
+void stats_avx512(const StatsArgs&, int64_t begin, int64_t end, Counts&);
+
+}  // namespace jdfp
