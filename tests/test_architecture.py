@@ -3,6 +3,7 @@ modules. (Rules of docs/design.md §8.)"""
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -146,3 +147,37 @@ def test_public_surface_is_sorted_by_layer_and_explicit():
   # No whole private module is exported.
   assert not any(getattr(getattr(jdfp, n), "__name__", "").startswith("jdfp._src") and
                  type(getattr(jdfp, n)).__name__ == "module" for n in jdfp.__all__)
+
+
+MAX_CPP_FUNCTION_LINES = 100
+
+
+def _cpp_functions(text: str):
+  """(first line, line count) of every top-level function body in C++ source (comments, strings and
+  preprocessor lines stripped; namespaces and classes looked into; lambdas stay inside their function)."""
+  text = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+  text = re.sub(r"//[^\n]*", "", text)
+  text = re.sub(r'"(\\.|[^"\\])*"', '""', text)
+  text = re.sub(r"(?m)^\s*#.*$", "", text)
+  stack, line = [], 1
+  for m in re.finditer(r"[{}\n]", text):
+    if m.group(0) == "\n":
+      line += 1
+    elif m.group(0) == "{":
+      head = text[max(0, m.start() - 400):m.start()].rstrip()
+      container = re.search(r"\b(namespace|struct|class|union|enum)\b[^;{}()]*$", head) is not None
+      is_fn = (not container and not any(kind == "fn" for kind, _ in stack)
+               and re.search(r"\)\s*(const|noexcept|override|final|mutable|\s|->\s*[\w:<>,\s*&]+)*$", head) is not None
+               and re.search(r"\b(if|for|while|switch|catch)\s*\([^;{}]*\)\s*$", head) is None)
+      stack.append(("fn" if is_fn else ("container" if container else "block"), line))
+    else:
+      kind, start = stack.pop()
+      if kind == "fn":
+        yield start, line - start + 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "xla_ffi").glob("*.[ch]*")), ids=lambda p: p.name)
+def test_cpp_functions_are_short(path):
+  long = [(start, n) for start, n in _cpp_functions(path.read_text()) if n > MAX_CPP_FUNCTION_LINES]
+  assert not long, f"{path.name}: functions over {MAX_CPP_FUNCTION_LINES} lines at " + \
+      ", ".join(f"line {s} ({n} lines)" for s, n in long)

@@ -425,10 +425,11 @@ def test_nnx_convtranspose_attention_and_user_matmul():
   # user @, q/k/v/out projections, the two attention einsums, the transposed conv
   assert ex.kernel_calls == 8 and not ex.float_ops, str(ex)
   st = jnnx.state_of(model)
-  assert {"_jdfp_scope/ops/0", "attn/attention_fn/scope/ops/0", "attn/attention_fn/scope/ops/1",
-          "ct/_jdfp_scope/ops/0"} <= set(st)
-  assert float(st["attn/attention_fn/scope/ops/0"]["lhs"]["size"]) == 2 * 4 * 2 * 4  # q: [B, L, heads, d]
-  assert float(st["ct/_jdfp_scope/ops/0"]["rhs"]["size"]) == 3 * 8 * 4
+  # Named as in quantize_report: module path / op name.
+  assert {"ops/0", "attn/ops/0", "attn/ops/1", "ct/ops/0"} <= set(st)
+  assert set(st) == {"/".join(p for p in (s.path, s.name) if p) for s in quantize_report(model).sites.values()}
+  assert float(st["attn/ops/0"]["lhs"]["size"]) == 2 * 4 * 2 * 4  # q: [B, L, heads, d]
+  assert float(st["ct/ops/0"]["rhs"]["size"]) == 3 * 8 * 4
   # Backward statistics of the scoped ops arrive through the DfpState gradients.
   opt = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.Param)
 
@@ -442,7 +443,7 @@ def test_nnx_convtranspose_attention_and_user_matmul():
   losses = [float(step(model, opt)) for _ in range(3)]
   assert losses[-1] < losses[0]
   st = jnnx.state_of(model)
-  for k in ("_jdfp_scope/ops/0", "attn/attention_fn/scope/ops/1", "ct/_jdfp_scope/ops/0"):
+  for k in ("ops/0", "attn/ops/1", "ct/ops/0"):
     assert float(st[k]["grad"]["size"]) > 0, k
   # A rule keeping the attention in FP32 leaves its einsums (and projections) float.
   m2 = quantize(NNXCoverage(nnx.Rngs(0)), NEAREST, [Rule("attn.*", None)])
