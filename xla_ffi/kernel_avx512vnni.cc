@@ -504,8 +504,10 @@ struct V512 {
   static inline vi add(vi a, vi b) { return _mm512_add_epi32(a, b); }
   // flush() of ukernel_simd.h: ih += x >> 16, il += x & 0xFFFF (exact, lane-local).
   static inline void split_add(const int32_t* x, vi& ih, vi& il) {
-    ih = _mm512_add_epi32(ih, _mm512_srai_epi32(_mm512_loadu_si512(x), 16));
-    il = _mm512_add_epi32(il, _mm512_and_si512(_mm512_loadu_si512(x), _mm512_set1_epi32(0xFFFF)));
+    vi v = _mm512_loadu_si512(x);
+    __asm__("" : "+v"(v));  // one load for both uses (GCC would fold it into each op: two loads)
+    ih = _mm512_add_epi32(ih, _mm512_srai_epi32(v, 16));
+    il = _mm512_add_epi32(il, _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)));
   }
   // int64 block sums of 16 lanes in order at p[0..16) (+)= ih * 2**16 + il.
   static inline void put64(int64_t* p, vi ih, vi il, bool fresh) {
