@@ -42,6 +42,10 @@ static inline float pow2f(int32_t e) {
 static inline int32_t clamp_i32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 static inline int32_t eclamp(int32_t e) { return clamp_i32(e, -kExponentClamp, kExponentClamp); }
 
+// The contract's f(): an exact int64 block sum as float32, rounded once, half to even (cvtsi2ss with
+// a 64-bit source rounds by MXCSR, which the workers set to round-to-nearest-even).
+static inline float i64_to_f32(int64_t s) { return float(s); }
+
 // scale2 of the contract: two float32 multiplies by powers of two, each rounded.  |e| <= 2000 here
 // (a sum of two clamped exponents).
 static inline float scale2(float x, int32_t e) {
@@ -64,18 +68,19 @@ static inline int16_t quantize1(float x, float s1, float s2, float qm) {
 }
 
 // One piece of a chain inside one kc block.  A chain (the contract's `C` products, never straddling
-// a block) is usually one piece; a chain longer than a kc block is split into several pieces whose
-// int32 accumulators carry over (cont_in / cont_out), so the FP32 spill still happens once per chain.
+// a block) is usually one piece; a chain longer than a kc block is split into several pieces
+// (cont_in / cont_out mark the split).  The kernels sum every piece's int32 partial sum exactly into
+// the block's int64 sum, so where a chain is cut does not change any result: a piece of a chain is
+// no longer than the chain, so its int32 sum cannot wrap either.
 struct Piece {
   int64_t k_start;  // global k of the first element
   int32_t len;      // valid elements (the last pair may be half padding)
   int32_t pairs;    // ceil(len / 2)
   int32_t blk;      // global block index j
   int32_t bl;       // block index relative to the kc block's first block
-  uint8_t cont_in;  // int32 accumulators continue from the carry buffer
-  uint8_t cont_out; // chain continues in the next kc block: save int32 accumulators, no spill
+  uint8_t cont_in;  // continues a chain cut at the previous kc block's end
+  uint8_t cont_out; // the chain continues in the next kc block
 };
-
 struct KcBlock {
   int32_t piece_begin, piece_end;
   int32_t pairs;      // total packed pairs
@@ -162,7 +167,7 @@ struct Problem {
   int64_t nkcb;
   int32_t max_pairs;  // max KcBlock::pairs
   int32_t max_nblk;   // max KcBlock::nblk
-  bool has_carry;     // some chain is split across kc blocks
+  bool has_carry;     // some chain is split across kc blocks (informational: pieces spill exactly)
   // Operand views X[r, k] = src[r*sr + k*sk] (A rows are m, B rows are n), unless `conv` gathers A.
   int64_t a_sr, a_sk, b_sr, b_sk;
   // Output: C of batch element b is out + c_off[b] (b*M*N when c_off is null), row stride ldc.

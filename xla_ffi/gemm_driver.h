@@ -4,12 +4,13 @@
 // lives in an anonymous namespace: each TU gets its own copy (no ODR merging across ISA flags).
 //
 // Loop nest for a tile (batch, [m0, m1) x [n0, n1)):
-//   for kc block (groups of whole chains, in increasing K)     -- FP32 spill order = K order
-//     pack B tile panel (pairs x NR micro-panels, k-pairs interleaved), pack A (pairs x MR)
-//     for NR micro-panel (B micro-panel stays in L1)
+//   for kc block (groups of whole chains, in increasing K)             -- block order = K order
+//     packm: B tile panel (pairs x NR micro-panels, k-pairs interleaved), A (pairs x MR)
+//     macro-kernel: for NR micro-panel (B micro-panel stays in L1)
 //       for MR micro-panel (A streamed from L2)
-//         micro-kernel: int32 chains in registers, FP32 accumulator tile in L1
-//   epilogue: KB == 1 scale2, NaN for NONFINITE exponents
+//         micro-kernel: int32 chains in registers, spilled exactly into int64 block sums (L1);
+//         a closed block is rounded once to float32 (and for KB > 1 scaled and added to acc)
+//   epilogue: KB == 1 scale2 (unless fused), NaN for NONFINITE exponents
 #pragma once
 
 #include <algorithm>
@@ -41,8 +42,9 @@ struct AlignedBuf {
 
 struct Scratch {
   AlignedBuf<int16_t> apack, bpack;
-  AlignedBuf<int32_t> eapack, ebpack, carry;
-  AlignedBuf<float> cacc;  // FP32 accumulators of the tile between kc blocks
+  AlignedBuf<int32_t> eapack, ebpack;
+  AlignedBuf<int64_t> acc64;  // exact int64 block sums of the tile between kc blocks
+  AlignedBuf<float> cacc;     // FP32 accumulators of the tile between kc blocks (KB > 1)
   std::vector<int64_t> k0, k1;
   std::vector<int32_t> pblk;
 };
@@ -223,206 +225,252 @@ static inline void pack_f32_any(const float* src, const PackArgs& a, const Scrat
   }
 }
 
-// Micro-kernel contract (UK::kernel):
-//   Ap: [pairs][MR][2] int16, Bp: [pairs][NR][2] int16 (pieces back to back),
-//   acc: MR x NR contiguous floats, the FP32 accumulators carried between kc blocks,
-//   first: start the FP32 accumulators at +0.0 instead of loading acc,
-//   C: null (store the accumulators back to acc) or the last kc block's destination, MR x NR floats
-//     with row stride ldc (always a full tile; the driver handles edges),
-//   scaled: KB > 1, multiply each chain by scale2(., ea + eb) before adding,
-//   eap[bl * ea_ld + i], ebp[bl * eb_ld + j]: clamped exponents of the tile's rows / columns,
-//   carry: MR x NR int32 for chains split across kc blocks,
-//   fuse: last kc block with one exponent pair for the whole tile: store scale2(acc, fuse_e) (the
-//     epilogue's KB == 1 scale, the same two float32 multiplies).
+// Micro-kernel contract: UK::kernel(Ap, Bp, const UkArgs&) runs one kc block of one MR x NR
+// micro-tile.  Ap: [pairs][MR][2] int16, Bp: [pairs][NR][2] int16 (pieces back to back).  For every
+// piece it sums the products into int32 registers (a piece is never longer than a chain: no wrap),
+// then adds that sum exactly into the open block's int64 sum (acc64).  When a block closes, its
+// exact sum is rounded once to float32 (f) and either added, scaled, to the float32 accumulators
+// (KB > 1, in block order) or, for KB == 1 (the block is the whole of K), stored to C.
+struct UkArgs {
+  const Piece* pcs;
+  int npcs;
+  int64_t* acc64;  // MR x NR int64: the open block's exact sum, carried between kc blocks
+  float* accf;     // MR x NR float32 (KB > 1 only): the contract's acc, carried between kc blocks
+  bool blk_in;     // the first piece continues a block opened in an earlier kc block (acc64 holds it)
+  bool blk_out;    // the last piece's block continues in the next kc block (leave its sum in acc64)
+  bool first;      // first kc block: accf starts at +0.0
+  float* C;        // null, or the last kc block's destination (MR x NR floats, row stride ldc)
+  int64_t ldc;
+  bool scaled;     // KB > 1: acc += scale2(f(S_j), ea_j + eb_j)
+  const int32_t* eap;  // eap[bl * ea_ld + i], ebp[bl * eb_ld + j]: clamped exponents (KB > 1)
+  int64_t ea_ld;
+  const int32_t* ebp;
+  int64_t eb_ld;
+  bool fuse;       // KB == 1 with one exponent pair for the tile: store scale2(f(S), fuse_e)
+  int32_t fuse_e;
+};
+
+// Piece pi of a kc block opens / closes its exponent block.
+static inline bool piece_opens_block(const UkArgs& u, int pi) {
+  return pi == 0 ? !u.blk_in : u.pcs[pi - 1].blk != u.pcs[pi].blk;
+}
+static inline bool piece_closes_block(const UkArgs& u, int pi) {
+  return pi == u.npcs - 1 ? !u.blk_out : u.pcs[pi + 1].blk != u.pcs[pi].blk;
+}
+
+// Per-tile state shared by run_tile's packing, macro-kernel and epilogue helpers.
+struct TileState {
+  int64_t mb, nb, mbp, nbp;
+  float* C;             // the tile's batch element of the output
+  bool fused;           // KB == 1, one exponent pair for the batch element: scale in the kernel
+  int32_t fuse_e;
+  bool scaled;          // KB > 1
+  bool one_kc;          // a single kc block: one L1-resident accumulator block serves every micro-tile
+  int16_t* ap = nullptr;  // packed A / B of the current kc block
+  int16_t* bp = nullptr;
+  int32_t* eap = nullptr;  // clamped exponents of the kc block's blocks (KB > 1)
+  int32_t* ebp = nullptr;
+  int64_t* acc64 = nullptr;
+  float* accf = nullptr;
+  const int32_t* ea;
+  const int32_t* eb;
+  int64_t eb_j;         // eb is [KB, N] or [KB, 1]
+  // Packed-operand reuse across a worker's tiles (see tile_caches).
+  bool bcache = false, bhit = false;
+  size_t boff = 0;
+  int16_t* acached = nullptr;
+  bool ahit = false;
+  size_t aoff = 0, atotal = 0;
+};
+
+static inline BCache& bcache_of_thread() {
+  thread_local BCache c;
+  return c;
+}
+static inline ACache& acache_of_thread() {
+  thread_local ACache c;
+  return c;
+}
+
+// Packed B of the whole column range, kept for this worker's next tile of the same job, batch and
+// columns (tiles are ordered columns-outer, so a worker usually gets several in a row): B is then
+// packed once per worker and column range instead of once per tile.  Packed A of the tile's rows
+// (all kc blocks), kept per worker for the job's later column ranges: a worker usually meets the same
+// row ranges again, so A is packed about once per worker and row range instead of once per tile.
+template <int MR>
+static inline void tile_caches(const Problem& P, const Tile& T, TileState& st) {
+  size_t btotal = 0;
+  for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) btotal += size_t(st.nbp) * P.kcb[kbi].pairs * 2;
+  BCache& bc = bcache_of_thread();
+  st.bcache = P.job_id != 0 && st.mb < P.M && btotal * sizeof(int16_t) <= kBCacheBytes;
+  st.bhit = st.bcache && bc.job == P.job_id && bc.batch == T.batch && bc.n0 == T.n0 && bc.n1 == T.n1;
+  if (st.bcache && !st.bhit) {
+    bc.job = 0;  // invalid until every kc block is packed (and range-checked)
+    bc.buf.get(btotal);
+  }
+  ACache& ac = acache_of_thread();
+  st.atotal = btotal / size_t(st.nbp) * size_t(st.mbp);
+  // Worth it from three column ranges on: with two, a row range comes back at most once (often to
+  // the other worker), and the extra L2 footprint cost more than it saved (measured at 1024^3).
+  if (!(P.job_id != 0 && st.mb < P.M && P.N > 2 * st.nb)) return;
+  if (ac.job != P.job_id || ac.batch != T.batch) {
+    ac.job = P.job_id;
+    ac.batch = T.batch;
+    ac.ents.clear();
+    ac.used = 0;
+    // Every row range of the batch element, with up to MR - 1 rows of padding per range.
+    const size_t need = (size_t(P.M) + size_t(MR) * size_t((P.M + st.mb - 1) / st.mb)) * (st.atotal / size_t(st.mbp));
+    ac.cap = need * sizeof(int16_t) <= kACacheBytes ? need : 0;
+    if (ac.cap) ac.buf.get(ac.cap);
+  }
+  for (const auto& e : ac.ents)
+    if (e.m0 == T.m0 && e.m1 == T.m1) {
+      st.acached = ac.buf.p + e.off;
+      st.ahit = true;
+      return;
+    }
+  if (ac.used + st.atotal <= ac.cap) st.acached = ac.buf.p + ac.used;
+}
+
+// After the last kc block: publish what tile_caches set out to keep.
+static inline void tile_caches_commit(const Problem& P, const Tile& T, const TileState& st) {
+  if (st.acached && !st.ahit) {
+    ACache& ac = acache_of_thread();
+    ac.ents.push_back(ACache::Entry{T.m0, T.m1, ac.used});
+    ac.used += st.atotal;
+  }
+  if (st.bcache && !st.bhit) {
+    BCache& bc = bcache_of_thread();
+    bc.job = P.job_id;
+    bc.batch = T.batch;
+    bc.n0 = T.n0;
+    bc.n1 = T.n1;
+  }
+}
+
+// packm of one kc block: B and A micro-panels (from the cache, an int16 / float32 operand or a conv
+// gather) and, for KB > 1, the clamped exponents of the blocks it touches.  0 = ok, 1 / 2 = an A / B
+// value out of [-qmax, qmax].
 template <class UK>
-int run_tile(const Problem& P, const Tile& T) {
+static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& kb, Scratch& s, TileState& st) {
   constexpr int MR = UK::MR, NR = UK::NR;
-  thread_local Scratch s;
-  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
-  if (mb <= 0 || nb <= 0) return 0;
-  const int64_t mbp = round_up(mb, MR), nbp = round_up(nb, NR);
-  const int64_t M = P.M, N = P.N, K = P.K, KB = P.KB;
-  const int64_t ldc = P.ldc;
-  float* C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * M * N);
+  const int32_t pairs = kb.pairs;
+  const Piece* kpcs = P.pieces + kb.piece_begin;
+  const int knp = kb.piece_end - kb.piece_begin;
+  const PackArgs pb{P.b_sr, P.b_sk, T.n0, st.nb, kpcs, knp, pairs, st.eb, P.eb_nstride, st.eb_j, P.qmax_b};
+  const PackArgs pa{P.a_sr, P.a_sk, T.m0, st.mb, kpcs, knp, pairs, st.ea, P.ea_mstride, 1, P.qmax_a};
+  if (st.bcache) {
+    st.bp = bcache_of_thread().buf.p + st.boff;
+    st.boff += size_t(st.nbp) * pairs * 2;
+  }
+  if (st.bhit) {
+    // packed by this worker for an earlier tile of this job
+  } else if (P.conv && P.conv->on_b) {
+    if (pack_conv_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], *P.conv, pb, st.bp) > P.qmax_b)
+      return 2;
+  } else if (P.b_f32) {
+    pack_f32_any<UK, NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], pb, s, st.bp);
+  } else if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, st.bp) > P.qmax_b) {
+    return 2;
+  }
+  if (st.acached) {
+    st.ap = st.acached + st.aoff;
+    st.aoff += size_t(st.mbp) * pairs * 2;
+  }
+  if (st.ahit) {
+    // packed by this worker for an earlier tile of this job
+  } else if (P.conv && !P.conv->on_b) {
+    if (pack_conv_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], *P.conv, pa, st.ap) > P.qmax_a)
+      return 1;
+  } else if (P.a_f32) {
+    pack_f32_any<UK, MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], pa, s, st.ap);
+  } else if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, st.ap) > P.qmax_a) {
+    return 1;
+  }
+  if (!st.scaled) return 0;
+  for (int32_t bl = 0; bl < kb.nblk; ++bl) {
+    const int64_t j = kb.blk_first + bl;
+    int32_t* er = st.eap + bl * st.mbp;
+    for (int64_t i = 0; i < st.mbp; ++i) er[i] = (i < st.mb) ? eclamp(st.ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
+    int32_t* ec = st.ebp + bl * st.nbp;
+    for (int64_t i = 0; i < st.nbp; ++i)
+      ec[i] = (i < st.nb) ? eclamp(st.eb[j * st.eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
+  }
+  return 0;
+}
 
-  // One exponent pair for the whole batch element (KB == 1, both broadcast): the scale is applied by
-  // the micro-kernel's last store instead of a second pass over C.
-  const bool fused = K > 0 && KB == 1 && P.ea_mstride == 0 && P.eb_nstride == 0;
-  const int32_t fuse_e = fused ? eclamp(P.ea[P.ea_off[T.batch]]) + eclamp(P.eb[P.eb_off[T.batch]]) : 0;
-  if (K > 0) {
-    int16_t* ap = s.apack.get(size_t(mbp) * P.max_pairs * 2);
-    int16_t* bp = s.bpack.get(size_t(nbp) * P.max_pairs * 2);
-    // Packed B of the whole column range, kept for this worker's next tile of the same job, batch
-    // and columns (tiles are ordered columns-outer, so a worker usually gets several in a row):
-    // B is then packed once per worker and column range instead of once per tile.
-    thread_local BCache bc;
-    size_t btotal = 0;
-    for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) btotal += size_t(nbp) * P.kcb[kbi].pairs * 2;
-    const bool bcache = P.job_id != 0 && mb < M && btotal * sizeof(int16_t) <= kBCacheBytes;
-    const bool bhit = bcache && bc.job == P.job_id && bc.batch == T.batch && bc.n0 == T.n0 && bc.n1 == T.n1;
-    if (bcache && !bhit) {
-      bc.job = 0;  // invalid until every kc block is packed (and range-checked)
-      bc.buf.get(btotal);
-    }
-    size_t boff = 0;
-    // Packed A of the tile's rows (all kc blocks), kept per worker for the job's later column ranges:
-    // a worker usually meets the same row ranges again, so A is packed about once per worker and
-    // row range instead of once per tile.  Entries are appended to one buffer sized for the job.
-    thread_local ACache ac;
-    const size_t atotal = btotal / size_t(nbp) * size_t(mbp);
-    int16_t* acached = nullptr;
-    bool ahit = false;
-    // Worth it from three column ranges on: with two, a row range comes back at most once (often to
-    // the other worker), and the extra L2 footprint cost more than it saved (measured at 1024^3).
-    if (P.job_id != 0 && mb < M && N > 2 * nb) {
-      if (ac.job != P.job_id || ac.batch != T.batch) {
-        ac.job = P.job_id;
-        ac.batch = T.batch;
-        ac.ents.clear();
-        ac.used = 0;
-        // Every row range of the batch element, with up to MR - 1 rows of padding per range.
-        const size_t need = (size_t(M) + size_t(MR) * size_t((M + mb - 1) / mb)) * (atotal / size_t(mbp));
-        ac.cap = need * sizeof(int16_t) <= kACacheBytes ? need : 0;
-        if (ac.cap) ac.buf.get(ac.cap);
-      }
-      for (const auto& e : ac.ents)
-        if (e.m0 == T.m0 && e.m1 == T.m1) {
-          acached = ac.buf.p + e.off;
-          ahit = true;
-          break;
-        }
-      if (!ahit && ac.used + atotal <= ac.cap) acached = ac.buf.p + ac.used;
-    }
-    size_t aoff = 0;
-    const bool scaled = KB > 1;
-    int32_t* eap = scaled ? s.eapack.get(size_t(mbp) * P.max_nblk) : nullptr;
-    int32_t* ebp = scaled ? s.ebpack.get(size_t(nbp) * P.max_nblk) : nullptr;
-    int32_t* carry = P.has_carry ? s.carry.get(size_t(mbp) * nbp) : nullptr;
-    // One kc block: a single L1-resident accumulator block serves every micro-tile.
-    const bool one_kc = P.nkcb == 1;
-    float* cacc = s.cacc.get(one_kc ? size_t(MR * NR) : size_t(mbp) * nbp);
-    const int32_t* ea = P.ea + P.ea_off[T.batch];
-    const int32_t* eb = P.eb + P.eb_off[T.batch];
-    const int64_t eb_j = P.eb_nstride ? N : 1;  // eb is [KB, N] or [KB, 1]
-
-    // Operand views X[r, k]: A rows are m, B "rows" are n.
-    const int64_t a_sr = P.a_sr, a_sk = P.a_sk, b_sr = P.b_sr, b_sk = P.b_sk;
-
-    for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
-      const KcBlock& kb = P.kcb[kbi];
-      const int32_t pairs = kb.pairs;
-      build_pairs(P, kb, s);
-
-      // ---- pack B and A (and their exponents for KB > 1)
-      const Piece* kpcs = P.pieces + kb.piece_begin;
-      const int knp = kb.piece_end - kb.piece_begin;
-      const PackArgs pb{b_sr, b_sk, T.n0, nb, kpcs, knp, pairs, eb, P.eb_nstride, eb_j, P.qmax_b};
-      const PackArgs pa{a_sr, a_sk, T.m0, mb, kpcs, knp, pairs, ea, P.ea_mstride, 1, P.qmax_a};
-      if (bcache) {
-        bp = bc.buf.p + boff;
-        boff += size_t(nbp) * pairs * 2;
-      }
-      if (bhit) {
-        // packed by this worker for an earlier tile of this job
-      } else if (P.conv && P.conv->on_b) {
-        if (pack_conv_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], *P.conv, pb, bp) > P.qmax_b)
-          return 2;
-      } else if (P.b_f32) {
-        pack_f32_any<UK, NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], pb, s, bp);
+// Macro-kernel of one kc block: every MR x NR micro-tile of the tile, NR panels outer (the B
+// micro-panel stays in L1), MR panels inner.  The accumulators of the tile live in acc64 / accf, one
+// contiguous MR x NR block per micro-tile in call order (C rows are N floats apart: re-reading them
+// every kc block missed L1 on the aliased sets).  The last kc block writes C itself.
+template <class UK>
+static inline void macro_kernel(const Problem& P, const Tile& T, int64_t kbi, TileState& st) {
+  constexpr int MR = UK::MR, NR = UK::NR;
+  const KcBlock& kb = P.kcb[kbi];
+  const bool last = kbi == P.nkcb - 1;
+  UkArgs u{};
+  u.pcs = P.pieces + kb.piece_begin;
+  u.npcs = kb.piece_end - kb.piece_begin;
+  u.blk_in = kbi > 0 && P.pieces[kb.piece_begin - 1].blk == P.pieces[kb.piece_begin].blk;
+  u.blk_out = !last && P.pieces[kb.piece_end].blk == P.pieces[kb.piece_end - 1].blk;
+  u.first = kbi == 0;
+  u.scaled = st.scaled;
+  u.ea_ld = st.mbp;
+  u.eb_ld = st.nbp;
+  u.fuse = st.fused && last;
+  u.fuse_e = st.fuse_e;
+  const int64_t step = st.one_kc ? 0 : MR * NR;
+  int64_t* a64 = st.acc64;
+  float* af = st.accf;
+  for (int64_t jr = 0; jr < st.nbp; jr += NR) {
+    const int16_t* bpanel = st.bp + jr * kb.pairs * 2;
+    const int nv = int(std::min<int64_t>(NR, st.nb - jr));
+    for (int64_t ir = 0; ir < st.mbp; ir += MR, a64 += step, af += st.scaled ? step : 0) {
+      const int16_t* apanel = st.ap + ir * kb.pairs * 2;
+      const int mv = int(std::min<int64_t>(MR, st.mb - ir));
+      float* cdst = st.C + (T.m0 + ir) * P.ldc + T.n0 + jr;
+      u.acc64 = a64;
+      u.accf = af;
+      u.eap = st.eap ? st.eap + ir : nullptr;
+      u.ebp = st.ebp ? st.ebp + jr : nullptr;
+      if (!last || (mv == MR && nv == NR)) {
+        u.C = last ? cdst : nullptr;
+        u.ldc = P.ldc;
+        UK::kernel(apanel, bpanel, u);
       } else {
-        if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, bp) > P.qmax_b)
-          return 2;
+        alignas(64) float edge[MR * NR];
+        u.C = edge;
+        u.ldc = NR;
+        UK::kernel(apanel, bpanel, u);
+        for (int i = 0; i < mv; ++i)
+          for (int j = 0; j < nv; ++j) cdst[i * P.ldc + j] = edge[i * NR + j];
       }
-      if (acached) {
-        ap = acached + aoff;
-        aoff += size_t(mbp) * pairs * 2;
-      }
-      if (ahit) {
-        // packed by this worker for an earlier tile of this job
-      } else if (P.conv && !P.conv->on_b) {
-        if (pack_conv_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], *P.conv, pa, ap) > P.qmax_a)
-          return 1;
-      } else if (P.a_f32) {
-        pack_f32_any<UK, MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], pa, s, ap);
-      } else {
-        if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, ap) > P.qmax_a)
-          return 1;
-      }
-      if (scaled) {
-        for (int32_t bl = 0; bl < kb.nblk; ++bl) {
-          const int64_t j = kb.blk_first + bl;
-          int32_t* er = eap + bl * mbp;
-          for (int64_t i = 0; i < mbp; ++i)
-            er[i] = (i < mb) ? eclamp(ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
-          int32_t* ec = ebp + bl * nbp;
-          for (int64_t i = 0; i < nbp; ++i)
-            ec[i] = (i < nb) ? eclamp(eb[j * eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
-        }
-      }
-
-      // ---- micro-kernels
-      // FP32 accumulators of the tile live in `cacc`, one contiguous MR x NR block per micro-tile in
-      // call order (C rows are N floats apart: re-reading them every kc block missed L1 on the
-      // aliased sets and was not prefetched).  The last kc block writes C itself.
-      const bool first = kbi == 0;
-      const bool last = kbi == P.nkcb - 1;
-      const bool fuse = fused && last;
-      const Piece* pcs = P.pieces + kb.piece_begin;
-      const int npcs = kb.piece_end - kb.piece_begin;
-      float* accb = cacc;
-      for (int64_t jr = 0; jr < nbp; jr += NR) {
-        const int16_t* bpanel = bp + jr * pairs * 2;
-        const int nv = int(std::min<int64_t>(NR, nb - jr));
-        for (int64_t ir = 0; ir < mbp; ir += MR, accb += one_kc ? 0 : MR * NR) {
-          const int16_t* apanel = ap + ir * pairs * 2;
-          const int mv = int(std::min<int64_t>(MR, mb - ir));
-          int32_t* cr = carry ? carry + (ir / MR * (nbp / NR) + jr / NR) * (MR * NR) : nullptr;
-          float* cdst = C + (T.m0 + ir) * ldc + T.n0 + jr;
-          if (!last || (mv == MR && nv == NR)) {
-            UK::kernel(apanel, bpanel, pcs, npcs, accb, first, last ? cdst : nullptr, ldc, scaled,
-                       eap ? eap + ir : nullptr, mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
-          } else {
-            alignas(64) float edge[MR * NR];
-            UK::kernel(apanel, bpanel, pcs, npcs, accb, first, edge, NR, scaled, eap ? eap + ir : nullptr,
-                       mbp, ebp ? ebp + jr : nullptr, nbp, cr, fuse, fuse_e);
-            for (int i = 0; i < mv; ++i)
-              for (int j = 0; j < nv; ++j) cdst[i * ldc + j] = edge[i * NR + j];
-          }
-        }
-      }
-    }
-    if (acached && !ahit) {
-      ac.ents.push_back(ACache::Entry{T.m0, T.m1, ac.used});
-      ac.used += atotal;
-    }
-    if (bcache && !bhit) {
-      bc.job = P.job_id;
-      bc.batch = T.batch;
-      bc.n0 = T.n0;
-      bc.n1 = T.n1;
     }
   }
+}
 
-  // ---- epilogue: KB == 1 scale, K == 0 zeros, NaN for NONFINITE exponents
-  const int32_t* ea = P.ea + P.ea_off[T.batch];
-  const int32_t* eb = P.eb + P.eb_off[T.batch];
-  if (fused && ea[0] != kNonfiniteExponent && eb[0] != kNonfiniteExponent) return 0;  // nothing left to do
-  const int64_t eb_j = P.eb_nstride ? N : 1;
+// Epilogue of a tile: the KB == 1 scale when it was not fused into the kernel, zeros for K == 0,
+// NaN for NONFINITE exponents.
+static inline void tile_epilogue(const Problem& P, const Tile& T, const TileState& st) {
+  const int32_t* ea = st.ea;
+  const int32_t* eb = st.eb;
+  if (st.fused && ea[0] != kNonfiniteExponent && eb[0] != kNonfiniteExponent) return;  // nothing left to do
+  const int64_t nb = st.nb;
   const float qnan = __builtin_nanf("");
   bool any_col_bad = false;
   thread_local std::vector<uint8_t> colbad;
   colbad.assign(size_t(nb), 0);
-  for (int64_t j = 0; j < KB; ++j)
+  for (int64_t j = 0; j < P.KB; ++j)
     for (int64_t n = 0; n < nb; ++n)
-      if (eb[j * eb_j + (T.n0 + n) * P.eb_nstride] == kNonfiniteExponent) colbad[n] = 1, any_col_bad = true;
+      if (eb[j * st.eb_j + (T.n0 + n) * P.eb_nstride] == kNonfiniteExponent) colbad[n] = 1, any_col_bad = true;
   for (int64_t m = T.m0; m < T.m1; ++m) {
-    float* row = C + m * ldc + T.n0;
+    float* row = st.C + m * P.ldc + T.n0;
     const int32_t* er = ea + m * P.ea_mstride;
     bool bad = false;
-    for (int64_t j = 0; j < KB; ++j) bad |= er[j] == kNonfiniteExponent;
-    if (K == 0) {
+    for (int64_t j = 0; j < P.KB; ++j) bad |= er[j] == kNonfiniteExponent;
+    if (P.K == 0) {
       for (int64_t n = 0; n < nb; ++n) row[n] = 0.0f;
-    } else if (KB == 1 && !fused) {
+    } else if (P.KB == 1 && !st.fused) {
       const int32_t e0 = eclamp(er[0]);
       const int32_t* ec = eb + T.n0 * P.eb_nstride;
       if (P.eb_nstride) {
@@ -439,6 +487,49 @@ int run_tile(const Problem& P, const Tile& T) {
         if (colbad[n]) row[n] = qnan;
     }
   }
+}
+
+// One output tile (batch, [m0, m1) x [n0, n1)): for each kc block (increasing K), packm then the
+// macro-kernel; then the epilogue.  Returns 0, or 1 / 2 for an A / B value out of range.
+template <class UK>
+int run_tile(const Problem& P, const Tile& T) {
+  constexpr int MR = UK::MR, NR = UK::NR;
+  thread_local Scratch s;
+  TileState st;
+  st.mb = T.m1 - T.m0;
+  st.nb = T.n1 - T.n0;
+  if (st.mb <= 0 || st.nb <= 0) return 0;
+  st.mbp = round_up(st.mb, MR);
+  st.nbp = round_up(st.nb, NR);
+  st.C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * P.M * P.N);
+  st.ea = P.ea + P.ea_off[T.batch];
+  st.eb = P.eb + P.eb_off[T.batch];
+  st.eb_j = P.eb_nstride ? P.N : 1;
+  // One exponent pair for the whole batch element (KB == 1, both broadcast): the scale is applied by
+  // the micro-kernel's last store instead of a second pass over C.
+  st.fused = P.K > 0 && P.KB == 1 && P.ea_mstride == 0 && P.eb_nstride == 0;
+  st.fuse_e = st.fused ? eclamp(st.ea[0]) + eclamp(st.eb[0]) : 0;
+  st.scaled = P.KB > 1;
+  st.one_kc = P.nkcb == 1;
+  if (P.K > 0) {
+    st.ap = s.apack.get(size_t(st.mbp) * P.max_pairs * 2);
+    st.bp = s.bpack.get(size_t(st.nbp) * P.max_pairs * 2);
+    tile_caches<MR>(P, T, st);
+    if (st.scaled) {
+      st.eap = s.eapack.get(size_t(st.mbp) * P.max_nblk);
+      st.ebp = s.ebpack.get(size_t(st.nbp) * P.max_nblk);
+    }
+    const size_t nacc = st.one_kc ? size_t(MR * NR) : size_t(st.mbp) * st.nbp;
+    st.acc64 = s.acc64.get(nacc);
+    st.accf = st.scaled ? s.cacc.get(nacc) : nullptr;
+    for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
+      build_pairs(P, P.kcb[kbi], s);
+      if (const int bad = pack_kc_block<UK>(P, T, P.kcb[kbi], s, st)) return bad;
+      macro_kernel<UK>(P, T, kbi, st);
+    }
+    tile_caches_commit(P, T, st);
+  }
+  tile_epilogue(P, T, st);
   return 0;
 }
 

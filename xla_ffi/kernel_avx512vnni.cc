@@ -1,6 +1,10 @@
 // AVX-512 VNNI micro-kernel: vpdpwssd zmm (32 int16 MACs per instruction), A pairs broadcast from
 // memory ({1to16} embedded broadcast), 12 x 32 tile (12 rows: with 14, GCC spilled one of the 28 accumulators).  Compiled with -mavx512f -mavx512bw
 // -mavx512vnni (see CMakeLists.txt); only called after a cpuid + XCR0 check.
+// GCC 12's AVX-512 headers build casts and broadcasts from _mm512_undefined_*(), which its
+// -Wuninitialized flags at every inlined use (hundreds of false positives, none in this code).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include "ukernel_simd.h"
@@ -63,173 +67,199 @@ static inline void transpose16(__m512i* r) {
   }
 }
 
-// pack_i16 / pack_f32 of gemm_driver.h, vectorized for the two layouts that occur:
-//   rows contiguous (sr == 1: b [K, N], a^T [K, M]): two k rows interleaved with vpermt2w;
-//   k contiguous (sk == 1: a [M, K], b^T [N, K]): k-pairs are int32s, 16 x 16 transposes.
-// Returns max |value| seen (int16 input) for the range check.
-template <int W, class T>
-static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
-  static_assert(W <= 32, "panel width");
-  constexpr bool kF32 = std::is_same<T, float>::value;
-  const __m512 qm = _mm512_set1_ps(float(a.qmax));
-  __m512i vmin = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
-  const int64_t panels = (a.rows + W - 1) / W;
-  if (a.sr == 1) {
-    // Pair-outer, panel-inner: each k row is read sequentially (panel-outer strides through
-    // kc rows N apart per cache line and thrashes the TLB and the prefetchers).
-    const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
-    // Float input: per-panel scale vectors [pn][s1 lo, s1 hi, s2 lo, s2 hi], rebuilt when the
-    // piece's block changes (once per kc block when KB == 1).
-    thread_local AlignedBuf<float> scbuf;
-    float* sc = kF32 ? scbuf.get(size_t(panels) * 64) : nullptr;
-    int32_t sc_blk = -1;
-    int64_t poff = 0;  // pair offset of the piece inside the kc block
-    // The k rows are far apart (N elements): the hardware prefetchers see short runs and the loads
-    // wait on L3.  Prefetch the rows kPfRows ahead (inside this kc block's K range: no stray reads).
-    constexpr int64_t kPfRows = 8;
-    const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
-    for (int pi = 0; pi < a.npcs; ++pi) {
-      const Piece& pc = a.pcs[pi];
-      if constexpr (kF32) {
-        if (pc.blk != sc_blk) {
-          sc_blk = pc.blk;
-          for (int64_t pn = 0; pn < panels; ++pn)
-            for (int i = 0; i < 32; ++i) {
-              const int64_t r = pn * W + i;
-              float f1 = 0.0f, f2 = 0.0f;
-              if (i < W && r < a.rows) scales_of(a.e[(a.r0 + r) * a.er + int64_t(pc.blk) * a.ej], f1, f2);
-              sc[pn * 64 + i] = f1;
-              sc[pn * 64 + 32 + i] = f2;
-            }
-        }
-      }
-      for (int32_t q = 0; q < pc.pairs; ++q) {
-        const int64_t k0 = pc.k_start + 2 * q;
-        const bool has1 = 2 * q + 1 < pc.len;
-        const T* row0 = src + k0 * a.sk;
-        const T* row1 = src + (k0 + 1) * a.sk;
-        const bool pf0 = k0 + kPfRows < k_end, pf1 = k0 + 1 + kPfRows < k_end;
-        for (int64_t pn = 0; pn < panels; ++pn) {
-          const int64_t rb = a.r0 + pn * W;
-          for (int64_t l = 0; l < int64_t(W * sizeof(T)); l += 64) {  // the panel's cache lines
-            if (pf0) _mm_prefetch(reinterpret_cast<const char*>(row0 + kPfRows * a.sk + rb) + l, _MM_HINT_T0);
-            if (pf1) _mm_prefetch(reinterpret_cast<const char*>(row1 + kPfRows * a.sk + rb) + l, _MM_HINT_T0);
-          }
-          const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
-          const __mmask32 rmask = __mmask32((uint64_t(1) << nvalid) - 1);
-          __m512 s1[2], s2[2];
-          if constexpr (kF32) {
-            const float* f = sc + pn * 64;
-            s1[0] = _mm512_load_ps(f); s1[1] = _mm512_load_ps(f + 16);
-            s2[0] = _mm512_load_ps(f + 32); s2[1] = _mm512_load_ps(f + 48);
-          }
-          const __m512i v0 = Load32::get(row0 + rb, rmask, s1, s2, qm);
-          const __m512i v1 = has1 ? Load32::get(row1 + rb, rmask, s1, s2, qm) : _mm512_setzero_si512();
-          if constexpr (!kF32) {
-            vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
-            vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
-          }
-          int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
-          const __m512i lo = _mm512_permutex2var_epi16(v0, ilo, v1);
-          if constexpr (W == 32) {
-            _mm512_storeu_si512(d, lo);
-            _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
-          } else if constexpr (W <= 16) {
-            _mm512_mask_storeu_epi16(d, __mmask32((uint64_t(1) << (2 * W)) - 1), lo);
-          } else {
-            _mm512_storeu_si512(d, lo);
-            _mm512_mask_storeu_epi16(d + 32, __mmask32((uint64_t(1) << (2 * W - 32)) - 1),
-                                     _mm512_permutex2var_epi16(v0, ihi, v1));
-          }
-        }
-      }
-      poff += pc.pairs;
-    }
-  } else {
-    // Rows are K elements apart and read 32 k at a time: prefetch each row kPfK elements ahead when
-    // that start is inside this kc block's K range (a prefetch is only a hint and never faults).
-    constexpr int64_t kPfK = 2 * 32;
-    const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
-    for (int64_t pn = 0; pn < panels; ++pn) {
-      const int64_t rb = a.r0 + pn * W;
-      const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
-      int16_t* d = dst + pn * int64_t(a.pairs) * W * 2;
-      // k contiguous: rows are rb + i, a k-pair of row i is the int32 at src + (rb+i)*sr + k0.
-      for (int pi = 0; pi < a.npcs; ++pi) {
-        const Piece& pc = a.pcs[pi];
-        const int32_t full = pc.len / 2;
-        float f1[W], f2[W];
-        if constexpr (kF32) {
-          for (int i = 0; i < W; ++i) {
-            if (i < nvalid) scales_of(a.e[(rb + i) * a.er + int64_t(pc.blk) * a.ej], f1[i], f2[i]);
-            else f1[i] = f2[i] = 0.0f;
-          }
-        }
-        for (int32_t q0 = 0; q0 < full; q0 += 16) {
-          const int cnt = std::min<int32_t>(16, full - q0);
-          const __mmask32 wmask = cnt == 16 ? ~__mmask32(0) : ((__mmask32(1) << (2 * cnt)) - 1);
-          const bool pf = pc.k_start + 2 * q0 + kPfK < k_end;
-          for (int g = 0; g < W; g += 16) {
-            __m512i r[16];
-            for (int i = 0; i < 16; ++i) {
-              const int row = g + i;
-              if (row < nvalid) {
-                const T* p = src + (rb + row) * a.sr + pc.k_start + 2 * q0;
-                if (pf)
-                  for (int64_t l = 0; l < int64_t(32 * sizeof(T)); l += 64)
-                    _mm_prefetch(reinterpret_cast<const char*>(p + kPfK) + l, _MM_HINT_T0);
-                __m512 t1[2], t2[2];
-                if constexpr (kF32) {
-                  t1[0] = t1[1] = _mm512_set1_ps(f1[row]);
-                  t2[0] = t2[1] = _mm512_set1_ps(f2[row]);
-                }
-                r[i] = Load32::get(p, wmask, t1, t2, qm);
-                if constexpr (!kF32) {
-                  vmin = _mm512_min_epi16(vmin, r[i]);
-                  vmax = _mm512_max_epi16(vmax, r[i]);
-                }
-              } else {
-                r[i] = _mm512_setzero_si512();
-              }
-            }
-            transpose16(r);
-            const int wcols = std::min(16, W - g);
-            const __mmask16 smask = wcols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << wcols) - 1);
-            for (int t = 0; t < cnt; ++t)
-              _mm512_mask_storeu_epi32(d + (int64_t(q0 + t) * W + g) * 2, smask, r[t]);
-          }
-        }
-        if (pc.len & 1) {  // trailing half pair: (x, 0)
-          int16_t* dd = d + int64_t(full) * W * 2;
-          const int64_t k0 = pc.k_start + 2 * full;
-          for (int i = 0; i < W; ++i) {
-            int16_t v = 0;
-            if (i < nvalid) {
-              if constexpr (kF32) {
-                v = quantize1(src[(rb + i) * a.sr + k0], f1[i], f2[i], float(a.qmax));
-              } else {
-                v = src[(rb + i) * a.sr + k0];
-                vmin = _mm512_min_epi16(vmin, _mm512_set1_epi16(v));
-                vmax = _mm512_max_epi16(vmax, _mm512_set1_epi16(v));
-              }
-            }
-            dd[2 * i] = v;
-            dd[2 * i + 1] = 0;
-          }
-        }
-        d += int64_t(pc.pairs) * W * 2;
-      }
-    }
-  }
-  if constexpr (kF32) return 0;
-  // |int16| as int32: -32768 must read as 32768 (> any qmax), so widen before negating.
+// |int16| max of the lanes seen (vmin / vmax of int16 lanes), for the range check: -32768 must read
+// as 32768 (> any qmax), so widen before negating.
+static inline int32_t reduce_absmax16(__m512i vmin, __m512i vmax) {
   const int32_t mn = _mm512_reduce_min_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_min_epi16(
       vmin, _mm512_shuffle_i64x2(vmin, vmin, 0x4E)))));
   const int32_t mx = _mm512_reduce_max_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_max_epi16(
       vmax, _mm512_shuffle_i64x2(vmax, vmax, 0x4E)))));
   return std::max(-mn, mx);
+}
+
+// Running int16 min / max of the packed values (int16 input only).
+struct MinMax16 {
+  __m512i vmin = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+  void add(__m512i v) {
+    vmin = _mm512_min_epi16(vmin, v);
+    vmax = _mm512_max_epi16(vmax, v);
+  }
+};
+
+// pack_i16 / pack_f32 of gemm_driver.h for rows contiguous (sr == 1: b [K, N], a^T [K, M]): two k
+// rows interleaved with vpermt2w.  Pair-outer, panel-inner: each k row is read sequentially
+// (panel-outer strides through kc rows N apart per cache line and thrashes the TLB and the
+// prefetchers).
+template <int W, class T>
+static void pack512_rows(const T* src, const PackArgs& a, int16_t* dst, MinMax16& mm) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const __m512 qm = _mm512_set1_ps(float(a.qmax));
+  const int64_t panels = (a.rows + W - 1) / W;
+  const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+  // Float input: per-panel scale vectors [pn][s1 lo, s1 hi, s2 lo, s2 hi], rebuilt when the
+  // piece's block changes (once per kc block when KB == 1).
+  thread_local AlignedBuf<float> scbuf;
+  float* sc = kF32 ? scbuf.get(size_t(panels) * 64) : nullptr;
+  int32_t sc_blk = -1;
+  int64_t poff = 0;  // pair offset of the piece inside the kc block
+  // The k rows are far apart (N elements): the hardware prefetchers see short runs and the loads
+  // wait on L3.  Prefetch the rows kPfRows ahead (inside this kc block's K range: no stray reads).
+  constexpr int64_t kPfRows = 8;
+  const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
+  for (int pi = 0; pi < a.npcs; ++pi) {
+    const Piece& pc = a.pcs[pi];
+    if constexpr (kF32) {
+      if (pc.blk != sc_blk) {
+        sc_blk = pc.blk;
+        for (int64_t pn = 0; pn < panels; ++pn)
+          for (int i = 0; i < 32; ++i) {
+            const int64_t r = pn * W + i;
+            float f1 = 0.0f, f2 = 0.0f;
+            if (i < W && r < a.rows) scales_of(a.e[(a.r0 + r) * a.er + int64_t(pc.blk) * a.ej], f1, f2);
+            sc[pn * 64 + i] = f1;
+            sc[pn * 64 + 32 + i] = f2;
+          }
+      }
+    }
+    for (int32_t q = 0; q < pc.pairs; ++q) {
+      const int64_t k0 = pc.k_start + 2 * q;
+      const bool has1 = 2 * q + 1 < pc.len;
+      const T* row0 = src + k0 * a.sk;
+      const T* row1 = src + (k0 + 1) * a.sk;
+      const bool pf0 = k0 + kPfRows < k_end, pf1 = k0 + 1 + kPfRows < k_end;
+      for (int64_t pn = 0; pn < panels; ++pn) {
+        const int64_t rb = a.r0 + pn * W;
+        for (int64_t l = 0; l < int64_t(W * sizeof(T)); l += 64) {  // the panel's cache lines
+          if (pf0) _mm_prefetch(reinterpret_cast<const char*>(row0 + kPfRows * a.sk + rb) + l, _MM_HINT_T0);
+          if (pf1) _mm_prefetch(reinterpret_cast<const char*>(row1 + kPfRows * a.sk + rb) + l, _MM_HINT_T0);
+        }
+        const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
+        const __mmask32 rmask = __mmask32((uint64_t(1) << nvalid) - 1);
+        __m512 s1[2], s2[2];
+        if constexpr (kF32) {
+          const float* f = sc + pn * 64;
+          s1[0] = _mm512_load_ps(f); s1[1] = _mm512_load_ps(f + 16);
+          s2[0] = _mm512_load_ps(f + 32); s2[1] = _mm512_load_ps(f + 48);
+        }
+        const __m512i v0 = Load32::get(row0 + rb, rmask, s1, s2, qm);
+        const __m512i v1 = has1 ? Load32::get(row1 + rb, rmask, s1, s2, qm) : _mm512_setzero_si512();
+        if constexpr (!kF32) {
+          mm.add(_mm512_min_epi16(v0, v1));
+          mm.add(_mm512_max_epi16(v0, v1));
+        }
+        int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
+        const __m512i lo = _mm512_permutex2var_epi16(v0, ilo, v1);
+        if constexpr (W == 32) {
+          _mm512_storeu_si512(d, lo);
+          _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
+        } else if constexpr (W <= 16) {
+          _mm512_mask_storeu_epi16(d, __mmask32((uint64_t(1) << (2 * W)) - 1), lo);
+        } else {
+          _mm512_storeu_si512(d, lo);
+          _mm512_mask_storeu_epi16(d + 32, __mmask32((uint64_t(1) << (2 * W - 32)) - 1),
+                                   _mm512_permutex2var_epi16(v0, ihi, v1));
+        }
+      }
+    }
+    poff += pc.pairs;
+  }
+}
+
+// The same for k contiguous (sk == 1: a [M, K], b^T [N, K]): k-pairs are int32s, 16 x 16 transposes.
+template <int W, class T>
+static void pack512_kcont(const T* src, const PackArgs& a, int16_t* dst, MinMax16& mm) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const __m512 qm = _mm512_set1_ps(float(a.qmax));
+  const int64_t panels = (a.rows + W - 1) / W;
+  // Rows are K elements apart and read 32 k at a time: prefetch each row kPfK elements ahead when
+  // that start is inside this kc block's K range (a prefetch is only a hint and never faults).
+  constexpr int64_t kPfK = 2 * 32;
+  const int64_t k_end = a.npcs ? a.pcs[a.npcs - 1].k_start + a.pcs[a.npcs - 1].len : 0;
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const int64_t rb = a.r0 + pn * W;
+    const int nvalid = int(std::min<int64_t>(W, a.r0 + a.rows - rb));
+    int16_t* d = dst + pn * int64_t(a.pairs) * W * 2;
+    // k contiguous: rows are rb + i, a k-pair of row i is the int32 at src + (rb+i)*sr + k0.
+    for (int pi = 0; pi < a.npcs; ++pi) {
+      const Piece& pc = a.pcs[pi];
+      const int32_t full = pc.len / 2;
+      float f1[W], f2[W];
+      if constexpr (kF32) {
+        for (int i = 0; i < W; ++i) {
+          if (i < nvalid) scales_of(a.e[(rb + i) * a.er + int64_t(pc.blk) * a.ej], f1[i], f2[i]);
+          else f1[i] = f2[i] = 0.0f;
+        }
+      }
+      for (int32_t q0 = 0; q0 < full; q0 += 16) {
+        const int cnt = std::min<int32_t>(16, full - q0);
+        const __mmask32 wmask = cnt == 16 ? ~__mmask32(0) : ((__mmask32(1) << (2 * cnt)) - 1);
+        const bool pf = pc.k_start + 2 * q0 + kPfK < k_end;
+        for (int g = 0; g < W; g += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) {
+            const int row = g + i;
+            if (row < nvalid) {
+              const T* p = src + (rb + row) * a.sr + pc.k_start + 2 * q0;
+              if (pf)
+                for (int64_t l = 0; l < int64_t(32 * sizeof(T)); l += 64)
+                  _mm_prefetch(reinterpret_cast<const char*>(p + kPfK) + l, _MM_HINT_T0);
+              __m512 t1[2], t2[2];
+              if constexpr (kF32) {
+                t1[0] = t1[1] = _mm512_set1_ps(f1[row]);
+                t2[0] = t2[1] = _mm512_set1_ps(f2[row]);
+              }
+              r[i] = Load32::get(p, wmask, t1, t2, qm);
+              if constexpr (!kF32) {
+                mm.add(r[i]);
+              }
+            } else {
+              r[i] = _mm512_setzero_si512();
+            }
+          }
+          transpose16(r);
+          const int wcols = std::min(16, W - g);
+          const __mmask16 smask = wcols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << wcols) - 1);
+          for (int t = 0; t < cnt; ++t)
+            _mm512_mask_storeu_epi32(d + (int64_t(q0 + t) * W + g) * 2, smask, r[t]);
+        }
+      }
+      if (pc.len & 1) {  // trailing half pair: (x, 0)
+        int16_t* dd = d + int64_t(full) * W * 2;
+        const int64_t k0 = pc.k_start + 2 * full;
+        for (int i = 0; i < W; ++i) {
+          int16_t v = 0;
+          if (i < nvalid) {
+            if constexpr (kF32) {
+              v = quantize1(src[(rb + i) * a.sr + k0], f1[i], f2[i], float(a.qmax));
+            } else {
+              v = src[(rb + i) * a.sr + k0];
+              mm.add(_mm512_set1_epi16(v));
+            }
+          }
+          dd[2 * i] = v;
+          dd[2 * i + 1] = 0;
+        }
+      }
+      d += int64_t(pc.pairs) * W * 2;
+    }
+  }
+}
+
+// pack_i16 / pack_f32 of gemm_driver.h, vectorized for the two layouts that occur (one of the two
+// strides is always 1).  Returns max |value| seen (int16 input) for the range check.
+template <int W, class T>
+static int32_t pack512(const T* src, const PackArgs& a, int16_t* dst) {
+  static_assert(W <= 32, "panel width");
+  MinMax16 mm;
+  if (a.sr == 1) {
+    pack512_rows<W>(src, a, dst, mm);
+  } else {
+    pack512_kcont<W>(src, a, dst, mm);
+  }
+  if constexpr (std::is_same<T, float>::value) return 0;
+  return reduce_absmax16(mm.vmin, mm.vmax);
 }
 
 
@@ -291,14 +321,6 @@ static inline bool pix_tap_valid(const ConvGeom& g, const PixInfo& p, const TapI
   return ok;
 }
 static inline bool conv_linear(const ConvGeom& g) { return g.ldil[0] == 1 && g.ldil[1] == 1 && g.ldil[2] == 1; }
-
-static inline int32_t reduce_absmax16(__m512i vmin, __m512i vmax) {
-  const int32_t mn = _mm512_reduce_min_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_min_epi16(
-      vmin, _mm512_shuffle_i64x2(vmin, vmin, 0x4E)))));
-  const int32_t mx = _mm512_reduce_max_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_max_epi16(
-      vmax, _mm512_shuffle_i64x2(vmax, vmax, 0x4E)))));
-  return std::max(-mn, mx);
-}
 
 // A[r = pixel, k = (tap, c)]: per panel of W pixels and per run of <= 32 channels inside one tap,
 // 16 masked row loads + a 16 x 16 int32 transpose give 16 k-pairs of the panel.
@@ -480,6 +502,48 @@ struct V512 {
   static inline vf cvt(vi x) { return _mm512_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm512_add_ps(a, b); }
   static inline vi add(vi a, vi b) { return _mm512_add_epi32(a, b); }
+  // flush() of ukernel_simd.h: ih += x >> 16, il += x & 0xFFFF (exact, lane-local).
+  static inline void split_add(const int32_t* x, vi& ih, vi& il) {
+    vi v = _mm512_loadu_si512(x);
+    __asm__("" : "+v"(v));  // one load for both uses (GCC would fold it into each op: two loads)
+    ih = _mm512_add_epi32(ih, _mm512_srai_epi32(v, 16));
+    il = _mm512_add_epi32(il, _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)));
+  }
+  // int64 block sums of 16 lanes in order at p[0..16) (+)= ih * 2**16 + il.
+  static inline void put64(int64_t* p, vi ih, vi il, bool fresh) {
+    __m512i l = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(ih)), 16),
+                                 _mm512_cvtepi32_epi64(_mm512_castsi512_si256(il)));
+    __m512i h = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(ih, 1)), 16),
+                                 _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(il, 1)));
+    if (!fresh) {
+      l = _mm512_add_epi64(_mm512_loadu_si512(p), l);
+      h = _mm512_add_epi64(_mm512_loadu_si512(p + 8), h);
+    }
+    _mm512_storeu_si512(p, l);
+    _mm512_storeu_si512(p + 8, h);
+  }
+  // f() of 8 exact int64 block sums, rounded once (half to even), AVX-512F only (vcvtqq2ps needs DQ,
+  // which the ISA check does not require).  |s| < 2**51: s + bits(1.5 * 2**52) is the double
+  // 1.5 * 2**52 + s exactly, so subtracting 1.5 * 2**52 gives s as an exact double and vcvtpd2ps
+  // rounds it once.  Larger sums take the scalar 64-bit convert.
+  static inline __m256 cvt64x8(__m512i s) {
+    const __m512i off = _mm512_add_epi64(s, _mm512_set1_epi64(int64_t(1) << 51));
+    if (_mm512_cmpge_epu64_mask(off, _mm512_set1_epi64(int64_t(1) << 52))) {
+      alignas(64) int64_t v[8];
+      alignas(32) float f[8];
+      _mm512_store_si512(v, s);
+      for (int l = 0; l < 8; ++l) f[l] = i64_to_f32(v[l]);
+      return _mm256_load_ps(f);
+    }
+    const __m512d d = _mm512_sub_pd(_mm512_castsi512_pd(_mm512_add_epi64(s, _mm512_set1_epi64(0x4338000000000000))),
+                                    _mm512_set1_pd(6755399441055744.0));
+    return _mm512_cvtpd_ps(d);
+  }
+  // The 16 lanes' f(S) from put64's layout.
+  static inline vf cvt64(const int64_t* p) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(cvt64x8(_mm512_loadu_si512(p)))),
+                                               _mm256_castps_pd(cvt64x8(_mm512_loadu_si512(p + 8))), 1));
+  }
   static inline vf pow2(vi e) {  // e in [-126, 127]
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23));
   }

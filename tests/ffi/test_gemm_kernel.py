@@ -1,6 +1,6 @@
 """The C++ exact INT16 GEMM (jdfp.kernels.gemm) against the contract, bit for bit, on every ISA.
 
-Oracle: `_oracle` below is an independent numpy (int64 chains, float32 sequential accumulation)
+Oracle: `_oracle` below is an independent numpy (int64 block sums, float32 sequential accumulation)
 implementation of docs/arithmetic.md; a few cases also go through the lead's pure-JAX
 `reference_gemm` (which runs under XLA's own FP environment, so it also pins the denormal flushing).
 """
@@ -57,8 +57,14 @@ def _sc2(x, e):
     return _ftz(_ftz((x * p1).astype(np.float32)) * p2)
 
 
+def _i64_to_f32(s):
+  """int64 -> float32 rounded once, half to even (long double holds every int64 exactly on x86-64)."""
+  assert np.finfo(np.longdouble).nmant >= 63
+  return np.asarray(s, np.int64).astype(np.longdouble).astype(np.float32)
+
+
 def _oracle(a, b, ea, eb, *, bits_a, bits_b, block_k=None, transpose_a=False, transpose_b=False):
-  """docs/arithmetic.md in numpy: exact int64 chain sums, float32 adds in increasing K order."""
+  """docs/arithmetic.md in numpy: exact int64 block sums rounded once, float32 adds in block order."""
   a = np.asarray(a)
   b = np.asarray(b)
   if transpose_a:
@@ -78,27 +84,23 @@ def _oracle(a, b, ea, eb, *, bits_a, bits_b, block_k=None, transpose_a=False, tr
   eb = np.broadcast_to(eb, batch + (kb, n))
   if k == 0:
     return np.zeros(batch + (m, n), np.float32)
-  L = min(2**20, (2**31 - 1) // (qmax(bits_a) * qmax(bits_b)))
-  c = min(L, bk)
-  starts, blocks = [], []
-  for j in range(kb):
-    for s in range(j * bk, min((j + 1) * bk, k), c):
-      starts.append(s)
-      blocks.append(j)
-  # [..., M, chains, N] exact chain sums
+  # [..., M, blocks, N] exact int64 block sums (the chains inside a block are exact int32 sums, so
+  # the block's integer sum does not depend on them), each rounded once to float32.
+  starts = list(range(0, k, bk))
   prod = a[..., :, :, None] * b[..., None, :, :]
   sums = np.add.reduceat(prod, starts, axis=-2)
-  assert np.abs(sums).max(initial=0) <= 2**31 - 1
-  f = sums.astype(np.float32)
+  f = _i64_to_f32(sums)
   eac = np.clip(ea, -CLAMP, CLAMP)
   ebc = np.clip(eb, -CLAMP, CLAMP)
   if kb > 1:
-    blocks = np.asarray(blocks)
+    blocks = np.arange(kb)
     e = eac[..., :, blocks][..., :, :, None] + ebc[..., blocks, :][..., None, :, :]
     f = _sc2(f, e)
-  # acc = +0.0, then acc + f(chain) in increasing K order, each add rounded (and flushed).
+  # acc = +0.0, then acc + scale2(f(S_j)) in increasing block order, each add rounded (and flushed).
   acc = np.zeros(f.shape[:-2] + f.shape[-1:], np.float32)
-  if f.shape[-2] > 64:  # long K: sequential numpy accumulate (no subnormals arise at these scales)
+  if kb == 1:
+    acc = f[..., 0, :]
+  elif f.shape[-2] > 64:  # many blocks: sequential numpy accumulate (no subnormals at these scales)
     acc = np.add.accumulate(np.concatenate([acc[..., None, :], f], -2), axis=-2, dtype=np.float32)[..., -1, :]
   else:
     with np.errstate(invalid="ignore"):

@@ -1,8 +1,10 @@
 """The exact DFP GEMM in pure JAX: the oracle the C++ kernel matches bit for bit.
 
-The arithmetic (chains, their order, the FP32 spill, the scaling) is fixed in docs/arithmetic.md.
-In short: int16 x int16 products are summed exactly in int32 chains that can never overflow, each
-chain sum is converted to float32 and added to a float32 accumulator in increasing-K order.
+The arithmetic is fixed in docs/arithmetic.md.  In short: int16 x int16 products are summed exactly
+in int32 chains that can never overflow; the chain sums of one exponent block are added exactly into
+a 64-bit integer (kept here as two int32/uint32 words, since jax_enable_x64 is off); each block's sum
+is rounded once to float32 (half to even), scaled by the block's power of two and, for KB > 1,
+added to a float32 accumulator in increasing-K block order.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jdfp._src.numerics.shard_types import match_varying
 # Chains are capped so the safe length stays a small int and the reference's chunking stays sane.
 MAX_CHAIN = 2**20
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def qmax_of_bits(bits: int) -> int:
@@ -84,6 +87,71 @@ def _check(a, b, ea, eb, block_k):
   return block_k, kb
 
 
+def _add_words(hi, lo, s):
+  """(hi, lo) + s: a 64-bit two's complement sum kept in two words (int32 hi, uint32 lo).
+
+  ``s`` is an int32 chain sum, sign-extended: its high word is ``s >> 31`` (0 or -1), its low word
+  the same 32 bits read as uint32.  The low words add modulo 2**32; a wrap (carry) shows as a sum
+  smaller than the addend.  Exact while the true sum stays inside int64 (the contract's bound).
+  """
+  su = jax.lax.bitcast_convert_type(s, jnp.uint32)
+  lo2 = lo + su
+  carry = (lo2 < su).astype(jnp.int32)
+  return hi + (s >> 31) + carry, lo2
+
+
+def _shl64(hi, lo, n):
+  """(hi, lo) << n for uint32 words and 0 <= n < 64 (the result's top word and low word)."""
+  u32 = jnp.uint32
+  n = n.astype(u32)
+  small = n < 32
+  ns = jnp.where(small, n, 0).astype(u32)             # shift for n < 32
+  nb = jnp.where(small, 0, n - 32).astype(u32)         # shift for n >= 32
+  spill = jnp.where(ns == 0, u32(0), lo >> jnp.where(ns == 0, u32(1), u32(32) - ns))
+  top = jnp.where(small, (hi << ns) | spill, lo << nb)
+  low = jnp.where(small, lo << ns, u32(0))
+  return top, low
+
+
+def int64_words_to_float32(hi, lo):
+  """The int64 ``hi * 2**32 + lo`` (int32 hi, uint32 lo) as float32, rounded once, half to even.
+
+  Int32/uint32 ops only (runs with jax_enable_x64 off): take the magnitude, normalize it so its top
+  bit is bit 63, keep 24 bits, and round on the next bit and a sticky OR of the rest.
+  """
+  u32 = jnp.uint32
+  neg = hi < 0
+  hu = jax.lax.bitcast_convert_type(hi, u32)
+  # |x| in two words (two's complement negation; |int64 min| = 2**63 still fits the unsigned words).
+  mlo = jnp.where(neg, (~lo) + u32(1), lo)
+  mhi = jnp.where(neg, (~hu) + (lo == 0).astype(u32), hu)
+  n = jnp.where(mhi != 0, jax.lax.clz(mhi), 32 + jax.lax.clz(mlo))  # leading zeros, 64 for 0
+  top, low = _shl64(mhi, mlo, jnp.minimum(n, 63))
+  mant = top >> 8                                                    # 24 bits, bit 23 set
+  rnd = (top >> 7) & u32(1)
+  sticky = ((top & u32(0x7F)) != 0) | (low != 0)
+  mant = mant + (rnd & (sticky.astype(u32) | (mant & u32(1))))
+  exp = (63 - n).astype(u32)
+  carry = mant >> 24                                                 # rounded up to 2**24
+  mant = mant >> carry
+  exp = exp + carry
+  bits = ((exp + u32(127)) << 23) | (mant & u32(0x7FFFFF)) | (neg.astype(u32) << 31)
+  bits = jnp.where(n == 64, u32(0), bits)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _step_size(num_chains: int, per_block: int, c: int, kb: int, chains_per_step: int | None) -> int:
+  """Chains per scan step.  With several chains per block and KB > 1, steps are aligned so that
+  block ends fall on the same positions in every step (g a multiple or a divisor of per_block)."""
+  g = chains_per_step or max(1, min(num_chains, 256 // c if c < 256 else 1))
+  if kb > 1 and per_block > 1:
+    if per_block <= g:
+      g = per_block * (g // per_block)
+    else:
+      g = max(d for d in range(1, g + 1) if per_block % d == 0)
+  return g
+
+
 def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
                    chains_per_step: int | None = None) -> jax.Array:
   """Exact DFP GEMM ``[B, M, K] x [B, K, N] -> float32 [B, M, N]`` (docs/arithmetic.md).
@@ -101,22 +169,28 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
   bsz, m, k = a.shape
   n = b.shape[2]
   chain = safe_chain_length(bits_a, bits_b)
+  _check_block_bound(min(block_k, k), bits_a, bits_b)
   if k == 0:
     return jnp.zeros((bsz, m, n), jnp.float32)
   idx, blk = chain_layout(k, block_k, chain)
   num_chains, c = idx.shape
-  g = chains_per_step or max(1, min(num_chains, 256 // c if c < 256 else 1))
+  per_block = num_chains // kb
+  g = _step_size(num_chains, per_block, c, kb, chains_per_step)
   steps = -(-num_chains // g)
   pad = steps * g - num_chains
-  # Padding chains are all -1 (zero products): adding f(0) = +0.0 leaves acc unchanged.
+  # Padding chains are all -1 (zero products): they add 0 to the block sum (and, as "blocks" of
+  # their own past the last one, scale2(0.0, e) = +0.0 to acc).
   idx = np.concatenate([idx, np.full((pad, c), -1, np.int64)])
   blk = np.concatenate([blk, np.full((pad,), blk[-1] if blk.size else 0)])
+  ends = (np.arange(steps * g) % per_block == per_block - 1).reshape(steps, g)  # chain closes its block
+  always_end, ever_end = ends.all(0), ends.any(0)
 
   a_ch = _gather_k(a, idx, axis=2).astype(jnp.int32)  # [B, M, S*G, C]
   b_ch = _gather_k(b, idx, axis=1).astype(jnp.int32)  # [B, S*G, C, N]
   a_ch = a_ch.reshape(bsz, m, steps, g, c).transpose(2, 0, 1, 3, 4)  # [S, B, M, G, C]
   b_ch = b_ch.reshape(bsz, steps, g, c, n).transpose(1, 0, 2, 3, 4)  # [S, B, G, C, N]
   blk_steps = jnp.asarray(blk.reshape(steps, g), jnp.int32)
+  end_steps = jnp.asarray(ends)
 
   clamp = formats.EXPONENT_CLAMP
   nonfinite = (jnp.any(ea == formats.NONFINITE_EXPONENT, axis=2)[:, :, None]
@@ -124,32 +198,87 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
   ea_c = jnp.clip(ea, -clamp, clamp)
   eb_c = jnp.clip(eb, -clamp, clamp)
 
-  def step(acc, xs):
-    a_s, b_s, blk_s = xs
+  def block_scale(j):
+    return jnp.take(ea_c, j, axis=2)[:, :, None] + jnp.take(eb_c, j, axis=1)[:, None, :]
+
+  def step(carry, xs):
+    acc, hi, lo = carry
+    a_s, b_s, blk_s, end_s = xs
     # Exact int32 chain sums: |sum| <= C * qa * qb <= 2**31 - 1, so no wrap.
     sums = jnp.einsum("bmgc,bgcn->gbmn", a_s, b_s, preferred_element_type=jnp.int32)
     for i in range(g):
-      f = sums[i].astype(jnp.float32)
-      if kb > 1:
-        j = blk_s[i]
-        e = (jnp.take(ea_c, j, axis=2)[:, :, None] + jnp.take(eb_c, j, axis=1)[:, None, :])
-        f = formats.scale2(f, e)
-      # optimization_barrier keeps XLA from fusing the scale multiply into an FMA with this add.
-      acc = acc + jax.lax.optimization_barrier(f)
-    return acc, None
+      if kb > 1 and per_block == 1:
+        # One chain per block: the block sum is this int32 chain sum, rounded once by convert.
+        acc = acc + jax.lax.optimization_barrier(formats.scale2(sums[i].astype(jnp.float32),
+                                                                block_scale(blk_s[i])))
+        continue
+      hi, lo = _add_words(hi, lo, sums[i])
+      if kb > 1 and ever_end[i]:
+        # The block's exact sum, rounded once to float32, scaled, added to acc (K order).
+        f = formats.scale2(int64_words_to_float32(hi, lo), block_scale(blk_s[i]))
+        # optimization_barrier keeps XLA from fusing the scale multiply into an FMA with this add.
+        new = acc + jax.lax.optimization_barrier(f)
+        if always_end[i]:
+          acc, hi, lo = new, jnp.zeros_like(hi), jnp.zeros_like(lo)
+        else:
+          acc = jnp.where(end_s[i], new, acc)
+          hi = jnp.where(end_s[i], 0, hi)
+          lo = jnp.where(end_s[i], jnp.uint32(0), lo)
+    return (acc, hi, lo), None
 
-  acc0 = match_varying(jnp.zeros((bsz, m, n), jnp.float32), a, b, ea, eb)
-  acc, _ = jax.lax.scan(step, acc0, (a_ch, b_ch, blk_steps))
-  # The contract's accumulator starts at +0.0, so it is never -0.0 (+0.0 + -0.0 = +0.0); XLA folds
-  # the first `0 + x` to `x`, which would let an underflowed -0.0 chain through.
-  acc = jnp.where(acc == 0, jnp.float32(0), acc)
+  zeros = jnp.zeros((bsz, m, n), jnp.float32)
+  acc0 = match_varying(zeros, a, b, ea, eb)
+  hi0 = match_varying(jnp.zeros((bsz, m, n), jnp.int32), a, b, ea, eb)
+  lo0 = match_varying(jnp.zeros((bsz, m, n), jnp.uint32), a, b, ea, eb)
+  (acc, hi, lo), _ = jax.lax.scan(step, (acc0, hi0, lo0), (a_ch, b_ch, blk_steps, end_steps))
   if kb == 1:
-    acc = formats.scale2(acc, ea_c[:, :, 0][:, :, None] + eb_c[:, 0, :][:, None, :])
-  return jnp.where(nonfinite, jnp.nan, acc)
+    # One block: out = scale2(f(S), ea + eb), S the exact sum over all of K.
+    out = formats.scale2(int64_words_to_float32(hi, lo),
+                         ea_c[:, :, 0][:, :, None] + eb_c[:, 0, :][:, None, :])
+  else:
+    # The contract's accumulator starts at +0.0, so it is never -0.0 (+0.0 + -0.0 = +0.0); XLA folds
+    # the first `0 + x` to `x`, which would let an underflowed -0.0 block through.
+    out = jnp.where(acc == 0, jnp.float32(0), acc)
+  return jnp.where(nonfinite, jnp.nan, out)
+
+
+def _check_block_bound(block_len: int, bits_a: int, bits_b: int) -> None:
+  """The exact block sum is an int64: |S| <= block_len * qmax_a * qmax_b must stay below 2**63."""
+  if block_len * qmax_of_bits(bits_a) * qmax_of_bits(bits_b) > INT64_MAX:
+    raise ValueError(f"block of {block_len} products of {bits_a}/{bits_b}-bit values could leave int64 "
+                     "(docs/arithmetic.md: block_k * qmax_a * qmax_b <= 2**63 - 1)")
+
+
+def int64_to_float32_numpy(s) -> np.ndarray:
+  """int64 -> float32 rounded once, half to even (through an exact extended-precision value)."""
+  s = np.asarray(s, np.int64)
+  if np.finfo(np.longdouble).nmant >= 63:
+    return s.astype(np.longdouble).astype(np.float32)
+  # No 64-bit-mantissa long double on this platform: round each value with Python ints.
+  out = np.empty(s.shape, np.float32)
+  for i, v in np.ndenumerate(s):
+    out[i] = round_int_to_float32(int(v))
+  return out
+
+
+def round_int_to_float32(v: int) -> np.float32:
+  """Python-int oracle of the single round-half-to-even conversion to float32 (|v| < 2**127)."""
+  mag = abs(v)
+  if mag < 2**24:
+    return np.float32(v)
+  shift = mag.bit_length() - 24
+  q, r = divmod(mag, 1 << shift)
+  half = 1 << (shift - 1)
+  if r > half or (r == half and q & 1):
+    q += 1
+  return np.float32(np.ldexp(np.float64(q), shift) * (1 if v > 0 else -1))
 
 
 def reference_gemm_numpy(a, b, ea, eb, *, bits_a, bits_b, block_k=None) -> np.ndarray:
-  """The same contract in plain numpy (slow; an independent check of `reference_gemm`)."""
+  """The same contract in plain numpy (slow; an independent check of `reference_gemm`).
+
+  Each block's sum is computed directly in int64 (no chains: the integer sum is exact either way).
+  """
   a = np.asarray(a, np.int64)
   b = np.asarray(b, np.int64)
   ea = np.asarray(ea, np.int64)
@@ -158,8 +287,8 @@ def reference_gemm_numpy(a, b, ea, eb, *, bits_a, bits_b, block_k=None) -> np.nd
   n = b.shape[2]
   block_k = k if block_k is None else block_k
   kb = max(1, -(-k // block_k))
-  chain = safe_chain_length(bits_a, bits_b)
-  idx, blk = chain_layout(k, block_k, chain)
+  safe_chain_length(bits_a, bits_b)  # validates the bits
+  _check_block_bound(min(block_k, k), bits_a, bits_b)
   big = formats.NONFINITE_EXPONENT
   nonfinite = (ea == big).any(2)[:, :, None] | (eb == big).any(1)[:, None, :]
   ea = np.clip(ea, -formats.EXPONENT_CLAMP, formats.EXPONENT_CLAMP)
@@ -172,18 +301,14 @@ def reference_gemm_numpy(a, b, ea, eb, *, bits_a, bits_b, block_k=None) -> np.nd
     p2 = np.ldexp(np.float32(1), e2).astype(np.float32)
     return ((x * p1).astype(np.float32) * p2).astype(np.float32)
 
+  if k == 0:
+    return np.where(nonfinite, np.float32(np.nan), np.zeros((bsz, m, n), np.float32))
   acc = np.zeros((bsz, m, n), np.float32)
-  for ci in range(idx.shape[0]):
-    ks = idx[ci][idx[ci] >= 0]
-    s = np.einsum("bmk,bkn->bmn", a[:, :, ks], b[:, ks, :])
-    assert np.abs(s).max(initial=0) <= INT32_MAX
-    f = s.astype(np.float32)
-    if kb > 1:
-      j = blk[ci]
-      f = sc2(f, ea[:, :, j][:, :, None] + eb[:, j, :][:, None, :])
-    acc = (acc + f).astype(np.float32)
-  if kb == 1:
-    acc = sc2(acc, ea[:, :, 0][:, :, None] + eb[:, 0, :][:, None, :])
+  for j in range(kb):
+    ks = slice(j * block_k, min((j + 1) * block_k, k))
+    s = np.einsum("bmk,bkn->bmn", a[:, :, ks], b[:, ks, :])  # exact int64 block sum
+    f = sc2(int64_to_float32_numpy(s), ea[:, :, j][:, :, None] + eb[:, j, :][:, None, :])
+    acc = f if kb == 1 else (acc + f).astype(np.float32)
   return np.where(nonfinite, np.float32(np.nan), acc)
 
 
