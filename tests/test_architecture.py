@@ -34,19 +34,13 @@ MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 def _imports(path: pathlib.Path):
   """(imported module, imported name or None) for every import statement, top level or not."""
-  tree = ast.parse(path.read_text())
-  pkg = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
-  for node in ast.walk(tree):
+  m = _module_name(path)
+  for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
       for a in node.names:
         yield a.name, None
     elif isinstance(node, ast.ImportFrom):
-      base = node.module or ""
-      if node.level:
-        base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
-      for a in node.names:
-        sub = f"{base}.{a.name}"
-        yield (sub, None) if sub in MODULES else (base, a.name)
+      yield from _imports_of(node, m, path)
 
 
 def _jdfp_deps(name: str) -> set[str]:

@@ -242,6 +242,8 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   if (ffi::Error e = conv_geometry(x.dimensions(), b.dimensions(), dout, at, wgrad, g, I, O); e.failure())
     return error_future(std::move(e));
   const ConvGemm cg = conv_gemm(g, at.groups, I, O, bits_a, bits_b, wgrad);
+  if (ffi::Error e = check_block_sum_bound("jdfp_conv", cg.K, cg.bits_a, cg.bits_b); e.failure())
+    return error_future(std::move(e));
   auto job = std::make_shared<Job>();
   job->conv = g;
   set_up_job(*job, cg, x, b, ex, eb, out, wgrad, *kernels);

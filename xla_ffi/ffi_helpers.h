@@ -51,6 +51,16 @@ inline ffi::Error check_bits(const std::string& who, const char* name, int32_t b
   return ffi::Error::Success();
 }
 
+// Each exponent block's integer sum is kept exactly in int64 (docs/arithmetic.md): a block of `len`
+// products of at most qmax_a * qmax_b each must stay below 2**63 (at 16/16 bits: len <= 2**33).
+inline ffi::Error check_block_sum_bound(const std::string& who, int64_t len, int32_t bits_a, int32_t bits_b) {
+  const int64_t q = int64_t((int32_t(1) << (bits_a - 1)) - 1) * int64_t((int32_t(1) << (bits_b - 1)) - 1);
+  if (q > 0 && len > INT64_MAX / q)
+    return invalid_as(who, "a block of " + std::to_string(len) + " products could overflow its exact int64 sum "
+                      "(at most " + std::to_string(INT64_MAX / q) + " for these bits)");
+  return ffi::Error::Success();
+}
+
 // The `isa` attribute (an Isa value; kIsaAuto -> best_isa()) to its table entry, or the error: an
 // out-of-range value is invalid, an ISA this CPU/OS (or build) cannot run is unimplemented.
 inline ffi::Error select_isa(const std::string& who, int32_t isa, const IsaKernels*& kernels) {

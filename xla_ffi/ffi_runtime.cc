@@ -33,20 +33,18 @@ void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int
       const int64_t cp = (len + 1) / 2;
       if (cp <= kc_pairs) {
         if (cur_pairs + cp > kc_pairs) close();
-        pcs.push_back(Piece{cs, int32_t(len), int32_t(cp), int32_t(blk), 0, 0, 0});
+        pcs.push_back(Piece{cs, int32_t(len), int32_t(cp), int32_t(blk), 0});
         cur_pairs += int32_t(cp);
       } else {
-        // A chain longer than a kc block: split at even offsets, carry the int32 sums across.
+        // A chain longer than a kc block: split at even offsets (each piece is summed exactly on its own).
         close();
         for (int64_t o = 0; o < len; o += 2 * int64_t(kc_pairs)) {
           const int64_t pl = std::min<int64_t>(2 * int64_t(kc_pairs), len - o);
           const bool last = o + pl >= len;
-          pcs.push_back(Piece{cs + o, int32_t(pl), int32_t((pl + 1) / 2), int32_t(blk), 0,
-                              uint8_t(o > 0), uint8_t(!last)});
+          pcs.push_back(Piece{cs + o, int32_t(pl), int32_t((pl + 1) / 2), int32_t(blk), 0});
           cur_pairs += int32_t((pl + 1) / 2);
           if (!last) close();
         }
-        j.P.has_carry = true;
       }
     }
   }

@@ -40,7 +40,7 @@ struct Job {
 
 // Cuts the contract's chains (blocks of block_k, chains of at most C products) into pieces grouped
 // into kc blocks of at most kc_pairs packed pairs (JDFP_KC_PAIRS overrides the ISA's default), and
-// points P's pieces / kcb / nkcb / max_pairs / max_nblk / has_carry at the result.
+// points P's pieces / kcb / nkcb / max_pairs / max_nblk at the result.
 void plan_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t isa_kc_pairs);
 
 // Batch broadcasting: `d` right-aligned against the output batch dims `ob`.  Fills the element

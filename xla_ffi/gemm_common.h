@@ -68,8 +68,7 @@ static inline int16_t quantize1(float x, float s1, float s2, float qm) {
 }
 
 // One piece of a chain inside one kc block.  A chain (the contract's `C` products, never straddling
-// a block) is usually one piece; a chain longer than a kc block is split into several pieces
-// (cont_in / cont_out mark the split).  The kernels sum every piece's int32 partial sum exactly into
+// a block) is usually one piece; a chain longer than a kc block is split into several pieces.  The kernels sum every piece's int32 partial sum exactly into
 // the block's int64 sum, so where a chain is cut does not change any result: a piece of a chain is
 // no longer than the chain, so its int32 sum cannot wrap either.
 struct Piece {
@@ -78,8 +77,6 @@ struct Piece {
   int32_t pairs;    // ceil(len / 2)
   int32_t blk;      // global block index j
   int32_t bl;       // block index relative to the kc block's first block
-  uint8_t cont_in;  // continues a chain cut at the previous kc block's end
-  uint8_t cont_out; // the chain continues in the next kc block
 };
 struct KcBlock {
   int32_t piece_begin, piece_end;
@@ -167,7 +164,6 @@ struct Problem {
   int64_t nkcb;
   int32_t max_pairs;  // max KcBlock::pairs
   int32_t max_nblk;   // max KcBlock::nblk
-  bool has_carry;     // some chain is split across kc blocks (informational: pieces spill exactly)
   // Operand views X[r, k] = src[r*sr + k*sk] (A rows are m, B rows are n), unless `conv` gathers A.
   int64_t a_sr, a_sk, b_sr, b_sk;
   // Output: C of batch element b is out + c_off[b] (b*M*N when c_off is null), row stride ldc.

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import jdfp
-from jdfp._src import kernels, reference
+from jdfp import kernels
+from jdfp._src.ffi import conv as ffi_conv
+from jdfp._src.numerics import reference
 
 HAVE_KERNEL = kernels.kernel_available()
-ISAS = kernels.available_isas() if HAVE_KERNEL else ()
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="libjdfp_ffi.so not built")
 
 
@@ -155,7 +156,7 @@ def _adversarial(k, bits):
 
 @needs_kernel
 @pytest.mark.parametrize("bits,k", [(16, 2**17 + 3), (14, 2**17), (12, 40_001)])
-def test_adversarial_long_k_correctly_rounded_every_isa(bits, k):
+def test_adversarial_long_k_correctly_rounded_every_isa(bits, k, isas):
   a, b = _adversarial(k, bits)
   ea = np.zeros((5, 1), np.int32)
   eb = np.zeros((1, 4), np.int32)
@@ -164,7 +165,7 @@ def test_adversarial_long_k_correctly_rounded_every_isa(bits, k):
   assert want[1, 0] == 0.0
   oracle = reference.reference_gemm_numpy(a[None], b[None], ea[None], eb[None], bits_a=bits, bits_b=bits)[0]
   bits_eq(oracle, want)
-  for isa in ISAS:
+  for isa in isas:
     got = kernels.gemm(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ea), jnp.asarray(eb), bits_a=bits,
                        bits_b=bits, isa=isa)
     bits_eq(got, want)
@@ -217,11 +218,11 @@ def test_reference_equals_numpy_oracle(case):
 
 @needs_kernel
 @pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "m{}k{}n{}b{}_{}bk{}".format(*c))
-def test_kernel_equals_reference_every_isa(case):
+def test_kernel_equals_reference_every_isa(case, isas):
   m, k, n, ba, bb, bk = case
   a, b, ea, eb = _case(np.random.default_rng(k), m, k, n, ba, bb, bk)
   want = reference.reference_gemm_numpy(a, b, ea, eb, bits_a=ba, bits_b=bb, block_k=bk)[0]
-  for isa in ISAS:
+  for isa in isas:
     for ta, tb in ((False, False), (True, True)):
       aa = a[0].T.copy() if ta else a[0]
       bb_ = b[0].T.copy() if tb else b[0]
@@ -231,7 +232,7 @@ def test_kernel_equals_reference_every_isa(case):
 
 
 @needs_kernel
-def test_fused_float_input_exact_every_isa():
+def test_fused_float_input_exact_every_isa(isas):
   """jdfp_gemm_q (float32 operands quantized while packing) follows the same accumulation."""
   rng = np.random.default_rng(5)
   m, k, n = 20, 4000, 40
@@ -247,7 +248,7 @@ def test_fused_float_input_exact_every_isa():
     qb = np.clip(np.round(bf * 2.0**11), -8191, 8191).astype(np.int16)
     want = reference.reference_gemm_numpy(qa[None], qb[None], np.broadcast_to(ea, (m, kb))[None],
                                           np.broadcast_to(eb, (kb, n))[None], bits_a=14, bits_b=14, block_k=bk)[0]
-    for isa in ISAS:
+    for isa in isas:
       got = kernels.gemm(jnp.asarray(af), jnp.asarray(bf), jnp.asarray(ea), jnp.asarray(eb), bits_a=14,
                          bits_b=14, block_k=bk, isa=isa)
       bits_eq(got, want)
@@ -255,7 +256,7 @@ def test_fused_float_input_exact_every_isa():
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [16, 14])
-def test_conv_paths_exact_every_isa(bits):
+def test_conv_paths_exact_every_isa(bits, isas):
   """Forward (K = taps x C), weight-gradient (K = pixels) and backward-data reuse the GEMM driver."""
   q = qmax(bits)
   rng = np.random.default_rng(bits)
@@ -282,12 +283,12 @@ def test_conv_paths_exact_every_isa(bits):
   y_ref = ref(pm, wm, ex, ew).reshape(n, h - 2, w_ - 2, o)
   dw_ref = ref(np.ascontiguousarray(pm.T), d2, ex, ed).reshape(3, 3, c, o)
   kw = dict(window_strides=(1, 1), padding="VALID")
-  wt, pads_t = kernels.conv_input_grad_setup(jnp.asarray(w), (h, w_), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1)
+  wt, pads_t = ffi_conv.conv_input_grad_setup(jnp.asarray(w), (h, w_), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1)
   wt = np.asarray(wt)
   dyp = np.pad(dy, ((0, 0), pads_t[0], pads_t[1], (0, 0)))
   cols_t = np.stack([dyp[:, i:i + h, j:j + w_, :] for i in range(3) for j in range(3)], axis=3)
   dx_ref = ref(cols_t.reshape(-1, 9 * o), wt.reshape(9 * o, c), ed, ew).reshape(n, h, w_, c)
-  for isa in ISAS:
+  for isa in isas:
     bits_eq(kernels.conv(x, w, e(ex), e(ew), bits_x=bits, bits_w=bits, isa=isa, **kw), y_ref)
     bits_eq(kernels.conv_weight_grad(x, dy, e(ex), e(ed), kernel_spatial=(3, 3), bits_x=bits, bits_dy=bits,
                                      isa=isa, **kw), dw_ref)
