@@ -15,6 +15,10 @@ Cases (``--cases``; names below, ``small`` / ``square`` / ``train`` / ``conv`` s
           convs with M = N = K (batch 1, H*W = C = O); ``digits``: the README demo's 3x3 16 -> 16 on
           8 x 8, batch 64
 Reported: median microseconds per call and the ratio lax / jdfp (> 1: jdfp faster).
+
+``--parts N [N ...]``: instead, the pieces of one forward ``jdfp.dot_general`` at N x N x N, timed
+side by side (docs/op_costs.md): the op, lax, each kernel call alone (counting / plain conversion,
+exponent-only call, int16 and float32-input GEMM), a jitted no-op, and the custom calls in the HLO.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--min-time", type=float, default=0.05, help="seconds per timing sample")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  p.add_argument("--parts", nargs="+", type=int, metavar="N", help="time the pieces of the op at N^3 instead")
 
 
 def expand_cases(names) -> list[str]:
@@ -126,6 +131,57 @@ def jitted(fn, pass_: str, ct):
   return lambda a, b, k, f=jax.jit(fwd_bwd): f(a, b, k, ct)
 
 
+def custom_calls(fn, *args) -> dict[str, int]:
+  """Custom calls in the optimized HLO of ``jax.jit(fn)(*args)``, by target."""
+  import re
+  from collections import Counter
+
+  import jax
+  return dict(Counter(re.findall(r'custom_call_target="([^"]+)"', jax.jit(fn).lower(*args).compile().as_text())))
+
+
+def parts(args, rng) -> list[dict]:
+  """The pieces of a forward jdfp.dot_general, timed side by side at each N^3."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  import jdfp
+  from jdfp import kernels
+  from jdfp._src.ffi import quantize as ffi_quantize
+  from jdfp.bench._timing import print_table, time_side_by_side
+
+  dn = (((1,), (0,)), ((), ()))
+  rows, out = [], []
+  for n in args.parts:
+    a = jnp.asarray(rng.standard_normal((n, n), dtype="float32"))
+    b = jnp.asarray(rng.standard_normal((n, n), dtype="float32"))
+    qa, ea = kernels.quantize_dfp(a, bits=14)
+    qb, eb = kernels.quantize_dfp(b, bits=14)
+    first = lambda f: (lambda *x: jax.tree.leaves(f(*x))[0])
+    fns = {
+        "noop": (jax.jit(lambda a: a[:1, :1] + 1.0), (a,)),
+        "lax": (jax.jit(lambda a, b: lax.dot_general(a, b, dn)), (a, b)),
+        "jdfp_op": (jax.jit(lambda a, b: jdfp.dot_general(a, b, dn)), (a, b)),
+        "convert_counted": (jax.jit(first(lambda a: kernels.quantize_dfp(a, bits=14, counted=True))), (a,)),
+        "convert": (jax.jit(first(lambda a: kernels.quantize_dfp(a, bits=14))), (a,)),
+        "exponents_ab": (jax.jit(first(lambda a, b: ffi_quantize.dfp_exponents(a, b, bits=14))), (a, b)),
+        "gemm_i16": (jax.jit(lambda x, y, u, v: kernels.gemm(x, y, u, v, bits_a=14, bits_b=14)), (qa, qb, ea, eb)),
+        "gemm_q": (jax.jit(lambda x, y, u, v: kernels.gemm(x, y, u, v, bits_a=14, bits_b=14)), (a, b, ea, eb)),
+    }
+    secs = time_side_by_side({k: (lambda f=f, x=x: f(*x)) for k, (f, x) in fns.items()},
+                             repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
+    calls = custom_calls(lambda a, b: jdfp.dot_general(a, b, dn), a, b)
+    calls_bwd = custom_calls(lambda a, b, g: jax.vjp(lambda x, y: jdfp.dot_general(x, y, dn), a, b)[1](g), a, b, a)
+    out.append({"n": n, "us": {k: 1e6 * v for k, v in secs.items()}, "custom_calls_fwd": calls,
+                "custom_calls_fwd_bwd": calls_bwd})
+    rows.append([str(n)] + [f"{1e6 * secs[k]:.1f}" for k in fns] + [str(sum(calls.values())),
+                                                                   str(sum(calls_bwd.values()))])
+  print_table(f"pieces of a forward jdfp.dot_general at N^3, us (median of {args.repeats}), jax {jax.__version__}",
+              ["N"] + list(fns) + ["calls fwd", "calls fwd+bwd"], rows)
+  return out
+
+
 def main(args: argparse.Namespace) -> int:
   import jax
   import numpy as np
@@ -138,7 +194,9 @@ def main(args: argparse.Namespace) -> int:
   rng = np.random.default_rng(0)
   key = jax.random.key(0)
   results = []
-  for case in expand_cases(args.cases):
+  if args.parts:
+    results = parts(args, rng)
+  for case in ([] if args.parts else expand_cases(args.cases)):
     (a, b), fns, flops, text = make_case(case, rng)
     out_shape = jax.eval_shape(lambda x, y: fns["lax"](x, y, None), a, b).shape
     ct = jax.numpy.asarray(rng.standard_normal(out_shape, dtype="float32"))
@@ -160,12 +218,13 @@ def main(args: argparse.Namespace) -> int:
   cols = (["case", "shape", "pass"] + [f"{c} us" for c in args.candidates] +
           ([f"{c} vs lax" for c in others] if "lax" in args.candidates else []))
   rows = []
-  for r in results:
+  for r in ([] if args.parts else results):
     rows.append([r["case"], r["shape"], r["pass"]] + [f"{r['us'][c]:.1f}" for c in args.candidates] +
                 [f"{r['vs_lax'][c]:.2f}x" for c in others if "vs_lax" in r])
   title = (f"jdfp ops vs lax, float32 inputs, jitted; isa {kernels.best_isa()}, jax {jax.__version__}, "
            f"{os.cpu_count()} CPUs (median of {args.repeats}; vs lax > 1: jdfp faster)")
-  print_table(title, cols, rows)
+  if rows:
+    print_table(title, cols, rows)
   if args.json:
     meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": kernels.best_isa(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": cpu_name()}
