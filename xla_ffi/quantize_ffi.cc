@@ -383,7 +383,10 @@ ffi::Future dfp_exponents_impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
   auto job = std::make_shared<ExpJob>();
   if (ffi::Error err = set_up_exponents(*job, args, rets, bits); err.failure()) return error_future(std::move(err));
   job->amax = kernels->amax;
-  const int64_t nthreads = std::min(pool_workers(pool), job->nchunks);
+  // Pool threads only for more than one chunk's worth of elements in all (small tensors: inline).
+  int64_t total = 0;
+  for (int64_t n : job->n) total += n;
+  const int64_t nthreads = std::min(pool_workers(pool), (total + kChunk - 1) / kChunk);
   job->done = ffi::CountDownPromise(size_t(std::max<int64_t>(job->nchunks, 1)));
   ffi::Future fut(job->done);
   for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { exp_worker(job); });

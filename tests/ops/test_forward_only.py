@@ -1,8 +1,9 @@
 """Calls that keep no int16 copy: a forward-only op (no gradient), and ``float_residuals`` operands.
-Their per-tensor DFP operands get one exponent-only kernel call, and the GEMM quantizes the float32
-operands while packing: two custom calls per forward op instead of three, results bit-identical to
-the pure-JAX reference. While Flax statistics are recorded, the op keeps its counting conversions
-(the very calls the statistics make, merged by XLA)."""
+Where `convert.lazy_operands` says it pays (tiny GEMMs: both operands; from 1024^3: the "b"
+operand), a per-tensor DFP operand gets only its exponent (one kernel call for all of them) and the
+GEMM quantizes the float32 operand while packing; results bit-identical to the pure-JAX reference
+on every path. While Flax statistics are stored, the op keeps its counting conversions (the very
+calls the statistics make, merged by XLA)."""
 
 import re
 from collections import Counter
@@ -16,6 +17,7 @@ import pytest
 import jdfp
 from jdfp import kernels
 from jdfp._src.ffi import library
+from jdfp._src.ops import convert
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
@@ -39,14 +41,20 @@ def _xw(nan=False):
   return x, w
 
 
-def test_forward_only_dot_and_einsum_make_two_custom_calls():
-  x, w = _xw()
-  want = Counter({library.TARGET_DFP_EXPONENTS: 1, library.TARGET_Q: 1})
-  assert _custom_calls(lambda a, b: jdfp.dot_general(a, b, DIMS), x, w) == want
-  assert _custom_calls(lambda a, b: jdfp.einsum("mk,kn->mn", a, b), x, w) == want
+def test_forward_only_custom_calls_by_size():
+  lazy_both = Counter({library.TARGET_DFP_EXPONENTS: 1, library.TARGET_Q: 1})
+  x, w = jnp.ones((16, 32)), jnp.ones((32, 24))  # 16*32*24 <= 2**15: two calls
+  assert _custom_calls(lambda a, b: jdfp.dot_general(a, b, DIMS), x, w) == lazy_both
+  assert _custom_calls(lambda a, b: jdfp.einsum("mk,kn->mn", a, b), x, w) == lazy_both
   key = jax.random.key(2)  # dfp16: the forward rounds to nearest, so it takes the same path
   assert _custom_calls(lambda a, b: jdfp.dot_general(a, b, DIMS, policy=jdfp.policies.dfp16(), key=key),
-                       x, w) == want
+                       x, w) == lazy_both
+  x, w = _xw()  # medium: both converted (no counters), int16 GEMM
+  assert _custom_calls(lambda a, b: jdfp.dot_general(a, b, DIMS), x, w) == Counter(
+      {library.TARGET_QUANTIZE_DFP_NOCOUNT: 2, library.TARGET_I16: 1})
+  x, w = jnp.ones((1024, 1024)), jnp.ones((1024, 1024))  # from 1024^3: only the exponent of w
+  assert _custom_calls(lambda a, b: jdfp.dot_general(a, b, DIMS), x, w) == Counter(
+      {library.TARGET_DFP_EXPONENTS: 1, library.TARGET_QUANTIZE_DFP_NOCOUNT: 1, library.TARGET_Q: 1})
 
 
 def test_training_keeps_int16_copies_and_counts_only_the_gradient():
@@ -59,14 +67,17 @@ def test_training_keeps_int16_copies_and_counts_only_the_gradient():
                            library.TARGET_I16: 3})
   lean = jdfp.Policy(float_residuals=("rhs",))
   f = jax.value_and_grad(lambda a, b: jnp.sum(jdfp.dot_general(a, b, DIMS, policy=lean) ** 2), argnums=(0, 1))
-  calls = _custom_calls(f, x, w)
+  calls = _custom_calls(f, jnp.ones((1024, 1024)), jnp.ones((1024, 1024)))
   assert calls[library.TARGET_DFP_EXPONENTS] == 1 and calls[library.TARGET_QUANTIZE_DFP_NOCOUNT] == 1
   assert calls[library.TARGET_Q] == 2 and calls[library.TARGET_I16] == 1  # fwd and dlhs read w as float32
 
 
+@pytest.mark.parametrize("path", ["both", "b", "none"])
 @pytest.mark.parametrize("nan", [False, True])
 @pytest.mark.parametrize("case", ["matmul", "transposed", "batched", "vmap", "bits"])
-def test_forward_only_is_bit_identical_to_the_reference(case, nan):
+def test_forward_only_is_bit_identical_to_the_reference(case, nan, path, monkeypatch):
+  monkeypatch.setattr(convert, "LAZY_BOTH_MAX_WORK", 2**40 if path == "both" else 0)
+  monkeypatch.setattr(convert, "LAZY_B_MIN_WORK", 0 if path == "b" else 2**62)
   x, w = _xw(nan)
   ffi, ref = jdfp.Policy(backend="ffi"), jdfp.Policy(backend="reference")
   if case == "bits":
@@ -103,7 +114,7 @@ def test_flax_statistics_still_ride_on_the_ops_conversions():
   v = model.init(jax.random.key(1), x)
   calls = _custom_calls(lambda v, x: model.apply(v, x, mutable=["dfp"]), v, x)
   assert calls == Counter({library.TARGET_QUANTIZE_DFP: 4, library.TARGET_I16: 2})
-  # Inference without statistics: the forward-only path.
+  # Inference without statistics: the forward-only path (these GEMMs are tiny: exponents only).
   calls = _custom_calls(lambda v, x: model.apply(v, x), v, x)
   assert calls == Counter({library.TARGET_DFP_EXPONENTS: 2, library.TARGET_Q: 2})
   out_stats, _ = jax.jit(lambda v, x: model.apply(v, x, mutable=["dfp"]))(v, x)

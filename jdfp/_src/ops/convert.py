@@ -104,6 +104,22 @@ def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel
                             axis_name=axis_name, use_kernel=use_kernel)
 
 
+# Which operands whose int16 copy nobody keeps skip the conversion (exponent-only call + the GEMM's
+# float32-input packing), measured on the Zen 5 VM (docs/op_costs.md): the kernel packs a float32
+# "b" operand once per column range but re-converts a float32 "a" operand for every column block,
+# and its float32 packing is slower per element than the conversion kernel. So: both operands for
+# tiny GEMMs (one custom call fewer is the whole gain), "b" alone from 1024^3 up, else none.
+LAZY_BOTH_MAX_WORK = 2**15
+LAZY_B_MIN_WORK = 2**30
+
+
+def lazy_operands(work: int, lazy_a: bool, lazy_b: bool) -> tuple[bool, bool]:
+  """(a, b): which of the candidate operands of a GEMM of ``work`` = B*M*N*K take the float path."""
+  if work <= LAZY_BOTH_MAX_WORK:
+    return lazy_a, lazy_b
+  return False, lazy_b and work >= LAZY_B_MIN_WORK
+
+
 def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None, lazy=(False, False)):
   """`quantize3` of each ``(x3, fmt, c_ax, key)``; an operand flagged in ``lazy`` whose int16 copy
   nobody keeps (a forward-only op, a ``float_residuals`` operand) gets only its exponent when the

@@ -18,7 +18,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import counters_read, quantize3, quantize3_operands, quantize_blocks_equal, quantize_given_exponent
+from jdfp._src.ops.convert import (counters_read, lazy_operands, quantize3, quantize3_operands, quantize_blocks_equal,
+                                   quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -33,14 +34,16 @@ def dot_core(lhs, rhs, key, dims, policy, precision, out_dtype):
 
 
 def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
-  """``lazy``: the roles whose int16 copy nobody keeps (default: ``policy.float_residuals``); the
-  kernel quantizes those while packing, after one call for their exponents."""
+  """``lazy``: the roles whose int16 copy nobody keeps (default: ``policy.float_residuals``); where
+  `lazy_operands` says it pays, the kernel quantizes those while packing, after one exponent call."""
   lv, rv = views(lhs.shape, rhs.shape, dims)
   k_fwd_l, k_fwd_r, k_bwd = split_keys(key, 3)
   lazy = policy.float_residuals if lazy is None else lazy
+  work = lv.shape3[0] * lv.shape3[lv.f_ax] * lv.shape3[lv.c_ax] * rv.shape3[rv.f_ax]
   ql, qr = quantize3_operands(
       [(to3(lhs, lv), policy.lhs, lv.c_ax, k_fwd_l), (to3(rhs, rv), policy.rhs, rv.c_ax, k_fwd_r)],
-      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy), ("lhs" in lazy, "rhs" in lazy))
+      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy),
+      lazy_operands(work, "lhs" in lazy, "rhs" in lazy))
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
   # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
