@@ -7,8 +7,9 @@
 namespace jdfp {
 namespace {
 
-// Default inline threshold on M * N * K (per batch element, times the batch): 2**21 = 128**3.
-constexpr int64_t kInlineWork = int64_t(1) << 21;
+// Default inline threshold on batch * M * N * K: 2**23 (~203**3).  On the 2-core Zen 5 VM under load,
+// inline ran 128**3 in 17-20 us vs 34-46 us pooled, 192**3 in 42-49 vs 59-72 us (docs/op_costs.md).
+constexpr int64_t kInlineWork = int64_t(1) << 23;
 
 // Chains of the contract cut into pieces and grouped into kc blocks of at most kc_pairs pairs.
 void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_pairs) {

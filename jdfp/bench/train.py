@@ -295,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
       ratio = lambda k: st[k] / ref[k] if ref[k] else float("nan")
       st["saved_activations_vs_fp32"] = ratio("saved_activation_bytes")
       st["saved_gemm_operands_vs_fp32"] = ratio("saved_gemm_operand_bytes")
-      rows.append([name, f"{st['step_ms']:.2f}", f"{st['speedup_vs_fp32']:.2f}x",
+      rows.append([name, f"{st['step_ms']:.3f}", f"{st['speedup_vs_fp32']:.2f}x",
                    mib(st["peak_temp_bytes"] or 0), mib(st["saved_activation_bytes"]),
                    f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_gemm_operand_bytes"]),
                    f"{st['saved_gemm_operands_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])
