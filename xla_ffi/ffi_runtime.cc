@@ -7,6 +7,10 @@
 namespace jdfp {
 namespace {
 
+// Default inline threshold on batch * M * N * K: 2**23 (~203**3).  On the 2-core Zen 5 VM under load,
+// inline ran 128**3 in 17-20 us vs 34-46 us pooled, 192**3 in 42-49 vs 59-72 us (docs/op_costs.md).
+constexpr int64_t kInlineWork = int64_t(1) << 23;
+
 // Chains of the contract cut into pieces and grouped into kc blocks of at most kc_pairs pairs.
 void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_pairs) {
   auto& pcs = j.pieces;
@@ -170,9 +174,14 @@ bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, i
 ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaKernels& isa, int64_t nbatch,
                    int64_t M, int64_t N, int64_t K) {
   job->fn = isa.tile;
+  // Small problems run inline on the calling thread: no pool task, no split into smaller tiles, and
+  // no wait for a pool thread that claimed a tile and was descheduled (JDFP_INLINE_WORK overrides the
+  // threshold on M * N * K; 1 sends everything to the pool).
+  static const int64_t inline_env = env_knob("JDFP_INLINE_WORK");
+  const int64_t inline_below = inline_env > 0 ? inline_env : kInlineWork;
   const int64_t work = nbatch * M * N * std::max<int64_t>(K, 1);
   int64_t nthreads = pool_workers(pool);
-  if (work < (int64_t(1) << 21)) nthreads = 1;  // small problems run inline
+  if (work < inline_below) nthreads = 1;
   int64_t mb, nb;
   tile_sizes(isa, nthreads, nbatch, M, N, mb, nb);
   for (int64_t bi = 0; bi < nbatch; ++bi)

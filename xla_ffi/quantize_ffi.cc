@@ -3,9 +3,14 @@
 //   JdfpQuantizeI16 : float32 x [...], int32 e (one element) -> int16 out [...]      (exponent given)
 //   JdfpQuantizeDfp : float32 x [...] -> int16 out [...], int32 e [1...]  (exponent from max |x|),
 //                     int32 counts [4] (as JdfpQuantStats: counted while converting)
+//   JdfpQuantizeDfpNoCount : the same without the counters (conversions nobody reads them of)
 //   JdfpQuantStats  : float32 x [...], int16 q [...], int32 e (one element) -> int32 [4]
 //                     (saturated, underflow, nonfinite, nonzero: how x fared in q, see below)
 //   attrs: bits, isa
+//   JdfpDfpExponents: float32 x_0 .. x_{n-1} -> int32 e_0 .. e_{n-1} (one element each): the exponent
+//                     JdfpQuantizeDfp would give each x (attr bits: int32 [n]; isa), from one max|x|
+//                     pass and no int16 copy; for ops whose GEMM quantizes float32 operands while
+//                     packing (JdfpGemmQ), so a forward-only op is two calls, not three.
 //
 // out = clip(round_half_even(scale2(x, -e)), -qmax, qmax), NaN -> 0, all zeros when e is the
 // NONFINITE sentinel: bit for bit what jdfp's pure-JAX `quantize_given_amax` gives for a per-tensor
@@ -22,6 +27,7 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "ffi_helpers.h"
 
@@ -207,22 +213,22 @@ ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   return launch_quant(job, pool, *kernels);
 }
 
-// Exponent from the tensor's own max (per-tensor DFP): one call, x read twice.
+// Exponent from the tensor's own max (per-tensor DFP): one call, x read twice.  `counts` null: no
+// counters (JdfpQuantizeDfpNoCount, for conversions whose counters nobody reads).
 ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                              ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts, int32_t bits,
-                              int32_t isa) {
+                              ffi::Result<ffi::AnyBuffer> e, ffi::AnyBuffer* counts, int32_t bits, int32_t isa) {
   const IsaKernels* kernels = nullptr;
   if (ffi::Error err = check_attrs("quantize", bits, isa, kernels); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = check_convert_buffers(x, *out); err.failure()) return error_future(std::move(err));
   if (e->element_type() != ffi::S32 || e->element_count() != 1)
     return error_future(invalid_as("quantize", "e (result) must be one int32"));
-  if (counts->element_type() != ffi::S32 || counts->element_count() != 4)
+  if (counts && (counts->element_type() != ffi::S32 || counts->element_count() != 4))
     return error_future(invalid_as("quantize", "counts (result) must be int32 [4]"));
-  if (x.element_count() > size_t(2147483647))
+  if (counts && x.element_count() > size_t(2147483647))
     return error_future(invalid_as("quantize", "x has more than 2**31 - 1 elements (int32 counts)"));
   auto job = new_quant_job(x, *out, bits);
   job->e_out = static_cast<int32_t*>(e->untyped_data());
-  job->counts_out = static_cast<int32_t*>(counts->untyped_data());
+  job->counts_out = counts ? static_cast<int32_t*>(counts->untyped_data()) : nullptr;
   return launch_quant(job, pool, *kernels);
 }
 
@@ -300,11 +306,102 @@ ffi::Future quant_stats_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   return launch_stats(job, pool);
 }
 
+// Exponents only (JdfpDfpExponents): the chunks of every input, grabbed by the calling thread and
+// XLA's pool threads; whoever finishes a tensor's last chunk writes its exponent (before counting
+// the chunk down, so every exponent is in place when the future completes).
+struct ExpJob {
+  AmaxFn amax = nullptr;
+  std::vector<const float*> x;
+  std::vector<int32_t*> e;
+  std::vector<int32_t> bits;
+  std::vector<int64_t> n, first;  // elements, first global chunk of each tensor
+  std::unique_ptr<std::atomic<uint32_t>[]> amax_bits;
+  std::unique_ptr<std::atomic<int64_t>[]> left;  // chunks of each tensor not yet done
+  int64_t nchunks = 0;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+};
+
+void exp_worker(const std::shared_ptr<ExpJob>& job) {
+  ExpJob& j = *job;
+  int64_t done = 0;
+  {
+    const WorkerFpEnv fp_env;
+    for (;;) {
+      const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= j.nchunks) break;
+      const size_t t = size_t(std::upper_bound(j.first.begin(), j.first.end(), c) - j.first.begin() - 1);
+      const int64_t b = (c - j.first[t]) * kChunk;
+      const uint32_t m = j.amax(j.x[t], b, std::min(j.n[t], b + kChunk));
+      uint32_t cur = j.amax_bits[t].load(std::memory_order_relaxed);
+      while (m > cur && !j.amax_bits[t].compare_exchange_weak(cur, m, std::memory_order_relaxed)) {
+      }
+      if (j.left[t].fetch_sub(1, std::memory_order_acq_rel) == 1)
+        *j.e[t] = dfp_exponent(j.amax_bits[t].load(std::memory_order_relaxed), j.bits[t]);
+      ++done;
+    }
+  }
+  if (done) j.done.CountDown(size_t(done));
+}
+
+// Checks every input (float32) / result (one int32) / bits entry and fills the job's tensors.
+ffi::Error set_up_exponents(ExpJob& j, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                            ffi::Span<const int32_t> bits) {
+  auto bad = [](const std::string& m) { return invalid_as("dfp_exponents", m); };
+  const size_t nt = args.size();
+  if (nt == 0 || rets.size() != nt || bits.size() != nt)
+    return bad("needs n >= 1 inputs, n results and n bits, got " + std::to_string(nt) + ", " +
+               std::to_string(rets.size()) + ", " + std::to_string(bits.size()));
+  j.amax_bits.reset(new std::atomic<uint32_t>[nt]);
+  j.left.reset(new std::atomic<int64_t>[nt]);
+  for (size_t t = 0; t < nt; ++t) {
+    auto x = args.get<ffi::AnyBuffer>(t);
+    auto e = rets.get<ffi::AnyBuffer>(t);
+    if (x.has_error() || e.has_error()) return bad("bad buffer " + std::to_string(t));
+    if (ffi::Error err = check_bits("dfp_exponents", "bits", bits[t]); err.failure()) return err;
+    if (x->element_type() != ffi::F32) return bad("input " + std::to_string(t) + " must be float32");
+    if ((*e)->element_type() != ffi::S32 || (*e)->element_count() != 1)
+      return bad("result " + std::to_string(t) + " must be one int32");
+    const int64_t n = int64_t(x->element_count()), nc = (n + kChunk - 1) / kChunk;
+    j.x.push_back(static_cast<const float*>(x->untyped_data()));
+    j.e.push_back(static_cast<int32_t*>((*e)->untyped_data()));
+    j.bits.push_back(bits[t]);
+    j.n.push_back(n);
+    j.first.push_back(j.nchunks);
+    j.amax_bits[t].store(0, std::memory_order_relaxed);
+    j.left[t].store(nc, std::memory_order_relaxed);
+    if (nc == 0) *j.e.back() = 0;  // an empty tensor: the all-zero exponent, as JdfpQuantizeDfp
+    j.nchunks += nc;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Future dfp_exponents_impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                               ffi::Span<const int32_t> bits, int32_t isa) {
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error err = select_isa("dfp_exponents", isa, kernels); err.failure()) return error_future(std::move(err));
+  auto job = std::make_shared<ExpJob>();
+  if (ffi::Error err = set_up_exponents(*job, args, rets, bits); err.failure()) return error_future(std::move(err));
+  job->amax = kernels->amax;
+  // Pool threads only for more than one chunk's worth of elements in all (small tensors: inline).
+  int64_t total = 0;
+  for (int64_t n : job->n) total += n;
+  const int64_t nthreads = std::min(pool_workers(pool), (total + kChunk - 1) / kChunk);
+  job->done = ffi::CountDownPromise(size_t(std::max<int64_t>(job->nchunks, 1)));
+  ffi::Future fut(job->done);
+  for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { exp_worker(job); });
+  exp_worker(job);  // the calling thread finishes every chunk if nobody else shows up
+  if (job->nchunks == 0) job->done.CountDown();
+  return fut;
+}
+
 }  // namespace
 }  // namespace jdfp
 
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeI16(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpDfpExponents(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeDfp(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeDfpNoCount(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantStats(XLA_FFI_CallFrame*);
 
 static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
@@ -315,7 +412,12 @@ static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
 static ffi::Future quantize_dfp(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
                                 ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts, int32_t bits,
                                 int32_t isa) {
-  return jdfp::quantize_dfp_impl(pool, x, out, e, counts, bits, isa);
+  return jdfp::quantize_dfp_impl(pool, x, out, e, &*counts, bits, isa);
+}
+
+static ffi::Future quantize_dfp_nocount(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                        ffi::Result<ffi::AnyBuffer> e, int32_t bits, int32_t isa) {
+  return jdfp::quantize_dfp_impl(pool, x, out, e, nullptr, bits, isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeI16, quantize_i16,
@@ -337,6 +439,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfp, quantize_dfp,
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("isa"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfpNoCount, quantize_dfp_nocount,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("isa"));
+
 static ffi::Future quant_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer e,
                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
   return jdfp::quant_stats_impl(pool, x, q, e, out, bits, isa);
@@ -350,4 +461,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantStats, quant_stats,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("isa"));
+
+static ffi::Future dfp_exponents(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                                 ffi::Span<const int32_t> bits, int32_t isa) {
+  return jdfp::dfp_exponents_impl(pool, args, rets, bits, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpDfpExponents, dfp_exponents,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int32_t>>("bits")
                                   .Attr<int32_t>("isa"));

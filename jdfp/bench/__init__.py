@@ -7,5 +7,6 @@ Subcommands live in modules of this package, each with ``add_arguments(parser)``
 SUBCOMMANDS = {
     "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),
     "conv": ("jdfp.bench.conv", "exact INT16 conv kernel (3 training passes) vs XLA FP32 / int16 convs"),
+    "ops": ("jdfp.bench.ops", "jdfp.dot_general / einsum / conv_general_dilated as users call them vs the lax ops"),
     "train": ("jdfp.bench.train", "end-to-end training steps: FP32 vs DFP16 (kernel, reference) vs BF16"),
 }

@@ -4,6 +4,10 @@ Workloads (jitted step = forward + backward + optax SGD-momentum update):
   mlp   3 x Dense(1024) on [512, 1024] inputs
   cnn   ResNet-style CNN on 32x32x3, batch 32: conv 3x3 3->64, 2 residual blocks (3x3 64->64),
         a stride-2 block to 128 with a 1x1 projection, global pooling, Dense(10)
+  small 64-128-10 MLP (Dense 64 -> 128, ReLU, Dense 128 -> 10, softmax cross-entropy), batch 64:
+        where the per-op fixed costs show
+  digits  the README demo's ResNet at its size: 8x8x1 inputs, batch 64, conv 3x3 1->16, one
+        residual block (3x3 16->16), a stride-2 block to 32 with a 1x1 projection, pooling, Dense(10)
 
 Candidates:
   fp32        lax.dot_general / lax.conv_general_dilated (the baseline)
@@ -38,7 +42,7 @@ GEMM_OPERAND = "bench_gemm_operand"  # checkpoint_name of the activations that G
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+  p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
   p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--warmup", type=int, default=2)
@@ -143,21 +147,39 @@ def _mlp(key):
   return params, (x, y), loss
 
 
-def _cnn(key):
+def _small_mlp(key):
+  import jax
+  import jax.numpy as jnp
+
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  params = [jax.random.normal(k1, (64, 128)) * (2 / 64) ** 0.5, jax.random.normal(k2, (128, 10)) * 0.1]
+  x = jax.random.normal(k3, (64, 64))
+  y = jax.random.randint(k4, (64,), 0, 10)
+  dims = (((1,), (0,)), ((), ()))
+
+  def loss(params, x, y, ops):
+    h = _operand(jax.nn.relu(ops.dot_in(x, params[0], dims)))
+    logits = ops.dot(h, params[1], dims)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  return params, (x, y), loss
+
+
+def _cnn(key, batch=32, hw=32, cin=3, width=64, blocks=2):
+  """ResNet-style: stem, `blocks` residual blocks at `width`, a stride-2 block to 2 * width."""
   import jax
   import jax.numpy as jnp
 
   ks = iter(jax.random.split(key, 16))
   he = lambda shape: jax.random.normal(next(ks), shape) * (2 / (shape[0] * shape[1] * shape[2])) ** 0.5
-  params = {
-      "stem": he((3, 3, 3, 64)),
-      "b1a": he((3, 3, 64, 64)), "b1b": he((3, 3, 64, 64)),
-      "b2a": he((3, 3, 64, 64)), "b2b": he((3, 3, 64, 64)),
-      "b3a": he((3, 3, 64, 128)), "b3b": he((3, 3, 128, 128)), "b3p": he((1, 1, 64, 128)),
-      "fc": jax.random.normal(next(ks), (128, 10)) * 0.05,
-  }
-  x = jax.random.normal(next(ks), (32, 32, 32, 3))
-  y = jax.random.randint(next(ks), (32,), 0, 10)
+  w2 = 2 * width
+  params = {"stem": he((3, 3, cin, width))}
+  for i in range(1, blocks + 1):
+    params.update({f"b{i}a": he((3, 3, width, width)), f"b{i}b": he((3, 3, width, width))})
+  params.update({"b3a": he((3, 3, width, w2)), "b3b": he((3, 3, w2, w2)), "b3p": he((1, 1, width, w2)),
+                 "fc": jax.random.normal(next(ks), (w2, 10)) * 0.05})
+  x = jax.random.normal(next(ks), (batch, hw, hw, cin))
+  y = jax.random.randint(next(ks), (batch,), 0, 10)
   dn = ("NHWC", "HWIO", "NHWC")
 
   def norm(h):  # a parameter-free batch norm in FP32 (BN runs in FP32 in every recipe)
@@ -168,7 +190,7 @@ def _cnn(key):
     c = lambda h, w, s=1: ops.conv(h, w, (s, s), "SAME", dimension_numbers=dn)
     act = lambda h: _operand(jax.nn.relu(h))  # every activation below is read by a conv or the FC
     h = act(norm(ops.conv_in(x, p["stem"], (1, 1), "SAME", dimension_numbers=dn)))
-    for blk in ("b1", "b2"):
+    for blk in (f"b{i}" for i in range(1, blocks + 1)):
       r = act(norm(c(h, p[blk + "a"])))
       h = act(h + norm(c(r, p[blk + "b"])))
     r = act(norm(c(h, p["b3a"], 2)))
@@ -178,6 +200,14 @@ def _cnn(key):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
   return params, (x, y), loss
+
+
+WORKLOADS = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "small": _small_mlp,
+    "digits": functools.partial(_cnn, batch=64, hw=8, cin=1, width=16, blocks=1),
+}
 
 
 def _saved_bytes(fn, params) -> dict[str, int]:
@@ -230,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
   results = {"jax": jax.__version__, "python": platform.python_version(),
              "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None, "workloads": {}}
   for wl in args.workloads:
-    params, batch, loss = {"mlp": _mlp, "cnn": _cnn}[wl](jax.random.key(0))
+    params, batch, loss = WORKLOADS[wl](jax.random.key(0))
     tx = optax.sgd(1e-3, momentum=0.9)
     fns, stats = {}, {}
     for name in args.candidates:
@@ -256,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
       fns[name] = functools.partial(lambda f, a: jax.tree.leaves(f(*a))[-1], compiled, (p0, state) + tuple(batch))
     times = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
     rows = []
-    mib = lambda b: f"{b / 2**20:.1f}"
+    mib = lambda b: f"{b / 2**20:.2f}"
     for name in args.candidates:
       st = stats[name]
       st["step_ms"] = times[name] * 1e3
@@ -265,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
       ratio = lambda k: st[k] / ref[k] if ref[k] else float("nan")
       st["saved_activations_vs_fp32"] = ratio("saved_activation_bytes")
       st["saved_gemm_operands_vs_fp32"] = ratio("saved_gemm_operand_bytes")
-      rows.append([name, f"{st['step_ms']:.2f}", f"{st['speedup_vs_fp32']:.2f}x",
+      rows.append([name, f"{st['step_ms']:.3f}", f"{st['speedup_vs_fp32']:.2f}x",
                    mib(st["peak_temp_bytes"] or 0), mib(st["saved_activation_bytes"]),
                    f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_gemm_operand_bytes"]),
                    f"{st['saved_gemm_operands_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])

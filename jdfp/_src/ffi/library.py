@@ -40,8 +40,10 @@ TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
 TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
 TARGET_QUANTIZE = "jdfp_quantize_i16"  # float32 x, int32 e (per tensor) -> int16
-TARGET_QUANTIZE_DFP = "jdfp_quantize_dfp"  # float32 x -> int16, int32 e (from max |x|)
+TARGET_QUANTIZE_DFP = "jdfp_quantize_dfp"  # float32 x -> int16, int32 e (from max |x|), int32 [4] counters
+TARGET_QUANTIZE_DFP_NOCOUNT = "jdfp_quantize_dfp_nocount"  # the same without the counters
 TARGET_QUANT_STATS = "jdfp_quant_stats"  # float32 x, int16 q, int32 e -> int32 [4] counters
+TARGET_DFP_EXPONENTS = "jdfp_dfp_exponents"  # float32 x_0..x_n -> int32 e_0..e_n (from max |x|)
 
 _LIB_FILE = "libjdfp_ffi.so"
 INT32_MAX = 2**31 - 1  # the int32 counters of jdfp_quant_stats
@@ -77,7 +79,8 @@ def _load() -> None:
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
                       (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp),
-                      (TARGET_QUANT_STATS, lib.JdfpQuantStats)):
+                      (TARGET_QUANTIZE_DFP_NOCOUNT, lib.JdfpQuantizeDfpNoCount),
+                      (TARGET_QUANT_STATS, lib.JdfpQuantStats), (TARGET_DFP_EXPONENTS, lib.JdfpDfpExponents)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.library import (INT32_MAX, TARGET_QUANT_STATS, TARGET_QUANTIZE, TARGET_QUANTIZE_DFP, check_bits, dtype_of,
-                                   isa_attribute, require_lib)
+from jdfp._src.ffi.library import (INT32_MAX, TARGET_DFP_EXPONENTS, TARGET_QUANT_STATS, TARGET_QUANTIZE,
+                                   TARGET_QUANTIZE_DFP, TARGET_QUANTIZE_DFP_NOCOUNT, check_bits, dtype_of, isa_attribute, require_lib)
 from jdfp._src.numerics.shard_types import match_varying
 
-__all__ = ["quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
+__all__ = ["dfp_exponents", "quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
 
 
 def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
@@ -39,23 +39,40 @@ def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
   return match_varying(call(x, e, bits=np.int32(bits), isa=np.int32(isa_code)), x, e)
 
 
-def quantize_dfp(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-tensor DFP quantization in one kernel call: ``(int16 values, int32 exponent)``.
 
   The exponent is ``quantize.group_exponent(max|x|)`` (NaN/Inf: ``NONFINITE_EXPONENT`` and zeros;
   an all-zero tensor: 0), shaped ``(1,) * x.ndim``; values as `quantize`. Bit-identical to
   `jdfp.quantize_array(x, DFP(bits))`. Subnormal inputs read as zero (XLA:CPU's DAZ).
+  ``counted``: make the call `quantize_dfp_with_stats` makes (and drop its counters), so that XLA
+  merges it with a statistics call on the same tensor; by default the kernel counts nothing.
   """
-  values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa)
-  return values, e
+  if counted:
+    values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa)
+    return values, e
+  bits = check_bits("bits", bits)
+  isa_code = isa_attribute(isa)
+  dt = dtype_of("x", x)
+  if dt.name != "float32":
+    raise TypeError(f"x must have dtype float32, got {dt.name}")
+  shape = tuple(np.shape(x))
+  if int(np.prod(shape)) == 0:
+    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32)
+  require_lib()
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP_NOCOUNT, (jax.ShapeDtypeStruct(shape, jnp.int16),
+                                                        jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32)),
+                          vmap_method="sequential")
+  values, e = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
+  return match_varying(values, x), match_varying(e, x)
 
 
 def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
   """`quantize_dfp` plus the `quant_stats` counters of the result, counted while converting.
 
-  It is the same kernel call as `quantize_dfp` (which drops the counters), so when both quantize
-  the same tensor in one program, XLA merges them into one call (the Flax statistics ride along
-  with the op's own quantization for free).
+  It is the same kernel call as ``quantize_dfp(..., counted=True)``, so when both quantize the same
+  tensor in one program, XLA merges them into one call (the Flax statistics ride along with the
+  op's own quantization for free; the ops ask for ``counted`` only while statistics are recorded).
   """
   bits = check_bits("bits", bits)
   isa_code = isa_attribute(isa)
@@ -75,6 +92,31 @@ def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Arr
                           vmap_method="sequential")
   values, e, counts = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
   return match_varying(values, x), match_varying(e, x), match_varying(counts, x)
+
+
+def dfp_exponents(*xs, bits, isa: str = "auto") -> tuple[jax.Array, ...]:
+  """The per-tensor DFP exponent of each float32 ``x`` in one kernel call, without converting it.
+
+  ``bits``: one int, or one per tensor. Each exponent is what `quantize_dfp` gives that tensor
+  (``quantize.group_exponent(max|x|)``, shaped ``(1,) * x.ndim``): for a GEMM that quantizes its
+  float32 operands while packing them (`jdfp._src.ffi.gemm.gemm`), which then needs no int16 copy.
+  """
+  if not xs:
+    raise ValueError("dfp_exponents needs at least one tensor")
+  bits_t = tuple(bits) if isinstance(bits, (tuple, list)) else (bits,) * len(xs)
+  if len(bits_t) != len(xs):
+    raise ValueError(f"bits has {len(bits_t)} entries for {len(xs)} tensors")
+  bits_t = tuple(check_bits("bits", b) for b in bits_t)
+  isa_code = isa_attribute(isa)
+  for i, x in enumerate(xs):
+    dt = dtype_of(f"x{i}", x)
+    if dt.name != "float32":
+      raise TypeError(f"x{i} must have dtype float32, got {dt.name}")
+  require_lib()
+  outs = tuple(jax.ShapeDtypeStruct((1,) * np.ndim(x), jnp.int32) for x in xs)
+  call = jax.ffi.ffi_call(TARGET_DFP_EXPONENTS, outs, vmap_method="sequential")
+  es = call(*xs, bits=np.asarray(bits_t, np.int32), isa=np.int32(isa_code))
+  return tuple(match_varying(e, x) for e, x in zip(es, xs))
 
 
 def quant_stats(x, q, e, *, bits: int, isa: str = "auto") -> jax.Array:

@@ -43,6 +43,7 @@ from flax.core import tracers as flax_tracers
 from jdfp._src.flax import interception, tracked
 from jdfp._src.flax.rules import QuantizeReport, Rule, Site, resolve
 from jdfp._src.flax.state import empty_state
+from jdfp._src.ops.convert import counters_read
 from jdfp._src.ops.policy import Policy
 
 
@@ -126,8 +127,10 @@ class LinenFrame(interception.Frame):
         out, _ = fn(None, None if key is None else jax.random.fold_in(key, len(calls)))
         return out
       calls.append(1)
-      out, new = fn(None if var is None else var.value, key)
-      if var is not None and module.is_mutable_collection(col):
+      stored = var is not None and module.is_mutable_collection(col)
+      with counters_read(stored):  # forward statistics nobody stores need no counting conversions
+        out, new = fn(None if var is None else var.value, key)
+      if stored:
         var.value = new
       return out
 

@@ -36,6 +36,7 @@ from jdfp._src.ops import delayed
 from jdfp._src.ops.backend import kernel_quantize, warn_once
 from jdfp._src.ops.conv import conv_general_dilated
 from jdfp._src.ops.conv_vjp import per_tensor
+from jdfp._src.ops.convert import counters_read, counters_wanted
 from jdfp._src.ops.dot import dot_general
 from jdfp._src.ops.layout import canonical_dims, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -126,8 +127,11 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
   if is_delayed(policy):
     return _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, policy=policy,
                                 key=key, state=state, update_history=update_history, **kwargs)
-  out = dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                        policy=policy, key=key, **kwargs)
+  # With statistics (unless the caller said nobody stores them), the op's conversions are the
+  # statistics' calls, merged by XLA.
+  with counters_read(state is not None and counters_wanted(True)):
+    out = dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                      policy=policy, key=key, **kwargs)
   if state is None:
     return out, None
   lv, rv, l3, r3, (k_l, k_r, k_bwd) = _operand_views(lhs, rhs, dimension_numbers, key)
@@ -197,7 +201,8 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: 
   """`jdfp.conv_general_dilated` plus statistics, as `tracked_dot_general`. Returns ``(out, new_state)``."""
   if is_delayed(policy):
     return _tracked_delayed_conv(args, policy=policy, key=key, state=state, update_history=update_history)
-  out = conv_general_dilated(*args, policy=policy, key=key)
+  with counters_read(state is not None and counters_wanted(True)):
+    out = conv_general_dilated(*args, policy=policy, key=key)
   if state is None:
     return out, None
   lhs, rhs = (lax.stop_gradient(qz.as_float_input(a)) for a in args[:2])

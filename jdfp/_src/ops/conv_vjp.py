@@ -26,7 +26,7 @@ from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics.shard_types import match_varying
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import quantize_blocks
+from jdfp._src.ops.convert import counters_read, quantize_blocks
 from jdfp._src.ops.gemm import reference_call
 from jdfp._src.ops.layout import prod
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -218,12 +218,14 @@ def _conv_bwd(geom, policy, out_dtype, res, g):
   if "rhs" in policy.float_residuals and need_x is not None:
     wq = convert_conv_operand(qz.as_float_input(wq), ew[0], policy.rhs, policy.fwd_rounding, None, uk)
   if need_x is not None:
-    gl = quantize_conv_operand(g, policy.dlhs, policy.grad_rounding, k_dl, ax, use_kernel=uk)
+    with counters_read():  # the call the Flax gradient statistics make: XLA merges the two
+      gl = quantize_conv_operand(g, policy.dlhs, policy.grad_rounding, k_dl, ax, use_kernel=uk)
     dx = conv_input_grad_int(*gl, wq, ew, geom, policy.dlhs.int_bits, policy.rhs.int_bits, policy)
     dx = as_cotangent_of(dx.astype(x_dt.dtype), x_dt)
   if need_w is not None:
-    gr = gl if (gl is not None and policy.drhs == policy.dlhs) else \
-        quantize_conv_operand(g, policy.drhs, policy.grad_rounding, k_dr, ax, use_kernel=uk)
+    with counters_read():
+      gr = gl if (gl is not None and policy.drhs == policy.dlhs) else \
+          quantize_conv_operand(g, policy.drhs, policy.grad_rounding, k_dr, ax, use_kernel=uk)
     dw = conv_wgrad_int(xq, ex, *gr, geom, policy.lhs.int_bits, policy.drhs.int_bits, policy)
     dw = as_cotangent_of(dw.astype(w_dt.dtype), w_dt)
   return dx, dw, None

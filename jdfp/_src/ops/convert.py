@@ -4,6 +4,8 @@ pure-JAX quantizer of `jdfp._src.numerics.quantize`."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -14,6 +16,28 @@ from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics.formats import DFP, FloatFormat
+
+
+# While jdfp's Flax statistics are recorded around an op, its kernel conversions count (and keep
+# an int16 copy), so that they are the very calls the statistics make and XLA merges them.
+_COUNTERS_READ = contextvars.ContextVar("jdfp_counters_read", default=None)
+
+
+@contextlib.contextmanager
+def counters_read(read: bool = True):
+  """Within this block, ops convert with the counting kernel call (`quantize_dfp_with_stats`'s)
+  if ``read``, else with the plain one (and may skip int16 copies nobody keeps)."""
+  token = _COUNTERS_READ.set(bool(read))
+  try:
+    yield
+  finally:
+    _COUNTERS_READ.reset(token)
+
+
+def counters_wanted(default: bool = False) -> bool:
+  """Whether the enclosing `counters_read` block reads the counters (``default`` outside one)."""
+  v = _COUNTERS_READ.get()
+  return default if v is None else v
 
 
 def kernel_convert_available() -> bool:
@@ -41,17 +65,17 @@ def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest
   if not use_kernel:
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
   return _quantize(qz.as_float_input(x), key if rounding == "stochastic" else None, fmt, rounding, tuple(bshape),
-                   qz.normalize_axis_name(axis_name))
+                   qz.normalize_axis_name(axis_name), counters_wanted())
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _quantize(x, key, fmt, rounding, bshape, axis_name=None) -> qz.QArray:
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> qz.QArray:
   if isinstance(fmt, FloatFormat):
     return qz.quantize_float(x, fmt, rounding)
   if x.size == 0:
     return qz.quantize_empty(x, fmt, bshape)
   if axis_name is None and kernel_converts(x, fmt, rounding, bshape):
-    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits)  # max, exponent and conversion in one call
+    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted)  # max, exponent, conversion: one call
     return qz.QArray(values, e, fmt, bshape)
   amax = formats.block_amax(x, bshape)
   if axis_name is not None:
@@ -78,6 +102,45 @@ def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel
     return qz.quantize_array(x3, fmt)
   return quantize_blocks(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding=rounding, key=key,
                             axis_name=axis_name, use_kernel=use_kernel)
+
+
+# Which operands whose int16 copy nobody keeps skip the conversion (exponent-only call + the GEMM's
+# float32-input packing), measured on the Zen 5 VM (docs/op_costs.md): the kernel packs a float32
+# "b" operand once per column range but re-converts a float32 "a" operand for every column block,
+# and its float32 packing is slower per element than the conversion kernel. So: both operands for
+# tiny GEMMs (one custom call fewer is the whole gain), "b" alone from 1024^3 up, else none.
+LAZY_BOTH_MAX_WORK = 2**15
+LAZY_B_MIN_WORK = 2**30
+
+
+def lazy_operands(work: int, lazy_a: bool, lazy_b: bool) -> tuple[bool, bool]:
+  """(a, b): which of the candidate operands of a GEMM of ``work`` = B*M*N*K take the float path."""
+  if work <= LAZY_BOTH_MAX_WORK:
+    return lazy_a, lazy_b
+  return False, lazy_b and work >= LAZY_B_MIN_WORK
+
+
+def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None, lazy=(False, False)):
+  """`quantize3` of each ``(x3, fmt, c_ax, key)``; an operand flagged in ``lazy`` whose int16 copy
+  nobody keeps (a forward-only op, a ``float_residuals`` operand) gets only its exponent when the
+  kernel converts it: ``QArray(float32 x3, e)``, which the GEMM kernel quantizes while packing
+  (bit-identical). The exponents of all such operands come from one kernel call."""
+  if use_kernel is None:
+    use_kernel = kernel_convert_available()
+  fast = [bool(lz and use_kernel and axis_name is None and fmt.is_integer and not counters_wanted()
+               and kernel_converts(x3, fmt, rounding, block_shape3(x3.shape, fmt, c_ax)))
+          for (x3, fmt, c_ax, _), lz in zip(operands, lazy)]
+  xs = [qz.as_float_input(op[0]).astype(jnp.float32) for op, f in zip(operands, fast) if f]
+  es = ffi_quantize.dfp_exponents(*xs, bits=[op[1].bits for op, f in zip(operands, fast) if f]) if xs else ()
+  lazy_q = iter(zip(xs, es))
+  out = []
+  for (x3, fmt, c_ax, key), f in zip(operands, fast):
+    if f:
+      x, e = next(lazy_q)
+      out.append(qz.QArray(x, e, fmt, block_shape3(x3.shape, fmt, c_ax)))
+    else:
+      out.append(quantize3(x3, fmt, c_ax, rounding, key, axis_name, use_kernel))
+  return out
 
 
 def block_shape3(shape3, fmt, c_ax: int) -> tuple[int, ...]:

@@ -18,7 +18,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import quantize3, quantize_blocks_equal, quantize_given_exponent
+from jdfp._src.ops.convert import (counters_read, lazy_operands, quantize3, quantize3_operands, quantize_blocks_equal,
+                                   quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -27,17 +28,22 @@ from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def dot_core(lhs, rhs, key, dims, policy, precision, out_dtype):
-  out, _ = _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype)
+  # Not differentiated: no operand is kept, so none needs an int16 copy.
+  out, _ = _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=("lhs", "rhs"))
   return out
 
 
-def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype):
+def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
+  """``lazy``: the roles whose int16 copy nobody keeps (default: ``policy.float_residuals``); where
+  `lazy_operands` says it pays, the kernel quantizes those while packing, after one exponent call."""
   lv, rv = views(lhs.shape, rhs.shape, dims)
   k_fwd_l, k_fwd_r, k_bwd = split_keys(key, 3)
-  ax = policy.axis_name
-  uk = kernel_quantize(policy)
-  ql = quantize3(to3(lhs, lv), policy.lhs, lv.c_ax, policy.fwd_rounding, k_fwd_l, ax, uk)
-  qr = quantize3(to3(rhs, rv), policy.rhs, rv.c_ax, policy.fwd_rounding, k_fwd_r, ax, uk)
+  lazy = policy.float_residuals if lazy is None else lazy
+  work = lv.shape3[0] * lv.shape3[lv.f_ax] * lv.shape3[lv.c_ax] * rv.shape3[rv.f_ax]
+  ql, qr = quantize3_operands(
+      [(to3(lhs, lv), policy.lhs, lv.c_ax, k_fwd_l), (to3(rhs, rv), policy.rhs, rv.c_ax, k_fwd_r)],
+      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy),
+      lazy_operands(work, "lhs" in lazy, "rhs" in lazy))
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
   # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
@@ -89,10 +95,12 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
   ax = policy.axis_name
   uk = kernel_quantize(policy)
-  g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)
-  same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
-          quantize_blocks_equal(policy.dlhs, g3.shape)))
-  g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk)
+  # The gradient's conversion counts: it is then the call the Flax gradient statistics make (merged).
+  with counters_read():
+    g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)
+    same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
+            quantize_blocks_equal(policy.dlhs, g3.shape)))
+    g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk)
 
   dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
                               need_l is not None, need_r is not None)
