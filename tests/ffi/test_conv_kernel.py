@@ -20,6 +20,7 @@ from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi import library
 from jdfp._src.numerics import reference
 from jdfp._src.ops import backend, conv_vjp
+from kernel_testing import bits_eq, qmax
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
@@ -27,21 +28,10 @@ FFI = jdfp.Policy(backend="ffi")
 REF = jdfp.Policy(backend="reference")
 
 
-def qmax(bits):
-  return 2 ** (bits - 1) - 1
-
-
-def bits_eq(x, y):
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y, np.float32)
-  assert x.shape == y.shape, (x.shape, y.shape)
-  np.testing.assert_array_equal(x.view(np.int32), y.view(np.int32))
-
 
 def im2col_np(x, ksp, strides, pads, ld, rd):
-  """numpy im2col: x [N, *S, C] -> [N, *O, KK, C], taps row-major (independent of ops._patches)."""
+  """numpy im2col: x [N, *S, C] -> [N, *O, KK, C], taps row-major (independent of conv_vjp.patches)."""
   x = np.asarray(x)
-  nsp = len(ksp)
   dil = [(s - 1) * d + 1 if s else 0 for s, d in zip(x.shape[1:-1], ld)]
   xd = np.zeros((x.shape[0],) + tuple(dil) + (x.shape[-1],), x.dtype)
   xd[(slice(None),) + tuple(slice(None, None, d) for d in ld)] = x

@@ -18,20 +18,11 @@ import jdfp
 from jdfp import kernels
 from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.numerics import reference
+from kernel_testing import bits_eq, qmax
 
 HAVE_KERNEL = kernels.kernel_available()
 needs_kernel = pytest.mark.skipif(not HAVE_KERNEL, reason="libjdfp_ffi.so not built")
 
-
-def qmax(bits):
-  return 2 ** (bits - 1) - 1
-
-
-def bits_eq(x, y):
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y, np.float32)
-  assert x.shape == y.shape, (x.shape, y.shape)
-  np.testing.assert_array_equal(x.view(np.int32), y.view(np.int32))
 
 
 def exact_int(a, b):

@@ -22,23 +22,13 @@ from hypothesis import strategies as st
 import jdfp
 from jdfp import kernels
 from jdfp._src.ffi import library
+from kernel_testing import bits_eq, qmax
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
 NONFINITE = 2**30
 CLAMP = 1000  # formats.EXPONENT_CLAMP
 
-
-def qmax(bits):
-  return 2 ** (bits - 1) - 1
-
-
-def bits_eq(x, y):
-  """Bit-for-bit equality of float32 arrays (NaN payloads included)."""
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y, np.float32)
-  assert x.shape == y.shape, (x.shape, y.shape)
-  np.testing.assert_array_equal(x.view(np.int32), y.view(np.int32))
 
 
 def _ftz(x):

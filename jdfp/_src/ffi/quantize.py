@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdfp._src.ffi.library import (INT32_MAX, TARGET_DFP_EXPONENTS, TARGET_QUANT_STATS, TARGET_QUANTIZE,
-                                   TARGET_QUANTIZE_DFP, TARGET_QUANTIZE_DFP_NOCOUNT, check_bits, dtype_of, isa_attribute, require_lib)
+                                   TARGET_QUANTIZE_DFP, TARGET_QUANTIZE_DFP_NOCOUNT, check_bits, dtype_of,
+                                   isa_attribute, require_lib)
 from jdfp._src.numerics.shard_types import match_varying
 
 __all__ = ["dfp_exponents", "quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
@@ -39,6 +40,16 @@ def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
   return match_varying(call(x, e, bits=np.int32(bits), isa=np.int32(isa_code)), x, e)
 
 
+def _check_dfp_input(x, bits, isa) -> tuple[int, int, tuple[int, ...]]:
+  """The checked ``bits``, the ``isa`` attribute and ``x``'s shape (``x`` must be float32)."""
+  bits = check_bits("bits", bits)
+  isa_code = isa_attribute(isa)
+  dt = dtype_of("x", x)
+  if dt.name != "float32":
+    raise TypeError(f"x must have dtype float32, got {dt.name}")
+  return bits, isa_code, tuple(np.shape(x))
+
+
 def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-tensor DFP quantization in one kernel call: ``(int16 values, int32 exponent)``.
 
@@ -51,12 +62,7 @@ def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False) -> t
   if counted:
     values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa)
     return values, e
-  bits = check_bits("bits", bits)
-  isa_code = isa_attribute(isa)
-  dt = dtype_of("x", x)
-  if dt.name != "float32":
-    raise TypeError(f"x must have dtype float32, got {dt.name}")
-  shape = tuple(np.shape(x))
+  bits, isa_code, shape = _check_dfp_input(x, bits, isa)
   if int(np.prod(shape)) == 0:
     return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32)
   require_lib()
@@ -74,12 +80,7 @@ def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Arr
   tensor in one program, XLA merges them into one call (the Flax statistics ride along with the
   op's own quantization for free; the ops ask for ``counted`` only while statistics are recorded).
   """
-  bits = check_bits("bits", bits)
-  isa_code = isa_attribute(isa)
-  dt = dtype_of("x", x)
-  if dt.name != "float32":
-    raise TypeError(f"x must have dtype float32, got {dt.name}")
-  shape = tuple(np.shape(x))
+  bits, isa_code, shape = _check_dfp_input(x, bits, isa)
   n = int(np.prod(shape))
   if n == 0:
     return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32), jnp.zeros((4,), jnp.int32)

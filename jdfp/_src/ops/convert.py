@@ -15,7 +15,7 @@ from jdfp._src.ffi import library
 from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
-from jdfp._src.numerics.formats import DFP, FloatFormat
+from jdfp._src.numerics.formats import DFP
 
 
 # While jdfp's Flax statistics are recorded around an op, its kernel conversions count (and keep
@@ -70,16 +70,12 @@ def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> qz.QArray:
-  if isinstance(fmt, FloatFormat):
-    return qz.quantize_float(x, fmt, rounding)
-  if x.size == 0:
-    return qz.quantize_empty(x, fmt, bshape)
-  if axis_name is None and kernel_converts(x, fmt, rounding, bshape):
+  if not kernel_converts(x, fmt, rounding, bshape):  # other formats and roundings: the numerics' quantizer
+    return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
+  if axis_name is None:
     values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted)  # max, exponent, conversion: one call
     return qz.QArray(values, e, fmt, bshape)
-  amax = formats.block_amax(x, bshape)
-  if axis_name is not None:
-    amax = qz.shared_amax(amax, axis_name)
+  amax = qz.shared_amax(formats.block_amax(x, bshape), axis_name)  # replicas agree on the exponent first
   return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True)
 
 
@@ -101,7 +97,7 @@ def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel
   if not fmt.is_integer:
     return qz.quantize_array(x3, fmt)
   return quantize_blocks(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding=rounding, key=key,
-                            axis_name=axis_name, use_kernel=use_kernel)
+                         axis_name=axis_name, use_kernel=use_kernel)
 
 
 # Which operands whose int16 copy nobody keeps skip the conversion (exponent-only call + the GEMM's
