@@ -21,6 +21,11 @@ Candidates:
               also updates the "dfp" statistics collection (exponents, saturation, underflow of every
               operand and gradient), applied with `jdfp.overwrite_state`
   bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation, XLA dots)
+  recipe:NAME the recipes as users run them (NAME: dfp16, hbfp8, hbfp12, fp16, bf16): the Flax module
+              of dfp16_flax through `jdfp.quantize(module, jdfp.policies.NAME())`, RNG stream "dfp"
+              for stochastic rounding, optimizer `jdfp.recipes.optimizer(NAME, sgd, loss_scale=None,
+              collections=("dfp",))` (FP32 masters; loss scaling left out so every step does the same
+              work). Not in the default set: `--candidates fp32 recipe:dfp16 ...`
 
 Reported: median step time, ratio to fp32 (>1 is faster), XLA's peak temp memory of the compiled
 step, and the bytes saved for the backward pass (JAX's residual list, see `_saved_bytes`): the
@@ -38,12 +43,13 @@ import platform
 from typing import Callable, NamedTuple
 
 CANDIDATES = ("fp32", "dfp16", "dfp16_lean", "dfp16_ref", "dfp16_flax", "bf16")
+RECIPES = tuple(f"recipe:{r}" for r in ("dfp16", "hbfp8", "hbfp12", "fp16", "bf16"))
 GEMM_OPERAND = "bench_gemm_operand"  # checkpoint_name of the activations that GEMMs/convs read
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-  p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+  p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES + RECIPES))
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--min-time", type=float, default=0.2)
@@ -88,8 +94,9 @@ def _lax_at_call_time(name: str) -> Callable:
 _LAX_AT_CALL_TIME = Ops(*(_lax_at_call_time(n) for n in ("dot_general", "conv_general_dilated") * 2))
 
 
-def _flax_step(loss, params, batch, tx):
-  """A training step of the workload as a Linen module through `jdfp.quantize`, statistics on.
+def _flax_step(loss, params, batch, tx, recipe=None):
+  """A training step of the workload as a Linen module through `jdfp.quantize`, statistics on:
+  with `jdfp.Policy()` (nearest everywhere), or with ``recipe``'s policy and optimizer.
 
   Returns (step to jit, initial (variables, optimizer state), function of the params for
   `_saved_bytes`)."""
@@ -103,19 +110,24 @@ def _flax_step(loss, params, batch, tx):
     def __call__(self, x, y):
       return loss(self.param("w", lambda _: params), x, y, _LAX_AT_CALL_TIME)
 
-  model = jdfp.quantize(Workload(), jdfp.Policy(backend="ffi"))
-  variables = model.init({"params": jax.random.key(1)}, *batch)
-  otx = jdfp.overwrite_state(tx, collections=("dfp",))
+  if recipe is None:
+    model = jdfp.quantize(Workload(), jdfp.Policy(backend="ffi"))
+    otx = jdfp.overwrite_state(tx, collections=("dfp",))
+  else:
+    model = jdfp.quantize(Workload(), jdfp.policies.get(recipe))
+    otx = jdfp.recipes.optimizer(recipe, tx, loss_scale=None, collections=("dfp",))
+  variables = model.init({"params": jax.random.key(1), "dfp": jax.random.key(2)}, *batch)
 
   def step(v, s, x, y):
     def lf(v):
-      val, _ = model.apply(v, x, y, mutable=["dfp"])
+      val, _ = model.apply(v, x, y, rngs={"dfp": jax.random.key(3)}, mutable=["dfp"])
       return val
     val, g = jax.value_and_grad(lf)(v)
     u, s = otx.update(g, s, v)
     return jax.tree.map(lambda a, b: a + b, v, u), s, val
 
-  saved_fn = lambda p: model.apply({"params": {"w": p}, "dfp": variables["dfp"]}, *batch, mutable=["dfp"])[0]
+  saved_fn = lambda p: model.apply({"params": {"w": p}, "dfp": variables["dfp"]}, *batch, rngs={"dfp": jax.random.key(3)},
+                                  mutable=["dfp"])[0]
   return step, (dict(variables), otx.init(dict(variables))), saved_fn
 
 
@@ -251,7 +263,6 @@ def _saved_bytes(fn, params) -> dict[str, int]:
 
 def main(args: argparse.Namespace) -> int:
   import jax
-  import numpy as np
   import optax
 
   import jdfp
@@ -264,8 +275,9 @@ def main(args: argparse.Namespace) -> int:
     tx = optax.sgd(1e-3, momentum=0.9)
     fns, stats = {}, {}
     for name in args.candidates:
-      if name == "dfp16_flax":
-        step, (p0, state), saved_fn = _flax_step(loss, params, batch, tx)
+      if name == "dfp16_flax" or name in RECIPES:
+        recipe = name.split(":", 1)[1] if name in RECIPES else None
+        step, (p0, state), saved_fn = _flax_step(loss, params, batch, tx, recipe)
       else:
         ops = _ops(name)
 
