@@ -1,11 +1,12 @@
 // The ISA table: one entry per instruction set, holding every kernel family that has per-ISA code
-// (the GEMM/conv tile function with its micro-tile shape, and the conversion, max |x| and
-// statistics kernels), plus the CPU detection that decides which entries may run.  Handlers
+// (the GEMM/conv tile function with its micro-tile shape, and the conversion, max |x|,
+// statistics and float-cast statistics kernels), plus the CPU detection that decides which entries may run.  Handlers
 // resolve their `isa` attribute to an entry once (ffi_helpers.h's select_isa) and call through it;
 // nothing else branches on the ISA.  Baseline flags only: included by the handler TUs.
 #pragma once
 
 #include "gemm_common.h"
+#include "float_stats.h"
 #include "quantize_kernels.h"
 
 namespace jdfp {
@@ -20,6 +21,8 @@ struct IsaKernels {
   ConvertFn convert;
   AmaxFn amax;
   StatsFn stats;
+  // Counters of an FP16 / BF16 cast (float_stats.h).
+  FloatStatsFn float_stats;
 };
 
 // Bit i set: ISA i (an Isa value, kIsaScalar..kIsaAvx512Vnni) is built and the CPU/OS runs it.

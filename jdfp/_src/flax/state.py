@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from jdfp._src.ffi import library
+from jdfp._src.ffi.float_stats import float_stats
 from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
@@ -83,18 +84,27 @@ def scale_state(old) -> "delayed.ScaleState":
 def operand_stats(x3, fmt, c_ax, rounding, key, policy) -> dict:
   """quantized_stats of a physical 3-D GEMM operand (blocks as the op reads them)."""
   if not fmt.is_integer:
-    return role_stats(x3, quantize3(x3, fmt, c_ax, rounding, key, policy.axis_name))
+    return role_stats(x3, quantize3(x3, fmt, c_ax, rounding, key, policy.axis_name), counts_on_kernel(policy))
   return quantized_stats(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding, key, policy)
+
+
+def counts_on_kernel(policy) -> bool:
+  """Whether this policy's statistics count on the C++ kernel (it runs here and the policy does
+  not ask for the pure-JAX reference)."""
+  return kernel_quantize(policy) or (policy.backend != "reference" and convert.kernel_convert_available())
 
 
 def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
   """Scalars (float32 holding integers) describing how ``x`` fared when quantized to ``q``.
 
-  ``use_kernel``: per-tensor integer formats count in one C++ pass (`ffi.quantize.quant_stats`) instead
-  of XLA's reductions (same numbers; five full reductions per tensor cost more than the GEMM)."""
+  ``use_kernel``: per-tensor integer formats count in one C++ pass (`ffi.quantize.quant_stats`), FP16 /
+  BF16 casts in another (`ffi.float_stats.float_stats`), instead of XLA's reductions (same numbers;
+  five full reductions per tensor cost more than the GEMM)."""
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
   f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
   fmt = q.fmt
+  if use_kernel and not fmt.is_integer and x.size and library.kernel_available():
+    return stats_from_float_counts(x, float_stats(x, lax.stop_gradient(q.values)))
   if (use_kernel and fmt.is_integer and x.size and np.size(q.exponent) == 1 and q.values.dtype == jnp.int16
       and library.kernel_available()):
     e = lax.stop_gradient(q.exponent).astype(jnp.int32)
@@ -103,8 +113,10 @@ def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
   nonzero = finite & (x != 0)
   count = lambda m: f32(jnp.sum(m, dtype=jnp.int32))
   if not fmt.is_integer:  # FP16 / BF16: overflow to Inf, underflow to zero; exponent of the max
+    # Subnormal float32 inputs read as zero, as XLA:CPU's arithmetic (DAZ) and the kernel read them.
+    nonzero = finite & (jnp.abs(x) >= np.float32(2.0**-126))
     qv = lax.stop_gradient(q.values)
-    amax = jnp.max(jnp.where(finite, jnp.abs(x), 0.0)) if x.size else jnp.zeros((), jnp.float32)
+    amax = jnp.max(jnp.where(nonzero, jnp.abs(x), 0.0)) if x.size else jnp.zeros((), jnp.float32)
     e = jnp.where(amax > 0, formats.frexp_exponent(jnp.where(amax > 0, amax, 1.0)) - 1, 0)
     amin = jnp.min(jnp.where(nonzero, jnp.abs(x), jnp.inf)) if x.size else jnp.inf
     e_min = jnp.where(jnp.isfinite(amin), formats.frexp_exponent(jnp.where(jnp.isfinite(amin), amin, 1.0)) - 1, 0)
@@ -131,6 +143,17 @@ def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
           "nonfinite": count(~finite), "size": f32(x.size)}
 
 
+def stats_from_float_counts(x, counts) -> dict:
+  """role_stats from `ffi.float_stats.float_stats` counters (FP16 / BF16 casts)."""
+  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
+  counts = lax.stop_gradient(counts)
+  # floor(log2 m) of a normal float32 m from its bits; 0 when there is no such value (0 or Inf's bits).
+  exp_of = lambda bits: jnp.where((bits > 0) & (bits < 0x7F800000), (bits >> 23) - 127, 0)
+  return {"exponent": f32(exp_of(counts[0])), "exponent_min": f32(exp_of(counts[1])),
+          "saturated": f32(counts[2]), "underflow": f32(counts[3]), "nonfinite": f32(counts[4]),
+          "size": f32(np.size(x))}
+
+
 def stats_from_counts(x, e, counts) -> dict:
   """role_stats from `ffi.quantize.quant_stats` counters (per-tensor integer formats)."""
   f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
@@ -138,6 +161,12 @@ def stats_from_counts(x, e, counts) -> dict:
   e_stat = f32(jnp.where(ok > 0, lax.stop_gradient(e).reshape(()), 0))
   return {"exponent": e_stat, "exponent_min": e_stat, "saturated": f32(sat), "underflow": f32(under),
           "nonfinite": f32(nonfin), "size": f32(np.size(x))}
+
+
+def natural_blocks(fmt, shape) -> tuple[int, ...]:
+  """The block shape of a tensor quantized whole (a conv operand): the format's, or the shape itself
+  for FP16/BF16 (no exponents)."""
+  return tuple(fmt.block_shape(tuple(shape))) if fmt.is_integer else tuple(shape)
 
 
 def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
@@ -149,7 +178,7 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
   """
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  uk = kernel_quantize(policy)
+  uk = counts_on_kernel(policy) if not fmt.is_integer else kernel_quantize(policy)
   ax = getattr(policy, "axis_name", None)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts(x, fmt, rounding, tuple(bshape)):
     _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits)

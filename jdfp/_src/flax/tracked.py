@@ -29,8 +29,8 @@ from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jdfp._src.flax.gemm_rewrites import conv_via_dot
-from jdfp._src.flax.state import (HISTORY, STATE_DTYPE, empty_state, history_values, is_delayed, operand_stats,
-                                  quantized_stats, role_stats, scale_state)
+from jdfp._src.flax.state import (HISTORY, STATE_DTYPE, empty_state, history_values, is_delayed, natural_blocks,
+                                  operand_stats, quantized_stats, role_stats, scale_state)
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops import delayed
 from jdfp._src.ops.backend import kernel_quantize, warn_once
@@ -95,7 +95,7 @@ def _grad_tap_bwd(cfg, res, g):
     qg, hist = delayed.quantize_with_history(g3, cfg.fmt, cfg.rounding, k_dl, fwd_state["grad"][HISTORY])
     grad = {**role_stats(g3, qg, kernel_quantize(cfg.policy)), HISTORY: history_values(hist)}
   elif cfg.natural:
-    grad = quantized_stats(g3, cfg.fmt, cfg.fmt.block_shape(g3.shape), cfg.rounding, k_dl, cfg.policy)
+    grad = quantized_stats(g3, cfg.fmt, natural_blocks(cfg.fmt, g3.shape), cfg.rounding, k_dl, cfg.policy)
   else:
     grad = operand_stats(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy)
   new_state = {**fwd_state, "grad": grad}
@@ -185,11 +185,12 @@ def conv(dot, args):
   """A quantized op's convolution. ``dot`` is the op's tracked dot function (with ``.policy`` and
   ``.tracked_call``); ``args`` are `lax.conv_general_dilated`'s positional arguments.
 
-  Per-tensor integer formats run `jdfp.conv_general_dilated` (the implicit-GEMM conv kernel for all
-  three passes) with statistics of its input, kernel and output gradient; other formats take the
-  im2col arrangement through ``dot`` (as `jdfp.conv_general_dilated` does for them)."""
+  Per-tensor integer formats (the implicit-GEMM conv kernel for all three passes) and FP16/BF16 (XLA
+  convolutions with FP32 accumulation) run `jdfp.conv_general_dilated` with statistics of its input,
+  kernel and output gradient; block formats take the im2col arrangement through ``dot`` (as
+  `jdfp.conv_general_dilated` does for them)."""
   policy = dot.policy
-  all_per_tensor = all(per_tensor(f) for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
+  all_per_tensor = all(per_tensor(f) or not f.is_integer for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
   if not all_per_tensor or args[8] != 1:
     return conv_via_dot(dot, *args)
   upd = getattr(dot, "update_history", True)
@@ -208,7 +209,7 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: 
   lhs, rhs = (lax.stop_gradient(qz.as_float_input(a)) for a in args[:2])
   k_l, k_r, k_bwd = split_keys(key, 3)
   stoch = policy.fwd_rounding == "stochastic"
-  stats = lambda x, fmt, k: quantized_stats(x, fmt, fmt.block_shape(x.shape), policy.fwd_rounding,
+  stats = lambda x, fmt, k: quantized_stats(x, fmt, natural_blocks(fmt, x.shape), policy.fwd_rounding,
                                             k if stoch else None, policy)
   old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
   fwd_state = {"lhs": stats(lhs, policy.lhs, k_l), "rhs": stats(rhs, policy.rhs, k_r),

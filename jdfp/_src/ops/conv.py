@@ -1,6 +1,7 @@
 """`jdfp.conv_general_dilated`: the drop-in for `jax.lax.conv_general_dilated` with forward,
 backward-data and weight-gradient in low precision. Per-tensor integer formats run as convolutions
-(`jdfp._src.ops.conv_vjp`); other formats as im2col patches + `jdfp.dot_general`."""
+(`jdfp._src.ops.conv_vjp`), FP16/BF16 as convolutions with FP32 accumulation
+(`jdfp._src.ops.float_conv`); block formats as im2col patches + `jdfp.dot_general`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from jdfp._src.ops import delayed
 from jdfp._src.ops.backend import resolve_backend, warn_once
 from jdfp._src.ops.conv_vjp import ConvGeom, conv_core, conv_kernel_eligible, patches
 from jdfp._src.ops.dot import dot_general
+from jdfp._src.ops.float_conv import float_conv, float_formats
 from jdfp._src.ops.layout import check_float, lax_conv_shape, prod, result_dtype
 from jdfp._src.ops.policy import Policy, check_key
 
@@ -28,8 +30,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   int16 tensors -- on the C++ implicit-GEMM conv kernel (backend "ffi") or, bit-identically, im2col
   + the reference GEMM (backend "reference").  Backward-data is the conv of the output gradient
   with the flipped kernel (lhs dilation = strides), weight-gradient im2col(x)^T . dy.
-  Other formats (block exponents, FP16/BF16): im2col patches in JAX + `jdfp.dot_general` (on the
-  kernel, the block-format case is logged in `fallback_log`).
+  FP16/BF16: the operands of each pass rounded to the format, convolved with FP32 accumulation (no
+  patches). Block exponents: im2col patches in JAX + `jdfp.dot_general` (logged in `fallback_log`).
   ``scale_state``: with ``Policy(scaling="delayed")`` (per-tensor formats), the op's `jdfp.ScaleState`;
   the call then returns ``(out, new_state)`` as `jdfp.dot_general` does."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -85,6 +87,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     y, new_state = delayed.conv_general_dilated(x, w, geom, policy=policy, key=key, scale_state=scale_state,
                                                 out_dtype=result_dtype(lhs, rhs, preferred_element_type))
     return jnp.transpose(y, conv_out_perm(dn, nsp)), new_state
+  if _dot_general is None and float_formats(policy):  # FP16 / BF16: a convolution, FP32 accumulation
+    y = float_conv(x, w, geom, policy, result_dtype(lhs, rhs, preferred_element_type))
+    return jnp.transpose(y, conv_out_perm(dn, nsp))
   # `_dot_general` (as jnp.einsum's hook): force the im2col arrangement with that GEMM (the Flax
   # integration passes its statistics-tracking dot for block formats).
   if _dot_general is None and conv_kernel_eligible(policy, x.shape, w.shape, geom):

@@ -1,0 +1,87 @@
+"""Convolutions of the FP16 / BF16 mixed-precision recipe as convolutions (no im2col patches).
+
+Each pass rounds its two operands to the policy's float format (round to nearest even, as
+`jdfp._src.numerics.quantize.quantize_float`) and convolves them with FP32 accumulation:
+  forward          y  = conv(fmt(x), fmt(w))
+  backward-data    dx = conv^T_x(fmt(dy), fmt(w))
+  weight-gradient  dw = conv^T_w(fmt(x), fmt(dy))
+The rounded operands are widened to float32 before XLA's convolution: a product of two FP16 or
+BF16 values is exact in float32 (11 + 11 and 8 + 8 significand bits fit in 24), so this *is* the
+recipe's arithmetic (low-precision operands, FP32 products and sums), at XLA's FP32 convolution
+speed, which on CPU is at least that of its native FP16/BF16 one (docs/benchmarks.md). The
+backward keeps the FP16/BF16 operands: half the bytes of FP32 residuals.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jdfp._src.ops.policy import Policy
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
+
+
+def float_formats(policy: Policy) -> bool:
+  """Every operand of every pass is FP16 / BF16 (the mixed-precision recipes)."""
+  return not any(f.is_integer for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
+
+
+def _conv32(x, w, geom):
+  """FP32 conv on canonical layouts: x ``[N, *S, C]``, w ``[*K, C/G, O]`` -> ``[N, *O, O]``."""
+  nsp = len(geom.k_sp)
+  spatial = tuple(range(1, nsp + 1))
+  dn = lax.ConvDimensionNumbers((0, nsp + 1) + spatial, (nsp + 1, nsp) + tuple(range(nsp)), (0, nsp + 1) + spatial)
+  return lax.conv_general_dilated(x, w, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil, dn,
+                                  feature_group_count=geom.groups, precision=lax.Precision.HIGHEST,
+                                  preferred_element_type=jnp.float32)
+
+
+def _rounded32(x, fmt):
+  """x rounded to ``fmt`` (nearest even; overflow to +-Inf, NaN kept), widened back exactly."""
+  return x.astype(fmt.dtype).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def float_conv(x, w, geom, policy: Policy, out_dtype):
+  out, _ = _fwd(x, w, geom, policy, out_dtype)
+  return out
+
+
+def _fwd(x, w, geom, policy, out_dtype):
+  xq, wq = x.astype(policy.lhs.dtype), w.astype(policy.rhs.dtype)
+  y = _conv32(xq.astype(jnp.float32), wq.astype(jnp.float32), geom).astype(out_dtype)
+  # Residuals: the rounded operands (or the float inputs, per Policy.float_residuals); zero-size
+  # slices carry the inputs' shapes, dtypes and shard_map types.
+  xr = x if "lhs" in policy.float_residuals else xq
+  wr = w if "rhs" in policy.float_residuals else wq
+  return y, (xr, wr, x[None][:0], w[None][:0])
+
+
+def _fwd_perturbed(x, w, geom, policy, out_dtype):
+  """fwd with symbolic zeros: an operand nobody differentiates (the input images) needs no pass."""
+  out, res = _fwd(primal_values(x), primal_values(w), geom, policy, out_dtype)
+  return out, res + (perturbed_marker(x), perturbed_marker(w))
+
+
+def _bwd(geom, policy, out_dtype, res, g):
+  xr, wr, x_dt, w_dt, need_x, need_w = res
+  if isinstance(g, SymbolicZero):
+    return None, None
+  x32, w32 = _rounded32(xr, policy.lhs), _rounded32(wr, policy.rhs)
+  g = g.astype(jnp.float32)
+  dx = dw = None
+  # The conv is linear in each operand: transpose it (no primal conv is traced again).
+  if need_x is not None:
+    t_x = jax.linear_transpose(lambda a: _conv32(a, w32, geom), x32)
+    dx = as_cotangent_of(t_x(_rounded32(g, policy.dlhs))[0].astype(x_dt.dtype), x_dt)
+  if need_w is not None:
+    t_w = jax.linear_transpose(lambda b: _conv32(x32, b, geom), w32)
+    dw = as_cotangent_of(t_w(_rounded32(g, policy.drhs))[0].astype(w_dt.dtype), w_dt)
+  return dx, dw
+
+
+float_conv.defvjp(_fwd_perturbed, _bwd, symbolic_zeros=True)

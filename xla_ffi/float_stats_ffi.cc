@@ -1,0 +1,61 @@
+// XLA FFI handler: the counters of an FP16 / BF16 cast (float_stats.h), for the Flax "dfp"
+// collection of the mixed-precision recipes.
+//
+//   JdfpFloatStats : float32 x [...], uint16 q [...] (the cast's bit patterns: float16 or bfloat16,
+//                    bitcast by the caller) -> int32 [5]: amax bits, amin bits, saturated,
+//                    underflow, nonfinite.   attrs: fmt (0: float16, 1: bfloat16), isa
+//
+// One pass on the calling thread: the counters are read once per tensor per step, and a single
+// core streams the 6 bytes per element faster than a pool dispatch pays off at these sizes.
+#include <cstring>
+#include <string>
+
+#include "ffi_helpers.h"
+#include "float_stats.h"
+
+namespace jdfp {
+
+void float_stats_scalar(const float* x, const uint16_t* q, int64_t n, uint16_t q_inf, FloatStats& s) {
+  float_stats_ref(x, q, n, q_inf, s);
+}
+
+namespace {
+
+ffi::Error float_stats_impl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Result<ffi::AnyBuffer> out, int32_t fmt,
+                            int32_t isa) {
+  const std::string who = "float_stats";
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error err = select_isa(who, isa, kernels); err.failure()) return err;
+  if (fmt != 0 && fmt != 1) return invalid_as(who, "fmt must be 0 (float16) or 1 (bfloat16), got " + std::to_string(fmt));
+  if (x.element_type() != ffi::DataType::F32) return invalid_as(who, "x must be float32");
+  if (q.element_type() != ffi::DataType::U16) return invalid_as(who, "q must be uint16 (the cast's bit patterns)");
+  if (out->element_type() != ffi::DataType::S32 || out->element_count() != 5)
+    return invalid_as(who, "the result must be int32 [5]");
+  if (q.element_count() != x.element_count())
+    return invalid_as(who, "q must have x's size " + std::to_string(x.element_count()) + ", got " +
+                               std::to_string(q.element_count()));
+  FloatStats s;
+  kernels->float_stats(static_cast<const float*>(x.untyped_data()), static_cast<const uint16_t*>(q.untyped_data()),
+                       int64_t(x.element_count()), fmt == 0 ? 0x7C00 : 0x7F80, s);
+  const int32_t r[5] = {int32_t(s.amax), int32_t(s.amin), int32_t(s.sat), int32_t(s.under), int32_t(s.nonfin)};
+  std::memcpy(out->untyped_data(), r, sizeof(r));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpFloatStats(XLA_FFI_CallFrame*);
+
+static ffi::Error float_stats(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Result<ffi::AnyBuffer> out, int32_t fmt,
+                              int32_t isa) {
+  return jdfp::float_stats_impl(x, q, out, fmt, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpFloatStats, float_stats,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("fmt")
+                                  .Attr<int32_t>("isa"));
