@@ -8,8 +8,11 @@ Workloads (jitted step = forward + backward + optax SGD-momentum update):
         where the per-op fixed costs show
   digits  the README demo's ResNet at its size: 8x8x1 inputs, batch 64, conv 3x3 1->16, one
         residual block (3x3 16->16), a stride-2 block to 32 with a 1x1 projection, pooling, Dense(10)
+  transformer  a 2-layer causal transformer LM, d=256, 4 heads, seq 128, batch 16, vocabulary 256:
+        pre-norm blocks of causal attention (QKV, scores, weighted values, output projection: all
+        jdfp GEMMs) and a 4x GELU MLP, a vocabulary head, next-token cross-entropy
 
-Candidates:
+Candidates (default: fp32, every recipe:NAME, dfp16_flax; the others on request):
   fp32        lax.dot_general / lax.conv_general_dilated (the baseline)
   dfp16       jdfp ops on the FFI kernel, DFP 14 effective bits (chains of 32), nearest rounding
   dfp16_lean  dfp16 with `Policy(float_residuals=...)` for operands that stay alive anyway (weights,
@@ -25,9 +28,10 @@ Candidates:
               of dfp16_flax through `jdfp.quantize(module, jdfp.policies.NAME())`, RNG stream "dfp"
               for stochastic rounding, optimizer `jdfp.recipes.optimizer(NAME, sgd, loss_scale=None,
               collections=("dfp",))` (FP32 masters; loss scaling left out so every step does the same
-              work). Not in the default set: `--candidates fp32 recipe:dfp16 ...`
+              work)
 
-Reported: median step time, ratio to fp32 (>1 is faster), XLA's peak temp memory of the compiled
+Reported: median step time, ratio to fp32 (>1 is faster), the step's trace + compile time and its
+ratio to fp32's (`jit(step).lower(...).compile()`, once per process), XLA's peak temp memory of the compiled
 step, and the bytes saved for the backward pass (JAX's residual list, see `_saved_bytes`): the
 activations (everything but weight copies), the part of them that are GEMM/conv operands (what jdfp
 stores in int16; the rest are ReLU masks, BN and loss residuals, FP32 in every recipe), and weight
@@ -40,16 +44,19 @@ import argparse
 import functools
 import json
 import platform
+import time
 from typing import Callable, NamedTuple
 
-CANDIDATES = ("fp32", "dfp16", "dfp16_lean", "dfp16_ref", "dfp16_flax", "bf16")
 RECIPES = tuple(f"recipe:{r}" for r in ("dfp16", "hbfp8", "hbfp12", "fp16", "bf16"))
+OP_CANDIDATES = ("dfp16", "dfp16_lean", "dfp16_ref", "bf16")
+# The default: what users run (every recipe through jdfp.quantize, plus Policy()), beside FP32.
+CANDIDATES = ("fp32",) + RECIPES + ("dfp16_flax",)
 GEMM_OPERAND = "bench_gemm_operand"  # checkpoint_name of the activations that GEMMs/convs read
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-  p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES + RECIPES))
+  p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES + OP_CANDIDATES))
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--min-time", type=float, default=0.2)
@@ -214,9 +221,51 @@ def _cnn(key, batch=32, hw=32, cin=3, width=64, blocks=2):
   return params, (x, y), loss
 
 
+def _transformer(key, batch=16, seq=128, d=256, heads=4, layers=2, vocab=256):
+  """A causal transformer LM: token embedding, `layers` pre-norm blocks (multi-head causal
+  attention, 4x MLP), a vocabulary head; next-token cross-entropy on random tokens."""
+  import jax
+  import jax.numpy as jnp
+
+  ks = iter(jax.random.split(key, 4 * layers + 4))
+  init = lambda shape: jax.random.normal(next(ks), shape) * shape[0] ** -0.5
+  params = {"embed": jax.random.normal(next(ks), (vocab, d)) * 0.02, "head": init((d, vocab))}
+  for i in range(layers):
+    params.update({f"l{i}_qkv": init((d, 3 * d)), f"l{i}_o": init((d, d)), f"l{i}_up": init((d, 4 * d)),
+                   f"l{i}_down": init((4 * d, d))})
+  tokens = jax.random.randint(next(ks), (batch, seq + 1), 0, vocab)
+  x, y = tokens[:, :-1], tokens[:, 1:]
+  dh = d // heads
+  mm = (((2,), (0,)), ((), ()))  # [B, T, D] x [D, F]
+  qk = (((3,), (3,)), ((0, 1), (0, 1)))  # [B, H, T, dh] x [B, H, S, dh] -> [B, H, T, S]
+  av = (((3,), (2,)), ((0, 1), (0, 1)))  # [B, H, T, S] x [B, H, S, dh] -> [B, H, T, dh]
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+
+  def norm(h):  # parameter-free layer norm, FP32 in every recipe
+    c = h - jnp.mean(h, axis=-1, keepdims=True)
+    return c * jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + 1e-5)
+
+  def loss(p, x, y, ops):
+    h = p["embed"][x]
+    split = lambda t: t.reshape(batch, seq, heads, dh).transpose(0, 2, 1, 3)
+    for i in range(layers):
+      q, k, v = jnp.split(ops.dot(_operand(norm(h)), p[f"l{i}_qkv"], mm), 3, axis=-1)
+      s = ops.dot(split(q) * dh ** -0.5, split(k), qk)
+      a = jax.nn.softmax(jnp.where(causal, s, -1e9), axis=-1)
+      o = ops.dot(a, split(v), av).transpose(0, 2, 1, 3).reshape(batch, seq, d)
+      h = h + ops.dot(_operand(o), p[f"l{i}_o"], mm)
+      u = _operand(jax.nn.gelu(ops.dot(_operand(norm(h)), p[f"l{i}_up"], mm)))
+      h = h + ops.dot(u, p[f"l{i}_down"], mm)
+    logits = ops.dot(_operand(norm(h)), p["head"], mm)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1))
+
+  return params, (x, y), loss
+
+
 WORKLOADS = {
     "mlp": _mlp,
     "cnn": _cnn,
+    "transformer": _transformer,
     "small": _small_mlp,
     "digits": functools.partial(_cnn, batch=64, hw=8, cin=1, width=16, blocks=1),
 }
@@ -270,6 +319,7 @@ def main(args: argparse.Namespace) -> int:
 
   results = {"jax": jax.__version__, "python": platform.python_version(),
              "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None, "workloads": {}}
+  jax.jit(lambda a: a * 2 + 1).lower(1.0).compile()  # XLA's one-time start-up is nobody's compile time
   for wl in args.workloads:
     params, batch, loss = WORKLOADS[wl](jax.random.key(0))
     tx = optax.sgd(1e-3, momentum=0.9)
@@ -288,10 +338,12 @@ def main(args: argparse.Namespace) -> int:
 
         p0, state = params, tx.init(params)
         saved_fn = lambda p, _ops=ops: loss(p, *batch, _ops)
+      t0 = time.perf_counter()
       compiled = jax.jit(step).lower(p0, state, *batch).compile()
+      compile_s = time.perf_counter() - t0
       mem = compiled.memory_analysis()
       saved = _saved_bytes(saved_fn, params)
-      stats[name] = {"peak_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
+      stats[name] = {"compile_s": compile_s, "peak_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
                      "saved_activation_bytes": saved["activations"],
                      "saved_gemm_operand_bytes": saved["gemm_operands"],
                      "saved_weight_copy_bytes": saved["weight_copies"]}
@@ -304,16 +356,18 @@ def main(args: argparse.Namespace) -> int:
       st["step_ms"] = times[name] * 1e3
       st["speedup_vs_fp32"] = times.get("fp32", float("nan")) / times[name]
       ref = stats.get("fp32", st)
+      st["compile_vs_fp32"] = st["compile_s"] / ref["compile_s"]
       ratio = lambda k: st[k] / ref[k] if ref[k] else float("nan")
       st["saved_activations_vs_fp32"] = ratio("saved_activation_bytes")
       st["saved_gemm_operands_vs_fp32"] = ratio("saved_gemm_operand_bytes")
-      rows.append([name, f"{st['step_ms']:.3f}", f"{st['speedup_vs_fp32']:.2f}x",
+      rows.append([name, f"{st['step_ms']:.3f}", f"{st['speedup_vs_fp32']:.2f}x", f"{st['compile_s']:.2f}",
+                   f"{st['compile_vs_fp32']:.2f}x",
                    mib(st["peak_temp_bytes"] or 0), mib(st["saved_activation_bytes"]),
                    f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_gemm_operand_bytes"]),
                    f"{st['saved_gemm_operands_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])
     results["workloads"][wl] = stats
     print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']})",
-                ["candidate", "step ms", "vs fp32", "peak temp MiB", "saved activations MiB", "vs fp32",
+                ["candidate", "step ms", "vs fp32", "compile s", "vs fp32", "peak temp MiB", "saved activations MiB", "vs fp32",
                  "of which GEMM operands MiB", "vs fp32", "weight copies MiB"], rows)
   if args.json:
     with open(args.json, "w") as f:

@@ -49,7 +49,12 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   """float32 ``[B, Fa, Fb]`` = sum over K of a * b, where a's contraction is physical axis a_c, b's b_c."""
   if not qa.fmt.is_integer:
     dims = (((a_c,), (b_c,)), ((0,), (0,)))
-    return lax.dot_general(qa.values, qb.values, dims, precision=precision, preferred_element_type=jnp.float32)
+    a, b = qa.values, qb.values
+    if jnp.float16 in (a.dtype, b.dtype):
+      # XLA:CPU has no fast FP16 dot; FP16 x FP16 products are exact in float32 (11 + 11 significand
+      # bits), so widening first is the same arithmetic (FP32 products and sums) at FP32 speed.
+      a, b, precision = a.astype(jnp.float32), b.astype(jnp.float32), lax.Precision.HIGHEST
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
   k = qa.values.shape[a_c]
   ea, bka = kernel_exponents(qa, a_c, "a")
   eb, bkb = kernel_exponents(qb, b_c, "b")
