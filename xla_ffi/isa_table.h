@@ -20,6 +20,8 @@ struct IsaKernels {
   ConvertFn convert;
   AmaxFn amax;
   StatsFn stats;
+  // float32 -> int16 conversion with stochastic (Philox bits) and biased rounding.
+  ConvertFn convert_stochastic, convert_biased;
 };
 
 // Bit i set: ISA i (an Isa value, kIsaScalar..kIsaAvx512Vnni) is built and the CPU/OS runs it.
