@@ -148,11 +148,15 @@ def test_ops_convert_on_the_kernel_only_with_the_ffi_backend():
   g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
   for a, b in zip(g_ffi, g_ref):
     np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
-  # Stochastic rounding and block formats keep the pure-JAX conversion (the kernel does nearest).
+  # Stochastic gradient rounding converts on the kernel too (the Philox stream), bit-identical.
   stoch = jdfp.Policy(backend="ffi", grad_rounding="stochastic")
-  text = str(jax.make_jaxpr(jax.grad(lambda x, w, k: jnp.sum(
-      jdfp.dot_general(x, w, dims, policy=stoch, key=k) ** 2), argnums=(0, 1)))(x, w, jax.random.key(2)))
-  assert text.count(library.TARGET_QUANTIZE_DFP) == 2
+  loss_k = lambda pol: (lambda x, w, k: jnp.sum(jdfp.dot_general(x, w, dims, policy=pol, key=k) ** 2))
+  text = str(jax.make_jaxpr(jax.grad(loss_k(stoch), argnums=(0, 1)))(x, w, jax.random.key(2)))
+  assert text.count(library.TARGET_QUANTIZE_DFP) == 3
+  g_ffi = jax.jit(jax.grad(loss_k(stoch), argnums=(0, 1)))(x, w, jax.random.key(2))
+  g_ref = jax.jit(jax.grad(loss_k(stoch.replace(backend="reference")), argnums=(0, 1)))(x, w, jax.random.key(2))
+  for a, b in zip(g_ffi, g_ref):
+    np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
 
 
 def test_axis_name_uses_the_given_exponent_entry():
