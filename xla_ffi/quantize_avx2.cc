@@ -1,6 +1,7 @@
-// AVX2 kernels of the conversion (nearest, stochastic, biased) and max |x| passes (also used by the AVX-VNNI table entry).
-// Compiled with -mavx2; only called after a cpuid + XCR0 check.  The tails use the scalar reference
-// loops of quantize_kernels.h, so every element gets the same arithmetic as the scalar path.
+// AVX2 kernels of the conversion (nearest, stochastic, biased) and max |x| passes (also used by the
+// AVX-VNNI table entry).  Compiled with -mavx2; only called after a cpuid + XCR0 check.  The tails
+// use the scalar reference loops of quantize_kernels.h, so every element gets the same arithmetic as
+// the scalar path.
 #include <immintrin.h>
 
 #include "quantize_kernels.h"

@@ -1,5 +1,5 @@
-// AVX-512 kernels of the conversion (nearest, stochastic, biased), max |x| and statistics passes: masked tails, no scalar loop
-// except in amax.  Compiled with -mavx512f -mavx512bw -mavx512vl -mpopcnt (see CMakeLists.txt);
+// AVX-512 kernels of the conversion (three roundings), max |x| and statistics passes: masked tails,
+// no scalar loop except in amax.  Compiled with -mavx512f -mavx512bw -mavx512vl -mpopcnt (see CMakeLists.txt);
 // only called after a cpuid + XCR0 check.
 #include <immintrin.h>
 

@@ -18,8 +18,9 @@
 //
 // out = clip(round(scale2(x, -e)), -qmax, qmax), NaN -> 0, all zeros when e is the NONFINITE
 // sentinel, round = half to even / stochastic (Philox bits by element index) / biased: bit for bit
-// what jdfp's pure-JAX `quantize_given_amax` gives for a per-tensor format (docs/arithmetic.md).  XLA:CPU lowers that conversion to a slow
-// scalar-ish loop (~1 GB/s here); this one is a vectorized pass split over XLA's intra-op pool.
+// what jdfp's pure-JAX `quantize_given_amax` gives for a per-tensor format (docs/arithmetic.md).
+// XLA:CPU lowers that conversion to a slow scalar-ish loop (~1 GB/s here); this one is a
+// vectorized pass split over XLA's intra-op pool.
 // With a cross-replica max (`pmax`) or delayed scaling the exponent comes from XLA (JdfpQuantizeI16);
 // otherwise one call finds max |x| (NaN/Inf -> the NONFINITE sentinel, subnormals read as zero)
 // and converts, reading x twice but with no float temporary (XLA materializes |x| before its max).
@@ -164,7 +165,7 @@ ffi::Error check_attrs(const char* who, int32_t bits, int32_t isa, const IsaKern
   return select_isa(who, isa, kernels);
 }
 
-// The conversion kernel of a rounding attribute, and the key operand (uint32 [2]) read into `key`.
+// The conversion kernel of a rounding attribute, and the key operand (uint32 [2]) read into `k`.
 ffi::Error select_convert(const IsaKernels& isa, int32_t rounding, ffi::AnyBuffer key, ConvertFn& fn,
                           PhiloxKey& k) {
   if (rounding == kRoundNearest) fn = isa.convert;

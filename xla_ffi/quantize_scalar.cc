@@ -1,5 +1,5 @@
-// Portable scalar kernels of the conversion (nearest, stochastic, biased), max |x| and statistics passes (no -m flags): the
-// fallback on CPUs without AVX2, and the statistics kernel of the AVX2 / AVX-VNNI table entries.
+// Portable scalar kernels of the conversion (three roundings), max |x| and statistics passes (no -m
+// flags): the fallback on CPUs without AVX2, and the statistics kernel of the AVX2 / AVX-VNNI entries.
 #include "quantize_kernels.h"
 
 namespace jdfp {
