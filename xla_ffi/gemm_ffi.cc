@@ -181,7 +181,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16, gemm_i16, JDFP_BINDING(ffi::AnyBuffer
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmQ, gemm_q, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
 
 // Plain C helpers for the Python side (ctypes).
-JDFP_EXPORT int jdfp_abi_version() { return 1; }
+// 2: the quantize handlers take a key operand and a rounding attribute.
+JDFP_EXPORT int jdfp_abi_version() { return 2; }
 JDFP_EXPORT int jdfp_isa_mask() { return jdfp::isa_mask(); }
 JDFP_EXPORT int jdfp_best_isa() { return jdfp::best_isa(); }
 JDFP_EXPORT int64_t jdfp_safe_chain_length(int bits_a, int bits_b) {

@@ -21,6 +21,8 @@ struct IsaKernels {
   ConvertFn convert;
   AmaxFn amax;
   StatsFn stats;
+  // float32 -> int16 conversion with stochastic (Philox bits) and biased rounding.
+  ConvertFn convert_stochastic, convert_biased;
   // Counters of an FP16 / BF16 cast (float_stats.h).
   FloatStatsFn float_stats;
 };

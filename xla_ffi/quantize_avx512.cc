@@ -1,5 +1,5 @@
-// AVX-512 kernels of the conversion, max |x| and statistics passes: masked tails, no scalar loop
-// except in amax.  Compiled with -mavx512f -mavx512bw -mavx512vl -mpopcnt (see CMakeLists.txt);
+// AVX-512 kernels of the conversion (three roundings), max |x| and statistics passes: masked tails,
+// no scalar loop except in amax.  Compiled with -mavx512f -mavx512bw -mavx512vl -mpopcnt (see CMakeLists.txt);
 // only called after a cpuid + XCR0 check.
 #include <immintrin.h>
 
@@ -15,6 +15,56 @@ inline __m256i convert16(__m512 v, __m512 s1, __m512 s2, __m512 lo, __m512 hi) {
   y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
   y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
   return _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(y));
+}
+
+// y = scale2(x, -e), NaN lanes zeroed, clamped to +-qm (as scaled_clamped).
+inline __m512 scaled16(__m512 v, __m512 s1, __m512 s2, __m512 lo, __m512 hi) {
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(v, s1), s2);
+  y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
+  return _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+}
+
+// round_stochastic1 on 16 lanes: floor(y) + (u < frac); exact integers, so the conversion is exact.
+inline __m256i sround16(__m512 y, __m512i w) {
+  const __m512 low = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(0x1p-24f));
+  const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(y, low), _CMP_LT_OQ);
+  const __m512 r = _mm512_mask_add_ps(low, up, low, _mm512_set1_ps(1.0f));
+  return _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(r));
+}
+
+// round_biased1 on 16 lanes (the sign is or-ed back as bits: _mm512_or_ps needs AVX512DQ).
+inline __m256i bround16(__m512 y) {
+  const __m512 m = _mm512_abs_ps(y);
+  const __m512 low = _mm512_roundscale_ps(m, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(m, low), _mm512_set1_ps(0.25f), _CMP_GE_OQ);
+  const __m512i r = _mm512_castps_si512(_mm512_mask_add_ps(low, up, low, _mm512_set1_ps(1.0f)));
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)));
+  return _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_castsi512_ps(_mm512_or_si512(r, sign))));
+}
+
+// Lane l of the Philox vectors computes block 4 * (l % 4) + l / 4 of a group of 16: after the
+// in-lane 4x4 transposes of `words64`, vector t then holds the words of elements 16t .. 16t + 15 in
+// order, with no cross-lane shuffle.
+inline __m512i block_order16() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+
+// The Philox words of the 64 elements from element 4 * j0 on (16 blocks), in element order.
+inline void words64(uint64_t j0, PhiloxKey key, __m512i w[4]) {
+  const __m512i order = block_order16();
+  const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(j0))), order);
+  const __m512i hi0 = _mm512_set1_epi32(int(uint32_t(j0 >> 32)));
+  // The counter's high word takes the carry of the low word (a 2**32-block boundary in the group).
+  const __m512i hi = _mm512_mask_add_epi32(hi0, _mm512_cmplt_epu32_mask(lo, order), hi0, _mm512_set1_epi32(1));
+  __m512i x[4];
+  philox_avx512(lo, hi, key, x);
+  const __m512i t0 = _mm512_unpacklo_epi32(x[0], x[1]), t1 = _mm512_unpackhi_epi32(x[0], x[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(x[2], x[3]), t3 = _mm512_unpackhi_epi32(x[2], x[3]);
+  w[0] = _mm512_unpacklo_epi64(t0, t2), w[1] = _mm512_unpackhi_epi64(t0, t2);
+  w[2] = _mm512_unpacklo_epi64(t1, t3), w[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+inline __mmask16 lanes_left(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : (left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u));
 }
 
 }  // namespace
@@ -36,6 +86,35 @@ void convert_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
       const __m256i r = convert16(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
       _mm256_mask_storeu_epi16(a.out + i, m, r);
     }
+  }
+}
+
+// Stochastic rounding: 64 elements (16 Philox blocks) per step, the last step masked.  A chunk that
+// starts off a block boundary (never, with the handler's chunking) takes its head elements scalar.
+void convert_stochastic_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
+  const __m512 s1 = _mm512_set1_ps(a.s1), s2 = _mm512_set1_ps(a.s2);
+  const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
+  const int64_t head = std::min(end, (begin + 3) & ~int64_t(3));
+  convert_stochastic_ref(a, begin, head);
+  for (int64_t i = head; i < end; i += 64) {
+    __m512i w[4];
+    words64(uint64_t(i) >> 2, a.key, w);
+    for (int t = 0; t < 4; ++t) {
+      const __mmask16 m = lanes_left(end - i - 16 * t);
+      if (!m) break;
+      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + i + 16 * t), s1, s2, lo, hi);
+      _mm256_mask_storeu_epi16(a.out + i + 16 * t, m, sround16(y, w[t]));
+    }
+  }
+}
+
+void convert_biased_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
+  const __m512 s1 = _mm512_set1_ps(a.s1), s2 = _mm512_set1_ps(a.s2);
+  const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
+  for (int64_t i = begin; i < end; i += 16) {
+    const __mmask16 m = lanes_left(end - i);
+    const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
+    _mm256_mask_storeu_epi16(a.out + i, m, bround16(y));
   }
 }
 

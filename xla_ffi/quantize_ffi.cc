@@ -1,9 +1,13 @@
 // XLA FFI handler: float32 -> int16 conversion of a DFP tensor with one shared exponent.
 //
-//   JdfpQuantizeI16 : float32 x [...], int32 e (one element) -> int16 out [...]      (exponent given)
-//   JdfpQuantizeDfp : float32 x [...] -> int16 out [...], int32 e [1...]  (exponent from max |x|),
-//                     int32 counts [4] (as JdfpQuantStats: counted while converting)
+//   JdfpQuantizeI16 : float32 x [...], int32 e (one element), uint32 key [2] -> int16 out [...]
+//                     (exponent given)
+//   JdfpQuantizeDfp : float32 x [...], uint32 key [2] -> int16 out [...], int32 e [1...]  (exponent
+//                     from max |x|), int32 counts [4] (as JdfpQuantStats: counted while converting)
 //   JdfpQuantizeDfpNoCount : the same without the counters (conversions nobody reads them of)
+//   attrs of these three: bits, isa, rounding (0 nearest, 1 stochastic, 2 biased).  The key (the
+//   Philox key of stochastic rounding, docs/arithmetic.md) is always an operand, traced data; the
+//   other roundings ignore it (the Python side passes zeros), so one handler serves all three.
 //   JdfpQuantStats  : float32 x [...], int16 q [...], int32 e (one element) -> int32 [4]
 //                     (saturated, underflow, nonfinite, nonzero: how x fared in q, see below)
 //   attrs: bits, isa
@@ -12,10 +16,11 @@
 //                     pass and no int16 copy; for ops whose GEMM quantizes float32 operands while
 //                     packing (JdfpGemmQ), so a forward-only op is two calls, not three.
 //
-// out = clip(round_half_even(scale2(x, -e)), -qmax, qmax), NaN -> 0, all zeros when e is the
-// NONFINITE sentinel: bit for bit what jdfp's pure-JAX `quantize_given_amax` gives for a per-tensor
-// format with nearest rounding (docs/arithmetic.md).  XLA:CPU lowers that conversion to a slow
-// scalar-ish loop (~1 GB/s here); this one is a vectorized pass split over XLA's intra-op pool.
+// out = clip(round(scale2(x, -e)), -qmax, qmax), NaN -> 0, all zeros when e is the NONFINITE
+// sentinel, round = half to even / stochastic (Philox bits by element index) / biased: bit for bit
+// what jdfp's pure-JAX `quantize_given_amax` gives for a per-tensor format (docs/arithmetic.md).
+// XLA:CPU lowers that conversion to a slow scalar-ish loop (~1 GB/s here); this one is a
+// vectorized pass split over XLA's intra-op pool.
 // With a cross-replica max (`pmax`) or delayed scaling the exponent comes from XLA (JdfpQuantizeI16);
 // otherwise one call finds max |x| (NaN/Inf -> the NONFINITE sentinel, subnormals read as zero)
 // and converts, reading x twice but with no float temporary (XLA materializes |x| before its max).
@@ -160,6 +165,22 @@ ffi::Error check_attrs(const char* who, int32_t bits, int32_t isa, const IsaKern
   return select_isa(who, isa, kernels);
 }
 
+// The conversion kernel of a rounding attribute, and the key operand (uint32 [2]) read into `k`.
+ffi::Error select_convert(const IsaKernels& isa, int32_t rounding, ffi::AnyBuffer key, ConvertFn& fn,
+                          PhiloxKey& k) {
+  if (rounding == kRoundNearest) fn = isa.convert;
+  else if (rounding == kRoundStochastic) fn = isa.convert_stochastic;
+  else if (rounding == kRoundBiased) fn = isa.convert_biased;
+  else return invalid_as("quantize", "rounding must be 0 (nearest), 1 (stochastic) or 2 (biased), got " +
+                                         std::to_string(rounding));
+  if (key.element_type() != ffi::U32 || key.element_count() != 2)
+    return invalid_as("quantize", "key must be uint32 [2] (the Philox key), got " + dims_str(key.dimensions()));
+  uint32_t words[2];
+  std::memcpy(words, key.untyped_data(), 8);
+  k = PhiloxKey{words[0], words[1]};
+  return ffi::Error::Success();
+}
+
 // x float32 and out int16 of x's shape.
 ffi::Error check_convert_buffers(ffi::AnyBuffer x, ffi::AnyBuffer out) {
   auto bad = [](const std::string& m) { return invalid_as("quantize", m); };
@@ -174,16 +195,16 @@ ffi::Error check_convert_buffers(ffi::AnyBuffer x, ffi::AnyBuffer out) {
 std::shared_ptr<QuantJob> new_quant_job(ffi::AnyBuffer x, ffi::AnyBuffer out, int32_t bits) {
   auto job = std::make_shared<QuantJob>();
   job->args = ConvertArgs{static_cast<const float*>(x.untyped_data()), static_cast<int16_t*>(out.untyped_data()),
-                          0.0f, 0.0f, float(qmax_of(bits))};
+                          0.0f, 0.0f, float(qmax_of(bits)), PhiloxKey{0, 0}};
   job->x = job->args.x;
   job->bits = bits;
   job->n = int64_t(x.element_count());
   return job;
 }
 
+// `convert` and args.key are set (select_convert); the rest of the entry's kernels come from `isa`.
 ffi::Future launch_quant(const std::shared_ptr<QuantJob>& job, ffi::ThreadPool pool, const IsaKernels& isa) {
   QuantJob& j = *job;
-  j.convert = isa.convert;
   j.amax = isa.amax;
   j.stats_fn = isa.stats;
   j.chunk = kChunk;
@@ -197,16 +218,22 @@ ffi::Future launch_quant(const std::shared_ptr<QuantJob>& job, ffi::ThreadPool p
 }
 
 // Exponent given (e.g. after a cross-replica max): convert only.
-ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
-                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
+ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e, ffi::AnyBuffer key,
+                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa, int32_t rounding) {
   const IsaKernels* kernels = nullptr;
+  ConvertFn convert = nullptr;
+  PhiloxKey k{};
   if (ffi::Error err = check_attrs("quantize", bits, isa, kernels); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = select_convert(*kernels, rounding, key, convert, k); err.failure())
+    return error_future(std::move(err));
   if (ffi::Error err = check_convert_buffers(x, *out); err.failure()) return error_future(std::move(err));
   if (e.element_type() != ffi::S32) return error_future(invalid_as("quantize", "e must be int32"));
   if (e.element_count() != 1)
     return error_future(invalid_as("quantize", "e must hold one exponent (per-tensor format), got " +
                                                   dims_str(e.dimensions())));
   auto job = new_quant_job(x, *out, bits);
+  job->convert = convert;
+  job->args.key = k;
   int32_t ei;
   std::memcpy(&ei, e.untyped_data(), 4);
   set_exponent(*job, ei);
@@ -215,10 +242,15 @@ ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
 
 // Exponent from the tensor's own max (per-tensor DFP): one call, x read twice.  `counts` null: no
 // counters (JdfpQuantizeDfpNoCount, for conversions whose counters nobody reads).
-ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                              ffi::Result<ffi::AnyBuffer> e, ffi::AnyBuffer* counts, int32_t bits, int32_t isa) {
+ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+                              ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> e, ffi::AnyBuffer* counts,
+                              int32_t bits, int32_t isa, int32_t rounding) {
   const IsaKernels* kernels = nullptr;
+  ConvertFn convert = nullptr;
+  PhiloxKey k{};
   if (ffi::Error err = check_attrs("quantize", bits, isa, kernels); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = select_convert(*kernels, rounding, key, convert, k); err.failure())
+    return error_future(std::move(err));
   if (ffi::Error err = check_convert_buffers(x, *out); err.failure()) return error_future(std::move(err));
   if (e->element_type() != ffi::S32 || e->element_count() != 1)
     return error_future(invalid_as("quantize", "e (result) must be one int32"));
@@ -227,6 +259,8 @@ ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Resul
   if (counts && x.element_count() > size_t(2147483647))
     return error_future(invalid_as("quantize", "x has more than 2**31 - 1 elements (int32 counts)"));
   auto job = new_quant_job(x, *out, bits);
+  job->convert = convert;
+  job->args.key = k;
   job->e_out = static_cast<int32_t*>(e->untyped_data());
   job->counts_out = counts ? static_cast<int32_t*>(counts->untyped_data()) : nullptr;
   return launch_quant(job, pool, *kernels);
@@ -404,20 +438,21 @@ JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeDfp(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantizeDfpNoCount(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpQuantStats(XLA_FFI_CallFrame*);
 
-static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
-                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {
-  return jdfp::quantize_given_impl(pool, x, e, out, bits, isa);
+static ffi::Future quantize_i16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e, ffi::AnyBuffer key,
+                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa, int32_t rounding) {
+  return jdfp::quantize_given_impl(pool, x, e, key, out, bits, isa, rounding);
 }
 
-static ffi::Future quantize_dfp(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                                ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts, int32_t bits,
-                                int32_t isa) {
-  return jdfp::quantize_dfp_impl(pool, x, out, e, &*counts, bits, isa);
+static ffi::Future quantize_dfp(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+                                ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> e,
+                                ffi::Result<ffi::AnyBuffer> counts, int32_t bits, int32_t isa, int32_t rounding) {
+  return jdfp::quantize_dfp_impl(pool, x, key, out, e, &*counts, bits, isa, rounding);
 }
 
-static ffi::Future quantize_dfp_nocount(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                                        ffi::Result<ffi::AnyBuffer> e, int32_t bits, int32_t isa) {
-  return jdfp::quantize_dfp_impl(pool, x, out, e, nullptr, bits, isa);
+static ffi::Future quantize_dfp_nocount(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+                                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> e, int32_t bits,
+                                        int32_t isa, int32_t rounding) {
+  return jdfp::quantize_dfp_impl(pool, x, key, out, e, nullptr, bits, isa, rounding);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeI16, quantize_i16,
@@ -425,28 +460,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeI16, quantize_i16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("bits")
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("rounding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfp, quantize_dfp,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("bits")
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("rounding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpQuantizeDfpNoCount, quantize_dfp_nocount,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("bits")
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("rounding"));
 
 static ffi::Future quant_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer e,
                                ffi::Result<ffi::AnyBuffer> out, int32_t bits, int32_t isa) {

@@ -8,24 +8,67 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "gemm_common.h"
+#include "philox.h"
 
 namespace jdfp {
 
 // ---------------------------------------------------------------- conversion
-// out[i] = quantize1(x[i], s1, s2, qm) (gemm_common.h) for i in [begin, end).
+// out[i] = quantize1(x[i], s1, s2, qm) (gemm_common.h) for i in [begin, end) with nearest rounding;
+// the stochastic and biased kernels round y = scale2(x, -e) their own way (docs/arithmetic.md).
+// [begin, end) are indices into the whole tensor: the stochastic kernels draw element i's bits
+// from its global index, so any split into chunks gives the same result.
+enum Rounding : int32_t { kRoundNearest = 0, kRoundStochastic = 1, kRoundBiased = 2 };
+
 struct ConvertArgs {
   const float* x;
   int16_t* out;
   float s1, s2, qm;
+  PhiloxKey key;  // stochastic rounding only
 };
 using ConvertFn = void (*)(const ConvertArgs&, int64_t begin, int64_t end);
 
 static inline void convert_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) a.out[i] = quantize1(a.x[i], a.s1, a.s2, a.qm);
+}
+
+// y = scale2(x, -e), NaN -> 0, clamped to +-qm.  Clamping before rounding gives what the contract's
+// "round, then clip" gives (both roundings are monotone and qm is an integer) and keeps every
+// rounded value exact in int16.
+static inline float scaled_clamped(float x, float s1, float s2, float qm) {
+  float y = (x * s1) * s2;
+  if (!(y == y)) y = 0.0f;
+  return y < -qm ? -qm : (y > qm ? qm : y);
+}
+
+// Stochastic: floor(y) + (u < frac), u = (word >> 8) * 2**-24 (exact in float32).
+static inline float round_stochastic1(float y, uint32_t word) {
+  const float low = std::floor(y);
+  const float u = float(word >> 8) * 0x1p-24f;
+  return low + (u < y - low ? 1.0f : 0.0f);
+}
+
+// Biased (Intel's): the magnitude rounds up iff the discarded fraction is >= 1/4.
+static inline float round_biased1(float y) {
+  const float m = std::fabs(y), low = std::floor(m);
+  return std::copysign(low + (m - low >= 0.25f ? 1.0f : 0.0f), y);
+}
+
+static inline void convert_stochastic_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
+  uint32_t w[4];
+  int64_t block = -1;
+  for (int64_t i = begin; i < end; ++i) {
+    if ((i >> 2) != block) philox_block(uint64_t(block = i >> 2), a.key, w);
+    a.out[i] = int16_t(round_stochastic1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm), w[i & 3]));
+  }
+}
+
+static inline void convert_biased_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) a.out[i] = int16_t(round_biased1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm)));
 }
 
 // ---------------------------------------------------------------- max |x|
@@ -85,13 +128,19 @@ static inline void stats_ref(const StatsArgs& a, int64_t begin, int64_t end, Cou
 // check of isa_table.cc.  AVX2 has no statistics kernel: GCC vectorizes stats_ref well enough for a
 // statistics pass, so the table gives AVX2 / AVX-VNNI the scalar one.
 void convert_scalar(const ConvertArgs&, int64_t begin, int64_t end);
+void convert_stochastic_scalar(const ConvertArgs&, int64_t begin, int64_t end);
+void convert_biased_scalar(const ConvertArgs&, int64_t begin, int64_t end);
 uint32_t amax_scalar(const float* x, int64_t begin, int64_t end);
 void stats_scalar(const StatsArgs&, int64_t begin, int64_t end, Counts&);
 
 void convert_avx2(const ConvertArgs&, int64_t begin, int64_t end);
+void convert_stochastic_avx2(const ConvertArgs&, int64_t begin, int64_t end);
+void convert_biased_avx2(const ConvertArgs&, int64_t begin, int64_t end);
 uint32_t amax_avx2(const float* x, int64_t begin, int64_t end);
 
 void convert_avx512(const ConvertArgs&, int64_t begin, int64_t end);
+void convert_stochastic_avx512(const ConvertArgs&, int64_t begin, int64_t end);
+void convert_biased_avx512(const ConvertArgs&, int64_t begin, int64_t end);
 uint32_t amax_avx512(const float* x, int64_t begin, int64_t end);
 void stats_avx512(const StatsArgs&, int64_t begin, int64_t end, Counts&);
 

@@ -8,5 +8,6 @@ SUBCOMMANDS = {
     "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),
     "conv": ("jdfp.bench.conv", "exact INT16 conv kernel (3 training passes) vs XLA FP32 / int16 convs"),
     "ops": ("jdfp.bench.ops", "jdfp.dot_general / einsum / conv_general_dilated as users call them vs the lax ops"),
+    "convert": ("jdfp.bench.convert", "per-tensor DFP conversion (nearest / stochastic / biased): kernel vs XLA"),
     "train": ("jdfp.bench.train", "end-to-end training steps: FP32 vs DFP16 (kernel, reference) vs BF16"),
 }

@@ -101,24 +101,32 @@ def test_quantize_rejects_bad_input_at_trace_time():
 def test_handler_validates_and_returns_ffi_errors():
   """Calling the FFI targets directly with bad operands gives an error, never a crash."""
   x = jnp.ones((4, 4), jnp.float32)
+  k = jnp.zeros((2,), jnp.uint32)  # the Philox key operand (ignored unless rounding is stochastic)
+  attrs = dict(bits=np.int32(14), isa=np.int32(0), rounding=np.int32(0))
   call = jax.ffi.ffi_call(library.TARGET_QUANTIZE, jax.ShapeDtypeStruct((4, 4), jnp.int16))
   with pytest.raises(Exception, match="one exponent"):
-    jax.block_until_ready(call(x, jnp.zeros((2,), jnp.int32), bits=np.int32(14), isa=np.int32(0)))
+    jax.block_until_ready(call(x, jnp.zeros((2,), jnp.int32), k, **attrs))
   with pytest.raises(Exception, match="bits must be in"):
-    jax.block_until_ready(call(x, jnp.zeros((1,), jnp.int32), bits=np.int32(40), isa=np.int32(0)))
+    jax.block_until_ready(call(x, jnp.zeros((1,), jnp.int32), k, **{**attrs, "bits": np.int32(40)}))
+  with pytest.raises(Exception, match="rounding must be 0"):
+    jax.block_until_ready(call(x, jnp.zeros((1,), jnp.int32), k, **{**attrs, "rounding": np.int32(3)}))
+  with pytest.raises(Exception, match="key must be uint32"):
+    jax.block_until_ready(call(x, jnp.zeros((1,), jnp.int32), jnp.zeros((3,), jnp.uint32), **attrs))
   bad_shape = jax.ffi.ffi_call(library.TARGET_QUANTIZE, jax.ShapeDtypeStruct((4, 5), jnp.int16))
   with pytest.raises(Exception, match="x's shape"):
-    jax.block_until_ready(bad_shape(x, jnp.zeros((1,), jnp.int32), bits=np.int32(14), isa=np.int32(0)))
+    jax.block_until_ready(bad_shape(x, jnp.zeros((1,), jnp.int32), k, **attrs))
   dfp = jax.ffi.ffi_call(library.TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct((4, 4), jnp.int16),
                                                       jax.ShapeDtypeStruct((1, 1), jnp.int32),
                                                       jax.ShapeDtypeStruct((4,), jnp.int32)))
   with pytest.raises(Exception, match="x must be float32"):
-    jax.block_until_ready(dfp(x.astype(jnp.int32), bits=np.int32(14), isa=np.int32(0)))
+    jax.block_until_ready(dfp(x.astype(jnp.int32), k, **attrs))
+  with pytest.raises(Exception, match="key must be uint32"):
+    jax.block_until_ready(dfp(x, k.astype(jnp.int32), **{**attrs, "rounding": np.int32(1)}))
   dfp_bad_counts = jax.ffi.ffi_call(library.TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct((4, 4), jnp.int16),
                                                                  jax.ShapeDtypeStruct((1, 1), jnp.int32),
                                                                  jax.ShapeDtypeStruct((3,), jnp.int32)))
   with pytest.raises(Exception, match="counts"):
-    jax.block_until_ready(dfp_bad_counts(x, bits=np.int32(14), isa=np.int32(0)))
+    jax.block_until_ready(dfp_bad_counts(x, k, **attrs))
   stats = jax.ffi.ffi_call(library.TARGET_QUANT_STATS, jax.ShapeDtypeStruct((4,), jnp.int32))
   q, e = jnp.zeros((4, 4), jnp.int16), jnp.zeros((1,), jnp.int32)
   with pytest.raises(Exception, match="q must be int16"):
@@ -148,11 +156,15 @@ def test_ops_convert_on_the_kernel_only_with_the_ffi_backend():
   g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
   for a, b in zip(g_ffi, g_ref):
     np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
-  # Stochastic rounding and block formats keep the pure-JAX conversion (the kernel does nearest).
+  # Stochastic gradient rounding converts on the kernel too (the Philox stream), bit-identical.
   stoch = jdfp.Policy(backend="ffi", grad_rounding="stochastic")
-  text = str(jax.make_jaxpr(jax.grad(lambda x, w, k: jnp.sum(
-      jdfp.dot_general(x, w, dims, policy=stoch, key=k) ** 2), argnums=(0, 1)))(x, w, jax.random.key(2)))
-  assert text.count(library.TARGET_QUANTIZE_DFP) == 2
+  loss_k = lambda pol: (lambda x, w, k: jnp.sum(jdfp.dot_general(x, w, dims, policy=pol, key=k) ** 2))
+  text = str(jax.make_jaxpr(jax.grad(loss_k(stoch), argnums=(0, 1)))(x, w, jax.random.key(2)))
+  assert text.count(library.TARGET_QUANTIZE_DFP) == 3
+  g_ffi = jax.jit(jax.grad(loss_k(stoch), argnums=(0, 1)))(x, w, jax.random.key(2))
+  g_ref = jax.jit(jax.grad(loss_k(stoch.replace(backend="reference")), argnums=(0, 1)))(x, w, jax.random.key(2))
+  for a, b in zip(g_ffi, g_ref):
+    np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
 
 
 def test_axis_name_uses_the_given_exponent_entry():

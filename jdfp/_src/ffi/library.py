@@ -39,8 +39,14 @@ TARGET_I16 = "jdfp_gemm_i16"  # int16 a, int16 b
 TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
 TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
-TARGET_QUANTIZE = "jdfp_quantize_i16"  # float32 x, int32 e (per tensor) -> int16
-TARGET_QUANTIZE_DFP = "jdfp_quantize_dfp"  # float32 x -> int16, int32 e (from max |x|), int32 [4] counters
+# The library's jdfp_abi_version(): bumped when a handler's operands or attributes change, so a stale
+# build fails to load with a clear message instead of failing at the first call.
+ABI_VERSION = 2
+# The three conversions take a uint32[2] Philox key operand and a `rounding` attribute (0 nearest,
+# 1 stochastic, 2 biased) besides bits / isa.
+TARGET_QUANTIZE = "jdfp_quantize_i16"  # float32 x, int32 e (per tensor), uint32 key [2] -> int16
+# float32 x, uint32 key [2] -> int16, int32 e (from max |x|), int32 [4] counters
+TARGET_QUANTIZE_DFP = "jdfp_quantize_dfp"
 TARGET_QUANTIZE_DFP_NOCOUNT = "jdfp_quantize_dfp_nocount"  # the same without the counters
 TARGET_QUANT_STATS = "jdfp_quant_stats"  # float32 x, int16 q, int32 e -> int32 [4] counters
 TARGET_DFP_EXPONENTS = "jdfp_dfp_exponents"  # float32 x_0..x_n -> int32 e_0..e_n (from max |x|)
@@ -75,7 +81,7 @@ def _load() -> None:
     lib.jdfp_abi_version.restype = ctypes.c_int
     lib.jdfp_safe_chain_length.restype = ctypes.c_int64
     lib.jdfp_safe_chain_length.argtypes = (ctypes.c_int, ctypes.c_int)
-    if lib.jdfp_abi_version() != 1:
+    if lib.jdfp_abi_version() != ABI_VERSION:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),

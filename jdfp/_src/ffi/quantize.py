@@ -10,21 +10,45 @@ import numpy as np
 from jdfp._src.ffi.library import (INT32_MAX, TARGET_DFP_EXPONENTS, TARGET_QUANT_STATS, TARGET_QUANTIZE,
                                    TARGET_QUANTIZE_DFP, TARGET_QUANTIZE_DFP_NOCOUNT, check_bits, dtype_of,
                                    isa_attribute, require_lib)
+from jdfp._src.numerics import philox
+from jdfp._src.numerics.formats import ROUNDING_MODES
 from jdfp._src.numerics.shard_types import match_varying
 
 __all__ = ["dfp_exponents", "quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
 
+# The kernels' `rounding` attribute (xla_ffi/quantize_kernels.h, enum Rounding).
+ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "biased": 2}
+assert tuple(ROUNDING_CODES) == ROUNDING_MODES
 
-def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
-  """int16 values of a per-tensor DFP quantization on the C++ kernel (nearest rounding).
 
-  ``clip(round_half_even(scale2(x, -e)), -qmax, qmax)`` for float32 ``x`` and one int32 exponent
-  ``e`` (any shape of size 1); NaN -> 0 and all zeros when ``e`` is ``NONFINITE_EXPONENT``:
-  bit-identical to `jdfp.quantize_array(x, DFP(bits)).values` given the same exponent, in one
-  vectorized, multi-threaded pass (XLA:CPU's own float -> int16 conversion is several times slower).
+def rounding_operands(rounding, key) -> tuple[np.int32, jax.Array]:
+  """The ``rounding`` attribute and the uint32[2] key operand of a conversion call.
+
+  ``stochastic`` needs a key (its Philox key: `jdfp._src.numerics.philox.key_words`); the other
+  roundings ignore ``key`` (so a policy's key may be passed whatever the rounding) and get zeros.
+  """
+  if rounding not in ROUNDING_CODES:
+    raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+  if rounding != "stochastic":
+    return np.int32(ROUNDING_CODES[rounding]), jnp.zeros((2,), jnp.uint32)
+  if key is None:
+    raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+  return np.int32(ROUNDING_CODES[rounding]), philox.key_words(key)
+
+
+def quantize(x, e, *, bits: int, isa: str = "auto", rounding: str = "nearest", key=None) -> jax.Array:
+  """int16 values of a per-tensor DFP quantization on the C++ kernel.
+
+  ``clip(round(scale2(x, -e)), -qmax, qmax)`` for float32 ``x`` and one int32 exponent ``e`` (any
+  shape of size 1); NaN -> 0 and all zeros when ``e`` is ``NONFINITE_EXPONENT``; ``rounding``:
+  ``"nearest"`` (half to even), ``"stochastic"`` (Philox bits of ``key`` by element index) or
+  ``"biased"`` (see `rounding_operands` for ``key``). Bit-identical to
+  `jdfp.quantize_array(x, DFP(bits), rounding=rounding, key=key).values` given the same exponent, in
+  one vectorized, multi-threaded pass (XLA:CPU's own float -> int16 conversion is several times slower).
   """
   bits = check_bits("bits", bits)
   isa_code = isa_attribute(isa)
+  rounding_code, key_op = rounding_operands(rounding, key)
   for name, v, want in (("x", x, "float32"), ("e", e, "int32")):
     dt = dtype_of(name, v)
     if dt.name != want:
@@ -37,7 +61,8 @@ def quantize(x, e, *, bits: int, isa: str = "auto") -> jax.Array:
   call = jax.ffi.ffi_call(TARGET_QUANTIZE, jax.ShapeDtypeStruct(np.shape(x), jnp.int16),
                           vmap_method="sequential")
   # An FFI result carries no shard_map varying axes: give it its inputs' ones.
-  return match_varying(call(x, e, bits=np.int32(bits), isa=np.int32(isa_code)), x, e)
+  return match_varying(call(x, e, key_op, bits=np.int32(bits), isa=np.int32(isa_code), rounding=rounding_code),
+                       x, e, key_op)
 
 
 def _check_dfp_input(x, bits, isa) -> tuple[int, int, tuple[int, ...]]:
@@ -50,30 +75,34 @@ def _check_dfp_input(x, bits, isa) -> tuple[int, int, tuple[int, ...]]:
   return bits, isa_code, tuple(np.shape(x))
 
 
-def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False) -> tuple[jax.Array, jax.Array]:
+def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False, rounding: str = "nearest",
+                 key=None) -> tuple[jax.Array, jax.Array]:
   """Per-tensor DFP quantization in one kernel call: ``(int16 values, int32 exponent)``.
 
   The exponent is ``quantize.group_exponent(max|x|)`` (NaN/Inf: ``NONFINITE_EXPONENT`` and zeros;
-  an all-zero tensor: 0), shaped ``(1,) * x.ndim``; values as `quantize`. Bit-identical to
-  `jdfp.quantize_array(x, DFP(bits))`. Subnormal inputs read as zero (XLA:CPU's DAZ).
+  an all-zero tensor: 0), shaped ``(1,) * x.ndim``; values, ``rounding`` and ``key`` as `quantize`.
+  Bit-identical to `jdfp.quantize_array(x, DFP(bits), rounding=rounding, key=key)`. Subnormal
+  inputs read as zero (XLA:CPU's DAZ).
   ``counted``: make the call `quantize_dfp_with_stats` makes (and drop its counters), so that XLA
   merges it with a statistics call on the same tensor; by default the kernel counts nothing.
   """
   if counted:
-    values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa)
+    values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa, rounding=rounding, key=key)
     return values, e
   bits, isa_code, shape = _check_dfp_input(x, bits, isa)
+  rounding_code, key_op = rounding_operands(rounding, key)
   if int(np.prod(shape)) == 0:
     return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32)
   require_lib()
   call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP_NOCOUNT, (jax.ShapeDtypeStruct(shape, jnp.int16),
                                                         jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32)),
                           vmap_method="sequential")
-  values, e = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
-  return match_varying(values, x), match_varying(e, x)
+  values, e = call(x, key_op, bits=np.int32(bits), isa=np.int32(isa_code), rounding=rounding_code)
+  return match_varying(values, x, key_op), match_varying(e, x)
 
 
-def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto", rounding: str = "nearest",
+                            key=None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`quantize_dfp` plus the `quant_stats` counters of the result, counted while converting.
 
   It is the same kernel call as ``quantize_dfp(..., counted=True)``, so when both quantize the same
@@ -81,6 +110,7 @@ def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Arr
   op's own quantization for free; the ops ask for ``counted`` only while statistics are recorded).
   """
   bits, isa_code, shape = _check_dfp_input(x, bits, isa)
+  rounding_code, key_op = rounding_operands(rounding, key)
   n = int(np.prod(shape))
   if n == 0:
     return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32), jnp.zeros((4,), jnp.int32)
@@ -91,8 +121,8 @@ def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto") -> tuple[jax.Arr
                                                 jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32),
                                                 jax.ShapeDtypeStruct((4,), jnp.int32)),
                           vmap_method="sequential")
-  values, e, counts = call(x, bits=np.int32(bits), isa=np.int32(isa_code))
-  return match_varying(values, x), match_varying(e, x), match_varying(counts, x)
+  values, e, counts = call(x, key_op, bits=np.int32(bits), isa=np.int32(isa_code), rounding=rounding_code)
+  return match_varying(values, x, key_op), match_varying(e, x), match_varying(counts, x, key_op)
 
 
 def dfp_exponents(*xs, bits, isa: str = "auto") -> tuple[jax.Array, ...]:

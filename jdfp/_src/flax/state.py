@@ -172,7 +172,7 @@ def natural_blocks(fmt, shape) -> tuple[int, ...]:
 def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   """role_stats of ``x`` quantized as the op quantizes it (``bshape``: its block shape).
 
-  Where the op converts on the C++ kernel (per-tensor DFP, nearest rounding, FFI backend, no
+  Where the op converts on the C++ kernel (per-tensor DFP, FFI backend, no
   data-parallel exponent), the statistics come from the *same* kernel call as the op's own
   quantization (`ffi.quantize.quantize_dfp_with_stats`; XLA merges the two identical calls), so they
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
@@ -181,7 +181,8 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   uk = counts_on_kernel(policy) if not fmt.is_integer else kernel_quantize(policy)
   ax = getattr(policy, "axis_name", None)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts(x, fmt, rounding, tuple(bshape)):
-    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits)
+    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits, rounding=rounding,
+                                                        key=key if rounding == "stochastic" else None)
     return stats_from_counts(x, e, counts)
   q = convert.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
   return role_stats(x, q, uk)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.numerics import formats
+from jdfp._src.numerics import formats, philox
 from jdfp._src.numerics.formats import DFP, FloatFormat, NONFINITE_EXPONENT, ZERO_EXPONENT
 
 
@@ -93,10 +93,11 @@ def round_to_int(y: jax.Array, rounding: str, key) -> jax.Array:
     low = jnp.floor(mag)
     return jnp.sign(y) * (low + (mag - low >= 0.25).astype(y.dtype))
   # Stochastic: floor(y) + Bernoulli(frac). A 24-bit uniform keeps u exact in float32, and the
-  # comparison (instead of floor(y + u)) avoids the rounding of y + u for large |y|.
+  # comparison (instead of floor(y + u)) avoids the rounding of y + u for large |y|. The bits are
+  # Philox-4x32-10 by row-major element index, as the C++ kernels draw them (docs/arithmetic.md).
   low = jnp.floor(y)
   frac = y - low
-  bits = jax.random.bits(key, y.shape, jnp.uint32) >> 8
+  bits = philox.philox_bits(key, y.shape) >> np.uint32(8)
   u = bits.astype(jnp.float32) * np.float32(2.0**-24)
   return low + (u < frac).astype(y.dtype)
 

@@ -103,7 +103,7 @@ def quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None, use_kern
 
   ``masks`` (per spatial dim, static) restrict the max to the input positions the conv reads, so the
   exponent is the one of the im2col matrix (what the GEMM sees) even when a stride skips inputs.
-  ``use_kernel``: the float -> int16 conversion on the C++ kernel (nearest rounding only)."""
+  ``use_kernel``: the float -> int16 conversion on the C++ kernel (any rounding)."""
   if masks is None:
     q = quantize_blocks(x, fmt, fmt.block_shape(jnp.shape(x)), rounding=rounding,
                            key=key if rounding == "stochastic" else None, axis_name=axis_name,
@@ -120,9 +120,10 @@ def quantize_conv_operand(x, fmt, rounding, key, axis_name, masks=None, use_kern
 
 def convert_conv_operand(x, e, fmt, rounding, key, use_kernel):
   """int16 values of a conv operand for the (scalar) exponent ``e``."""
-  if use_kernel and rounding == "nearest" and x.size:
+  if use_kernel and x.size:
     # Unread positions may convert to any in-range value (NaN -> 0, Inf -> +-qmax): never read.
-    return ffi_quantize.quantize(x, e, bits=fmt.bits)
+    return ffi_quantize.quantize(x, e, bits=fmt.bits, rounding=rounding,
+                                 key=key if rounding == "stochastic" else None)
   nonfinite = e == formats.NONFINITE_EXPONENT
   # Unread non-finite inputs must not leak into int16 (they are never read, but keep them 0).
   xs = jnp.where(nonfinite | ~jnp.isfinite(x), 0.0, x)

@@ -1,5 +1,5 @@
 """Operand conversion for the ops: float -> int16 (+ exponents) on the C++ kernel where it applies
-(per-tensor DFP, nearest rounding; bit-identical and several times faster than XLA:CPU), else the
+(per-tensor DFP, any rounding; bit-identical and several times faster than XLA:CPU), else the
 pure-JAX quantizer of `jdfp._src.numerics.quantize`."""
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def kernel_convert_available() -> bool:
 
 
 def kernel_converts(x, fmt, rounding, bshape) -> bool:
-  """The kernel conversion covers one exponent for the whole tensor, nearest rounding."""
-  return (isinstance(fmt, DFP) and rounding == "nearest" and x.size > 0 and len(bshape) == x.ndim
+  """The kernel conversion covers one exponent for the whole tensor, every rounding (nearest,
+  stochastic with the Philox stream of docs/arithmetic.md, biased)."""
+  return (isinstance(fmt, DFP) and rounding in formats.ROUNDING_MODES and x.size > 0 and len(bshape) == x.ndim
           and all(b >= n for b, n in zip(bshape, x.shape)))
 
 
@@ -72,8 +73,8 @@ def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest
 def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> qz.QArray:
   if not kernel_converts(x, fmt, rounding, bshape):  # other formats and roundings: the numerics' quantizer
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
-  if axis_name is None:
-    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted)  # max, exponent, conversion: one call
+  if axis_name is None:  # max, exponent, conversion: one call
+    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted, rounding=rounding, key=key)
     return qz.QArray(values, e, fmt, bshape)
   amax = qz.shared_amax(formats.block_amax(x, bshape), axis_name)  # replicas agree on the exponent first
   return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True)
@@ -87,7 +88,9 @@ def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False) -
 def quantize_given_exponent(x, e, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:
   """`jdfp._src.numerics.quantize.quantize_given_exponent`, on the kernel where it applies."""
   if use_kernel and kernel_converts(x, fmt, rounding, bshape):
-    return qz.QArray(ffi_quantize.quantize(x.astype(jnp.float32), e, bits=fmt.bits), e, fmt, bshape)
+    values = ffi_quantize.quantize(x.astype(jnp.float32), e, bits=fmt.bits, rounding=rounding,
+                                   key=key if rounding == "stochastic" else None)
+    return qz.QArray(values, e, fmt, bshape)
   return qz.quantize_given_exponent(x, e, fmt, rounding, key, bshape)
 
 
@@ -120,10 +123,12 @@ def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None,
   """`quantize3` of each ``(x3, fmt, c_ax, key)``; an operand flagged in ``lazy`` whose int16 copy
   nobody keeps (a forward-only op, a ``float_residuals`` operand) gets only its exponent when the
   kernel converts it: ``QArray(float32 x3, e)``, which the GEMM kernel quantizes while packing
-  (bit-identical). The exponents of all such operands come from one kernel call."""
+  (bit-identical; its packing rounds to nearest only, so other roundings always convert here).
+  The exponents of all such operands come from one kernel call."""
   if use_kernel is None:
     use_kernel = kernel_convert_available()
   fast = [bool(lz and use_kernel and axis_name is None and fmt.is_integer and not counters_wanted()
+               and rounding == "nearest"
                and kernel_converts(x3, fmt, rounding, block_shape3(x3.shape, fmt, c_ax)))
           for (x3, fmt, c_ax, _), lz in zip(operands, lazy)]
   xs = [qz.as_float_input(op[0]).astype(jnp.float32) for op, f in zip(operands, fast) if f]
