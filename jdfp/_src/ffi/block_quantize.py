@@ -1,0 +1,89 @@
+"""Python side of ``xla_ffi/block_quantize_ffi.cc``: float32 -> int16 conversion of a block format
+(DFP or BFP, one exponent per row, 1-D block or 2-D tile), exponents included, in C++ (bit-identical
+to the pure-JAX `jdfp._src.numerics.quantize.quantize_blocks` for nearest and biased rounding)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdfp._src.ffi.library import TARGET_BLOCK_QUANTIZE, dtype_of, isa_attribute, require_lib
+from jdfp._src.numerics import formats
+from jdfp._src.numerics.shard_types import match_varying
+
+__all__ = ["block_quantize", "block_view3", "quantize_blocks"]
+
+ROUNDINGS = ("nearest", "biased")  # stochastic block rounding stays in the pure-JAX quantizer
+
+
+def block_view3(shape, bshape) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+  """``shape`` and its block shape as one ``[B, R, C]`` view with blocks ``(bb, br, bc)``, or None.
+
+  Adjacent axes merge when the inner one is whole (a block spans it, so blocks of the merged axis
+  are ``b_outer * n_inner``) or both have blocks of 1; a view needing more than three axes is None.
+  """
+  dims = [[int(n), min(int(b), max(int(n), 1))] for n, b in zip(shape, bshape)]
+  merged: list[list[int]] = []
+  for n, b in dims:
+    if merged and (b == max(n, 1) or (b == 1 and merged[-1][1] == 1)):
+      merged[-1] = [merged[-1][0] * n, merged[-1][1] * b]
+    else:
+      merged.append([n, b])
+  if len(merged) > 3:
+    return None
+  merged = [[1, 1]] * (3 - len(merged)) + merged
+  return tuple(m[0] for m in merged), tuple(m[1] for m in merged)
+
+
+def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest",
+                   isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """``(int16 values [B, R, C], int32 exponents [GB, GR, GC])`` of float32 ``x [B, R, C]`` with blocks
+  ``block = (bb, br, bc)`` (a block longer than its axis covers the axis), ``G* = ceil(n / b)``.
+
+  ``bfp``: BFP exponents with ``bits`` mantissa bits (1..15), else DFP with ``bits`` bits (2..16,
+  sign included). Each block's exponent is ``quantize.group_exponent`` of its max |x| (NaN/Inf:
+  ``NONFINITE_EXPONENT`` and zeros; all zero: 0; subnormals read as zero, XLA:CPU's DAZ).
+  """
+  isa_code = isa_attribute(isa)
+  if dtype_of("x", x).name != "float32":
+    raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
+  shape = tuple(np.shape(x))
+  if len(shape) != 3:
+    raise ValueError(f"x must be 3-D [B, R, C], got shape {shape}")
+  if (len(block) != 3 or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
+                             for b in block)):
+    raise ValueError(f"block must be three ints >= 1, got {block!r}")
+  lo, hi = (1, 15) if bfp else (2, 16)
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
+    raise ValueError(f"bits must be an int in {lo}..{hi} for {'BFP' if bfp else 'DFP'}, got {bits!r}")
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS} on the kernel, got {rounding!r}")
+  grid = formats.grid_shape(shape, block)
+  if int(np.prod(shape)) == 0:
+    return jnp.zeros(shape, jnp.int16), jnp.zeros(grid, jnp.int32)
+  require_lib()
+  call = jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE, (jax.ShapeDtypeStruct(shape, jnp.int16),
+                                                  jax.ShapeDtypeStruct(grid, jnp.int32)),
+                          vmap_method="sequential")
+  values, e = call(x, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
+                   rounding=np.int32(ROUNDINGS.index(rounding)), isa=np.int32(isa_code))
+  # An FFI result carries no shard_map varying axes: give it its input's ones.
+  return match_varying(values, x), match_varying(e, x)
+
+
+def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto"):
+  """`block_quantize` of an N-D float32 ``x`` in a DFP / BFP format with block shape ``bshape``:
+  ``(int16 values of x's shape, int32 exponents of the block grid's shape)``. ``x`` and ``bshape``
+  must have a 3-D view (`block_view3`)."""
+  if not isinstance(fmt, (formats.DFP, formats.BFP)):
+    raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
+  shape = tuple(np.shape(x))
+  view = block_view3(shape, bshape)
+  if view is None:
+    raise ValueError(f"block shape {tuple(bshape)} of shape {shape} has no 3-D [B, R, C] view")
+  shape3, block3 = view
+  bfp = isinstance(fmt, formats.BFP)
+  values, e = block_quantize(jnp.reshape(x, shape3), block3, bfp=bfp, bits=fmt.mantissa_bits if bfp else fmt.bits,
+                             rounding=rounding, isa=isa)
+  return jnp.reshape(values, shape), jnp.reshape(e, formats.grid_shape(shape, bshape))

@@ -1,0 +1,213 @@
+// XLA FFI handler: float32 -> int16 conversion of a block format (DFP or BFP with one exponent per
+// block or tile), exponents included.
+//
+//   JdfpBlockQuantize : float32 x [B, R, C] -> int16 out [B, R, C], int32 e [GB, GR, GC]
+//   attrs: block (int64 [3]: bb, br, bc; G* = ceil(n / b)), kind (0 DFP, 1 BFP), bits (DFP: bits
+//          with sign; BFP: mantissa bits), rounding (0 nearest, 1 biased), isa
+//
+// Every block's exponent comes from its max |x| (numerics/quantize.py group_exponent: DFP
+// floor(log2 m) + 1 - (bits - 1), BFP ceil(log2 m) - mantissa_bits; 0 for an all-zero block, the
+// NONFINITE sentinel and all-zero values for a block holding NaN/Inf; subnormals read as zero, as
+// XLA:CPU's DAZ), and its values are clip(round(scale2(x, -e)), +-qmax): bit for bit the pure-JAX
+// `quantize_blocks` for nearest and biased rounding (stochastic rounding stays in JAX for now).
+//
+// Work unit: the rows of one block band (bb x br rows) times a range of whole column blocks, so a
+// unit owns its blocks outright: it reads its rows once for the maxima and once more to convert
+// (while they are still in L2, ~32 Ki elements per unit), with no cross-thread reduction.  Units
+// are grabbed by the calling thread and XLA's pool threads from an atomic counter.
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "block_quantize_kernels.h"
+#include "ffi_helpers.h"
+
+namespace jdfp {
+namespace {
+
+struct BlockKernels {
+  BlockAmaxFn amax;
+  BlockConvertFn convert;
+};
+
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+#define JDFP_BLOCK_AVX512(fn) fn
+#else
+#define JDFP_BLOCK_AVX512(fn) nullptr  // never selected: isa_mask() leaves AVX-512 out
+#endif
+
+// Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
+const BlockKernels kBlockTable[] = {
+    /* kIsaAuto */ {nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar},
+    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar},
+    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar},
+    /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512)},
+};
+static_assert(sizeof(kBlockTable) / sizeof(kBlockTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
+
+constexpr int64_t kUnitElems = int64_t(1) << 15;
+constexpr int64_t kMaxUnitBlocks = 1024;  // bounds a unit's accumulators (64 KiB)
+
+// The exponent of a block from its max |x| bits (group_exponent).
+int32_t block_exponent(uint32_t amax_bits, bool bfp, int bits) {
+  if (amax_bits >= kInfBits) return kNonfiniteExponent;
+  if (amax_bits == 0) return 0;
+  const int32_t k = int32_t(amax_bits >> 23) - 126;  // m = f * 2**k, f in [0.5, 1); m is normal here
+  if (!bfp) return k - (bits - 1);
+  const bool pow2 = (amax_bits & 0x007FFFFFu) == 0;  // m = 2**(k-1) exactly
+  return (pow2 ? k - 1 : k) - bits;
+}
+
+struct BlockJob {
+  BlockKernels k{};
+  const float* x = nullptr;
+  int16_t* out = nullptr;
+  int32_t* e = nullptr;
+  int64_t B = 0, R = 0, C = 0, bb = 0, br = 0, bc = 0, GB = 0, GR = 0, GC = 0;
+  int64_t cb_per_unit = 1, units_per_band = 1, nunits = 0;
+  bool bfp = false, biased = false;
+  int bits = 0;
+  float qm = 0.0f;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+};
+
+// Scratch of one worker: the lane accumulators and per-block scales of a unit.
+struct UnitScratch {
+  std::vector<uint32_t> acc;
+  std::vector<float> s1, s2;
+};
+
+// Calls f(row pointer offset) for every row of block band `band` (batch-major, then row).
+template <class F>
+void for_band_rows(const BlockJob& j, int64_t band, F&& f) {
+  const int64_t gb = band / j.GR, gr = band % j.GR;
+  const int64_t b1 = std::min(j.B, (gb + 1) * j.bb), r1 = std::min(j.R, (gr + 1) * j.br);
+  for (int64_t b = gb * j.bb; b < b1; ++b)
+    for (int64_t r = gr * j.br; r < r1; ++r) f((b * j.R + r) * j.C);
+}
+
+void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
+  const int64_t band = u / j.units_per_band;
+  const int64_t cb0 = (u % j.units_per_band) * j.cb_per_unit, cb1 = std::min(j.GC, cb0 + j.cb_per_unit);
+  const int64_t nb = cb1 - cb0, c0 = cb0 * j.bc, n = std::min(j.C, cb1 * j.bc) - c0;
+  std::fill(s.acc.begin(), s.acc.begin() + nb * kAmaxLanes, 0u);
+  for_band_rows(j, band, [&](int64_t off) { j.k.amax(j.x + off + c0, n, j.bc, s.acc.data()); });
+  int32_t* e_out = j.e + band * j.GC + cb0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint32_t* lanes = s.acc.data() + b * kAmaxLanes;
+    const int32_t ei = block_exponent(*std::max_element(lanes, lanes + kAmaxLanes), j.bfp, j.bits);
+    e_out[b] = ei;
+    const int32_t ne = -eclamp(ei), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+    s.s1[b] = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);  // NaN/Inf blocks: all products NaN or 0 -> 0
+    s.s2[b] = pow2f(e2);
+  }
+  const BlockConvertArgs args{s.s1.data(), s.s2.data(), j.qm, j.biased};
+  for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+}
+
+void block_worker(const std::shared_ptr<BlockJob>& job) {
+  BlockJob& j = *job;
+  UnitScratch s;
+  s.acc.resize(size_t(j.cb_per_unit * kAmaxLanes));
+  s.s1.resize(size_t(j.cb_per_unit));
+  s.s2.resize(size_t(j.cb_per_unit));
+  int64_t done = 0;
+  {
+    const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
+    for (;;) {
+      const int64_t u = j.next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= j.nunits) break;
+      run_unit(j, u, s);
+      ++done;
+    }
+  }
+  if (done) j.done.CountDown(size_t(done));
+}
+
+// Shapes, block attribute and the format attributes, checked; fills the job's geometry.
+ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer e,
+                  ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding) {
+  auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
+  if (x.element_type() != ffi::F32) return bad("x must be float32");
+  if (out.element_type() != ffi::S16) return bad("out must be int16");
+  if (e.element_type() != ffi::S32) return bad("e must be int32");
+  const auto dx = x.dimensions(), dout = out.dimensions(), de = e.dimensions();
+  if (dx.size() != 3) return bad("x must be 3-D [B, R, C], got " + dims_str(dx));
+  if (dout.size() != 3 || !std::equal(dx.begin(), dx.end(), dout.begin()))
+    return bad("out must have x's shape " + dims_str(dx) + ", got " + dims_str(dout));
+  if (block.size() != 3 || block[0] < 1 || block[1] < 1 || block[2] < 1)
+    return bad("block must be three ints >= 1 (bb, br, bc)");
+  if (kind != 0 && kind != 1) return bad("kind must be 0 (DFP) or 1 (BFP), got " + std::to_string(kind));
+  if (kind == 0 && (bits < 2 || bits > 16)) return bad("bits must be in [2, 16] for DFP, got " + std::to_string(bits));
+  if (kind == 1 && (bits < 1 || bits > 15)) return bad("bits (mantissa) must be in [1, 15] for BFP, got " + std::to_string(bits));
+  if (rounding != 0 && rounding != 1) return bad("rounding must be 0 (nearest) or 1 (biased), got " + std::to_string(rounding));
+  j.B = dx[0], j.R = dx[1], j.C = dx[2];
+  j.bb = std::min(block[0], std::max<int64_t>(j.B, 1));
+  j.br = std::min(block[1], std::max<int64_t>(j.R, 1));
+  j.bc = std::min(block[2], std::max<int64_t>(j.C, 1));
+  j.GB = (j.B + j.bb - 1) / j.bb, j.GR = (j.R + j.br - 1) / j.br, j.GC = (j.C + j.bc - 1) / j.bc;
+  if (de.size() != 3 || de[0] != j.GB || de[1] != j.GR || de[2] != j.GC)
+    return bad("e must be the block grid [" + std::to_string(j.GB) + ", " + std::to_string(j.GR) + ", " +
+               std::to_string(j.GC) + "], got " + dims_str(de));
+  j.bfp = kind == 1, j.biased = rounding == 1, j.bits = bits;
+  j.qm = float(j.bfp ? (int32_t(1) << bits) - 1 : qmax_of(bits));
+  const int64_t band_rows = std::min(j.bb, j.B) * std::min(j.br, j.R);
+  j.cb_per_unit = std::clamp<int64_t>(kUnitElems / std::max<int64_t>(1, band_rows * j.bc), 1,
+                                      std::min(kMaxUnitBlocks, std::max<int64_t>(j.GC, 1)));
+  j.units_per_band = (j.GC + j.cb_per_unit - 1) / j.cb_per_unit;
+  j.nunits = j.GB * j.GR * j.units_per_band;
+  j.x = static_cast<const float*>(x.untyped_data());
+  j.out = static_cast<int16_t*>(out.untyped_data());
+  j.e = static_cast<int32_t*>(e.untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
+                                int32_t bits, int32_t rounding, int32_t isa) {
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error err = select_isa("block_quantize", isa, kernels); err.failure()) return error_future(std::move(err));
+  auto job = std::make_shared<BlockJob>();
+  if (ffi::Error err = set_up(*job, x, *out, *e, block, kind, bits, rounding); err.failure())
+    return error_future(std::move(err));
+  job->k = kBlockTable[kernels - &isa_kernels(0)];
+  if (job->nunits == 0) {  // an empty tensor: nothing to convert, no exponents
+    ffi::Promise p;
+    ffi::Future f(p);
+    p.SetAvailable();
+    return f;
+  }
+  // Pool threads only when there is more than one unit's worth of work for them.
+  const int64_t nthreads = std::min(pool_workers(pool), job->nunits);
+  job->done = ffi::CountDownPromise(size_t(job->nunits));
+  ffi::Future fut(job->done);
+  for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { block_worker(job); });
+  block_worker(job);  // the calling thread finishes every unit if nobody else shows up
+  return fut;
+}
+
+}  // namespace
+}  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantize(XLA_FFI_CallFrame*);
+
+static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
+                                  int32_t bits, int32_t rounding, int32_t isa) {
+  return jdfp::block_quantize_impl(pool, x, out, e, block, kind, bits, rounding, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantize, block_quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("block")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("rounding")
+                                  .Attr<int32_t>("isa"));
