@@ -11,11 +11,17 @@
 // XLA:CPU's DAZ), and its values are clip(round(scale2(x, -e)), +-qmax): bit for bit the pure-JAX
 // `quantize_blocks` for nearest and biased rounding (stochastic rounding stays in JAX for now).
 //
+//   JdfpBlockQuantizeStats : the same plus int32 counts [4] (saturated, underflow, nonfinite,
+//                     nonzero: JdfpQuantStats's counters, each element against its block's exponent)
+//                     and int32 erange [2] (max, min exponent over the blocks holding a nonzero
+//                     finite value; 0, 0 if none): the Flax "dfp" statistics, counted while converting
+//
 // Work unit: the rows of one block band (bb x br rows) times a range of whole column blocks, so a
 // unit owns its blocks outright: it reads its rows once for the maxima and once more to convert
 // (while they are still in L2, ~32 Ki elements per unit), with no cross-thread reduction.  Units
 // are grabbed by the calling thread and XLA's pool threads from an atomic counter.
 #include <algorithm>
+#include <climits>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -60,8 +66,36 @@ int32_t block_exponent(uint32_t amax_bits, bool bfp, int bits) {
   return (pow2 ? k - 1 : k) - bits;
 }
 
+// Counters of the statistics variant: every worker adds its own; whoever brings the finished units
+// to the total writes them out (before its CountDown, so they are in place when the future resolves).
+struct BlockTotals {
+  std::atomic<int64_t> finished{0}, sat{0}, under{0}, nonfin{0}, ok{0};
+  std::atomic<int32_t> emax{INT32_MIN}, emin{INT32_MAX};
+  void add(const Counts& c, int32_t lo, int32_t hi, int64_t done, int64_t nunits, int32_t* counts, int32_t* erange) {
+    sat.fetch_add(c.sat, std::memory_order_relaxed);
+    under.fetch_add(c.under, std::memory_order_relaxed);
+    nonfin.fetch_add(c.nonfin, std::memory_order_relaxed);
+    ok.fetch_add(c.ok, std::memory_order_relaxed);
+    int32_t cur = emax.load(std::memory_order_relaxed);
+    while (hi > cur && !emax.compare_exchange_weak(cur, hi, std::memory_order_relaxed)) {
+    }
+    cur = emin.load(std::memory_order_relaxed);
+    while (lo < cur && !emin.compare_exchange_weak(cur, lo, std::memory_order_relaxed)) {
+    }
+    if (finished.fetch_add(done, std::memory_order_acq_rel) + done != nunits) return;
+    counts[0] = int32_t(sat.load()), counts[1] = int32_t(under.load());
+    counts[2] = int32_t(nonfin.load()), counts[3] = int32_t(ok.load());
+    const bool any = ok.load() > 0;
+    erange[0] = any ? emax.load() : 0, erange[1] = any ? emin.load() : 0;
+  }
+};
+
 struct BlockJob {
   BlockKernels k{};
+  StatsFn stats = nullptr;
+  int32_t* counts_out = nullptr;  // statistics variant only (else null)
+  int32_t* erange_out = nullptr;
+  BlockTotals totals;
   const float* x = nullptr;
   int16_t* out = nullptr;
   int32_t* e = nullptr;
@@ -74,11 +108,27 @@ struct BlockJob {
   ffi::CountDownPromise done;
 };
 
-// Scratch of one worker: the lane accumulators and per-block scales of a unit.
+// Scratch of one worker: the lane accumulators, per-block scales and exponents of a unit, and the
+// worker's statistics (counts; exponent range of the blocks with a nonzero finite value).
 struct UnitScratch {
   std::vector<uint32_t> acc;
   std::vector<float> s1, s2;
+  std::vector<int32_t> e;
+  std::vector<int64_t> block_ok;
+  Counts counts;
+  int32_t emin = INT32_MAX, emax = INT32_MIN;
 };
+
+// The statistics of one converted row segment, block by block (stats kernels of quantize_kernels.h).
+void count_row(const BlockJob& j, const float* x, const int16_t* q, int64_t n, UnitScratch& s) {
+  for (int64_t c0 = 0, b = 0; c0 < n; c0 += j.bc, ++b) {
+    const int32_t ne = -eclamp(s.e[b]), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+    const StatsArgs args{x, q, pow2f(e1), pow2f(e2), j.qm, s.e[b] != kNonfiniteExponent};
+    const int64_t before = s.counts.ok;
+    j.stats(args, c0, std::min(n, c0 + j.bc), s.counts);
+    s.block_ok[b] += s.counts.ok - before;
+  }
+}
 
 // Calls f(row pointer offset) for every row of block band `band` (batch-major, then row).
 template <class F>
@@ -100,12 +150,18 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     const uint32_t* lanes = s.acc.data() + b * kAmaxLanes;
     const int32_t ei = block_exponent(*std::max_element(lanes, lanes + kAmaxLanes), j.bfp, j.bits);
     e_out[b] = ei;
+    s.e[b] = ei;
     const int32_t ne = -eclamp(ei), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
     s.s1[b] = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);  // NaN/Inf blocks: all products NaN or 0 -> 0
     s.s2[b] = pow2f(e2);
   }
   const BlockConvertArgs args{s.s1.data(), s.s2.data(), j.qm, j.biased};
   for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+  if (!j.counts_out) return;
+  std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
+  for_band_rows(j, band, [&](int64_t off) { count_row(j, j.x + off + c0, j.out + off + c0, n, s); });
+  for (int64_t b = 0; b < nb; ++b)
+    if (s.block_ok[b]) s.emin = std::min(s.emin, s.e[b]), s.emax = std::max(s.emax, s.e[b]);
 }
 
 void block_worker(const std::shared_ptr<BlockJob>& job) {
@@ -114,6 +170,8 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
   s.acc.resize(size_t(j.cb_per_unit * kAmaxLanes));
   s.s1.resize(size_t(j.cb_per_unit));
   s.s2.resize(size_t(j.cb_per_unit));
+  s.e.resize(size_t(j.cb_per_unit));
+  s.block_ok.resize(size_t(j.cb_per_unit));
   int64_t done = 0;
   {
     const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
@@ -124,7 +182,9 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
       ++done;
     }
   }
-  if (done) j.done.CountDown(size_t(done));
+  if (!done) return;
+  if (j.counts_out) j.totals.add(s.counts, s.emin, s.emax, done, j.nunits, j.counts_out, j.erange_out);
+  j.done.CountDown(size_t(done));
 }
 
 // Shapes, block attribute and the format attributes, checked; fills the job's geometry.
@@ -165,16 +225,32 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   return ffi::Error::Success();
 }
 
+// counts / erange: the statistics variant's results (null: plain conversion).
+ffi::Error set_up_stats(BlockJob& j, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange, const IsaKernels& kernels) {
+  if (!counts) return ffi::Error::Success();
+  auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
+  if (counts->element_type() != ffi::S32 || counts->element_count() != 4) return bad("counts (result) must be int32 [4]");
+  if (erange->element_type() != ffi::S32 || erange->element_count() != 2) return bad("erange (result) must be int32 [2]");
+  if (j.B * j.R * j.C > int64_t(2147483647)) return bad("x has more than 2**31 - 1 elements (int32 counts)");
+  j.stats = kernels.stats;
+  j.counts_out = static_cast<int32_t*>(counts->untyped_data());
+  j.erange_out = static_cast<int32_t*>(erange->untyped_data());
+  return ffi::Error::Success();
+}
+
 ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                                ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
-                                int32_t bits, int32_t rounding, int32_t isa) {
+                                ffi::Result<ffi::AnyBuffer> e, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
+                                ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
+                                int32_t isa) {
   const IsaKernels* kernels = nullptr;
   if (ffi::Error err = select_isa("block_quantize", isa, kernels); err.failure()) return error_future(std::move(err));
   auto job = std::make_shared<BlockJob>();
   if (ffi::Error err = set_up(*job, x, *out, *e, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
+  if (ffi::Error err = set_up_stats(*job, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
   job->k = kBlockTable[kernels - &isa_kernels(0)];
-  if (job->nunits == 0) {  // an empty tensor: nothing to convert, no exponents
+  if (job->nunits == 0) {  // an empty tensor: nothing to convert, no exponents (nor counts)
+    if (counts) std::fill_n(job->counts_out, 4, 0), std::fill_n(job->erange_out, 2, 0);
     ffi::Promise p;
     ffi::Future f(p);
     p.SetAvailable();
@@ -193,12 +269,34 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Res
 }  // namespace jdfp
 
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantize(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizeStats(XLA_FFI_CallFrame*);
 
 static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
                                   ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
                                   int32_t bits, int32_t rounding, int32_t isa) {
-  return jdfp::block_quantize_impl(pool, x, out, e, block, kind, bits, rounding, isa);
+  return jdfp::block_quantize_impl(pool, x, out, e, nullptr, nullptr, block, kind, bits, rounding, isa);
 }
+
+static ffi::Future block_quantize_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                        ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts,
+                                        ffi::Result<ffi::AnyBuffer> erange, ffi::Span<const int64_t> block,
+                                        int32_t kind, int32_t bits, int32_t rounding, int32_t isa) {
+  return jdfp::block_quantize_impl(pool, x, out, e, &*counts, &*erange, block, kind, bits, rounding, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizeStats, block_quantize_stats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("block")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("rounding")
+                                  .Attr<int32_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantize, block_quantize,
                               ffi::Ffi::Bind()

@@ -146,3 +146,21 @@ def test_handler_returns_ffi_errors():
                                                   jax.ShapeDtypeStruct((1, 2, 2), jnp.int32)))
   with pytest.raises(Exception, match="kind must be 0"):
     jax.block_until_ready(call(x, block=np.asarray((1, 2, 2), np.int64), **{**attrs, "kind": np.int32(5)}))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "biased"])
+@pytest.mark.parametrize("fmt", (BFP(7), BFP(15), DFP(12)), ids=repr)
+def test_block_stats_equal_the_pure_jax_reductions(isa, fmt, rounding):
+  """The statistics variant: same values and exponents, and the Flax counters of `role_stats`."""
+  from jdfp._src.flax import state
+  rng = np.random.default_rng(3)
+  for case in ("plain", "special", "zeros", "subnormal_block"):
+    for shape, block in GEOMETRIES:
+      x = _adversarial(rng, shape, case)
+      ref = qz.quantize_blocks(x, fmt, block, rounding=rounding)
+      v, e, counts, erange = bq.quantize_blocks_with_stats(jnp.asarray(x), fmt, block, rounding=rounding, isa=isa)
+      np.testing.assert_array_equal(np.asarray(v), np.asarray(ref.values))
+      np.testing.assert_array_equal(np.asarray(e), np.asarray(ref.exponent))
+      want = state.role_stats(jnp.asarray(x), ref)
+      got = state.stats_from_block_counts(x, counts, erange)
+      assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}, (case, shape)

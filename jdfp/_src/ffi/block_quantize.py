@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.library import TARGET_BLOCK_QUANTIZE, dtype_of, isa_attribute, require_lib
+from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_QUANTIZE, TARGET_BLOCK_QUANTIZE_STATS, dtype_of,
+                                   isa_attribute, require_lib)
 from jdfp._src.numerics import formats
 from jdfp._src.numerics.shard_types import match_varying
 
-__all__ = ["block_quantize", "block_view3", "quantize_blocks"]
+__all__ = ["block_quantize", "block_quantize_with_stats", "block_view3", "quantize_blocks", "quantize_blocks_with_stats"]
 
 ROUNDINGS = ("nearest", "biased")  # stochastic block rounding stays in the pure-JAX quantizer
 
@@ -45,6 +46,18 @@ def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest",
   sign included). Each block's exponent is ``quantize.group_exponent`` of its max |x| (NaN/Inf:
   ``NONFINITE_EXPONENT`` and zeros; all zero: 0; subnormals read as zero, XLA:CPU's DAZ).
   """
+  return _call(x, block, bfp, bits, rounding, isa, stats=False)
+
+
+def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str = "nearest", isa: str = "auto"):
+  """`block_quantize` plus, counted while converting: int32 ``[saturated, underflow, nonfinite,
+  nonzero]`` (`jdfp._src.ffi.quantize.quant_stats`'s counters, each element against its block's
+  exponent) and int32 ``[max, min]`` of the exponents of the blocks that hold a nonzero finite value
+  (``[0, 0]`` if none): the Flax statistics of a block format in the conversion's own pass."""
+  return _call(x, block, bfp, bits, rounding, isa, stats=True)
+
+
+def _call(x, block, bfp, bits, rounding, isa, stats):
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
@@ -59,23 +72,35 @@ def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest",
     raise ValueError(f"bits must be an int in {lo}..{hi} for {'BFP' if bfp else 'DFP'}, got {bits!r}")
   if rounding not in ROUNDINGS:
     raise ValueError(f"rounding must be one of {ROUNDINGS} on the kernel, got {rounding!r}")
+  n = int(np.prod(shape))
+  if stats and n > INT32_MAX:
+    raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
   grid = formats.grid_shape(shape, block)
-  if int(np.prod(shape)) == 0:
-    return jnp.zeros(shape, jnp.int16), jnp.zeros(grid, jnp.int32)
+  if n == 0:
+    empty = (jnp.zeros(shape, jnp.int16), jnp.zeros(grid, jnp.int32))
+    return empty + ((jnp.zeros((4,), jnp.int32), jnp.zeros((2,), jnp.int32)) if stats else ())
   require_lib()
-  call = jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE, (jax.ShapeDtypeStruct(shape, jnp.int16),
-                                                  jax.ShapeDtypeStruct(grid, jnp.int32)),
+  outs = (jax.ShapeDtypeStruct(shape, jnp.int16), jax.ShapeDtypeStruct(grid, jnp.int32))
+  if stats:
+    outs += (jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+  call = jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE, outs,
                           vmap_method="sequential")
-  values, e = call(x, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
-                   rounding=np.int32(ROUNDINGS.index(rounding)), isa=np.int32(isa_code))
+  res = call(x, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
+             rounding=np.int32(ROUNDINGS.index(rounding)), isa=np.int32(isa_code))
   # An FFI result carries no shard_map varying axes: give it its input's ones.
-  return match_varying(values, x), match_varying(e, x)
+  return tuple(match_varying(r, x) for r in res)
 
 
-def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto"):
+def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto", counted: bool = False):
   """`block_quantize` of an N-D float32 ``x`` in a DFP / BFP format with block shape ``bshape``:
   ``(int16 values of x's shape, int32 exponents of the block grid's shape)``. ``x`` and ``bshape``
-  must have a 3-D view (`block_view3`)."""
+  must have a 3-D view (`block_view3`). ``counted``: make `quantize_blocks_with_stats`'s call (and
+  drop its counters), so that XLA merges it with a statistics call on the same tensor."""
+  return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, isa=isa, stats=counted)[:2]
+
+
+def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto", stats: bool = True):
+  """`quantize_blocks` plus `block_quantize_with_stats`'s counters and exponent range."""
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
     raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
   shape = tuple(np.shape(x))
@@ -84,6 +109,5 @@ def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "au
     raise ValueError(f"block shape {tuple(bshape)} of shape {shape} has no 3-D [B, R, C] view")
   shape3, block3 = view
   bfp = isinstance(fmt, formats.BFP)
-  values, e = block_quantize(jnp.reshape(x, shape3), block3, bfp=bfp, bits=fmt.mantissa_bits if bfp else fmt.bits,
-                             rounding=rounding, isa=isa)
-  return jnp.reshape(values, shape), jnp.reshape(e, formats.grid_shape(shape, bshape))
+  res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, isa, stats)
+  return (jnp.reshape(res[0], shape), jnp.reshape(res[1], formats.grid_shape(shape, bshape))) + tuple(res[2:])

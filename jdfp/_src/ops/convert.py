@@ -90,7 +90,8 @@ def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest
 def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> qz.QArray:
   if not kernel_converts(x, fmt, rounding, bshape):
     if axis_name is None and kernel_converts_blocks(x, fmt, rounding, bshape):
-      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding)  # maxima, exponents, values: one call
+      # Maxima, exponents, values: one call (the statistics call's while they are recorded).
+      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding, counted=counted)
       return qz.QArray(values, e, fmt, bshape)
     # Other formats and roundings, and blocks whose maxima replicas share: the numerics' quantizer.
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
