@@ -16,12 +16,18 @@
 //                     and int32 erange [2] (max, min exponent over the blocks holding a nonzero
 //                     finite value; 0, 0 if none): the Flax "dfp" statistics, counted while converting
 //
+//   JdfpBlockFakeQuantize : float32 x [B, R, C] -> float32 y [B, R, C] (the values dequantized:
+//                     scale2(q, e), NaN for a NONFINITE block, as numerics/quantize.py dequantize),
+//                     int32 e: the optimizer's per-step re-quantization of the params onto their grid,
+//                     with no int16 tensor and no exponent expansion in XLA
+//
 // Work unit: the rows of one block band (bb x br rows) times a range of whole column blocks, so a
 // unit owns its blocks outright: it reads its rows once for the maxima and once more to convert
 // (while they are still in L2, ~32 Ki elements per unit), with no cross-thread reduction.  Units
 // are grabbed by the calling thread and XLA's pool threads from an atomic counter.
 #include <algorithm>
 #include <climits>
+#include <limits>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -98,6 +104,7 @@ struct BlockJob {
   BlockTotals totals;
   const float* x = nullptr;
   int16_t* out = nullptr;
+  float* deq = nullptr;  // JdfpBlockFakeQuantize: dequantized output (then `out` is null)
   int32_t* e = nullptr;
   int64_t B = 0, R = 0, C = 0, bb = 0, br = 0, bc = 0, GB = 0, GR = 0, GC = 0;
   int64_t cb_per_unit = 1, units_per_band = 1, nunits = 0;
@@ -115,6 +122,7 @@ struct UnitScratch {
   std::vector<float> s1, s2;
   std::vector<int32_t> e;
   std::vector<int64_t> block_ok;
+  std::vector<int16_t> row;  // JdfpBlockFakeQuantize: one row segment's int16 values
   Counts counts;
   int32_t emin = INT32_MAX, emax = INT32_MIN;
 };
@@ -139,6 +147,21 @@ void for_band_rows(const BlockJob& j, int64_t band, F&& f) {
     for (int64_t r = gr * j.br; r < r1; ++r) f((b * j.R + r) * j.C);
 }
 
+// y = scale2(q, e) block by block (two exact power-of-two multiplies; FTZ as XLA:CPU), NaN for a
+// NONFINITE block: numerics/quantize.py dequantize.  Plain loops: GCC vectorizes them.
+void dequantize_row(const BlockJob& j, const int16_t* q, float* y, int64_t n, const UnitScratch& s) {
+  for (int64_t c0 = 0, b = 0; c0 < n; c0 += j.bc, ++b) {
+    const int64_t c1 = std::min(n, c0 + j.bc);
+    if (s.e[b] == kNonfiniteExponent) {
+      std::fill(y + c0, y + c1, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    const int32_t e = eclamp(s.e[b]), e1 = clamp_i32(e, -126, 127), e2 = clamp_i32(e - e1, -126, 127);
+    const float d1 = pow2f(e1), d2 = pow2f(e2);
+    for (int64_t i = c0; i < c1; ++i) y[i] = (float(q[i]) * d1) * d2;
+  }
+}
+
 void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   const int64_t band = u / j.units_per_band;
   const int64_t cb0 = (u % j.units_per_band) * j.cb_per_unit, cb1 = std::min(j.GC, cb0 + j.cb_per_unit);
@@ -156,6 +179,13 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     s.s2[b] = pow2f(e2);
   }
   const BlockConvertArgs args{s.s1.data(), s.s2.data(), j.qm, j.biased};
+  if (j.deq) {
+    for_band_rows(j, band, [&](int64_t off) {
+      j.k.convert(j.x + off + c0, s.row.data(), n, j.bc, args);
+      dequantize_row(j, s.row.data(), j.deq + off + c0, n, s);
+    });
+    return;
+  }
   for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
   if (!j.counts_out) return;
   std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
@@ -172,6 +202,7 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
   s.s2.resize(size_t(j.cb_per_unit));
   s.e.resize(size_t(j.cb_per_unit));
   s.block_ok.resize(size_t(j.cb_per_unit));
+  if (j.deq) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
   int64_t done = 0;
   {
     const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
@@ -188,11 +219,12 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
 }
 
 // Shapes, block attribute and the format attributes, checked; fills the job's geometry.
-ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer e,
+// `out` is int16, or float32 for JdfpBlockFakeQuantize (`fake`).
+ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer e, bool fake,
                   ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding) {
   auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
   if (x.element_type() != ffi::F32) return bad("x must be float32");
-  if (out.element_type() != ffi::S16) return bad("out must be int16");
+  if (out.element_type() != (fake ? ffi::F32 : ffi::S16)) return bad(fake ? "y must be float32" : "out must be int16");
   if (e.element_type() != ffi::S32) return bad("e must be int32");
   const auto dx = x.dimensions(), dout = out.dimensions(), de = e.dimensions();
   if (dx.size() != 3) return bad("x must be 3-D [B, R, C], got " + dims_str(dx));
@@ -220,7 +252,8 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   j.units_per_band = (j.GC + j.cb_per_unit - 1) / j.cb_per_unit;
   j.nunits = j.GB * j.GR * j.units_per_band;
   j.x = static_cast<const float*>(x.untyped_data());
-  j.out = static_cast<int16_t*>(out.untyped_data());
+  if (fake) j.deq = static_cast<float*>(out.untyped_data());
+  else j.out = static_cast<int16_t*>(out.untyped_data());
   j.e = static_cast<int32_t*>(e.untyped_data());
   return ffi::Error::Success();
 }
@@ -238,14 +271,15 @@ ffi::Error set_up_stats(BlockJob& j, ffi::AnyBuffer* counts, ffi::AnyBuffer* era
   return ffi::Error::Success();
 }
 
+// fake: `out` is JdfpBlockFakeQuantize's float32 y.
 ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                                ffi::Result<ffi::AnyBuffer> e, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
+                                ffi::Result<ffi::AnyBuffer> e, bool fake, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
                                 ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
                                 int32_t isa) {
   const IsaKernels* kernels = nullptr;
   if (ffi::Error err = select_isa("block_quantize", isa, kernels); err.failure()) return error_future(std::move(err));
   auto job = std::make_shared<BlockJob>();
-  if (ffi::Error err = set_up(*job, x, *out, *e, block, kind, bits, rounding); err.failure())
+  if (ffi::Error err = set_up(*job, x, *out, *e, fake, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
   if (ffi::Error err = set_up_stats(*job, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
   job->k = kBlockTable[kernels - &isa_kernels(0)];
@@ -270,18 +304,19 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Res
 
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantize(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizeStats(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockFakeQuantize(XLA_FFI_CallFrame*);
 
 static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
                                   ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
                                   int32_t bits, int32_t rounding, int32_t isa) {
-  return jdfp::block_quantize_impl(pool, x, out, e, nullptr, nullptr, block, kind, bits, rounding, isa);
+  return jdfp::block_quantize_impl(pool, x, out, e, false, nullptr, nullptr, block, kind, bits, rounding, isa);
 }
 
 static ffi::Future block_quantize_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
                                         ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts,
                                         ffi::Result<ffi::AnyBuffer> erange, ffi::Span<const int64_t> block,
                                         int32_t kind, int32_t bits, int32_t rounding, int32_t isa) {
-  return jdfp::block_quantize_impl(pool, x, out, e, &*counts, &*erange, block, kind, bits, rounding, isa);
+  return jdfp::block_quantize_impl(pool, x, out, e, false, &*counts, &*erange, block, kind, bits, rounding, isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizeStats, block_quantize_stats,
@@ -299,6 +334,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizeStats, block_quantize_stats,
                                   .Attr<int32_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantize, block_quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("block")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("rounding")
+                                  .Attr<int32_t>("isa"));
+
+static ffi::Future block_fake_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                                       ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
+                                       int32_t bits, int32_t rounding, int32_t isa) {
+  return jdfp::block_quantize_impl(pool, x, y, e, true, nullptr, nullptr, block, kind, bits, rounding, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockFakeQuantize, block_fake_quantize,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -164,3 +164,25 @@ def test_block_stats_equal_the_pure_jax_reductions(isa, fmt, rounding):
       want = state.role_stats(jnp.asarray(x), ref)
       got = state.stats_from_block_counts(x, counts, erange)
       assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}, (case, shape)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "biased"])
+def test_fake_quantize_blocks_equals_dequantize_of_quantize(isa, rounding):
+  """The optimizer's re-quantization onto the params' grid, in one pass returning float32."""
+  rng = np.random.default_rng(4)
+  for fmt in (BFP(15), BFP(7), DFP(16, axis=-1)):
+    for case in ("plain", "special", "zeros"):
+      for shape, block in GEOMETRIES:
+        x = _adversarial(rng, shape, case)
+        want = qz.dequantize(qz.quantize_blocks(x, fmt, block, rounding=rounding))
+        got = bq.quantize_blocks_with_stats(jnp.asarray(x), fmt, block, rounding=rounding, isa=isa, stats=False,
+                                            fake=True)[0]
+        np.testing.assert_array_equal(np.asarray(got).view(np.int32), np.asarray(want).view(np.int32))
+
+
+def test_convert_fake_quantize_takes_the_kernel():
+  x = jax.random.normal(jax.random.key(1), (100, 70)) * 3
+  fmt = BFP(15)
+  hlo = jax.jit(lambda x: convert.fake_quantize(x, fmt)).lower(x).as_text()
+  assert "jdfp_block_fake_quantize" in hlo
+  np.testing.assert_array_equal(np.asarray(convert.fake_quantize(x, fmt)), np.asarray(qz.fake_quantize(x, fmt)))

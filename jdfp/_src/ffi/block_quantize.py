@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_QUANTIZE, TARGET_BLOCK_QUANTIZE_STATS, dtype_of,
-                                   isa_attribute, require_lib)
+from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_QUANTIZE,
+                                   TARGET_BLOCK_QUANTIZE_STATS, dtype_of, isa_attribute, require_lib)
 from jdfp._src.numerics import formats
 from jdfp._src.numerics.shard_types import match_varying
 
-__all__ = ["block_quantize", "block_quantize_with_stats", "block_view3", "quantize_blocks", "quantize_blocks_with_stats"]
+__all__ = ["block_quantize", "block_quantize_with_stats", "block_view3", "fake_quantize_blocks", "quantize_blocks",
+           "quantize_blocks_with_stats"]
 
 ROUNDINGS = ("nearest", "biased")  # stochastic block rounding stays in the pure-JAX quantizer
 
@@ -57,7 +58,7 @@ def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str =
   return _call(x, block, bfp, bits, rounding, isa, stats=True)
 
 
-def _call(x, block, bfp, bits, rounding, isa, stats):
+def _call(x, block, bfp, bits, rounding, isa, stats, fake=False):
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
@@ -77,13 +78,14 @@ def _call(x, block, bfp, bits, rounding, isa, stats):
     raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
   grid = formats.grid_shape(shape, block)
   if n == 0:
-    empty = (jnp.zeros(shape, jnp.int16), jnp.zeros(grid, jnp.int32))
+    empty = (jnp.zeros(shape, jnp.float32 if fake else jnp.int16), jnp.zeros(grid, jnp.int32))
     return empty + ((jnp.zeros((4,), jnp.int32), jnp.zeros((2,), jnp.int32)) if stats else ())
   require_lib()
-  outs = (jax.ShapeDtypeStruct(shape, jnp.int16), jax.ShapeDtypeStruct(grid, jnp.int32))
+  outs = (jax.ShapeDtypeStruct(shape, jnp.float32 if fake else jnp.int16), jax.ShapeDtypeStruct(grid, jnp.int32))
   if stats:
     outs += (jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
-  call = jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE, outs,
+  target = TARGET_BLOCK_FAKE_QUANTIZE if fake else TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE
+  call = jax.ffi.ffi_call(target, outs,
                           vmap_method="sequential")
   res = call(x, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
              rounding=np.int32(ROUNDINGS.index(rounding)), isa=np.int32(isa_code))
@@ -99,8 +101,16 @@ def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "au
   return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, isa=isa, stats=counted)[:2]
 
 
-def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto", stats: bool = True):
-  """`quantize_blocks` plus `block_quantize_with_stats`'s counters and exponent range."""
+def fake_quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto") -> jax.Array:
+  """float32 ``dequantize(quantize_blocks(x, fmt, bshape))`` in one kernel pass (no int16 tensor,
+  no exponent expansion): x rounded onto the format's grid, NaN for blocks holding NaN/Inf."""
+  return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, isa=isa, stats=False, fake=True)[0]
+
+
+def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto", stats: bool = True,
+                               fake: bool = False):
+  """`quantize_blocks` plus `block_quantize_with_stats`'s counters and exponent range (``fake``:
+  dequantized float32 values instead of int16, no counters)."""
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
     raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
   shape = tuple(np.shape(x))
@@ -109,5 +119,5 @@ def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", isa
     raise ValueError(f"block shape {tuple(bshape)} of shape {shape} has no 3-D [B, R, C] view")
   shape3, block3 = view
   bfp = isinstance(fmt, formats.BFP)
-  res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, isa, stats)
+  res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, isa, stats, fake)
   return (jnp.reshape(res[0], shape), jnp.reshape(res[1], formats.grid_shape(shape, bshape))) + tuple(res[2:])

@@ -102,6 +102,19 @@ def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> q
   return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True)
 
 
+def fake_quantize(x, fmt, *, rounding: str = "nearest", key=None) -> jax.Array:
+  """float32 `jdfp._src.numerics.quantize.fake_quantize` of float32 ``x`` (its format's own block
+  shape), on the C++ kernel wherever it runs: block formats in one pass that returns the dequantized
+  values (`ffi.block_quantize.fake_quantize_blocks`), per-tensor DFP through `quantize_blocks`."""
+  bshape = fmt.block_shape(x.shape) if fmt.is_integer else None
+  if (fmt.is_integer and kernel_convert_available() and not kernel_converts(x, fmt, rounding, bshape)
+      and kernel_converts_blocks(x, fmt, rounding, bshape)):
+    return ffi_block.fake_quantize_blocks(x, fmt, bshape, rounding=rounding)
+  if not fmt.is_integer:
+    return qz.fake_quantize(x, fmt, rounding=rounding, key=key)
+  return qz.dequantize(quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, use_kernel=None))
+
+
 def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:
   """`quantize_given_exponent` with the exponents of the per-block maxima ``amax``."""
   return quantize_given_exponent(x, qz.group_exponent(amax, fmt), fmt, rounding, key, bshape, use_kernel)

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import optax
 
 from jdfp._src.numerics import formats
-from jdfp._src.numerics import quantize
 from jdfp._src.ops import convert
 from jdfp._src.optax.overwrite_state import overwrite_state, split_overwrite
 
@@ -73,10 +72,9 @@ def _to_master(p):
 
 
 def _fake_quantize(x, fmt, rounding, key):
-  """`quantize.fake_quantize` of float32 ``x``, converting on the C++ kernel where it applies (the
+  """`jdfp._src.numerics.quantize.fake_quantize` of float32 ``x``, converting on the C++ kernel where it applies (the
   per-step re-quantization of every param: in XLA it cost as much as the GEMMs of an HBFP step)."""
-  q = convert.quantize_blocks(x, fmt, fmt.block_shape(x.shape), rounding=rounding, key=key, use_kernel=None)
-  return quantize.dequantize(q)
+  return convert.fake_quantize(x, fmt, rounding=rounding, key=key)
 
 
 def _round_float(x, fmt: formats.FloatFormat):
