@@ -17,7 +17,7 @@ ALLOWED = {
     "ffi": {"numerics", "ffi"},
     "ops": {"numerics", "ffi", "ops"},
     "flax": {"numerics", "ffi", "ops", "flax"},
-    "optax": {"numerics", "optax"},
+    "optax": {"numerics", "ops", "optax"},  # ops: the kernel conversions of master_weights
     "parallel": {"numerics", "ops", "parallel"},
 }
 

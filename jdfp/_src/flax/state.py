@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jdfp._src.ffi import block_quantize as ffi_block
 from jdfp._src.ffi import library
 from jdfp._src.ffi.float_stats import float_stats
 from jdfp._src.ffi import quantize as ffi_quantize
@@ -169,12 +170,20 @@ def natural_blocks(fmt, shape) -> tuple[int, ...]:
   return tuple(fmt.block_shape(tuple(shape))) if fmt.is_integer else tuple(shape)
 
 
+def stats_from_block_counts(x, counts, erange) -> dict:
+  """role_stats from `ffi.block_quantize.block_quantize_with_stats` (block integer formats)."""
+  f32 = lambda v: lax.stop_gradient(jnp.asarray(v)).astype(STATE_DTYPE)
+  return {"exponent": f32(erange[0]), "exponent_min": f32(erange[1]), "saturated": f32(counts[0]),
+          "underflow": f32(counts[1]), "nonfinite": f32(counts[2]), "size": f32(np.size(x))}
+
+
 def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   """role_stats of ``x`` quantized as the op quantizes it (``bshape``: its block shape).
 
-  Where the op converts on the C++ kernel (per-tensor DFP, FFI backend, no
-  data-parallel exponent), the statistics come from the *same* kernel call as the op's own
-  quantization (`ffi.quantize.quantize_dfp_with_stats`; XLA merges the two identical calls), so they
+  Where the op converts on the C++ kernel (per-tensor DFP, or DFP / BFP blocks with nearest /
+  biased rounding; FFI backend, no data-parallel exponent), the statistics come from the *same*
+  kernel call as the op's own quantization (`ffi.quantize.quantize_dfp_with_stats`,
+  `ffi.block_quantize.block_quantize_with_stats`; XLA merges the two identical calls), so they
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
   """
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
@@ -184,5 +193,9 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
     _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits, rounding=rounding,
                                                         key=key if rounding == "stochastic" else None)
     return stats_from_counts(x, e, counts)
+  if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts_blocks(
+      x, fmt, rounding, tuple(bshape)):
+    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding)
+    return stats_from_block_counts(x, counts, erange)
   q = convert.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
   return role_stats(x, q, uk)

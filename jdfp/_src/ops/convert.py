@@ -1,6 +1,8 @@
-"""Operand conversion for the ops: float -> int16 (+ exponents) on the C++ kernel where it applies
-(per-tensor DFP, any rounding; bit-identical and several times faster than XLA:CPU), else the
-pure-JAX quantizer of `jdfp._src.numerics.quantize`."""
+"""Operand conversion for the ops: float -> int16 (+ exponents) on the C++ kernels where they apply
+(per-tensor DFP with any rounding: ``ffi/quantize.py``; DFP / BFP blocks, rows and tiles with
+nearest or biased rounding: ``ffi/block_quantize.py``; bit-identical and several times faster than
+XLA:CPU), else the pure-JAX quantizer of `jdfp._src.numerics.quantize` (stochastic rounding of
+blocks, a cross-replica max on blocks)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jdfp._src.ffi import block_quantize as ffi_block
 from jdfp._src.ffi import library
 from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
-from jdfp._src.numerics.formats import DFP
+from jdfp._src.numerics.formats import BFP, DFP
 
 
 # While jdfp's Flax statistics are recorded around an op, its kernel conversions count (and keep
@@ -52,6 +55,21 @@ def kernel_converts(x, fmt, rounding, bshape) -> bool:
           and all(b >= n for b, n in zip(bshape, x.shape)))
 
 
+# The block kernel reads blocks along the last axis of its [B, R, C] view in SIMD steps; blocks
+# shorter than this (a per-column exponent, say) stay in XLA, where they vectorize across blocks.
+MIN_KERNEL_BLOCK = 8
+
+
+def kernel_converts_blocks(x, fmt, rounding, bshape) -> bool:
+  """The block kernel covers DFP / BFP with any block shape that has a 3-D view whose innermost
+  blocks are >= MIN_KERNEL_BLOCK long (or span the axis), nearest or biased rounding."""
+  if not (isinstance(fmt, (DFP, BFP)) and rounding in ffi_block.ROUNDINGS and x.size > 0
+          and len(bshape) == x.ndim):
+    return False
+  view = ffi_block.block_view3(x.shape, bshape)
+  return view is not None and view[1][2] >= min(MIN_KERNEL_BLOCK, view[0][2])
+
+
 def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest", key=None,
                     axis_name=None, use_kernel: bool | None = False) -> qz.QArray:
   """`jdfp._src.numerics.quantize.quantize_blocks`, converting on the C++ kernel where it applies.
@@ -71,13 +89,31 @@ def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> qz.QArray:
-  if not kernel_converts(x, fmt, rounding, bshape):  # other formats and roundings: the numerics' quantizer
+  if not kernel_converts(x, fmt, rounding, bshape):
+    if axis_name is None and kernel_converts_blocks(x, fmt, rounding, bshape):
+      # Maxima, exponents, values: one call (the statistics call's while they are recorded).
+      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding, counted=counted)
+      return qz.QArray(values, e, fmt, bshape)
+    # Other formats and roundings, and blocks whose maxima replicas share: the numerics' quantizer.
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
   if axis_name is None:  # max, exponent, conversion: one call
     values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted, rounding=rounding, key=key)
     return qz.QArray(values, e, fmt, bshape)
   amax = qz.shared_amax(formats.block_amax(x, bshape), axis_name)  # replicas agree on the exponent first
   return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True)
+
+
+def fake_quantize(x, fmt, *, rounding: str = "nearest", key=None) -> jax.Array:
+  """float32 `jdfp._src.numerics.quantize.fake_quantize` of float32 ``x`` (its format's own block
+  shape), on the C++ kernel wherever it runs: block formats in one pass that returns the dequantized
+  values (`ffi.block_quantize.fake_quantize_blocks`), per-tensor DFP through `quantize_blocks`."""
+  bshape = fmt.block_shape(x.shape) if fmt.is_integer else None
+  if (fmt.is_integer and kernel_convert_available() and not kernel_converts(x, fmt, rounding, bshape)
+      and kernel_converts_blocks(x, fmt, rounding, bshape)):
+    return ffi_block.fake_quantize_blocks(x, fmt, bshape, rounding=rounding)
+  if not fmt.is_integer:
+    return qz.fake_quantize(x, fmt, rounding=rounding, key=key)
+  return qz.dequantize(quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, use_kernel=None))
 
 
 def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from jdfp._src.numerics import formats
-from jdfp._src.numerics import quantize
+from jdfp._src.ops import convert
 from jdfp._src.optax.overwrite_state import overwrite_state, split_overwrite
 
 
@@ -69,6 +69,12 @@ def _update_dtype(dtype):
 
 def _to_master(p):
   return jnp.asarray(p).astype(_master_dtype(p.dtype)) if _is_float(p) else p
+
+
+def _fake_quantize(x, fmt, rounding, key):
+  """`jdfp._src.numerics.quantize.fake_quantize` of float32 ``x``, converting on the C++ kernel where it applies (the
+  per-step re-quantization of every param: in XLA it cost as much as the GEMMs of an HBFP step)."""
+  return convert.fake_quantize(x, fmt, rounding=rounding, key=key)
 
 
 def _round_float(x, fmt: formats.FloatFormat):
@@ -138,9 +144,7 @@ def master_weights(inner: optax.GradientTransformation, param_format=None, *,
       return master.astype(param.dtype)
     if isinstance(param_format, formats.FloatFormat):
       return _round_float(master, param_format).astype(param.dtype)
-    q = quantize.fake_quantize(master.astype(jnp.float32), param_format, rounding=rounding,
-                               key=leaf_key)
-    return q.astype(param.dtype)
+    return _fake_quantize(master.astype(jnp.float32), param_format, rounding, leaf_key).astype(param.dtype)
 
   def init(params):
     # The masters are copies even where the params are already float32: a state that shared the
@@ -211,7 +215,7 @@ def cast_params(params, param_format):
       return p
     if isinstance(param_format, formats.FloatFormat):
       return _round_float(jnp.asarray(p).astype(jnp.float32), param_format)
-    return quantize.fake_quantize(jnp.asarray(p).astype(jnp.float32), param_format).astype(p.dtype)
+    return _fake_quantize(jnp.asarray(p).astype(jnp.float32), param_format, "nearest", None).astype(p.dtype)
 
   return jax.tree.map(cast, params)
 

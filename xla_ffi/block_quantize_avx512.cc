@@ -1,0 +1,57 @@
+// AVX-512 kernels of the block conversion: 16-lane steps with masked tails inside every block (a
+// 24-wide HBFP block is one full and one half step), no scalar loop.  Compiled with -mavx512f
+// -mavx512bw -mavx512vl (see CMakeLists.txt); only called after a cpuid + XCR0 check.
+#include <immintrin.h>
+
+#include "block_quantize_kernels.h"
+
+namespace jdfp {
+namespace {
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u); }
+
+// 16 floats -> 16 int32, biased rounding: |y| floored, +1 where the discarded fraction >= 1/4,
+// clipped to qm, sign restored (y's NaN lanes were zeroed by the caller).
+inline __m512i round_biased16(__m512 y, __m512 qm) {
+  const __m512 ay = _mm512_abs_ps(y);
+  const __m512 low = _mm512_roundscale_ps(ay, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(ay, low), _mm512_set1_ps(0.25f), _CMP_GE_OQ);
+  __m512 r = _mm512_mask_add_ps(low, up, low, _mm512_set1_ps(1.0f));
+  r = _mm512_min_ps(r, qm);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)));
+  return _mm512_cvtps_epi32(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign)));
+}
+
+}  // namespace
+
+void block_amax_avx512(const float* x, int64_t n, int64_t bc, uint32_t* acc) {
+  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits));
+  for (int64_t c0 = 0, j = 0; c0 < n; c0 += bc, ++j) {
+    const int64_t c1 = c0 + bc < n ? c0 + bc : n;
+    __m512i m = _mm512_loadu_si512(acc + j * kAmaxLanes);
+    for (int64_t i = c0; i < c1; i += 16) {
+      __m512i u = _mm512_and_si512(_mm512_maskz_loadu_epi32(tail_mask(c1 - i), x + i), abs);
+      u = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(u, tiny), u);  // DAZ, as amax_ref
+      m = _mm512_max_epu32(m, u);
+    }
+    _mm512_storeu_si512(acc + j * kAmaxLanes, m);
+  }
+}
+
+void block_convert_avx512(const float* x, int16_t* out, int64_t n, int64_t bc, const BlockConvertArgs& a) {
+  const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
+  for (int64_t c0 = 0, j = 0; c0 < n; c0 += bc, ++j) {
+    const int64_t c1 = c0 + bc < n ? c0 + bc : n;
+    const __m512 s1 = _mm512_set1_ps(a.s1[j]), s2 = _mm512_set1_ps(a.s2[j]);
+    for (int64_t i = c0; i < c1; i += 16) {
+      const __mmask16 m = tail_mask(c1 - i);
+      __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s1), s2);
+      y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);  // NaN -> 0
+      // Nearest: clamp first (the narrowing never saturates), round with the MXCSR mode (RNE).
+      const __m512i r = a.biased ? round_biased16(y, hi) : _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
+      _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtsepi32_epi16(r));
+    }
+  }
+}
+
+}  // namespace jdfp

@@ -1,0 +1,364 @@
+// XLA FFI handler: float32 -> int16 conversion of a block format (DFP or BFP with one exponent per
+// block or tile), exponents included.
+//
+//   JdfpBlockQuantize : float32 x [B, R, C] -> int16 out [B, R, C], int32 e [GB, GR, GC]
+//   attrs: block (int64 [3]: bb, br, bc; G* = ceil(n / b)), kind (0 DFP, 1 BFP), bits (DFP: bits
+//          with sign; BFP: mantissa bits), rounding (0 nearest, 1 biased), isa
+//
+// Every block's exponent comes from its max |x| (numerics/quantize.py group_exponent: DFP
+// floor(log2 m) + 1 - (bits - 1), BFP ceil(log2 m) - mantissa_bits; 0 for an all-zero block, the
+// NONFINITE sentinel and all-zero values for a block holding NaN/Inf; subnormals read as zero, as
+// XLA:CPU's DAZ), and its values are clip(round(scale2(x, -e)), +-qmax): bit for bit the pure-JAX
+// `quantize_blocks` for nearest and biased rounding (stochastic rounding stays in JAX for now).
+//
+//   JdfpBlockQuantizeStats : the same plus int32 counts [4] (saturated, underflow, nonfinite,
+//                     nonzero: JdfpQuantStats's counters, each element against its block's exponent)
+//                     and int32 erange [2] (max, min exponent over the blocks holding a nonzero
+//                     finite value; 0, 0 if none): the Flax "dfp" statistics, counted while converting
+//
+//   JdfpBlockFakeQuantize : float32 x [B, R, C] -> float32 y [B, R, C] (the values dequantized:
+//                     scale2(q, e), NaN for a NONFINITE block, as numerics/quantize.py dequantize),
+//                     int32 e: the optimizer's per-step re-quantization of the params onto their grid,
+//                     with no int16 tensor and no exponent expansion in XLA
+//
+// Work unit: the rows of one block band (bb x br rows) times a range of whole column blocks, so a
+// unit owns its blocks outright: it reads its rows once for the maxima and once more to convert
+// (while they are still in L2, ~32 Ki elements per unit), with no cross-thread reduction.  Units
+// are grabbed by the calling thread and XLA's pool threads from an atomic counter.
+#include <algorithm>
+#include <climits>
+#include <limits>
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "block_quantize_kernels.h"
+#include "ffi_helpers.h"
+
+namespace jdfp {
+namespace {
+
+struct BlockKernels {
+  BlockAmaxFn amax;
+  BlockConvertFn convert;
+};
+
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+#define JDFP_BLOCK_AVX512(fn) fn
+#else
+#define JDFP_BLOCK_AVX512(fn) nullptr  // never selected: isa_mask() leaves AVX-512 out
+#endif
+
+// Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
+const BlockKernels kBlockTable[] = {
+    /* kIsaAuto */ {nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar},
+    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar},
+    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar},
+    /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512)},
+};
+static_assert(sizeof(kBlockTable) / sizeof(kBlockTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
+
+constexpr int64_t kUnitElems = int64_t(1) << 15;
+constexpr int64_t kMaxUnitBlocks = 1024;  // bounds a unit's accumulators (64 KiB)
+
+// The exponent of a block from its max |x| bits (group_exponent).
+int32_t block_exponent(uint32_t amax_bits, bool bfp, int bits) {
+  if (amax_bits >= kInfBits) return kNonfiniteExponent;
+  if (amax_bits == 0) return 0;
+  const int32_t k = int32_t(amax_bits >> 23) - 126;  // m = f * 2**k, f in [0.5, 1); m is normal here
+  if (!bfp) return k - (bits - 1);
+  const bool pow2 = (amax_bits & 0x007FFFFFu) == 0;  // m = 2**(k-1) exactly
+  return (pow2 ? k - 1 : k) - bits;
+}
+
+// Counters of the statistics variant: every worker adds its own; whoever brings the finished units
+// to the total writes them out (before its CountDown, so they are in place when the future resolves).
+struct BlockTotals {
+  std::atomic<int64_t> finished{0}, sat{0}, under{0}, nonfin{0}, ok{0};
+  std::atomic<int32_t> emax{INT32_MIN}, emin{INT32_MAX};
+  void add(const Counts& c, int32_t lo, int32_t hi, int64_t done, int64_t nunits, int32_t* counts, int32_t* erange) {
+    sat.fetch_add(c.sat, std::memory_order_relaxed);
+    under.fetch_add(c.under, std::memory_order_relaxed);
+    nonfin.fetch_add(c.nonfin, std::memory_order_relaxed);
+    ok.fetch_add(c.ok, std::memory_order_relaxed);
+    int32_t cur = emax.load(std::memory_order_relaxed);
+    while (hi > cur && !emax.compare_exchange_weak(cur, hi, std::memory_order_relaxed)) {
+    }
+    cur = emin.load(std::memory_order_relaxed);
+    while (lo < cur && !emin.compare_exchange_weak(cur, lo, std::memory_order_relaxed)) {
+    }
+    if (finished.fetch_add(done, std::memory_order_acq_rel) + done != nunits) return;
+    counts[0] = int32_t(sat.load()), counts[1] = int32_t(under.load());
+    counts[2] = int32_t(nonfin.load()), counts[3] = int32_t(ok.load());
+    const bool any = ok.load() > 0;
+    erange[0] = any ? emax.load() : 0, erange[1] = any ? emin.load() : 0;
+  }
+};
+
+struct BlockJob {
+  BlockKernels k{};
+  StatsFn stats = nullptr;
+  int32_t* counts_out = nullptr;  // statistics variant only (else null)
+  int32_t* erange_out = nullptr;
+  BlockTotals totals;
+  const float* x = nullptr;
+  int16_t* out = nullptr;
+  float* deq = nullptr;  // JdfpBlockFakeQuantize: dequantized output (then `out` is null)
+  int32_t* e = nullptr;
+  int64_t B = 0, R = 0, C = 0, bb = 0, br = 0, bc = 0, GB = 0, GR = 0, GC = 0;
+  int64_t cb_per_unit = 1, units_per_band = 1, nunits = 0;
+  bool bfp = false, biased = false;
+  int bits = 0;
+  float qm = 0.0f;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+};
+
+// Scratch of one worker: the lane accumulators, per-block scales and exponents of a unit, and the
+// worker's statistics (counts; exponent range of the blocks with a nonzero finite value).
+struct UnitScratch {
+  std::vector<uint32_t> acc;
+  std::vector<float> s1, s2;
+  std::vector<int32_t> e;
+  std::vector<int64_t> block_ok;
+  std::vector<int16_t> row;  // JdfpBlockFakeQuantize: one row segment's int16 values
+  Counts counts;
+  int32_t emin = INT32_MAX, emax = INT32_MIN;
+};
+
+// The statistics of one converted row segment, block by block (stats kernels of quantize_kernels.h).
+void count_row(const BlockJob& j, const float* x, const int16_t* q, int64_t n, UnitScratch& s) {
+  for (int64_t c0 = 0, b = 0; c0 < n; c0 += j.bc, ++b) {
+    const int32_t ne = -eclamp(s.e[b]), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+    const StatsArgs args{x, q, pow2f(e1), pow2f(e2), j.qm, s.e[b] != kNonfiniteExponent};
+    const int64_t before = s.counts.ok;
+    j.stats(args, c0, std::min(n, c0 + j.bc), s.counts);
+    s.block_ok[b] += s.counts.ok - before;
+  }
+}
+
+// Calls f(row pointer offset) for every row of block band `band` (batch-major, then row).
+template <class F>
+void for_band_rows(const BlockJob& j, int64_t band, F&& f) {
+  const int64_t gb = band / j.GR, gr = band % j.GR;
+  const int64_t b1 = std::min(j.B, (gb + 1) * j.bb), r1 = std::min(j.R, (gr + 1) * j.br);
+  for (int64_t b = gb * j.bb; b < b1; ++b)
+    for (int64_t r = gr * j.br; r < r1; ++r) f((b * j.R + r) * j.C);
+}
+
+// y = scale2(q, e) block by block (two exact power-of-two multiplies; FTZ as XLA:CPU), NaN for a
+// NONFINITE block: numerics/quantize.py dequantize.  Plain loops: GCC vectorizes them.
+void dequantize_row(const BlockJob& j, const int16_t* q, float* y, int64_t n, const UnitScratch& s) {
+  for (int64_t c0 = 0, b = 0; c0 < n; c0 += j.bc, ++b) {
+    const int64_t c1 = std::min(n, c0 + j.bc);
+    if (s.e[b] == kNonfiniteExponent) {
+      std::fill(y + c0, y + c1, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    const int32_t e = eclamp(s.e[b]), e1 = clamp_i32(e, -126, 127), e2 = clamp_i32(e - e1, -126, 127);
+    const float d1 = pow2f(e1), d2 = pow2f(e2);
+    for (int64_t i = c0; i < c1; ++i) y[i] = (float(q[i]) * d1) * d2;
+  }
+}
+
+void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
+  const int64_t band = u / j.units_per_band;
+  const int64_t cb0 = (u % j.units_per_band) * j.cb_per_unit, cb1 = std::min(j.GC, cb0 + j.cb_per_unit);
+  const int64_t nb = cb1 - cb0, c0 = cb0 * j.bc, n = std::min(j.C, cb1 * j.bc) - c0;
+  std::fill(s.acc.begin(), s.acc.begin() + nb * kAmaxLanes, 0u);
+  for_band_rows(j, band, [&](int64_t off) { j.k.amax(j.x + off + c0, n, j.bc, s.acc.data()); });
+  int32_t* e_out = j.e + band * j.GC + cb0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint32_t* lanes = s.acc.data() + b * kAmaxLanes;
+    const int32_t ei = block_exponent(*std::max_element(lanes, lanes + kAmaxLanes), j.bfp, j.bits);
+    e_out[b] = ei;
+    s.e[b] = ei;
+    const int32_t ne = -eclamp(ei), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+    s.s1[b] = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);  // NaN/Inf blocks: all products NaN or 0 -> 0
+    s.s2[b] = pow2f(e2);
+  }
+  const BlockConvertArgs args{s.s1.data(), s.s2.data(), j.qm, j.biased};
+  if (j.deq) {
+    for_band_rows(j, band, [&](int64_t off) {
+      j.k.convert(j.x + off + c0, s.row.data(), n, j.bc, args);
+      dequantize_row(j, s.row.data(), j.deq + off + c0, n, s);
+    });
+    return;
+  }
+  for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+  if (!j.counts_out) return;
+  std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
+  for_band_rows(j, band, [&](int64_t off) { count_row(j, j.x + off + c0, j.out + off + c0, n, s); });
+  for (int64_t b = 0; b < nb; ++b)
+    if (s.block_ok[b]) s.emin = std::min(s.emin, s.e[b]), s.emax = std::max(s.emax, s.e[b]);
+}
+
+void block_worker(const std::shared_ptr<BlockJob>& job) {
+  BlockJob& j = *job;
+  UnitScratch s;
+  s.acc.resize(size_t(j.cb_per_unit * kAmaxLanes));
+  s.s1.resize(size_t(j.cb_per_unit));
+  s.s2.resize(size_t(j.cb_per_unit));
+  s.e.resize(size_t(j.cb_per_unit));
+  s.block_ok.resize(size_t(j.cb_per_unit));
+  if (j.deq) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
+  int64_t done = 0;
+  {
+    const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
+    for (;;) {
+      const int64_t u = j.next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= j.nunits) break;
+      run_unit(j, u, s);
+      ++done;
+    }
+  }
+  if (!done) return;
+  if (j.counts_out) j.totals.add(s.counts, s.emin, s.emax, done, j.nunits, j.counts_out, j.erange_out);
+  j.done.CountDown(size_t(done));
+}
+
+// Shapes, block attribute and the format attributes, checked; fills the job's geometry.
+// `out` is int16, or float32 for JdfpBlockFakeQuantize (`fake`).
+ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer e, bool fake,
+                  ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding) {
+  auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
+  if (x.element_type() != ffi::F32) return bad("x must be float32");
+  if (out.element_type() != (fake ? ffi::F32 : ffi::S16)) return bad(fake ? "y must be float32" : "out must be int16");
+  if (e.element_type() != ffi::S32) return bad("e must be int32");
+  const auto dx = x.dimensions(), dout = out.dimensions(), de = e.dimensions();
+  if (dx.size() != 3) return bad("x must be 3-D [B, R, C], got " + dims_str(dx));
+  if (dout.size() != 3 || !std::equal(dx.begin(), dx.end(), dout.begin()))
+    return bad("out must have x's shape " + dims_str(dx) + ", got " + dims_str(dout));
+  if (block.size() != 3 || block[0] < 1 || block[1] < 1 || block[2] < 1)
+    return bad("block must be three ints >= 1 (bb, br, bc)");
+  if (kind != 0 && kind != 1) return bad("kind must be 0 (DFP) or 1 (BFP), got " + std::to_string(kind));
+  if (kind == 0 && (bits < 2 || bits > 16)) return bad("bits must be in [2, 16] for DFP, got " + std::to_string(bits));
+  if (kind == 1 && (bits < 1 || bits > 15)) return bad("bits (mantissa) must be in [1, 15] for BFP, got " + std::to_string(bits));
+  if (rounding != 0 && rounding != 1) return bad("rounding must be 0 (nearest) or 1 (biased), got " + std::to_string(rounding));
+  j.B = dx[0], j.R = dx[1], j.C = dx[2];
+  j.bb = std::min(block[0], std::max<int64_t>(j.B, 1));
+  j.br = std::min(block[1], std::max<int64_t>(j.R, 1));
+  j.bc = std::min(block[2], std::max<int64_t>(j.C, 1));
+  j.GB = (j.B + j.bb - 1) / j.bb, j.GR = (j.R + j.br - 1) / j.br, j.GC = (j.C + j.bc - 1) / j.bc;
+  if (de.size() != 3 || de[0] != j.GB || de[1] != j.GR || de[2] != j.GC)
+    return bad("e must be the block grid [" + std::to_string(j.GB) + ", " + std::to_string(j.GR) + ", " +
+               std::to_string(j.GC) + "], got " + dims_str(de));
+  j.bfp = kind == 1, j.biased = rounding == 1, j.bits = bits;
+  j.qm = float(j.bfp ? (int32_t(1) << bits) - 1 : qmax_of(bits));
+  const int64_t band_rows = std::min(j.bb, j.B) * std::min(j.br, j.R);
+  j.cb_per_unit = std::clamp<int64_t>(kUnitElems / std::max<int64_t>(1, band_rows * j.bc), 1,
+                                      std::min(kMaxUnitBlocks, std::max<int64_t>(j.GC, 1)));
+  j.units_per_band = (j.GC + j.cb_per_unit - 1) / j.cb_per_unit;
+  j.nunits = j.GB * j.GR * j.units_per_band;
+  j.x = static_cast<const float*>(x.untyped_data());
+  if (fake) j.deq = static_cast<float*>(out.untyped_data());
+  else j.out = static_cast<int16_t*>(out.untyped_data());
+  j.e = static_cast<int32_t*>(e.untyped_data());
+  return ffi::Error::Success();
+}
+
+// counts / erange: the statistics variant's results (null: plain conversion).
+ffi::Error set_up_stats(BlockJob& j, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange, const IsaKernels& kernels) {
+  if (!counts) return ffi::Error::Success();
+  auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
+  if (counts->element_type() != ffi::S32 || counts->element_count() != 4) return bad("counts (result) must be int32 [4]");
+  if (erange->element_type() != ffi::S32 || erange->element_count() != 2) return bad("erange (result) must be int32 [2]");
+  if (j.B * j.R * j.C > int64_t(2147483647)) return bad("x has more than 2**31 - 1 elements (int32 counts)");
+  j.stats = kernels.stats;
+  j.counts_out = static_cast<int32_t*>(counts->untyped_data());
+  j.erange_out = static_cast<int32_t*>(erange->untyped_data());
+  return ffi::Error::Success();
+}
+
+// fake: `out` is JdfpBlockFakeQuantize's float32 y.
+ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                ffi::Result<ffi::AnyBuffer> e, bool fake, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
+                                ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
+                                int32_t isa) {
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error err = select_isa("block_quantize", isa, kernels); err.failure()) return error_future(std::move(err));
+  auto job = std::make_shared<BlockJob>();
+  if (ffi::Error err = set_up(*job, x, *out, *e, fake, block, kind, bits, rounding); err.failure())
+    return error_future(std::move(err));
+  if (ffi::Error err = set_up_stats(*job, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
+  job->k = kBlockTable[kernels - &isa_kernels(0)];
+  if (job->nunits == 0) {  // an empty tensor: nothing to convert, no exponents (nor counts)
+    if (counts) std::fill_n(job->counts_out, 4, 0), std::fill_n(job->erange_out, 2, 0);
+    ffi::Promise p;
+    ffi::Future f(p);
+    p.SetAvailable();
+    return f;
+  }
+  // Pool threads only when there is more than one unit's worth of work for them.
+  const int64_t nthreads = std::min(pool_workers(pool), job->nunits);
+  job->done = ffi::CountDownPromise(size_t(job->nunits));
+  ffi::Future fut(job->done);
+  for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { block_worker(job); });
+  block_worker(job);  // the calling thread finishes every unit if nobody else shows up
+  return fut;
+}
+
+}  // namespace
+}  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantize(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizeStats(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockFakeQuantize(XLA_FFI_CallFrame*);
+
+static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
+                                  int32_t bits, int32_t rounding, int32_t isa) {
+  return jdfp::block_quantize_impl(pool, x, out, e, false, nullptr, nullptr, block, kind, bits, rounding, isa);
+}
+
+static ffi::Future block_quantize_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                                        ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts,
+                                        ffi::Result<ffi::AnyBuffer> erange, ffi::Span<const int64_t> block,
+                                        int32_t kind, int32_t bits, int32_t rounding, int32_t isa) {
+  return jdfp::block_quantize_impl(pool, x, out, e, false, &*counts, &*erange, block, kind, bits, rounding, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizeStats, block_quantize_stats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("block")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("rounding")
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantize, block_quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("block")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("rounding")
+                                  .Attr<int32_t>("isa"));
+
+static ffi::Future block_fake_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                                       ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
+                                       int32_t bits, int32_t rounding, int32_t isa) {
+  return jdfp::block_quantize_impl(pool, x, y, e, true, nullptr, nullptr, block, kind, bits, rounding, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockFakeQuantize, block_fake_quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("block")
+                                  .Attr<int32_t>("kind")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("rounding")
+                                  .Attr<int32_t>("isa"));
