@@ -1,22 +1,25 @@
 // XLA FFI handler: float32 -> int16 conversion of a block format (DFP or BFP with one exponent per
 // block or tile), exponents included.
 //
-//   JdfpBlockQuantize : float32 x [B, R, C] -> int16 out [B, R, C], int32 e [GB, GR, GC]
+//   JdfpBlockQuantize : float32 x [B, R, C], uint32 key [2] -> int16 out [B, R, C], int32 e [GB, GR, GC]
 //   attrs: block (int64 [3]: bb, br, bc; G* = ceil(n / b)), kind (0 DFP, 1 BFP), bits (DFP: bits
-//          with sign; BFP: mantissa bits), rounding (0 nearest, 1 biased), isa
+//          with sign; BFP: mantissa bits), rounding (0 nearest, 1 stochastic, 2 biased: as the
+//          per-tensor conversions, the key being the Philox key of stochastic rounding), isa
 //
 // Every block's exponent comes from its max |x| (numerics/quantize.py group_exponent: DFP
 // floor(log2 m) + 1 - (bits - 1), BFP ceil(log2 m) - mantissa_bits; 0 for an all-zero block, the
 // NONFINITE sentinel and all-zero values for a block holding NaN/Inf; subnormals read as zero, as
 // XLA:CPU's DAZ), and its values are clip(round(scale2(x, -e)), +-qmax): bit for bit the pure-JAX
-// `quantize_blocks` for nearest and biased rounding (stochastic rounding stays in JAX for now).
+// `quantize_blocks` for every rounding: stochastic rounding draws element i's bits from its row-major
+// index in x (the Philox stream of docs/arithmetic.md), through the per-tensor stochastic kernels
+// called block by block with that block's scale.
 //
 //   JdfpBlockQuantizeStats : the same plus int32 counts [4] (saturated, underflow, nonfinite,
 //                     nonzero: JdfpQuantStats's counters, each element against its block's exponent)
 //                     and int32 erange [2] (max, min exponent over the blocks holding a nonzero
 //                     finite value; 0, 0 if none): the Flax "dfp" statistics, counted while converting
 //
-//   JdfpBlockFakeQuantize : float32 x [B, R, C] -> float32 y [B, R, C] (the values dequantized:
+//   JdfpBlockFakeQuantize : float32 x [B, R, C], key -> float32 y [B, R, C] (the values dequantized:
 //                     scale2(q, e), NaN for a NONFINITE block, as numerics/quantize.py dequantize),
 //                     int32 e: the optimizer's per-step re-quantization of the params onto their grid,
 //                     with no int16 tensor and no exponent expansion in XLA
@@ -27,6 +30,7 @@
 // are grabbed by the calling thread and XLA's pool threads from an atomic counter.
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <limits>
 #include <atomic>
 #include <memory>
@@ -110,6 +114,8 @@ struct BlockJob {
   int64_t cb_per_unit = 1, units_per_band = 1, nunits = 0;
   bool bfp = false, biased = false;
   int bits = 0;
+  ConvertFn stochastic = nullptr;  // rounding 1: the ISA's per-tensor stochastic kernel (else null)
+  PhiloxKey key{};
   float qm = 0.0f;
   std::atomic<int64_t> next{0};
   ffi::CountDownPromise done;
@@ -162,6 +168,17 @@ void dequantize_row(const BlockJob& j, const int16_t* q, float* y, int64_t n, co
   }
 }
 
+// Stochastic rounding of a unit's rows: the per-tensor kernel on each block's index range of the whole
+// tensor (so element i draws the bits of its global index), with that block's scales.
+void convert_stochastic_rows(const BlockJob& j, int64_t band, int64_t c0, int64_t n, const UnitScratch& s) {
+  for_band_rows(j, band, [&](int64_t off) {
+    for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
+      const ConvertArgs a{j.x, j.out, s.s1[b], s.s2[b], j.qm, j.key};
+      j.stochastic(a, off + c0 + b0, off + c0 + std::min(n, b0 + j.bc));
+    }
+  });
+}
+
 void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   const int64_t band = u / j.units_per_band;
   const int64_t cb0 = (u % j.units_per_band) * j.cb_per_unit, cb1 = std::min(j.GC, cb0 + j.cb_per_unit);
@@ -186,7 +203,11 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     });
     return;
   }
-  for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+  if (j.stochastic) {
+    convert_stochastic_rows(j, band, c0, n, s);
+  } else {
+    for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+  }
   if (!j.counts_out) return;
   std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
   for_band_rows(j, band, [&](int64_t off) { count_row(j, j.x + off + c0, j.out + off + c0, n, s); });
@@ -235,7 +256,9 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   if (kind != 0 && kind != 1) return bad("kind must be 0 (DFP) or 1 (BFP), got " + std::to_string(kind));
   if (kind == 0 && (bits < 2 || bits > 16)) return bad("bits must be in [2, 16] for DFP, got " + std::to_string(bits));
   if (kind == 1 && (bits < 1 || bits > 15)) return bad("bits (mantissa) must be in [1, 15] for BFP, got " + std::to_string(bits));
-  if (rounding != 0 && rounding != 1) return bad("rounding must be 0 (nearest) or 1 (biased), got " + std::to_string(rounding));
+  if (rounding < kRoundNearest || rounding > kRoundBiased)
+    return bad("rounding must be 0 (nearest), 1 (stochastic) or 2 (biased), got " + std::to_string(rounding));
+  if (fake && rounding == kRoundStochastic) return bad("the fake-quantize call takes nearest or biased rounding");
   j.B = dx[0], j.R = dx[1], j.C = dx[2];
   j.bb = std::min(block[0], std::max<int64_t>(j.B, 1));
   j.br = std::min(block[1], std::max<int64_t>(j.R, 1));
@@ -244,7 +267,7 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   if (de.size() != 3 || de[0] != j.GB || de[1] != j.GR || de[2] != j.GC)
     return bad("e must be the block grid [" + std::to_string(j.GB) + ", " + std::to_string(j.GR) + ", " +
                std::to_string(j.GC) + "], got " + dims_str(de));
-  j.bfp = kind == 1, j.biased = rounding == 1, j.bits = bits;
+  j.bfp = kind == 1, j.biased = rounding == kRoundBiased, j.bits = bits;
   j.qm = float(j.bfp ? (int32_t(1) << bits) - 1 : qmax_of(bits));
   const int64_t band_rows = std::min(j.bb, j.B) * std::min(j.br, j.R);
   j.cb_per_unit = std::clamp<int64_t>(kUnitElems / std::max<int64_t>(1, band_rows * j.bc), 1,
@@ -272,7 +295,18 @@ ffi::Error set_up_stats(BlockJob& j, ffi::AnyBuffer* counts, ffi::AnyBuffer* era
 }
 
 // fake: `out` is JdfpBlockFakeQuantize's float32 y.
-ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+// The key operand (uint32 [2], the Philox key) and, for stochastic rounding, the ISA's kernel.
+ffi::Error set_up_key(BlockJob& j, ffi::AnyBuffer key, int32_t rounding, const IsaKernels& kernels) {
+  if (key.element_type() != ffi::U32 || key.element_count() != 2)
+    return invalid_as("block_quantize", "key must be uint32 [2] (the Philox key), got " + dims_str(key.dimensions()));
+  uint32_t words[2];
+  std::memcpy(words, key.untyped_data(), 8);
+  j.key = PhiloxKey{words[0], words[1]};
+  if (rounding == kRoundStochastic) j.stochastic = kernels.convert_stochastic;
+  return ffi::Error::Success();
+}
+
+ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
                                 ffi::Result<ffi::AnyBuffer> e, bool fake, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
                                 ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
                                 int32_t isa) {
@@ -282,6 +316,7 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Res
   if (ffi::Error err = set_up(*job, x, *out, *e, fake, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
   if (ffi::Error err = set_up_stats(*job, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = set_up_key(*job, key, rounding, *kernels); err.failure()) return error_future(std::move(err));
   job->k = kBlockTable[kernels - &isa_kernels(0)];
   if (job->nunits == 0) {  // an empty tensor: nothing to convert, no exponents (nor counts)
     if (counts) std::fill_n(job->counts_out, 4, 0), std::fill_n(job->erange_out, 2, 0);
@@ -306,22 +341,25 @@ JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantize(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizeStats(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockFakeQuantize(XLA_FFI_CallFrame*);
 
-static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+    ffi::Result<ffi::AnyBuffer> out,
                                   ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
                                   int32_t bits, int32_t rounding, int32_t isa) {
-  return jdfp::block_quantize_impl(pool, x, out, e, false, nullptr, nullptr, block, kind, bits, rounding, isa);
+  return jdfp::block_quantize_impl(pool, x, key, out, e, false, nullptr, nullptr, block, kind, bits, rounding, isa);
 }
 
-static ffi::Future block_quantize_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+static ffi::Future block_quantize_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+    ffi::Result<ffi::AnyBuffer> out,
                                         ffi::Result<ffi::AnyBuffer> e, ffi::Result<ffi::AnyBuffer> counts,
                                         ffi::Result<ffi::AnyBuffer> erange, ffi::Span<const int64_t> block,
                                         int32_t kind, int32_t bits, int32_t rounding, int32_t isa) {
-  return jdfp::block_quantize_impl(pool, x, out, e, false, &*counts, &*erange, block, kind, bits, rounding, isa);
+  return jdfp::block_quantize_impl(pool, x, key, out, e, false, &*counts, &*erange, block, kind, bits, rounding, isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizeStats, block_quantize_stats,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -337,6 +375,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantize, block_quantize,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("block")
@@ -345,15 +384,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantize, block_quantize,
                                   .Attr<int32_t>("rounding")
                                   .Attr<int32_t>("isa"));
 
-static ffi::Future block_fake_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+static ffi::Future block_fake_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+    ffi::Result<ffi::AnyBuffer> y,
                                        ffi::Result<ffi::AnyBuffer> e, ffi::Span<const int64_t> block, int32_t kind,
                                        int32_t bits, int32_t rounding, int32_t isa) {
-  return jdfp::block_quantize_impl(pool, x, y, e, true, nullptr, nullptr, block, kind, bits, rounding, isa);
+  return jdfp::block_quantize_impl(pool, x, key, y, e, true, nullptr, nullptr, block, kind, bits, rounding, isa);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockFakeQuantize, block_fake_quantize,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()

@@ -45,15 +45,19 @@ def _adversarial(rng, shape, case):
   return x
 
 
-def _check(x, fmt, block, rounding, isa):
-  ref = qz.quantize_blocks(x, fmt, block, rounding=rounding)
-  v, e = bq.quantize_blocks(jnp.asarray(x), fmt, block, rounding=rounding, isa=isa)
+KEY = jax.random.key(7)
+
+
+def _check(x, fmt, block, rounding, isa, key=KEY):
+  key = key if rounding == "stochastic" else None
+  ref = qz.quantize_blocks(x, fmt, block, rounding=rounding, key=key)
+  v, e = bq.quantize_blocks(jnp.asarray(x), fmt, block, rounding=rounding, key=key, isa=isa)
   np.testing.assert_array_equal(np.asarray(e), np.asarray(ref.exponent))
   np.testing.assert_array_equal(np.asarray(v), np.asarray(ref.values))
 
 
 @pytest.mark.parametrize("case", ["plain", "special", "subnormal_block", "zeros", "ties"])
-@pytest.mark.parametrize("rounding", ["nearest", "biased"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "biased"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=repr)
 def test_block_quantize_is_bit_identical_to_pure_jax(isa, fmt, rounding, case):
   rng = np.random.default_rng(hash((repr(fmt), rounding, case)) % 2**32)
@@ -87,7 +91,7 @@ def test_block_view3():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=90),
-       st.sampled_from(FORMATS), st.sampled_from(["nearest", "biased"]), st.integers(1, 30))
+       st.sampled_from(FORMATS), st.sampled_from(["nearest", "stochastic", "biased"]), st.integers(1, 30))
 def test_block_quantize_property(values, fmt, rounding, bc):
   x = np.asarray(values, np.float32).reshape(1, 1, -1)
   _check(x, fmt, (1, 1, bc), rounding, "auto")
@@ -104,6 +108,8 @@ def test_rejects_bad_input():
   with pytest.raises(ValueError, match="bits must be an int in 1..15 for BFP"):
     bq.block_quantize(x, (1, 2, 2), bfp=True, bits=16)
   with pytest.raises(ValueError, match="rounding must be one of"):
+    bq.block_quantize(x, (1, 2, 2), bfp=False, bits=8, rounding="up")
+  with pytest.raises(ValueError, match="needs a PRNG key"):
     bq.block_quantize(x, (1, 2, 2), bfp=False, bits=8, rounding="stochastic")
   with pytest.raises(ValueError, match="isa must be one of"):
     bq.block_quantize(x, (1, 2, 2), bfp=False, bits=8, isa="sse")
@@ -115,19 +121,19 @@ def test_empty_tensor():
 
 
 def test_ops_convert_blocks_on_the_kernel():
-  """The ops' quantizer takes the block kernel for BFP tiles with nearest / biased rounding (one
-  custom call, no XLA reduce-window), and keeps stochastic rounding in XLA."""
+  """The ops' quantizer takes the block kernel for BFP tiles with every rounding (one custom call,
+  no XLA reduce-window, no random bits drawn in XLA)."""
   x = jax.random.normal(jax.random.key(0), (1, 50, 70))
   fmt = BFP(7)
-  for rounding in ("nearest", "biased"):
+  for rounding in ("nearest", "stochastic", "biased"):
+    key = KEY if rounding == "stochastic" else None
     assert convert.kernel_converts_blocks(x, fmt, rounding, (1, 24, 24))
-    f = lambda x: convert.quantize_blocks(x, fmt, (1, 24, 24), rounding=rounding, use_kernel=True)
+    f = lambda x: convert.quantize_blocks(x, fmt, (1, 24, 24), rounding=rounding, key=key, use_kernel=True)
     hlo = jax.jit(f).lower(x).as_text()
-    assert "jdfp_block_quantize" in hlo and "reduce_window" not in hlo
-    q, ref = f(x), qz.quantize_blocks(x, fmt, (1, 24, 24), rounding=rounding)
+    assert "jdfp_block_quantize" in hlo and "reduce_window" not in hlo and "threefry" not in hlo
+    q, ref = f(x), qz.quantize_blocks(x, fmt, (1, 24, 24), rounding=rounding, key=key)
     np.testing.assert_array_equal(np.asarray(q.values), np.asarray(ref.values))
     np.testing.assert_array_equal(np.asarray(q.exponent), np.asarray(ref.exponent))
-  assert not convert.kernel_converts_blocks(x, fmt, "stochastic", (1, 24, 24))
   assert not convert.kernel_converts_blocks(x, DFP(16, axis=1), "nearest", (1, 50, 1))  # 1-wide blocks: XLA
 
 
@@ -136,19 +142,24 @@ def test_handler_returns_ffi_errors():
   from jdfp._src.ffi.library import TARGET_BLOCK_QUANTIZE
   x = jnp.ones((1, 4, 4), jnp.float32)
   attrs = dict(kind=np.int32(1), bits=np.int32(7), rounding=np.int32(0), isa=np.int32(0))
+  key = jnp.zeros((2,), jnp.uint32)
   for block, grid, match in (((1, 2, 2), (1, 3, 2), "e must be the block grid"),
                              ((1, 2), (1, 2, 2), "block must be three ints")):
     call = jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE, (jax.ShapeDtypeStruct(x.shape, jnp.int16),
                                                     jax.ShapeDtypeStruct(grid, jnp.int32)))
     with pytest.raises(Exception, match=match):
-      jax.block_until_ready(call(x, block=np.asarray(block, np.int64), **attrs))
+      jax.block_until_ready(call(x, key, block=np.asarray(block, np.int64), **attrs))
   call = jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE, (jax.ShapeDtypeStruct(x.shape, jnp.int16),
                                                   jax.ShapeDtypeStruct((1, 2, 2), jnp.int32)))
   with pytest.raises(Exception, match="kind must be 0"):
-    jax.block_until_ready(call(x, block=np.asarray((1, 2, 2), np.int64), **{**attrs, "kind": np.int32(5)}))
+    jax.block_until_ready(call(x, key, block=np.asarray((1, 2, 2), np.int64), **{**attrs, "kind": np.int32(5)}))
+  with pytest.raises(Exception, match="key must be uint32"):
+    jax.block_until_ready(call(x, key[:1], block=np.asarray((1, 2, 2), np.int64), **attrs))
+  with pytest.raises(Exception, match="rounding must be 0"):
+    jax.block_until_ready(call(x, key, block=np.asarray((1, 2, 2), np.int64), **{**attrs, "rounding": np.int32(3)}))
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "biased"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "biased"])
 @pytest.mark.parametrize("fmt", (BFP(7), BFP(15), DFP(12)), ids=repr)
 def test_block_stats_equal_the_pure_jax_reductions(isa, fmt, rounding):
   """The statistics variant: same values and exponents, and the Flax counters of `role_stats`."""
@@ -157,8 +168,10 @@ def test_block_stats_equal_the_pure_jax_reductions(isa, fmt, rounding):
   for case in ("plain", "special", "zeros", "subnormal_block"):
     for shape, block in GEOMETRIES:
       x = _adversarial(rng, shape, case)
-      ref = qz.quantize_blocks(x, fmt, block, rounding=rounding)
-      v, e, counts, erange = bq.quantize_blocks_with_stats(jnp.asarray(x), fmt, block, rounding=rounding, isa=isa)
+      key = KEY if rounding == "stochastic" else None
+      ref = qz.quantize_blocks(x, fmt, block, rounding=rounding, key=key)
+      v, e, counts, erange = bq.quantize_blocks_with_stats(jnp.asarray(x), fmt, block, rounding=rounding, key=key,
+                                                           isa=isa)
       np.testing.assert_array_equal(np.asarray(v), np.asarray(ref.values))
       np.testing.assert_array_equal(np.asarray(e), np.asarray(ref.exponent))
       want = state.role_stats(jnp.asarray(x), ref)
@@ -186,3 +199,24 @@ def test_convert_fake_quantize_takes_the_kernel():
   hlo = jax.jit(lambda x: convert.fake_quantize(x, fmt)).lower(x).as_text()
   assert "jdfp_block_fake_quantize" in hlo
   np.testing.assert_array_equal(np.asarray(convert.fake_quantize(x, fmt)), np.asarray(qz.fake_quantize(x, fmt)))
+
+
+def test_stochastic_blocks_follow_the_tensor_stream_and_stay_unbiased():
+  """Block stochastic rounding draws element i's bits from its row-major index (the per-tensor
+  stream): a tensor whose blocks all share one exponent rounds exactly as per-tensor DFP does; and
+  the rounding is unbiased (mean error of 10^6 samples within 4 sigma)."""
+  from jdfp._src.ffi import quantize as ffi_quantize
+  x = jnp.full((1, 96, 96), 0.3, jnp.float32).at[0, 0, 0].set(1.0)  # every 24x24 tile's max sets its exponent
+  x = x.at[0, ::24, ::24].set(1.0)
+  v, e = bq.quantize_blocks(x, DFP(8), (1, 24, 24), rounding="stochastic", key=KEY)
+  assert np.unique(np.asarray(e)).size == 1
+  v_tensor, _ = ffi_quantize.quantize_dfp(x, bits=8, rounding="stochastic", key=KEY)
+  np.testing.assert_array_equal(np.asarray(v), np.asarray(v_tensor))
+  y = jnp.full((1, 1000, 1032), 0.3, jnp.float32).at[0, :, ::24].set(1.0)  # one 1.0 per block: one exponent
+  q, e = bq.quantize_blocks(y, DFP(8), (1, 1, 24), rounding="stochastic", key=KEY)
+  assert np.unique(np.asarray(e)).size == 1
+  keep = np.arange(1032) % 24 != 0
+  got = np.asarray(q, np.float64)[0][:, keep] * 2.0 ** float(np.asarray(e)[0, 0, 0])
+  frac = 0.3 / 2.0 ** float(np.asarray(e)[0, 0, 0]) % 1.0
+  sigma = np.sqrt(frac * (1 - frac) / got.size) * 2.0 ** float(np.asarray(e)[0, 0, 0])
+  assert abs(got.mean() - 0.3) < 4 * sigma

@@ -1,6 +1,7 @@
 """Python side of ``xla_ffi/block_quantize_ffi.cc``: float32 -> int16 conversion of a block format
 (DFP or BFP, one exponent per row, 1-D block or 2-D tile), exponents included, in C++ (bit-identical
-to the pure-JAX `jdfp._src.numerics.quantize.quantize_blocks` for nearest and biased rounding)."""
+to the pure-JAX `jdfp._src.numerics.quantize.quantize_blocks` for every rounding; stochastic rounding
+draws each element's bits from its row-major index, the Philox stream of docs/arithmetic.md)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import numpy as np
 
 from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_QUANTIZE,
                                    TARGET_BLOCK_QUANTIZE_STATS, dtype_of, isa_attribute, require_lib)
+from jdfp._src.ffi.quantize import rounding_operands
 from jdfp._src.numerics import formats
 from jdfp._src.numerics.shard_types import match_varying
 
 __all__ = ["block_quantize", "block_quantize_with_stats", "block_view3", "fake_quantize_blocks", "quantize_blocks",
            "quantize_blocks_with_stats"]
 
-ROUNDINGS = ("nearest", "biased")  # stochastic block rounding stays in the pure-JAX quantizer
+ROUNDINGS = ("nearest", "stochastic", "biased")
+FAKE_ROUNDINGS = ("nearest", "biased")  # the optimizer's one-pass re-quantization (no stochastic variant)
 
 
 def block_view3(shape, bshape) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
@@ -38,7 +41,7 @@ def block_view3(shape, bshape) -> tuple[tuple[int, int, int], tuple[int, int, in
   return tuple(m[0] for m in merged), tuple(m[1] for m in merged)
 
 
-def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest",
+def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest", key=None,
                    isa: str = "auto") -> tuple[jax.Array, jax.Array]:
   """``(int16 values [B, R, C], int32 exponents [GB, GR, GC])`` of float32 ``x [B, R, C]`` with blocks
   ``block = (bb, br, bc)`` (a block longer than its axis covers the axis), ``G* = ceil(n / b)``.
@@ -46,19 +49,21 @@ def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest",
   ``bfp``: BFP exponents with ``bits`` mantissa bits (1..15), else DFP with ``bits`` bits (2..16,
   sign included). Each block's exponent is ``quantize.group_exponent`` of its max |x| (NaN/Inf:
   ``NONFINITE_EXPONENT`` and zeros; all zero: 0; subnormals read as zero, XLA:CPU's DAZ).
+  ``rounding``: "nearest", "stochastic" (needs ``key``) or "biased", as `jdfp._src.ffi.quantize.quantize`.
   """
-  return _call(x, block, bfp, bits, rounding, isa, stats=False)
+  return _call(x, block, bfp, bits, rounding, key, isa, stats=False)
 
 
-def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str = "nearest", isa: str = "auto"):
+def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str = "nearest", key=None,
+                              isa: str = "auto"):
   """`block_quantize` plus, counted while converting: int32 ``[saturated, underflow, nonfinite,
   nonzero]`` (`jdfp._src.ffi.quantize.quant_stats`'s counters, each element against its block's
   exponent) and int32 ``[max, min]`` of the exponents of the blocks that hold a nonzero finite value
   (``[0, 0]`` if none): the Flax statistics of a block format in the conversion's own pass."""
-  return _call(x, block, bfp, bits, rounding, isa, stats=True)
+  return _call(x, block, bfp, bits, rounding, key, isa, stats=True)
 
 
-def _call(x, block, bfp, bits, rounding, isa, stats, fake=False):
+def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False):
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
@@ -71,8 +76,10 @@ def _call(x, block, bfp, bits, rounding, isa, stats, fake=False):
   lo, hi = (1, 15) if bfp else (2, 16)
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
     raise ValueError(f"bits must be an int in {lo}..{hi} for {'BFP' if bfp else 'DFP'}, got {bits!r}")
-  if rounding not in ROUNDINGS:
-    raise ValueError(f"rounding must be one of {ROUNDINGS} on the kernel, got {rounding!r}")
+  allowed = FAKE_ROUNDINGS if fake else ROUNDINGS
+  if rounding not in allowed:
+    raise ValueError(f"rounding must be one of {allowed} on the kernel, got {rounding!r}")
+  rounding_code, key_op = rounding_operands(rounding, key)
   n = int(np.prod(shape))
   if stats and n > INT32_MAX:
     raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
@@ -87,18 +94,18 @@ def _call(x, block, bfp, bits, rounding, isa, stats, fake=False):
   target = TARGET_BLOCK_FAKE_QUANTIZE if fake else TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE
   call = jax.ffi.ffi_call(target, outs,
                           vmap_method="sequential")
-  res = call(x, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
-             rounding=np.int32(ROUNDINGS.index(rounding)), isa=np.int32(isa_code))
+  res = call(x, key_op, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
+             rounding=rounding_code, isa=np.int32(isa_code))
   # An FFI result carries no shard_map varying axes: give it its input's ones.
   return tuple(match_varying(r, x) for r in res)
 
 
-def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto", counted: bool = False):
+def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", key=None, isa: str = "auto", counted: bool = False):
   """`block_quantize` of an N-D float32 ``x`` in a DFP / BFP format with block shape ``bshape``:
   ``(int16 values of x's shape, int32 exponents of the block grid's shape)``. ``x`` and ``bshape``
   must have a 3-D view (`block_view3`). ``counted``: make `quantize_blocks_with_stats`'s call (and
   drop its counters), so that XLA merges it with a statistics call on the same tensor."""
-  return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, isa=isa, stats=counted)[:2]
+  return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, key=key, isa=isa, stats=counted)[:2]
 
 
 def fake_quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto") -> jax.Array:
@@ -107,8 +114,8 @@ def fake_quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str 
   return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, isa=isa, stats=False, fake=True)[0]
 
 
-def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto", stats: bool = True,
-                               fake: bool = False):
+def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", key=None, isa: str = "auto",
+                               stats: bool = True, fake: bool = False):
   """`quantize_blocks` plus `block_quantize_with_stats`'s counters and exponent range (``fake``:
   dequantized float32 values instead of int16, no counters)."""
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
@@ -119,5 +126,7 @@ def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", isa
     raise ValueError(f"block shape {tuple(bshape)} of shape {shape} has no 3-D [B, R, C] view")
   shape3, block3 = view
   bfp = isinstance(fmt, formats.BFP)
-  res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, isa, stats, fake)
+  # A reshape keeps every element's row-major index: the view draws the tensor's own Philox stream.
+  res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa, stats,
+              fake)
   return (jnp.reshape(res[0], shape), jnp.reshape(res[1], formats.grid_shape(shape, bshape))) + tuple(res[2:])

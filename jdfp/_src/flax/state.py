@@ -180,8 +180,8 @@ def stats_from_block_counts(x, counts, erange) -> dict:
 def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   """role_stats of ``x`` quantized as the op quantizes it (``bshape``: its block shape).
 
-  Where the op converts on the C++ kernel (per-tensor DFP, or DFP / BFP blocks with nearest /
-  biased rounding; FFI backend, no data-parallel exponent), the statistics come from the *same*
+  Where the op converts on the C++ kernel (per-tensor DFP, or DFP / BFP blocks; FFI backend, no
+  data-parallel exponent), the statistics come from the *same*
   kernel call as the op's own quantization (`ffi.quantize.quantize_dfp_with_stats`,
   `ffi.block_quantize.block_quantize_with_stats`; XLA merges the two identical calls), so they
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
@@ -195,7 +195,8 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
     return stats_from_counts(x, e, counts)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts_blocks(
       x, fmt, rounding, tuple(bshape)):
-    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding)
+    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding,
+                                                                key=key if rounding == "stochastic" else None)
     return stats_from_block_counts(x, counts, erange)
   q = convert.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
   return role_stats(x, q, uk)

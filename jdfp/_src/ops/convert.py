@@ -1,8 +1,8 @@
 """Operand conversion for the ops: float -> int16 (+ exponents) on the C++ kernels where they apply
 (per-tensor DFP with any rounding: ``ffi/quantize.py``; DFP / BFP blocks, rows and tiles with
-nearest or biased rounding: ``ffi/block_quantize.py``; bit-identical and several times faster than
-XLA:CPU), else the pure-JAX quantizer of `jdfp._src.numerics.quantize` (stochastic rounding of
-blocks, a cross-replica max on blocks)."""
+any rounding: ``ffi/block_quantize.py``; bit-identical and several times faster than XLA:CPU), else
+the pure-JAX quantizer of `jdfp._src.numerics.quantize` (a cross-replica max on blocks, blocks
+shorter than MIN_KERNEL_BLOCK)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ MIN_KERNEL_BLOCK = 8
 
 def kernel_converts_blocks(x, fmt, rounding, bshape) -> bool:
   """The block kernel covers DFP / BFP with any block shape that has a 3-D view whose innermost
-  blocks are >= MIN_KERNEL_BLOCK long (or span the axis), nearest or biased rounding."""
+  blocks are >= MIN_KERNEL_BLOCK long (or span the axis), every rounding."""
   if not (isinstance(fmt, (DFP, BFP)) and rounding in ffi_block.ROUNDINGS and x.size > 0
           and len(bshape) == x.ndim):
     return False
@@ -92,7 +92,7 @@ def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> q
   if not kernel_converts(x, fmt, rounding, bshape):
     if axis_name is None and kernel_converts_blocks(x, fmt, rounding, bshape):
       # Maxima, exponents, values: one call (the statistics call's while they are recorded).
-      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding, counted=counted)
+      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, counted=counted)
       return qz.QArray(values, e, fmt, bshape)
     # Other formats and roundings, and blocks whose maxima replicas share: the numerics' quantizer.
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
@@ -109,7 +109,7 @@ def fake_quantize(x, fmt, *, rounding: str = "nearest", key=None) -> jax.Array:
   values (`ffi.block_quantize.fake_quantize_blocks`), per-tensor DFP through `quantize_blocks`."""
   bshape = fmt.block_shape(x.shape) if fmt.is_integer else None
   if (fmt.is_integer and kernel_convert_available() and not kernel_converts(x, fmt, rounding, bshape)
-      and kernel_converts_blocks(x, fmt, rounding, bshape)):
+      and rounding in ffi_block.FAKE_ROUNDINGS and kernel_converts_blocks(x, fmt, rounding, bshape)):
     return ffi_block.fake_quantize_blocks(x, fmt, bshape, rounding=rounding)
   if not fmt.is_integer:
     return qz.fake_quantize(x, fmt, rounding=rounding, key=key)
