@@ -6,7 +6,7 @@ integer arithmetic to matter) with the same hyper-parameters, initial weights, b
 steps; only ``jdfp.quantize(model, policy=jdfp.policies.<recipe>())`` and
 ``jdfp.recipes.optimizer(recipe, optax.adam(...))`` change. MNIST-1D (Greydanus, 2020) is generated
 locally by the ``mnist1d`` package (no download; cached after the first run); an MLP does not solve
-it (about 75-80 %), so recipes that lose accuracy show it.
+it (about 87 % test accuracy after 1000 steps), so recipes that lose accuracy show it.
 
     PYTHONPATH=. python examples/demo.py                            # FP32, DFP16, BF16; 1 seed (< 5 min)
     PYTHONPATH=. python examples/demo.py --recipes all --seeds 3    # the README's full table
