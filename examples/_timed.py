@@ -117,6 +117,24 @@ def train_timed(task: _common.Task, recipe: str, seed: int, steps: int, *, eval_
                   metrics, train_s, eval_s, setup_s, steps, skipped, final_scale)
 
 
+def explain(task: _common.Task, recipe: str, steps: int, console=None) -> None:
+  """Prints ``jdfp.explain`` of one training step's gradient (where each GEMM ran), seed 0's batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  import jdfp  # pylint: disable=import-outside-toplevel
+
+  prog = _common.program(task, recipe, steps)
+  trained, batch_stats, _ = prog.init(jax.random.key(0))
+  x, y = (jnp.asarray(a) for a in task.sample(np.random.default_rng(0)))
+  k = jax.random.key(1)
+  loss = lambda tr: task.loss(prog.apply_train(tr, batch_stats, x, k)[0].astype(jnp.float32), y)
+  summary = jdfp.explain(jax.grad(loss), trained).summary()
+  text = (f"jdfp.explain (forward + backward of one {recipe} training step): "
+          + ", ".join(f"{v} x {k}" for k, v in summary.items()))
+  (console.print(text, highlight=False) if console is not None else print(text))
+
+
 def run_all(task, recipes, seeds, steps, *, eval_every=50, metric="test_acc", progress=True, console=None):
   """``{recipe: [TimedRun per seed]}``; seeds outermost, FP32 first in each seed."""
   results: dict = {r: [] for r in recipes}

@@ -136,6 +136,8 @@ def main(argv=None) -> int:
                 f"on {desc}: {ntr} train / {nte} test, batch {args.batch}, Adam lr {args.lr:g} warm-up + cosine, "
                 f"{args.steps} steps (~{args.steps * args.batch / ntr:.1f} epochs), evaluation every "
                 f"{args.eval_every} steps, recipes {', '.join(recipes)}, seeds {seeds}")
+  if "dfp16" in recipes:
+    _timed.explain(task, "dfp16", args.steps, console)
   results = _timed.run_all(task, recipes, seeds, args.steps, eval_every=args.eval_every,
                            progress=not args.no_progress, console=console)
   title = (f"MLP on {args.dataset}: {args.steps} steps, batch {args.batch}, {len(seeds)} seed(s), jax "

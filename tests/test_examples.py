@@ -75,6 +75,7 @@ def test_demo_tiny(tmp_path, capsys):
                                            "--batch", "16", "--samples", "400", "--dataset", "synthetic",
                                            "--cache-dir", ""], ["fp32", "dfp16"], "MLP on synthetic")
   assert "setup" in text and "steps/s" in text
+  assert "jdfp kernel" in text  # jdfp.explain of the DFP16 step: its GEMMs run on the INT16 kernel
   header = (tmp_path / "demo.md").read_text().splitlines()[0]
   for col in ("test accuracy %", "training s", "speed-up vs FP32", "setup s (compile)", "s to FP32's accuracy"):
     assert col in header, header
