@@ -66,3 +66,31 @@ def test_seed_and_recipe_parsing():
   assert common.parse_recipes("dfp16,FP32") == ["fp32", "dfp16"]  # the baseline first
   with pytest.raises(SystemExit):
     common.parse_recipes("int4")
+
+
+def test_demo_tiny(tmp_path, capsys):
+  """The README's main command: accuracy and wall-clock columns side by side, compile apart."""
+  timed = _example("_timed")
+  text = _check(tmp_path, capsys, "demo", ["--steps", "6", "--eval-every", "3", "--width", "32", "--depth", "2",
+                                           "--batch", "16", "--samples", "400", "--dataset", "synthetic",
+                                           "--cache-dir", ""], ["fp32", "dfp16"], "MLP on synthetic")
+  assert "setup" in text and "steps/s" in text
+  assert "jdfp kernel" in text  # jdfp.explain of the DFP16 step: its GEMMs run on the INT16 kernel
+  header = (tmp_path / "demo.md").read_text().splitlines()[0]
+  for col in ("test accuracy %", "training s", "speed-up vs FP32", "setup s (compile)", "s to FP32's accuracy"):
+    assert col in header, header
+  assert header.count("|") == len(timed.HEADERS) + 1
+
+
+def test_timed_run_bookkeeping():
+  """Time to an accuracy: the training seconds of the first evaluation at or above it."""
+  timed = _example("_timed")
+  import numpy as np
+  run = timed.TimedRun("dfp16", 0, np.zeros(4), [2, 4], [1.0, 2.5], [0.5, 0.8], {"test_acc": 0.8}, 2.5, 0.1, 3.0, 4)
+  assert run.time_to(0.5) == 1.0 and run.time_to(0.7) == 2.5 and np.isnan(run.time_to(0.9))
+  assert run.steps_per_s == 4 / 2.5
+  base = timed.TimedRun("fp32", 0, np.zeros(4), [2, 4], [2.0, 5.0], [0.6, 0.8], {"test_acc": 0.8}, 5.0, 0.1, 1.0, 4)
+  _, rows = timed.table("t", {"fp32": [base], "dfp16": [run]}, acc_targets={"dfp16": 0.5})
+  assert rows[1][5] == "2.00x"  # FP32's 5.0 s over DFP16's 2.5 s
+  assert rows[1][7] == "2.5"  # DFP16 reaches FP32's final 0.8 after 2.5 s
+  assert "met" in rows[1][8] and "met" in rows[1][9]
