@@ -91,7 +91,8 @@ def operand_stats(x3, fmt, c_ax, rounding, key, policy) -> dict:
 
 def counts_on_kernel(policy) -> bool:
   """Whether this policy's statistics count on the C++ kernel (it runs here and the policy does
-  not ask for the pure-JAX reference)."""
+  not ask for the pure-JAX reference): `kernel_quantize` for integer formats, and the same rule for
+  FP16 / BF16 policies, which convert nothing on the kernel but count there."""
   return kernel_quantize(policy) or (policy.backend != "reference" and convert.kernel_convert_available())
 
 
@@ -187,16 +188,15 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
   """
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  uk = counts_on_kernel(policy) if not fmt.is_integer else kernel_quantize(policy)
+  uk = counts_on_kernel(policy)
   ax = getattr(policy, "axis_name", None)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts(x, fmt, rounding, tuple(bshape)):
-    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits, rounding=rounding,
-                                                        key=key if rounding == "stochastic" else None)
+    # (The kernels read ``key`` for stochastic rounding only.)
+    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits, rounding=rounding, key=key)
     return stats_from_counts(x, e, counts)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts_blocks(
       x, fmt, rounding, tuple(bshape)):
-    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding,
-                                                                key=key if rounding == "stochastic" else None)
+    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding, key=key)
     return stats_from_block_counts(x, counts, erange)
   q = convert.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
   return role_stats(x, q, uk)
