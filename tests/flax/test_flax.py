@@ -16,6 +16,7 @@ import jdfp
 from jdfp._src.ops import explain as explain_mod
 from jdfp import Rule, quantize, quantize_report
 from jdfp._src.flax import state as core
+from jdfp._src.flax.state import unpack
 from jdfp._src.flax import tracked
 from jdfp._src.flax import gemm_rewrites
 from jdfp._src.flax import nnx as jnnx
@@ -77,7 +78,7 @@ def test_linen_cnn_close_to_fp32_and_explain(cnn):
   y32, _ = model.apply(v, x, mutable=["batch_stats"])
   assert float(jnp.max(jnp.abs(yq - y32))) < 2e-2 * float(jnp.max(jnp.abs(y32)))
   # State updates under a mutable apply: forward statistics of this batch.
-  st = upd["dfp"]["Dense_0"]["dot_general"]
+  st = unpack(upd["dfp"]["Dense_0"]["dot_general"])
   assert float(st["lhs"]["size"]) == 8 * 72 and float(st["rhs"]["size"]) == 72 * 16
   assert set(upd) == {"dfp", "batch_stats"}
 
@@ -122,11 +123,11 @@ def test_linen_train_state_optax_lowers_loss(cnn):
   dfp = state.params["dfp"]
   # The optimizer overwrote the state with the gradient's value, bitwise.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), dfp, gdfp)
-  g = dfp["Dense_0"]["dot_general"]["grad"]
+  g = unpack(dfp["Dense_0"]["dot_general"])["grad"]
   assert float(g["size"]) == 8 * 16 and float(g["exponent"]) < 0  # backward statistics arrived
   # Forward statistics are the same in the mutable output and in the gradient.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               gdfp["Conv_1"]["conv"]["lhs"], fwd["Conv_1"]["conv"]["lhs"])
+               unpack(gdfp["Conv_1"]["conv"])["lhs"], unpack(fwd["Conv_1"]["conv"])["lhs"])
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(dfp))
 
 
@@ -192,10 +193,10 @@ def test_weight_sharing_and_scan_keep_separate_state():
   assert set(d) == {"dot_general", "dot_general_1"}
   p = v["params"]["Dense_0"]
   h = nn.relu(x @ p["kernel"] + p["bias"])
-  assert float(d["dot_general"]["lhs"]["exponent"]) == _dfp_exponent(x)
-  assert float(d["dot_general_1"]["lhs"]["exponent"]) == _dfp_exponent(h)
+  assert float(unpack(d["dot_general"])["lhs"]["exponent"]) == _dfp_exponent(x)
+  assert float(unpack(d["dot_general_1"])["lhs"]["exponent"]) == _dfp_exponent(h)
   (_, gd), _ = _grads_of_dfp(qm, v, x)
-  g0, g1 = gd["Dense_0"]["dot_general"]["grad"], gd["Dense_0"]["dot_general_1"]["grad"]
+  g0, g1 = unpack(gd["Dense_0"]["dot_general"])["grad"], unpack(gd["Dense_0"]["dot_general_1"])["grad"]
   assert float(g0["size"]) == 32 and float(g1["size"]) == 32
   # Not summed: each is a single tensor's exponent (a sum of two would not be an exponent of either).
   out = qm.apply(v, x, rngs={"dfp": jax.random.key(3)})
@@ -204,12 +205,12 @@ def test_weight_sharing_and_scan_keep_separate_state():
   # nn.scan with "dfp" in variable_axes: one state per iteration, stacked.
   qs = quantize(Scanned(), DFP)
   vs = jax.jit(qs.init)({"params": jax.random.key(1), "dfp": jax.random.key(2)}, x)
-  st = vs["dfp"]["ScanBody_0"]["Dense_0"]["dot_general"]
+  st = unpack(vs["dfp"]["ScanBody_0"]["Dense_0"]["dot_general"])
   assert st["lhs"]["exponent"].shape == (3,)
   assert float(st["lhs"]["exponent"][0]) == _dfp_exponent(x)
   assert float(st["lhs"]["exponent"][1]) <= -10  # |tanh| * 4 <= 4 after the first iteration
   (_, gs), _ = _grads_of_dfp(qs, vs, x)
-  gst = gs["ScanBody_0"]["Dense_0"]["dot_general"]["grad"]
+  gst = unpack(gs["ScanBody_0"]["Dense_0"]["dot_general"])["grad"]
   assert np.all(np.asarray(gst["size"]) == 32)
 
 
@@ -397,9 +398,9 @@ def test_linen_matmul_operator_tensordot_batched():
   y32 = model.apply(v, x)
   np.testing.assert_allclose(yq, y32, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(y32))))
   # The batched matmul's state: B x 8 x 4 operand (h^T), 2 x 4 x 8 (h); the @ restored afterwards.
-  assert float(v["dfp"]["dot_general_2"]["lhs"]["size"]) == 2 * 8 * 4
+  assert float(unpack(v["dfp"]["dot_general_2"])["lhs"]["size"]) == 2 * 8 * 4
   gv = jax.grad(lambda v: jnp.sum(qm.apply(v, x) ** 2))(v)
-  assert float(gv["dfp"]["dot_general"]["grad"]["size"]) == 2 * 4 * 8
+  assert float(unpack(gv["dfp"]["dot_general"])["grad"]["size"]) == 2 * 4 * 8
   assert jdfp._src.flax.interception.jnp_tc.matmul is jdfp._src.flax.interception._ORIG["matmul"]
 
 

@@ -143,3 +143,31 @@ def test_stochastic_reference_uses_the_philox_stream():
   u = (np.asarray(philox.philox_bits(key, y.shape)) >> 8).astype(np.float32) * np.float32(2.0**-24)
   low = np.floor(np.asarray(y))
   np.testing.assert_array_equal(got, low + (u < np.asarray(y) - low))
+
+
+def test_split_words_children_are_distinct_keys_and_deterministic():
+  from jdfp._src.numerics.philox import fold_in_words, key_words, split_words
+  seen = set()
+  for seed in range(50):
+    parent = jax.random.key(seed)
+    kids = split_words(parent, 3)
+    grandkids = [g for k in kids for g in split_words(k, 2)]
+    words = [tuple(np.asarray(key_words(parent)).tolist())] + [tuple(np.asarray(k).tolist()) for k in kids + tuple(grandkids)]
+    assert len(set(words)) == len(words), "a child key equals its parent, a sibling or a cousin"
+    seen.update(words)
+    for i, k in enumerate(kids):  # fold_in_words(key, i) is child i, alone
+      np.testing.assert_array_equal(np.asarray(fold_in_words(parent, i)), np.asarray(k))
+    np.testing.assert_array_equal(np.asarray(split_words(parent, 3)[2]), np.asarray(kids[2]))
+  assert len(seen) == 50 * 10
+  with pytest.raises(ValueError, match="data"):
+    fold_in_words(jax.random.key(0), -1)
+
+
+def test_split_children_give_uncorrelated_streams():
+  from jdfp._src.numerics.philox import philox_bits, split_words
+  a, b = split_words(jax.random.key(123), 2)
+  u = np.asarray(philox_bits(a, (1 << 16,)) >> 8).astype(np.float64)
+  v = np.asarray(philox_bits(b, (1 << 16,)) >> 8).astype(np.float64)
+  r = np.corrcoef(u, v)[0, 1]
+  assert abs(r) < 4 / np.sqrt(u.size)  # 4 sigma of the sample correlation of independent streams
+  assert abs(u.mean() / 2**24 - 0.5) < 4 * np.sqrt(1 / 12 / u.size)

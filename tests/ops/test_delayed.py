@@ -139,6 +139,7 @@ from flax import nnx  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
 from jdfp._src.flax import state as core  # noqa: E402
+from jdfp._src.flax.state import unpack  # noqa: E402
 from jdfp._src.flax import nnx as jnnx  # noqa: E402
 
 H = 3
@@ -167,7 +168,7 @@ def test_linen_delayed_history_sets_exponents_and_empty_history_is_current_scali
   qc = jdfp.quantize(Net(), FLAX_DELAYED.replace(scaling="current"))
   v = jax.jit(qd.init)({"params": jax.random.key(1), "dfp": jax.random.key(2)}, x)
   for op in (("Conv_0", "conv"), ("Dense_0", "dot_general"), ("Dense_1", "dot_general")):
-    st = v["dfp"][op[0]][op[1]]
+    st = unpack(v["dfp"][op[0]][op[1]])
     for r in core.ROLES:  # created by init, empty: init's batch does not enter the history
       assert st[r][core.HISTORY].shape == (H,) and not np.any(np.asarray(st[r][core.HISTORY]))
   run = jax.jit(lambda m, v, x: m.apply(v, x, rngs={"dfp": jax.random.key(5)}, mutable=["dfp"]), static_argnums=0)
@@ -175,14 +176,14 @@ def test_linen_delayed_history_sets_exponents_and_empty_history_is_current_scali
   y0, upd = run(qd, v, x)
   yc, _ = run(qc, {"params": v["params"]}, x)
   np.testing.assert_array_equal(bits(y0), bits(yc))
-  conv = upd["dfp"]["Conv_0"]["conv"]
+  conv = unpack(upd["dfp"]["Conv_0"]["conv"])
   assert float(conv["lhs"][core.HISTORY][0]) == _rep(jnp.max(jnp.abs(x)))
   assert float(conv["lhs"]["exponent"]) == _exp(jnp.max(jnp.abs(x)))
   # Next step on a batch 100x smaller: the exponent in use comes from the history's max.
   v1 = {"params": v["params"], "dfp": upd["dfp"]}
   x_small = x / 100
   y1, upd1 = run(qd, v1, x_small)
-  conv1 = upd1["dfp"]["Conv_0"]["conv"]
+  conv1 = unpack(upd1["dfp"]["Conv_0"]["conv"])
   assert float(conv1["lhs"]["exponent"]) == _exp(jnp.max(jnp.abs(x))) > _exp(jnp.max(jnp.abs(x_small)))
   np.testing.assert_array_equal(np.asarray(conv1["lhs"][core.HISTORY]),
                                 [_rep(jnp.max(jnp.abs(x_small))), _rep(jnp.max(jnp.abs(x))), 0.0])
@@ -231,13 +232,13 @@ def test_linen_delayed_training_train_state_overwrite_and_fixed_shapes():
     assert jax.tree.map(jnp.shape, state.params) == shapes  # the train-state pytree keeps its shape
     # overwrite, bitwise (histories included: their entries are exact under old + (new - old))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(bits(a), bits(b)), state.params["dfp"], gdfp)
-    grad_hist.append(np.asarray(state.params["dfp"]["Dense_1"]["dot_general"]["grad"][core.HISTORY]))
+    grad_hist.append(np.asarray(unpack(state.params["dfp"]["Dense_1"]["dot_general"])["grad"][core.HISTORY]))
   assert losses[-1] < losses[0] - 0.1, losses
   # The gradient history rolls: newest first, the previous step's entry one slot later.
   assert np.all(grad_hist[-1] > 0)
   np.testing.assert_array_equal(grad_hist[-1][1:], grad_hist[-2][:-1])
   # The exponent in use for the output gradient is the history max's (telemetry shows it).
-  g = state.params["dfp"]["Dense_1"]["dot_general"]["grad"]
+  g = unpack(state.params["dfp"]["Dense_1"]["dot_general"])["grad"]
   assert float(g["exponent"]) == _exp(np.max(grad_hist[-2]))
   rows = jdfp.telemetry(state.params).where("Dense_1", "grad")
   assert rows[0]["exponent"] == int(g["exponent"])

@@ -42,7 +42,8 @@ from flax.core import tracers as flax_tracers
 
 from jdfp._src.flax import interception, tracked
 from jdfp._src.flax.rules import QuantizeReport, Rule, Site, resolve
-from jdfp._src.flax.state import empty_state
+from jdfp._src.flax.state import empty_packed, pack, unpack
+from jdfp._src.numerics import philox
 from jdfp._src.ops.convert import counters_read
 from jdfp._src.ops.policy import Policy
 
@@ -101,7 +102,7 @@ class LinenFrame(interception.Frame):
     var = None
     if policy is not None:
       if module.has_variable(col, name) or module.is_mutable_collection(col):
-        var = module.scope.variable(col, name, empty_state, policy)
+        var = module.scope.variable(col, name, empty_packed, policy)
     cfg.report.record(Site(path, name, kind, policy, rule, var is not None))
     if policy is None:
       with interception.inside():
@@ -124,14 +125,14 @@ class LinenFrame(interception.Frame):
     def tracked_call(fn):
       """Run ``fn(state, key) -> (out, new_state)`` with this op's state (once; later calls stateless)."""
       if calls:  # one GEMM per op; a second one (never expected) runs without state
-        out, _ = fn(None, None if key is None else jax.random.fold_in(key, len(calls)))
+        out, _ = fn(None, None if key is None else philox.fold_in_words(key, len(calls)))
         return out
       calls.append(1)
       stored = var is not None and module.is_mutable_collection(col)
       with counters_read(stored):  # forward statistics nobody stores need no counting conversions
-        out, new = fn(None if var is None else var.value, key)
+        out, new = fn(None if var is None else unpack(var.value), key)
       if stored:
-        var.value = new
+        var.value = pack(new)
       return out
 
     # init creates the state but leaves amax histories empty: init's (often dummy) batch must not

@@ -48,26 +48,6 @@ class DfpState(nnx.Variable):
   """jdfp's per-op scale state and counters in an NNX model (a float32 ``[3, 6]`` array)."""
 
 
-def pack(state: dict) -> jax.Array:
-  """``[3, 6]`` (``[3, 6 + H]`` with delayed scaling: the amax history after the six fields)."""
-  def row(r):
-    cols = [jnp.asarray(state[r][f], dfp_state.STATE_DTYPE)[None] for f in dfp_state.FIELDS]
-    if dfp_state.HISTORY in state[r]:
-      cols.append(jnp.asarray(state[r][dfp_state.HISTORY], dfp_state.STATE_DTYPE))
-    return jnp.concatenate(cols)
-  return jnp.stack([row(r) for r in dfp_state.ROLES])
-
-
-def unpack(arr) -> dict:
-  n = len(dfp_state.FIELDS)
-  out = {}
-  for i, r in enumerate(dfp_state.ROLES):
-    out[r] = {f: arr[..., i, j] for j, f in enumerate(dfp_state.FIELDS)}
-    if arr.shape[-1] > n:
-      out[r][dfp_state.HISTORY] = arr[..., i, n:]
-  return out
-
-
 _KIND_ATTR = {"dot_general": "dot_general", "einsum": "einsum_op", "conv": "conv_general_dilated"}
 
 
@@ -96,7 +76,7 @@ class JdfpOp(nnx.Module):
     self.site_name = kind if name is None else name  # the op's name in quantize_report and telemetry
     self.rng_stream = rng_stream
     self.rngs = rngs
-    self.state = DfpState(pack(dfp_state.empty_state(policy)))
+    self.state = DfpState(dfp_state.empty_packed(policy))
 
   def _key(self):
     if not self.policy.needs_key:
@@ -113,8 +93,8 @@ class JdfpOp(nnx.Module):
     return stream()
 
   def _tracked_call(self, fn):
-    out, new = fn(unpack(self.state[...]), self._key())
-    self.state[...] = pack(new)
+    out, new = fn(dfp_state.unpack(self.state[...]), self._key())
+    self.state[...] = dfp_state.pack(new)
     return out
 
   def _dot(self, lhs, rhs, dims, precision=None, preferred_element_type=None, **kw):
@@ -338,7 +318,7 @@ def state_of(model) -> dict:
   out = {}
   for _, m in _iter_modules(model):
     if isinstance(m, JdfpOp):
-      out["/".join(p for p in (m.site_path, m.site_name) if p)] = unpack(m.state[...])
+      out["/".join(p for p in (m.site_path, m.site_name) if p)] = dfp_state.unpack(m.state[...])
   return out
 
 

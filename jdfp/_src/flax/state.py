@@ -1,12 +1,18 @@
 """The Flax integration's per-op state ("dfp" collection) and the statistics that fill it.
 
-State layout (one Flax variable per quantized op, value a dict)::
+State layout: one Flax variable per quantized op (Linen and NNX alike), a float32 array
+``[3, 6]`` (`pack`): rows ``lhs``, ``rhs`` (weights, the forward right operand), ``grad`` (output
+gradient, both backward GEMMs); columns ``exponent, exponent_min, saturated, underflow, nonfinite,
+size``; with delayed scaling ``[3, 6 + H]``, the amax history after the six fields. One array, not
+18 scalars: each leaf of the collection costs an overwrite fusion, an optimizer leaf and an argument
+every step (a 2-layer step spent more on them than on its GEMMs). The code works on the dict view
+(`unpack`)::
 
-    {"lhs":  {"exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size"},
-     "rhs":  {...},   # weights (forward right operand)
-     "grad": {...}}   # output gradient (both backward GEMMs)
+    {"lhs":  {"exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size"[, "amax_history"]},
+     "rhs":  {...},
+     "grad": {...}}
 
-All leaves are float32 scalars holding integers. Not int32, because the backward statistics leave
+All fields are floats holding integers. Not int32, because the backward statistics leave
 through a cotangent, and JAX gives integer inputs only ``float0`` cotangents (``jax.grad`` refuses
 integer inputs outright). Integers up to 2**24 are exact in float32, and `jdfp.overwrite_state`'s
 ``old + (new - old)`` is then bitwise exact. Counters are per step (the last update), so they stay
@@ -58,6 +64,38 @@ def empty_state(policy: Policy | None = None):
   """The initial value of one op's state variable (all zeros; with delayed scaling each role also
   holds an empty ``amax_history`` of ``policy.history_length`` maxima)."""
   return {r: empty_role(policy) for r in ROLES}
+
+
+def pack(state: dict):
+  """The op's state array ``[3, 6]`` (``[3, 6 + H]`` with delayed scaling) from its dict view."""
+  def row(r):
+    cols = [jnp.asarray(state[r][f], STATE_DTYPE)[..., None] for f in FIELDS]
+    if HISTORY in state[r]:
+      cols.append(jnp.asarray(state[r][HISTORY], STATE_DTYPE))
+    return jnp.concatenate(cols, axis=-1)
+  return jnp.stack([row(r) for r in ROLES], axis=-2)
+
+
+def unpack(arr) -> dict:
+  """The dict view of a state array (leading axes, e.g. of ``nn.scan``, are kept on every field)."""
+  n = len(FIELDS)
+  out = {}
+  for i, r in enumerate(ROLES):
+    out[r] = {f: arr[..., i, j] for j, f in enumerate(FIELDS)}
+    if arr.shape[-1] > n:
+      out[r][HISTORY] = arr[..., i, n:]
+  return out
+
+
+def is_packed(x) -> bool:
+  """Whether ``x`` looks like a packed op state (an array ``[..., 3, >= 6]``)."""
+  shape = getattr(x, "shape", None)
+  return shape is not None and len(shape) >= 2 and shape[-2] == len(ROLES) and shape[-1] >= len(FIELDS)
+
+
+def empty_packed(policy: Policy | None = None):
+  """The initial value of an op's state variable: `pack` of `empty_state`."""
+  return pack(empty_state(policy))
 
 
 def history_values(hist):

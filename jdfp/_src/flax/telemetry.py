@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jdfp._src.flax.state import FIELDS, ROLES
+from jdfp._src.flax.state import FIELDS, ROLES, is_packed, unpack
 COLUMNS = ("path", "role", "exponent", "exponent_min", "saturated", "underflow", "nonfinite", "size",
            "saturated_frac", "underflow_frac")
 
@@ -57,6 +57,9 @@ def _find_collection(x, collection: str):
 def _walk(tree, prefix, out):
   if _is_op_state(tree):
     out.append((prefix, tree))
+    return
+  if is_packed(tree):  # a Linen op's state array
+    out.append((prefix, unpack(np.asarray(tree))))
     return
   if isinstance(tree, Mapping):
     for k in tree:

@@ -90,7 +90,7 @@ def _grad_tap_bwd(cfg, res, g):
     return g, None, None, None
   check_backward_key(cfg.policy, key)
   g3 = g.astype(jnp.float32).reshape(cfg.shape3)
-  k_dl = None if key is None else jax.random.split(key, 2)[0]
+  k_dl = split_keys(key, 2)[0]
   if cfg.delayed:  # as jdfp's delayed backward: exponent from the gradient history, then push max|g|
     qg, hist = delayed.quantize_with_history(g3, cfg.fmt, cfg.rounding, k_dl, fwd_state["grad"][HISTORY])
     grad = {**role_stats(g3, qg, kernel_quantize(cfg.policy)), HISTORY: history_values(hist)}

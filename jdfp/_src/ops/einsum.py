@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jdfp._src.numerics import philox
 from jdfp._src.ops.dot import dot_general
 from jdfp._src.ops.policy import Policy
 
@@ -19,7 +20,7 @@ class _EinsumDot:
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     key = None
     if self.key is not None:
-      key = jax.random.fold_in(self.key, self.count)
+      key = philox.fold_in_words(self.key, self.count)
       self.count += 1
     return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                        policy=self.policy, key=key, **kw)

@@ -8,13 +8,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal
 
+from jdfp._src.numerics import philox
 from jdfp._src.numerics.shard_types import match_varying, varying_axes
 
 
 def split_keys(key, n):
+  """``n`` keys for an op's conversions (raw uint32[2] Philox keys, `philox.split_words`)."""
   if key is None:
     return (None,) * n
-  return tuple(jax.random.split(key, n))
+  return philox.split_words(key, n)
 
 
 def primal_values(tree):
