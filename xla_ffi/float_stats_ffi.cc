@@ -1,8 +1,8 @@
 // XLA FFI handler: the counters of an FP16 / BF16 cast (float_stats.h), for the Flax "dfp"
 // collection of the mixed-precision recipes.
 //
-//   JdfpFloatStats : float32 x [...], uint16 q [...] (the cast's bit patterns: float16 or bfloat16,
-//                    bitcast by the caller) -> int32 [5]: amax bits, amin bits, saturated,
+//   JdfpFloatStats : float32 x [...], q [...] (the cast: float16 / bfloat16, or its uint16 bit
+//                    patterns) -> int32 [5]: amax bits, amin bits, saturated,
 //                    underflow, nonfinite.   attrs: fmt (0: float16, 1: bfloat16), isa
 //
 // One pass on the calling thread: the counters are read once per tensor per step, and a single
@@ -28,7 +28,13 @@ ffi::Error float_stats_impl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Result<ffi:
   if (ffi::Error err = select_isa(who, isa, kernels); err.failure()) return err;
   if (fmt != 0 && fmt != 1) return invalid_as(who, "fmt must be 0 (float16) or 1 (bfloat16), got " + std::to_string(fmt));
   if (x.element_type() != ffi::DataType::F32) return invalid_as(who, "x must be float32");
-  if (q.element_type() != ffi::DataType::U16) return invalid_as(who, "q must be uint16 (the cast's bit patterns)");
+  // q arrives as the cast itself (float16 / bfloat16: no bitcast op in the graph, which XLA:CPU ran as
+  // a separate fusion recomputing the cast) or as its uint16 bit patterns.
+  const ffi::DataType qt = q.element_type();
+  if (qt != ffi::DataType::U16 && qt != ffi::DataType::F16 && qt != ffi::DataType::BF16)
+    return invalid_as(who, "q must be float16, bfloat16 or uint16 (the cast or its bit patterns)");
+  if ((qt == ffi::DataType::F16 && fmt != 0) || (qt == ffi::DataType::BF16 && fmt != 1))
+    return invalid_as(who, "q's dtype does not match fmt");
   if (out->element_type() != ffi::DataType::S32 || out->element_count() != 5)
     return invalid_as(who, "the result must be int32 [5]");
   if (q.element_count() != x.element_count())

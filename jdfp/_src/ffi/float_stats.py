@@ -40,5 +40,5 @@ def float_stats(x, q, *, isa: str = "auto") -> jax.Array:
     return jnp.array([0, 0x7F800000, 0, 0, 0], jnp.int32)
   require_lib()
   call = jax.ffi.ffi_call(TARGET_FLOAT_STATS, jax.ShapeDtypeStruct((5,), jnp.int32), vmap_method="sequential")
-  out = call(x, lax.bitcast_convert_type(q, jnp.uint16), fmt=np.int32(_FMT_CODE[qdt.name]), isa=np.int32(isa_code))
+  out = call(x, q, fmt=np.int32(_FMT_CODE[qdt.name]), isa=np.int32(isa_code))
   return match_varying(out, x, q)
