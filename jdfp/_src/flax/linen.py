@@ -42,7 +42,7 @@ from flax.core import tracers as flax_tracers
 
 from jdfp._src.flax import interception, tracked
 from jdfp._src.flax.rules import QuantizeReport, Rule, Site, resolve
-from jdfp._src.flax.state import empty_packed, pack, unpack
+from jdfp._src.flax.state import empty_packed, pack
 from jdfp._src.numerics import philox
 from jdfp._src.ops.convert import counters_read
 from jdfp._src.ops.policy import Policy
@@ -130,7 +130,7 @@ class LinenFrame(interception.Frame):
       calls.append(1)
       stored = var is not None and module.is_mutable_collection(col)
       with counters_read(stored):  # forward statistics nobody stores need no counting conversions
-        out, new = fn(None if var is None else unpack(var.value), key)
+        out, new = fn(None if var is None else var.value, key)
       if stored:
         var.value = pack(new)
       return out

@@ -93,7 +93,7 @@ class JdfpOp(nnx.Module):
     return stream()
 
   def _tracked_call(self, fn):
-    out, new = fn(dfp_state.unpack(self.state[...]), self._key())
+    out, new = fn(self.state[...], self._key())
     self.state[...] = dfp_state.pack(new)
     return out
 

@@ -68,22 +68,37 @@ def empty_state(policy: Policy | None = None):
 
 def pack(state: dict):
   """The op's state array ``[3, 6]`` (``[3, 6 + H]`` with delayed scaling) from its dict view."""
+  # lax ops, not jnp indexing / stack: pack and unpack run for every op of every traced step.
+  def col(v):
+    v = v if getattr(v, "dtype", None) == STATE_DTYPE else lax.convert_element_type(v, STATE_DTYPE)
+    return lax.broadcast_in_dim(v, jnp.shape(v) + (1,), tuple(range(jnp.ndim(v))))
+
   def row(r):
-    cols = [jnp.asarray(state[r][f], STATE_DTYPE)[..., None] for f in FIELDS]
+    cols = [col(state[r][f]) for f in FIELDS]
     if HISTORY in state[r]:
-      cols.append(jnp.asarray(state[r][HISTORY], STATE_DTYPE))
-    return jnp.concatenate(cols, axis=-1)
-  return jnp.stack([row(r) for r in ROLES], axis=-2)
+      cols.append(lax.convert_element_type(state[r][HISTORY], STATE_DTYPE))
+    lead = jnp.broadcast_shapes(*(jnp.shape(c)[:-1] for c in cols))
+    cols = [c if jnp.shape(c)[:-1] == lead else jnp.broadcast_to(c, lead + jnp.shape(c)[-1:]) for c in cols]
+    r_arr = lax.concatenate(cols, len(lead))
+    return lax.expand_dims(r_arr, (len(lead),))
+  rows = [row(r) for r in ROLES]
+  return lax.concatenate(rows, rows[0].ndim - 2)
 
 
-def unpack(arr) -> dict:
-  """The dict view of a state array (leading axes, e.g. of ``nn.scan``, are kept on every field)."""
-  n = len(FIELDS)
+def unpack(arr, roles=ROLES) -> dict:
+  """The dict view of a state array (leading axes, e.g. of ``nn.scan``, are kept on every field),
+  for ``roles`` (default all)."""
+  n, nd, lead = len(FIELDS), arr.ndim, tuple(arr.shape[:-2])
+  # lax.slice, not arr[..., i, j]: numpy-style indexing costs ~15x the trace time, and an unpack runs
+  # for every op of every traced step.
+  cut = lambda i, j0, j1: lax.slice(arr, (0,) * (nd - 2) + (i, j0), lead + (i + 1, j1))
   out = {}
   for i, r in enumerate(ROLES):
-    out[r] = {f: arr[..., i, j] for j, f in enumerate(FIELDS)}
+    if r not in roles:
+      continue
+    out[r] = {f: lax.squeeze(cut(i, j, j + 1), (nd - 2, nd - 1)) for j, f in enumerate(FIELDS)}
     if arr.shape[-1] > n:
-      out[r][HISTORY] = arr[..., i, n:]
+      out[r][HISTORY] = lax.squeeze(cut(i, n, arr.shape[-1]), (nd - 2,))
   return out
 
 
@@ -196,11 +211,11 @@ def stats_from_float_counts(x, counts) -> dict:
 
 def stats_from_counts(x, e, counts) -> dict:
   """role_stats from `ffi.quantize.quant_stats` counters (per-tensor integer formats)."""
-  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
-  sat, under, nonfin, ok = (lax.stop_gradient(counts[i]) for i in range(4))
+  f32 = lambda v: lax.convert_element_type(v, STATE_DTYPE)
+  sat, under, nonfin, ok = (lax.index_in_dim(lax.stop_gradient(counts), i, 0, keepdims=False) for i in range(4))
   e_stat = f32(jnp.where(ok > 0, lax.stop_gradient(e).reshape(()), 0))
   return {"exponent": e_stat, "exponent_min": e_stat, "saturated": f32(sat), "underflow": f32(under),
-          "nonfinite": f32(nonfin), "size": f32(np.size(x))}
+          "nonfinite": f32(nonfin), "size": f32(np.float32(np.size(x)))}
 
 
 def natural_blocks(fmt, shape) -> tuple[int, ...]:
@@ -211,9 +226,10 @@ def natural_blocks(fmt, shape) -> tuple[int, ...]:
 
 def stats_from_block_counts(x, counts, erange) -> dict:
   """role_stats from `ffi.block_quantize.block_quantize_with_stats` (block integer formats)."""
-  f32 = lambda v: lax.stop_gradient(jnp.asarray(v)).astype(STATE_DTYPE)
-  return {"exponent": f32(erange[0]), "exponent_min": f32(erange[1]), "saturated": f32(counts[0]),
-          "underflow": f32(counts[1]), "nonfinite": f32(counts[2]), "size": f32(np.size(x))}
+  f32 = lambda v: lax.stop_gradient(lax.convert_element_type(v, STATE_DTYPE))
+  at = lambda v, i: lax.index_in_dim(v, i, 0, keepdims=False)
+  return {"exponent": f32(at(erange, 0)), "exponent_min": f32(at(erange, 1)), "saturated": f32(at(counts, 0)),
+          "underflow": f32(at(counts, 1)), "nonfinite": f32(at(counts, 2)), "size": f32(np.float32(np.size(x)))}
 
 
 def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:

@@ -30,7 +30,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jdfp._src.flax.gemm_rewrites import conv_via_dot
 from jdfp._src.flax.state import (HISTORY, STATE_DTYPE, empty_state, history_values, is_delayed, natural_blocks,
-                                  operand_stats, quantized_stats, role_stats, scale_state)
+                                  operand_stats, pack, quantized_stats, role_stats, scale_state, unpack)
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops import delayed
 from jdfp._src.ops.backend import kernel_quantize, warn_once
@@ -59,6 +59,15 @@ class TapConfig:
   natural: bool = False
 
 
+def as_packed(state):
+  """An op's state as its packed array (`state.pack`), whichever view the caller holds."""
+  if isinstance(state, dict):
+    return pack(state)
+  return jnp.asarray(state, STATE_DTYPE)
+
+
+# ``state`` is the op's packed state array: its cotangent, the new state, is one array too (18 scalar
+# cotangents cost 18 pad + add ops to trace and to run).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _grad_tap(out, state, fwd_state, key, cfg):
   del state, fwd_state, key, cfg
@@ -98,8 +107,7 @@ def _grad_tap_bwd(cfg, res, g):
     grad = quantized_stats(g3, cfg.fmt, natural_blocks(cfg.fmt, g3.shape), cfg.rounding, k_dl, cfg.policy)
   else:
     grad = operand_stats(g3, cfg.fmt, 2, cfg.rounding, k_dl, cfg.policy)
-  new_state = {**fwd_state, "grad": grad}
-  return g, new_state, None, None
+  return g, pack({**fwd_state, "grad": grad}), None, None
 
 
 _grad_tap.defvjp(_grad_tap_fwd, _grad_tap_bwd, symbolic_zeros=True)
@@ -113,8 +121,8 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
                         policy: Policy, key=None, state=None, update_history: bool = True, **kwargs):
   """`jdfp.dot_general` plus statistics. Returns ``(out, new_state)``.
 
-  ``state`` is the op's current state (see the module docstring) or None (no statistics: returns
-  ``(out, None)``). ``new_state`` holds this call's forward statistics and the previous gradient
+  ``state`` is the op's current state (its packed array or the dict view, flax/state.py) or None
+  (no statistics: returns ``(out, None)``). ``new_state`` holds this call's forward statistics and the previous gradient
   statistics; the gradient statistics arrive as ``state``'s cotangent.
 
   Delayed scaling (``policy.scaling == "delayed"``): each role of ``state`` holds an
@@ -135,13 +143,14 @@ def tracked_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_e
   if state is None:
     return out, None
   lv, rv, l3, r3, (k_l, k_r, k_bwd) = _operand_views(lhs, rhs, dimension_numbers, key)
-  old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  packed = as_packed(state)
+  old = unpack(lax.stop_gradient(packed), roles=("grad",))  # the only role read
   fwd_state = {"lhs": operand_stats(l3, policy.lhs, lv.c_ax, policy.fwd_rounding, k_l, policy),
                "rhs": operand_stats(r3, policy.rhs, rv.c_ax, policy.fwd_rounding, k_r, policy),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   cfg = TapConfig((bsz, m, n), policy.dlhs, policy.grad_rounding, policy)
-  out = _grad_tap(out, old, fwd_state, k_bwd, cfg)
+  out = _grad_tap(out, packed, fwd_state, k_bwd, cfg)
   return out, fwd_state
 
 
@@ -157,7 +166,8 @@ def _operand_views(lhs, rhs, dimension_numbers, key):
 
 def _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, *, policy, key, state,
                          update_history, **kwargs):
-  old = None if state is None else jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  packed = None if state is None else as_packed(state)
+  old = None if packed is None else unpack(lax.stop_gradient(packed))
   hist = scale_state(old if old is not None else empty_state(policy))
   out, new_hist = dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                   policy=policy, key=key, scale_state=hist, **kwargs)
@@ -174,7 +184,7 @@ def _tracked_delayed_dot(lhs, rhs, dimension_numbers, precision, preferred_eleme
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   bsz, m, n = lv.shape3[0], lv.shape3[lv.f_ax], rv.shape3[rv.f_ax]
   cfg = TapConfig((bsz, m, n), policy.dlhs, policy.grad_rounding, policy, delayed=True)
-  return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
+  return _grad_tap(out, packed, fwd_state, k_bwd, cfg), fwd_state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,15 +221,17 @@ def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: 
   stoch = policy.fwd_rounding == "stochastic"
   stats = lambda x, fmt, k: quantized_stats(x, fmt, natural_blocks(fmt, x.shape), policy.fwd_rounding,
                                             k if stoch else None, policy)
-  old = jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  packed = as_packed(state)
+  old = unpack(lax.stop_gradient(packed), roles=("grad",))  # the only role read
   fwd_state = {"lhs": stats(lhs, policy.lhs, k_l), "rhs": stats(rhs, policy.rhs, k_r),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   cfg = TapConfig(tuple(out.shape), policy.dlhs, policy.grad_rounding, policy, natural=True)
-  return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
+  return _grad_tap(out, packed, fwd_state, k_bwd, cfg), fwd_state
 
 
 def _tracked_delayed_conv(args, *, policy: Policy, key, state, update_history):
-  old = None if state is None else jax.tree.map(lambda v: jnp.asarray(v, STATE_DTYPE), state)
+  packed = None if state is None else as_packed(state)
+  old = None if packed is None else unpack(lax.stop_gradient(packed))
   hist = scale_state(old if old is not None else empty_state(policy))
   out, new_hist = conv_general_dilated(*args, policy=policy, key=key, scale_state=hist)
   if old is None:
@@ -243,4 +255,4 @@ def _tracked_delayed_conv(args, *, policy: Policy, key, state, update_history):
                        HISTORY: keep(new_hist.rhs, "rhs")},
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
   cfg = TapConfig((1, 1, int(np.prod(out.shape))), policy.dlhs, policy.grad_rounding, policy, delayed=True)
-  return _grad_tap(out, old, fwd_state, k_bwd, cfg), fwd_state
+  return _grad_tap(out, packed, fwd_state, k_bwd, cfg), fwd_state
