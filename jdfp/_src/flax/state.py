@@ -200,13 +200,17 @@ def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:
 
 def stats_from_float_counts(x, counts) -> dict:
   """role_stats from `ffi.float_stats.float_stats` counters (FP16 / BF16 casts)."""
-  f32 = lambda v: jnp.asarray(v).astype(STATE_DTYPE)
   counts = lax.stop_gradient(counts)
   # floor(log2 m) of a normal float32 m from its bits; 0 when there is no such value (0 or Inf's bits).
-  exp_of = lambda bits: jnp.where((bits > 0) & (bits < 0x7F800000), (bits >> 23) - 127, 0)
-  return {"exponent": f32(exp_of(counts[0])), "exponent_min": f32(exp_of(counts[1])),
-          "saturated": f32(counts[2]), "underflow": f32(counts[3]), "nonfinite": f32(counts[4]),
-          "size": f32(np.size(x))}
+  # Both exponents at once and lax ops throughout: this runs per operand of every traced op.
+  bits = lax.slice(counts, (0,), (2,))
+  normal = (bits > 0) & (bits < np.int32(0x7F800000))
+  exps = lax.convert_element_type(lax.select(normal, (bits >> np.int32(23)) - np.int32(127), lax.full_like(bits, 0)),
+                                  STATE_DTYPE)
+  cf = lax.convert_element_type(counts, STATE_DTYPE)
+  at = lambda v, i: lax.index_in_dim(v, i, 0, keepdims=False)
+  return {"exponent": at(exps, 0), "exponent_min": at(exps, 1), "saturated": at(cf, 2), "underflow": at(cf, 3),
+          "nonfinite": at(cf, 4), "size": jnp.asarray(np.float32(np.size(x)))}
 
 
 def stats_from_counts(x, e, counts) -> dict:
