@@ -65,7 +65,8 @@ struct UkSimd {
   // gives it exactly.  F stays in int32 while |T| < 2**47: at most kMaxWhPieces = 2**16 pieces, then
   // the driver has T widened into `wide` (u.spill).  At the close T = 2**16 * int64(F) + (W & 0xFFFF)
   // (V::cvt_wf), rounded once.  Per piece: three int32 ops, one load and one store per vector (F, in
-  // the driver's acc64 block after W), issued while the next piece's dot products run.
+  // the driver's acc64 block after W; a block's first update reads 0 instead of loading F), issued
+  // while the next piece's dot products run.
   // noinline: inlined into the driver, GCC ran out of zmm registers and spilled an accumulator.
   // See gemm_driver.h (UkArgs) for the contract.
   __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const UkArgs& args) {
@@ -84,14 +85,13 @@ struct UkSimd {
     int32_t* const W = reinterpret_cast<int32_t*>(u.acc64);
     int32_t* const F = W + MR * NR;
     bool wide = u.wide_in;  // wide holds an earlier part of the open block
+    bool fz = !u.wh_in;     // F is 0 (not stored: no zero stores per block)
     vi acc_[MR][NV];
     auto& accv = acc_;
-    // (W, F) of the block continued from the last kc block, or a clean start (0, 0).
+    // W of the block continued from the last kc block, or a clean start (W, F) = (0, 0).
     static_for<MR>([&](auto i) __attribute__((always_inline)) {
       static_for<NV>([&](auto v) __attribute__((always_inline)) {
-        const int off = i * NR + v * V::kLanes;
-        accv[i][v] = u.wh_in ? V::load(W + off) : V::zero();
-        if (!u.wh_in) V::store(F + off, V::zero());
+        accv[i][v] = u.wh_in ? V::load(W + i * NR + v * V::kLanes) : V::zero();
       });
     });
     for (int pi = 0; pi < u.npcs; ++pi) {
@@ -117,25 +117,32 @@ struct UkSimd {
         // The piece is the whole block: its int32 sum is the block sum, f() is one cvtdq2ps.
         close_block(u, pc, [&](auto i, auto v) __attribute__((always_inline)) { return V::cvt(accv[i][v]); });
       } else {
-        static_for<MR>([&](auto i) __attribute__((always_inline)) {
-          static_for<NV>([&](auto v) __attribute__((always_inline)) {
-            const int off = i * NR + v * V::kLanes;
-            vi w = accv[i][v];
-            __asm__("" : "+v"(w));  // one use of the loop's value (two made GCC copy and spill the accumulators)
-            V::store(F + off, V::f_next(V::load(F + off), w));
-            if (closes || pi + 1 == u.npcs) V::store(W + off, w);
-            accv[i][v] = w;
+        const bool store_w = closes || pi + 1 == u.npcs;
+        auto upd = [&](auto i, auto v, auto zero_f) __attribute__((always_inline)) {
+          const int off = i * NR + v * V::kLanes;
+          vi w = accv[i][v];
+          __asm__("" : "+v"(w));  // one use of the loop's value (two made GCC copy and spill the accumulators)
+          V::store(F + off, V::f_next(zero_f ? V::zero() : V::load(F + off), w));
+          if (store_w) V::store(W + off, w);
+          accv[i][v] = w;
+        };
+        if (fz) {
+          static_for<MR>([&](auto i) __attribute__((always_inline)) {
+            static_for<NV>([&](auto v) __attribute__((always_inline)) { upd(i, v, std::true_type{}); });
           });
-        });
+        } else {
+          static_for<MR>([&](auto i) __attribute__((always_inline)) {
+            static_for<NV>([&](auto v) __attribute__((always_inline)) { upd(i, v, std::false_type{}); });
+          });
+        }
+        fz = false;
         if (closes) close_wf(u, pc, W, F, wide);
       }
-      if (closes) {  // the next piece opens a block: (0, 0)
+      if (closes) {  // the next piece opens a block: (W, F) = (0, 0)
         static_for<MR>([&](auto i) __attribute__((always_inline)) {
-          static_for<NV>([&](auto v) __attribute__((always_inline)) {
-            accv[i][v] = V::zero();
-            V::store(F + i * NR + v * V::kLanes, V::zero());
-          });
+          static_for<NV>([&](auto v) __attribute__((always_inline)) { accv[i][v] = V::zero(); });
         });
+        fz = true;
       }
     }
     if (u.spill) spill_wf(W, F, u.wide, wide);
