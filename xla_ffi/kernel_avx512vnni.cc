@@ -502,10 +502,12 @@ struct V512 {
   static inline vf cvt(vi x) { return _mm512_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm512_add_ps(a, b); }
   static inline vi add(vi a, vi b) { return _mm512_add_epi32(a, b); }
-  // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h: the difference's low
-  // word times 1 plus its high word times 0, as one vpdpwssd.
+  // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h, as
+  // F + ((w - (F << 16)) >> 16) (arithmetic shift): four plain int32 ops.  The three-op form with a
+  // vpdpwssd for the sign-extending add was slower: it competes with the dot products for their ports.
   static inline vi f_next(vi f, vi w) {
-    return _mm512_dpwssd_epi32(f, _mm512_sub_epi32(_mm512_srli_epi32(w, 16), f), _mm512_set1_epi32(1));
+    __asm__("" : "+v"(f));  // one load of F for both uses (GCC would fold it into each op: two loads)
+    return _mm512_add_epi32(f, _mm512_srai_epi32(_mm512_sub_epi32(w, _mm512_slli_epi32(f, 16)), 16));
   }
   // T = 2**16 * F + (W & 0xFFFF) of 16 lanes (see UkSimd::kernel), lanes 0..7 in l and 8..15 in u.
   static inline void wf64(const int32_t* pw, const int32_t* pf, __m512i& l, __m512i& u) {
