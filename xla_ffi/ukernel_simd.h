@@ -58,15 +58,18 @@ struct UkSimd {
   // The open block's exact sum T, per lane, is kept as two int32: W = T mod 2**32 -- the int32
   // accumulators themselves, which run on (wrapping) from piece to piece of a block instead of being
   // reset -- and F = floor(T / 2**16), updated after every piece from W alone:
-  //   F' = F + sext16(((W' >> 16) - F) mod 2**16)            (V::f_next; one vpdpwssd on VNNI)
+  //   F' = F + sext16(((W' >> 16) - F) mod 2**16)            (V::f_next)
   // Why it is exact: every piece sum x has |x| <= 2**31 - 2**16 (kernel_chain_length), so with
   // r = T mod 2**16, F' - F = floor((r + x) / 2**16) lies in [-2**15 + 1, 2**15 - 1]; it is congruent
   // mod 2**16 to bits 16..31 of W' (= F' mod 2**16) minus F, so sign-extending that 16-bit difference
   // gives it exactly.  F stays in int32 while |T| < 2**47: at most kMaxWhPieces = 2**16 pieces, then
   // the driver has T widened into `wide` (u.spill).  At the close T = 2**16 * int64(F) + (W & 0xFFFF)
-  // (V::cvt_wf), rounded once.  Per piece: three int32 ops, one load and one store per vector (F, in
-  // the driver's acc64 block after W; a block's first update reads 0 instead of loading F), issued
-  // while the next piece's dot products run.
+  // (V::cvt_wf), rounded once.  Per piece: three or four int32 ops, one load and one store per vector
+  // (F, in the driver's acc64 block after W; a block's first update reads 0 instead of loading F),
+  // issued while the next piece's dot products run.  Measured alternatives that were slower on Zen 5
+  // (AVX-512): a ring of chain sums flushed every 8 chains into int64 (the burst does not overlap the
+  // dot products), resetting the accumulators and keeping (W, sum of x >> 16) in memory (two
+  // load/store streams), and deferring the updates to the next piece (GCC spills accumulators).
   // noinline: inlined into the driver, GCC ran out of zmm registers and spilled an accumulator.
   // See gemm_driver.h (UkArgs) for the contract.
   __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const UkArgs& args) {
