@@ -193,7 +193,7 @@ void set_up_job(Job& job, const ConvGemm& cg, ffi::AnyBuffer x, ffi::AnyBuffer b
     job.c_off[size_t(gi)] = wgrad ? gi * M * N : gi * Og;
   }
   const int64_t bk = std::max<int64_t>(K, 1);
-  plan_chains(job, K, bk, 1, std::min(safe_chain_length(cg.bits_a, cg.bits_b), bk), isa.kc_pairs);
+  plan_chains(job, K, bk, 1, std::min(kernel_chain_length(cg.bits_a, cg.bits_b), bk), isa.kc_pairs);
 
   Problem& P = job.P;
   P.M = M; P.N = N; P.K = K; P.KB = 1; P.block_k = bk;

@@ -130,7 +130,10 @@ void split_chunks(Job& job, int64_t nworkers) {
 
 void plan_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t isa_kc_pairs) {
   static const int64_t kc_env = env_knob("JDFP_KC_PAIRS");
-  build_chains(j, K, block_k, KB, C, kc_env > 0 ? int32_t(kc_env) : isa_kc_pairs);
+  // At most kMaxWhPieces pieces per kc block (each piece is at least one pair): the SIMD kernels'
+  // int32-pair block sums need it (gemm_driver.h, macro_kernel).
+  const int64_t kcp = std::min<int64_t>(kc_env > 0 ? kc_env : isa_kc_pairs, kMaxWhPieces);
+  build_chains(j, K, block_k, KB, C, int32_t(kcp));
   Problem& P = j.P;
   P.pieces = j.pieces.data();
   P.kcb = j.kcb.data();

@@ -15,6 +15,9 @@ namespace jdfp {
 
 constexpr int32_t kNonfiniteExponent = 1 << 30;  // NONFINITE_EXPONENT in the contract
 constexpr int64_t kMaxChain = int64_t(1) << 20;  // cap on the safe chain length L
+// The SIMD kernels sum at most this many pieces of a block as int32 pairs before widening to int64
+// (ukernel_simd.h); a kc block never holds more pieces (ffi_runtime.cc caps kc_pairs).
+constexpr int64_t kMaxWhPieces = int64_t(1) << 16;
 // Exponents are clamped to +-kExponentClamp before use (formats.EXPONENT_CLAMP of the reference):
 // ea + eb then cannot overflow, and anything beyond already saturates scale2.
 constexpr int32_t kExponentClamp = 1000;
@@ -30,6 +33,15 @@ static inline int64_t safe_chain_length(int bits_a, int bits_b) {
   return l < kMaxChain ? l : kMaxChain;
 }
 
+// Chain length the kernels run: the longest c <= L with c * qmax_a * qmax_b <= 2**31 - 2**16, so
+// every piece sum leaves the 2**16 margin the SIMD kernels' running sums need (ukernel_simd.h).
+// It is L or a few products less (14/14: 32 = L, 16/16: 2 = L, 8/8: 133140 vs 133144); cutting
+// chains shorter never changes a result (docs/arithmetic.md).
+static inline int64_t kernel_chain_length(int bits_a, int bits_b) {
+  const int64_t p = int64_t(qmax_of(bits_a)) * int64_t(qmax_of(bits_b));
+  const int64_t l = (int64_t(2147483648) - 65536) / p;
+  return l < kMaxChain ? l : kMaxChain;
+}
 
 // 2**e as float32 for e in [-126, 127] (exact, built from the bits).
 static inline float pow2f(int32_t e) {

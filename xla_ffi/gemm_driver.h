@@ -43,7 +43,8 @@ struct AlignedBuf {
 struct Scratch {
   AlignedBuf<int16_t> apack, bpack;
   AlignedBuf<int32_t> eapack, ebpack;
-  AlignedBuf<int64_t> acc64;  // exact int64 block sums of the tile between kc blocks
+  AlignedBuf<int64_t> acc64;  // exact block sums of the tile between kc blocks
+  AlignedBuf<int64_t> wide;   // SIMD kernels: widened parts of blocks longer than kMaxWhPieces pieces
   AlignedBuf<float> cacc;     // FP32 accumulators of the tile between kc blocks (KB > 1)
   std::vector<int64_t> k0, k1;
   std::vector<int32_t> pblk;
@@ -228,16 +229,22 @@ static inline void pack_f32_any(const float* src, const PackArgs& a, const Scrat
 // Micro-kernel contract: UK::kernel(Ap, Bp, const UkArgs&) runs one kc block of one MR x NR
 // micro-tile.  Ap: [pairs][MR][2] int16, Bp: [pairs][NR][2] int16 (pieces back to back).  For every
 // piece it sums the products into int32 registers (a piece is never longer than a chain: no wrap),
-// then adds that sum exactly into the open block's int64 sum (acc64).  When a block closes, its
-// exact sum is rounded once to float32 (f) and either added, scaled, to the float32 accumulators
-// (KB > 1, in block order) or, for KB == 1 (the block is the whole of K), stored to C.
+// then adds that sum exactly into the open block's sum (acc64: int64 in the scalar kernel, int32
+// pairs plus `wide` in the SIMD kernels, see ukernel_simd.h).  When a block closes, its exact sum
+// is rounded once to float32 (f) and either added, scaled, to the float32 accumulators (KB > 1, in
+// block order) or, for KB == 1 (the block is the whole of K), stored to C.
 struct UkArgs {
   const Piece* pcs;
   int npcs;
-  int64_t* acc64;  // MR x NR int64: the open block's exact sum, carried between kc blocks
+  int64_t* acc64;  // MR x NR x 8 bytes: the open block's exact sum, carried between kc blocks
+  int64_t* wide;   // MR x NR int64 (SIMD kernels): the part of a long block widened out of acc64
   float* accf;     // MR x NR float32 (KB > 1 only): the contract's acc, carried between kc blocks
   bool blk_in;     // the first piece continues a block opened in an earlier kc block (acc64 holds it)
   bool blk_out;    // the last piece's block continues in the next kc block (leave its sum in acc64)
+  // SIMD kernels only (the scalar kernel's int64 acc64 needs no widening): acc64's int32 pairs hold
+  // earlier pieces of the continued block (else it continues from `wide` alone); wide holds a part
+  // of it; at the end, widen the pairs of the block left open into wide (kMaxWhPieces is near).
+  bool wh_in, wide_in, spill;
   bool first;      // first kc block: accf starts at +0.0
   float* C;        // null, or the last kc block's destination (MR x NR floats, row stride ldc)
   int64_t ldc;
@@ -271,7 +278,12 @@ struct TileState {
   int32_t* eap = nullptr;  // clamped exponents of the kc block's blocks (KB > 1)
   int32_t* ebp = nullptr;
   int64_t* acc64 = nullptr;
+  int64_t* wide = nullptr;
   float* accf = nullptr;
+  // The block left open by the last kc block: its pieces in acc64's int32 pairs (SIMD kernels), and
+  // whether part of it was widened into `wide`.
+  int64_t wh_pieces = 0;
+  bool wide_open = false;
   const int32_t* ea;
   const int32_t* eb;
   int64_t eb_j;         // eb is [KB, N] or [KB, 1]
@@ -399,6 +411,30 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   return 0;
 }
 
+// The SIMD kernels' int32-pair block sums (ukernel_simd.h) hold at most kMaxWhPieces pieces: set
+// wh_in / wide_in / spill of kc block kbi (the same for every micro-tile) and carry the state of the
+// block it leaves open.  Invariant: the pairs hold at most kMaxWhPieces minus the next kc block's
+// piece count (a kc block has at most kMaxWhPieces pieces, ffi_runtime.cc).
+static inline void wh_plan(const Problem& P, int64_t kbi, UkArgs& u, TileState& st) {
+  const KcBlock& kb = P.kcb[kbi];
+  u.wh_in = u.blk_in && st.wh_pieces > 0;
+  u.wide_in = u.blk_in && st.wide_open;
+  u.spill = false;
+  if (!u.blk_out) {
+    st.wh_pieces = 0;
+    st.wide_open = false;
+    return;
+  }
+  const bool same = u.blk_in && kb.nblk == 1;  // the block left open is the one continued
+  int64_t open = same ? st.wh_pieces : 0;
+  for (int32_t pi = kb.piece_end; pi > kb.piece_begin && P.pieces[pi - 1].blk == P.pieces[kb.piece_end - 1].blk; --pi)
+    ++open;
+  const KcBlock& next = P.kcb[kbi + 1];
+  u.spill = open + (next.piece_end - next.piece_begin) > kMaxWhPieces;
+  st.wide_open = u.spill || (same && u.wide_in);
+  st.wh_pieces = u.spill ? 0 : open;
+}
+
 // Macro-kernel of one kc block: every MR x NR micro-tile of the tile, NR panels outer (the B
 // micro-panel stays in L1), MR panels inner.  The accumulators of the tile live in acc64 / accf, one
 // contiguous MR x NR block per micro-tile in call order (C rows are N floats apart: re-reading them
@@ -419,17 +455,20 @@ static inline void macro_kernel(const Problem& P, const Tile& T, int64_t kbi, Ti
   u.eb_ld = st.nbp;
   u.fuse = st.fused && last;
   u.fuse_e = st.fuse_e;
+  wh_plan(P, kbi, u, st);
   const int64_t step = st.one_kc ? 0 : MR * NR;
   int64_t* a64 = st.acc64;
+  int64_t* w64 = st.wide;
   float* af = st.accf;
   for (int64_t jr = 0; jr < st.nbp; jr += NR) {
     const int16_t* bpanel = st.bp + jr * kb.pairs * 2;
     const int nv = int(std::min<int64_t>(NR, st.nb - jr));
-    for (int64_t ir = 0; ir < st.mbp; ir += MR, a64 += step, af += st.scaled ? step : 0) {
+    for (int64_t ir = 0; ir < st.mbp; ir += MR, a64 += step, w64 += step, af += st.scaled ? step : 0) {
       const int16_t* apanel = st.ap + ir * kb.pairs * 2;
       const int mv = int(std::min<int64_t>(MR, st.mb - ir));
       float* cdst = st.C + (T.m0 + ir) * P.ldc + T.n0 + jr;
       u.acc64 = a64;
+      u.wide = w64;
       u.accf = af;
       u.eap = st.eap ? st.eap + ir : nullptr;
       u.ebp = st.ebp ? st.ebp + jr : nullptr;
@@ -521,6 +560,7 @@ int run_tile(const Problem& P, const Tile& T) {
     }
     const size_t nacc = st.one_kc ? size_t(MR * NR) : size_t(st.mbp) * st.nbp;
     st.acc64 = s.acc64.get(nacc);
+    st.wide = s.wide.get(nacc);  // touched only by blocks longer than kMaxWhPieces pieces
     st.accf = st.scaled ? s.cacc.get(nacc) : nullptr;
     for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
       build_pairs(P, P.kcb[kbi], s);

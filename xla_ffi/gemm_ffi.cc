@@ -92,7 +92,7 @@ ffi::Error set_up_job(Job& job, const GemmShape& s, ffi::AnyBuffer a, ffi::AnyBu
       !batch_offsets(s.deb, s.ob, KB * s.deb[reb - 1], job.eb_off))
     return invalid("batch dims do not broadcast: a " + dims_str(s.da) + " b " + dims_str(s.db) + " ea " +
                    dims_str(s.dea) + " eb " + dims_str(s.deb) + " out " + dims_str(s.dout));
-  const int64_t C = std::min(safe_chain_length(bits_a, bits_b), s.bk);
+  const int64_t C = std::min(kernel_chain_length(bits_a, bits_b), s.bk);
   plan_chains(job, K, s.bk, KB, C, isa.kc_pairs);
 
   Problem& P = job.P;

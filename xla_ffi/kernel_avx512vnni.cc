@@ -502,25 +502,32 @@ struct V512 {
   static inline vf cvt(vi x) { return _mm512_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm512_add_ps(a, b); }
   static inline vi add(vi a, vi b) { return _mm512_add_epi32(a, b); }
-  // flush() of ukernel_simd.h: ih += x >> 16, il += x & 0xFFFF (exact, lane-local).
-  static inline void split_add(const int32_t* x, vi& ih, vi& il) {
-    vi v = _mm512_loadu_si512(x);
-    __asm__("" : "+v"(v));  // one load for both uses (GCC would fold it into each op: two loads)
-    ih = _mm512_add_epi32(ih, _mm512_srai_epi32(v, 16));
-    il = _mm512_add_epi32(il, _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)));
+  // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h, as
+  // F + ((w - (F << 16)) >> 16) (arithmetic shift): four plain int32 ops.  The three-op form with a
+  // vpdpwssd for the sign-extending add was slower: it competes with the dot products for their ports.
+  static inline vi f_next(vi f, vi w) {
+    __asm__("" : "+v"(f));  // one load of F for both uses (GCC would fold it into each op: two loads)
+    return _mm512_add_epi32(f, _mm512_srai_epi32(_mm512_sub_epi32(w, _mm512_slli_epi32(f, 16)), 16));
   }
-  // int64 block sums of 16 lanes in order at p[0..16) (+)= ih * 2**16 + il.
-  static inline void put64(int64_t* p, vi ih, vi il, bool fresh) {
-    __m512i l = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(ih)), 16),
-                                 _mm512_cvtepi32_epi64(_mm512_castsi512_si256(il)));
-    __m512i h = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(ih, 1)), 16),
-                                 _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(il, 1)));
-    if (!fresh) {
-      l = _mm512_add_epi64(_mm512_loadu_si512(p), l);
-      h = _mm512_add_epi64(_mm512_loadu_si512(p + 8), h);
+  // T = 2**16 * F + (W & 0xFFFF) of 16 lanes (see UkSimd::kernel), lanes 0..7 in l and 8..15 in u.
+  static inline void wf64(const int32_t* pw, const int32_t* pf, __m512i& l, __m512i& u) {
+    const vi f = _mm512_loadu_si512(pf);
+    const vi lo = _mm512_and_si512(_mm512_loadu_si512(pw), _mm512_set1_epi32(0xFFFF));
+    l = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(f)), 16),
+                         _mm512_cvtepu32_epi64(_mm512_castsi512_si256(lo)));
+    u = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(f, 1)), 16),
+                         _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(lo, 1)));
+  }
+  // wide[0..16) (+)= T of (W, F).
+  static inline void spill_wf(const int32_t* pw, const int32_t* pf, int64_t* wide, bool add) {
+    __m512i l, u;
+    wf64(pw, pf, l, u);
+    if (add) {
+      l = _mm512_add_epi64(_mm512_loadu_si512(wide), l);
+      u = _mm512_add_epi64(_mm512_loadu_si512(wide + 8), u);
     }
-    _mm512_storeu_si512(p, l);
-    _mm512_storeu_si512(p + 8, h);
+    _mm512_storeu_si512(wide, l);
+    _mm512_storeu_si512(wide + 8, u);
   }
   // f() of 8 exact int64 block sums, rounded once (half to even), AVX-512F only (vcvtqq2ps needs DQ,
   // which the ISA check does not require).  |s| < 2**51: s + bits(1.5 * 2**52) is the double
@@ -539,10 +546,26 @@ struct V512 {
                                     _mm512_set1_pd(6755399441055744.0));
     return _mm512_cvtpd_ps(d);
   }
-  // The 16 lanes' f(S) from put64's layout.
-  static inline vf cvt64(const int64_t* p) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(cvt64x8(_mm512_loadu_si512(p)))),
-                                               _mm256_castps_pd(cvt64x8(_mm512_loadu_si512(p + 8))), 1));
+  // f(S) of 16 lanes: S = T of (W, F) (+ wide[0..16) when the block spilled), rounded once.  Without
+  // wide, 2**16 * F + (W & 0xFFFF) is computed exactly in double (|F| < 2**31, |T| < 2**47 < 2**53)
+  // and vcvtpd2ps rounds it once; with wide, the int64 path of cvt64x8.
+  static inline vf cvt_wf(const int32_t* pw, const int32_t* pf, const int64_t* wide) {
+    __m256 lo8, hi8;
+    if (wide) {
+      __m512i l, u;
+      wf64(pw, pf, l, u);
+      lo8 = cvt64x8(_mm512_add_epi64(_mm512_loadu_si512(wide), l));
+      hi8 = cvt64x8(_mm512_add_epi64(_mm512_loadu_si512(wide + 8), u));
+    } else {
+      const vi f = _mm512_loadu_si512(pf);
+      const vi lo = _mm512_and_si512(_mm512_loadu_si512(pw), _mm512_set1_epi32(0xFFFF));
+      const __m512d s = _mm512_set1_pd(65536.0);
+      lo8 = _mm512_cvtpd_ps(_mm512_add_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(f)), s),
+                                          _mm512_cvtepi32_pd(_mm512_castsi512_si256(lo))));
+      hi8 = _mm512_cvtpd_ps(_mm512_add_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(f, 1)), s),
+                                          _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(lo, 1))));
+    }
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo8)), _mm256_castps_pd(hi8), 1));
   }
   static inline vf pow2(vi e) {  // e in [-126, 127]
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23));

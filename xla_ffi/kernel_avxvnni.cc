@@ -10,6 +10,10 @@ namespace {
 
 struct VVnni : V256Base {
   static inline vi dp(vi acc, vi b, vi a) { return _mm256_dpwssd_avx_epi32(acc, b, a); }
+  // V256Base::f_next with the sign-extending add as one vpdpwssd.
+  static inline vi f_next(vi f, vi w) {
+    return _mm256_dpwssd_avx_epi32(f, _mm256_sub_epi32(_mm256_srli_epi32(w, 16), f), _mm256_set1_epi32(1));
+  }
 };
 
 }  // namespace

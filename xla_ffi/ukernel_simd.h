@@ -1,8 +1,8 @@
 // Register-blocked SIMD micro-kernel, shared by the AVX2 / AVX-VNNI / AVX-512 VNNI TUs through a
 // small traits class V (vector type and the handful of operations used).  MR rows x NV vectors of
 // int32 accumulators stay in registers for a whole chain; each chain sum is then added exactly to
-// the block's int64 sums, which live in a contiguous buffer (L1) between chains and kc blocks -- the
-// C rows themselves are N floats apart and would alias in L1 for power-of-two N.
+// the block's sum, kept as int32 pairs (see kernel) in a contiguous buffer (L1) between chains and
+// kc blocks -- the C rows themselves are N floats apart and would alias in L1 for power-of-two N.
 #pragma once
 
 #include <type_traits>
@@ -55,10 +55,25 @@ struct UkSimd {
     return v;
   }
 
+  // The open block's exact sum T, per lane, is kept as two int32: W = T mod 2**32 -- the int32
+  // accumulators themselves, which run on (wrapping) from piece to piece of a block instead of being
+  // reset -- and F = floor(T / 2**16), updated after every piece from W alone:
+  //   F' = F + sext16(((W' >> 16) - F) mod 2**16)            (V::f_next)
+  // Why it is exact: every piece sum x has |x| <= 2**31 - 2**16 (kernel_chain_length), so with
+  // r = T mod 2**16, F' - F = floor((r + x) / 2**16) lies in [-2**15 + 1, 2**15 - 1]; it is congruent
+  // mod 2**16 to bits 16..31 of W' (= F' mod 2**16) minus F, so sign-extending that 16-bit difference
+  // gives it exactly.  F stays in int32 while |T| < 2**47: at most kMaxWhPieces = 2**16 pieces, then
+  // the driver has T widened into `wide` (u.spill).  At the close T = 2**16 * int64(F) + (W & 0xFFFF)
+  // (V::cvt_wf), rounded once.  Per piece: three or four int32 ops, one load and one store per vector
+  // (F, in the driver's acc64 block after W; a block's first update reads 0 instead of loading F),
+  // issued while the next piece's dot products run.  Measured alternatives that were slower on Zen 5
+  // (AVX-512): a ring of chain sums flushed every 8 chains into int64 (the burst does not overlap the
+  // dot products), resetting the accumulators and keeping (W, sum of x >> 16) in memory (two
+  // load/store streams), and deferring the updates to the next piece (GCC spills accumulators).
   // noinline: inlined into the driver, GCC ran out of zmm registers and spilled an accumulator.
   // See gemm_driver.h (UkArgs) for the contract.
   __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const UkArgs& args) {
-    const UkArgs u = args;  // a local copy: the int64 / float stores below cannot alias its fields
+    const UkArgs u = args;  // a local copy: the int32 / float stores below cannot alias its fields
     if (u.scaled && u.first) {
       static_for<MR>([&](auto i) __attribute__((always_inline)) {
         static_for<NV>([&](auto v) __attribute__((always_inline)) {
@@ -70,21 +85,21 @@ struct UkSimd {
     for (int l = 0; l < MR * NR * 8; l += 64) __builtin_prefetch(reinterpret_cast<const char*>(u.acc64 + MR * NR) + l, 1, 3);
     if (u.scaled)
       for (int l = 0; l < MR * NR * 4; l += 64) __builtin_prefetch(reinterpret_cast<const char*>(u.accf + MR * NR) + l, 1, 3);
+    int32_t* const W = reinterpret_cast<int32_t*>(u.acc64);
+    int32_t* const F = W + MR * NR;
+    bool wide = u.wide_in;  // wide holds an earlier part of the open block
+    bool fz = !u.wh_in;     // F is 0 (not stored: no zero stores per block)
     vi acc_[MR][NV];
     auto& accv = acc_;
-    // Chain sums of the open block wait in `ring` (int32, one store each, like the old FP32 spill);
-    // every kRing pieces, and when the block closes or the call ends, flush() adds them exactly into
-    // the int64 sums acc64 (two int64 stores per vector per flush, not per chain).  The ring only
-    // ever holds pieces of one block.
-    alignas(64) int32_t ring[kRing * MR * NR];
-    int slots = 0;
-    bool fresh = false;  // acc64 holds nothing of the open block yet (flush stores instead of adding)
+    // W of the block continued from the last kc block, or a clean start (W, F) = (0, 0).
+    static_for<MR>([&](auto i) __attribute__((always_inline)) {
+      static_for<NV>([&](auto v) __attribute__((always_inline)) {
+        accv[i][v] = u.wh_in ? V::load(W + i * NR + v * V::kLanes) : V::zero();
+      });
+    });
     for (int pi = 0; pi < u.npcs; ++pi) {
       const Piece& pc = u.pcs[pi];
-      static_for<MR>([&](auto i) __attribute__((always_inline)) {
-        static_for<NV>([&](auto v) __attribute__((always_inline)) { accv[i][v] = V::zero(); });
-      });
-      // The chain piece: int32 accumulators only, k-pair by k-pair.
+      // The piece: int32 accumulators only, k-pair by k-pair (0 at a block's first piece).
       for (int32_t p = 0; p < pc.pairs; ++p) {
         vi b[NV];
         static_for<NV>([&](auto v) __attribute__((always_inline)) {
@@ -100,27 +115,40 @@ struct UkSimd {
         Bp += 2 * NR;
       }
       const bool opens = piece_opens_block(u, pi), closes = piece_closes_block(u, pi);
+      if (opens) wide = false;
       if (opens && closes) {
         // The piece is the whole block: its int32 sum is the block sum, f() is one cvtdq2ps.
         close_block(u, pc, [&](auto i, auto v) __attribute__((always_inline)) { return V::cvt(accv[i][v]); });
-        continue;
+      } else {
+        const bool store_w = closes || pi + 1 == u.npcs;
+        auto upd = [&](auto i, auto v, auto zero_f) __attribute__((always_inline)) {
+          const int off = i * NR + v * V::kLanes;
+          vi w = accv[i][v];
+          __asm__("" : "+v"(w));  // one use of the loop's value (two made GCC copy and spill the accumulators)
+          V::store(F + off, V::f_next(zero_f ? V::zero() : V::load(F + off), w));
+          if (store_w) V::store(W + off, w);
+          accv[i][v] = w;
+        };
+        if (fz) {
+          static_for<MR>([&](auto i) __attribute__((always_inline)) {
+            static_for<NV>([&](auto v) __attribute__((always_inline)) { upd(i, v, std::true_type{}); });
+          });
+        } else {
+          static_for<MR>([&](auto i) __attribute__((always_inline)) {
+            static_for<NV>([&](auto v) __attribute__((always_inline)) { upd(i, v, std::false_type{}); });
+          });
+        }
+        fz = false;
+        if (closes) close_wf(u, pc, W, F, wide);
       }
-      fresh |= opens;
-      int32_t* slot = ring + slots * (MR * NR);
-      static_for<MR>([&](auto i) __attribute__((always_inline)) {
-        static_for<NV>([&](auto v) __attribute__((always_inline)) {
-          V::store(slot + i * NR + v * V::kLanes, accv[i][v]);
+      if (closes) {  // the next piece opens a block: (W, F) = (0, 0)
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) { accv[i][v] = V::zero(); });
         });
-      });
-      if (++slots < kRing && !closes && pi + 1 < u.npcs) continue;
-      flush(ring, slots, fresh, u.acc64);
-      slots = 0;
-      fresh = false;
-      if (closes)
-        close_block(u, pc, [&](auto i, auto v) __attribute__((always_inline)) {
-          return V::cvt64(u.acc64 + i * NR + v * V::kLanes);
-        });
+        fz = true;
+      }
     }
+    if (u.spill) spill_wf(W, F, u.wide, wide);
     if (!u.C || !u.scaled) return;  // KB == 1: close_block stored C
     static_for<MR>([&](auto i) __attribute__((always_inline)) {
       static_for<NV>([&](auto v) __attribute__((always_inline)) {
@@ -129,34 +157,30 @@ struct UkSimd {
     });
   }
 
-  static constexpr int kRing = 8;
-
-  // acc64 (+)= the exact sum of the `slots` int32 chain sums in ring, per lane.  Each sum x is split
-  // as x = (x >> 16) * 2**16 + (x & 0xFFFF); both parts add up in int32 without wrapping
-  // (kRing * 2**16 << 2**31): a shift, an AND and two adds per sum, all lane-local.  put64 widens the
-  // two partial sums once per flush and adds them to the int64 sums exactly.
-  static inline void flush(const int32_t* ring, int slots, bool fresh, int64_t* acc64) {
-    if (slots == kRing) {  // the common case, unrolled: no loop branches per accumulator vector
-      flush_n<kRing>(ring, fresh, acc64);
+  // The block closes: f(S) of T = (W, F) (+ wide), rounded once (V::cvt_wf).  noinline (as
+  // spill_wf): once per block, and inlined its constants stayed live across the piece loop, which
+  // then spilled accumulators.
+  __attribute__((noinline)) static void close_wf(const UkArgs& u, const Piece& pc, const int32_t* W, const int32_t* F,
+                                                 bool wide) {
+    if (wide) {
+      close_block(u, pc, [&](auto i, auto v) __attribute__((always_inline)) {
+        const int off = i * NR + v * V::kLanes;
+        return V::cvt_wf(W + off, F + off, u.wide + off);
+      });
       return;
     }
-    static_for<MR>([&](auto i) __attribute__((always_inline)) {
-      static_for<NV>([&](auto v) __attribute__((always_inline)) {
-        const int off = i * NR + v * V::kLanes;
-        vi ih = V::zero(), il = V::zero();
-        for (int t = 0; t < slots; ++t) V::split_add(ring + t * (MR * NR) + off, ih, il);
-        V::put64(acc64 + off, ih, il, fresh);
-      });
+    close_block(u, pc, [&](auto i, auto v) __attribute__((always_inline)) {
+      const int off = i * NR + v * V::kLanes;
+      return V::cvt_wf(W + off, F + off, nullptr);
     });
   }
-  template <int S>
-  static inline __attribute__((always_inline)) void flush_n(const int32_t* ring, bool fresh, int64_t* acc64) {
+
+  // wide (+)= T of (W, F): the open block continues past kMaxWhPieces pieces (driver's u.spill).
+  __attribute__((noinline)) static void spill_wf(const int32_t* W, const int32_t* F, int64_t* wide, bool add) {
     static_for<MR>([&](auto i) __attribute__((always_inline)) {
       static_for<NV>([&](auto v) __attribute__((always_inline)) {
         const int off = i * NR + v * V::kLanes;
-        vi ih = V::zero(), il = V::zero();
-        static_for<S>([&](auto t) __attribute__((always_inline)) { V::split_add(ring + t * (MR * NR) + off, ih, il); });
-        V::put64(acc64 + off, ih, il, fresh);
+        V::spill_wf(W + off, F + off, wide + off, add);
       });
     });
   }

@@ -25,25 +25,32 @@ struct V256Base {
   static inline vf cvt(vi x) { return _mm256_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm256_add_ps(a, b); }
   static inline vi add(vi a, vi b) { return _mm256_add_epi32(a, b); }
-  // flush() of ukernel_simd.h: ih += x >> 16, il += x & 0xFFFF (exact, lane-local).
-  static inline void split_add(const int32_t* x, vi& ih, vi& il) {
-    const vi v = load(x);
-    ih = _mm256_add_epi32(ih, _mm256_srai_epi32(v, 16));
-    il = _mm256_add_epi32(il, _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)));
+  // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h (vpmaddwd by the word
+  // pair (1, 0) sign-extends the low word; VVnni fuses the add as one vpdpwssd).
+  static inline vi f_next(vi f, vi w) {
+    const vi d = _mm256_sub_epi32(_mm256_srli_epi32(w, 16), f);
+    return _mm256_add_epi32(f, _mm256_madd_epi16(d, _mm256_set1_epi32(1)));
   }
-  // int64 block sums of 8 lanes in order at p[0..8) (+)= ih * 2**16 + il.
-  static inline void put64(int64_t* p, vi ih, vi il, bool fresh) {
-    __m256i* q = reinterpret_cast<__m256i*>(p);
-    __m256i l = _mm256_add_epi64(_mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(ih)), 16),
-                                 _mm256_cvtepi32_epi64(_mm256_castsi256_si128(il)));
-    __m256i h = _mm256_add_epi64(_mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(ih, 1)), 16),
-                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(il, 1)));
-    if (!fresh) {
+  // T = 2**16 * F + (W & 0xFFFF) of 8 lanes (see UkSimd::kernel), lanes 0..3 in l and 4..7 in u.
+  static inline void wf64(const int32_t* pw, const int32_t* pf, __m256i& l, __m256i& u) {
+    const vi f = load(pf);
+    const vi lo = _mm256_and_si256(load(pw), _mm256_set1_epi32(0xFFFF));
+    l = _mm256_add_epi64(_mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(f)), 16),
+                         _mm256_cvtepu32_epi64(_mm256_castsi256_si128(lo)));
+    u = _mm256_add_epi64(_mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(f, 1)), 16),
+                         _mm256_cvtepu32_epi64(_mm256_extracti128_si256(lo, 1)));
+  }
+  // wide[0..8) (+)= T of (W, F).
+  static inline void spill_wf(const int32_t* pw, const int32_t* pf, int64_t* wide, bool add) {
+    __m256i* q = reinterpret_cast<__m256i*>(wide);
+    __m256i l, u;
+    wf64(pw, pf, l, u);
+    if (add) {
       l = _mm256_add_epi64(_mm256_loadu_si256(q), l);
-      h = _mm256_add_epi64(_mm256_loadu_si256(q + 1), h);
+      u = _mm256_add_epi64(_mm256_loadu_si256(q + 1), u);
     }
     _mm256_storeu_si256(q, l);
-    _mm256_storeu_si256(q + 1, h);
+    _mm256_storeu_si256(q + 1, u);
   }
   // f() of 4 exact int64 block sums, rounded once (half to even).  |s| < 2**51: s + bits(1.5 * 2**52)
   // is the double 1.5 * 2**52 + s exactly, so subtracting 1.5 * 2**52 gives s as an exact double and
@@ -59,10 +66,16 @@ struct V256Base {
                                     _mm256_set1_pd(6755399441055744.0));
     return _mm256_cvtpd_ps(d);
   }
-  // The 8 lanes' f(S) from put64's layout.
-  static inline vf cvt64(const int64_t* p) {
-    const __m256i* q = reinterpret_cast<const __m256i*>(p);
-    return _mm256_set_m128(cvt64x4(_mm256_loadu_si256(q + 1)), cvt64x4(_mm256_loadu_si256(q)));
+  // f(S) of 8 lanes: S = T of (W, F) (+ wide[0..8) when the block spilled), rounded once.
+  static inline vf cvt_wf(const int32_t* pw, const int32_t* pf, const int64_t* wide) {
+    __m256i l, u;
+    wf64(pw, pf, l, u);
+    if (wide) {
+      const __m256i* q = reinterpret_cast<const __m256i*>(wide);
+      l = _mm256_add_epi64(_mm256_loadu_si256(q), l);
+      u = _mm256_add_epi64(_mm256_loadu_si256(q + 1), u);
+    }
+    return _mm256_set_m128(cvt64x4(u), cvt64x4(l));
   }
   static inline vf pow2(vi e) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
