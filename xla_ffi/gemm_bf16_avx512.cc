@@ -18,6 +18,7 @@ namespace {
 
 constexpr int kMr = 14, kNr = 32;
 constexpr int64_t kKcPairs = 192;  // B micro-panel: 192 pairs x 128 bytes = 24 KiB, stays in L1
+constexpr size_t kBCacheBytes = size_t(16) << 20;  // per worker
 
 struct Buf {
   uint32_t* p = nullptr;
@@ -154,14 +155,16 @@ void bf16_tile_avx512(const Bf16Problem& P, const Bf16Tile& t) {
   const int64_t kcp = std::min(kKcPairs, pairs);
   uint32_t* ap = abuf.get(size_t(mpad * kcp));
   const int64_t nkc = (pairs + kcp - 1) / kcp;
-  uint32_t* bp = bbuf.get(size_t(npad * kcp * nkc));
-  const bool b_cached = b_job == P.job_id && b_batch == t.batch && b_n0 == t.n0 && b_n1 == t.n1;
-  b_job = P.job_id; b_batch = t.batch; b_n0 = t.n0; b_n1 = t.n1;
+  // Beyond kBCacheBytes (very long K) B is packed per kc block into one block's buffer instead.
+  const bool keep = size_t(npad * kcp * nkc) * 4 <= kBCacheBytes;
+  uint32_t* bp = bbuf.get(size_t(npad * kcp * (keep ? nkc : 1)));
+  const bool b_cached = keep && b_job == P.job_id && b_batch == t.batch && b_n0 == t.n0 && b_n1 == t.n1;
+  b_job = keep ? P.job_id : 0; b_batch = t.batch; b_n0 = t.n0; b_n1 = t.n1;
   alignas(64) float tmp[kMr * kNr];
   for (int64_t p0 = 0; p0 < pairs; p0 += kcp) {
     const int64_t np = std::min(kcp, pairs - p0);
     const bool first = p0 == 0;
-    uint32_t* bk = bp + p0 * npad;  // earlier kc blocks are full (kcp pairs each)
+    uint32_t* bk = keep ? bp + p0 * npad : bp;  // earlier kc blocks are full (kcp pairs each)
     if (!b_cached) pack_b(P, P.b_off[t.batch], t.n0, t.n1, p0, np, bk);
     pack_a(P, P.a_off[t.batch], t.m0, t.m1, p0, np, ap);
     for (int64_t j0 = 0; j0 < nt; j0 += kNr) {

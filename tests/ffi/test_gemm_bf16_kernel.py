@@ -250,6 +250,15 @@ def test_large_jit_vmap_and_thread_count_independence():
     os.remove(path)
 
 
+@needs_bf16
+def test_long_k_without_b_cache():
+  """K long enough that a worker's packed B exceeds its cache (16 MiB): packed per kc block instead."""
+  rng = np.random.default_rng(13)
+  a = jnp.asarray(rng.standard_normal((2, 140001)), jnp.bfloat16)
+  b = jnp.asarray(rng.standard_normal((140001, 33)), jnp.bfloat16)
+  bits_eq(gemm_bf16(a, b), gemm_bf16(a, b, isa="scalar"))
+
+
 def test_bad_input():
   a = jnp.zeros((4, 5), jnp.bfloat16)
   with pytest.raises(TypeError, match="a must have dtype bfloat16 or float32"):
