@@ -65,6 +65,14 @@ void pack_a(const Bf16Problem& P, int64_t base, int64_t m0, int64_t m1, int64_t 
       }
       for (int64_t p = 0; p < np; ++p)
         for (int64_t i = mr; i < kMr; ++i) dst[p * kMr + i] = 0;
+    } else if (!P.a_f32 && P.a_sm == 1 && 2 * (p0 + np) <= P.K) {  // transposed: rows k, k + 1 along m
+      for (int64_t p = 0; p < np; ++p) {
+        const uint16_t* r0 = a16 + 2 * (p0 + p) * P.a_sk + mp;
+        const uint16_t* r1 = r0 + P.a_sk;
+        uint32_t* d = dst + p * kMr;
+        for (int64_t i = 0; i < mr; ++i) d[i] = uint32_t(r0[i]) | (uint32_t(r1[i]) << 16);
+        for (int64_t i = mr; i < kMr; ++i) d[i] = 0;
+      }
     } else {
       for (int64_t p = 0; p < np; ++p) {
         uint32_t* d = dst + p * kMr;
