@@ -71,7 +71,9 @@ ffi::Future launch_bf16(const std::shared_ptr<Bf16Job>& job, ffi::ThreadPool poo
   const int64_t M = P.M, N = P.N;
   int64_t nthreads = pool_workers(pool);
   if (nbatch * M * N * std::max<int64_t>(P.K, 1) < (int64_t(1) << 20)) nthreads = 1;  // inline small work
-  int64_t mb = 14 * 12, nb = 256;
+  // JDFP_TILE_M / JDFP_TILE_N (benchmarking knobs, as for the INT16 GEMM) override the tile.
+  static const int64_t tm_env = env_knob("JDFP_TILE_M"), tn_env = env_knob("JDFP_TILE_N");
+  int64_t mb = tm_env > 0 ? (tm_env + 13) / 14 * 14 : 14 * 12, nb = tn_env > 0 ? (tn_env + 31) / 32 * 32 : 256;
   auto count = [&]() { return nbatch * ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
   while (nthreads > 1 && count() < 4 * nthreads && (mb > 28 || nb > 32)) {
     if (nb >= mb && nb > 32) nb /= 2;
