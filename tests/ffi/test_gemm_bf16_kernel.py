@@ -234,6 +234,11 @@ def test_large_jit_vmap_and_thread_count_independence():
   out = np.asarray(jax.jit(lambda a, b: gemm_bf16(a, b))(a, b))
   bits_eq(out, gemm_bf16(a, b, isa="scalar"))
   bits_eq(jax.vmap(lambda x: gemm_bf16(x, b))(a), out)
+  # Many tiles, every layout and float32 operands: the same bits.
+  at, bt = jnp.swapaxes(a, -1, -2), b.T
+  bits_eq(gemm_bf16(at, bt, transpose_a=True, transpose_b=True), out)
+  bits_eq(gemm_bf16(a.astype(jnp.float32), bt.astype(jnp.float32), transpose_b=True), out)
+  bits_eq(gemm_bf16(at.astype(jnp.float32), b, transpose_a=True), out)
   script = textwrap.dedent("""
       import sys, numpy as np, jax.numpy as jnp
       from jdfp._src.ffi.gemm_bf16 import gemm_bf16
