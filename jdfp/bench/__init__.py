@@ -6,6 +6,7 @@ Subcommands live in modules of this package, each with ``add_arguments(parser)``
 
 SUBCOMMANDS = {
     "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),
+    "gemm_bf16": ("jdfp.bench.gemm_bf16", "BF16 GEMM kernel (vdpbf16ps) vs XLA FP32 / widened-bf16 dots"),
     "conv": ("jdfp.bench.conv", "exact INT16 conv kernel (3 training passes) vs XLA FP32 / int16 convs"),
     "ops": ("jdfp.bench.ops", "jdfp.dot_general / einsum / conv_general_dilated as users call them vs the lax ops"),
     "convert": ("jdfp.bench.convert", "per-tensor DFP conversion (nearest / stochastic / biased): kernel vs XLA"),

@@ -23,7 +23,8 @@ Candidates (default: fp32, every recipe:NAME, dfp16_flax; the others on request)
               `lax.conv_general_dilated`, wrapped with `jdfp.quantize(module, <dfp16's policy>)`; every step
               also updates the "dfp" statistics collection (exponents, saturation, underflow of every
               operand and gradient), applied with `jdfp.overwrite_state`
-  bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation, XLA dots)
+  bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation; the vdpbf16ps kernel where
+              the CPU has AVX512_BF16, else XLA dots)
   recipe:NAME the recipes as users run them (NAME: dfp16, hbfp8, hbfp12, fp16, bf16): the Flax module
               of dfp16_flax through `jdfp.quantize(module, jdfp.policies.NAME())`, RNG stream "dfp"
               for stochastic rounding, optimizer `jdfp.recipes.optimizer(NAME, sgd, loss_scale=None,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
 REFERENCE = "jdfp reference (exact int32 chains in XLA)"
 MIXED = "mixed precision (fp16/bf16 operands, fp32 accumulation)"
+MIXED_KERNEL = "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)"
 FLOAT = "float (not quantized)"
 INTEGER = "integer dot (XLA)"
 
@@ -79,7 +80,9 @@ def _walk(jaxpr, path, in_reference, out):
     ref = in_reference or "jdfp_reference_gemm" in here
     if name == "ffi_call" or "custom_call" in name:
       target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
-      if target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
+      if target == "jdfp_gemm_bf16":
+        out.append(Op(f"{name}:{target}", here, MIXED_KERNEL, _dtype_str(eqn.invars)))
+      elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
         out.append(Op(f"{name}:{target}", here, KERNEL, _dtype_str(eqn.invars)))
     elif name in ("dot_general", "conv_general_dilated"):
       dts = [v.aval.dtype for v in eqn.invars]

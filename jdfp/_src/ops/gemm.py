@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdfp._src.ffi import gemm as ffi_gemm
+from jdfp._src.ffi import gemm_bf16 as ffi_gemm_bf16
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics import reference
@@ -50,6 +51,11 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   if not qa.fmt.is_integer:
     dims = (((a_c,), (b_c,)), ((0,), (0,)))
     a, b = qa.values, qb.values
+    if a.dtype == b.dtype == jnp.bfloat16 and bf16_kernel(policy):
+      # vdpbf16ps: bf16 products are exact, float32 sums in a fixed order (docs/arithmetic.md).
+      out = ffi_gemm_bf16.gemm_bf16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2,
+                                    isa="scalar" if policy.isa == "scalar" else "auto")
+      return match_varying(out, a, b)
     if jnp.float16 in (a.dtype, b.dtype):
       # XLA:CPU has no fast FP16 dot; FP16 x FP16 products are exact in float32 (11 + 11 significand
       # bits), so widening first is the same arithmetic (FP32 products and sums) at FP32 speed.
@@ -72,6 +78,13 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
     # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
     return match_varying(out, qa.values, qb.values, ea, eb)
   return reference_call(qa.values, qb.values, ea, eb, bits_a, bits_b, block, ta, tb)
+
+
+def bf16_kernel(policy: Policy) -> bool:
+  """Whether BF16 x BF16 GEMMs run on the C++ vdpbf16ps kernel: the FFI backend on a CPU with
+  AVX512_BF16 (elsewhere they stay XLA float32 dots of the widened operands)."""
+  return (policy.backend != "reference" and jax.default_backend() == "cpu"
+          and ffi_gemm_bf16.has_avx512_bf16())
 
 
 @functools.partial(jax.named_call, name="jdfp_reference_gemm")

@@ -1,0 +1,201 @@
+// XLA FFI handler of the BF16 GEMM (gemm_bf16.h; contract: docs/arithmetic.md, "BF16 GEMM").
+//
+//   JdfpGemmBf16 : a [..., M, K] (or [..., K, M] with transpose_a), b [..., K, N] (or [..., N, K]),
+//                  each bfloat16 or float32 (rounded to bfloat16, nearest-even, while packing)
+//                  -> float32 out [..., M, N]; batch dims broadcast (size 1 read with stride 0).
+//   attributes: transpose_a, transpose_b (bool), isa (int32: 0 auto, 1 scalar, 2 avx512_bf16).
+//
+// Work is split into (batch, M, N) tiles that the calling thread and XLA's pool threads claim from
+// one atomic counter; the returned future completes when the last tile is done (the promise counts
+// tiles, so a pool thread that never starts owes nothing).  Every output element is one fixed chain
+// over K whatever the tiling, so results do not depend on the thread count.
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "ffi_runtime.h"
+#include "gemm_bf16.h"
+
+#if JDFP_X86
+#include <cpuid.h>
+#endif
+
+namespace jdfp {
+namespace {
+
+enum Bf16Isa : int32_t { kBf16Auto = 0, kBf16Scalar = 1, kBf16Avx512 = 2 };
+
+ffi::Error invalid(const std::string& msg) { return invalid_as("gemm_bf16", msg); }
+
+// AVX512_BF16 (cpuid 7.1:EAX bit 5) on top of the AVX-512 VNNI entry's checks (AVX512F/BW/VL, OS
+// saves zmm state).
+bool detect_avx512_bf16() {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  if (!(isa_mask() & (1 << kIsaAvx512Vnni))) return false;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a >> 5) & 1u;
+#else
+  return false;
+#endif
+}
+
+using TileFnBf16 = void (*)(const Bf16Problem&, const Bf16Tile&);
+
+struct Bf16Job {
+  Bf16Problem P;
+  std::vector<int64_t> a_off, b_off;
+  std::vector<Bf16Tile> tiles;
+  TileFnBf16 fn = nullptr;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+};
+
+void run_worker(const std::shared_ptr<Bf16Job>& job) {
+  int64_t n = 0;
+  {
+    const WorkerFpEnv fp_env;  // RNE for the scalar path's conversions
+    for (;;) {
+      const int64_t t = job->next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= int64_t(job->tiles.size())) break;
+      job->fn(job->P, job->tiles[size_t(t)]);
+      ++n;
+    }
+  }
+  if (n) job->done.CountDown(size_t(n));
+}
+
+ffi::Future launch_bf16(const std::shared_ptr<Bf16Job>& job, ffi::ThreadPool pool, int64_t nbatch) {
+  const Bf16Problem& P = job->P;
+  const int64_t M = P.M, N = P.N;
+  int64_t nthreads = pool_workers(pool);
+  if (nbatch * M * N * std::max<int64_t>(P.K, 1) < (int64_t(1) << 20)) nthreads = 1;  // inline small work
+  // JDFP_TILE_M / JDFP_TILE_N (benchmarking knobs, as for the INT16 GEMM) override the tile.
+  static const int64_t tm_env = env_knob("JDFP_TILE_M"), tn_env = env_knob("JDFP_TILE_N");
+  int64_t mb = tm_env > 0 ? (tm_env + 13) / 14 * 14 : 14 * 12, nb = tn_env > 0 ? (tn_env + 31) / 32 * 32 : 256;
+  auto count = [&]() { return nbatch * ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
+  while (nthreads > 1 && count() < 4 * nthreads && (mb > 28 || nb > 32)) {
+    if (nb >= mb && nb > 32) nb /= 2;
+    else mb = std::max<int64_t>(14, (mb / 2 + 13) / 14 * 14);
+  }
+  for (int64_t bi = 0; bi < nbatch; ++bi)
+    for (int64_t n0 = 0; n0 < N; n0 += nb)
+      for (int64_t m0 = 0; m0 < M; m0 += mb)
+        job->tiles.push_back(Bf16Tile{bi, m0, std::min(m0 + mb, M), n0, std::min(n0 + nb, N)});
+  const int64_t ntiles = int64_t(job->tiles.size());
+  job->done = ffi::CountDownPromise(size_t(std::max<int64_t>(ntiles, 1)));
+  ffi::Future fut(job->done);
+  const int64_t nworkers = std::max<int64_t>(1, std::min(nthreads, ntiles));
+  for (int64_t w = 1; w < nworkers; ++w) pool.Schedule([job]() { run_worker(job); });
+  run_worker(job);
+  if (ntiles == 0) job->done.CountDown();
+  return fut;
+}
+
+ffi::Error check_operands(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Span<const int64_t> dout, bool ta, bool tb,
+                          Bf16Problem& P, std::vector<int64_t>& ob) {
+  for (auto [name, x] : {std::pair<const char*, ffi::AnyBuffer*>{"a", &a}, {"b", &b}}) {
+    const auto t = x->element_type();
+    if (t != ffi::BF16 && t != ffi::F32) return invalid(std::string(name) + " must be bfloat16 or float32");
+    if (x->dimensions().size() < 2) return invalid(std::string(name) + " must have rank >= 2, got " +
+                                                   dims_str(x->dimensions()));
+  }
+  if (dout.size() < 2) return invalid("out must have rank >= 2");
+  const auto da = a.dimensions(), db = b.dimensions();
+  const size_t ra = da.size(), rb = db.size(), ro = dout.size();
+  P.M = ta ? da[ra - 1] : da[ra - 2];
+  P.K = ta ? da[ra - 2] : da[ra - 1];
+  const int64_t kb = tb ? db[rb - 1] : db[rb - 2];
+  P.N = tb ? db[rb - 2] : db[rb - 1];
+  if (P.K != kb) return invalid("contraction dims differ: a " + dims_str(da) + " b " + dims_str(db));
+  if (dout[ro - 2] != P.M || dout[ro - 1] != P.N) return invalid("out must be [..., M, N], got " + dims_str(dout));
+  ob.assign(dout.begin(), dout.end() - 2);
+  for (size_t i = 0; i < ob.size(); ++i) {
+    int64_t mx = 1;
+    for (auto d : {da, db}) {
+      const size_t nbd = d.size() - 2, back = ob.size() - i;
+      if (back <= nbd) mx = std::max(mx, d[nbd - back]);
+    }
+    if (ob[i] != mx) return invalid("out batch dims " + dims_str(dout) + " are not the broadcast of the inputs'");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
+  static const bool has_bf16 = detect_avx512_bf16();
+  if (isa < kBf16Auto || isa > kBf16Avx512)
+    return error_future(invalid("isa must be 0 (auto), 1 (scalar) or 2 (avx512_bf16), got " + std::to_string(isa)));
+  if (isa == kBf16Avx512 && !has_bf16)
+    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
+                                   "jdfp gemm_bf16: ISA avx512_bf16 is not supported by this CPU/OS (or not built)"));
+  auto job = std::make_shared<Bf16Job>();
+  Bf16Problem& P = job->P;
+  std::vector<int64_t> ob;
+  if (ffi::Error e = check_operands(a, b, out->dimensions(), ta, tb, P, ob); e.failure())
+    return error_future(std::move(e));
+  if (!batch_offsets(a.dimensions(), ob, P.M * P.K, job->a_off) ||
+      !batch_offsets(b.dimensions(), ob, P.K * P.N, job->b_off))
+    return error_future(invalid("batch dims do not broadcast: a " + dims_str(a.dimensions()) + " b " +
+                                dims_str(b.dimensions()) + " out " + dims_str(out->dimensions())));
+  P.a = a.untyped_data(); P.b = b.untyped_data(); P.out = out->typed_data();
+  P.a_f32 = a.element_type() == ffi::F32; P.b_f32 = b.element_type() == ffi::F32;
+  P.a_sm = ta ? 1 : P.K; P.a_sk = ta ? P.M : 1;
+  P.b_sk = tb ? 1 : P.N; P.b_sn = tb ? P.K : 1;
+  P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
+  static std::atomic<uint64_t> job_seq{0};
+  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  job->fn = (isa == kBf16Scalar || !has_bf16) ? bf16_tile_scalar : bf16_tile_avx512;
+#else
+  job->fn = bf16_tile_scalar;
+#endif
+  return launch_bf16(job, pool, int64_t(job->a_off.size()));
+}
+
+}  // namespace
+
+// The contract's chain, element by element (used for isa=scalar and where AVX512_BF16 is missing).
+void bf16_tile_scalar(const Bf16Problem& P, const Bf16Tile& t) {
+  const int64_t ab = P.a_off[t.batch], bb = P.b_off[t.batch];
+  float* out = P.out + t.batch * P.M * P.N;
+  for (int64_t m = t.m0; m < t.m1; ++m)
+    for (int64_t n = t.n0; n < t.n1; ++n) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < P.K; k += 2) {
+        const bool pair = k + 1 < P.K;
+        const uint16_t a1 = pair ? bf16_at(P.a, P.a_f32, ab + m * P.a_sm + (k + 1) * P.a_sk) : 0;
+        const uint16_t b1 = pair ? bf16_at(P.b, P.b_f32, bb + (k + 1) * P.b_sk + n * P.b_sn) : 0;
+        acc = bf16_step(acc, a1, b1);
+        acc = bf16_step(acc, bf16_at(P.a, P.a_f32, ab + m * P.a_sm + k * P.a_sk),
+                        bf16_at(P.b, P.b_f32, bb + k * P.b_sk + n * P.b_sn));
+      }
+      out[m * P.N + n] = acc;
+    }
+}
+
+}  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmBf16(XLA_FFI_CallFrame*);
+
+static ffi::Future gemm_bf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                             ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
+  return jdfp::gemm_bf16_impl(pool, a, b, out, ta, tb, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmBf16, gemm_bf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<int32_t>("isa"));
+
+// 1 when the avx512_bf16 path can run here (the Python side's ISA query).
+JDFP_EXPORT int jdfp_has_avx512_bf16() {
+  static const bool has = jdfp::detect_avx512_bf16();
+  return has ? 1 : 0;
+}
