@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
+KERNEL_I8 = "jdfp kernel (FFI, int8 x int8 -> int32 chains, vpdpbusd)"
 REFERENCE = "jdfp reference (exact int32 chains in XLA)"
 MIXED = "mixed precision (fp16/bf16 operands, fp32 accumulation)"
 FLOAT = "float (not quantized)"
@@ -39,7 +40,8 @@ class Report:
 
   @property
   def kernel_calls(self) -> int:
-    return self.count(KERNEL)
+    """jdfp FFI GEMM / conv calls, INT16 and INT8 kernels together."""
+    return self.count(KERNEL) + self.count(KERNEL_I8)
 
   @property
   def float_ops(self) -> tuple[Op, ...]:
@@ -49,9 +51,9 @@ class Report:
     return dict(collections.Counter(op.kind for op in self.ops))
 
   def __str__(self) -> str:
-    lines = [f"{'primitive':<22} {'kind':<52} operands   [where]"]
+    lines = [f"{'primitive':<22} {'kind':<58} operands   [where]"]
     for op in self.ops:
-      lines.append(f"{op.primitive:<22} {op.kind:<52} {op.operands}   [{op.path}]")
+      lines.append(f"{op.primitive:<22} {op.kind:<58} {op.operands}   [{op.path}]")
     lines.append("summary: " + ", ".join(f"{k}: {v}" for k, v in self.summary().items()))
     return "\n".join(lines)
 
@@ -80,7 +82,8 @@ def _walk(jaxpr, path, in_reference, out):
     if name == "ffi_call" or "custom_call" in name:
       target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
       if target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
-        out.append(Op(f"{name}:{target}", here, KERNEL, _dtype_str(eqn.invars)))
+        kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL
+        out.append(Op(f"{name}:{target}", here, kind, _dtype_str(eqn.invars)))
     elif name in ("dot_general", "conv_general_dilated"):
       dts = [v.aval.dtype for v in eqn.invars]
       if ref and all(jnp.issubdtype(d, jnp.integer) for d in dts):

@@ -12,12 +12,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdfp._src.ffi import gemm as ffi_gemm
+from jdfp._src.ffi import gemm_i8 as ffi_gemm_i8
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics import reference
 from jdfp._src.numerics.shard_types import match_varying
 from jdfp._src.ops.backend import resolve_backend
 from jdfp._src.ops.policy import Policy
+
+def uses_int8_kernel(bits_a: int, bits_b: int) -> bool:
+  """Whether a GEMM of integer formats with these bits runs on the INT8 kernel (backend "ffi")."""
+  return max(bits_a, bits_b) <= ffi_gemm_i8.MAX_BITS
+
 
 def kernel_exponents(q: qz.QArray, c_ax: int, role: str):
   """Exponents of a kernel operand: ``[B', F', KB]`` for "a", ``[B', KB, F']`` for "b"; and block_k."""
@@ -67,8 +73,14 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
   ta, tb = a_c == 1, b_c == 2
   if resolve_backend(policy) == "ffi":
-    out = ffi_gemm.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
-                       transpose_a=ta, transpose_b=tb, isa=policy.isa)
+    if uses_int8_kernel(bits_a, bits_b):
+      # Both formats fit int8 (|v| <= 127): the vpdpbusd kernel, same contract, the same bits.
+      out = ffi_gemm_i8.gemm_i8(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb,
+                                bits_a=bits_a, bits_b=bits_b, block_k=block, transpose_a=ta,
+                                transpose_b=tb, isa=policy.isa)
+    else:
+      out = ffi_gemm.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
+                          transpose_a=ta, transpose_b=tb, isa=policy.isa)
     # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
     return match_varying(out, qa.values, qb.values, ea, eb)
   return reference_call(qa.values, qb.values, ea, eb, bits_a, bits_b, block, ta, tb)
