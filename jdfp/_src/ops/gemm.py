@@ -73,8 +73,9 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
   ta, tb = a_c == 1, b_c == 2
   if resolve_backend(policy) == "ffi":
-    if uses_int8_kernel(bits_a, bits_b):
-      # Both formats fit int8 (|v| <= 127): the vpdpbusd kernel, same contract, the same bits.
+    if uses_int8_kernel(bits_a, bits_b) and qa.values.dtype == qb.values.dtype == jnp.int16:
+      # Both formats fit int8 (|v| <= 127): the vpdpbusd kernel, same contract, the same bits.  (A
+      # float32 operand, quantized while packing, still goes to the INT16 kernel's fused path.)
       out = ffi_gemm_i8.gemm_i8(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb,
                                 bits_a=bits_a, bits_b=bits_b, block_k=block, transpose_a=ta,
                                 transpose_b=tb, isa=policy.isa)
