@@ -65,50 +65,74 @@ struct I8MinMax {
   bool ok(int32_t qmax) const { return mn >= -qmax && mx <= qmax; }
 };
 
+// Min and max of n int8 values (one vectorizable pass), folded into mm.
+static inline void minmax_i8(const int8_t* p, int64_t n, I8MinMax& mm) {
+  int8_t mn = 0, mx = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    mn = p[k] < mn ? p[k] : mn;
+    mx = p[k] > mx ? p[k] : mx;
+  }
+  mm.add(mn);
+  mm.add(mx);
+}
+
 // Pack rows [r0, r0 + rows) of X[r, k] = src[r*sr + k] (k contiguous) into micro-panels of width W:
 // dst[((panel * quads + q) * W + i) * 4 + t] = X[r0 + panel*W + i, k of quad q, byte t], 0 for
 // padding (rows past `rows`, k past a piece's end), XOR 0x80 on real values when kShift.  With
 // `rowsum`, also rowsum[(panel * npcs + piece) * W + i] = 128 * (sum of the piece's values of the
-// row) modulo 2**32 (the vpdpbusd compensation).
+// row) modulo 2**32 (the vpdpbusd compensation).  Row by row: each row's k range of the kc block
+// (its pieces are consecutive in k) is read once, in order.
 template <int W, bool kShift>
 static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64_t rows, const I8Piece* pcs,
                                 int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
   const int64_t panels = (rows + W - 1) / W;
   const uint32_t x = kShift ? 0x80808080u : 0u;
+  const int64_t k_lo = pcs[0].k_start, k_hi = pcs[npcs - 1].k_start + pcs[npcs - 1].len;
   for (int64_t pn = 0; pn < panels; ++pn) {
     const int64_t rb = r0 + pn * W;
     const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
     int8_t* dp = dst + pn * int64_t(quads) * W * 4;
-    for (int pi = 0; pi < npcs; ++pi) {
-      const I8Piece& pc = pcs[pi];
-      const int32_t full = pc.len / 4, rem = pc.len % 4;
-      for (int i = 0; i < W; ++i) {
-        int8_t* d = dp + i * 4;
-        if (i >= nvalid) {
-          for (int32_t q = 0; q < pc.quads; ++q) st_u32(d + int64_t(q) * W * 4, 0);
-          if (rowsum) rowsum[(pn * npcs + pi) * W + i] = 0;
-          continue;
+    uint32_t* rs = rowsum ? rowsum + pn * npcs * W : nullptr;
+    for (int i = 0; i < W; ++i) {
+      if (i >= nvalid) {
+        for (int32_t q = 0; q < quads; ++q) st_u32(dp + (int64_t(q) * W + i) * 4, 0);
+        if (rs)
+          for (int pi = 0; pi < npcs; ++pi) rs[pi * W + i] = 0;
+        continue;
+      }
+      const int8_t* row = src + (rb + i) * sr;
+      minmax_i8(row + k_lo, k_hi - k_lo, mm);
+      int8_t* d = dp + i * 4;
+      for (int pi = 0; pi < npcs; ++pi) {
+        const I8Piece& pc = pcs[pi];
+        const int8_t* sp = row + pc.k_start;
+        const int32_t full = pc.len / 4, rem = pc.len % 4;
+        // Row sum by SWAR on the words being copied: u = w ^ 0x80808080 holds a + 128 per byte;
+        // two 16-bit lanes collect pairs of bytes (<= 510 per word, flushed every 128 words).
+        uint32_t lanes = 0;
+        int64_t sum = -512 * int64_t(full);
+        for (int32_t q = 0; q < full; ++q) {
+          const uint32_t w = ld_u32(sp + 4 * q);
+          st_u32(d + int64_t(q) * W * 4, w ^ x);
+          const uint32_t u = w ^ 0x80808080u;
+          lanes += (u & 0x00FF00FFu) + ((u >> 8) & 0x00FF00FFu);
+          if ((q & 127) == 127) {
+            sum += (lanes & 0xFFFFu) + (lanes >> 16);
+            lanes = 0;
+          }
         }
-        const int8_t* s = src + (rb + i) * sr + pc.k_start;
-        for (int32_t q = 0; q < full; ++q) st_u32(d + int64_t(q) * W * 4, ld_u32(s + 4 * q) ^ x);
+        sum += (lanes & 0xFFFFu) + (lanes >> 16);
         if (rem) {
           uint8_t t4[4] = {0, 0, 0, 0};
-          for (int t = 0; t < rem; ++t) t4[t] = uint8_t(s[4 * full + t]) ^ uint8_t(x);
+          for (int t = 0; t < rem; ++t) {
+            t4[t] = uint8_t(sp[4 * full + t]) ^ uint8_t(x);
+            sum += sp[4 * full + t];
+          }
           std::memcpy(d + int64_t(full) * W * 4, t4, 4);
         }
-        // Sum, min and max of the row's piece: one vectorizable pass over contiguous bytes.
-        int32_t sum = 0, mn = 0, mx = 0;
-        for (int32_t k = 0; k < pc.len; ++k) {
-          const int32_t v = s[k];
-          sum += v;
-          mn = std::min(mn, v);
-          mx = std::max(mx, v);
-        }
-        mm.add(mn);
-        mm.add(mx);
-        if (rowsum) rowsum[(pn * npcs + pi) * W + i] = uint32_t(sum) * 128u;
+        if (rs) rs[pi * W + i] = uint32_t(sum) * 128u;
+        d += int64_t(pc.quads) * W * 4;
       }
-      dp += int64_t(pc.quads) * W * 4;
     }
   }
 }
@@ -373,32 +397,69 @@ struct I8BCache {
 };
 constexpr size_t kI8BCacheBytes = size_t(8) << 20;
 
+// One exponent row of a kc block's block for n lanes (n_valid real, the rest 0): clamped exponents
+// and 2**clamp(e, -126, 127) written out, min / max folded in.  Returns whether a NONFINITE was seen.
+static inline bool exponent_row(const int32_t* src, int64_t stride, int64_t n_valid, int64_t n, int32_t* xe,
+                                float* pe, int32_t& mn, int32_t& mx) {
+  bool bad = false;
+  for (int64_t i = 0; i < n_valid; ++i) {
+    const int32_t raw = src[i * stride];
+    bad |= raw == kNonfiniteExponent;
+    xe[i] = eclamp(raw);
+  }
+  for (int64_t i = n_valid; i < n; ++i) xe[i] = 0;
+  int32_t lo = mn, hi = mx;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, xe[i]);
+    hi = std::max(hi, xe[i]);
+    pe[i] = pow2f(clamp_i32(xe[i], -126, 127));
+  }
+  mn = lo;
+  mx = hi;
+  return bad;
+}
+
 // Clamped exponents (and 2**e with the fast-scale flags) of kc block kb's exponent blocks for the
-// tile's rows and columns.
-static inline void tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const int32_t* ea, const int32_t* eb,
+// tile's rows and columns.  Returns whether a NONFINITE exponent was seen.  The A side reads row by
+// row (ea rows are contiguous over blocks), the B side block by block (eb rows are contiguous over n).
+static inline bool tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const int32_t* ea, const int32_t* eb,
                                   int64_t eb_j, const Tile& T, int64_t mbp, int64_t nbp, I8Scratch& s) {
   const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
-  int32_t* xa = s.ea.p;
-  int32_t* xb = s.eb.p;
-  for (int32_t bl = 0; bl < kb.nblk; ++bl) {
-    const int64_t j = kb.blk_first + bl;
-    int32_t amn = 0, amx = 0, bmn = 0, bmx = 0;
-    for (int64_t i = 0; i < mbp; ++i) {
-      const int32_t e = i < mb ? eclamp(ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
-      xa[bl * mbp + i] = e;
+  const int32_t nblk = kb.nblk;
+  thread_local std::vector<int32_t> amn, amx;
+  amn.assign(size_t(nblk), 0);
+  amx.assign(size_t(nblk), 0);
+  bool bad = false;
+  for (int64_t i = 0; i < mbp; ++i) {
+    const int32_t* er = ea + (T.m0 + std::min(i, mb - 1)) * P.ea_mstride + kb.blk_first;
+    for (int32_t bl = 0; bl < nblk; ++bl) {
+      const int32_t raw = i < mb ? er[bl] : 0;
+      bad |= raw == kNonfiniteExponent;
+      const int32_t e = eclamp(raw);
+      s.ea.p[bl * mbp + i] = e;
       s.pa.p[bl * mbp + i] = pow2f(clamp_i32(e, -126, 127));
-      amn = std::min(amn, e);
-      amx = std::max(amx, e);
+      amn[size_t(bl)] = std::min(amn[size_t(bl)], e);
+      amx[size_t(bl)] = std::max(amx[size_t(bl)], e);
     }
+  }
+  for (int32_t bl = 0; bl < nblk; ++bl) {
+    const int32_t* src = eb + (kb.blk_first + bl) * eb_j + T.n0 * P.eb_nstride;
+    int32_t* xe = s.eb.p + bl * nbp;
+    float* pe = s.pb.p + bl * nbp;
+    int32_t bmn = 0, bmx = 0;
     for (int64_t i = 0; i < nbp; ++i) {
-      const int32_t e = i < nb ? eclamp(eb[j * eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
-      xb[bl * nbp + i] = e;
-      s.pb.p[bl * nbp + i] = pow2f(clamp_i32(e, -126, 127));
+      const int32_t raw = i < nb ? src[i * P.eb_nstride] : 0;
+      bad |= raw == kNonfiniteExponent;
+      const int32_t e = eclamp(raw);
+      xe[i] = e;
+      pe[i] = pow2f(clamp_i32(e, -126, 127));
       bmn = std::min(bmn, e);
       bmx = std::max(bmx, e);
     }
-    s.fast.p[bl] = amn >= -126 && bmn >= -126 && amx <= 127 && bmx <= 127 && amn + bmn >= -126 && amx + bmx <= 127;
+    const int32_t lo = amn[size_t(bl)], hi = amx[size_t(bl)];
+    s.fast.p[bl] = lo >= -126 && bmn >= -126 && hi <= 127 && bmx <= 127 && lo + bmn >= -126 && hi + bmx <= 127;
   }
+  return bad;
 }
 
 // NaN for NONFINITE exponents, zeros for K == 0 (as gemm_driver.h's tile_epilogue).
@@ -437,6 +498,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
   const int32_t* ea = P.ea + P.ea_off[T.batch];
   const int32_t* eb = P.eb + P.eb_off[T.batch];
   const int64_t eb_j = P.eb_nstride ? P.N : 1;
+  bool nonfinite = false;  // a NONFINITE exponent in the tile's rows / columns (checked while preparing them)
   if (P.K > 0) {
     const size_t btotal = size_t(nbp) * size_t(P.total_quads) * 4;
     const bool cache = P.job_id != 0 && mb < P.M && btotal <= kI8BCacheBytes;
@@ -473,7 +535,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
         pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0, mb, pcs, npcs, kb.quads, apk, V::kShiftB ? comp : nullptr, mm);
         if (!mm.ok(P.qmax_a)) return 1;
       }
-      tile_exponents(P, kb, ea, eb, eb_j, T, mbp, nbp, s);
+      nonfinite |= tile_exponents(P, kb, ea, eb, eb_j, T, mbp, nbp, s);
       const bool last = kbi == P.nkcb - 1;
       UkI8Args u{};
       u.pcs = pcs;
@@ -510,7 +572,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
       bc.n1 = T.n1;
     }
   }
-  tile_epilogue_i8(P, T, C, ea, eb, eb_j);
+  if (P.K == 0 || nonfinite) tile_epilogue_i8(P, T, C, ea, eb, eb_j);
   return 0;
 }
 
