@@ -56,3 +56,22 @@ def test_wider_formats_stay_on_int16_kernel():
               jdfp.Policy(lhs=jdfp.DFP(8), rhs=jdfp.DFP(9), grad=jdfp.DFP(8), backend="ffi")):
     r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=pol), x, w)
     assert r.count(explain_mod.KERNEL) == 1 and r.count(explain_mod.KERNEL_I8) == 0
+
+
+@needs_kernel
+def test_int8_residuals_half_the_bytes():
+  from jax._src.ad_checkpoint import saved_residuals
+
+  x = jax.random.normal(jax.random.key(0), (40, 72))
+  w = jax.random.normal(jax.random.key(1), (72, 56))
+  ints = lambda pol: sorted((str(a.dtype), tuple(a.shape)) for a, _ in saved_residuals(lambda x, w: _loss(pol, x, w), x, w)
+                            if a.dtype in (jnp.int8, jnp.int16) and a.ndim == 3)
+  assert ints(POLICIES["dfp8"](backend="ffi")) == [("int8", (1, 40, 72)), ("int8", (1, 72, 56))]
+  assert ints(POLICIES["dfp8"](backend="reference")) == [("int16", (1, 40, 72)), ("int16", (1, 72, 56))]
+  # A wider gradient format: the backward GEMMs run on the INT16 kernel from the int8 residuals.
+  pol = jdfp.Policy(lhs=jdfp.DFP(8), rhs=jdfp.DFP(7), grad=jdfp.DFP(14))
+  grad = jax.grad(_loss, argnums=(1, 2))
+  bits_equal(jax.jit(lambda x, w: grad(pol.replace(backend="ffi"), x, w))(x, w),
+             jax.jit(lambda x, w: grad(pol.replace(backend="reference"), x, w))(x, w))
+  r = jdfp.explain(lambda x, w: grad(pol.replace(backend="ffi"), x, w), x, w)
+  assert r.count(explain_mod.KERNEL_I8) == 1 and r.count(explain_mod.KERNEL) == 2
