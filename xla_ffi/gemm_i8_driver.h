@@ -160,7 +160,42 @@ static inline void interleave16(const int8_t* const* c, int8_t* d, __m128i& umin
 }
 #endif
 
+#if defined(__SSE2__)
+// R = 8 or 4 rows x 4 k (c[t] points at k row t) -> R packed quads, unshifted (A), with the rows'
+// sums of the 4 values times 128 added to rs[0..R) (modulo 2**32) and the biased min / max updated.
+template <int R>
+static inline void interleave_rows_sum(const int8_t* const* c, int8_t* d, uint32_t* rs, __m128i& umin,
+                                       __m128i& umax) {
+  const __m128i x = _mm_set1_epi8(int8_t(0x80));
+  __m128i v[4], sum = _mm_setzero_si128();
+  for (int t = 0; t < 4; ++t) {
+    if constexpr (R == 8) {
+      v[t] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c[t]));
+    } else {
+      v[t] = _mm_cvtsi32_si128(int32_t(ld_u32(c[t])));
+    }
+    const __m128i u = _mm_xor_si128(v[t], x);  // lanes past R read as 0: harmless for min / max
+    umin = _mm_min_epu8(umin, u);
+    umax = _mm_max_epu8(umax, u);
+    sum = _mm_add_epi16(sum, _mm_srai_epi16(_mm_unpacklo_epi8(v[t], v[t]), 8));  // int16 per row
+  }
+  const __m128i t0 = _mm_unpacklo_epi8(v[0], v[1]), t2 = _mm_unpacklo_epi8(v[2], v[3]);
+  __m128i* o = reinterpret_cast<__m128i*>(d);
+  _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
+  const __m128i lo = _mm_slli_epi32(_mm_srai_epi32(_mm_unpacklo_epi16(sum, sum), 16), 7);
+  __m128i* r = reinterpret_cast<__m128i*>(rs);
+  _mm_storeu_si128(r, _mm_add_epi32(_mm_loadu_si128(r), lo));
+  if constexpr (R == 8) {
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+    const __m128i hi = _mm_slli_epi32(_mm_srai_epi32(_mm_unpackhi_epi16(sum, sum), 16), 7);
+    _mm_storeu_si128(r + 1, _mm_add_epi32(_mm_loadu_si128(r + 1), hi));
+  }
+}
+#endif
+
 // The same packing from X[r, k] = src[r + k*sk] (rows contiguous: b [K, N], or a transposed).
+// Full quads go through the SSE2 interleaves: 16 rows at a time for B (shifted, no sums), 8 / 4
+// rows with their sums for A; the rest element by element.
 template <int W, bool kShift>
 static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64_t rows, const I8Piece* pcs,
                                 int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
@@ -172,20 +207,35 @@ static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64
   int64_t qoff = 0;
   for (int pi = 0; pi < npcs; ++pi) {
     const I8Piece& pc = pcs[pi];
+    if (rowsum)
+      for (int64_t pn = 0; pn < panels; ++pn)
+        for (int i = 0; i < W; ++i) rowsum[(pn * npcs + pi) * W + i] = 0;
     for (int32_t q = 0; q < pc.quads; ++q) {
       const int nk = std::min<int32_t>(4, pc.len - 4 * q);
       const int8_t* c[4];
       for (int t = 0; t < 4; ++t) c[t] = src + (pc.k_start + 4 * q + std::min(t, nk - 1)) * sk + r0;
       for (int64_t pn = 0; pn < panels; ++pn) {
         int8_t* d = dst + (pn * quads + qoff + q) * W * 4;
+        uint32_t* rs = rowsum ? rowsum + (pn * npcs + pi) * W : nullptr;
         const int64_t rb = pn * W;
         const int nvalid = int(std::min<int64_t>(W, rows - rb));
         int i = 0;
 #if defined(__SSE2__)
-        if (nk == 4 && !rowsum) {
-          for (; i + 16 <= nvalid; i += 16) {
-            const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
-            interleave16<kShift>(cc, d + i * 4, umin, umax);
+        if (nk == 4) {
+          if (!rs) {
+            for (; i + 16 <= nvalid; i += 16) {
+              const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
+              interleave16<kShift>(cc, d + i * 4, umin, umax);
+            }
+          } else if constexpr (!kShift) {
+            for (; i + 8 <= nvalid; i += 8) {
+              const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
+              interleave_rows_sum<8>(cc, d + i * 4, rs + i, umin, umax);
+            }
+            for (; i + 4 <= nvalid; i += 4) {
+              const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
+              interleave_rows_sum<4>(cc, d + i * 4, rs + i, umin, umax);
+            }
           }
         }
 #endif
@@ -200,10 +250,7 @@ static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64
               t4[t] = uint8_t(v) ^ x;
             }
           std::memcpy(d + i * 4, t4, 4);
-          if (rowsum) {
-            uint32_t& rs = rowsum[(pn * npcs + pi) * W + i];
-            rs = (q == 0 ? 0u : rs) + uint32_t(s) * 128u;
-          }
+          if (rs) rs[i] += uint32_t(s) * 128u;
         }
       }
     }
