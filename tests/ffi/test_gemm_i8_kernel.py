@@ -263,6 +263,13 @@ def test_out_of_range_values_are_errors(isa):
   bad[2, 5] = -128
   with pytest.raises(Exception, match="int8 operand a has a value outside"):
     _i8(bad, b, ea, eb, isa=isa, bits_a=8, bits_b=8)
+  big = np.ones((4, 64), np.int8)  # a transposed: the row-contiguous packing (SSE2 interleave)
+  big[1, 37] = -128
+  with pytest.raises(Exception, match="int8 operand a"):
+    _i8(big.T.copy(), np.ones((64, 3), np.int8), ea, eb, isa=isa, bits_a=8, bits_b=8, transpose_a=True)
+  with pytest.raises(Exception, match="int8 operand b"):  # b [K, N]: 16-column interleave
+    _i8(np.ones((2, 4), np.int8), big, np.zeros((2, 1), np.int32), np.zeros((1, 64), np.int32), isa=isa,
+        bits_a=8, bits_b=8)
   bad = b.copy()
   bad[7, 2] = 8
   with pytest.raises(Exception, match="int8 operand b"):
