@@ -12,6 +12,7 @@ from jdfp._src.ops import explain as explain_mod
 
 needs_kernel = pytest.mark.skipif(not jdfp.kernels.kernel_available(), reason="kernel library not built")
 MATMUL = (((1,), (0,)), ((), ()))
+MX = jdfp.BFP(7, block=32, axis=-1)
 
 
 def bits_equal(a, b):
@@ -25,8 +26,8 @@ def _loss(policy, x, w):
 
 POLICIES = {
     "hbfp8": lambda **kw: jdfp.policies.hbfp8(grad_rounding="nearest", **kw),
-    "mx": lambda **kw: jdfp.Policy(lhs=jdfp.BFP(7, block=32, axis=-1), rhs=jdfp.BFP(7, block=32, axis=0),
-                                   grad=jdfp.BFP(7, block=32, axis=-1), **kw),
+    # MX style: 1-D blocks of 32 along each GEMM's contraction axis (block_k = 32 in every GEMM).
+    "mx": lambda **kw: jdfp.Policy(lhs=MX, rhs=MX, grad=MX, **kw),
     "dfp8": lambda **kw: jdfp.Policy(lhs=jdfp.DFP(8), rhs=jdfp.DFP(8), grad=jdfp.DFP(8), **kw),
 }
 
@@ -41,6 +42,11 @@ def test_int8_kernel_runs_and_matches_reference(name):
   report = jdfp.explain(lambda x, w: grad(make(backend="ffi"), x, w), x, w)
   assert report.count(explain_mod.KERNEL_I8) == 3 and report.count(explain_mod.KERNEL) == 0
   assert report.kernel_calls == 3 and "int8 x int8" in str(report)
+  if name == "mx":
+    # The forward GEMM contracts along the blocks.  (The backward GEMMs reuse the forward's operands,
+    # whose blocks then lie across their contraction: block_k = 1, exact but one block per product.)
+    fwd = lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=make(backend="ffi"))
+    assert jax.jit(fwd).lower(x, w).as_text().count("block_k = 32") == 1
   got = jax.jit(lambda x, w: (jdfp.dot_general(x, w, MATMUL, policy=make(backend="ffi")),
                               grad(make(backend="ffi"), x, w)))(x, w)
   want = jax.jit(lambda x, w: (jdfp.dot_general(x, w, MATMUL, policy=make(backend="reference")),
