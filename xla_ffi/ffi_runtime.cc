@@ -59,7 +59,7 @@ void build_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int
 ffi::Error range_error(const Job& job, int bad) {
   const bool is_a = bad == 1;
   const std::string& nm = is_a ? job.name_a : job.name_b;
-  return invalid_as(job.who, "int16 operand " + nm + " has a value outside [-qmax, qmax] for bits_" + nm + "=" +
+  return invalid_as(job.who, job.operand_type + " operand " + nm + " has a value outside [-qmax, qmax] for bits_" + nm + "=" +
                                  std::to_string(is_a ? job.bits_a : job.bits_b) +
                                  " (qmax = 2**(bits-1) - 1; -32768 is never valid)");
 }
@@ -80,7 +80,7 @@ void run_worker(const std::shared_ptr<Job>& job) {
         if (t >= job->chunk_end[size_t(c)]) break;
         ++done;
         if (bad) continue;  // keep draining so the count stays right; the output is an error anyway
-        bad = job->fn(job->P, job->tiles[size_t(t)]);
+        bad = job->tile_fn ? job->tile_fn(job->tiles[size_t(t)]) : job->fn(job->P, job->tiles[size_t(t)]);
       }
     }
   }
@@ -97,8 +97,11 @@ void run_worker(const std::shared_ptr<Job>& job) {
 
 // Tile sizes: big enough to amortize packing (B over mb rows, A over nb columns), small enough to
 // give every worker several tiles so a busy core does not leave the others idle at the end.
-void tile_sizes(const IsaKernels& isa, int64_t nthreads, int64_t nbatch, int64_t M, int64_t N, int64_t& mb,
+void tile_sizes(int isa_mr, int isa_nr, int64_t nthreads, int64_t nbatch, int64_t M, int64_t N, int64_t& mb,
                 int64_t& nb) {
+  struct {
+    int mr, nr;
+  } isa{isa_mr, isa_nr};
   auto rup = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
   static const int64_t tm_env = env_knob("JDFP_TILE_M"), tn_env = env_knob("JDFP_TILE_N");
   mb = std::min(rup(M, isa.mr), tm_env > 0 ? rup(tm_env, isa.mr) : int64_t(isa.mr) * std::max(1, 192 / isa.mr));
@@ -177,6 +180,11 @@ bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, i
 ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaKernels& isa, int64_t nbatch,
                    int64_t M, int64_t N, int64_t K) {
   job->fn = isa.tile;
+  return launch_tiles(job, pool, isa.mr, isa.nr, nbatch, M, N, K);
+}
+
+ffi::Future launch_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int mr, int nr, int64_t nbatch,
+                         int64_t M, int64_t N, int64_t K) {
   // Small problems run inline on the calling thread: no pool task, no split into smaller tiles, and
   // no wait for a pool thread that claimed a tile and was descheduled (JDFP_INLINE_WORK overrides the
   // threshold on M * N * K; 1 sends everything to the pool).
@@ -186,7 +194,7 @@ ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const 
   int64_t nthreads = pool_workers(pool);
   if (work < inline_below) nthreads = 1;
   int64_t mb, nb;
-  tile_sizes(isa, nthreads, nbatch, M, N, mb, nb);
+  tile_sizes(mr, nr, nthreads, nbatch, M, N, mb, nb);
   for (int64_t bi = 0; bi < nbatch; ++bi)
     for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += nb)
       for (int64_t m0 = 0; m0 < std::max<int64_t>(M, 1); m0 += mb)

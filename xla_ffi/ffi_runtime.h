@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,9 @@ struct Job {
   std::vector<int64_t> a_off, b_off, ea_off, eb_off;
   std::vector<Tile> tiles;
   TileFn fn = nullptr;
+  // Kernel families with their own problem type (the INT8 GEMM, gemm_i8_ffi.cc): when set, the
+  // workers run tiles through this instead of fn(P, tile).
+  std::function<int(const Tile&)> tile_fn;
   // Tiles are split into one contiguous chunk per worker (tiles are ordered columns-outer, so a
   // chunk covers few column ranges and its B panels are packed once, by one worker); a worker that
   // drains its own chunk steals from the others' (run_worker).
@@ -33,6 +37,7 @@ struct Job {
   int bits_a = 0, bits_b = 0;
   // Error text: "jdfp <who>: int16 operand <name_a|name_b> has a value ..."
   std::string who = "gemm", name_a = "a", name_b = "b";
+  std::string operand_type = "int16";  // in the range error
   // Conv jobs: the gather geometry (P.conv points here) and output offsets per batch element.
   ConvGeom conv;
   std::vector<int64_t> c_off;
@@ -52,5 +57,8 @@ bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, i
 // entry's tile function; the returned future completes when the last tile is done (run_worker).
 ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaKernels& isa, int64_t nbatch,
                    int64_t M, int64_t N, int64_t K);
+// The same for a job whose tiles run through job->tile_fn, with an mr x nr micro-tile.
+ffi::Future launch_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int mr, int nr, int64_t nbatch,
+                         int64_t M, int64_t N, int64_t K);
 
 }  // namespace jdfp

@@ -5,6 +5,10 @@ Candidates (all jitted, same process, timed round-robin; GOP/s counts 2*M*K*N):
   xla_i16    lax.dot int16 x int16 -> int32           (XLA's integer path; wraps, not exact)
   jdfp_i16   jdfp kernel, int16 inputs                (exact, docs/arithmetic.md)
   jdfp_f32q  jdfp kernel, float32 inputs quantized while packing (no int16 copy)
+  jdfp_i8    jdfp INT8 kernel (vpdpbusd), int8 inputs, per-tensor DFP(8) exponents
+  jdfp_i8b24 the same with exponent blocks of 24 along K (HBFP8 tiles: per (row, block) and
+             (block, column) exponents)
+  jdfp_i8b32 the same with blocks of 32 (MX style)
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--min-time", type=float, default=0.05, help="seconds per timing sample")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  p.add_argument("--no-int8", action="store_true", help="skip the INT8 kernel rows (8-bit operands)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
         "jdfp_i16": lambda: f_k16(a16, b16, ea, eb),
         "jdfp_f32q": lambda: f_k16(af, bf, ea_f, eb_f),
     }
+    if not args.no_int8:
+      fns.update(int8_candidates(rng, m, k, n, isa))
     secs = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
     ops = 2.0 * m * k * n
     row = {"m": m, "k": k, "n": n, "seconds": secs,
@@ -76,6 +83,9 @@ def main(args: argparse.Namespace) -> int:
 
   cols = ["M x K x N", "XLA f32", "XLA i16", "jdfp i16", "jdfp f32q", "i16/f32", "i16/XLA i16",
           "f32q/f32"]
+  int8 = ("jdfp_i8", "jdfp_i8b24", "jdfp_i8b32")
+  if not args.no_int8:
+    cols += ["jdfp i8", "i8/f32", "i8 b24/f32", "i8 b32/f32"]
   rows = []
   for r in results:
     g = r["gops"]
@@ -84,6 +94,8 @@ def main(args: argparse.Namespace) -> int:
                  f"{r['speedup_vs_xla_f32']['jdfp_i16']:.2f}x",
                  f"{r['speedup_vs_xla_i16']['jdfp_i16']:.2f}x",
                  f"{r['speedup_vs_xla_f32']['jdfp_f32q']:.2f}x"])
+    if not args.no_int8:
+      rows[-1] += [f"{g['jdfp_i8']:.1f}"] + [f"{r['speedup_vs_xla_f32'][c]:.2f}x" for c in int8]
   title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa}, "
            f"jax {jax.__version__}, {os.cpu_count()} CPUs -- GOP/s (median of {args.repeats})")
   print_table(title, cols, rows)
@@ -95,3 +107,23 @@ def main(args: argparse.Namespace) -> int:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")
   return 0
+
+
+def int8_candidates(rng, m, k, n, isa):
+  """The INT8 kernel's candidates: 8-bit values (qmax 127) as int8, per-tensor and block exponents."""
+  import jax
+  import jax.numpy as jnp
+
+  from jdfp import kernels
+
+  a8 = jnp.asarray(rng.integers(-127, 128, (m, k)).astype("int8"))
+  b8 = jnp.asarray(rng.integers(-127, 128, (k, n)).astype("int8"))
+  e1 = jnp.full((1, 1), -10, jnp.int32)
+  fns = {}
+  for name, bk in (("jdfp_i8", None), ("jdfp_i8b24", 24), ("jdfp_i8b32", 32)):
+    kb = 1 if bk is None else -(-k // bk)
+    ea = e1 if bk is None else jnp.asarray(rng.integers(-12, -8, (m, kb)).astype("int32"))
+    eb = e1 if bk is None else jnp.asarray(rng.integers(-12, -8, (kb, n)).astype("int32"))
+    f = jax.jit(lambda x, y, ex, ey, bk=bk: kernels.gemm_i8(x, y, ex, ey, bits_a=8, bits_b=8, block_k=bk, isa=isa))
+    fns[name] = lambda f=f, ea=ea, eb=eb: f(a8, b8, ea, eb)
+  return fns

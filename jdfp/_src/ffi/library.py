@@ -37,6 +37,7 @@ _ISA_CODE = {name: i for i, name in enumerate(ISA_NAMES)}
 
 TARGET_I16 = "jdfp_gemm_i16"  # int16 a, int16 b
 TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
+TARGET_I8 = "jdfp_gemm_i8"  # int8 a, int8 b (bits <= 8): the vpdpbusd kernel
 TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
 # The library's jdfp_abi_version(): bumped when a handler's operands or attributes change, so a stale
@@ -86,7 +87,7 @@ def _load() -> None:
     lib.jdfp_safe_chain_length.argtypes = (ctypes.c_int, ctypes.c_int)
     if lib.jdfp_abi_version() != ABI_VERSION:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
-    for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ),
+    for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ), (TARGET_I8, lib.JdfpGemmI8),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
                       (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp),
                       (TARGET_QUANTIZE_DFP_NOCOUNT, lib.JdfpQuantizeDfpNoCount),

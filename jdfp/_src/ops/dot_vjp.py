@@ -20,7 +20,7 @@ from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
 from jdfp._src.ops.convert import (counters_read, lazy_operands, quantize3, quantize3_operands, quantize_blocks_equal,
                                    quantize_given_exponent)
-from jdfp._src.ops.gemm import gemm
+from jdfp._src.ops.gemm import gemm, int8_storage
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values, split_keys
@@ -44,6 +44,7 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
       [(to3(lhs, lv), policy.lhs, lv.c_ax, k_fwd_l), (to3(rhs, rv), policy.rhs, rv.c_ax, k_fwd_r)],
       policy.fwd_rounding, policy.axis_name, kernel_quantize(policy),
       lazy_operands(work, "lhs" in lazy, "rhs" in lazy))
+  ql, qr = int8_storage(ql, qr, policy)  # <= 8-bit formats on the INT8 kernel: int8 residuals
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
   # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.

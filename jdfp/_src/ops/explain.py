@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
+KERNEL_I8 = "jdfp kernel (FFI, int8 x int8 -> int32 chains, vpdpbusd)"
 REFERENCE = "jdfp reference (exact int32 chains in XLA)"
 MIXED = "mixed precision (fp16/bf16 operands, fp32 accumulation)"
 MIXED_KERNEL = "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)"
@@ -40,7 +41,8 @@ class Report:
 
   @property
   def kernel_calls(self) -> int:
-    return self.count(KERNEL)
+    """jdfp FFI GEMM / conv calls, INT16 and INT8 kernels together."""
+    return self.count(KERNEL) + self.count(KERNEL_I8)
 
   @property
   def float_ops(self) -> tuple[Op, ...]:
@@ -50,9 +52,9 @@ class Report:
     return dict(collections.Counter(op.kind for op in self.ops))
 
   def __str__(self) -> str:
-    lines = [f"{'primitive':<22} {'kind':<52} operands   [where]"]
+    lines = [f"{'primitive':<22} {'kind':<58} operands   [where]"]
     for op in self.ops:
-      lines.append(f"{op.primitive:<22} {op.kind:<52} {op.operands}   [{op.path}]")
+      lines.append(f"{op.primitive:<22} {op.kind:<58} {op.operands}   [{op.path}]")
     lines.append("summary: " + ", ".join(f"{k}: {v}" for k, v in self.summary().items()))
     return "\n".join(lines)
 
@@ -83,7 +85,8 @@ def _walk(jaxpr, path, in_reference, out):
       if target == "jdfp_gemm_bf16":
         out.append(Op(f"{name}:{target}", here, MIXED_KERNEL, _dtype_str(eqn.invars)))
       elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
-        out.append(Op(f"{name}:{target}", here, KERNEL, _dtype_str(eqn.invars)))
+        kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL
+        out.append(Op(f"{name}:{target}", here, kind, _dtype_str(eqn.invars)))
     elif name in ("dot_general", "conv_general_dilated"):
       dts = [v.aval.dtype for v in eqn.invars]
       if ref and all(jnp.issubdtype(d, jnp.integer) for d in dts):

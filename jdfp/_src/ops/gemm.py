@@ -13,12 +13,33 @@ from jax import lax
 
 from jdfp._src.ffi import gemm as ffi_gemm
 from jdfp._src.ffi import gemm_bf16 as ffi_gemm_bf16
+from jdfp._src.ffi import gemm_i8 as ffi_gemm_i8
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics import reference
 from jdfp._src.numerics.shard_types import match_varying
 from jdfp._src.ops.backend import resolve_backend
 from jdfp._src.ops.policy import Policy
+
+def uses_int8_kernel(bits_a: int, bits_b: int) -> bool:
+  """Whether a GEMM of integer formats with these bits runs on the INT8 kernel (backend "ffi")."""
+  return max(bits_a, bits_b) <= ffi_gemm_i8.MAX_BITS
+
+
+def int8_storage(qa: qz.QArray, qb: qz.QArray, policy: Policy) -> tuple[qz.QArray, qz.QArray]:
+  """The forward operands as the INT8 kernel reads them: int8 values when it runs their GEMM (both
+  formats <= 8 bits, backend "ffi", both quantized to integers), so what the backward keeps of them
+  is half the bytes of the int16 copy (|v| <= 127: exact).  Otherwise unchanged."""
+  ints = all(q.fmt.is_integer and q.values.dtype == jnp.int16 for q in (qa, qb))
+  if not (ints and uses_int8_kernel(qa.fmt.int_bits, qb.fmt.int_bits) and resolve_backend(policy) == "ffi"):
+    return qa, qb
+  return tuple(qz.QArray(q.values.astype(jnp.int8), q.exponent, q.fmt, q.blocks) for q in (qa, qb))
+
+
+def _int16(x: jax.Array) -> jax.Array:
+  """int8 storage (int8_storage) widened for the INT16 kernel and the reference; others as they are."""
+  return x.astype(jnp.int16) if x.dtype == jnp.int8 else x
+
 
 def kernel_exponents(q: qz.QArray, c_ax: int, role: str):
   """Exponents of a kernel operand: ``[B', F', KB]`` for "a", ``[B', KB, F']`` for "b"; and block_k."""
@@ -73,11 +94,19 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
   ta, tb = a_c == 1, b_c == 2
   if resolve_backend(policy) == "ffi":
-    out = ffi_gemm.gemm(qa.values, qb.values, ea, eb, bits_a=bits_a, bits_b=bits_b, block_k=block,
-                       transpose_a=ta, transpose_b=tb, isa=policy.isa)
+    integer = all(q.values.dtype in (jnp.int8, jnp.int16) for q in (qa, qb))
+    if uses_int8_kernel(bits_a, bits_b) and integer:
+      # Both formats fit int8 (|v| <= 127): the vpdpbusd kernel, same contract, the same bits.  (A
+      # float32 operand, quantized while packing, still goes to the INT16 kernel's fused path.)
+      out = ffi_gemm_i8.gemm_i8(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb,
+                                bits_a=bits_a, bits_b=bits_b, block_k=block, transpose_a=ta,
+                                transpose_b=tb, isa=policy.isa)
+    else:
+      out = ffi_gemm.gemm(_int16(qa.values), _int16(qb.values), ea, eb, bits_a=bits_a, bits_b=bits_b,
+                          block_k=block, transpose_a=ta, transpose_b=tb, isa=policy.isa)
     # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
     return match_varying(out, qa.values, qb.values, ea, eb)
-  return reference_call(qa.values, qb.values, ea, eb, bits_a, bits_b, block, ta, tb)
+  return reference_call(_int16(qa.values), _int16(qb.values), ea, eb, bits_a, bits_b, block, ta, tb)
 
 
 def bf16_kernel(policy: Policy) -> bool:

@@ -1,0 +1,85 @@
+"""Python side of ``xla_ffi/gemm_i8_ffi.cc``: the exact INT8 GEMM (vpdpbusd) as a JAX op.
+
+Same contract as :func:`jdfp._src.ffi.gemm.gemm` (docs/arithmetic.md), so for the same int8 values
+and exponents the two kernels and the pure-JAX reference agree bit for bit.  For integer formats with
+at most 8 bits (DFP ``bits <= 8``, BFP ``mantissa_bits <= 7``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdfp._src.ffi.library import TARGET_I8, dtype_of, isa_attribute, require_lib
+
+__all__ = ["gemm_i8", "MAX_BITS"]
+
+MAX_BITS = 8  # qmax = 2**(bits-1) - 1 <= 127: int8 storage, never -128
+
+
+def _check_bits8(name, bits) -> int:
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= MAX_BITS:
+    raise ValueError(f"{name} must be an int in 2..{MAX_BITS} for the INT8 kernel, got {bits!r}")
+  return int(bits)
+
+
+def gemm_i8(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
+            transpose_a: bool = False, transpose_b: bool = False, isa: str = "auto") -> jax.Array:
+  """Exact DFP / BFP GEMM of int8 operands on the C++ INT8 kernel: ``float32 [..., M, N]``.
+
+  Args:
+    a: int8 ``[..., M, K]`` (``[..., K, M]`` with ``transpose_a``), values in ``[-qmax_a, qmax_a]``.
+    b: int8 ``[..., K, N]`` (``[..., N, K]`` with ``transpose_b``).
+    ea: int32 exponents ``[..., M, KB]`` (or ``[..., 1, KB]``).
+    eb: int32 exponents ``[..., KB, N]`` (or ``[..., KB, 1]``).  ``KB = ceil(K / block_k)``.
+    bits_a, bits_b: the operands' bits (2..8, sign included).
+    block_k: exponent block length along K; None means K (one block).
+    transpose_a, transpose_b: the operand layouts above (no copies are made).
+    isa: "auto", "scalar", "avx2", "avx_vnni" or "avx512_vnni".
+
+  Leading batch dims broadcast numpy-style.  A value outside ``[-qmax, qmax]`` (-128 included)
+  makes the call fail at run time; a ``NONFINITE_EXPONENT`` makes the affected outputs NaN.
+  """
+  bits_a = _check_bits8("bits_a", bits_a)
+  bits_b = _check_bits8("bits_b", bits_b)
+  isa_code = isa_attribute(isa)
+  for name, flag in (("transpose_a", transpose_a), ("transpose_b", transpose_b)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool, got {flag!r}")
+  for name, x, want in (("a", a, "int8"), ("b", b, "int8"), ("ea", ea, "int32"), ("eb", eb, "int32")):
+    dt = dtype_of(name, x)
+    if dt.name != want:
+      raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
+    if np.ndim(x) < 2:
+      raise ValueError(f"{name} must have rank >= 2, got shape {np.shape(x)}")
+  sa, sb, sea, seb = (tuple(np.shape(x)) for x in (a, b, ea, eb))
+  m, k = (sa[-1], sa[-2]) if transpose_a else (sa[-2], sa[-1])
+  kb_, n = (sb[-1], sb[-2]) if transpose_b else (sb[-2], sb[-1])
+  if k != kb_:
+    raise ValueError(f"contraction dims differ: a has K={k} (shape {sa}, transpose_a={transpose_a}), "
+                     f"b has K={kb_} (shape {sb}, transpose_b={transpose_b})")
+  if block_k is None:
+    bk_attr, bk = -1, max(k, 1)
+  else:
+    if isinstance(block_k, bool) or not isinstance(block_k, (int, np.integer)) or block_k < 1:
+      raise ValueError(f"block_k must be None or an int >= 1, got {block_k!r}")
+    bk_attr = bk = int(block_k)
+  kb = -(-k // bk)
+  if sea[-1] != kb or sea[-2] not in (m, 1):
+    raise ValueError(f"ea must have shape [..., {m} (or 1), {kb}] (KB = ceil(K={k} / block_k={bk})), "
+                     f"got {sea}")
+  if seb[-2] != kb or seb[-1] not in (n, 1):
+    raise ValueError(f"eb must have shape [..., {kb}, {n} (or 1)] (KB = ceil(K={k} / block_k={bk})), "
+                     f"got {seb}")
+  try:
+    batch = np.broadcast_shapes(sa[:-2], sb[:-2], sea[:-2], seb[:-2])
+  except ValueError:
+    raise ValueError(f"batch dims of a {sa[:-2]}, b {sb[:-2]}, ea {sea[:-2]}, eb {seb[:-2]} "
+                     "do not broadcast") from None
+  require_lib()
+  call = jax.ffi.ffi_call(TARGET_I8, jax.ShapeDtypeStruct(tuple(batch) + (m, n), jnp.float32),
+                          vmap_method="expand_dims")
+  return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
+              block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
+              transpose_b=bool(transpose_b), isa=np.int32(isa_code))

@@ -1,0 +1,635 @@
+// The exact INT8 GEMM's macro kernel and register-blocked micro-kernel, templated on a small traits
+// class V (vector type, vpdpbusd or its emulation).  Included by every per-ISA INT8 TU, so packing
+// and the epilogue get that TU's -m flags; everything lives in an anonymous namespace (no ODR merge
+// across ISA flags).  The loop nest and caches follow gemm_driver.h (the INT16 kernel) with k-quads
+// instead of k-pairs; what is duplicated from there is marked "as gemm_driver.h".
+//
+// Signed x signed on vpdpbusd (u8 x s8): B is packed shifted, b' = b + 128 (an XOR with 0x80), so
+//   sum_k a_k * b'_k = sum_k a_k * b_k + 128 * sum_k a_k.
+// The accumulators of a chain start at -128 * sum_k a_k (the row sums of A over the piece, computed
+// while packing A), so they end at the true chain sum.  vpdpbusd wraps modulo 2**32 (no saturation)
+// and every partial result is only used modulo 2**32: the final int32 is exact because the true
+// chain sum fits int32 (|sum| <= L * qmax_a * qmax_b <= 2**31 - 1, the contract's chain bound).
+// ISAs without vpdpbusd (V::kShiftB == false) pack B unshifted and need no compensation.
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "gemm_i8_common.h"
+
+namespace jdfp {
+namespace {
+
+// as gemm_driver.h
+template <class T>
+struct I8Buf {
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      size_t bytes = ((want * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes ? bytes : 64));
+      n = want;
+    }
+    return p;
+  }
+  ~I8Buf() { std::free(p); }
+};
+
+static inline int64_t i8_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+static inline uint32_t ld_u32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+static inline void st_u32(void* p, uint32_t v) { std::memcpy(p, &v, 4); }
+
+// Running min / max of the operand values read while packing (the range check).
+struct I8MinMax {
+  int32_t mn = 0, mx = 0;
+  void add(int32_t v) {
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+  }
+  bool ok(int32_t qmax) const { return mn >= -qmax && mx <= qmax; }
+};
+
+// Min and max of n int8 values (one vectorizable pass), folded into mm.
+static inline void minmax_i8(const int8_t* p, int64_t n, I8MinMax& mm) {
+  int8_t mn = 0, mx = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    mn = p[k] < mn ? p[k] : mn;
+    mx = p[k] > mx ? p[k] : mx;
+  }
+  mm.add(mn);
+  mm.add(mx);
+}
+
+// Pack rows [r0, r0 + rows) of X[r, k] = src[r*sr + k] (k contiguous) into micro-panels of width W:
+// dst[((panel * quads + q) * W + i) * 4 + t] = X[r0 + panel*W + i, k of quad q, byte t], 0 for
+// padding (rows past `rows`, k past a piece's end), XOR 0x80 on real values when kShift.  With
+// `rowsum`, also rowsum[(panel * npcs + piece) * W + i] = 128 * (sum of the piece's values of the
+// row) modulo 2**32 (the vpdpbusd compensation).  Row by row: each row's k range of the kc block
+// (its pieces are consecutive in k) is read once, in order.
+template <int W, bool kShift>
+static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64_t rows, const I8Piece* pcs,
+                                int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
+  const int64_t panels = (rows + W - 1) / W;
+  const uint32_t x = kShift ? 0x80808080u : 0u;
+  const int64_t k_lo = pcs[0].k_start, k_hi = pcs[npcs - 1].k_start + pcs[npcs - 1].len;
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const int64_t rb = r0 + pn * W;
+    const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
+    int8_t* dp = dst + pn * int64_t(quads) * W * 4;
+    uint32_t* rs = rowsum ? rowsum + pn * npcs * W : nullptr;
+    for (int i = 0; i < W; ++i) {
+      if (i >= nvalid) {
+        for (int32_t q = 0; q < quads; ++q) st_u32(dp + (int64_t(q) * W + i) * 4, 0);
+        if (rs)
+          for (int pi = 0; pi < npcs; ++pi) rs[pi * W + i] = 0;
+        continue;
+      }
+      const int8_t* row = src + (rb + i) * sr;
+      minmax_i8(row + k_lo, k_hi - k_lo, mm);
+      int8_t* d = dp + i * 4;
+      for (int pi = 0; pi < npcs; ++pi) {
+        const I8Piece& pc = pcs[pi];
+        const int8_t* sp = row + pc.k_start;
+        const int32_t full = pc.len / 4, rem = pc.len % 4;
+        // Row sum by SWAR on the words being copied: u = w ^ 0x80808080 holds a + 128 per byte;
+        // two 16-bit lanes collect pairs of bytes (<= 510 per word, flushed every 128 words).
+        uint32_t lanes = 0;
+        int64_t sum = -512 * int64_t(full);
+        for (int32_t q = 0; q < full; ++q) {
+          const uint32_t w = ld_u32(sp + 4 * q);
+          st_u32(d + int64_t(q) * W * 4, w ^ x);
+          const uint32_t u = w ^ 0x80808080u;
+          lanes += (u & 0x00FF00FFu) + ((u >> 8) & 0x00FF00FFu);
+          if ((q & 127) == 127) {
+            sum += (lanes & 0xFFFFu) + (lanes >> 16);
+            lanes = 0;
+          }
+        }
+        sum += (lanes & 0xFFFFu) + (lanes >> 16);
+        if (rem) {
+          uint8_t t4[4] = {0, 0, 0, 0};
+          for (int t = 0; t < rem; ++t) {
+            t4[t] = uint8_t(sp[4 * full + t]) ^ uint8_t(x);
+            sum += sp[4 * full + t];
+          }
+          std::memcpy(d + int64_t(full) * W * 4, t4, 4);
+        }
+        if (rs) rs[pi * W + i] = uint32_t(sum) * 128u;
+        d += int64_t(pc.quads) * W * 4;
+      }
+    }
+  }
+}
+
+#if defined(__SSE2__)
+// 16 rows x 4 k of a row-contiguous operand (c[t] points at k row t) -> 16 packed quads (64 bytes).
+template <bool kShift>
+static inline void interleave16(const int8_t* const* c, int8_t* d, __m128i& umin, __m128i& umax) {
+  const __m128i x = _mm_set1_epi8(int8_t(0x80));
+  __m128i r[4];
+  for (int t = 0; t < 4; ++t) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c[t]));
+    const __m128i u = _mm_xor_si128(v, x);  // biased: signed order becomes unsigned order
+    umin = _mm_min_epu8(umin, u);
+    umax = _mm_max_epu8(umax, u);
+    r[t] = kShift ? u : v;
+  }
+  const __m128i t0 = _mm_unpacklo_epi8(r[0], r[1]), t1 = _mm_unpackhi_epi8(r[0], r[1]);
+  const __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
+  __m128i* o = reinterpret_cast<__m128i*>(d);
+  _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+  _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+  _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+  _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+}
+#endif
+
+#if defined(__SSE2__)
+// R = 8 or 4 rows x 4 k (c[t] points at k row t) -> R packed quads, unshifted (A), with the rows'
+// sums of the 4 values times 128 added to rs[0..R) (modulo 2**32) and the biased min / max updated.
+template <int R>
+static inline void interleave_rows_sum(const int8_t* const* c, int8_t* d, uint32_t* rs, __m128i& umin,
+                                       __m128i& umax) {
+  const __m128i x = _mm_set1_epi8(int8_t(0x80));
+  __m128i v[4], sum = _mm_setzero_si128();
+  for (int t = 0; t < 4; ++t) {
+    if constexpr (R == 8) {
+      v[t] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c[t]));
+    } else {
+      v[t] = _mm_cvtsi32_si128(int32_t(ld_u32(c[t])));
+    }
+    const __m128i u = _mm_xor_si128(v[t], x);  // lanes past R read as 0: harmless for min / max
+    umin = _mm_min_epu8(umin, u);
+    umax = _mm_max_epu8(umax, u);
+    sum = _mm_add_epi16(sum, _mm_srai_epi16(_mm_unpacklo_epi8(v[t], v[t]), 8));  // int16 per row
+  }
+  const __m128i t0 = _mm_unpacklo_epi8(v[0], v[1]), t2 = _mm_unpacklo_epi8(v[2], v[3]);
+  __m128i* o = reinterpret_cast<__m128i*>(d);
+  _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
+  const __m128i lo = _mm_slli_epi32(_mm_srai_epi32(_mm_unpacklo_epi16(sum, sum), 16), 7);
+  __m128i* r = reinterpret_cast<__m128i*>(rs);
+  _mm_storeu_si128(r, _mm_add_epi32(_mm_loadu_si128(r), lo));
+  if constexpr (R == 8) {
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+    const __m128i hi = _mm_slli_epi32(_mm_srai_epi32(_mm_unpackhi_epi16(sum, sum), 16), 7);
+    _mm_storeu_si128(r + 1, _mm_add_epi32(_mm_loadu_si128(r + 1), hi));
+  }
+}
+#endif
+
+// The same packing from X[r, k] = src[r + k*sk] (rows contiguous: b [K, N], or a transposed).
+// Full quads go through the SSE2 interleaves: 16 rows at a time for B (shifted, no sums), 8 / 4
+// rows with their sums for A; the rest element by element.
+template <int W, bool kShift>
+static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64_t rows, const I8Piece* pcs,
+                                int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
+  const int64_t panels = (rows + W - 1) / W;
+  const uint8_t x = kShift ? 0x80 : 0;
+#if defined(__SSE2__)
+  __m128i umin = _mm_set1_epi8(int8_t(0x80)), umax = umin;  // biased 0
+#endif
+  int64_t qoff = 0;
+  for (int pi = 0; pi < npcs; ++pi) {
+    const I8Piece& pc = pcs[pi];
+    if (rowsum)
+      for (int64_t pn = 0; pn < panels; ++pn)
+        for (int i = 0; i < W; ++i) rowsum[(pn * npcs + pi) * W + i] = 0;
+    for (int32_t q = 0; q < pc.quads; ++q) {
+      const int nk = std::min<int32_t>(4, pc.len - 4 * q);
+      const int8_t* c[4];
+      for (int t = 0; t < 4; ++t) c[t] = src + (pc.k_start + 4 * q + std::min(t, nk - 1)) * sk + r0;
+      for (int64_t pn = 0; pn < panels; ++pn) {
+        int8_t* d = dst + (pn * quads + qoff + q) * W * 4;
+        uint32_t* rs = rowsum ? rowsum + (pn * npcs + pi) * W : nullptr;
+        const int64_t rb = pn * W;
+        const int nvalid = int(std::min<int64_t>(W, rows - rb));
+        int i = 0;
+#if defined(__SSE2__)
+        if (nk == 4) {
+          if (!rs) {
+            for (; i + 16 <= nvalid; i += 16) {
+              const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
+              interleave16<kShift>(cc, d + i * 4, umin, umax);
+            }
+          } else if constexpr (!kShift) {
+            for (; i + 8 <= nvalid; i += 8) {
+              const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
+              interleave_rows_sum<8>(cc, d + i * 4, rs + i, umin, umax);
+            }
+            for (; i + 4 <= nvalid; i += 4) {
+              const int8_t* cc[4] = {c[0] + rb + i, c[1] + rb + i, c[2] + rb + i, c[3] + rb + i};
+              interleave_rows_sum<4>(cc, d + i * 4, rs + i, umin, umax);
+            }
+          }
+        }
+#endif
+        for (; i < W; ++i) {
+          uint8_t t4[4] = {0, 0, 0, 0};
+          int32_t s = 0;
+          if (i < nvalid)
+            for (int t = 0; t < nk; ++t) {
+              const int8_t v = c[t][rb + i];
+              mm.add(v);
+              s += v;
+              t4[t] = uint8_t(v) ^ x;
+            }
+          std::memcpy(d + i * 4, t4, 4);
+          if (rs) rs[i] += uint32_t(s) * 128u;
+        }
+      }
+    }
+    qoff += pc.quads;
+  }
+#if defined(__SSE2__)
+  alignas(16) uint8_t lo[16], hi[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lo), umin);
+  _mm_store_si128(reinterpret_cast<__m128i*>(hi), umax);
+  for (int t = 0; t < 16; ++t) {
+    mm.add(int32_t(lo[t]) - 128);
+    mm.add(int32_t(hi[t]) - 128);
+  }
+#endif
+}
+
+template <int W, bool kShift>
+static inline void pack_any(const int8_t* src, int64_t sr, int64_t sk, int64_t r0, int64_t rows, const I8Piece* pcs,
+                            int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
+  if (sk == 1) {
+    pack_kcontig<W, kShift>(src, sr, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
+  } else {
+    pack_rcontig<W, kShift>(src, sk, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
+  }
+}
+
+// as ukernel_simd.h: a compile-time loop keeps every accumulator index constant, so GCC keeps the
+// MR x NV accumulators in registers.
+template <class F, int... I>
+static inline __attribute__((always_inline)) void i8_static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+static inline __attribute__((always_inline)) void i8_static_for(F&& f) {
+  i8_static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+#define JDFP_AI __attribute__((always_inline))
+
+// Exponents of the blocks a kc block touches, for the tile's rows / columns (clamped), and per
+// block whether the fast scale applies: every 2**ea, 2**eb and 2**(ea + eb) in the float32 normal
+// range, where scale2(f, ea + eb) == f * (2**ea * 2**eb) exactly (the product of the two powers is
+// exact, and scale2's second factor is 1).
+struct I8Exps {
+  const int32_t* ea;  // [nblk][mbp]
+  const int32_t* eb;  // [nblk][nbp]
+  const float* pa;    // 2**ea, [nblk][mbp] (fast blocks)
+  const float* pb;    // 2**eb, [nblk][nbp]
+  const uint8_t* fast;
+  int64_t ea_ld, eb_ld;
+};
+
+// Micro-kernel arguments (one kc block of one MR x NR micro-tile).
+struct UkI8Args {
+  const I8Piece* pcs;
+  int npcs;
+  const uint32_t* comp;  // [npcs][MR]: 128 * row sums of A per piece (kShiftB only)
+  int32_t* acc32;        // MR x NR: running int32 chain sums carried between kc blocks
+  int64_t* acc64;        // MR x NR: int64 sums of blocks longer than one chain (rare)
+  float* accf;           // MR x NR: the contract's acc carried between kc blocks (scaled kernel)
+  bool first;            // first kc block: acc starts at +0.0
+  float* C;              // null, or the last kc block's destination (row stride ldc)
+  int64_t ldc;
+  I8Exps ex;             // offset to this micro-tile's rows / columns
+};
+
+// kScaled: KB > 1 (acc += scale2(f(S_j), ea + eb), the float accumulators stay in registers for the
+// kc block); otherwise KB == 1 (out = scale2(f(S), ea + eb), stored when the one block closes).
+template <class V, int MR_, int NV, bool kScaled>
+struct UkI8 {
+  static constexpr int MR = MR_, L = V::kLanes, NR = L * NV;
+  static constexpr bool kScaledKernel = kScaled;
+  using vi = typename V::vi;
+  using vf = typename V::vf;
+
+  __attribute__((noinline)) static void kernel(const int8_t* Ap, const int8_t* Bp, const UkI8Args& args) {
+    const UkI8Args u = args;  // a local copy: the stores below cannot alias its fields
+    vf accf[MR][NV];
+    if constexpr (kScaled) {
+      i8_static_for<MR>([&](auto i) JDFP_AI {
+        i8_static_for<NV>([&](auto v) JDFP_AI {
+          accf[i][v] = u.first ? V::zerof() : V::loadf(u.accf + i * NR + v * L);
+        });
+      });
+    }
+    vi acc[MR][NV];
+    for (int pi = 0; pi < u.npcs; ++pi) {
+      const I8Piece& pc = u.pcs[pi];
+      const uint8_t fl = pc.flags;
+      i8_static_for<MR>([&](auto i) JDFP_AI {
+        vi c0 = V::zero();
+        if constexpr (V::kShiftB) c0 = V::bcast(int32_t(0u - u.comp[pi * MR + i]));
+        i8_static_for<NV>([&](auto v) JDFP_AI {
+          acc[i][v] = (fl & kI8ChainOpen) ? c0 : V::add(c0, V::load(u.acc32 + i * NR + v * L));
+        });
+      });
+      for (int32_t q = 0; q < pc.quads; ++q) {
+        vi b[NV];
+        i8_static_for<NV>([&](auto v) JDFP_AI { b[v] = V::load(Bp + v * L * 4); });
+        i8_static_for<MR>([&](auto i) JDFP_AI {
+          const vi a = V::bcast(int32_t(ld_u32(Ap + 4 * i)));
+          i8_static_for<NV>([&](auto v) JDFP_AI { acc[i][v] = V::dp(acc[i][v], b[v], a); });
+        });
+        Ap += 4 * MR;
+        Bp += 4 * NR;
+      }
+      if (!(fl & kI8ChainClose)) {  // the chain goes on in the next kc block
+        i8_static_for<MR>([&](auto i) JDFP_AI {
+          i8_static_for<NV>([&](auto v) JDFP_AI { V::store(u.acc32 + i * NR + v * L, acc[i][v]); });
+        });
+        continue;
+      }
+      if ((fl & kI8FirstChain) && (fl & kI8LastChain)) {
+        // The chain is the whole block: its int32 sum is the block sum, f() is one cvtdq2ps.
+        close_block(u, pc.bl, accf, [&](auto i, auto v) JDFP_AI { return V::cvt(acc[i][v]); });
+      } else {
+        long_block(u, pc, accf, acc);
+      }
+    }
+    if constexpr (kScaled) {
+      float* dst = u.C ? u.C : u.accf;
+      const int64_t ld = u.C ? u.ldc : NR;
+      i8_static_for<MR>([&](auto i) JDFP_AI {
+        i8_static_for<NV>([&](auto v) JDFP_AI { V::storef(dst + i * ld + v * L, accf[i][v]); });
+      });
+    }
+  }
+
+  // A block of several chains (block_k > L, so only for K beyond ~133k at 8 bits): each chain's
+  // exact int32 sum is added to the block's int64 sum; the closed block is rounded once.  Scalar:
+  // it runs once per ~L products.
+  static void long_block(const UkI8Args& u, const I8Piece& pc, vf (&accf)[MR][NV], vi (&acc)[MR][NV]) {
+    alignas(64) int32_t s32[MR * NR];
+    alignas(64) float f[MR * NR];
+    i8_static_for<MR>([&](auto i) JDFP_AI {
+      i8_static_for<NV>([&](auto v) JDFP_AI { V::store(s32 + i * NR + v * L, acc[i][v]); });
+    });
+    const bool first = pc.flags & kI8FirstChain, last = pc.flags & kI8LastChain;
+    for (int e = 0; e < MR * NR; ++e) {
+      u.acc64[e] = (first ? 0 : u.acc64[e]) + s32[e];
+      f[e] = i64_to_f32(u.acc64[e]);
+    }
+    if (last) close_block(u, pc.bl, accf, [&](auto i, auto v) JDFP_AI { return V::loadf(f + i * NR + v * L); });
+  }
+
+  // A block closes with f(S) = f_of(i, v): s = scale2(f, ea + eb); KB > 1 adds s to acc (one
+  // rounding per add; -ffp-contract=off keeps the multiply and the add apart), KB == 1 stores it.
+  template <class F>
+  static inline JDFP_AI void close_block(const UkI8Args& u, int bl, vf (&accf)[MR][NV], F&& f_of) {
+    const I8Exps& ex = u.ex;
+    auto put = [&](auto i, auto v, vf s) JDFP_AI {
+      if constexpr (kScaled) {
+        accf[i][v] = V::addf(accf[i][v], s);
+      } else {
+        V::storef(u.C + i * u.ldc + v * L, s);
+      }
+    };
+    if (ex.fast[bl]) {
+      vf pb[NV];
+      i8_static_for<NV>([&](auto v) JDFP_AI { pb[v] = V::loadf(ex.pb + bl * ex.eb_ld + v * L); });
+      i8_static_for<MR>([&](auto i) JDFP_AI {
+        const vf pa = V::bcastf(ex.pa[bl * ex.ea_ld + i]);
+        i8_static_for<NV>([&](auto v) JDFP_AI { put(i, v, V::mulf(f_of(i, v), V::mulf(pa, pb[v]))); });
+      });
+      return;
+    }
+    vi eb[NV];
+    i8_static_for<NV>([&](auto v) JDFP_AI { eb[v] = V::load(ex.eb + bl * ex.eb_ld + v * L); });
+    i8_static_for<MR>([&](auto i) JDFP_AI {
+      const vi ea = V::bcast(ex.ea[bl * ex.ea_ld + i]);
+      i8_static_for<NV>([&](auto v) JDFP_AI { put(i, v, V::scale2(f_of(i, v), V::add(ea, eb[v]))); });
+    });
+  }
+};
+
+// Per-thread scratch of run_tile_i8.
+struct I8Scratch {
+  I8Buf<int8_t> apack, bpack;
+  I8Buf<uint32_t> comp;
+  I8Buf<int32_t> ea, eb, acc32;
+  I8Buf<float> pa, pb, accf;
+  I8Buf<int64_t> acc64;
+  I8Buf<uint8_t> fast;
+};
+
+// Packed B of the tile's column range (all kc blocks), kept for the worker's next tile of the same
+// call, batch element and columns (tiles run columns-outer): as gemm_driver.h's BCache.
+struct I8BCache {
+  uint64_t job = 0;
+  int64_t batch = -1, n0 = -1, n1 = -1;
+  I8Buf<int8_t> buf;
+};
+constexpr size_t kI8BCacheBytes = size_t(8) << 20;
+
+// One exponent row of a kc block's block for n lanes (n_valid real, the rest 0): clamped exponents
+// and 2**clamp(e, -126, 127) written out, min / max folded in.  Returns whether a NONFINITE was seen.
+static inline bool exponent_row(const int32_t* src, int64_t stride, int64_t n_valid, int64_t n, int32_t* xe,
+                                float* pe, int32_t& mn, int32_t& mx) {
+  bool bad = false;
+  for (int64_t i = 0; i < n_valid; ++i) {
+    const int32_t raw = src[i * stride];
+    bad |= raw == kNonfiniteExponent;
+    xe[i] = eclamp(raw);
+  }
+  for (int64_t i = n_valid; i < n; ++i) xe[i] = 0;
+  int32_t lo = mn, hi = mx;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, xe[i]);
+    hi = std::max(hi, xe[i]);
+    pe[i] = pow2f(clamp_i32(xe[i], -126, 127));
+  }
+  mn = lo;
+  mx = hi;
+  return bad;
+}
+
+// Clamped exponents (and 2**e with the fast-scale flags) of kc block kb's exponent blocks for the
+// tile's rows and columns.  Returns whether a NONFINITE exponent was seen.  The A side reads row by
+// row (ea rows are contiguous over blocks), the B side block by block (eb rows are contiguous over n).
+static inline bool tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const int32_t* ea, const int32_t* eb,
+                                  int64_t eb_j, const Tile& T, int64_t mbp, int64_t nbp, I8Scratch& s) {
+  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
+  const int32_t nblk = kb.nblk;
+  thread_local std::vector<int32_t> amn, amx;
+  amn.assign(size_t(nblk), 0);
+  amx.assign(size_t(nblk), 0);
+  bool bad = false;
+  for (int64_t i = 0; i < mbp; ++i) {
+    const int32_t* er = ea + (T.m0 + std::min(i, mb - 1)) * P.ea_mstride + kb.blk_first;
+    for (int32_t bl = 0; bl < nblk; ++bl) {
+      const int32_t raw = i < mb ? er[bl] : 0;
+      bad |= raw == kNonfiniteExponent;
+      const int32_t e = eclamp(raw);
+      s.ea.p[bl * mbp + i] = e;
+      s.pa.p[bl * mbp + i] = pow2f(clamp_i32(e, -126, 127));
+      amn[size_t(bl)] = std::min(amn[size_t(bl)], e);
+      amx[size_t(bl)] = std::max(amx[size_t(bl)], e);
+    }
+  }
+  for (int32_t bl = 0; bl < nblk; ++bl) {
+    const int32_t* src = eb + (kb.blk_first + bl) * eb_j + T.n0 * P.eb_nstride;
+    int32_t* xe = s.eb.p + bl * nbp;
+    float* pe = s.pb.p + bl * nbp;
+    int32_t bmn = 0, bmx = 0;
+    for (int64_t i = 0; i < nbp; ++i) {
+      const int32_t raw = i < nb ? src[i * P.eb_nstride] : 0;
+      bad |= raw == kNonfiniteExponent;
+      const int32_t e = eclamp(raw);
+      xe[i] = e;
+      pe[i] = pow2f(clamp_i32(e, -126, 127));
+      bmn = std::min(bmn, e);
+      bmx = std::max(bmx, e);
+    }
+    const int32_t lo = amn[size_t(bl)], hi = amx[size_t(bl)];
+    s.fast.p[bl] = lo >= -126 && bmn >= -126 && hi <= 127 && bmx <= 127 && lo + bmn >= -126 && hi + bmx <= 127;
+  }
+  return bad;
+}
+
+// NaN for NONFINITE exponents, zeros for K == 0 (as gemm_driver.h's tile_epilogue).
+static inline void tile_epilogue_i8(const ProblemI8& P, const Tile& T, float* C, const int32_t* ea, const int32_t* eb,
+                                    int64_t eb_j) {
+  const int64_t nb = T.n1 - T.n0;
+  const float qnan = __builtin_nanf("");
+  thread_local std::vector<uint8_t> colbad;
+  colbad.assign(size_t(nb), 0);
+  for (int64_t j = 0; j < P.KB; ++j)
+    for (int64_t n = 0; n < nb; ++n)
+      if (eb[j * eb_j + (T.n0 + n) * P.eb_nstride] == kNonfiniteExponent) colbad[size_t(n)] = 1;
+  for (int64_t m = T.m0; m < T.m1; ++m) {
+    float* row = C + m * P.ldc + T.n0;
+    bool bad = false;
+    for (int64_t j = 0; j < P.KB; ++j) bad |= ea[m * P.ea_mstride + j] == kNonfiniteExponent;
+    for (int64_t n = 0; n < nb; ++n) {
+      if (P.K == 0) row[n] = 0.0f;
+      if (bad || colbad[size_t(n)]) row[n] = qnan;
+    }
+  }
+}
+
+// One output tile: for each kc block (increasing K) pack B (or reuse it) and A, then every micro-tile
+// (NR panels outer: the B micro-panel stays in L1).  Returns 0, or 1 / 2 for an A / B value out of range.
+template <class V, class UK>
+int run_tile_i8(const ProblemI8& P, const Tile& T) {
+  constexpr int MR = UK::MR, NR = UK::NR;
+  constexpr bool kScaled = UK::kScaledKernel;
+  thread_local I8Scratch s;
+  thread_local I8BCache bc;
+  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
+  if (mb <= 0 || nb <= 0) return 0;
+  const int64_t mbp = i8_round_up(mb, MR), nbp = i8_round_up(nb, NR);
+  float* C = P.out + T.batch * P.M * P.N;
+  const int32_t* ea = P.ea + P.ea_off[T.batch];
+  const int32_t* eb = P.eb + P.eb_off[T.batch];
+  const int64_t eb_j = P.eb_nstride ? P.N : 1;
+  bool nonfinite = false;  // a NONFINITE exponent in the tile's rows / columns (checked while preparing them)
+  if (P.K > 0) {
+    const size_t btotal = size_t(nbp) * size_t(P.total_quads) * 4;
+    const bool cache = P.job_id != 0 && mb < P.M && btotal <= kI8BCacheBytes;
+    const bool hit = cache && bc.job == P.job_id && bc.batch == T.batch && bc.n0 == T.n0 && bc.n1 == T.n1;
+    if (cache && !hit) {
+      bc.job = 0;  // invalid until every kc block is packed and range-checked
+      bc.buf.get(btotal);
+    }
+    int8_t* bpk = cache ? bc.buf.p : s.bpack.get(size_t(nbp) * P.max_quads * 4);
+    int8_t* apk = s.apack.get(size_t(mbp) * P.max_quads * 4);
+    uint32_t* comp = s.comp.get(size_t(mbp) * P.max_pieces);
+    const size_t nacc = size_t(mbp) * size_t(nbp);
+    int32_t* acc32 = s.acc32.get(nacc);
+    int64_t* acc64 = s.acc64.get(nacc);
+    float* accf = kScaled ? s.accf.get(nacc) : nullptr;
+    s.ea.get(size_t(mbp) * P.max_nblk);
+    s.pa.get(size_t(mbp) * P.max_nblk);
+    s.eb.get(size_t(nbp) * P.max_nblk);
+    s.pb.get(size_t(nbp) * P.max_nblk);
+    s.fast.get(size_t(P.max_nblk));
+    const int8_t* asrc = P.a + P.a_off[T.batch];
+    const int8_t* bsrc = P.b + P.b_off[T.batch];
+    for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
+      const I8KcBlock& kb = P.kcb[kbi];
+      const I8Piece* pcs = P.pieces + kb.piece_begin;
+      const int npcs = kb.piece_end - kb.piece_begin;
+      if (!hit) {
+        I8MinMax mm;
+        pack_any<NR, V::kShiftB>(bsrc, P.b_sr, P.b_sk, T.n0, nb, pcs, npcs, kb.quads, bpk, nullptr, mm);
+        if (!mm.ok(P.qmax_b)) return 2;
+      }
+      {
+        I8MinMax mm;
+        pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0, mb, pcs, npcs, kb.quads, apk, V::kShiftB ? comp : nullptr, mm);
+        if (!mm.ok(P.qmax_a)) return 1;
+      }
+      nonfinite |= tile_exponents(P, kb, ea, eb, eb_j, T, mbp, nbp, s);
+      const bool last = kbi == P.nkcb - 1;
+      UkI8Args u{};
+      u.pcs = pcs;
+      u.npcs = npcs;
+      u.first = kbi == 0;
+      int64_t t = 0;
+      for (int64_t jr = 0; jr < nbp; jr += NR) {
+        const int8_t* bpanel = bpk + jr * kb.quads * 4;
+        const int nv = int(std::min<int64_t>(NR, nb - jr));
+        for (int64_t ir = 0; ir < mbp; ir += MR, t += MR * NR) {
+          const int mv = int(std::min<int64_t>(MR, mb - ir));
+          float* cdst = C + (T.m0 + ir) * P.ldc + T.n0 + jr;
+          u.comp = comp + (ir / MR) * npcs * MR;
+          u.acc32 = acc32 + t;
+          u.acc64 = acc64 + t;
+          u.accf = kScaled ? accf + t : nullptr;
+          u.ex = I8Exps{s.ea.p + ir, s.eb.p + jr, s.pa.p + ir, s.pb.p + jr, s.fast.p, mbp, nbp};
+          alignas(64) float edge[MR * NR];
+          const bool direct = mv == MR && nv == NR;
+          u.C = last ? (direct ? cdst : edge) : nullptr;
+          u.ldc = direct ? P.ldc : NR;
+          UK::kernel(apk + ir * kb.quads * 4, bpanel, u);
+          if (last && !direct)
+            for (int i = 0; i < mv; ++i)
+              for (int j = 0; j < nv; ++j) cdst[i * P.ldc + j] = edge[i * NR + j];
+        }
+      }
+      if (cache) bpk += size_t(nbp) * kb.quads * 4;
+    }
+    if (cache && !hit) {
+      bc.job = P.job_id;
+      bc.batch = T.batch;
+      bc.n0 = T.n0;
+      bc.n1 = T.n1;
+    }
+  }
+  if (P.K == 0 || nonfinite) tile_epilogue_i8(P, T, C, ea, eb, eb_j);
+  return 0;
+}
+
+// The ISA's tile function: the KB == 1 kernel (UK1) or the KB > 1 one (UKS, same NR; its MR
+// divides UK1's, so the tiles' row ranges, multiples of UK1::MR, suit both).
+template <class V, class UK1, class UKS>
+int tile_i8(const ProblemI8& P, const Tile& T) {
+  static_assert(UK1::NR == UKS::NR && UK1::MR % UKS::MR == 0, "micro-tiles");
+  return P.KB == 1 ? run_tile_i8<V, UK1>(P, T) : run_tile_i8<V, UKS>(P, T);
+}
+
+}  // namespace
+}  // namespace jdfp

@@ -1,0 +1,222 @@
+// XLA FFI handler of the exact INT8 GEMM (contract: docs/arithmetic.md, the same as the INT16 GEMM):
+//
+//   JdfpGemmI8 : int8 a [..., M, K], int8 b [..., K, N], int32 ea [..., M|1, KB], eb [..., KB, N|1]
+//                -> float32 out [..., M, N]; attributes as JdfpGemmI16 (bits_a, bits_b <= 8).
+//
+// Operand values must lie in [-qmax, qmax] (qmax = 2**(bits-1) - 1 <= 127, so never -128); a tile
+// that meets one outside fails the call with an FFI error.  Tiling, threads and the future are
+// ffi_runtime's (launch_tiles); the per-ISA kernels are gemm_i8_*.cc.  The shape checks repeat
+// gemm_ffi.cc's read_shapes / check_batch_dims for int8 operands.
+#include "ffi_runtime.h"
+#include "gemm_i8_common.h"
+
+namespace jdfp {
+namespace {
+
+ffi::Error invalid(const std::string& msg) { return invalid_as("gemm_i8", msg); }
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(JDFP_HAVE_SIMD)
+#define JDFP_I8_ENTRY(fn) fn
+#else
+#define JDFP_I8_ENTRY(fn) nullptr
+#endif
+
+// Indexed by Isa.  kc: a B micro-panel of NR x 4 * kc_quads bytes (32 KiB at NR = 32) stays in L1.
+const I8KernelShape kI8Kernels[] = {
+    /* kIsaAuto */ {nullptr, 0, 0, 0},
+    /* kIsaScalar */ {tile_i8_scalar, 4, 8, 128},
+    /* kIsaAvx2 */ {JDFP_I8_ENTRY(tile_i8_avx2), 6, 16, 256},
+    /* kIsaAvxVnni */ {JDFP_I8_ENTRY(tile_i8_avxvnni), 6, 16, 256},
+    /* kIsaAvx512Vnni */ {JDFP_I8_ENTRY(tile_i8_avx512vnni), 12, 32, 256},
+};
+static_assert(sizeof(kI8Kernels) / sizeof(kI8Kernels[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
+
+struct JobI8 : Job {
+  ProblemI8 P8{};
+  std::vector<I8Piece> pcs;
+  std::vector<I8KcBlock> kcbs;
+};
+
+struct ShapeI8 {
+  ffi::Span<const int64_t> da, db, dea, deb, dout;
+  int64_t M = 0, N = 0, K = 0, bk = 0, KB = 0;
+  std::vector<int64_t> ob;
+};
+
+ffi::Error check_i8_bits(const char* name, int32_t bits) {
+  if (bits < 2 || bits > 8)
+    return invalid(std::string(name) + " must be in [2, 8] for the INT8 kernel, got " + std::to_string(bits));
+  return ffi::Error::Success();
+}
+
+// As gemm_ffi.cc's read_shapes: M, N, K, block size and KB, exponent and output shapes checked.
+ffi::Error read_shapes_i8(ShapeI8& s, int64_t block_k, bool trans_a, bool trans_b) {
+  const auto &da = s.da, &db = s.db, &dea = s.dea, &deb = s.deb, &dout = s.dout;
+  if (da.size() < 2 || db.size() < 2 || dea.size() < 2 || deb.size() < 2 || dout.size() < 2)
+    return invalid("a, b, ea, eb and out must have rank >= 2");
+  const size_t ra = da.size(), rb = db.size();
+  s.M = trans_a ? da[ra - 1] : da[ra - 2];
+  s.K = trans_a ? da[ra - 2] : da[ra - 1];
+  const int64_t Kb = trans_b ? db[rb - 1] : db[rb - 2];
+  s.N = trans_b ? db[rb - 2] : db[rb - 1];
+  if (s.K != Kb) return invalid("contraction dims differ: a " + dims_str(da) + " b " + dims_str(db));
+  if (block_k == 0 || block_k < -1)
+    return invalid("block_k must be >= 1 (or -1 for K), got " + std::to_string(block_k));
+  s.bk = block_k == -1 ? std::max<int64_t>(s.K, 1) : block_k;
+  s.KB = (s.K + s.bk - 1) / s.bk;
+  const size_t rea = dea.size(), reb = deb.size();
+  if (dea[rea - 1] != s.KB || (dea[rea - 2] != s.M && dea[rea - 2] != 1))
+    return invalid("ea must be [..., M or 1, KB] = [..., " + std::to_string(s.M) + ", " + std::to_string(s.KB) +
+                   "], got " + dims_str(dea));
+  if (deb[reb - 2] != s.KB || (deb[reb - 1] != s.N && deb[reb - 1] != 1))
+    return invalid("eb must be [..., KB, N or 1] = [..., " + std::to_string(s.KB) + ", " + std::to_string(s.N) +
+                   "], got " + dims_str(deb));
+  const size_t ro = dout.size();
+  if (dout[ro - 2] != s.M || dout[ro - 1] != s.N) return invalid("out must be [..., M, N], got " + dims_str(dout));
+  s.ob.assign(s.dout.begin(), s.dout.end() - 2);
+  for (size_t i = 0; i < s.ob.size(); ++i) {
+    int64_t mx = 1;
+    for (auto d : {s.da, s.db, s.dea, s.deb}) {
+      const size_t nbd = d.size() - 2, back = s.ob.size() - i;
+      if (back <= nbd) mx = std::max(mx, d[nbd - back]);
+    }
+    if (s.ob[i] != mx) return invalid("out batch dims " + dims_str(s.dout) + " are not the broadcast of the inputs'");
+  }
+  return ffi::Error::Success();
+}
+
+// The contract's chains (blocks of block_k, chains of at most C products) as pieces of at most
+// kc_quads quads, grouped into kc blocks; a chain longer than a kc block is cut at multiples of
+// 4 * kc_quads (its int32 running sum waits in memory between the pieces).
+void plan_chains_i8(JobI8& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int32_t kc_quads) {
+  auto& pcs = j.pcs;
+  auto& kcb = j.kcbs;
+  int32_t cur_begin = 0, cur_quads = 0;
+  auto close = [&]() {
+    const int32_t end = int32_t(pcs.size());
+    if (end == cur_begin) return;
+    I8KcBlock b{};
+    b.piece_begin = cur_begin;
+    b.piece_end = end;
+    b.quads = cur_quads;
+    b.blk_first = pcs[size_t(cur_begin)].blk;
+    b.nblk = pcs[size_t(end) - 1].blk - b.blk_first + 1;
+    for (int32_t i = cur_begin; i < end; ++i) pcs[size_t(i)].bl = pcs[size_t(i)].blk - b.blk_first;
+    kcb.push_back(b);
+    cur_begin = end;
+    cur_quads = 0;
+  };
+  for (int64_t blk = 0; blk < KB; ++blk) {
+    const int64_t bs = blk * block_k, be = std::min(bs + block_k, K);
+    for (int64_t cs = bs; cs < be; cs += C) {
+      const int64_t len = std::min(C, be - cs);
+      const uint8_t chain_pos = uint8_t((cs == bs ? kI8FirstChain : 0) | (cs + len >= be ? kI8LastChain : 0));
+      const int64_t cq = (len + 3) / 4;
+      if (cq > kc_quads) close();
+      for (int64_t o = 0; o < len; o += 4 * int64_t(kc_quads)) {
+        const int64_t pl = std::min<int64_t>(4 * int64_t(kc_quads), len - o);
+        const int32_t pq = int32_t((pl + 3) / 4);
+        if (cur_quads + pq > kc_quads) close();
+        const uint8_t fl = uint8_t(chain_pos | (o == 0 ? kI8ChainOpen : 0) | (o + pl >= len ? kI8ChainClose : 0));
+        pcs.push_back(I8Piece{cs + o, int32_t(pl), pq, int32_t(blk), 0, fl});
+        cur_quads += pq;
+      }
+    }
+  }
+  close();
+  ProblemI8& P = j.P8;
+  P.pieces = pcs.data();
+  P.kcb = kcb.data();
+  P.nkcb = int64_t(kcb.size());
+  P.max_quads = P.max_pieces = P.max_nblk = 0;
+  P.total_quads = 0;
+  for (const auto& kb : kcb) {
+    P.max_quads = std::max(P.max_quads, kb.quads);
+    P.max_pieces = std::max(P.max_pieces, kb.piece_end - kb.piece_begin);
+    P.max_nblk = std::max(P.max_nblk, kb.nblk);
+    P.total_quads += kb.quads;
+  }
+}
+
+ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
+                         ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>>& out, int32_t bits_a,
+                         int32_t bits_b, bool trans_a, bool trans_b, const I8KernelShape& ks) {
+  const int64_t M = s.M, N = s.N, K = s.K, KB = s.KB;
+  const size_t rea = s.dea.size(), reb = s.deb.size();
+  if (!batch_offsets(s.da, s.ob, M * K, job.a_off) || !batch_offsets(s.db, s.ob, K * N, job.b_off) ||
+      !batch_offsets(s.dea, s.ob, s.dea[rea - 2] * KB, job.ea_off) ||
+      !batch_offsets(s.deb, s.ob, KB * s.deb[reb - 1], job.eb_off))
+    return invalid("batch dims do not broadcast: a " + dims_str(s.da) + " b " + dims_str(s.db) + " ea " +
+                   dims_str(s.dea) + " eb " + dims_str(s.deb) + " out " + dims_str(s.dout));
+  static const int64_t kc_env = env_knob("JDFP_I8_KC_QUADS");
+  const int64_t C = std::min(safe_chain_length(bits_a, bits_b), s.bk);
+  plan_chains_i8(job, K, s.bk, KB, C, kc_env > 0 ? int32_t(kc_env) : ks.kc_quads);
+  ProblemI8& P = job.P8;
+  P.M = M; P.N = N; P.K = K; P.KB = KB; P.block_k = s.bk;
+  P.qmax_a = qmax_of(bits_a); P.qmax_b = qmax_of(bits_b);
+  P.a_sr = trans_a ? 1 : K; P.a_sk = trans_a ? M : 1;
+  P.b_sr = trans_b ? K : 1; P.b_sk = trans_b ? 1 : N;
+  P.ldc = N;
+  static std::atomic<uint64_t> job_seq{0};
+  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  P.a = static_cast<const int8_t*>(a.untyped_data()); P.b = static_cast<const int8_t*>(b.untyped_data());
+  P.ea = ea.typed_data(); P.eb = eb.typed_data();
+  P.out = out->typed_data();
+  P.a_off = job.a_off.data(); P.b_off = job.b_off.data();
+  P.ea_off = job.ea_off.data(); P.eb_off = job.eb_off.data();
+  P.ea_mstride = s.dea[rea - 2] == 1 ? 0 : KB;
+  P.eb_nstride = s.deb[reb - 1] == 1 ? 0 : 1;
+  job.who = "gemm_i8";
+  job.operand_type = "int8";
+  job.bits_a = bits_a; job.bits_b = bits_b;
+  return ffi::Error::Success();
+}
+
+ffi::Future gemm_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
+                         ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a,
+                         int32_t bits_b, int64_t block_k, bool trans_a, bool trans_b, int32_t isa) {
+  if (ffi::Error e = check_i8_bits("bits_a", bits_a); e.failure()) return error_future(std::move(e));
+  if (ffi::Error e = check_i8_bits("bits_b", bits_b); e.failure()) return error_future(std::move(e));
+  const IsaKernels* unused = nullptr;
+  if (ffi::Error e = select_isa("gemm_i8", isa, unused); e.failure()) return error_future(std::move(e));
+  const I8KernelShape& ks = kI8Kernels[isa == kIsaAuto ? best_isa() : isa];
+  if (a.element_type() != ffi::S8) return error_future(invalid("a must be int8"));
+  if (b.element_type() != ffi::S8) return error_future(invalid("b must be int8"));
+  ShapeI8 s;
+  s.da = a.dimensions(); s.db = b.dimensions(); s.dea = ea.dimensions(); s.deb = eb.dimensions();
+  s.dout = out->dimensions();
+  if (ffi::Error e = read_shapes_i8(s, block_k, trans_a, trans_b); e.failure()) return error_future(std::move(e));
+  auto job = std::make_shared<JobI8>();
+  if (ffi::Error e = set_up_job_i8(*job, s, a, b, ea, eb, out, bits_a, bits_b, trans_a, trans_b, ks); e.failure())
+    return error_future(std::move(e));
+  const JobI8* j = job.get();  // the workers hold the job alive
+  const TileI8Fn fn = ks.tile;
+  job->tile_fn = [j, fn](const Tile& t) { return fn(j->P8, t); };
+  return launch_tiles(job, pool, ks.mr, ks.nr, int64_t(job->a_off.size()), s.M, s.N, s.K);
+}
+
+}  // namespace
+}  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmI8(XLA_FFI_CallFrame*);
+
+static ffi::Future gemm_i8(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
+                           ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a,
+                           int32_t bits_b, int64_t block_k, bool trans_a, bool trans_b, int32_t isa) {
+  return jdfp::gemm_i8_impl(pool, a, b, ea, eb, out, bits_a, bits_b, block_k, trans_a, trans_b, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8, gemm_i8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits_a")
+                                  .Attr<int32_t>("bits_b")
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<int32_t>("isa"));
