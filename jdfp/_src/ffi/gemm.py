@@ -8,7 +8,7 @@ import numpy as np
 
 from jdfp._src.ffi.library import TARGET_I16, TARGET_Q, check_bits, dtype_of, isa_attribute, require_lib
 
-__all__ = ["gemm"]
+__all__ = ["check_gemm_args", "gemm"]
 
 
 def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
@@ -35,11 +35,29 @@ def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
   bits_a = check_bits("bits_a", bits_a)
   bits_b = check_bits("bits_b", bits_b)
   isa_code = isa_attribute(isa)
+  dts, (m, n), batch, bk_attr = check_gemm_args(a, b, ea, eb, ("int16", "float32"), block_k, transpose_a,
+                                                transpose_b)
+  require_lib()
+  quant = dts["a"].name == "float32" or dts["b"].name == "float32"
+  call = jax.ffi.ffi_call(
+      TARGET_Q if quant else TARGET_I16,
+      jax.ShapeDtypeStruct(tuple(batch) + (m, n), jnp.float32),
+      vmap_method="expand_dims",
+  )
+  return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
+              block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
+              transpose_b=bool(transpose_b), isa=np.int32(isa_code))
+
+
+def check_gemm_args(a, b, ea, eb, operand_dtypes, block_k, transpose_a, transpose_b):
+  """Trace-time checks shared by the GEMM wrappers (INT16 here, INT8 in gemm_i8.py): flags, dtypes
+  (``a``/``b`` in ``operand_dtypes``, exponents int32), ranks, K, block_k, exponent shapes, batch
+  broadcast. Returns (dtypes by name, (M, N), batch shape, the block_k attribute)."""
   for name, flag in (("transpose_a", transpose_a), ("transpose_b", transpose_b)):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{name} must be a bool, got {flag!r}")
   dts = {}
-  for name, x, allowed in (("a", a, ("int16", "float32")), ("b", b, ("int16", "float32")),
+  for name, x, allowed in (("a", a, tuple(operand_dtypes)), ("b", b, tuple(operand_dtypes)),
                            ("ea", ea, ("int32",)), ("eb", eb, ("int32",))):
     dt = dtype_of(name, x)
     if dt.name not in allowed:
@@ -71,13 +89,4 @@ def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
   except ValueError:
     raise ValueError(f"batch dims of a {sa[:-2]}, b {sb[:-2]}, ea {sea[:-2]}, eb {seb[:-2]} "
                      "do not broadcast") from None
-  require_lib()
-  quant = dts["a"].name == "float32" or dts["b"].name == "float32"
-  call = jax.ffi.ffi_call(
-      TARGET_Q if quant else TARGET_I16,
-      jax.ShapeDtypeStruct(tuple(batch) + (m, n), jnp.float32),
-      vmap_method="expand_dims",
-  )
-  return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
-              block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
-              transpose_b=bool(transpose_b), isa=np.int32(isa_code))
+  return dts, (m, n), tuple(batch), bk_attr

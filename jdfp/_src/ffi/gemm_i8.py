@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.library import TARGET_I8, dtype_of, isa_attribute, require_lib
+from jdfp._src.ffi.gemm import check_gemm_args
+from jdfp._src.ffi.library import TARGET_I8, isa_attribute, require_lib
 
 __all__ = ["gemm_i8", "MAX_BITS"]
 
@@ -44,39 +45,7 @@ def gemm_i8(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = Non
   bits_a = _check_bits8("bits_a", bits_a)
   bits_b = _check_bits8("bits_b", bits_b)
   isa_code = isa_attribute(isa)
-  for name, flag in (("transpose_a", transpose_a), ("transpose_b", transpose_b)):
-    if not isinstance(flag, (bool, np.bool_)):
-      raise TypeError(f"{name} must be a bool, got {flag!r}")
-  for name, x, want in (("a", a, "int8"), ("b", b, "int8"), ("ea", ea, "int32"), ("eb", eb, "int32")):
-    dt = dtype_of(name, x)
-    if dt.name != want:
-      raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
-    if np.ndim(x) < 2:
-      raise ValueError(f"{name} must have rank >= 2, got shape {np.shape(x)}")
-  sa, sb, sea, seb = (tuple(np.shape(x)) for x in (a, b, ea, eb))
-  m, k = (sa[-1], sa[-2]) if transpose_a else (sa[-2], sa[-1])
-  kb_, n = (sb[-1], sb[-2]) if transpose_b else (sb[-2], sb[-1])
-  if k != kb_:
-    raise ValueError(f"contraction dims differ: a has K={k} (shape {sa}, transpose_a={transpose_a}), "
-                     f"b has K={kb_} (shape {sb}, transpose_b={transpose_b})")
-  if block_k is None:
-    bk_attr, bk = -1, max(k, 1)
-  else:
-    if isinstance(block_k, bool) or not isinstance(block_k, (int, np.integer)) or block_k < 1:
-      raise ValueError(f"block_k must be None or an int >= 1, got {block_k!r}")
-    bk_attr = bk = int(block_k)
-  kb = -(-k // bk)
-  if sea[-1] != kb or sea[-2] not in (m, 1):
-    raise ValueError(f"ea must have shape [..., {m} (or 1), {kb}] (KB = ceil(K={k} / block_k={bk})), "
-                     f"got {sea}")
-  if seb[-2] != kb or seb[-1] not in (n, 1):
-    raise ValueError(f"eb must have shape [..., {kb}, {n} (or 1)] (KB = ceil(K={k} / block_k={bk})), "
-                     f"got {seb}")
-  try:
-    batch = np.broadcast_shapes(sa[:-2], sb[:-2], sea[:-2], seb[:-2])
-  except ValueError:
-    raise ValueError(f"batch dims of a {sa[:-2]}, b {sb[:-2]}, ea {sea[:-2]}, eb {seb[:-2]} "
-                     "do not broadcast") from None
+  _, (m, n), batch, bk_attr = check_gemm_args(a, b, ea, eb, ("int8",), block_k, transpose_a, transpose_b)
   require_lib()
   call = jax.ffi.ffi_call(TARGET_I8, jax.ShapeDtypeStruct(tuple(batch) + (m, n), jnp.float32),
                           vmap_method="expand_dims")
