@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import jdfp
 from jdfp import kernels
 from kernel_testing import bits_eq
 
@@ -249,7 +250,10 @@ def test_large_jit_vmap_and_thread_count_independence():
   """)
   for threads in ("1", "2", "3"):
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jdfp_bf16_{os.getpid()}_{threads}.npy")
-    env = dict(os.environ, JDFP_THREADS=threads, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The child imports the jdfp this process imported (installed, or a dev tree with its library),
+    # not the working directory's: a checkout's source tree has no built library.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jdfp.__file__)))
+    env = dict(os.environ, JDFP_THREADS=threads, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
     bits_eq(np.load(path), out)
     os.remove(path)
