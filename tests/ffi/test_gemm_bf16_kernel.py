@@ -251,10 +251,11 @@ def test_large_jit_vmap_and_thread_count_independence():
   for threads in ("1", "2", "3"):
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jdfp_bf16_{os.getpid()}_{threads}.npy")
     # The child imports the jdfp this process imported (installed, or a dev tree with its library),
-    # not the working directory's: a checkout's source tree has no built library.
+    # not an unbuilt source checkout in the working directory.
     root = os.path.dirname(os.path.dirname(os.path.abspath(jdfp.__file__)))
     env = dict(os.environ, JDFP_THREADS=threads, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+    # cwd too: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH.
+    subprocess.run([sys.executable, "-c", script, path], check=True, env=env, cwd=root)
     bits_eq(np.load(path), out)
     os.remove(path)
 
