@@ -18,8 +18,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import (counters_read, lazy_operands, quantize3, quantize3_operands, quantize_blocks_equal,
-                                   quantize_given_exponent)
+from jdfp._src.ops.convert import (block_shape3, counters_read, lazy_operands, quantize3, quantize3_operands,
+                                   quantize_blocks_equal, quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm, int8_storage
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -65,6 +65,8 @@ def _reread(q: qz.QArray, view: View, role: str, policy: Policy) -> qz.QArray:
   if role not in policy.float_residuals:
     return q
   x3 = to3(q.values, view)
+  if needs_reblock(qz.QArray(x3, q.exponent, q.fmt, q.blocks), view.f_ax):
+    return qz.QArray(x3, q.exponent, q.fmt, q.blocks)  # `reblock_for_backward` quantizes the float input
   if not q.fmt.is_integer:
     return qz.quantize_array(x3, q.fmt)
   if resolve_backend(policy) == "ffi" and policy.fwd_rounding == "nearest":
@@ -114,18 +116,43 @@ def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, 
   lv, rv = views(lhs_dt.shape[1:], rhs_dt.shape[1:], dims)
   dlhs = drhs = None
   if need_l:
+    qr = reblock_for_backward(qr, rv.f_ax, policy)
     if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
       dl3 = gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
     else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
       dl3 = gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
     dlhs = as_cotangent_of(from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
   if need_r:
+    ql = reblock_for_backward(ql, lv.f_ax, policy)
     if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
       dr3 = gemm(ql, lv.f_ax, g_dr, 1, policy, precision)
     else:  # rhs3 = [B, N, K]: drhs3 = g^T . lhs
       dr3 = gemm(g_dr, 1, ql, lv.f_ax, policy, precision)
     drhs = as_cotangent_of(from3(dr3, rv, rhs_dt.shape[1:]).astype(rhs_dt.dtype), rhs_dt)
   return dlhs, drhs
+
+
+def needs_reblock(q: qz.QArray, c_ax: int) -> bool:
+  """Whether `reblock_for_backward` re-quantizes ``q`` for a GEMM contracting over axis ``c_ax``."""
+  fmt = q.fmt
+  if not fmt.is_integer or not isinstance(getattr(fmt, "block", None), int):
+    return False
+  return block_shape3(q.values.shape, fmt, c_ax) != q.block_shape
+
+
+def reblock_for_backward(q: qz.QArray, c_ax: int, policy: Policy) -> qz.QArray:
+  """A forward operand for a backward GEMM that contracts over its physical axis ``c_ax``.
+
+  Formats whose blocks read the same on both views (per-tensor, HBFP tiles) keep the forward's
+  integers. 1-D blocks along the forward's contraction axis (MX style, ``BFP(7, block=32, axis=-1)``)
+  would lie across the backward's: one exponent per product (``block_k = 1``), ~100x slower. As MX
+  training does, such an operand is quantized again along the new contraction axis (nearest), from
+  its float input where the policy kept it (``float_residuals``), else from its dequantized values.
+  """
+  if not needs_reblock(q, c_ax):
+    return q
+  x = q.values if jnp.issubdtype(q.values.dtype, jnp.floating) else qz.dequantize(q)
+  return quantize3(x.astype(jnp.float32), q.fmt, c_ax, "nearest", None, policy.axis_name, kernel_quantize(policy))
 
 
 dot_core.defvjp(_dot_fwd_perturbed, _dot_bwd, symbolic_zeros=True)
