@@ -350,11 +350,76 @@ def test_extreme_exponents_match_lead_reference(isas):
     kw = dict(bits_a=14, bits_b=14, block_k=block_k)
     want = _oracle(a, b, ea, eb, **kw)
     lead = np.asarray(ref.reference_gemm(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ea), jnp.asarray(eb), **kw))
-    # The lead's reference can return -0.0 where the contract's "+0.0 + (-0.0)" gives +0.0 (XLA
-    # folds the initial `0 + x`); compare it modulo the sign of zero.
-    bits_eq(lead + np.float32(0), want + np.float32(0))
+    bits_eq(lead, want)
     for isa in isas:
       bits_eq(_run(a, b, ea, eb, isa=isa, **kw), want)
+
+
+def _ftz_rows(kb):
+  """Rows of (S_j, e_j) block sums and exponents whose block values, or whose float32 running sums,
+  land just below / at / above 2**-126, both signs (d = 1, 2, 3 in units of 2**-127)."""
+  rows = []
+  for s in (1, -1):
+    for d in (1, 2, 3):
+      rows.append([(s * d, -127)])                                    # a block value
+      rows.append([(s * (d + 4), -127), (-s * 4, -127), (0, 0)])      # a sum of two normals, then + +0.0
+      rows.append([(s * (d + 4), -127), (-s * 4, -127), (-1, -140)])  # ..., then + -0.0 (flushed block)
+      rows.append([(s * 100, -120), (s * d, -127), (0, 0)])           # a tiny block next to a normal acc
+      rows.append([(s * d, -127), (s * 100, -120), (0, 0)])
+      rows.append([(s * (d + 125), -133), (s * 100, -150)])           # 2**-126 - 2**-133 ... (two steps)
+    rows.append([(s * 7, -127), (-s * 7, -127), (0, 0)])              # exact cancellation: +0.0
+  return [(r + [(0, 0)] * kb)[:kb] for r in rows]
+
+
+def _ftz_case(kb, bk):
+  """a, b, ea, eb realising _ftz_rows(kb): S_j = a[m, j*bk] + a[m, j*bk + 1] (b is 1 there, else 0),
+  e_j = ea[m, j] (eb = 0); |S_j| <= 254 keeps every int8 value in range."""
+  rows = _ftz_rows(kb)
+  a = np.zeros((len(rows), kb * bk), np.int16)
+  ea = np.zeros((len(rows), kb), np.int32)
+  for m, row in enumerate(rows):
+    for j, (sj, ej) in enumerate(row):
+      a[m, j * bk] = np.clip(sj, -127, 127)
+      a[m, j * bk + 1] = sj - a[m, j * bk]
+      ea[m, j] = ej
+  b = np.zeros((kb * bk, 1), np.int16)
+  b[0::bk] = b[1::bk] = 1
+  return a, b, ea, np.zeros((kb, 1), np.int32)
+
+
+@pytest.mark.parametrize("kb", [1, 3])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_ftz_at_the_normal_boundary(isas, kb, bits):
+  # FTZ (docs/arithmetic.md "Subnormals"): every scale2 product and every acc add whose value is below
+  # 2**-126 becomes a zero of its sign, in the reference (whatever XLA fuses), the oracle and every
+  # kernel.  bits 16 (chain 2 < block 4) takes the reference's multi-chain block path, bits 8 one chain.
+  ref = pytest.importorskip("jdfp._src.numerics.reference")
+  from jdfp._src.ffi.gemm_i8 import gemm_i8
+  a, b, ea, eb = _ftz_case(kb, 4)
+  kw = dict(bits_a=bits, bits_b=bits, block_k=None if kb == 1 else 4)
+  want = _oracle(a, b, ea, eb, **kw)
+  bits_eq(ref.reference_gemm_numpy(a[None], b[None], ea[None], eb[None], **kw)[0], want)
+  for cps in (None, 1, 2, 4):  # scan steps with padding chains past the last block
+    got = ref.reference_gemm(jnp.asarray(a[None]), jnp.asarray(b[None]), jnp.asarray(ea[None]),
+                             jnp.asarray(eb[None]), chains_per_step=cps, **kw)
+    bits_eq(np.asarray(got)[0], want)
+  for isa in isas:
+    bits_eq(_run(a, b, ea, eb, isa=isa, **kw), want)
+    if bits == 8:
+      bits_eq(gemm_i8(jnp.asarray(a, jnp.int8), jnp.asarray(b, jnp.int8), jnp.asarray(ea), jnp.asarray(eb),
+                      isa=isa, **kw), want)
+  # Pin a few values directly: a flushed block or sum, the sign of the zeros it leaves.
+  out = want[:, 0]
+  rows = _ftz_rows(kb)
+  for m, row in enumerate(rows):
+    exact = sum(sj * 2.0**ej for sj, ej in row)
+    if kb == 1 or row[1:] == [(0, 0)] * (kb - 1):
+      assert out[m] == (np.float32(exact) if abs(exact) >= 2.0**-126 else 0.0), (row, out[m])
+  if kb == 3:
+    neg_tiny = rows.index([(-5, -127), (4, -127), (0, 0)])
+    assert out[neg_tiny].view(np.int32) == 0                           # -0.0 + +0.0 = +0.0
+    assert out[neg_tiny + 1].view(np.uint32) == 0x80000000             # -0.0 + -0.0 = -0.0
+    assert out[rows.index([(100, -120), (1, -127), (0, 0)])] == np.float32(100 * 2.0**-120)
 
 
 def test_lead_reference_random():

@@ -140,6 +140,36 @@ def int64_words_to_float32(hi, lo):
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def flush_subnormals(x: jax.Array) -> jax.Array:
+  """float32 x with every subnormal replaced by a zero of its sign (FTZ), in integer ops.
+
+  XLA:CPU runs with FTZ/DAZ, but it may also contract ``acc + x * 2**e`` into an FMA whose product is
+  never rounded or flushed (jax 0.10.2 does inside lax.scan, dropping optimization_barrier), so the
+  reference flushes explicitly after every rounded op that can underflow (docs/arithmetic.md).
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  tiny = (bits & jnp.uint32(0x7F800000)) == 0
+  return jax.lax.bitcast_convert_type(jnp.where(tiny, bits & jnp.uint32(0x80000000), bits), jnp.float32)
+
+
+def scale2_ftz(x: jax.Array, e: jax.Array) -> jax.Array:
+  """The contract's scale2: (x * 2**e1) * 2**e2, each product rounded and flushed."""
+  e = jnp.clip(e.astype(jnp.int32), -formats.EXPONENT_CLAMP, formats.EXPONENT_CLAMP)
+  e1 = jnp.clip(e, -126, 127)
+  e2 = jnp.clip(e - e1, -126, 127)
+  return flush_subnormals(flush_subnormals(x * formats.pow2(e1)) * formats.pow2(e2))
+
+
+def add_ftz(acc: jax.Array, f: jax.Array) -> jax.Array:
+  """acc + f rounded and flushed, for flushed acc and f.  Two zeros give -0.0 only if both are -0.0
+  (IEEE), set explicitly because XLA folds ``+0.0 + x`` to ``x``."""
+  ua = jax.lax.bitcast_convert_type(acc, jnp.uint32)
+  uf = jax.lax.bitcast_convert_type(f, jnp.uint32)
+  mag = jnp.uint32(0x7FFFFFFF)
+  zeros = ((ua & mag) == 0) & ((uf & mag) == 0)
+  return jnp.where(zeros, jax.lax.bitcast_convert_type(ua & uf, jnp.float32), flush_subnormals(acc + f))
+
+
 def _step_size(num_chains: int, per_block: int, c: int, kb: int, chains_per_step: int | None) -> int:
   """Chains per scan step.  With several chains per block and KB > 1, steps are aligned so that
   block ends fall on the same positions in every step (g a multiple or a divisor of per_block)."""
@@ -178,11 +208,13 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
   g = _step_size(num_chains, per_block, c, kb, chains_per_step)
   steps = -(-num_chains // g)
   pad = steps * g - num_chains
-  # Padding chains are all -1 (zero products): they add 0 to the block sum (and, as "blocks" of
-  # their own past the last one, scale2(0.0, e) = +0.0 to acc).
+  # Padding chains are all -1 (zero products) and close no block: adding their +0.0 to acc would
+  # turn a -0.0 acc into +0.0, which the kernels, adding only real blocks, do not.
   idx = np.concatenate([idx, np.full((pad, c), -1, np.int64)])
   blk = np.concatenate([blk, np.full((pad,), blk[-1] if blk.size else 0)])
-  ends = (np.arange(steps * g) % per_block == per_block - 1).reshape(steps, g)  # chain closes its block
+  ends = np.arange(steps * g) % per_block == per_block - 1  # chain closes its block
+  ends[num_chains:] = False
+  ends = ends.reshape(steps, g)
   always_end, ever_end = ends.all(0), ends.any(0)
 
   a_ch = _gather_k(a, idx, axis=2).astype(jnp.int32)  # [B, M, S*G, C]
@@ -209,15 +241,13 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
     for i in range(g):
       if kb > 1 and per_block == 1:
         # One chain per block: the block sum is this int32 chain sum, rounded once by convert.
-        acc = acc + jax.lax.optimization_barrier(formats.scale2(sums[i].astype(jnp.float32),
-                                                                block_scale(blk_s[i])))
+        new = add_ftz(acc, scale2_ftz(sums[i].astype(jnp.float32), block_scale(blk_s[i])))
+        acc = new if always_end[i] else jnp.where(end_s[i], new, acc)
         continue
       hi, lo = _add_words(hi, lo, sums[i])
       if kb > 1 and ever_end[i]:
         # The block's exact sum, rounded once to float32, scaled, added to acc (K order).
-        f = formats.scale2(int64_words_to_float32(hi, lo), block_scale(blk_s[i]))
-        # optimization_barrier keeps XLA from fusing the scale multiply into an FMA with this add.
-        new = acc + jax.lax.optimization_barrier(f)
+        new = add_ftz(acc, scale2_ftz(int64_words_to_float32(hi, lo), block_scale(blk_s[i])))
         if always_end[i]:
           acc, hi, lo = new, jnp.zeros_like(hi), jnp.zeros_like(lo)
         else:
@@ -233,12 +263,9 @@ def reference_gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | Non
   (acc, hi, lo), _ = jax.lax.scan(step, (acc0, hi0, lo0), (a_ch, b_ch, blk_steps, end_steps))
   if kb == 1:
     # One block: out = scale2(f(S), ea + eb), S the exact sum over all of K.
-    out = formats.scale2(int64_words_to_float32(hi, lo),
-                         ea_c[:, :, 0][:, :, None] + eb_c[:, 0, :][:, None, :])
+    out = scale2_ftz(int64_words_to_float32(hi, lo), ea_c[:, :, 0][:, :, None] + eb_c[:, 0, :][:, None, :])
   else:
-    # The contract's accumulator starts at +0.0, so it is never -0.0 (+0.0 + -0.0 = +0.0); XLA folds
-    # the first `0 + x` to `x`, which would let an underflowed -0.0 block through.
-    out = jnp.where(acc == 0, jnp.float32(0), acc)
+    out = acc  # -0.0 where the last rounded add flushed a negative sum (as the kernels)
   return jnp.where(nonfinite, jnp.nan, out)
 
 
@@ -294,12 +321,17 @@ def reference_gemm_numpy(a, b, ea, eb, *, bits_a, bits_b, block_k=None) -> np.nd
   ea = np.clip(ea, -formats.EXPONENT_CLAMP, formats.EXPONENT_CLAMP)
   eb = np.clip(eb, -formats.EXPONENT_CLAMP, formats.EXPONENT_CLAMP)
 
+  def ftz(x):  # numpy runs without FTZ: flush subnormals to a zero of their sign here
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < np.float32(2.0**-126), x * np.float32(0), x)
+
   def sc2(x, e):
     e1 = np.clip(e, -126, 127)
     e2 = np.clip(e - e1, -126, 127)
     p1 = np.ldexp(np.float32(1), e1).astype(np.float32)
     p2 = np.ldexp(np.float32(1), e2).astype(np.float32)
-    return ((x * p1).astype(np.float32) * p2).astype(np.float32)
+    with np.errstate(over="ignore"):
+      return ftz(ftz(x * p1) * p2)
 
   if k == 0:
     return np.where(nonfinite, np.float32(np.nan), np.zeros((bsz, m, n), np.float32))
@@ -308,7 +340,7 @@ def reference_gemm_numpy(a, b, ea, eb, *, bits_a, bits_b, block_k=None) -> np.nd
     ks = slice(j * block_k, min((j + 1) * block_k, k))
     s = np.einsum("bmk,bkn->bmn", a[:, :, ks], b[:, ks, :])  # exact int64 block sum
     f = sc2(int64_to_float32_numpy(s), ea[:, :, j][:, :, None] + eb[:, j, :][:, None, :])
-    acc = f if kb == 1 else (acc + f).astype(np.float32)
+    acc = f if kb == 1 else ftz(acc + f)
   return np.where(nonfinite, np.float32(np.nan), acc)
 
 
