@@ -2,7 +2,7 @@
 
 Oracle: `_oracle` below is an independent numpy (int64 block sums, float32 sequential accumulation)
 implementation of docs/arithmetic.md; a few cases also go through the lead's pure-JAX
-`reference_gemm` (which runs under XLA's own FP environment, so it also pins the denormal flushing).
+`reference_gemm` (which flushes subnormals explicitly, as the contract says, whatever XLA fuses).
 """
 
 from __future__ import annotations
