@@ -2,6 +2,9 @@
 // block or tile), exponents included.
 //
 //   JdfpBlockQuantize : float32 x [B, R, C], uint32 key [2] -> int16 out [B, R, C], int32 e [GB, GR, GC]
+//                     (out may be int8 for formats of <= 8 bits, DFP bits <= 8 / BFP mantissa <= 7:
+//                     |q| <= 127, exact; what the INT8 GEMM reads, with no int16 tensor for XLA to
+//                     narrow in a second pass)
 //   attrs: block (int64 [3]: bb, br, bc; G* = ceil(n / b)), kind (0 DFP, 1 BFP), bits (DFP: bits
 //          with sign; BFP: mantissa bits), rounding (0 nearest, 1 stochastic, 2 biased: as the
 //          per-tensor conversions, the key being the Philox key of stochastic rounding), isa
@@ -108,6 +111,7 @@ struct BlockJob {
   BlockTotals totals;
   const float* x = nullptr;
   int16_t* out = nullptr;
+  int8_t* out8 = nullptr;  // int8 result (then `out` is null): convert_rows_i8
   float* deq = nullptr;  // JdfpBlockFakeQuantize: dequantized output (then `out` is null)
   int32_t* e = nullptr;
   int64_t B = 0, R = 0, C = 0, bb = 0, br = 0, bc = 0, GB = 0, GR = 0, GC = 0;
@@ -128,7 +132,7 @@ struct UnitScratch {
   std::vector<float> s1, s2;
   std::vector<int32_t> e;
   std::vector<int64_t> block_ok;
-  std::vector<int16_t> row;  // JdfpBlockFakeQuantize: one row segment's int16 values
+  std::vector<int16_t> row;  // fake-quantize and int8 results: one row segment's int16 values
   Counts counts;
   int32_t emin = INT32_MAX, emax = INT32_MIN;
 };
@@ -179,6 +183,26 @@ void convert_stochastic_rows(const BlockJob& j, int64_t band, int64_t c0, int64_
   });
 }
 
+// int8 result: each row segment converts into the worker's int16 row scratch (the stochastic kernel
+// writing element i at row[i - segment start]), is counted from there and narrowed while in L2.
+void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, const BlockConvertArgs& args,
+                     UnitScratch& s) {
+  int16_t* q = s.row.data();
+  for_band_rows(j, band, [&](int64_t off) {
+    if (j.stochastic) {
+      for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
+        ConvertArgs a{j.x, q, s.s1[b], s.s2[b], j.qm, j.key};
+        a.out_index0 = off + c0;
+        j.stochastic(a, off + c0 + b0, off + c0 + std::min(n, b0 + j.bc));
+      }
+    } else {
+      j.k.convert(j.x + off + c0, q, n, j.bc, args);
+    }
+    if (j.counts_out) count_row(j, j.x + off + c0, q, n, s);
+    narrow_to_i8(q, j.out8 + off + c0, n);
+  });
+}
+
 void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   const int64_t band = u / j.units_per_band;
   const int64_t cb0 = (u % j.units_per_band) * j.cb_per_unit, cb1 = std::min(j.GC, cb0 + j.cb_per_unit);
@@ -203,14 +227,19 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     });
     return;
   }
-  if (j.stochastic) {
-    convert_stochastic_rows(j, band, c0, n, s);
+  if (j.counts_out) std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
+  if (j.out8) {
+    convert_rows_i8(j, band, c0, n, args, s);  // counts as it goes
   } else {
-    for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+    if (j.stochastic) {
+      convert_stochastic_rows(j, band, c0, n, s);
+    } else {
+      for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+    }
+    if (j.counts_out)
+      for_band_rows(j, band, [&](int64_t off) { count_row(j, j.x + off + c0, j.out + off + c0, n, s); });
   }
   if (!j.counts_out) return;
-  std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
-  for_band_rows(j, band, [&](int64_t off) { count_row(j, j.x + off + c0, j.out + off + c0, n, s); });
   for (int64_t b = 0; b < nb; ++b)
     if (s.block_ok[b]) s.emin = std::min(s.emin, s.e[b]), s.emax = std::max(s.emax, s.e[b]);
 }
@@ -223,7 +252,7 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
   s.s2.resize(size_t(j.cb_per_unit));
   s.e.resize(size_t(j.cb_per_unit));
   s.block_ok.resize(size_t(j.cb_per_unit));
-  if (j.deq) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
+  if (j.deq || j.out8) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
   int64_t done = 0;
   {
     const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
@@ -240,12 +269,14 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
 }
 
 // Shapes, block attribute and the format attributes, checked; fills the job's geometry.
-// `out` is int16, or float32 for JdfpBlockFakeQuantize (`fake`).
+// `out` is int16 (or int8 for formats of <= 8 bits), or float32 for JdfpBlockFakeQuantize (`fake`).
 ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer e, bool fake,
                   ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding) {
   auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
   if (x.element_type() != ffi::F32) return bad("x must be float32");
-  if (out.element_type() != (fake ? ffi::F32 : ffi::S16)) return bad(fake ? "y must be float32" : "out must be int16");
+  const bool i8 = !fake && out.element_type() == ffi::S8;
+  if (fake && out.element_type() != ffi::F32) return bad("y must be float32");
+  if (!fake && !i8 && out.element_type() != ffi::S16) return bad("out must be int16 or int8");
   if (e.element_type() != ffi::S32) return bad("e must be int32");
   const auto dx = x.dimensions(), dout = out.dimensions(), de = e.dimensions();
   if (dx.size() != 3) return bad("x must be 3-D [B, R, C], got " + dims_str(dx));
@@ -259,6 +290,9 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   if (rounding < kRoundNearest || rounding > kRoundBiased)
     return bad("rounding must be 0 (nearest), 1 (stochastic) or 2 (biased), got " + std::to_string(rounding));
   if (fake && rounding == kRoundStochastic) return bad("the fake-quantize call takes nearest or biased rounding");
+  if (i8 && bits > (kind == 1 ? 7 : 8))
+    return bad(std::string("out may be int8 only for formats of <= 8 bits (|q| <= 127): ") +
+               (kind == 1 ? "BFP mantissa bits <= 7" : "DFP bits <= 8") + ", got bits " + std::to_string(bits));
   j.B = dx[0], j.R = dx[1], j.C = dx[2];
   j.bb = std::min(block[0], std::max<int64_t>(j.B, 1));
   j.br = std::min(block[1], std::max<int64_t>(j.R, 1));
@@ -276,6 +310,7 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   j.nunits = j.GB * j.GR * j.units_per_band;
   j.x = static_cast<const float*>(x.untyped_data());
   if (fake) j.deq = static_cast<float*>(out.untyped_data());
+  else if (i8) j.out8 = static_cast<int8_t*>(out.untyped_data());
   else j.out = static_cast<int16_t*>(out.untyped_data());
   j.e = static_cast<int32_t*>(e.untyped_data());
   return ffi::Error::Success();

@@ -74,7 +74,7 @@ void convert_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
     y1 = _mm256_min_ps(_mm256_max_ps(y1, lo), hi);
     const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(y0), _mm256_cvtps_epi32(y1));
     // packs works per 128-bit lane: [a0..3 b0..3 | a4..7 b4..7] -> reorder the 64-bit quarters.
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + i), _mm256_permute4x64_epi64(p, 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + (i - a.out_index0)), _mm256_permute4x64_epi64(p, 0xD8));
   }
   convert_ref(a, i, end);
 }
@@ -91,8 +91,8 @@ void convert_stochastic_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
     words32(uint64_t(i) >> 2, a.key, w);
     __m256i r[4];
     for (int t = 0; t < 4; ++t) r[t] = sround8(scaled8(_mm256_loadu_ps(a.x + i + 8 * t), s1, s2, lo, hi), w[t]);
-    store16(a.out + i, r[0], r[1]);
-    store16(a.out + i + 16, r[2], r[3]);
+    store16(a.out + (i - a.out_index0), r[0], r[1]);
+    store16(a.out + (i + 16 - a.out_index0), r[2], r[3]);
   }
   convert_stochastic_ref(a, i, end);
 }
@@ -103,7 +103,7 @@ void convert_biased_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
     const __m256i r0 = bround8(scaled8(_mm256_loadu_ps(a.x + i), s1, s2, lo, hi));
-    store16(a.out + i, r0, bround8(scaled8(_mm256_loadu_ps(a.x + i + 8), s1, s2, lo, hi)));
+    store16(a.out + (i - a.out_index0), r0, bround8(scaled8(_mm256_loadu_ps(a.x + i + 8), s1, s2, lo, hi)));
   }
   convert_biased_ref(a, i, end);
 }

@@ -76,15 +76,15 @@ void convert_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
   for (; i + 32 <= end; i += 32) {
     const __m256i r0 = convert16(_mm512_loadu_ps(a.x + i), s1, s2, lo, hi);
     const __m256i r1 = convert16(_mm512_loadu_ps(a.x + i + 16), s1, s2, lo, hi);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + i), r0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + i + 16), r1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + (i - a.out_index0)), r0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + (i + 16 - a.out_index0)), r1);
   }
   if (i < end) {  // masked tail: no scalar loop
     for (; i < end; i += 16) {
       const int rem = int(std::min<int64_t>(16, end - i));
       const __mmask16 m = __mmask16((1u << rem) - 1u);
       const __m256i r = convert16(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
-      _mm256_mask_storeu_epi16(a.out + i, m, r);
+      _mm256_mask_storeu_epi16(a.out + (i - a.out_index0), m, r);
     }
   }
 }
@@ -103,7 +103,7 @@ void convert_stochastic_avx512(const ConvertArgs& a, int64_t begin, int64_t end)
       const __mmask16 m = lanes_left(end - i - 16 * t);
       if (!m) break;
       const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + i + 16 * t), s1, s2, lo, hi);
-      _mm256_mask_storeu_epi16(a.out + i + 16 * t, m, sround16(y, w[t]));
+      _mm256_mask_storeu_epi16(a.out + (i + 16 * t - a.out_index0), m, sround16(y, w[t]));
     }
   }
 }
@@ -114,7 +114,7 @@ void convert_biased_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; i += 16) {
     const __mmask16 m = lanes_left(end - i);
     const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
-    _mm256_mask_storeu_epi16(a.out + i, m, bround16(y));
+    _mm256_mask_storeu_epi16(a.out + (i - a.out_index0), m, bround16(y));
   }
 }
 
@@ -147,7 +147,7 @@ void stats_avx512(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
     const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
     const __mmask16 good = _mm512_mask_cmplt_epu32_mask(gok & in, u, inf) & _mm512_cmpge_epu32_mask(u, tiny);
     const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
-    const __m512i q = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, a.q + i));
+    const __m512i q = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, a.q + (i - a.q_index0)));
     nonfin += _mm_popcnt_u32(bad);
     ok += _mm_popcnt_u32(good);
     sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));

@@ -8,6 +8,8 @@
 //   attrs of these three: bits, isa, rounding (0 nearest, 1 stochastic, 2 biased).  The key (the
 //   Philox key of stochastic rounding, docs/arithmetic.md) is always an operand, traced data; the
 //   other roundings ignore it (the Python side passes zeros), so one handler serves all three.
+//   The values `out` of these three conversions may also be an int8 buffer for bits <= 8 (|q| <= 127,
+//   exact): what the INT8 GEMM reads, with no int16 tensor for XLA to narrow in a second pass.
 //   JdfpQuantStats  : float32 x [...], int16 q [...], int32 e (one element) -> int32 [4]
 //                     (saturated, underflow, nonfinite, nonzero: how x fared in q, see below)
 //   attrs: bits, isa
@@ -89,6 +91,7 @@ struct QuantJob {
   AmaxFn amax = nullptr;
   const float* x = nullptr;
   int32_t* e_out = nullptr;  // phase 1 writes the exponent here (null: exponent given)
+  int8_t* out8 = nullptr;    // int8 result (then args.out is null): see convert_chunk_i8
   int bits = 0;
   int64_t n = 0, chunk = 0, nchunks = 0;
   std::atomic<int64_t> next1{0}, done1{0}, next2{0};
@@ -138,19 +141,40 @@ bool amax_phase(QuantJob& j) {
   return go;
 }
 
+// int8 result: segment by segment into the thread's int16 scratch (element i at scratch[i - s]),
+// counted from there and narrowed while it is in L1; the same kernels, so the same values.
+void convert_chunk_i8(const QuantJob& j, int64_t b, int64_t e, int16_t* scratch, Counts& cnt) {
+  ConvertArgs a = j.args;
+  StatsArgs st = j.stats;
+  a.out = scratch;
+  st.q = scratch;
+  for (int64_t s = b; s < e; s += kNarrowSegment) {  // s stays a multiple of 4: Philox block aligned
+    const int64_t se = std::min(e, s + kNarrowSegment);
+    a.out_index0 = st.q_index0 = s;
+    j.convert(a, s, se);
+    if (j.counts_out) j.stats_fn(st, s, se, cnt);
+    narrow_to_i8(scratch, j.out8 + s, se - s);
+  }
+}
+
 void quant_worker(const std::shared_ptr<QuantJob>& job) {
   QuantJob& j = *job;
   int64_t done = 0;
   Counts cnt;
   {
     const WorkerFpEnv fp_env;
+    alignas(64) int16_t scratch[kNarrowSegment];  // int8 results only
     const bool go = j.e_out == nullptr || amax_phase(j);
     while (go) {
       const int64_t c = j.next2.fetch_add(1, std::memory_order_relaxed);
       if (c >= j.nchunks) break;
       const int64_t b = c * j.chunk, e = std::min(j.n, b + j.chunk);
-      j.convert(j.args, b, e);
-      if (j.counts_out) j.stats_fn(j.stats, b, e, cnt);
+      if (j.out8) {
+        convert_chunk_i8(j, b, e, scratch, cnt);
+      } else {
+        j.convert(j.args, b, e);
+        if (j.counts_out) j.stats_fn(j.stats, b, e, cnt);
+      }
       ++done;
     }
   }
@@ -181,11 +205,13 @@ ffi::Error select_convert(const IsaKernels& isa, int32_t rounding, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-// x float32 and out int16 of x's shape.
-ffi::Error check_convert_buffers(ffi::AnyBuffer x, ffi::AnyBuffer out) {
+// x float32 and out int16 (or int8 for bits <= 8) of x's shape.
+ffi::Error check_convert_buffers(ffi::AnyBuffer x, ffi::AnyBuffer out, int32_t bits) {
   auto bad = [](const std::string& m) { return invalid_as("quantize", m); };
   if (x.element_type() != ffi::F32) return bad("x must be float32");
-  if (out.element_type() != ffi::S16) return bad("out must be int16");
+  if (out.element_type() != ffi::S16 && out.element_type() != ffi::S8) return bad("out must be int16 or int8");
+  if (out.element_type() == ffi::S8 && bits > 8)
+    return bad("out may be int8 only for bits <= 8 (|q| <= 127), got bits " + std::to_string(bits));
   const auto dx = x.dimensions(), dout = out.dimensions();
   if (dx.size() != dout.size() || !std::equal(dx.begin(), dx.end(), dout.begin()))
     return bad("out must have x's shape " + dims_str(dx) + ", got " + dims_str(dout));
@@ -194,8 +220,11 @@ ffi::Error check_convert_buffers(ffi::AnyBuffer x, ffi::AnyBuffer out) {
 
 std::shared_ptr<QuantJob> new_quant_job(ffi::AnyBuffer x, ffi::AnyBuffer out, int32_t bits) {
   auto job = std::make_shared<QuantJob>();
-  job->args = ConvertArgs{static_cast<const float*>(x.untyped_data()), static_cast<int16_t*>(out.untyped_data()),
-                          0.0f, 0.0f, float(qmax_of(bits)), PhiloxKey{0, 0}};
+  const bool i8 = out.element_type() == ffi::S8;
+  job->args = ConvertArgs{static_cast<const float*>(x.untyped_data()),
+                          i8 ? nullptr : static_cast<int16_t*>(out.untyped_data()), 0.0f, 0.0f, float(qmax_of(bits)),
+                          PhiloxKey{0, 0}};
+  job->out8 = i8 ? static_cast<int8_t*>(out.untyped_data()) : nullptr;
   job->x = job->args.x;
   job->bits = bits;
   job->n = int64_t(x.element_count());
@@ -226,7 +255,7 @@ ffi::Future quantize_given_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   if (ffi::Error err = check_attrs("quantize", bits, isa, kernels); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = select_convert(*kernels, rounding, key, convert, k); err.failure())
     return error_future(std::move(err));
-  if (ffi::Error err = check_convert_buffers(x, *out); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = check_convert_buffers(x, *out, bits); err.failure()) return error_future(std::move(err));
   if (e.element_type() != ffi::S32) return error_future(invalid_as("quantize", "e must be int32"));
   if (e.element_count() != 1)
     return error_future(invalid_as("quantize", "e must hold one exponent (per-tensor format), got " +
@@ -251,7 +280,7 @@ ffi::Future quantize_dfp_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   if (ffi::Error err = check_attrs("quantize", bits, isa, kernels); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = select_convert(*kernels, rounding, key, convert, k); err.failure())
     return error_future(std::move(err));
-  if (ffi::Error err = check_convert_buffers(x, *out); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = check_convert_buffers(x, *out, bits); err.failure()) return error_future(std::move(err));
   if (e->element_type() != ffi::S32 || e->element_count() != 1)
     return error_future(invalid_as("quantize", "e (result) must be one int32"));
   if (counts && (counts->element_type() != ffi::S32 || counts->element_count() != 4))

@@ -29,11 +29,15 @@ struct ConvertArgs {
   int16_t* out;
   float s1, s2, qm;
   PhiloxKey key;  // stochastic rounding only
+  // The tensor index of out[0]: 0 when `out` is the whole tensor; a segment's start when it is a
+  // scratch row (the handlers' int8 outputs convert segment by segment into an int16 scratch and
+  // narrow it while it is in cache), so element i lands at out[i - out_index0].
+  int64_t out_index0 = 0;
 };
 using ConvertFn = void (*)(const ConvertArgs&, int64_t begin, int64_t end);
 
 static inline void convert_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) a.out[i] = quantize1(a.x[i], a.s1, a.s2, a.qm);
+  for (int64_t i = begin; i < end; ++i) a.out[i - a.out_index0] = quantize1(a.x[i], a.s1, a.s2, a.qm);
 }
 
 // y = scale2(x, -e), NaN -> 0, clamped to +-qm.  Clamping before rounding gives what the contract's
@@ -63,12 +67,22 @@ static inline void convert_stochastic_ref(const ConvertArgs& a, int64_t begin, i
   int64_t block = -1;
   for (int64_t i = begin; i < end; ++i) {
     if ((i >> 2) != block) philox_block(uint64_t(block = i >> 2), a.key, w);
-    a.out[i] = int16_t(round_stochastic1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm), w[i & 3]));
+    a.out[i - a.out_index0] = int16_t(round_stochastic1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm), w[i & 3]));
   }
 }
 
 static inline void convert_biased_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) a.out[i] = int16_t(round_biased1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm)));
+  for (int64_t i = begin; i < end; ++i)
+    a.out[i - a.out_index0] = int16_t(round_biased1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm)));
+}
+
+// int8 results (formats of <= 8 bits: |q| <= 127, so the narrowing is exact): the handlers convert a
+// segment into an int16 scratch that stays in L1/L2, then narrow it here (a loop the compiler
+// vectorizes at any ISA level), instead of XLA narrowing the whole int16 tensor in a second pass.
+constexpr int64_t kNarrowSegment = 4096;  // elements: 8 KiB of int16 scratch
+
+static inline void narrow_to_i8(const int16_t* q, int8_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = int8_t(q[i]);
 }
 
 // ---------------------------------------------------------------- max |x|
@@ -99,6 +113,7 @@ struct StatsArgs {
   const int16_t* q;
   float p1, p2, qm;  // scale2(., -e) = (. * p1) * p2
   bool group_ok;     // e is not the sentinel
+  int64_t q_index0 = 0;  // the tensor index of q[0] (as ConvertArgs::out_index0)
 };
 struct Counts {
   int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
@@ -119,7 +134,7 @@ static inline void stats_ref(const StatsArgs& a, int64_t begin, int64_t end, Cou
     float ax;
     std::memcpy(&ax, &u, 4);
     c.sat += (ax * a.p1) * a.p2 > a.qm;
-    c.under += a.q[i] == 0;
+    c.under += a.q[i - a.q_index0] == 0;
   }
 }
 

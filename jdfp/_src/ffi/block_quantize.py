@@ -11,7 +11,7 @@ import numpy as np
 
 from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_QUANTIZE,
                                    TARGET_BLOCK_QUANTIZE_STATS, dtype_of, isa_attribute, require_lib)
-from jdfp._src.ffi.quantize import rounding_operands
+from jdfp._src.ffi.quantize import check_out_dtype, rounding_operands
 from jdfp._src.numerics import formats
 from jdfp._src.numerics.shard_types import match_varying
 
@@ -42,7 +42,7 @@ def block_view3(shape, bshape) -> tuple[tuple[int, int, int], tuple[int, int, in
 
 
 def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest", key=None,
-                   isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+                   isa: str = "auto", out_dtype=jnp.int16) -> tuple[jax.Array, jax.Array]:
   """``(int16 values [B, R, C], int32 exponents [GB, GR, GC])`` of float32 ``x [B, R, C]`` with blocks
   ``block = (bb, br, bc)`` (a block longer than its axis covers the axis), ``G* = ceil(n / b)``.
 
@@ -50,20 +50,21 @@ def block_quantize(x, block, *, bfp: bool, bits: int, rounding: str = "nearest",
   sign included). Each block's exponent is ``quantize.group_exponent`` of its max |x| (NaN/Inf:
   ``NONFINITE_EXPONENT`` and zeros; all zero: 0; subnormals read as zero, XLA:CPU's DAZ).
   ``rounding``: "nearest", "stochastic" (needs ``key``) or "biased", as `jdfp._src.ffi.quantize.quantize`.
+  ``out_dtype``: int16, or int8 for formats of <= 8 bits (DFP bits <= 8, BFP mantissa bits <= 7).
   """
-  return _call(x, block, bfp, bits, rounding, key, isa, stats=False)
+  return _call(x, block, bfp, bits, rounding, key, isa, stats=False, out_dtype=out_dtype)
 
 
 def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str = "nearest", key=None,
-                              isa: str = "auto"):
+                              isa: str = "auto", out_dtype=jnp.int16):
   """`block_quantize` plus, counted while converting: int32 ``[saturated, underflow, nonfinite,
   nonzero]`` (`jdfp._src.ffi.quantize.quant_stats`'s counters, each element against its block's
   exponent) and int32 ``[max, min]`` of the exponents of the blocks that hold a nonzero finite value
   (``[0, 0]`` if none): the Flax statistics of a block format in the conversion's own pass."""
-  return _call(x, block, bfp, bits, rounding, key, isa, stats=True)
+  return _call(x, block, bfp, bits, rounding, key, isa, stats=True, out_dtype=out_dtype)
 
 
-def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False):
+def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16):
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
@@ -76,6 +77,7 @@ def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False):
   lo, hi = (1, 15) if bfp else (2, 16)
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
     raise ValueError(f"bits must be an int in {lo}..{hi} for {'BFP' if bfp else 'DFP'}, got {bits!r}")
+  values_dt = jnp.float32 if fake else check_out_dtype(out_dtype, bits + 1 if bfp else bits)
   allowed = FAKE_ROUNDINGS if fake else ROUNDINGS
   if rounding not in allowed:
     raise ValueError(f"rounding must be one of {allowed} on the kernel, got {rounding!r}")
@@ -85,10 +87,10 @@ def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False):
     raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
   grid = formats.grid_shape(shape, block)
   if n == 0:
-    empty = (jnp.zeros(shape, jnp.float32 if fake else jnp.int16), jnp.zeros(grid, jnp.int32))
+    empty = (jnp.zeros(shape, values_dt), jnp.zeros(grid, jnp.int32))
     return empty + ((jnp.zeros((4,), jnp.int32), jnp.zeros((2,), jnp.int32)) if stats else ())
   require_lib()
-  outs = (jax.ShapeDtypeStruct(shape, jnp.float32 if fake else jnp.int16), jax.ShapeDtypeStruct(grid, jnp.int32))
+  outs = (jax.ShapeDtypeStruct(shape, values_dt), jax.ShapeDtypeStruct(grid, jnp.int32))
   if stats:
     outs += (jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
   target = TARGET_BLOCK_FAKE_QUANTIZE if fake else TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE
@@ -100,12 +102,15 @@ def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False):
   return tuple(match_varying(r, x) for r in res)
 
 
-def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", key=None, isa: str = "auto", counted: bool = False):
+def quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", key=None, isa: str = "auto", counted: bool = False,
+                    out_dtype=jnp.int16):
   """`block_quantize` of an N-D float32 ``x`` in a DFP / BFP format with block shape ``bshape``:
   ``(int16 values of x's shape, int32 exponents of the block grid's shape)``. ``x`` and ``bshape``
   must have a 3-D view (`block_view3`). ``counted``: make `quantize_blocks_with_stats`'s call (and
-  drop its counters), so that XLA merges it with a statistics call on the same tensor."""
-  return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, key=key, isa=isa, stats=counted)[:2]
+  drop its counters), so that XLA merges it with a statistics call on the same tensor. ``out_dtype``:
+  int16, or int8 for formats of <= 8 bits."""
+  return quantize_blocks_with_stats(x, fmt, bshape, rounding=rounding, key=key, isa=isa, stats=counted,
+                                    out_dtype=out_dtype)[:2]
 
 
 def fake_quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str = "auto") -> jax.Array:
@@ -115,7 +120,7 @@ def fake_quantize_blocks(x, fmt, bshape, *, rounding: str = "nearest", isa: str 
 
 
 def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", key=None, isa: str = "auto",
-                               stats: bool = True, fake: bool = False):
+                               stats: bool = True, fake: bool = False, out_dtype=jnp.int16):
   """`quantize_blocks` plus `block_quantize_with_stats`'s counters and exponent range (``fake``:
   dequantized float32 values instead of int16, no counters)."""
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
@@ -128,5 +133,5 @@ def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", key
   bfp = isinstance(fmt, formats.BFP)
   # A reshape keeps every element's row-major index: the view draws the tensor's own Philox stream.
   res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa, stats,
-              fake)
+              fake, out_dtype)
   return (jnp.reshape(res[0], shape), jnp.reshape(res[1], formats.grid_shape(shape, bshape))) + tuple(res[2:])

@@ -14,7 +14,7 @@ from jdfp._src.numerics import philox
 from jdfp._src.numerics.formats import ROUNDING_MODES
 from jdfp._src.numerics.shard_types import match_varying
 
-__all__ = ["dfp_exponents", "quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
+__all__ = ["check_out_dtype", "dfp_exponents", "quant_stats", "quantize", "quantize_dfp", "quantize_dfp_with_stats"]
 
 # The kernels' `rounding` attribute (xla_ffi/quantize_kernels.h, enum Rounding).
 ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "biased": 2}
@@ -36,7 +36,19 @@ def rounding_operands(rounding, key) -> tuple[np.int32, jax.Array]:
   return np.int32(ROUNDING_CODES[rounding]), philox.key_words(key)
 
 
-def quantize(x, e, *, bits: int, isa: str = "auto", rounding: str = "nearest", key=None) -> jax.Array:
+def check_out_dtype(out_dtype, int_bits: int) -> np.dtype:
+  """The values' dtype of a conversion call: int16, or int8 for formats of <= 8 bits (sign included:
+  |q| <= 127, exact), which the INT8 GEMM reads with no narrowing pass in XLA."""
+  dt = np.dtype(out_dtype)
+  if dt not in (np.dtype(np.int16), np.dtype(np.int8)):
+    raise TypeError(f"out_dtype must be int16 or int8, got {dt.name}")
+  if dt == np.int8 and int_bits > 8:
+    raise ValueError(f"out_dtype int8 needs a format of <= 8 bits (|q| <= 127), got {int_bits} bits")
+  return dt
+
+
+def quantize(x, e, *, bits: int, isa: str = "auto", rounding: str = "nearest", key=None,
+             out_dtype=jnp.int16) -> jax.Array:
   """int16 values of a per-tensor DFP quantization on the C++ kernel.
 
   ``clip(round(scale2(x, -e)), -qmax, qmax)`` for float32 ``x`` and one int32 exponent ``e`` (any
@@ -45,8 +57,10 @@ def quantize(x, e, *, bits: int, isa: str = "auto", rounding: str = "nearest", k
   ``"biased"`` (see `rounding_operands` for ``key``). Bit-identical to
   `jdfp.quantize_array(x, DFP(bits), rounding=rounding, key=key).values` given the same exponent, in
   one vectorized, multi-threaded pass (XLA:CPU's own float -> int16 conversion is several times slower).
+  ``out_dtype``: int16, or int8 for ``bits <= 8`` (the same values, `check_out_dtype`).
   """
   bits = check_bits("bits", bits)
+  out_dt = check_out_dtype(out_dtype, bits)
   isa_code = isa_attribute(isa)
   rounding_code, key_op = rounding_operands(rounding, key)
   for name, v, want in (("x", x, "float32"), ("e", e, "int32")):
@@ -54,11 +68,11 @@ def quantize(x, e, *, bits: int, isa: str = "auto", rounding: str = "nearest", k
     if dt.name != want:
       raise TypeError(f"{name} must have dtype {want}, got {dt.name}")
   if int(np.prod(np.shape(x))) == 0:
-    return jnp.zeros(np.shape(x), jnp.int16)
+    return jnp.zeros(np.shape(x), out_dt)
   if int(np.prod(np.shape(e))) != 1:
     raise ValueError(f"e must hold exactly one exponent (a per-tensor format), got shape {np.shape(e)}")
   require_lib()
-  call = jax.ffi.ffi_call(TARGET_QUANTIZE, jax.ShapeDtypeStruct(np.shape(x), jnp.int16),
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE, jax.ShapeDtypeStruct(np.shape(x), out_dt),
                           vmap_method="sequential")
   # An FFI result carries no shard_map varying axes: give it its inputs' ones.
   return match_varying(call(x, e, key_op, bits=np.int32(bits), isa=np.int32(isa_code), rounding=rounding_code),
@@ -76,7 +90,7 @@ def _check_dfp_input(x, bits, isa) -> tuple[int, int, tuple[int, ...]]:
 
 
 def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False, rounding: str = "nearest",
-                 key=None) -> tuple[jax.Array, jax.Array]:
+                 key=None, out_dtype=jnp.int16) -> tuple[jax.Array, jax.Array]:
   """Per-tensor DFP quantization in one kernel call: ``(int16 values, int32 exponent)``.
 
   The exponent is ``quantize.group_exponent(max|x|)`` (NaN/Inf: ``NONFINITE_EXPONENT`` and zeros;
@@ -85,16 +99,18 @@ def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False, roun
   inputs read as zero (XLA:CPU's DAZ).
   ``counted``: make the call `quantize_dfp_with_stats` makes (and drop its counters), so that XLA
   merges it with a statistics call on the same tensor; by default the kernel counts nothing.
+  ``out_dtype``: int16, or int8 for ``bits <= 8`` (`check_out_dtype`).
   """
   if counted:
-    values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa, rounding=rounding, key=key)
+    values, e, _ = quantize_dfp_with_stats(x, bits=bits, isa=isa, rounding=rounding, key=key, out_dtype=out_dtype)
     return values, e
   bits, isa_code, shape = _check_dfp_input(x, bits, isa)
+  out_dt = check_out_dtype(out_dtype, bits)
   rounding_code, key_op = rounding_operands(rounding, key)
   if int(np.prod(shape)) == 0:
-    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32)
+    return jnp.zeros(shape, out_dt), jnp.zeros((1,) * len(shape), jnp.int32)
   require_lib()
-  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP_NOCOUNT, (jax.ShapeDtypeStruct(shape, jnp.int16),
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP_NOCOUNT, (jax.ShapeDtypeStruct(shape, out_dt),
                                                         jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32)),
                           vmap_method="sequential")
   values, e = call(x, key_op, bits=np.int32(bits), isa=np.int32(isa_code), rounding=rounding_code)
@@ -102,22 +118,24 @@ def quantize_dfp(x, *, bits: int, isa: str = "auto", counted: bool = False, roun
 
 
 def quantize_dfp_with_stats(x, *, bits: int, isa: str = "auto", rounding: str = "nearest",
-                            key=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            key=None, out_dtype=jnp.int16) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`quantize_dfp` plus the `quant_stats` counters of the result, counted while converting.
 
   It is the same kernel call as ``quantize_dfp(..., counted=True)``, so when both quantize the same
   tensor in one program, XLA merges them into one call (the Flax statistics ride along with the
   op's own quantization for free; the ops ask for ``counted`` only while statistics are recorded).
+  The counters do not depend on ``out_dtype`` (`check_out_dtype`).
   """
   bits, isa_code, shape = _check_dfp_input(x, bits, isa)
+  out_dt = check_out_dtype(out_dtype, bits)
   rounding_code, key_op = rounding_operands(rounding, key)
   n = int(np.prod(shape))
   if n == 0:
-    return jnp.zeros(shape, jnp.int16), jnp.zeros((1,) * len(shape), jnp.int32), jnp.zeros((4,), jnp.int32)
+    return jnp.zeros(shape, out_dt), jnp.zeros((1,) * len(shape), jnp.int32), jnp.zeros((4,), jnp.int32)
   if n > INT32_MAX:
     raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
   require_lib()
-  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct(shape, jnp.int16),
+  call = jax.ffi.ffi_call(TARGET_QUANTIZE_DFP, (jax.ShapeDtypeStruct(shape, out_dt),
                                                 jax.ShapeDtypeStruct((1,) * len(shape), jnp.int32),
                                                 jax.ShapeDtypeStruct((4,), jnp.int32)),
                           vmap_method="sequential")

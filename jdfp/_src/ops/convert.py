@@ -19,6 +19,7 @@ from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics.formats import BFP, DFP
+from jdfp._src.ops.gemm import uses_int8_kernel
 
 
 # While jdfp's Flax statistics are recorded around an op, its kernel conversions count (and keep
@@ -71,11 +72,12 @@ def kernel_converts_blocks(x, fmt, rounding, bshape) -> bool:
 
 
 def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest", key=None,
-                    axis_name=None, use_kernel: bool | None = False) -> qz.QArray:
+                    axis_name=None, use_kernel: bool | None = False, int8: bool = False) -> qz.QArray:
   """`jdfp._src.numerics.quantize.quantize_blocks`, converting on the C++ kernel where it applies.
 
   ``use_kernel``: convert float -> int16 on the kernel (bit-identical); None: whenever the kernel is
-  loaded and JAX runs on CPU.
+  loaded and JAX runs on CPU. ``int8`` (formats of <= 8 bits): the kernel writes int8 values (the
+  same numbers); the pure-JAX paths still give int16.
   """
   formats.check_format(fmt)
   qz.check_rounding(rounding, key)
@@ -84,23 +86,26 @@ def quantize_blocks(x, fmt, bshape: tuple[int, ...], *, rounding: str = "nearest
   if not use_kernel:
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
   return _quantize(qz.as_float_input(x), key if rounding == "stochastic" else None, fmt, rounding, tuple(bshape),
-                   qz.normalize_axis_name(axis_name), counters_wanted())
+                   qz.normalize_axis_name(axis_name), counters_wanted(), bool(int8))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False) -> qz.QArray:
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _quantize(x, key, fmt, rounding, bshape, axis_name=None, counted=False, int8=False) -> qz.QArray:
+  out_dtype = jnp.int8 if int8 else jnp.int16
   if not kernel_converts(x, fmt, rounding, bshape):
     if axis_name is None and kernel_converts_blocks(x, fmt, rounding, bshape):
       # Maxima, exponents, values: one call (the statistics call's while they are recorded).
-      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, counted=counted)
+      values, e = ffi_block.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, counted=counted,
+                                            out_dtype=out_dtype)
       return qz.QArray(values, e, fmt, bshape)
     # Other formats and roundings, and blocks whose maxima replicas share: the numerics' quantizer.
     return qz.quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, axis_name=axis_name)
   if axis_name is None:  # max, exponent, conversion: one call
-    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted, rounding=rounding, key=key)
+    values, e = ffi_quantize.quantize_dfp(x, bits=fmt.bits, counted=counted, rounding=rounding, key=key,
+                                          out_dtype=out_dtype)
     return qz.QArray(values, e, fmt, bshape)
   amax = qz.shared_amax(formats.block_amax(x, bshape), axis_name)  # replicas agree on the exponent first
-  return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True)
+  return quantize_given_amax(x, amax, fmt, rounding, key, bshape, True, int8)
 
 
 def fake_quantize(x, fmt, *, rounding: str = "nearest", key=None) -> jax.Array:
@@ -116,27 +121,30 @@ def fake_quantize(x, fmt, *, rounding: str = "nearest", key=None) -> jax.Array:
   return qz.dequantize(quantize_blocks(x, fmt, bshape, rounding=rounding, key=key, use_kernel=None))
 
 
-def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:
+def quantize_given_amax(x, amax, fmt, rounding, key, bshape, use_kernel=False, int8=False) -> qz.QArray:
   """`quantize_given_exponent` with the exponents of the per-block maxima ``amax``."""
-  return quantize_given_exponent(x, qz.group_exponent(amax, fmt), fmt, rounding, key, bshape, use_kernel)
+  return quantize_given_exponent(x, qz.group_exponent(amax, fmt), fmt, rounding, key, bshape, use_kernel, int8)
 
 
-def quantize_given_exponent(x, e, fmt, rounding, key, bshape, use_kernel=False) -> qz.QArray:
-  """`jdfp._src.numerics.quantize.quantize_given_exponent`, on the kernel where it applies."""
+def quantize_given_exponent(x, e, fmt, rounding, key, bshape, use_kernel=False, int8=False) -> qz.QArray:
+  """`jdfp._src.numerics.quantize.quantize_given_exponent`, on the kernel where it applies (``int8``:
+  int8 values from the kernel, formats of <= 8 bits)."""
   if use_kernel and kernel_converts(x, fmt, rounding, bshape):
     values = ffi_quantize.quantize(x.astype(jnp.float32), e, bits=fmt.bits, rounding=rounding,
-                                   key=key if rounding == "stochastic" else None)
+                                   key=key if rounding == "stochastic" else None,
+                                   out_dtype=jnp.int8 if int8 else jnp.int16)
     return qz.QArray(values, e, fmt, bshape)
   return qz.quantize_given_exponent(x, e, fmt, rounding, key, bshape)
 
 
-def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel=None) -> qz.QArray:
+def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel=None, int8=False) -> qz.QArray:
   """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view.
-  ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run)."""
+  ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run);
+  ``int8``: the kernel writes int8 values (a format of <= 8 bits bound for the INT8 GEMM)."""
   if not fmt.is_integer:
     return qz.quantize_array(x3, fmt)
   return quantize_blocks(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding=rounding, key=key,
-                         axis_name=axis_name, use_kernel=use_kernel)
+                         axis_name=axis_name, use_kernel=use_kernel, int8=int8)
 
 
 # Which operands whose int16 copy nobody keeps skip the conversion (exponent-only call + the GEMM's
@@ -160,7 +168,12 @@ def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None,
   nobody keeps (a forward-only op, a ``float_residuals`` operand) gets only its exponent when the
   kernel converts it: ``QArray(float32 x3, e)``, which the GEMM kernel quantizes while packing
   (bit-identical; its packing rounds to nearest only, so other roundings always convert here).
-  The exponents of all such operands come from one kernel call."""
+  The exponents of all such operands come from one kernel call.
+
+  When both operands go to the INT8 GEMM (`int8_operands`), the kernel conversions write int8
+  values directly: no int16 copy for XLA to narrow (`jdfp._src.ops.gemm.int8_storage` still narrows
+  what the pure-JAX paths give)."""
+  int8 = use_kernel is True and int8_operands([op[1] for op in operands])
   if use_kernel is None:
     use_kernel = kernel_convert_available()
   fast = [bool(lz and use_kernel and axis_name is None and fmt.is_integer and not counters_wanted()
@@ -169,6 +182,7 @@ def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None,
           for (x3, fmt, c_ax, _), lz in zip(operands, lazy)]
   xs = [qz.as_float_input(op[0]).astype(jnp.float32) for op, f in zip(operands, fast) if f]
   es = ffi_quantize.dfp_exponents(*xs, bits=[op[1].bits for op, f in zip(operands, fast) if f]) if xs else ()
+  int8 = int8 and not any(fast)  # a float32 operand goes to the INT16 GEMM's fused path
   lazy_q = iter(zip(xs, es))
   out = []
   for (x3, fmt, c_ax, key), f in zip(operands, fast):
@@ -176,8 +190,16 @@ def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None,
       x, e = next(lazy_q)
       out.append(qz.QArray(x, e, fmt, block_shape3(x3.shape, fmt, c_ax)))
     else:
-      out.append(quantize3(x3, fmt, c_ax, rounding, key, axis_name, use_kernel))
+      out.append(quantize3(x3, fmt, c_ax, rounding, key, axis_name, use_kernel, int8))
   return out
+
+
+def int8_operands(fmts) -> bool:
+  """Whether kernel-converted GEMM operands of these formats may be written as int8: all integer
+  formats of <= 8 bits (the INT8 GEMM's), and no Flax statistics recorded (their conversion call is
+  the int16 one, which the op's own call must equal for XLA to merge them)."""
+  return (all(f.is_integer for f in fmts) and uses_int8_kernel(*(f.int_bits for f in fmts))
+          and not counters_wanted())
 
 
 def block_shape3(shape3, fmt, c_ax: int) -> tuple[int, ...]:

@@ -29,8 +29,10 @@ def uses_int8_kernel(bits_a: int, bits_b: int) -> bool:
 def int8_storage(qa: qz.QArray, qb: qz.QArray, policy: Policy) -> tuple[qz.QArray, qz.QArray]:
   """The forward operands as the INT8 kernel reads them: int8 values when it runs their GEMM (both
   formats <= 8 bits, backend "ffi", both quantized to integers), so what the backward keeps of them
-  is half the bytes of the int16 copy (|v| <= 127: exact).  Otherwise unchanged."""
-  ints = all(q.fmt.is_integer and q.values.dtype == jnp.int16 for q in (qa, qb))
+  is half the bytes of the int16 copy (|v| <= 127: exact).  Otherwise unchanged.  The kernel
+  conversions usually write int8 already (`jdfp._src.ops.convert.quantize3_operands`); this narrows
+  what still comes as int16 (the pure-JAX quantizer's paths, Flax statistics recorded)."""
+  ints = all(q.fmt.is_integer and q.values.dtype in (jnp.int8, jnp.int16) for q in (qa, qb))
   if not (ints and uses_int8_kernel(qa.fmt.int_bits, qb.fmt.int_bits) and resolve_backend(policy) == "ffi"):
     return qa, qb
   return tuple(qz.QArray(q.values.astype(jnp.int8), q.exponent, q.fmt, q.blocks) for q in (qa, qb))
