@@ -85,3 +85,15 @@ def test_quantized_step_has_no_key_loop():
 
   hlo = jax.jit(step).lower(v, s, x, jax.random.key(2)).compile().as_text()
   assert "while" not in hlo and " call(" not in hlo
+
+
+def test_same_keys_with_flax_rng_separator():
+  """Flax's `flax_fix_rng_separator` changes how the path is hashed; the keys still match."""
+  from flax import config as flax_config
+
+  old = flax_config.flax_fix_rng_separator
+  flax_config.update("flax_fix_rng_separator", not old)
+  try:
+    test_same_keys_as_flax(jax.random.key(11))
+  finally:
+    flax_config.update("flax_fix_rng_separator", old)

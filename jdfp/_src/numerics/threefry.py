@@ -5,8 +5,9 @@ Why not `jax.random.fold_in` itself: JAX lowers threefry on CPU as a 5-trip loop
 small for large counter arrays). For one key that loop is an XLA ``while`` whose loop state XLA:CPU
 initializes with a dozen copy thunks, and the extra independent thunks make XLA's thunk executor run
 the step on its thread pool. On a small model's training step the two keys Flax derived for two
-ops cost more than the step's GEMMs (docs/op_costs.md, "Keys"). Unrolled, the 20 rounds of one key
-are ~100 scalar ops that XLA fuses into the fusion that consumes them (or folds, for a constant key).
+ops cost more than the step's GEMMs (docs/op_costs.md, "The small step through the recipes").
+Unrolled, the 20 rounds of one key are ~100 scalar ops that XLA fuses into the fusion that consumes
+them (or folds, for a constant key).
 
 The algorithm is Threefry-2x32 of Salmon et al. (2011, "Parallel random numbers: as easy as 1, 2,
 3"), the one JAX's default PRNG uses: key schedule ``(k0, k1, k0 ^ k1 ^ 0x1BD11BDA)``, rotations
