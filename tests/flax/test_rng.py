@@ -97,3 +97,41 @@ def test_same_keys_with_flax_rng_separator():
     test_same_keys_as_flax(jax.random.key(11))
   finally:
     flax_config.update("flax_fix_rng_separator", old)
+
+
+@pytest.mark.parametrize("seed", [jax.random.key(5), 7], ids=["typed", "int"])
+def test_nnx_stream_keys_as_flax(seed):
+  from flax import nnx
+
+  want_rngs, got_rngs = nnx.Rngs(dfp=seed), nnx.Rngs(dfp=seed)
+  want = [want_rngs.dfp() for _ in range(3)]
+  got = [rng.stream_key(got_rngs.dfp) for _ in range(3)]
+  got += [nnx.jit(lambda r: rng.stream_key(r.dfp))(got_rngs)]
+  want += [want_rngs.dfp()]
+  for g, w in zip(_data(got), _data(want)):
+    np.testing.assert_array_equal(g, w)
+  assert int(got_rngs.dfp.count[...]) == int(want_rngs.dfp.count[...]) == 4
+
+
+@pytest.mark.filterwarnings("ignore:jdfp. a quantized model is differentiated")
+def test_nnx_quantized_step_has_no_key_loop():
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.l2 = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  model = jdfp.quantize(MLP(nnx.Rngs(0)), jdfp.policies.dfp16(), rngs=nnx.Rngs(dfp=1))
+  x = jnp.ones((8, 16))
+  graphdef, state = nnx.split(model)
+
+  def step(state, x):
+    m = nnx.merge(graphdef, state)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(m)
+    return nnx.state(m), grads
+
+  hlo = jax.jit(step).lower(state, x).compile().as_text()
+  assert "while" not in hlo and " call(" not in hlo

@@ -47,3 +47,16 @@ def test_data_out_of_range_is_an_error(data):
 def test_words_of_the_wrong_shape_is_an_error():
   with pytest.raises(ValueError, match="words must be uint32"):
     threefry.fold_in_words(np.zeros(4, np.uint32), 1)
+
+
+@pytest.mark.parametrize("data", [0, 7, 2**32 - 1])
+def test_fold_in_of_a_traced_count(data):
+  """NNX folds in its stream's count, a traced uint32 scalar."""
+  words = np.array([123, 456], np.uint32)
+  got = jax.jit(threefry.fold_in_words)(words, np.uint32(data))
+  np.testing.assert_array_equal(np.asarray(got), _jax_fold_in(words, data))
+
+
+def test_data_of_another_dtype_is_an_error():
+  with pytest.raises(ValueError, match="uint32 scalar"):
+    threefry.fold_in_words(np.zeros(2, np.uint32), np.float32(1))

@@ -47,15 +47,20 @@ def threefry2x32(key, x) -> tuple[jax.Array, jax.Array]:
   return x0, x1
 
 
-def fold_in_words(words, data: int) -> jax.Array:
+def fold_in_words(words, data) -> jax.Array:
   """``jax.random.key_data(jax.random.fold_in(k, data))`` for a threefry key ``k`` with data words
-  ``words`` (uint32[2]) and a Python int ``data`` in ``[0, 2**32)``: threefry of the counter
-  ``(0, data)`` (JAX's seed of a 32-bit ``data``)."""
-  if not 0 <= int(data) < 2**32:
-    raise ValueError(f"fold_in_words: data must be in [0, 2**32), got {data}")
+  ``words`` (uint32[2]): threefry of the counter ``(0, data)`` (JAX's seed of a 32-bit ``data``).
+  ``data``: a Python int in ``[0, 2**32)`` or a uint32 scalar array (e.g. NNX's traced stream count)."""
+  if isinstance(data, (int, np.integer)):
+    if not 0 <= int(data) < 2**32:
+      raise ValueError(f"fold_in_words: data must be in [0, 2**32), got {data}")
+    data = np.uint32(int(data))
+  elif jnp.shape(data) != () or jnp.result_type(data) != jnp.uint32:
+    raise ValueError(f"fold_in_words: data must be an int or a uint32 scalar, got {jnp.result_type(data)}"
+                     f"{list(jnp.shape(data))}")
   words = jnp.asarray(words, jnp.uint32)
   if words.shape != (2,):
     raise ValueError(f"fold_in_words: words must be uint32[2] threefry key data, got shape {words.shape}")
   k0, k1 = (lax.index_in_dim(words, i, keepdims=False) for i in (0, 1))  # lax: cheaper to trace than words[i]
-  y0, y1 = threefry2x32((k0, k1), (np.uint32(0), np.uint32(int(data))))
+  y0, y1 = threefry2x32((k0, k1), (np.uint32(0), data))
   return lax.concatenate([y0[None], y1[None]], 0)
