@@ -4,10 +4,10 @@ derived in straight-line uint32 ops.
 Flax derives the key as ``jax.random.fold_in(stream_key, sha1(path suffix, call counter)[:4])``.
 On CPU JAX lowers that threefry as a loop: an XLA ``while`` plus a dozen copy thunks per key, which
 on a small model's step cost more than its GEMMs (docs/op_costs.md, "The small step through the
-recipes"). `make_rng` lets Flax do its bookkeeping (the checks and the counter) and then computes the same fold-in with
-`jdfp._src.numerics.threefry`; Flax's own key is left unused, so jit drops it as dead code.
-NNX streams fold in their traced count the same way (`stream_key`). Keys of another PRNG impl, or
-streams Flax does not hold as expected, keep Flax's key as is.
+recipes"). `make_rng` lets Flax do its bookkeeping (the checks and the counter) and then computes
+the same fold-in with `jdfp._src.numerics.threefry`; Flax's own key is left unused, so jit drops it
+as dead code. NNX streams fold in their traced count the same way (`stream_key`). Keys of another
+PRNG impl, or streams Flax does not hold as expected, keep Flax's key as is.
 """
 
 from __future__ import annotations
