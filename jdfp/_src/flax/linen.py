@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import tracers as flax_tracers
 
-from jdfp._src.flax import interception, tracked
+from jdfp._src.flax import interception, rng, tracked
 from jdfp._src.flax.rules import QuantizeReport, Rule, Site, resolve
 from jdfp._src.flax.state import empty_packed, pack
 from jdfp._src.numerics import philox
@@ -110,9 +110,9 @@ class LinenFrame(interception.Frame):
     key = None
     if policy.needs_key:
       if module.has_rng(cfg.rng_stream):
-        key = module.make_rng(cfg.rng_stream)
+        key = rng.make_rng(module, cfg.rng_stream)
       elif module.is_initializing():
-        key = module.make_rng("params")
+        key = rng.make_rng(module, "params")
       elif policy.forward_needs_key:
         raise ValueError(
             f"jdfp: the policy of {path or '<root>'}/{name} rounds stochastically and needs a key, but "

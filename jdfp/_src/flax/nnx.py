@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import tracers as flax_tracers
 
-from jdfp._src.flax import interception, tracked
+from jdfp._src.flax import interception, rng, tracked
 from jdfp._src.flax import state as dfp_state
 from jdfp._src.flax.gemm_rewrites import einsum_via_dot
 from jdfp._src.flax.rules import QuantizeReport, Site, resolve
@@ -90,7 +90,7 @@ class JdfpOp(nnx.Module):
       stream = getattr(self.rngs, self.rng_stream)
     except AttributeError:
       stream = self.rngs.default
-    return stream()
+    return rng.stream_key(stream)
 
   def _tracked_call(self, fn):
     out, new = fn(self.state[...], self._key())
