@@ -65,8 +65,9 @@ def _reread(q: qz.QArray, view: View, role: str, policy: Policy) -> qz.QArray:
   if role not in policy.float_residuals:
     return q
   x3 = to3(q.values, view)
-  if needs_reblock(qz.QArray(x3, q.exponent, q.fmt, q.blocks), view.f_ax):
-    return qz.QArray(x3, q.exponent, q.fmt, q.blocks)  # `reblock_for_backward` quantizes the float input
+  q3 = qz.QArray(x3, q.exponent, q.fmt, q.blocks)
+  if needs_reblock(q3, view.f_ax):
+    return q3  # `reblock_for_backward` quantizes the float input
   if not q.fmt.is_integer:
     return qz.quantize_array(x3, q.fmt)
   if resolve_backend(policy) == "ffi" and policy.fwd_rounding == "nearest":
