@@ -266,6 +266,8 @@ def expand_blocks(e: jax.Array, bshape: tuple[int, ...], shape: tuple[int, ...])
   for axis, (b, n) in enumerate(zip(bshape, shape)):
     if e.shape[axis] == n or e.shape[axis] == 1:
       continue
-    e = jnp.repeat(e, b, axis=axis, total_repeat_length=e.shape[axis] * b)
+    # A Python-int repeat is a broadcast + reshape; `total_repeat_length` would select jnp.repeat's
+    # general path (cumsum, roll, gather: ~100 HLO lines per call, compiled once per GEMM operand).
+    e = jnp.repeat(e, b, axis=axis)
     e = jax.lax.slice_in_dim(e, 0, n, axis=axis)
   return e
