@@ -69,9 +69,21 @@ def test_seed_and_recipe_parsing():
 
 
 def test_demo_tiny(tmp_path, capsys):
-  """The README's main command: accuracy and wall-clock columns side by side, compile apart."""
+  """The README's main command (its default task, the ResNet on shifted digits): accuracy and
+  wall-clock columns side by side, compile apart, every convolution on the kernel."""
   timed = _example("_timed")
-  text = _check(tmp_path, capsys, "demo", ["--steps", "6", "--eval-every", "3", "--width", "32", "--depth", "2",
+  text = _check(tmp_path, capsys, "demo", ["--steps", "4", "--eval-every", "2", "--width", "4", "--batch", "16"],
+                ["fp32", "dfp16"], "ResNet on shifted digits")
+  assert "jdfp kernel" in text and "12x12 canvas" in text
+  header = (tmp_path / "demo.md").read_text().splitlines()[0]
+  assert header.count("|") == len(timed.HEADERS) + 1
+
+
+def test_demo_mlp_tiny(tmp_path, capsys):
+  """``--task mlp``: the MLP on MNIST-1D (here its synthetic stand-in, no optional package)."""
+  timed = _example("_timed")
+  text = _check(tmp_path, capsys, "demo", ["--task", "mlp", "--steps", "6", "--eval-every", "3", "--width", "32",
+                                           "--depth", "2",
                                            "--batch", "16", "--samples", "400", "--dataset", "synthetic",
                                            "--cache-dir", ""], ["fp32", "dfp16"], "MLP on synthetic")
   assert "setup" in text and "steps/s" in text
