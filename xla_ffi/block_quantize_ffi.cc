@@ -14,8 +14,9 @@
 // NONFINITE sentinel and all-zero values for a block holding NaN/Inf; subnormals read as zero, as
 // XLA:CPU's DAZ), and its values are clip(round(scale2(x, -e)), +-qmax): bit for bit the pure-JAX
 // `quantize_blocks` for every rounding: stochastic rounding draws element i's bits from its row-major
-// index in x (the Philox stream of docs/arithmetic.md), through the per-tensor stochastic kernels
-// called block by block with that block's scale.
+// index in x (the Philox stream of docs/arithmetic.md).  AVX-512: stochastic rounding and the
+// statistics run a whole row segment per call with each column's scale expanded once per unit
+// (quantize_kernels.h *_cols); other ISAs call the per-tensor kernels block by block.
 //
 //   JdfpBlockQuantizeStats : the same plus int32 counts [4] (saturated, underflow, nonfinite,
 //                     nonzero: JdfpQuantStats's counters, each element against its block's exponent)
@@ -48,6 +49,8 @@ namespace {
 struct BlockKernels {
   BlockAmaxFn amax;
   BlockConvertFn convert;
+  StochasticColsFn stochastic_cols;  // null: the per-tensor kernels, called block by block
+  StatsColsFn stats_cols;
 };
 
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
@@ -58,11 +61,12 @@ struct BlockKernels {
 
 // Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
 const BlockKernels kBlockTable[] = {
-    /* kIsaAuto */ {nullptr, nullptr},
-    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar},
-    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar},
-    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar},
-    /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512)},
+    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr},
+    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr},
+    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr},
+    /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512),
+                          JDFP_BLOCK_AVX512(convert_stochastic_cols_avx512), JDFP_BLOCK_AVX512(stats_cols_avx512)},
 };
 static_assert(sizeof(kBlockTable) / sizeof(kBlockTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
 
@@ -131,20 +135,24 @@ struct UnitScratch {
   std::vector<uint32_t> acc;
   std::vector<float> s1, s2;
   std::vector<int32_t> e;
-  std::vector<int64_t> block_ok;
+  std::vector<uint8_t> block_ok;  // the block holds a nonzero finite value (its max |x| says so)
+  std::vector<float> s1c, s2c;  // per-column scales of the unit's row segment (the *_cols kernels)
   std::vector<int16_t> row;  // fake-quantize and int8 results: one row segment's int16 values
   Counts counts;
   int32_t emin = INT32_MAX, emax = INT32_MIN;
 };
 
-// The statistics of one converted row segment, block by block (stats kernels of quantize_kernels.h).
+// The statistics of one converted row segment: in one call with per-column scales, else block by
+// block (stats kernels of quantize_kernels.h).
 void count_row(const BlockJob& j, const float* x, const int16_t* q, int64_t n, UnitScratch& s) {
+  if (j.k.stats_cols) {
+    j.k.stats_cols(x, q, n, s.s1c.data(), s.s2c.data(), j.qm, s.counts);
+    return;
+  }
   for (int64_t c0 = 0, b = 0; c0 < n; c0 += j.bc, ++b) {
     const int32_t ne = -eclamp(s.e[b]), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
     const StatsArgs args{x, q, pow2f(e1), pow2f(e2), j.qm, s.e[b] != kNonfiniteExponent};
-    const int64_t before = s.counts.ok;
     j.stats(args, c0, std::min(n, c0 + j.bc), s.counts);
-    s.block_ok[b] += s.counts.ok - before;
   }
 }
 
@@ -176,6 +184,10 @@ void dequantize_row(const BlockJob& j, const int16_t* q, float* y, int64_t n, co
 // tensor (so element i draws the bits of its global index), with that block's scales.
 void convert_stochastic_rows(const BlockJob& j, int64_t band, int64_t c0, int64_t n, const UnitScratch& s) {
   for_band_rows(j, band, [&](int64_t off) {
+    if (j.k.stochastic_cols) {
+      j.k.stochastic_cols(j.x + off + c0, j.out + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
+      return;
+    }
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
       const ConvertArgs a{j.x, j.out, s.s1[b], s.s2[b], j.qm, j.key};
       j.stochastic(a, off + c0 + b0, off + c0 + std::min(n, b0 + j.bc));
@@ -189,7 +201,9 @@ void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, con
                      UnitScratch& s) {
   int16_t* q = s.row.data();
   for_band_rows(j, band, [&](int64_t off) {
-    if (j.stochastic) {
+    if (j.stochastic && j.k.stochastic_cols) {
+      j.k.stochastic_cols(j.x + off + c0, q, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
+    } else if (j.stochastic) {
       for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
         ConvertArgs a{j.x, q, s.s1[b], s.s2[b], j.qm, j.key};
         a.out_index0 = off + c0;
@@ -212,7 +226,10 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   int32_t* e_out = j.e + band * j.GC + cb0;
   for (int64_t b = 0; b < nb; ++b) {
     const uint32_t* lanes = s.acc.data() + b * kAmaxLanes;
-    const int32_t ei = block_exponent(*std::max_element(lanes, lanes + kAmaxLanes), j.bfp, j.bits);
+    const uint32_t amax = *std::max_element(lanes, lanes + kAmaxLanes);
+    const int32_t ei = block_exponent(amax, j.bfp, j.bits);
+    // An ok element (finite, normal, in a finite block) exists iff the block's max is one.
+    s.block_ok[b] = amax >= kMinNormalBits && amax < kInfBits;
     e_out[b] = ei;
     s.e[b] = ei;
     const int32_t ne = -eclamp(ei), e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
@@ -227,7 +244,10 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     });
     return;
   }
-  if (j.counts_out) std::fill(s.block_ok.begin(), s.block_ok.begin() + nb, int64_t(0));
+  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols)) {
+    for (int64_t b = 0, c = 0; b < nb; ++b)
+      for (const int64_t c1 = std::min(n, c + j.bc); c < c1; ++c) s.s1c[size_t(c)] = s.s1[size_t(b)], s.s2c[size_t(c)] = s.s2[size_t(b)];
+  }
   if (j.out8) {
     convert_rows_i8(j, band, c0, n, args, s);  // counts as it goes
   } else {
@@ -253,6 +273,8 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
   s.e.resize(size_t(j.cb_per_unit));
   s.block_ok.resize(size_t(j.cb_per_unit));
   if (j.deq || j.out8) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
+  s.s1c.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
+  s.s2c.resize(s.s1c.size());
   int64_t done = 0;
   {
     const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU

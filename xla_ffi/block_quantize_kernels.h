@@ -35,6 +35,14 @@ struct BlockConvertArgs {
 };
 using BlockConvertFn = void (*)(const float* x, int16_t* out, int64_t n, int64_t bc, const BlockConvertArgs&);
 
+// Stochastic rounding and statistics of a whole row segment with per-column scales (quantize_kernels.h
+// convert_stochastic_cols_ref, stats_cols_avx512): where an ISA has them, one call per row replaces
+// one call per block, which cost more than the conversion itself for 24-wide blocks.
+using StochasticColsFn = void (*)(const float* x, int16_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                  const float* s1, const float* s2, float qm);
+using StatsColsFn = void (*)(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qm,
+                             Counts& c);
+
 static inline void block_amax_ref(const float* x, int64_t n, int64_t bc, uint32_t* acc) {
   for (int64_t c0 = 0, j = 0; c0 < n; c0 += bc, ++j) {
     const int64_t c1 = c0 + bc < n ? c0 + bc : n;

@@ -156,4 +156,49 @@ void stats_avx512(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
   c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok;
 }
 
+// Stochastic rounding of a row segment with per-element scales (convert_stochastic_cols_ref): 64
+// elements per Philox step from the first 4-aligned tensor index, the head before it scalar.
+void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                    const float* s1, const float* s2, float qm) {
+  const __m512 hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
+  const int64_t head = std::min(n, ((g0 + 3) & ~int64_t(3)) - g0);
+  convert_stochastic_cols_ref(x, out, head, g0, key, s1, s2, qm);
+  for (int64_t i = head; i < n; i += 64) {
+    __m512i w[4];
+    words64(uint64_t(g0 + i) >> 2, key, w);
+    for (int t = 0; t < 4; ++t) {
+      const int64_t c = i + 16 * t;
+      const __mmask16 m = lanes_left(n - c);
+      if (!m) break;
+      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, s1 + c),
+                                _mm512_maskz_loadu_ps(m, s2 + c), lo, hi);
+      _mm256_mask_storeu_epi16(out + c, m, sround16(y, w[t]));
+    }
+  }
+}
+
+// stats_avx512 of a row segment with per-element scales; s1 == 0 lanes belong to NONFINITE blocks.
+void stats_cols_avx512(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qmf,
+                       Counts& c) {
+  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits)),
+                inf = _mm512_set1_epi32(int(kInfBits));
+  const __m512 qm = _mm512_set1_ps(qmf);
+  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = lanes_left(n - i);
+    const __m512i u = _mm512_and_si512(_mm512_maskz_loadu_epi32(in, x + i), abs);
+    const __m512 p1 = _mm512_maskz_loadu_ps(in, s1 + i), p2 = _mm512_maskz_loadu_ps(in, s2 + i);
+    const __mmask16 gok = _mm512_mask_cmp_ps_mask(in, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
+    const __mmask16 good = _mm512_mask_cmplt_epu32_mask(gok, u, inf) & _mm512_cmpge_epu32_mask(u, tiny);
+    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
+    const __m512i qv = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, q + i));
+    nonfin += _mm_popcnt_u32(bad);
+    ok += _mm_popcnt_u32(good);
+    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));
+    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, qv, _mm512_setzero_si512()));
+  }
+  c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok;
+}
+
 }  // namespace jdfp

@@ -138,6 +138,23 @@ static inline void stats_ref(const StatsArgs& a, int64_t begin, int64_t end, Cou
   }
 }
 
+// ---------------------------------------------------------------- per-element scales
+// The block conversion's row segments (block_quantize_ffi.cc) with every column's scale pair
+// expanded once per work unit, so a row is one kernel call instead of one call per 24-wide block.
+// x[0, n) are tensor elements [g0, g0 + n): element i draws the Philox bits of index g0 + i, as
+// convert_stochastic_ref does.  s1[i] == 0 marks a NONFINITE block (its values convert to 0, its
+// elements are not counted as ok); the statistics' scale of a block is its conversion scale.
+static inline void convert_stochastic_cols_ref(const float* x, int16_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                               const float* s1, const float* s2, float qm) {
+  uint32_t w[4];
+  int64_t block = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = g0 + i;
+    if ((g >> 2) != block) philox_block(uint64_t(block = g >> 2), key, w);
+    out[i] = int16_t(round_stochastic1(scaled_clamped(x[i], s1[i], s2[i], qm), w[g & 3]));
+  }
+}
+
 // ---------------------------------------------------------------- per-ISA entry points
 // Scalar: always built.  SIMD: built on x86 only (JDFP_HAVE_SIMD); called only after the ISA
 // check of isa_table.cc.  AVX2 has no statistics kernel: GCC vectorizes stats_ref well enough for a
@@ -158,5 +175,9 @@ void convert_stochastic_avx512(const ConvertArgs&, int64_t begin, int64_t end);
 void convert_biased_avx512(const ConvertArgs&, int64_t begin, int64_t end);
 uint32_t amax_avx512(const float* x, int64_t begin, int64_t end);
 void stats_avx512(const StatsArgs&, int64_t begin, int64_t end, Counts&);
+void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                    const float* s1, const float* s2, float qm);
+void stats_cols_avx512(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qm,
+                       Counts& c);
 
 }  // namespace jdfp

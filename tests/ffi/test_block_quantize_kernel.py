@@ -20,8 +20,10 @@ from jdfp._src.ops import convert
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
 FORMATS = (BFP(7), BFP(11), BFP(15), BFP(1), DFP(16), DFP(8), DFP(2))
-# (shape, block): partial edge tiles, per-row, 1-D blocks, tiles along a batch, per-tensor, odd sizes.
-GEOMETRIES = (((1, 50, 70), (1, 24, 24)), ((3, 5, 100), (1, 1, 24)), ((2, 33, 7), (1, 33, 7)),
+# (shape, block): partial edge tiles, per-row, 1-D blocks, tiles along a batch, per-tensor, odd sizes;
+# rows of 1001 (starts off the 4-element Philox blocks, many 64-element steps and 24-wide blocks per
+# row: the per-column-scale row kernels).
+GEOMETRIES = (((1, 50, 70), (1, 24, 24)), ((1, 26, 1001), (1, 24, 24)), ((3, 5, 100), (1, 1, 24)), ((2, 33, 7), (1, 33, 7)),
               ((4, 9, 31), (2, 4, 8)), ((1, 1, 1), (1, 24, 24)), ((2, 48, 48), (1, 24, 24)),
               ((1, 7, 130), (1, 1, 130)), ((5, 3, 17), (5, 3, 17)))
 
