@@ -61,6 +61,13 @@ def fold_in_words(words, data) -> jax.Array:
   words = jnp.asarray(words, jnp.uint32)
   if words.shape != (2,):
     raise ValueError(f"fold_in_words: words must be uint32[2] threefry key data, got shape {words.shape}")
-  k0, k1 = (lax.index_in_dim(words, i, keepdims=False) for i in (0, 1))  # lax: cheaper to trace than words[i]
+  return _fold_in(words, data)
+
+
+@jax.jit
+def _fold_in(words, data):
+  # Jitted so that the ~100 ops of the 20 rounds are traced once per process, not once per op of every
+  # traced step (they were a quarter of a quantized MLP step's trace time); XLA inlines the call.
+  k0, k1 = (lax.index_in_dim(words, i, keepdims=False) for i in (0, 1))
   y0, y1 = threefry2x32((k0, k1), (np.uint32(0), data))
   return lax.concatenate([y0[None], y1[None]], 0)
