@@ -139,7 +139,8 @@ def operand_stats(x3, fmt, c_ax, rounding, key, policy) -> dict:
   """quantized_stats of a physical 3-D GEMM operand (blocks as the op reads them)."""
   if not fmt.is_integer:
     return role_stats(x3, quantize3(x3, fmt, c_ax, rounding, key, policy.axis_name), counts_on_kernel(policy))
-  return quantized_stats(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding, key, policy)
+  return quantized_stats(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding, key, policy,
+                         int8=convert.int8_conversions(policy))
 
 
 def counts_on_kernel(policy) -> bool:
@@ -236,7 +237,7 @@ def stats_from_block_counts(x, counts, erange) -> dict:
           "underflow": f32(at(counts, 1)), "nonfinite": f32(at(counts, 2)), "size": f32(np.float32(np.size(x)))}
 
 
-def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
+def quantized_stats(x, fmt, bshape, rounding, key, policy, int8: bool = False) -> dict:
   """role_stats of ``x`` quantized as the op quantizes it (``bshape``: its block shape).
 
   Where the op converts on the C++ kernel (per-tensor DFP, or DFP / BFP blocks; FFI backend, no
@@ -244,17 +245,21 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   kernel call as the op's own quantization (`ffi.quantize.quantize_dfp_with_stats`,
   `ffi.block_quantize.block_quantize_with_stats`; XLA merges the two identical calls), so they
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
+  ``int8``: the op's call writes int8 (`jdfp._src.ops.convert.int8_conversions`; GEMM operands), so
+  this one does too.
   """
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
   uk = counts_on_kernel(policy)
   ax = getattr(policy, "axis_name", None)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts(x, fmt, rounding, tuple(bshape)):
     # (The kernels read ``key`` for stochastic rounding only.)
-    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits, rounding=rounding, key=key)
+    out_dtype = jnp.int8 if int8 else jnp.int16
+    _, e, counts = ffi_quantize.quantize_dfp_with_stats(x, bits=fmt.bits, rounding=rounding, key=key, out_dtype=out_dtype)
     return stats_from_counts(x, e, counts)
   if uk and ax is None and convert.kernel_convert_available() and convert.kernel_converts_blocks(
       x, fmt, rounding, tuple(bshape)):
-    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding, key=key)
+    _, _, counts, erange = ffi_block.quantize_blocks_with_stats(x, fmt, tuple(bshape), rounding=rounding, key=key,
+                                                                out_dtype=jnp.int8 if int8 else jnp.int16)
     return stats_from_block_counts(x, counts, erange)
   q = convert.quantize_blocks(x, fmt, tuple(bshape), rounding=rounding, key=key, axis_name=ax, use_kernel=uk)
   return role_stats(x, q, uk)

@@ -19,6 +19,7 @@ from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics.formats import BFP, DFP
+from jdfp._src.ops.backend import kernel_quantize
 from jdfp._src.ops.gemm import uses_int8_kernel
 
 
@@ -163,7 +164,8 @@ def lazy_operands(work: int, lazy_a: bool, lazy_b: bool) -> tuple[bool, bool]:
   return False, lazy_b and work >= LAZY_B_MIN_WORK
 
 
-def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None, lazy=(False, False)):
+def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None, lazy=(False, False),
+                       policy_int8: bool = False):
   """`quantize3` of each ``(x3, fmt, c_ax, key)``; an operand flagged in ``lazy`` whose int16 copy
   nobody keeps (a forward-only op, a ``float_residuals`` operand) gets only its exponent when the
   kernel converts it: ``QArray(float32 x3, e)``, which the GEMM kernel quantizes while packing
@@ -172,8 +174,9 @@ def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None,
 
   When both operands go to the INT8 GEMM (`int8_operands`), the kernel conversions write int8
   values directly: no int16 copy for XLA to narrow (`jdfp._src.ops.gemm.int8_storage` still narrows
-  what the pure-JAX paths give)."""
-  int8 = use_kernel is True and int8_operands([op[1] for op in operands])
+  what the pure-JAX paths give). ``policy_int8`` (`int8_conversions` of the op's policy): int8 even
+  while Flax statistics are recorded, whose calls then ask for int8 too."""
+  int8 = use_kernel is True and (policy_int8 or int8_operands([op[1] for op in operands]))
   if use_kernel is None:
     use_kernel = kernel_convert_available()
   fast = [bool(lz and use_kernel and axis_name is None and fmt.is_integer and not counters_wanted()
@@ -194,6 +197,16 @@ def quantize3_operands(operands, rounding: str, axis_name=None, use_kernel=None,
   return out
 
 
+def int8_conversions(policy) -> bool:
+  """Whether every kernel conversion of this policy's GEMM operands writes int8: all four formats are
+  integer formats of <= 8 bits (every GEMM of the op runs on the INT8 kernel) and the kernel converts.
+  A policy-wide rule, so that the op's conversions and the Flax statistics' calls (which see one
+  operand at a time) ask for the same result type and XLA still merges them."""
+  fmts = (policy.lhs, policy.rhs, policy.dlhs, policy.drhs)
+  return (kernel_quantize(policy) and all(f.is_integer for f in fmts)
+          and uses_int8_kernel(*(f.int_bits for f in fmts[:2])) and uses_int8_kernel(*(f.int_bits for f in fmts[2:])))
+
+
 def int8_operands(fmts) -> bool:
   """Whether kernel-converted GEMM operands of these formats may be written as int8: all integer
   formats of <= 8 bits (the INT8 GEMM's), and no Flax statistics recorded (their conversion call is
@@ -211,7 +224,7 @@ def block_shape3(shape3, fmt, c_ax: int) -> tuple[int, ...]:
 
 
 def quantize_blocks_equal(fmt, shape3) -> bool:
-  bsz, m, n = shape3
-  a = fmt.block_shape((bsz, m, n))
-  b = fmt.block_shape((bsz, n, m))
-  return a == (bsz, m, n) and b == (bsz, n, m)
+  """Whether `quantize3` of a [B, M, N] operand gives the same QArray read with contraction axis 2
+  or 1: the physical blocks agree (per-tensor, HBFP's square tiles), so one conversion serves both
+  backward GEMMs. 1-D blocks along the contraction (MX) differ."""
+  return block_shape3(shape3, fmt, 2) == block_shape3(shape3, fmt, 1)

@@ -18,8 +18,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import (block_shape3, counters_read, lazy_operands, quantize3, quantize3_operands,
-                                   quantize_blocks_equal, quantize_given_exponent)
+from jdfp._src.ops.convert import (block_shape3, counters_read, int8_conversions, lazy_operands, quantize3,
+                                   quantize3_operands, quantize_blocks_equal, quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm, int8_storage
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -43,7 +43,7 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
   ql, qr = quantize3_operands(
       [(to3(lhs, lv), policy.lhs, lv.c_ax, k_fwd_l), (to3(rhs, rv), policy.rhs, rv.c_ax, k_fwd_r)],
       policy.fwd_rounding, policy.axis_name, kernel_quantize(policy),
-      lazy_operands(work, "lhs" in lazy, "rhs" in lazy))
+      lazy_operands(work, "lhs" in lazy, "rhs" in lazy), int8_conversions(policy))
   ql, qr = int8_storage(ql, qr, policy)  # <= 8-bit formats on the INT8 kernel: int8 residuals
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
@@ -99,12 +99,13 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
   ax = policy.axis_name
   uk = kernel_quantize(policy)
+  i8 = int8_conversions(policy)
   # The gradient's conversion counts: it is then the call the Flax gradient statistics make (merged).
   with counters_read():
-    g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)
+    g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk, i8)
     same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
             quantize_blocks_equal(policy.dlhs, g3.shape)))
-    g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk)
+    g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk, i8)
 
   dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
                               need_l is not None, need_r is not None)
@@ -153,7 +154,8 @@ def reblock_for_backward(q: qz.QArray, c_ax: int, policy: Policy) -> qz.QArray:
   if not needs_reblock(q, c_ax):
     return q
   x = q.values if jnp.issubdtype(q.values.dtype, jnp.floating) else qz.dequantize(q)
-  return quantize3(x.astype(jnp.float32), q.fmt, c_ax, "nearest", None, policy.axis_name, kernel_quantize(policy))
+  return quantize3(x.astype(jnp.float32), q.fmt, c_ax, "nearest", None, policy.axis_name, kernel_quantize(policy),
+                   int8_conversions(policy))
 
 
 dot_core.defvjp(_dot_fwd_perturbed, _dot_bwd, symbolic_zeros=True)
