@@ -4,6 +4,9 @@
 //   JdfpFloatStats : float32 x [...], q [...] (the cast: float16 / bfloat16, or its uint16 bit
 //                    patterns) -> int32 [5]: amax bits, amin bits, saturated,
 //                    underflow, nonfinite.   attrs: fmt (0: float16, 1: bfloat16), isa
+//   JdfpFloatCastStats : float32 x [...] -> q [...] (float16 / bfloat16: x's cast, bit for bit XLA:CPU's
+//                    convert), int32 [5] (the counters above).   attrs: fmt, isa
+//                    One pass instead of XLA's cast plus JdfpFloatStats: the GEMM reads this q.
 //
 // One pass on the calling thread: the counters are read once per tensor per step, and a single
 // core streams the 6 bytes per element faster than a pool dispatch pays off at these sizes.
@@ -17,6 +20,10 @@ namespace jdfp {
 
 void float_stats_scalar(const float* x, const uint16_t* q, int64_t n, uint16_t q_inf, FloatStats& s) {
   float_stats_ref(x, q, n, q_inf, s);
+}
+
+void float_cast_stats_scalar(const float* x, uint16_t* q, int64_t n, bool bf16, FloatStats& s) {
+  float_cast_stats_ref(x, q, n, bf16, s);
 }
 
 namespace {
@@ -48,6 +55,26 @@ ffi::Error float_stats_impl(ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::Result<ffi:
   return ffi::Error::Success();
 }
 
+ffi::Error float_cast_stats_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> out,
+                                 int32_t fmt, int32_t isa) {
+  const std::string who = "float_cast_stats";
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error err = select_isa(who, isa, kernels); err.failure()) return err;
+  if (fmt != 0 && fmt != 1) return invalid_as(who, "fmt must be 0 (float16) or 1 (bfloat16), got " + std::to_string(fmt));
+  if (x.element_type() != ffi::DataType::F32) return invalid_as(who, "x must be float32");
+  const ffi::DataType want = fmt == 0 ? ffi::DataType::F16 : ffi::DataType::BF16;
+  if (q->element_type() != want) return invalid_as(who, "the cast result's dtype does not match fmt");
+  if (q->element_count() != x.element_count()) return invalid_as(who, "the cast result must have x's size");
+  if (out->element_type() != ffi::DataType::S32 || out->element_count() != 5)
+    return invalid_as(who, "the counters result must be int32 [5]");
+  FloatStats s;
+  kernels->float_cast_stats(static_cast<const float*>(x.untyped_data()), static_cast<uint16_t*>(q->untyped_data()),
+                            int64_t(x.element_count()), fmt == 1, s);
+  const int32_t r[5] = {int32_t(s.amax), int32_t(s.amin), int32_t(s.sat), int32_t(s.under), int32_t(s.nonfin)};
+  std::memcpy(out->untyped_data(), r, sizeof(r));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jdfp
 
@@ -62,6 +89,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpFloatStats, float_stats,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("fmt")
+                                  .Attr<int32_t>("isa"));
+
+JDFP_EXPORT XLA_FFI_Error* JdfpFloatCastStats(XLA_FFI_CallFrame*);
+
+static ffi::Error float_cast_stats(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> out,
+                                   int32_t fmt, int32_t isa) {
+  return jdfp::float_cast_stats_impl(x, q, out, fmt, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpFloatCastStats, float_cast_stats,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("fmt")
                                   .Attr<int32_t>("isa"));

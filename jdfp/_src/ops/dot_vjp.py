@@ -18,8 +18,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import (block_shape3, counters_read, lazy_operands, quantize3, quantize3_operands,
-                                   quantize_blocks_equal, quantize_given_exponent)
+from jdfp._src.ops.convert import (block_shape3, counters_read, kernel_casts, lazy_operands, quantize3,
+                                   quantize3_operands, quantize_blocks_equal, quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm, int8_storage
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
@@ -42,7 +42,7 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
   work = lv.shape3[0] * lv.shape3[lv.f_ax] * lv.shape3[lv.c_ax] * rv.shape3[rv.f_ax]
   ql, qr = quantize3_operands(
       [(to3(lhs, lv), policy.lhs, lv.c_ax, k_fwd_l), (to3(rhs, rv), policy.rhs, rv.c_ax, k_fwd_r)],
-      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy),
+      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy) or kernel_casts(policy),
       lazy_operands(work, "lhs" in lazy, "rhs" in lazy))
   ql, qr = int8_storage(ql, qr, policy)  # <= 8-bit formats on the INT8 kernel: int8 residuals
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
@@ -98,7 +98,7 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
   # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
   ax = policy.axis_name
-  uk = kernel_quantize(policy)
+  uk = kernel_quantize(policy) or kernel_casts(policy)  # (FP16 / BF16: the counting cast)
   # The gradient's conversion counts: it is then the call the Flax gradient statistics make (merged).
   with counters_read():
     g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jdfp._src.ops.convert import cast_float, counters_read, kernel_casts
 from jdfp._src.ops.policy import Policy
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
 
@@ -40,9 +41,9 @@ def _conv32(x, w, geom):
                                   preferred_element_type=jnp.float32)
 
 
-def _rounded32(x, fmt):
+def _rounded32(x, fmt, use_kernel=False):
   """x rounded to ``fmt`` (nearest even; overflow to +-Inf, NaN kept), widened back exactly."""
-  return x.astype(fmt.dtype).astype(jnp.float32)
+  return cast_float(x, fmt, use_kernel).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -52,7 +53,9 @@ def float_conv(x, w, geom, policy: Policy, out_dtype):
 
 
 def _fwd(x, w, geom, policy, out_dtype):
-  xq, wq = x.astype(policy.lhs.dtype), w.astype(policy.rhs.dtype)
+  # With Flax statistics (`counters_read`), the counting kernel cast: the statistics' own call.
+  uk = kernel_casts(policy)
+  xq, wq = cast_float(x, policy.lhs, uk), cast_float(w, policy.rhs, uk)
   y = _conv32(xq.astype(jnp.float32), wq.astype(jnp.float32), geom).astype(out_dtype)
   # Residuals: the rounded operands (or the float inputs, per Policy.float_residuals); zero-size
   # slices carry the inputs' shapes, dtypes and shard_map types.
@@ -75,12 +78,15 @@ def _bwd(geom, policy, out_dtype, res, g):
   g = g.astype(jnp.float32)
   dx = dw = None
   # The conv is linear in each operand: transpose it (no primal conv is traced again).
+  # The gradient's cast counts, as dot_vjp's: it is then the Flax gradient statistics' call (merged).
+  with counters_read():
+    g_dl, g_dr = (_rounded32(g, f, kernel_casts(policy)) for f in (policy.dlhs, policy.drhs))
   if need_x is not None:
     t_x = jax.linear_transpose(lambda a: _conv32(a, w32, geom), x32)
-    dx = as_cotangent_of(t_x(_rounded32(g, policy.dlhs))[0].astype(x_dt.dtype), x_dt)
+    dx = as_cotangent_of(t_x(g_dl)[0].astype(x_dt.dtype), x_dt)
   if need_w is not None:
     t_w = jax.linear_transpose(lambda b: _conv32(x32, b, geom), w32)
-    dw = as_cotangent_of(t_w(_rounded32(g, policy.drhs))[0].astype(w_dt.dtype), w_dt)
+    dw = as_cotangent_of(t_w(g_dr)[0].astype(w_dt.dtype), w_dt)
   return dx, dw
 
 
