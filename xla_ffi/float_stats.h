@@ -77,9 +77,12 @@ static inline uint32_t f16_magnitude(uint32_t a) {
   const uint32_t sh = std::min(126u - std::min(e, 126u), 31u);
   const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
   const uint32_t sub = (m + ((1u << sh) >> 1) - 1u + ((m >> sh) & 1u)) >> sh;
-  const uint32_t fin = a >= 0x38800000u ? normal : sub;
-  const uint32_t big = a > 0x7F800000u ? (0x7E00u | ((a >> 13) & 0x3FFu)) : 0x7C00u;
-  return a >= 0x477FF000u ? big : fin;
+  // Masks, not selects: the loop stays branch-free and vectorizes.
+  const uint32_t is_normal = 0u - uint32_t(a >= 0x38800000u), is_big = 0u - uint32_t(a >= 0x477FF000u);
+  const uint32_t is_nan = 0u - uint32_t(a > 0x7F800000u);
+  const uint32_t big = 0x7C00u | (is_nan & (0x0200u | ((a >> 13) & 0x3FFu)));
+  const uint32_t fin = (normal & is_normal) | (sub & ~is_normal);
+  return (big & is_big) | (fin & ~is_big);
 }
 
 static inline uint32_t bf16_magnitude(uint32_t a) {
