@@ -1,0 +1,48 @@
+"""FP16 / BF16 recipes with Flax statistics: the one-pass kernel cast (`convert.cast_float`, merged
+with the statistics' call) gives the same outputs, gradients and statistics as XLA's casts with
+separate counting, bit for bit, and leaves no separate count in the compiled step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import jdfp
+from jdfp._src.ops import convert, dot_vjp, float_conv
+
+
+class _Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    x = nn.relu(x).reshape(x.shape[0], -1)
+    return nn.Dense(5)(nn.relu(nn.Dense(16)(x)))
+
+
+def _step(recipe):
+  model = jdfp.quantize(_Net(), jdfp.policies.get(recipe))
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3)) * 300.0  # fp16 saturates a few
+  x = x.at[0, 0, 0, 0].set(1e-9)  # and underflows one
+  v = model.init({"params": jax.random.key(1), "dfp": jax.random.key(2)}, x)
+
+  def loss(v):
+    out, new = model.apply(v, x, rngs={"dfp": jax.random.key(3)}, mutable=["dfp"])
+    return jnp.sum(out ** 2), (out, new)
+
+  return jax.jit(jax.grad(loss, has_aux=True)), v
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "bf16"])
+def test_one_pass_equals_separate_casts(recipe, monkeypatch):
+  step, v = _step(recipe)
+  got = step(v)
+  hlo = step.lower(v).compile().as_text()
+  assert "jdfp_float_cast_stats" in hlo and "jdfp_float_stats\"" not in hlo
+  for mod in (convert, dot_vjp, float_conv):  # XLA's casts, pure-JAX counts: the computation before
+    monkeypatch.setattr(mod, "kernel_casts", lambda policy: False)
+  step_old, _ = _step(recipe)
+  want = step_old(v)
+  assert "jdfp_float_cast_stats" not in step_old.lower(v).compile().as_text()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
