@@ -46,3 +46,20 @@ def test_one_pass_equals_separate_casts(recipe, monkeypatch):
   assert "jdfp_float_cast_stats" not in step_old.lower(v).compile().as_text()
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "bf16"])
+def test_without_statistics_the_ops_cast_with_xla(recipe):
+  """Plain `jdfp.dot_general` / `jdfp.conv_general_dilated` (no Flax statistics): forward and backward
+  casts stay XLA's converts; no counters are computed that nobody reads."""
+  policy = jdfp.policies.get(recipe)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  v = jax.random.normal(jax.random.key(2), (144, 5))
+
+  def loss(w, v):
+    h = jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), policy=policy)
+    return jnp.sum(jdfp.dot_general(h.reshape(2, -1), v, (((1,), (0,)), ((), ())), policy=policy) ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, v).compile().as_text()
+  assert "jdfp_float_cast_stats" not in hlo and "jdfp_float_stats" not in hlo

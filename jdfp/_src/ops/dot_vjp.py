@@ -18,12 +18,12 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import (block_shape3, counters_read, kernel_casts, lazy_operands, quantize3,
-                                   quantize3_operands, quantize_blocks_equal, quantize_given_exponent)
+from jdfp._src.ops.convert import (block_shape3, counters_read, counters_wanted, kernel_casts, lazy_operands,
+                                   quantize3, quantize3_operands, quantize_blocks_equal, quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm, int8_storage
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
-from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values, split_keys
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values, split_keys
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -81,11 +81,13 @@ def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
   """fwd with symbolic zeros: an operand nobody differentiates (the input batch, say) needs no
   backward GEMM. A None marker in the residuals tells `_dot_bwd` to skip it."""
   out, res = _dot_fwd(lhs.value, rhs.value, primal_values(key), dims, policy, precision, out_dtype)
-  return out, res + (perturbed_marker(lhs), perturbed_marker(rhs))
+  # Whether the Flax statistics count this op (`counters_read` around its forward): its backward's
+  # FP16 / BF16 gradient cast is then their counting kernel call, else XLA's plain convert.
+  return out, res + (perturbed_marker(lhs), perturbed_marker(rhs), perturbed_marker_of(counters_wanted()))
 
 
 def _dot_bwd(dims, policy, precision, out_dtype, res, g):
-  ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r = res
+  ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r, counted = res
   if isinstance(g, SymbolicZero):
     return None, None, None
   check_backward_key(policy, k_bwd)
@@ -100,7 +102,8 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   ax = policy.axis_name
   uk = kernel_quantize(policy) or kernel_casts(policy)  # (FP16 / BF16: the counting cast)
   # The gradient's conversion counts: it is then the call the Flax gradient statistics make (merged).
-  with counters_read():
+  # (Integer formats always: the counting kernel call costs what the plain one does.)
+  with counters_read(kernel_quantize(policy) or counted is not None):
     g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk)
     same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
             quantize_blocks_equal(policy.dlhs, g3.shape)))

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jdfp._src.ops.convert import cast_float, counters_read, kernel_casts
+from jdfp._src.ops.convert import cast_float, counters_read, counters_wanted, kernel_casts
 from jdfp._src.ops.policy import Policy
-from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values
 
 
 def float_formats(policy: Policy) -> bool:
@@ -67,11 +67,12 @@ def _fwd(x, w, geom, policy, out_dtype):
 def _fwd_perturbed(x, w, geom, policy, out_dtype):
   """fwd with symbolic zeros: an operand nobody differentiates (the input images) needs no pass."""
   out, res = _fwd(primal_values(x), primal_values(w), geom, policy, out_dtype)
-  return out, res + (perturbed_marker(x), perturbed_marker(w))
+  # Last: whether Flax statistics count this op, so the backward's gradient cast is their call.
+  return out, res + (perturbed_marker(x), perturbed_marker(w), perturbed_marker_of(counters_wanted()))
 
 
 def _bwd(geom, policy, out_dtype, res, g):
-  xr, wr, x_dt, w_dt, need_x, need_w = res
+  xr, wr, x_dt, w_dt, need_x, need_w, counted = res
   if isinstance(g, SymbolicZero):
     return None, None
   x32, w32 = _rounded32(xr, policy.lhs), _rounded32(wr, policy.rhs)
@@ -79,7 +80,7 @@ def _bwd(geom, policy, out_dtype, res, g):
   dx = dw = None
   # The conv is linear in each operand: transpose it (no primal conv is traced again).
   # The gradient's cast counts, as dot_vjp's: it is then the Flax gradient statistics' call (merged).
-  with counters_read():
+  with counters_read(counted is not None):
     g_dl, g_dr = (_rounded32(g, f, kernel_casts(policy)) for f in (policy.dlhs, policy.drhs))
   if need_x is not None:
     t_x = jax.linear_transpose(lambda a: _conv32(a, w32, geom), x32)
