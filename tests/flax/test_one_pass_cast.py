@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 import jdfp
-from jdfp._src.ops import convert, dot_vjp, float_conv
+from jdfp._src.ops import convert, dot_vjp
 
 
 class _Net(nn.Module):
@@ -38,8 +38,10 @@ def test_one_pass_equals_separate_casts(recipe, monkeypatch):
   step, v = _step(recipe)
   got = step(v)
   hlo = step.lower(v).compile().as_text()
-  assert "jdfp_float_cast_stats" in hlo and "jdfp_float_stats\"" not in hlo
-  for mod in (convert, dot_vjp, float_conv):  # XLA's casts, pure-JAX counts: the computation before
+  # The Dense layers' operands: one counting cast each (x, w, h, the gradient) and no separate count;
+  # the conv keeps XLA's casts and its count (1 + 1 + 1 for input, kernel and gradient).
+  assert hlo.count('"jdfp_float_cast_stats"') == 6 and hlo.count('"jdfp_float_stats"') == 3
+  for mod in (convert, dot_vjp):  # XLA's casts, pure-JAX counts: the computation before
     monkeypatch.setattr(mod, "kernel_casts", lambda policy: False)
   step_old, _ = _step(recipe)
   want = step_old(v)

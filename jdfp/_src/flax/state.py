@@ -150,9 +150,11 @@ def counts_on_kernel(policy) -> bool:
 
 
 def cast_stats(x, fmt, policy) -> dict:
-  """role_stats of an FP16 / BF16 operand. On the kernel: from `ffi.float_stats.float_cast_stats`,
+  """role_stats of an FP16 / BF16 GEMM operand. On the kernel: from `ffi.float_stats.float_cast_stats`,
   the call the op casts with while statistics are recorded (`convert.cast_float`), so XLA merges the
-  two and the operand is read once for its cast and its counters."""
+  two and the operand is read once for its cast and its counters. (Convolutions keep XLA's casts,
+  which XLA fuses into the producer of an activation, and `quantized_stats`' separate count: measured
+  faster on the CNN step, docs/op_costs.md.)"""
   if convert.kernel_cast_applies(x, counts_on_kernel(policy)) and library.kernel_available():
     return stats_from_float_counts(x, float_cast_stats(lax.stop_gradient(x), fmt.dtype)[1])
   return role_stats(x, qz.quantize_array(x, fmt), counts_on_kernel(policy))
@@ -254,8 +256,6 @@ def quantized_stats(x, fmt, bshape, rounding, key, policy) -> dict:
   `ffi.block_quantize.block_quantize_with_stats`; XLA merges the two identical calls), so they
   cost nothing beyond the conversion. Otherwise: quantize, then count (on the kernel where it runs).
   """
-  if not fmt.is_integer:
-    return cast_stats(x, fmt, policy)
   x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
   uk = counts_on_kernel(policy)
   ax = getattr(policy, "axis_name", None)

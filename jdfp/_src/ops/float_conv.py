@@ -21,9 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jdfp._src.ops.convert import cast_float, counters_read, counters_wanted, kernel_casts
 from jdfp._src.ops.policy import Policy
-from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
 
 
 def float_formats(policy: Policy) -> bool:
@@ -41,9 +40,9 @@ def _conv32(x, w, geom):
                                   preferred_element_type=jnp.float32)
 
 
-def _rounded32(x, fmt, use_kernel=False):
+def _rounded32(x, fmt):
   """x rounded to ``fmt`` (nearest even; overflow to +-Inf, NaN kept), widened back exactly."""
-  return cast_float(x, fmt, use_kernel).astype(jnp.float32)
+  return x.astype(fmt.dtype).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -53,9 +52,7 @@ def float_conv(x, w, geom, policy: Policy, out_dtype):
 
 
 def _fwd(x, w, geom, policy, out_dtype):
-  # With Flax statistics (`counters_read`), the counting kernel cast: the statistics' own call.
-  uk = kernel_casts(policy)
-  xq, wq = cast_float(x, policy.lhs, uk), cast_float(w, policy.rhs, uk)
+  xq, wq = x.astype(policy.lhs.dtype), w.astype(policy.rhs.dtype)
   y = _conv32(xq.astype(jnp.float32), wq.astype(jnp.float32), geom).astype(out_dtype)
   # Residuals: the rounded operands (or the float inputs, per Policy.float_residuals); zero-size
   # slices carry the inputs' shapes, dtypes and shard_map types.
@@ -67,27 +64,23 @@ def _fwd(x, w, geom, policy, out_dtype):
 def _fwd_perturbed(x, w, geom, policy, out_dtype):
   """fwd with symbolic zeros: an operand nobody differentiates (the input images) needs no pass."""
   out, res = _fwd(primal_values(x), primal_values(w), geom, policy, out_dtype)
-  # Last: whether Flax statistics count this op, so the backward's gradient cast is their call.
-  return out, res + (perturbed_marker(x), perturbed_marker(w), perturbed_marker_of(counters_wanted()))
+  return out, res + (perturbed_marker(x), perturbed_marker(w))
 
 
 def _bwd(geom, policy, out_dtype, res, g):
-  xr, wr, x_dt, w_dt, need_x, need_w, counted = res
+  xr, wr, x_dt, w_dt, need_x, need_w = res
   if isinstance(g, SymbolicZero):
     return None, None
   x32, w32 = _rounded32(xr, policy.lhs), _rounded32(wr, policy.rhs)
   g = g.astype(jnp.float32)
   dx = dw = None
   # The conv is linear in each operand: transpose it (no primal conv is traced again).
-  # The gradient's cast counts, as dot_vjp's: it is then the Flax gradient statistics' call (merged).
-  with counters_read(counted is not None):
-    g_dl, g_dr = (_rounded32(g, f, kernel_casts(policy)) for f in (policy.dlhs, policy.drhs))
   if need_x is not None:
     t_x = jax.linear_transpose(lambda a: _conv32(a, w32, geom), x32)
-    dx = as_cotangent_of(t_x(g_dl)[0].astype(x_dt.dtype), x_dt)
+    dx = as_cotangent_of(t_x(_rounded32(g, policy.dlhs))[0].astype(x_dt.dtype), x_dt)
   if need_w is not None:
     t_w = jax.linear_transpose(lambda b: _conv32(x32, b, geom), w32)
-    dw = as_cotangent_of(t_w(g_dr)[0].astype(w_dt.dtype), w_dt)
+    dw = as_cotangent_of(t_w(_rounded32(g, policy.drhs))[0].astype(w_dt.dtype), w_dt)
   return dx, dw
 
 
