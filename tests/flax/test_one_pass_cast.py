@@ -1,6 +1,7 @@
 """FP16 / BF16 recipes with Flax statistics: the one-pass kernel cast (`convert.cast_float`, merged
 with the statistics' call) gives the same outputs, gradients and statistics as XLA's casts with
-separate counting, bit for bit, and leaves no separate count in the compiled step."""
+separate counting, bit for bit, and leaves no separate count of a GEMM operand in the compiled step
+(convolutions keep XLA's casts and their count)."""
 
 import jax
 import jax.numpy as jnp
