@@ -21,22 +21,22 @@ namespace {
 // Indexed by Isa; entry 0 (kIsaAuto) is never returned.  The AVX2 and AVX-VNNI entries share the
 // conversion kernels (VNNI adds nothing there) and use the scalar statistics (quantize_kernels.h).
 const IsaKernels kTable[] = {
-    /* kIsaAuto */ {"auto", nullptr, 0, 0, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAuto */ {"auto", nullptr, 0, 0, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
     /* kIsaScalar */
     {"scalar", tile_scalar, 4, 8, 128, convert_scalar, amax_scalar, stats_scalar, convert_stochastic_scalar,
-     convert_biased_scalar, float_stats_scalar},
+     convert_biased_scalar, float_stats_scalar, float_cast_stats_scalar},
     /* kIsaAvx2 */
     {"avx2", JDFP_SIMD_ENTRY(tile_avx2), 6, 16, 128, JDFP_SIMD_ENTRY(convert_avx2), JDFP_SIMD_ENTRY(amax_avx2),
      stats_scalar, JDFP_SIMD_ENTRY(convert_stochastic_avx2), JDFP_SIMD_ENTRY(convert_biased_avx2),
-     JDFP_SIMD_ENTRY(float_stats_avx2)},
+     JDFP_SIMD_ENTRY(float_stats_avx2), JDFP_SIMD_ENTRY(float_cast_stats_avx2)},
     /* kIsaAvxVnni */
     {"avx_vnni", JDFP_SIMD_ENTRY(tile_avxvnni), 6, 16, 128, JDFP_SIMD_ENTRY(convert_avx2),
      JDFP_SIMD_ENTRY(amax_avx2), stats_scalar, JDFP_SIMD_ENTRY(convert_stochastic_avx2),
-     JDFP_SIMD_ENTRY(convert_biased_avx2), JDFP_SIMD_ENTRY(float_stats_avx2)},
+     JDFP_SIMD_ENTRY(convert_biased_avx2), JDFP_SIMD_ENTRY(float_stats_avx2), JDFP_SIMD_ENTRY(float_cast_stats_avx2)},
     /* kIsaAvx512Vnni */
     {"avx512_vnni", JDFP_SIMD_ENTRY(tile_avx512vnni), 12, 32, 128, JDFP_SIMD_ENTRY(convert_avx512),
      JDFP_SIMD_ENTRY(amax_avx512), JDFP_SIMD_ENTRY(stats_avx512), JDFP_SIMD_ENTRY(convert_stochastic_avx512),
-     JDFP_SIMD_ENTRY(convert_biased_avx512), JDFP_SIMD_ENTRY(float_stats_avx512)},
+     JDFP_SIMD_ENTRY(convert_biased_avx512), JDFP_SIMD_ENTRY(float_stats_avx512), JDFP_SIMD_ENTRY(float_cast_stats_avx512)},
 };
 static_assert(sizeof(kTable) / sizeof(kTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
 

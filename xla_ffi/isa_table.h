@@ -25,6 +25,8 @@ struct IsaKernels {
   ConvertFn convert_stochastic, convert_biased;
   // Counters of an FP16 / BF16 cast (float_stats.h).
   FloatStatsFn float_stats;
+  // The cast itself and its counters, in one pass (float_stats.h).
+  FloatCastStatsFn float_cast_stats;
 };
 
 // Bit i set: ISA i (an Isa value, kIsaScalar..kIsaAvx512Vnni) is built and the CPU/OS runs it.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jdfp
-from jdfp._src.ffi.float_stats import float_stats
+from jdfp._src.ffi.float_stats import float_cast_stats, float_stats
 from jdfp._src.flax.state import role_stats, stats_from_float_counts
 from jdfp._src.numerics import quantize as qz
 
@@ -64,3 +64,38 @@ def test_bad_input():
     float_stats(x, jnp.ones((5,), jnp.bfloat16))
   with pytest.raises(TypeError, match="x must have dtype float32"):
     float_stats(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16))
+
+
+def _adversarial_bits():
+  """float32 bit patterns: every exponent with significands at the casts' rounding ties and their
+  neighbours (both signs), NaN payloads, subnormals, a stride over all 2**32 patterns, random ones."""
+  exps = np.arange(256, dtype=np.uint32) << 23
+  mants = np.array([0, 1, 2, 0x7FFF, 0x8000, 0x8001, 0x17FFF, 0x18000, 0x18001, 0xFFF, 0x1000, 0x1001, 0x2FFF,
+                    0x3000, 0x3001, 0x7FFFFF, 0x7FFFFE, 0x400000, 0x400001, 0x3FFFFF, 0x7F8000, 0x7FF000], np.uint32)
+  grid = (exps[:, None] | mants[None, :]).ravel()
+  stride = np.arange(0, 2**32, 65537, dtype=np.uint64).astype(np.uint32)
+  rand = np.random.default_rng(1).integers(0, 2**32, 2**16, dtype=np.uint64).astype(np.uint32)
+  return np.concatenate([grid, grid | 0x80000000, stride, rand]).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_cast_is_xla_convert_bit_for_bit(dtype, isa):
+  """float_cast_stats' cast equals XLA:CPU's convert on every float32 class (ties, overflow, float16
+  subnormal results, float32 subnormals, NaN payloads), plain and inside a fusion; its counters equal
+  float_stats of that cast."""
+  x = jnp.asarray(_adversarial_bits())
+  q, counts = jax.jit(lambda a: float_cast_stats(a, dtype, isa=isa))(x)
+  bits = lambda v: np.asarray(v).view(np.uint16)
+  np.testing.assert_array_equal(bits(q), bits(jax.jit(lambda a: a.astype(dtype))(x)))
+  fused = jax.jit(lambda a: jnp.where(a == a, a, a).astype(dtype))(x)
+  np.testing.assert_array_equal(bits(q), bits(fused))
+  np.testing.assert_array_equal(np.asarray(counts), np.asarray(float_stats(x, x.astype(dtype), isa=isa)))
+
+
+def test_cast_stats_bad_input():
+  with pytest.raises(TypeError, match="x must have dtype float32"):
+    float_cast_stats(jnp.ones((4,), jnp.bfloat16), jnp.float16)
+  with pytest.raises(TypeError, match="dtype must be float16 or bfloat16"):
+    float_cast_stats(jnp.ones((4,)), jnp.int8)
+  q, c = float_cast_stats(jnp.ones((0, 3)), jnp.bfloat16)
+  assert q.shape == (0, 3) and q.dtype == jnp.bfloat16 and np.asarray(c).tolist() == [0, 0x7F800000, 0, 0, 0]

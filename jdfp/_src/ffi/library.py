@@ -52,6 +52,7 @@ TARGET_QUANTIZE_DFP_NOCOUNT = "jdfp_quantize_dfp_nocount"  # the same without th
 TARGET_QUANT_STATS = "jdfp_quant_stats"  # float32 x, int16 q, int32 e -> int32 [4] counters
 TARGET_DFP_EXPONENTS = "jdfp_dfp_exponents"  # float32 x_0..x_n -> int32 e_0..e_n (from max |x|)
 TARGET_FLOAT_STATS = "jdfp_float_stats"  # float32 x, uint16 bits of its FP16/BF16 cast -> int32 [5] counters
+TARGET_FLOAT_CAST_STATS = "jdfp_float_cast_stats"  # float32 x -> its FP16/BF16 cast, int32 [5] counters
 TARGET_BLOCK_QUANTIZE = "jdfp_block_quantize"  # float32 x [B, R, C] -> int16, int32 e per block
 TARGET_BLOCK_QUANTIZE_STATS = "jdfp_block_quantize_stats"  # the same + int32 [4] counters, int32 [2] exponent range
 TARGET_BLOCK_FAKE_QUANTIZE = "jdfp_block_fake_quantize"  # float32 x -> float32 dequantized values, int32 e
@@ -92,7 +93,7 @@ def _load() -> None:
                       (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp),
                       (TARGET_QUANTIZE_DFP_NOCOUNT, lib.JdfpQuantizeDfpNoCount),
                       (TARGET_QUANT_STATS, lib.JdfpQuantStats), (TARGET_DFP_EXPONENTS, lib.JdfpDfpExponents),
-                      (TARGET_FLOAT_STATS, lib.JdfpFloatStats),
+                      (TARGET_FLOAT_STATS, lib.JdfpFloatStats), (TARGET_FLOAT_CAST_STATS, lib.JdfpFloatCastStats),
                       (TARGET_BLOCK_QUANTIZE, lib.JdfpBlockQuantize),
                       (TARGET_BLOCK_QUANTIZE_STATS, lib.JdfpBlockQuantizeStats),
                       (TARGET_BLOCK_FAKE_QUANTIZE, lib.JdfpBlockFakeQuantize)):

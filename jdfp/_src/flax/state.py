@@ -29,7 +29,7 @@ from jax import lax
 
 from jdfp._src.ffi import block_quantize as ffi_block
 from jdfp._src.ffi import library
-from jdfp._src.ffi.float_stats import float_stats
+from jdfp._src.ffi.float_stats import float_cast_stats, float_stats
 from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
 from jdfp._src.numerics import quantize as qz
@@ -138,7 +138,7 @@ def scale_state(old) -> "delayed.ScaleState":
 def operand_stats(x3, fmt, c_ax, rounding, key, policy) -> dict:
   """quantized_stats of a physical 3-D GEMM operand (blocks as the op reads them)."""
   if not fmt.is_integer:
-    return role_stats(x3, quantize3(x3, fmt, c_ax, rounding, key, policy.axis_name), counts_on_kernel(policy))
+    return cast_stats(x3, fmt, policy)
   return quantized_stats(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding, key, policy,
                          int8=convert.int8_conversions(policy))
 
@@ -147,7 +147,18 @@ def counts_on_kernel(policy) -> bool:
   """Whether this policy's statistics count on the C++ kernel (it runs here and the policy does
   not ask for the pure-JAX reference): `kernel_quantize` for integer formats, and the same rule for
   FP16 / BF16 policies, which convert nothing on the kernel but count there."""
-  return kernel_quantize(policy) or (policy.backend != "reference" and convert.kernel_convert_available())
+  return kernel_quantize(policy) or convert.kernel_casts(policy)
+
+
+def cast_stats(x, fmt, policy) -> dict:
+  """role_stats of an FP16 / BF16 GEMM operand. On the kernel: from `ffi.float_stats.float_cast_stats`,
+  the call the op casts with while statistics are recorded (`convert.cast_float`), so XLA merges the
+  two and the operand is read once for its cast and its counters. (Convolutions keep XLA's casts,
+  which XLA fuses into the producer of an activation, and `quantized_stats`' separate count: measured
+  faster on the CNN step, docs/op_costs.md.)"""
+  if convert.kernel_cast_applies(x, counts_on_kernel(policy)) and library.kernel_available():
+    return stats_from_float_counts(x, float_cast_stats(lax.stop_gradient(x), fmt.dtype)[1])
+  return role_stats(x, qz.quantize_array(x, fmt), counts_on_kernel(policy))
 
 
 def role_stats(x, q: qz.QArray, use_kernel: bool = False) -> dict:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jdfp._src.ffi import block_quantize as ffi_block
+from jdfp._src.ffi import float_stats as ffi_float_stats
 from jdfp._src.ffi import library
 from jdfp._src.ffi import quantize as ffi_quantize
 from jdfp._src.numerics import formats
@@ -138,11 +139,37 @@ def quantize_given_exponent(x, e, fmt, rounding, key, bshape, use_kernel=False, 
   return qz.quantize_given_exponent(x, e, fmt, rounding, key, bshape)
 
 
+def kernel_casts(policy) -> bool:
+  """Whether this policy's FP16 / BF16 casts may run on the C++ kernel (`cast_float`): any backend
+  but "reference", where the kernel runs."""
+  return policy.backend != "reference" and kernel_convert_available()
+
+
+def kernel_cast_applies(x, use_kernel) -> bool:
+  """Whether `cast_float` of ``x`` casts on the kernel (the Flax statistics ask the same question)."""
+  return bool(use_kernel) and jnp.result_type(x) == jnp.float32 and jnp.size(x) > 0
+
+
+def cast_float(x, fmt, use_kernel=False) -> jax.Array:
+  """``x.astype(fmt.dtype)`` (FP16 / BF16). Inside a `counters_read` block, float32 ``x`` and
+  ``use_kernel``: cast on the C++ kernel that also counts (`ffi.float_stats.float_cast_stats`, bit for
+  bit XLA's convert), the very call the Flax statistics make, so XLA merges the two and each operand
+  is read once for its cast and its counters (XLA's convert and a separate count were three passes)."""
+  if counters_wanted() and kernel_cast_applies(x, use_kernel):
+    return ffi_float_stats.float_cast_stats(x, fmt.dtype)[0]
+  return x.astype(fmt.dtype)
+
+
 def quantize3(x3, fmt, c_ax: int, rounding: str, key, axis_name=None, use_kernel=None, int8=False) -> qz.QArray:
   """Quantize a physical 3-D operand; block formats read on its (batch, free, contraction) view.
-  ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run);
-  ``int8``: the kernel writes int8 values (a format of <= 8 bits bound for the INT8 GEMM)."""
+  ``use_kernel``: the float -> int16 conversion on the C++ kernel (None: wherever it can run; FP16 /
+  BF16: `cast_float`'s kernel cast); ``int8``: the kernel writes int8 values (a format of <= 8 bits
+  bound for the INT8 GEMM)."""
   if not fmt.is_integer:
+    if use_kernel is None:
+      use_kernel = kernel_convert_available()
+    if counters_wanted() and kernel_cast_applies(x3, use_kernel):
+      return qz.QArray(cast_float(x3, fmt, True), jnp.zeros((1,) * x3.ndim, jnp.int32), fmt, None)
     return qz.quantize_array(x3, fmt)
   return quantize_blocks(x3, fmt, block_shape3(x3.shape, fmt, c_ax), rounding=rounding, key=key,
                          axis_name=axis_name, use_kernel=use_kernel, int8=int8)

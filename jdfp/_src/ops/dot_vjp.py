@@ -18,12 +18,13 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
-from jdfp._src.ops.convert import (block_shape3, counters_read, int8_conversions, lazy_operands, quantize3,
-                                   quantize3_operands, quantize_blocks_equal, quantize_given_exponent)
+from jdfp._src.ops.convert import (block_shape3, counters_read, counters_wanted, int8_conversions, kernel_casts,
+                                   lazy_operands, quantize3, quantize3_operands, quantize_blocks_equal,
+                                   quantize_given_exponent)
 from jdfp._src.ops.gemm import gemm, int8_storage
 from jdfp._src.ops.layout import View, from3, out_shape, to3, views
 from jdfp._src.ops.policy import Policy, check_backward_key
-from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values, split_keys
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values, split_keys
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -42,7 +43,7 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
   work = lv.shape3[0] * lv.shape3[lv.f_ax] * lv.shape3[lv.c_ax] * rv.shape3[rv.f_ax]
   ql, qr = quantize3_operands(
       [(to3(lhs, lv), policy.lhs, lv.c_ax, k_fwd_l), (to3(rhs, rv), policy.rhs, rv.c_ax, k_fwd_r)],
-      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy),
+      policy.fwd_rounding, policy.axis_name, kernel_quantize(policy) or kernel_casts(policy),
       lazy_operands(work, "lhs" in lazy, "rhs" in lazy), int8_conversions(policy))
   ql, qr = int8_storage(ql, qr, policy)  # <= 8-bit formats on the INT8 kernel: int8 residuals
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
@@ -81,11 +82,13 @@ def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
   """fwd with symbolic zeros: an operand nobody differentiates (the input batch, say) needs no
   backward GEMM. A None marker in the residuals tells `_dot_bwd` to skip it."""
   out, res = _dot_fwd(lhs.value, rhs.value, primal_values(key), dims, policy, precision, out_dtype)
-  return out, res + (perturbed_marker(lhs), perturbed_marker(rhs))
+  # Whether the Flax statistics count this op (`counters_read` around its forward): its backward's
+  # FP16 / BF16 gradient cast is then their counting kernel call, else XLA's plain convert.
+  return out, res + (perturbed_marker(lhs), perturbed_marker(rhs), perturbed_marker_of(counters_wanted()))
 
 
 def _dot_bwd(dims, policy, precision, out_dtype, res, g):
-  ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r = res
+  ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r, counted = res
   if isinstance(g, SymbolicZero):
     return None, None, None
   check_backward_key(policy, k_bwd)
@@ -98,10 +101,11 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
   # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
   ax = policy.axis_name
-  uk = kernel_quantize(policy)
+  uk = kernel_quantize(policy) or kernel_casts(policy)  # (FP16 / BF16: the counting cast)
   i8 = int8_conversions(policy)
   # The gradient's conversion counts: it is then the call the Flax gradient statistics make (merged).
-  with counters_read():
+  # (Integer formats always: the counting kernel call costs what the plain one does.)
+  with counters_read(kernel_quantize(policy) or counted is not None):
     g_dl = quantize3(g3, policy.dlhs, 2, policy.grad_rounding, k_dl, ax, uk, i8)
     same = (policy.dlhs == policy.drhs and (not policy.dlhs.is_integer or
             quantize_blocks_equal(policy.dlhs, g3.shape)))
