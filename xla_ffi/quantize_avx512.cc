@@ -67,6 +67,26 @@ inline __mmask16 lanes_left(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : (left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u));
 }
 
+// The counters of stats_ref over 16-lane steps: lanes `in` of float32 bits xbits, in finite groups
+// `gok` (a subset of in), scaled by (p1, p2), against their int16 values q.
+struct Counts16 {
+  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+  inline void add(__mmask16 in, __mmask16 gok, __m512i xbits, __m512 p1, __m512 p2, __m512 qm, __m256i q16) {
+    const __m512i u = _mm512_and_si512(xbits, _mm512_set1_epi32(int(kAbsMask)));
+    const __m512i inf = _mm512_set1_epi32(int(kInfBits));
+    const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
+    const __mmask16 good =
+        _mm512_mask_cmplt_epu32_mask(gok, u, inf) & _mm512_cmpge_epu32_mask(u, _mm512_set1_epi32(int(kMinNormalBits)));
+    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
+    const __m512i q = _mm512_cvtepi16_epi32(q16);
+    nonfin += _mm_popcnt_u32(bad);
+    ok += _mm_popcnt_u32(good);
+    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));
+    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, q, _mm512_setzero_si512()));
+  }
+  void flush(Counts& c) const { c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok; }
+};
+
 }  // namespace
 
 void convert_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
@@ -136,24 +156,15 @@ uint32_t amax_avx512(const float* x, int64_t begin, int64_t end) {
 
 // The counters of stats_ref as lane masks: one masked 16-lane step per iteration, tail included.
 void stats_avx512(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
-  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits)),
-                inf = _mm512_set1_epi32(int(kInfBits));
   const __m512 p1 = _mm512_set1_ps(a.p1), p2 = _mm512_set1_ps(a.p2), qm = _mm512_set1_ps(a.qm);
   const __mmask16 gok = a.group_ok ? __mmask16(0xFFFF) : __mmask16(0);
-  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+  Counts16 k;
   for (int64_t i = begin; i < end; i += 16) {
-    const __mmask16 in = end - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - i)) - 1u);
-    const __m512i u = _mm512_and_si512(_mm512_maskz_loadu_epi32(in, a.x + i), abs);
-    const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
-    const __mmask16 good = _mm512_mask_cmplt_epu32_mask(gok & in, u, inf) & _mm512_cmpge_epu32_mask(u, tiny);
-    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
-    const __m512i q = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, a.q + (i - a.q_index0)));
-    nonfin += _mm_popcnt_u32(bad);
-    ok += _mm_popcnt_u32(good);
-    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));
-    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, q, _mm512_setzero_si512()));
+    const __mmask16 in = lanes_left(end - i);
+    k.add(in, gok & in, _mm512_maskz_loadu_epi32(in, a.x + i), p1, p2, qm,
+          _mm256_maskz_loadu_epi16(in, a.q + (i - a.q_index0)));
   }
-  c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok;
+  k.flush(c);
 }
 
 // Stochastic rounding of a row segment with per-element scales (convert_stochastic_cols_ref): 64
@@ -180,25 +191,15 @@ void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int
 // stats_avx512 of a row segment with per-element scales; s1 == 0 lanes belong to NONFINITE blocks.
 void stats_cols_avx512(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qmf,
                        Counts& c) {
-  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits)),
-                inf = _mm512_set1_epi32(int(kInfBits));
   const __m512 qm = _mm512_set1_ps(qmf);
-  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+  Counts16 k;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = lanes_left(n - i);
-    const __m512i u = _mm512_and_si512(_mm512_maskz_loadu_epi32(in, x + i), abs);
     const __m512 p1 = _mm512_maskz_loadu_ps(in, s1 + i), p2 = _mm512_maskz_loadu_ps(in, s2 + i);
     const __mmask16 gok = _mm512_mask_cmp_ps_mask(in, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
-    const __mmask16 good = _mm512_mask_cmplt_epu32_mask(gok, u, inf) & _mm512_cmpge_epu32_mask(u, tiny);
-    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
-    const __m512i qv = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, q + i));
-    nonfin += _mm_popcnt_u32(bad);
-    ok += _mm_popcnt_u32(good);
-    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));
-    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, qv, _mm512_setzero_si512()));
+    k.add(in, gok, _mm512_maskz_loadu_epi32(in, x + i), p1, p2, qm, _mm256_maskz_loadu_epi16(in, q + i));
   }
-  c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok;
+  k.flush(c);
 }
 
 }  // namespace jdfp

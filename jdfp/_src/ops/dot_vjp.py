@@ -99,7 +99,8 @@ def _dot_bwd(dims, policy, precision, out_dtype, res, g):
   g3 = g.astype(jnp.float32).reshape(bsz, m, n)
   k_dl, k_dr = split_keys(k_bwd, 2)
   # Output gradient as the dlhs operand (contraction over N: physical axis 2) and as the drhs
-  # operand (contraction over M: axis 1). Per-tensor formats give the same QArray: quantize once.
+  # operand (contraction over M: axis 1). Blocks that read the same on both views (per tensor, HBFP
+  # tiles: `quantize_blocks_equal`) give the same QArray: quantize once.
   ax = policy.axis_name
   uk = kernel_quantize(policy) or kernel_casts(policy)  # (FP16 / BF16: the counting cast)
   i8 = int8_conversions(policy)
