@@ -5,6 +5,10 @@
 //   JdfpConvWgrad : x int16 [N, D, H, W, C], dy int16 [N, OD, OH, OW, O], ex, edy int32 [1]
 //                   -> dw^T float32 [G, O/G, KD, KH, KW, C/G] (the caller transposes it to [KD, KH, KW, C/G, O])
 //
+//   JdfpIm2col    : x float32 [N, D, H, W, C] -> patches float32 [N, OD, OH, OW, KD*KH*KW, C] (the patch
+//                   matrix of the block-format convs, which quantize it by tiles; attrs as below plus
+//                   kernel_spatial, without groups, bits and isa)
+//
 // Attributes (3 entries each, one per spatial dim): window_strides, padding_lo, padding_hi,
 // lhs_dilation, rhs_dilation; feature_group_count; bits_x, bits_w (bits of the second operand:
 // weights or output gradient); isa.  1-D / 2-D convolutions pass size-1 leading spatial dims.
@@ -22,6 +26,11 @@
 // Flow: check the attributes and pick the ISA entry (check_attrs), check the buffers
 // (check_operands), derive the geometry and check the output-shaped operand (conv_geometry), map
 // the pass onto a GEMM (conv_gemm), fill the Job's Problem (set_up_job), run it (ffi_runtime's launch).
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <vector>
+
 #include "ffi_runtime.h"
 
 namespace jdfp {
@@ -250,11 +259,120 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   return launch(job, pool, *kernels, cg.G, cg.M, cg.N, cg.K);
 }
 
+// ---------------------------------------------------------------- im2col (float32)
+// The patch matrix of a convolution, for the formats whose exponents belong to tiles of that matrix
+// (HBFP): patches[n, od, oh, ow, tap, c] = x at the tap's input position, +0.0 where it falls in the
+// padding or between lhs-dilated inputs: bit for bit the lax.pad + strided slices + stack of
+// jdfp._src.ops.conv_vjp.patches (a pure copy: NaN payloads, -0.0 and subnormals kept), in one pass
+// with one memcpy per (pixel, tap) channel run instead of one XLA fusion per tap plus a stack.
+
+struct Im2colJob {
+  const float* x = nullptr;
+  float* out = nullptr;
+  int64_t n = 0, C = 0, in[3] = {}, out_sp[3] = {}, ks[3] = {}, ntaps = 0, rows = 0;
+  // Per dim, per (output position, tap): the input index read, or -1 (padding / dilation hole).
+  std::vector<int64_t> src[3];
+  int64_t rows_per_unit = 1, nunits = 0;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+};
+
+void im2col_rows(const Im2colJob& j, int64_t r0, int64_t r1) {
+  const int64_t run = j.C * int64_t(sizeof(float));
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t rem = r;
+    const int64_t ow = rem % j.out_sp[2]; rem /= j.out_sp[2];
+    const int64_t oh = rem % j.out_sp[1]; rem /= j.out_sp[1];
+    const int64_t od = rem % j.out_sp[0];
+    const int64_t nb = rem / j.out_sp[0];
+    const int64_t* sd = j.src[0].data() + od * j.ks[0];
+    const int64_t* sh = j.src[1].data() + oh * j.ks[1];
+    const int64_t* sw = j.src[2].data() + ow * j.ks[2];
+    float* dst = j.out + r * j.ntaps * j.C;
+    for (int64_t td = 0; td < j.ks[0]; ++td)
+      for (int64_t th = 0; th < j.ks[1]; ++th)
+        for (int64_t tw = 0; tw < j.ks[2]; ++tw, dst += j.C) {
+          const int64_t id = sd[td], ih = sh[th], iw = sw[tw];
+          if (id < 0 || ih < 0 || iw < 0) {
+            std::memset(dst, 0, size_t(run));
+            continue;
+          }
+          std::memcpy(dst, j.x + (((nb * j.in[0] + id) * j.in[1] + ih) * j.in[2] + iw) * j.C, size_t(run));
+        }
+  }
+}
+
+void im2col_worker(const std::shared_ptr<Im2colJob>& job) {
+  Im2colJob& j = *job;
+  int64_t done = 0;
+  for (;;) {
+    const int64_t u = j.next.fetch_add(1, std::memory_order_relaxed);
+    if (u >= j.nunits) break;
+    im2col_rows(j, u * j.rows_per_unit, std::min(j.rows, (u + 1) * j.rows_per_unit));
+    ++done;
+  }
+  if (done) j.done.CountDown(size_t(done));
+}
+
+ffi::Future im2col_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
+                        ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil,
+                        ffi::Span<const int64_t> kernel_spatial) {
+  auto bad = [](const std::string& m) { return error_future(invalid_as("im2col", m)); };
+  ConvAttrs at{};
+  std::string err;
+  if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err)) return bad(err);
+  if (kernel_spatial.size() != 3) return bad("kernel_spatial must have 3 entries (one per spatial dim)");
+  const auto dx = x.dimensions(), dout = out->dimensions();
+  if (dx.size() != 5) return bad("x must be [N, D, H, W, C], got " + dims_str(dx));
+  auto job = std::make_shared<Im2colJob>();
+  Im2colJob& j = *job;
+  j.n = dx[0], j.C = dx[4];
+  j.ntaps = 1;
+  for (int d = 0; d < 3; ++d) {
+    if (kernel_spatial[d] < 0) return bad("kernel_spatial must be >= 0");
+    j.in[d] = dx[1 + d], j.ks[d] = kernel_spatial[d];
+    j.out_sp[d] = conv_out_size(j.in[d], j.ks[d], at, d);
+    j.ntaps *= j.ks[d];
+  }
+  const int64_t want[6] = {j.n, j.out_sp[0], j.out_sp[1], j.out_sp[2], j.ntaps, j.C};
+  if (dout.size() != 6 || !std::equal(want, want + 6, dout.begin()))
+    return bad("out must be [N, OD, OH, OW, taps, C] = " + dims_str(ffi::Span<const int64_t>(want, 6)) +
+               " for these shapes and attributes, got " + dims_str(dout));
+  for (int d = 0; d < 3; ++d) {
+    j.src[d].assign(size_t(j.out_sp[d] * j.ks[d]), -1);
+    for (int64_t o = 0; o < j.out_sp[d]; ++o)
+      for (int64_t t = 0; t < j.ks[d]; ++t) {
+        const int64_t q = o * at.stride[d] + t * at.rdil[d] - at.lo[d];  // index in the dilated input
+        if (q >= 0 && q % at.ldil[d] == 0 && q / at.ldil[d] < j.in[d]) j.src[d][size_t(o * j.ks[d] + t)] = q / at.ldil[d];
+      }
+  }
+  j.x = x.typed_data();
+  j.out = out->typed_data();
+  j.rows = j.n * j.out_sp[0] * j.out_sp[1] * j.out_sp[2];
+  const int64_t row_elems = std::max<int64_t>(1, j.ntaps * j.C);
+  j.rows_per_unit = std::max<int64_t>(1, (int64_t(1) << 15) / row_elems);
+  j.nunits = j.rows && j.ntaps && j.C ? (j.rows + j.rows_per_unit - 1) / j.rows_per_unit : 0;
+  if (j.nunits == 0) {
+    ffi::Promise p;
+    ffi::Future f(p);
+    p.SetAvailable();
+    return f;
+  }
+  const int64_t nthreads = std::min(pool_workers(pool), j.nunits);
+  j.done = ffi::CountDownPromise(size_t(j.nunits));
+  ffi::Future fut(j.done);
+  for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { im2col_worker(job); });
+  im2col_worker(job);
+  return fut;
+}
+
 }  // namespace
 }  // namespace jdfp
 
 JDFP_EXPORT XLA_FFI_Error* JdfpConvFwd(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpConvWgrad(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpIm2col(XLA_FFI_CallFrame*);
 
 using Span64 = ffi::Span<const int64_t>;
 
@@ -294,3 +412,17 @@ static ffi::Future conv_wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvFwd, conv_fwd, JDFP_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvWgrad, conv_wgrad, JDFP_CONV_BINDING);
+
+#define JDFP_IM2COL_BINDING                 \
+  ffi::Ffi::Bind()                          \
+      .Ctx<ffi::ThreadPool>()               \
+      .Arg<ffi::Buffer<ffi::F32>>()         \
+      .Ret<ffi::Buffer<ffi::F32>>()         \
+      .Attr<Span64>("window_strides")       \
+      .Attr<Span64>("padding_lo")           \
+      .Attr<Span64>("padding_hi")           \
+      .Attr<Span64>("lhs_dilation")         \
+      .Attr<Span64>("rhs_dilation")         \
+      .Attr<Span64>("kernel_spatial")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpIm2col, jdfp::im2col_impl, JDFP_IM2COL_BINDING);

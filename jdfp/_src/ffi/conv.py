@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdfp._src.ffi.library import TARGET_CONV_FWD, TARGET_CONV_WGRAD, check_bits, dtype_of, isa_attribute, require_lib
+from jdfp._src.ffi.library import TARGET_CONV_FWD, TARGET_CONV_WGRAD, TARGET_IM2COL, check_bits, dtype_of, isa_attribute, require_lib
 from jdfp._src.numerics.reference import safe_chain_length
 
-__all__ = ["conv", "conv_input_grad", "conv_input_grad_setup", "conv_out_spatial", "conv_padding", "conv_weight_grad"]
+__all__ = ["conv", "conv_input_grad", "conv_input_grad_setup", "conv_out_spatial", "conv_padding", "conv_weight_grad", "im2col"]
 
 
 def _check_ints(name: str, v, n: int, lo: int) -> tuple[int, ...]:
@@ -286,3 +286,37 @@ def _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw):
   perm = (nsp,) + tuple(x for d in range(nsp) for x in (nsp + 1 + d, d)) + (2 * nsp + 1,)
   full = jnp.transpose(st, perm).reshape((nb,) + tuple(b * s for b, s in zip(blocks, strides)) + (c,))
   return full[(slice(None),) + tuple(slice(0, size) for size in in_sp)]
+
+
+def _patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation):
+  nsp = len(x_shape) - 2
+  if not 1 <= nsp <= 3:
+    raise ValueError(f"x must have rank 3, 4 or 5 (1 to 3 spatial dims), got shape {tuple(x_shape)}")
+  ksp = _check_ints("kernel_spatial", kernel_spatial, nsp, 0)
+  strides = _check_ints("window_strides", window_strides, nsp, 1)
+  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  pads = conv_padding(padding, x_shape[1:-1], ksp, strides, ldil, rdil)
+  out_sp = conv_out_spatial(x_shape[1:-1], ksp, strides, pads, ldil, rdil)
+  pad3 = lambda v, fill: np.asarray((fill,) * (3 - nsp) + tuple(v), np.int64)
+  attrs = dict(window_strides=pad3(strides, 1), padding_lo=pad3([q[0] for q in pads], 0),
+               padding_hi=pad3([q[1] for q in pads], 0), lhs_dilation=pad3(ldil, 1), rhs_dilation=pad3(rdil, 1),
+               kernel_spatial=pad3(ksp, 1))
+  return nsp, ksp, out_sp, attrs
+
+
+def im2col(x, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None) -> jax.Array:
+  """The patch matrix of a convolution on the C++ kernel: float32 ``[N, *O, KK, C]`` from x ``[N, *S, C]``
+  (1 to 3 spatial dims), KK the kernel taps in row-major order; zeros where a tap reads padding or a
+  hole of the lhs dilation. A pure copy, bit for bit ``lax.pad`` + one strided slice per tap + stack
+  (`jdfp._src.ops.conv_vjp.patches`), in one pass."""
+  if dtype_of("x", x).name != "float32":
+    raise TypeError(f"x must have dtype float32, got {dtype_of('x', x).name}")
+  sx = tuple(np.shape(x))
+  nsp, ksp, out_sp, attrs = _patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation)
+  require_lib()
+  kk = math.prod(ksp)
+  out6 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (kk, sx[-1])
+  call = jax.ffi.ffi_call(TARGET_IM2COL, jax.ShapeDtypeStruct(out6, jnp.float32), vmap_method="sequential")
+  return call(_to5(x, nsp), **attrs).reshape((sx[0],) + out_sp + (kk, sx[-1]))
+

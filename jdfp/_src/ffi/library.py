@@ -40,6 +40,7 @@ TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
 TARGET_I8 = "jdfp_gemm_i8"  # int8 a, int8 b (bits <= 8): the vpdpbusd kernel
 TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
+TARGET_IM2COL = "jdfp_im2col"  # float32 x -> float32 patches (block-format convs)
 # The library's jdfp_abi_version(): bumped when a handler's operands or attributes change, so a stale
 # build fails to load with a clear message instead of failing at the first call.
 ABI_VERSION = 2
@@ -90,6 +91,7 @@ def _load() -> None:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_Q, lib.JdfpGemmQ), (TARGET_I8, lib.JdfpGemmI8),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
+                      (TARGET_IM2COL, lib.JdfpIm2col),
                       (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp),
                       (TARGET_QUANTIZE_DFP_NOCOUNT, lib.JdfpQuantizeDfpNoCount),
                       (TARGET_QUANT_STATS, lib.JdfpQuantStats), (TARGET_DFP_EXPONENTS, lib.JdfpDfpExponents),

@@ -1,7 +1,8 @@
 """`jdfp.conv_general_dilated`: the drop-in for `jax.lax.conv_general_dilated` with forward,
 backward-data and weight-gradient in low precision. Per-tensor integer formats run as convolutions
 (`jdfp._src.ops.conv_vjp`), FP16/BF16 as convolutions with FP32 accumulation
-(`jdfp._src.ops.float_conv`); block formats as im2col patches + `jdfp.dot_general`."""
+(`jdfp._src.ops.float_conv`); block formats as im2col patches (the C++ im2col kernel on backend
+"ffi") + `jdfp.dot_general`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from jax import lax
 
 from jdfp._src.ops import delayed
 from jdfp._src.ops.backend import resolve_backend, warn_once
-from jdfp._src.ops.conv_vjp import ConvGeom, conv_core, conv_kernel_eligible, patches
+from jdfp._src.ops.conv_vjp import ConvGeom, conv_core, conv_kernel_eligible, patches_on
 from jdfp._src.ops.dot import dot_general
 from jdfp._src.ops.float_conv import float_conv, float_formats
 from jdfp._src.ops.layout import check_float, lax_conv_shape, prod, result_dtype
@@ -31,7 +32,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   + the reference GEMM (backend "reference").  Backward-data is the conv of the output gradient
   with the flipped kernel (lhs dilation = strides), weight-gradient im2col(x)^T . dy.
   FP16/BF16: the operands of each pass rounded to the format, convolved with FP32 accumulation (no
-  patches). Block exponents: im2col patches in JAX + `jdfp.dot_general` (logged in `fallback_log`).
+  patches). Block exponents (HBFP tiles of the patch matrix): the patch matrix, built by the C++
+  im2col kernel (backend "ffi", float32) or XLA, + `jdfp.dot_general` (logged in `fallback_log`).
   ``scale_state``: with ``Policy(scaling="delayed")`` (per-tensor formats), the op's `jdfp.ScaleState`;
   the call then returns ``(out, new_state)`` as `jdfp.dot_general` does."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -103,8 +105,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       why = (f"formats with block exponents ({policy.lhs!r}, {policy.rhs!r}, {policy.grad!r}); the implicit-GEMM "
              "conv kernel takes per-tensor exponents only")
     warn_once(f"jdfp.conv_general_dilated: {why}, so the conv runs as an im2col GEMM on the GEMM kernel "
-              "(patches materialised in JAX).")
-  p, out_sp = patches(x, ksp, strides, pads, lhs_dil, rhs_dil)  # [N, *O, KK, C]
+              "(the patch matrix is materialised: by the im2col kernel for float32 inputs with 1 to 3 "
+              "spatial dims, else by XLA).")
+  # [N, *O, KK, C]; the patches on the im2col kernel where the GEMM's policy runs on the kernels.
+  gemm_policy = getattr(_dot_general, "policy", policy) if _dot_general is not None else policy
+  p, out_sp = patches_on(x, ksp, strides, pads, lhs_dil, rhs_dil,
+                         isinstance(gemm_policy, Policy) and resolve_backend(gemm_policy) == "ffi")
   n = x.shape[0]
   kk = prod(ksp)
   rows = n * prod(out_sp)
