@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "block_quantize_kernels.h"
+#include "conv_geometry.h"
 #include "ffi_helpers.h"
 
 namespace jdfp {
@@ -114,6 +115,10 @@ struct BlockJob {
   int32_t* erange_out = nullptr;
   BlockTotals totals;
   const float* x = nullptr;
+  // JdfpBlockQuantizePatches*: x is a conv's input image and the tensor converted is its patch matrix
+  // [1, rows, taps * C] (conv_geometry.h), gathered a band segment at a time into the unit's scratch.
+  bool patches = false;
+  PatchGeom geom;
   int16_t* out = nullptr;
   int8_t* out8 = nullptr;  // int8 result (then `out` is null): convert_rows_i8
   float* deq = nullptr;  // JdfpBlockFakeQuantize: dequantized output (then `out` is null)
@@ -138,9 +143,18 @@ struct UnitScratch {
   std::vector<uint8_t> block_ok;  // the block holds a nonzero finite value (its max |x| says so)
   std::vector<float> s1c, s2c;  // per-column scales of the unit's row segment (the *_cols kernels)
   std::vector<int16_t> row;  // fake-quantize and int8 results: one row segment's int16 values
+  std::vector<float> band;   // patch mode: the unit's rows of the patch matrix, band_n columns each
+  int64_t band_row0 = 0, band_n = 0;
   Counts counts;
   int32_t emin = INT32_MAX, emax = INT32_MIN;
 };
+
+// The float32 row segment [c0, c0 + n) of the tensor row at element offset `off` (b * R + r) * C: in x,
+// or in patch mode the unit's gathered copy.
+const float* xseg(const BlockJob& j, const UnitScratch& s, int64_t off, int64_t c0) {
+  if (!j.patches) return j.x + off + c0;
+  return s.band.data() + (off / j.C - s.band_row0) * s.band_n;
+}
 
 // The statistics of one converted row segment: in one call with per-column scales, else block by
 // block (stats kernels of quantize_kernels.h).
@@ -184,12 +198,14 @@ void dequantize_row(const BlockJob& j, const int16_t* q, float* y, int64_t n, co
 // tensor (so element i draws the bits of its global index), with that block's scales.
 void convert_stochastic_rows(const BlockJob& j, int64_t band, int64_t c0, int64_t n, const UnitScratch& s) {
   for_band_rows(j, band, [&](int64_t off) {
+    const float* x = xseg(j, s, off, c0);
     if (j.k.stochastic_cols) {
-      j.k.stochastic_cols(j.x + off + c0, j.out + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
+      j.k.stochastic_cols(x, j.out + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
       return;
     }
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
-      const ConvertArgs a{j.x, j.out, s.s1[b], s.s2[b], j.qm, j.key};
+      ConvertArgs a{x, j.out, s.s1[b], s.s2[b], j.qm, j.key};
+      a.x_index0 = off + c0;
       j.stochastic(a, off + c0 + b0, off + c0 + std::min(n, b0 + j.bc));
     }
   });
@@ -201,18 +217,19 @@ void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, con
                      UnitScratch& s) {
   int16_t* q = s.row.data();
   for_band_rows(j, band, [&](int64_t off) {
+    const float* x = xseg(j, s, off, c0);
     if (j.stochastic && j.k.stochastic_cols) {
-      j.k.stochastic_cols(j.x + off + c0, q, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
+      j.k.stochastic_cols(x, q, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
     } else if (j.stochastic) {
       for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
-        ConvertArgs a{j.x, q, s.s1[b], s.s2[b], j.qm, j.key};
-        a.out_index0 = off + c0;
+        ConvertArgs a{x, q, s.s1[b], s.s2[b], j.qm, j.key};
+        a.out_index0 = a.x_index0 = off + c0;
         j.stochastic(a, off + c0 + b0, off + c0 + std::min(n, b0 + j.bc));
       }
     } else {
-      j.k.convert(j.x + off + c0, q, n, j.bc, args);
+      j.k.convert(x, q, n, j.bc, args);
     }
-    if (j.counts_out) count_row(j, j.x + off + c0, q, n, s);
+    if (j.counts_out) count_row(j, x, q, n, s);
     narrow_to_i8(q, j.out8 + off + c0, n);
   });
 }
@@ -222,7 +239,14 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   const int64_t cb0 = (u % j.units_per_band) * j.cb_per_unit, cb1 = std::min(j.GC, cb0 + j.cb_per_unit);
   const int64_t nb = cb1 - cb0, c0 = cb0 * j.bc, n = std::min(j.C, cb1 * j.bc) - c0;
   std::fill(s.acc.begin(), s.acc.begin() + nb * kAmaxLanes, 0u);
-  for_band_rows(j, band, [&](int64_t off) { j.k.amax(j.x + off + c0, n, j.bc, s.acc.data()); });
+  if (j.patches) {  // gather the unit's rows once: they are read for the maxima and again to convert
+    s.band_row0 = (band % j.GR) * j.br, s.band_n = n;
+    for_band_rows(j, band, [&](int64_t off) {
+      const int64_t r = off / j.C;
+      j.geom.gather(j.x, r, c0, n, s.band.data() + (r - s.band_row0) * n);
+    });
+  }
+  for_band_rows(j, band, [&](int64_t off) { j.k.amax(xseg(j, s, off, c0), n, j.bc, s.acc.data()); });
   int32_t* e_out = j.e + band * j.GC + cb0;
   for (int64_t b = 0; b < nb; ++b) {
     const uint32_t* lanes = s.acc.data() + b * kAmaxLanes;
@@ -239,7 +263,7 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   const BlockConvertArgs args{s.s1.data(), s.s2.data(), j.qm, j.biased};
   if (j.deq) {
     for_band_rows(j, band, [&](int64_t off) {
-      j.k.convert(j.x + off + c0, s.row.data(), n, j.bc, args);
+      j.k.convert(xseg(j, s, off, c0), s.row.data(), n, j.bc, args);
       dequantize_row(j, s.row.data(), j.deq + off + c0, n, s);
     });
     return;
@@ -254,10 +278,10 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     if (j.stochastic) {
       convert_stochastic_rows(j, band, c0, n, s);
     } else {
-      for_band_rows(j, band, [&](int64_t off) { j.k.convert(j.x + off + c0, j.out + off + c0, n, j.bc, args); });
+      for_band_rows(j, band, [&](int64_t off) { j.k.convert(xseg(j, s, off, c0), j.out + off + c0, n, j.bc, args); });
     }
     if (j.counts_out)
-      for_band_rows(j, band, [&](int64_t off) { count_row(j, j.x + off + c0, j.out + off + c0, n, s); });
+      for_band_rows(j, band, [&](int64_t off) { count_row(j, xseg(j, s, off, c0), j.out + off + c0, n, s); });
   }
   if (!j.counts_out) return;
   for (int64_t b = 0; b < nb; ++b)
@@ -273,6 +297,7 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
   s.e.resize(size_t(j.cb_per_unit));
   s.block_ok.resize(size_t(j.cb_per_unit));
   if (j.deq || j.out8) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
+  if (j.patches) s.band.resize(size_t(std::min(j.br, j.R) * std::min(j.C, j.cb_per_unit * j.bc)));
   s.s1c.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
   s.s2c.resize(s.s1c.size());
   int64_t done = 0;
@@ -300,10 +325,14 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   if (fake && out.element_type() != ffi::F32) return bad("y must be float32");
   if (!fake && !i8 && out.element_type() != ffi::S16) return bad("out must be int16 or int8");
   if (e.element_type() != ffi::S32) return bad("e must be int32");
-  const auto dx = x.dimensions(), dout = out.dimensions(), de = e.dimensions();
+  // Patch mode: the tensor converted is the patch matrix [1, rows, taps * C] of the image x.
+  const int64_t patch_dims[3] = {1, j.geom.rows, j.geom.cols};
+  const auto dx = j.patches ? ffi::Span<const int64_t>(patch_dims, 3) : x.dimensions();
+  const auto dout = out.dimensions(), de = e.dimensions();
   if (dx.size() != 3) return bad("x must be 3-D [B, R, C], got " + dims_str(dx));
   if (dout.size() != 3 || !std::equal(dx.begin(), dx.end(), dout.begin()))
-    return bad("out must have x's shape " + dims_str(dx) + ", got " + dims_str(dout));
+    return bad(std::string(j.patches ? "out must be the patch matrix [1, rows, taps * C] " : "out must have x's shape ") +
+               dims_str(dx) + ", got " + dims_str(dout));
   if (block.size() != 3 || block[0] < 1 || block[1] < 1 || block[2] < 1)
     return bad("block must be three ints >= 1 (bb, br, bc)");
   if (kind != 0 && kind != 1) return bad("kind must be 0 (DFP) or 1 (BFP), got " + std::to_string(kind));
@@ -363,13 +392,27 @@ ffi::Error set_up_key(BlockJob& j, ffi::AnyBuffer key, int32_t rounding, const I
   return ffi::Error::Success();
 }
 
+// The conv attributes of the patch-matrix handlers (conv_geometry.h).
+struct PatchAttrs {
+  ffi::Span<const int64_t> strides, plo, phi, ldil, rdil, kernel_spatial;
+};
+
 ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
                                 ffi::Result<ffi::AnyBuffer> e, bool fake, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
                                 ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
-                                int32_t isa) {
+                                int32_t isa, const PatchAttrs* patch = nullptr) {
   const IsaKernels* kernels = nullptr;
   if (ffi::Error err = select_isa("block_quantize", isa, kernels); err.failure()) return error_future(std::move(err));
   auto job = std::make_shared<BlockJob>();
+  if (patch) {
+    ConvAttrs at{};
+    std::string err;
+    if (x.element_type() != ffi::F32) return error_future(invalid_as("block_quantize", "x must be float32"));
+    if (!read_attrs(patch->strides, patch->plo, patch->phi, patch->ldil, patch->rdil, 1, at, err) ||
+        !job->geom.init(x.dimensions(), patch->kernel_spatial, at, err))
+      return error_future(invalid_as("block_quantize", err));
+    job->patches = true;
+  }
   if (ffi::Error err = set_up(*job, x, *out, *e, fake, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
   if (ffi::Error err = set_up_stats(*job, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
@@ -397,6 +440,8 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantize(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizeStats(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpBlockFakeQuantize(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizePatches(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockQuantizePatchesStats(XLA_FFI_CallFrame*);
 
 static ffi::Future block_quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
     ffi::Result<ffi::AnyBuffer> out,
@@ -460,3 +505,57 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockFakeQuantize, block_fake_quantize,
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("rounding")
                                   .Attr<int32_t>("isa"));
+
+// The patch matrix of a convolution (conv_geometry.h) converted by tiles without being stored: x is
+// the conv's input [N, D, H, W, C]; out, e (and counts, erange) as above for the [1, rows, taps * C] matrix.
+using Span64 = ffi::Span<const int64_t>;
+
+static ffi::Future block_quantize_patches(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+                                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> e, Span64 block,
+                                          int32_t kind, int32_t bits, int32_t rounding, int32_t isa, Span64 strides,
+                                          Span64 plo, Span64 phi, Span64 ldil, Span64 rdil, Span64 ks) {
+  const jdfp::PatchAttrs pa{strides, plo, phi, ldil, rdil, ks};
+  return jdfp::block_quantize_impl(pool, x, key, out, e, false, nullptr, nullptr, block, kind, bits, rounding, isa, &pa);
+}
+
+static ffi::Future block_quantize_patches_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+                                                ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> e,
+                                                ffi::Result<ffi::AnyBuffer> counts, ffi::Result<ffi::AnyBuffer> erange,
+                                                Span64 block, int32_t kind, int32_t bits, int32_t rounding, int32_t isa,
+                                                Span64 strides, Span64 plo, Span64 phi, Span64 ldil, Span64 rdil,
+                                                Span64 ks) {
+  const jdfp::PatchAttrs pa{strides, plo, phi, ldil, rdil, ks};
+  return jdfp::block_quantize_impl(pool, x, key, out, e, false, &*counts, &*erange, block, kind, bits, rounding, isa,
+                                   &pa);
+}
+
+#define JDFP_PATCH_ATTRS                   \
+  .Attr<Span64>("block")                   \
+      .Attr<int32_t>("kind")               \
+      .Attr<int32_t>("bits")               \
+      .Attr<int32_t>("rounding")           \
+      .Attr<int32_t>("isa")                \
+      .Attr<Span64>("window_strides")      \
+      .Attr<Span64>("padding_lo")          \
+      .Attr<Span64>("padding_hi")          \
+      .Attr<Span64>("lhs_dilation")        \
+      .Attr<Span64>("rhs_dilation")        \
+      .Attr<Span64>("kernel_spatial")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizePatches, block_quantize_patches,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JDFP_PATCH_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizePatchesStats, block_quantize_patches_stats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JDFP_PATCH_ATTRS);

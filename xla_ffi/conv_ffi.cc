@@ -31,56 +31,13 @@
 #include <memory>
 #include <vector>
 
+#include "conv_geometry.h"
 #include "ffi_runtime.h"
 
 namespace jdfp {
 namespace {
 
 ffi::Error conv_invalid(const std::string& msg) { return invalid_as("conv", msg); }
-
-struct ConvAttrs {
-  int64_t stride[3], lo[3], hi[3], ldil[3], rdil[3];
-  int64_t groups;
-};
-
-// Validates the 5 spatial attribute spans and returns the first error (or none).
-bool read_attrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
-                ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, int64_t groups, ConvAttrs& a,
-                std::string& err) {
-  const std::pair<const char*, ffi::Span<const int64_t>> spans[] = {
-      {"window_strides", strides}, {"padding_lo", plo}, {"padding_hi", phi}, {"lhs_dilation", ldil},
-      {"rhs_dilation", rdil}};
-  for (const auto& [name, sp] : spans)
-    if (sp.size() != 3) {
-      err = std::string(name) + " must have 3 entries (one per spatial dim), got " + std::to_string(sp.size());
-      return false;
-    }
-  for (int d = 0; d < 3; ++d) {
-    a.stride[d] = strides[d]; a.lo[d] = plo[d]; a.hi[d] = phi[d]; a.ldil[d] = ldil[d]; a.rdil[d] = rdil[d];
-    if (a.stride[d] < 1 || a.ldil[d] < 1 || a.rdil[d] < 1) {
-      err = "window_strides, lhs_dilation and rhs_dilation must be >= 1";
-      return false;
-    }
-    if (std::abs(a.lo[d]) > (int64_t(1) << 40) || std::abs(a.hi[d]) > (int64_t(1) << 40)) {
-      err = "padding out of range";
-      return false;
-    }
-  }
-  if (groups < 1) {
-    err = "feature_group_count must be >= 1, got " + std::to_string(groups);
-    return false;
-  }
-  a.groups = groups;
-  return true;
-}
-
-// Output spatial size of one dim (lax.conv_general_dilated's rule).
-int64_t conv_out_size(int64_t in, int64_t k, const ConvAttrs& a, int d) {
-  const int64_t din = in > 0 ? (in - 1) * a.ldil[d] + 1 : 0;
-  const int64_t dk = k > 0 ? (k - 1) * a.rdil[d] + 1 : 0;
-  const int64_t span = din + a.lo[d] + a.hi[d] - dk;
-  return span < 0 ? 0 : span / a.stride[d] + 1;
-}
 
 // The attributes: bits, isa (-> its table entry), then the spatial ones.
 ffi::Error check_attrs(int32_t bits_x, int32_t bits_w, int32_t isa, ffi::Span<const int64_t> strides,
@@ -267,39 +224,16 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
 // with one memcpy per (pixel, tap) channel run instead of one XLA fusion per tap plus a stack.
 
 struct Im2colJob {
+  PatchGeom geom;
   const float* x = nullptr;
   float* out = nullptr;
-  int64_t n = 0, C = 0, in[3] = {}, out_sp[3] = {}, ks[3] = {}, ntaps = 0, rows = 0;
-  // Per dim, per (output position, tap): the input index read, or -1 (padding / dilation hole).
-  std::vector<int64_t> src[3];
   int64_t rows_per_unit = 1, nunits = 0;
   std::atomic<int64_t> next{0};
   ffi::CountDownPromise done;
 };
 
 void im2col_rows(const Im2colJob& j, int64_t r0, int64_t r1) {
-  const int64_t run = j.C * int64_t(sizeof(float));
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t rem = r;
-    const int64_t ow = rem % j.out_sp[2]; rem /= j.out_sp[2];
-    const int64_t oh = rem % j.out_sp[1]; rem /= j.out_sp[1];
-    const int64_t od = rem % j.out_sp[0];
-    const int64_t nb = rem / j.out_sp[0];
-    const int64_t* sd = j.src[0].data() + od * j.ks[0];
-    const int64_t* sh = j.src[1].data() + oh * j.ks[1];
-    const int64_t* sw = j.src[2].data() + ow * j.ks[2];
-    float* dst = j.out + r * j.ntaps * j.C;
-    for (int64_t td = 0; td < j.ks[0]; ++td)
-      for (int64_t th = 0; th < j.ks[1]; ++th)
-        for (int64_t tw = 0; tw < j.ks[2]; ++tw, dst += j.C) {
-          const int64_t id = sd[td], ih = sh[th], iw = sw[tw];
-          if (id < 0 || ih < 0 || iw < 0) {
-            std::memset(dst, 0, size_t(run));
-            continue;
-          }
-          std::memcpy(dst, j.x + (((nb * j.in[0] + id) * j.in[1] + ih) * j.in[2] + iw) * j.C, size_t(run));
-        }
-  }
+  for (int64_t r = r0; r < r1; ++r) j.geom.gather(j.x, r, 0, j.geom.cols, j.out + r * j.geom.cols);
 }
 
 void im2col_worker(const std::shared_ptr<Im2colJob>& job) {
@@ -308,7 +242,7 @@ void im2col_worker(const std::shared_ptr<Im2colJob>& job) {
   for (;;) {
     const int64_t u = j.next.fetch_add(1, std::memory_order_relaxed);
     if (u >= j.nunits) break;
-    im2col_rows(j, u * j.rows_per_unit, std::min(j.rows, (u + 1) * j.rows_per_unit));
+    im2col_rows(j, u * j.rows_per_unit, std::min(j.geom.rows, (u + 1) * j.rows_per_unit));
     ++done;
   }
   if (done) j.done.CountDown(size_t(done));
@@ -322,37 +256,19 @@ ffi::Future im2col_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resu
   ConvAttrs at{};
   std::string err;
   if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err)) return bad(err);
-  if (kernel_spatial.size() != 3) return bad("kernel_spatial must have 3 entries (one per spatial dim)");
-  const auto dx = x.dimensions(), dout = out->dimensions();
-  if (dx.size() != 5) return bad("x must be [N, D, H, W, C], got " + dims_str(dx));
   auto job = std::make_shared<Im2colJob>();
   Im2colJob& j = *job;
-  j.n = dx[0], j.C = dx[4];
-  j.ntaps = 1;
-  for (int d = 0; d < 3; ++d) {
-    if (kernel_spatial[d] < 0) return bad("kernel_spatial must be >= 0");
-    j.in[d] = dx[1 + d], j.ks[d] = kernel_spatial[d];
-    j.out_sp[d] = conv_out_size(j.in[d], j.ks[d], at, d);
-    j.ntaps *= j.ks[d];
-  }
-  const int64_t want[6] = {j.n, j.out_sp[0], j.out_sp[1], j.out_sp[2], j.ntaps, j.C};
+  PatchGeom& g = j.geom;
+  if (!g.init(x.dimensions(), kernel_spatial, at, err)) return bad(err);
+  const auto dout = out->dimensions();
+  const int64_t want[6] = {g.n, g.out_sp[0], g.out_sp[1], g.out_sp[2], g.ntaps, g.C};
   if (dout.size() != 6 || !std::equal(want, want + 6, dout.begin()))
     return bad("out must be [N, OD, OH, OW, taps, C] = " + dims_str(ffi::Span<const int64_t>(want, 6)) +
                " for these shapes and attributes, got " + dims_str(dout));
-  for (int d = 0; d < 3; ++d) {
-    j.src[d].assign(size_t(j.out_sp[d] * j.ks[d]), -1);
-    for (int64_t o = 0; o < j.out_sp[d]; ++o)
-      for (int64_t t = 0; t < j.ks[d]; ++t) {
-        const int64_t q = o * at.stride[d] + t * at.rdil[d] - at.lo[d];  // index in the dilated input
-        if (q >= 0 && q % at.ldil[d] == 0 && q / at.ldil[d] < j.in[d]) j.src[d][size_t(o * j.ks[d] + t)] = q / at.ldil[d];
-      }
-  }
   j.x = x.typed_data();
   j.out = out->typed_data();
-  j.rows = j.n * j.out_sp[0] * j.out_sp[1] * j.out_sp[2];
-  const int64_t row_elems = std::max<int64_t>(1, j.ntaps * j.C);
-  j.rows_per_unit = std::max<int64_t>(1, (int64_t(1) << 15) / row_elems);
-  j.nunits = j.rows && j.ntaps && j.C ? (j.rows + j.rows_per_unit - 1) / j.rows_per_unit : 0;
+  j.rows_per_unit = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, g.cols));
+  j.nunits = g.rows && g.cols ? (g.rows + j.rows_per_unit - 1) / j.rows_per_unit : 0;
   if (j.nunits == 0) {
     ffi::Promise p;
     ffi::Future f(p);

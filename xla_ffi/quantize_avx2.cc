@@ -66,8 +66,8 @@ void convert_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
   const __m256 hi = _mm256_set1_ps(a.qm), lo = _mm256_set1_ps(-a.qm);
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
-    __m256 y0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.x + i), s1), s2);
-    __m256 y1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.x + i + 8), s1), s2);
+    __m256 y0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.x + (i - a.x_index0)), s1), s2);
+    __m256 y1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.x + (i + 8 - a.x_index0)), s1), s2);
     y0 = _mm256_and_ps(y0, _mm256_cmp_ps(y0, y0, _CMP_ORD_Q));
     y1 = _mm256_and_ps(y1, _mm256_cmp_ps(y1, y1, _CMP_ORD_Q));
     y0 = _mm256_min_ps(_mm256_max_ps(y0, lo), hi);
@@ -90,7 +90,7 @@ void convert_stochastic_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
     __m256i w[4];
     words32(uint64_t(i) >> 2, a.key, w);
     __m256i r[4];
-    for (int t = 0; t < 4; ++t) r[t] = sround8(scaled8(_mm256_loadu_ps(a.x + i + 8 * t), s1, s2, lo, hi), w[t]);
+    for (int t = 0; t < 4; ++t) r[t] = sround8(scaled8(_mm256_loadu_ps(a.x + (i + 8 * t - a.x_index0)), s1, s2, lo, hi), w[t]);
     store16(a.out + (i - a.out_index0), r[0], r[1]);
     store16(a.out + (i + 16 - a.out_index0), r[2], r[3]);
   }
@@ -102,8 +102,8 @@ void convert_biased_avx2(const ConvertArgs& a, int64_t begin, int64_t end) {
   const __m256 hi = _mm256_set1_ps(a.qm), lo = _mm256_set1_ps(-a.qm);
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
-    const __m256i r0 = bround8(scaled8(_mm256_loadu_ps(a.x + i), s1, s2, lo, hi));
-    store16(a.out + (i - a.out_index0), r0, bround8(scaled8(_mm256_loadu_ps(a.x + i + 8), s1, s2, lo, hi)));
+    const __m256i r0 = bround8(scaled8(_mm256_loadu_ps(a.x + (i - a.x_index0)), s1, s2, lo, hi));
+    store16(a.out + (i - a.out_index0), r0, bround8(scaled8(_mm256_loadu_ps(a.x + (i + 8 - a.x_index0)), s1, s2, lo, hi)));
   }
   convert_biased_ref(a, i, end);
 }

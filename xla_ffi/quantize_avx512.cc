@@ -94,8 +94,8 @@ void convert_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
   const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
   int64_t i = begin;
   for (; i + 32 <= end; i += 32) {
-    const __m256i r0 = convert16(_mm512_loadu_ps(a.x + i), s1, s2, lo, hi);
-    const __m256i r1 = convert16(_mm512_loadu_ps(a.x + i + 16), s1, s2, lo, hi);
+    const __m256i r0 = convert16(_mm512_loadu_ps(a.x + (i - a.x_index0)), s1, s2, lo, hi);
+    const __m256i r1 = convert16(_mm512_loadu_ps(a.x + (i + 16 - a.x_index0)), s1, s2, lo, hi);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + (i - a.out_index0)), r0);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + (i + 16 - a.out_index0)), r1);
   }
@@ -103,7 +103,7 @@ void convert_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
     for (; i < end; i += 16) {
       const int rem = int(std::min<int64_t>(16, end - i));
       const __mmask16 m = __mmask16((1u << rem) - 1u);
-      const __m256i r = convert16(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
+      const __m256i r = convert16(_mm512_maskz_loadu_ps(m, a.x + (i - a.x_index0)), s1, s2, lo, hi);
       _mm256_mask_storeu_epi16(a.out + (i - a.out_index0), m, r);
     }
   }
@@ -122,7 +122,7 @@ void convert_stochastic_avx512(const ConvertArgs& a, int64_t begin, int64_t end)
     for (int t = 0; t < 4; ++t) {
       const __mmask16 m = lanes_left(end - i - 16 * t);
       if (!m) break;
-      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + i + 16 * t), s1, s2, lo, hi);
+      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + (i + 16 * t - a.x_index0)), s1, s2, lo, hi);
       _mm256_mask_storeu_epi16(a.out + (i + 16 * t - a.out_index0), m, sround16(y, w[t]));
     }
   }
@@ -133,7 +133,7 @@ void convert_biased_avx512(const ConvertArgs& a, int64_t begin, int64_t end) {
   const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
   for (int64_t i = begin; i < end; i += 16) {
     const __mmask16 m = lanes_left(end - i);
-    const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + i), s1, s2, lo, hi);
+    const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, a.x + (i - a.x_index0)), s1, s2, lo, hi);
     _mm256_mask_storeu_epi16(a.out + (i - a.out_index0), m, bround16(y));
   }
 }

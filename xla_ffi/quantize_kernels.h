@@ -33,11 +33,14 @@ struct ConvertArgs {
   // scratch row (the handlers' int8 outputs convert segment by segment into an int16 scratch and
   // narrow it while it is in cache), so element i lands at out[i - out_index0].
   int64_t out_index0 = 0;
+  // The tensor index of x[0], likewise: a segment's start when `x` is a gathered row (the block
+  // conversion of a conv's patch matrix, which never stores that matrix).
+  int64_t x_index0 = 0;
 };
 using ConvertFn = void (*)(const ConvertArgs&, int64_t begin, int64_t end);
 
 static inline void convert_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) a.out[i - a.out_index0] = quantize1(a.x[i], a.s1, a.s2, a.qm);
+  for (int64_t i = begin; i < end; ++i) a.out[i - a.out_index0] = quantize1(a.x[i - a.x_index0], a.s1, a.s2, a.qm);
 }
 
 // y = scale2(x, -e), NaN -> 0, clamped to +-qm.  Clamping before rounding gives what the contract's
@@ -67,13 +70,13 @@ static inline void convert_stochastic_ref(const ConvertArgs& a, int64_t begin, i
   int64_t block = -1;
   for (int64_t i = begin; i < end; ++i) {
     if ((i >> 2) != block) philox_block(uint64_t(block = i >> 2), a.key, w);
-    a.out[i - a.out_index0] = int16_t(round_stochastic1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm), w[i & 3]));
+    a.out[i - a.out_index0] = int16_t(round_stochastic1(scaled_clamped(a.x[i - a.x_index0], a.s1, a.s2, a.qm), w[i & 3]));
   }
 }
 
 static inline void convert_biased_ref(const ConvertArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i)
-    a.out[i - a.out_index0] = int16_t(round_biased1(scaled_clamped(a.x[i], a.s1, a.s2, a.qm)));
+    a.out[i - a.out_index0] = int16_t(round_biased1(scaled_clamped(a.x[i - a.x_index0], a.s1, a.s2, a.qm)));
 }
 
 // int8 results (formats of <= 8 bits: |q| <= 127, so the narrowing is exact): the handlers convert a

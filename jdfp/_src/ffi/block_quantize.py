@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_QUANTIZE,
+                                   TARGET_BLOCK_QUANTIZE_PATCHES, TARGET_BLOCK_QUANTIZE_PATCHES_STATS,
                                    TARGET_BLOCK_QUANTIZE_STATS, dtype_of, isa_attribute, require_lib)
 from jdfp._src.ffi.quantize import check_out_dtype, rounding_operands
 from jdfp._src.numerics import formats
 from jdfp._src.numerics.shard_types import match_varying
 
 __all__ = ["block_quantize", "block_quantize_with_stats", "block_view3", "fake_quantize_blocks", "quantize_blocks",
-           "quantize_blocks_with_stats"]
+           "quantize_blocks_with_stats", "quantize_patches_with_stats"]
 
 ROUNDINGS = ("nearest", "stochastic", "biased")
 FAKE_ROUNDINGS = ("nearest", "biased")  # the optimizer's one-pass re-quantization (no stochastic variant)
@@ -64,11 +65,12 @@ def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str =
   return _call(x, block, bfp, bits, rounding, key, isa, stats=True, out_dtype=out_dtype)
 
 
-def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16):
+def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16, patches=None):
+  """``patches``: ``(shape3, attrs)`` of the patch matrix of the conv input ``x`` (`quantize_patches_with_stats`)."""
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
-  shape = tuple(np.shape(x))
+  shape = tuple(np.shape(x)) if patches is None else patches[0]
   if len(shape) != 3:
     raise ValueError(f"x must be 3-D [B, R, C], got shape {shape}")
   if (len(block) != 3 or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
@@ -94,10 +96,14 @@ def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=
   if stats:
     outs += (jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
   target = TARGET_BLOCK_FAKE_QUANTIZE if fake else TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE
+  extra = {}
+  if patches is not None:
+    target = TARGET_BLOCK_QUANTIZE_PATCHES_STATS if stats else TARGET_BLOCK_QUANTIZE_PATCHES
+    extra = patches[1]
   call = jax.ffi.ffi_call(target, outs,
                           vmap_method="sequential")
   res = call(x, key_op, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
-             rounding=rounding_code, isa=np.int32(isa_code))
+             rounding=rounding_code, isa=np.int32(isa_code), **extra)
   # An FFI result carries no shard_map varying axes: give it its input's ones.
   return tuple(match_varying(r, x) for r in res)
 
@@ -135,3 +141,25 @@ def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", key
   res = _call(jnp.reshape(x, shape3), block3, bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa, stats,
               fake, out_dtype)
   return (jnp.reshape(res[0], shape), jnp.reshape(res[1], formats.grid_shape(shape, bshape))) + tuple(res[2:])
+
+
+def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_strides, padding, lhs_dilation=None,
+                                rhs_dilation=None, rounding: str = "nearest", key=None, isa: str = "auto",
+                                stats: bool = True, out_dtype=jnp.int16):
+  """`quantize_blocks_with_stats` of the patch matrix ``[1, rows, KK * C]`` of the conv input ``x``
+  ``[N, *S, C]`` (`jdfp._src.ffi.conv.im2col`'s, reshaped: rows the output pixels, columns (tap, c))
+  with blocks ``bshape`` ``(1, br, bc)``, bit for bit, without storing that matrix: each work unit
+  gathers its rows from x. Stochastic rounding draws from each element's index in the patch matrix."""
+  from jdfp._src.ffi import conv as ffi_conv  # pylint: disable=import-outside-toplevel
+  if not isinstance(fmt, (formats.DFP, formats.BFP)):
+    raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
+  sx = tuple(np.shape(x))
+  nsp, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation,
+                                                    rhs_dilation)
+  shape3 = (1, sx[0] * int(np.prod(out_sp)), int(np.prod(ksp)) * sx[-1])
+  if len(bshape) != 3 or bshape[0] != 1:
+    raise ValueError(f"bshape must be (1, br, bc) for the patch matrix {shape3}, got {tuple(bshape)}")
+  bfp = isinstance(fmt, formats.BFP)
+  x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
+  return _call(x5, tuple(int(b) for b in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa,
+               stats, False, out_dtype, patches=(shape3, attrs))

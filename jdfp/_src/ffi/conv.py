@@ -288,7 +288,9 @@ def _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw):
   return full[(slice(None),) + tuple(slice(0, size) for size in in_sp)]
 
 
-def _patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation):
+def patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation):
+  """Checked geometry of the patch matrix of a conv input of shape ``x_shape``: ``(nsp, kernel_spatial,
+  out_spatial, FFI attributes)``."""
   nsp = len(x_shape) - 2
   if not 1 <= nsp <= 3:
     raise ValueError(f"x must have rank 3, 4 or 5 (1 to 3 spatial dims), got shape {tuple(x_shape)}")
@@ -313,7 +315,7 @@ def im2col(x, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {dtype_of('x', x).name}")
   sx = tuple(np.shape(x))
-  nsp, ksp, out_sp, attrs = _patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation)
+  nsp, ksp, out_sp, attrs = patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation)
   require_lib()
   kk = math.prod(ksp)
   out6 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (kk, sx[-1])

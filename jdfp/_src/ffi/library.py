@@ -56,6 +56,8 @@ TARGET_FLOAT_STATS = "jdfp_float_stats"  # float32 x, uint16 bits of its FP16/BF
 TARGET_FLOAT_CAST_STATS = "jdfp_float_cast_stats"  # float32 x -> its FP16/BF16 cast, int32 [5] counters
 TARGET_BLOCK_QUANTIZE = "jdfp_block_quantize"  # float32 x [B, R, C] -> int16, int32 e per block
 TARGET_BLOCK_QUANTIZE_STATS = "jdfp_block_quantize_stats"  # the same + int32 [4] counters, int32 [2] exponent range
+TARGET_BLOCK_QUANTIZE_PATCHES = "jdfp_block_quantize_patches"  # float32 conv input -> its patch matrix, converted
+TARGET_BLOCK_QUANTIZE_PATCHES_STATS = "jdfp_block_quantize_patches_stats"  # the same + the counters
 TARGET_BLOCK_FAKE_QUANTIZE = "jdfp_block_fake_quantize"  # float32 x -> float32 dequantized values, int32 e
 
 _LIB_FILE = "libjdfp_ffi.so"
@@ -98,7 +100,9 @@ def _load() -> None:
                       (TARGET_FLOAT_STATS, lib.JdfpFloatStats), (TARGET_FLOAT_CAST_STATS, lib.JdfpFloatCastStats),
                       (TARGET_BLOCK_QUANTIZE, lib.JdfpBlockQuantize),
                       (TARGET_BLOCK_QUANTIZE_STATS, lib.JdfpBlockQuantizeStats),
-                      (TARGET_BLOCK_FAKE_QUANTIZE, lib.JdfpBlockFakeQuantize)):
+                      (TARGET_BLOCK_FAKE_QUANTIZE, lib.JdfpBlockFakeQuantize),
+                      (TARGET_BLOCK_QUANTIZE_PATCHES, lib.JdfpBlockQuantizePatches),
+                      (TARGET_BLOCK_QUANTIZE_PATCHES_STATS, lib.JdfpBlockQuantizePatchesStats)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (

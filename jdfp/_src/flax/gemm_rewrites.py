@@ -15,13 +15,15 @@ from jdfp._src.ops.conv import conv_general_dilated
 
 def conv_via_dot(dot_fn, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                 precision=None, preferred_element_type=None):
+                 precision=None, preferred_element_type=None, *, patch_conv=None):
   """`jdfp.conv_general_dilated`'s im2col arrangement with ``dot_fn`` as the GEMM;
   ``dot_fn(p, w, dims, precision, preferred_element_type)`` returns the product. With
-  `jdfp.dot_general` this is bit-identical to the op's im2col path (tested)."""
+  `jdfp.dot_general` this is bit-identical to the op's im2col path (tested). ``patch_conv(x, w3,
+  geom, precision, preferred_element_type)``: where the op converts the patch matrix from its input
+  (`jdfp._src.ops.patch_conv`), that op with the caller's statistics instead of ``dot_fn``."""
   return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, batch_group_count, precision, preferred_element_type,
-                                  _dot_general=dot_fn)
+                                  _dot_general=dot_fn, _patch_conv=patch_conv)
 
 
 def conv_transpose_via(conv_fn, lhs, rhs, strides, padding, rhs_dilation=None, dimension_numbers=None,

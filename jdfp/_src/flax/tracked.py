@@ -30,16 +30,18 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jdfp._src.flax.gemm_rewrites import conv_via_dot
 from jdfp._src.flax.state import (HISTORY, STATE_DTYPE, empty_state, history_values, is_delayed, natural_blocks,
-                                  operand_stats, pack, quantized_stats, role_stats, scale_state, unpack)
+                                  operand_stats, pack, quantized_stats, role_stats, scale_state, stats_from_block_counts,
+                                  unpack)
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.ops import delayed
 from jdfp._src.ops.backend import kernel_quantize, warn_once
 from jdfp._src.ops.conv import conv_general_dilated
 from jdfp._src.ops.conv_vjp import per_tensor
-from jdfp._src.ops.convert import counters_read, counters_wanted
+from jdfp._src.ops.convert import counters_read, counters_wanted, int8_conversions
 from jdfp._src.ops.dot import dot_general
-from jdfp._src.ops.layout import canonical_dims, to3, views
-from jdfp._src.ops.policy import Policy, check_backward_key
+from jdfp._src.ops.patch_conv import patch_conv_core, patch_conversion
+from jdfp._src.ops.layout import canonical_dims, result_dtype, to3, views
+from jdfp._src.ops.policy import Policy, check_backward_key, check_key
 from jdfp._src.ops.vjp import perturbed_marker_of, primal_values, split_keys
 
 
@@ -202,10 +204,39 @@ def conv(dot, args):
   policy = dot.policy
   all_per_tensor = all(per_tensor(f) or not f.is_integer for f in (policy.lhs, policy.rhs, policy.dlhs, policy.drhs))
   if not all_per_tensor or args[8] != 1:
-    return conv_via_dot(dot, *args)
+    return conv_via_dot(dot, *args, patch_conv=functools.partial(_tracked_patch_conv_call, dot))
   upd = getattr(dot, "update_history", True)
   return dot.tracked_call(lambda state, key: tracked_conv(args, policy=policy, key=key, state=state,
                                                          update_history=upd))
+
+
+def _tracked_patch_conv_call(dot, x, w3, geom, precision, preferred_element_type):
+  return dot.tracked_call(lambda state, key: tracked_patch_conv(x, w3, geom, precision, preferred_element_type,
+                                                               policy=dot.policy, key=key, state=state))
+
+
+def tracked_patch_conv(x, w3, geom, precision, preferred_element_type, *, policy: Policy, key=None, state=None):
+  """`jdfp._src.ops.patch_conv.patch_conv_core` (a block-format conv whose lhs conversion gathers its
+  patch matrix) plus statistics, exactly as `tracked_dot_general` on that matrix records them: the
+  lhs statistics come from the same patch-conversion call as the op's (XLA merges the two), the rhs
+  and gradient ones as the dot's. Returns ``(out [1, rows, O], new_state)``."""
+  out_dtype = result_dtype(x, w3, preferred_element_type)
+  with counters_read(state is not None and counters_wanted(True)):
+    check_key(policy, key)
+    out = patch_conv_core(x, w3, key, geom, policy, precision, out_dtype)
+  if state is None:
+    return out, None
+  k_l, k_r, k_bwd = split_keys(key, 3)
+  xs, w3s = lax.stop_gradient(x), lax.stop_gradient(w3)
+  packed = as_packed(state)
+  old = unpack(lax.stop_gradient(packed), roles=("grad",))
+  # The op's own counting call (the same arguments, so XLA merges the two).
+  lhs_counts = patch_conversion(xs, geom, policy.lhs, policy.fwd_rounding, k_l, int8_conversions(policy), True)[2:]
+  fwd_state = {"lhs": stats_from_block_counts(jax.ShapeDtypeStruct(geom.shape3, jnp.float32), *lhs_counts),
+               "rhs": operand_stats(w3s, policy.rhs, 1, policy.fwd_rounding, k_r, policy),
+               "grad": jax.tree.map(lax.stop_gradient, old["grad"])}
+  cfg = TapConfig((1, geom.shape3[1], w3.shape[-1]), policy.dlhs, policy.grad_rounding, policy)
+  return _grad_tap(out, packed, fwd_state, k_bwd, cfg), fwd_state
 
 
 def tracked_conv(args, *, policy: Policy, key=None, state=None, update_history: bool = True):

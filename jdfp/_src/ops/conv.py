@@ -16,13 +16,15 @@ from jdfp._src.ops.conv_vjp import ConvGeom, conv_core, conv_kernel_eligible, pa
 from jdfp._src.ops.dot import dot_general
 from jdfp._src.ops.float_conv import float_conv, float_formats
 from jdfp._src.ops.layout import check_float, lax_conv_shape, prod, result_dtype
+from jdfp._src.ops.patch_conv import PatchGeom, patch_conv_core
+from jdfp._src.ops.patch_conv import applies as patch_conv_applies
 from jdfp._src.ops.policy import Policy, check_key
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, *, policy: Policy | None = None,
-                         key=None, scale_state=None, _dot_general=None) -> jax.Array:
+                         key=None, scale_state=None, _dot_general=None, _patch_conv=None) -> jax.Array:
   """Drop-in for `jax.lax.conv_general_dilated` (any dimension numbers, strides, padding, lhs/rhs
   dilation, feature groups) with forward, backward-data and weight-gradient in low precision.
 
@@ -104,11 +106,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     else:
       why = (f"formats with block exponents ({policy.lhs!r}, {policy.rhs!r}, {policy.grad!r}); the implicit-GEMM "
              "conv kernel takes per-tensor exponents only")
-    warn_once(f"jdfp.conv_general_dilated: {why}, so the conv runs as an im2col GEMM on the GEMM kernel "
-              "(the patch matrix is materialised: by the im2col kernel for float32 inputs with 1 to 3 "
-              "spatial dims, else by XLA).")
-  # [N, *O, KK, C]; the patches on the im2col kernel where the GEMM's policy runs on the kernels.
+    warn_once(f"jdfp.conv_general_dilated: {why}, so the conv runs as a GEMM on its im2col patch matrix on "
+              "the GEMM kernel (converted from the input by the block-conversion kernel without being "
+              "stored where it can: one group, float32 input; else materialised).")
   gemm_policy = getattr(_dot_general, "policy", policy) if _dot_general is not None else policy
+  pgeom = PatchGeom(tuple(x.shape), geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil, geom.out_sp)
+  if ((_dot_general is None or _patch_conv is not None) and isinstance(gemm_policy, Policy)
+      and patch_conv_applies(x, g, pgeom, gemm_policy)):
+    # The lhs conversion gathers the patch matrix itself (`jdfp._src.ops.patch_conv`).
+    w3 = w.reshape(1, prod(ksp) * i, o)
+    if _dot_general is None:
+      check_key(policy, key)
+      y3 = patch_conv_core(x, w3, key, pgeom, policy, precision, result_dtype(lhs, rhs, preferred_element_type))
+    else:
+      y3 = _patch_conv(x, w3, pgeom, precision, preferred_element_type)
+    return jnp.transpose(y3.reshape((x.shape[0],) + pgeom.out_sp + (o,)), conv_out_perm(dn, nsp))
+  # [N, *O, KK, C]; the patches on the im2col kernel where the GEMM's policy runs on the kernels.
   p, out_sp = patches_on(x, ksp, strides, pads, lhs_dil, rhs_dil,
                          isinstance(gemm_policy, Policy) and resolve_backend(gemm_policy) == "ffi")
   n = x.shape[0]

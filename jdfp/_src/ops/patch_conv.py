@@ -1,0 +1,138 @@
+"""Block-format convolutions (HBFP tiles of the patch matrix) without storing the patch matrix.
+
+A conv whose lhs format has block exponents is, by definition, `jdfp.dot_general` on its im2col
+patch matrix ``P [1, rows, KK * C]`` (rows: output pixels; columns: (tap, channel)), whose tiles the
+lhs format blocks. On backend "ffi" the forward builds ``P`` only inside the block conversion: each
+work unit of `ffi.block_quantize.quantize_patches_with_stats` gathers its rows from the conv input
+and converts them (maxima, exponents, values, counters in one pass), so neither the float32 patch
+matrix nor a second pass over it exists. Bit for bit the im2col + `jdfp.dot_general` arrangement:
+the same keys, conversions, GEMMs and backward (`dot_vjp._dot_bwd`, whose patch gradient goes
+through XLA's col2im, the transpose of `conv_vjp.patches`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jdfp._src.ffi import block_quantize as ffi_block
+from jdfp._src.numerics import quantize as qz
+from jdfp._src.ops import dot_vjp
+from jdfp._src.ops.backend import kernel_quantize, resolve_backend
+from jdfp._src.ops.conv_vjp import patches
+from jdfp._src.ops.convert import (block_shape3, counters_wanted, int8_conversions, int8_operands, kernel_converts,
+                                   kernel_converts_blocks, quantize3)
+from jdfp._src.ops.gemm import gemm, int8_storage
+from jdfp._src.ops.layout import prod
+from jdfp._src.ops.policy import Policy
+from jdfp._src.ops.vjp import perturbed_marker, perturbed_marker_of, primal_values, split_keys
+
+# The GEMM of the im2col arrangement: P [1, rows, K] . W [1, K, O].
+DIMS = (((2,), (1,)), ((0,), (0,)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGeom:
+  """Static geometry of the patch matrix of a conv input ``x [N, *S, C]`` (canonical layout)."""
+
+  in_shape: tuple[int, ...]
+  k_sp: tuple[int, ...]
+  strides: tuple[int, ...]
+  pads: tuple[tuple[int, int], ...]
+  lhs_dil: tuple[int, ...]
+  rhs_dil: tuple[int, ...]
+  out_sp: tuple[int, ...]
+
+  @property
+  def shape3(self) -> tuple[int, int, int]:
+    return (1, self.in_shape[0] * prod(self.out_sp), prod(self.k_sp) * self.in_shape[-1])
+
+  @property
+  def patches_shape(self) -> tuple[int, ...]:
+    """`conv_vjp.patches`'s ``[N, *O, KK, C]``."""
+    return (self.in_shape[0],) + self.out_sp + (prod(self.k_sp), self.in_shape[-1])
+
+  def kernel_kwargs(self) -> dict:
+    return dict(kernel_spatial=self.k_sp, window_strides=self.strides, padding=self.pads,
+                lhs_dilation=self.lhs_dil, rhs_dilation=self.rhs_dil)
+
+
+def applies(x, groups: int, geom: PatchGeom, policy: Policy) -> bool:
+  """Whether the conv's lhs conversion runs on the patch kernel: FFI backend, current scaling, one
+  group, float32 input with 1 to 3 spatial dims, an lhs format with block exponents that the block
+  kernel converts, no cross-replica exponent, and no float residual of the lhs (whose backward
+  would re-read the float patch matrix)."""
+  fmt = policy.lhs
+  if not (fmt.is_integer and kernel_quantize(policy) and resolve_backend(policy) == "ffi" and groups == 1
+          and policy.scaling == "current" and policy.axis_name is None and "lhs" not in policy.float_residuals
+          and x.dtype == jnp.float32 and 1 <= len(geom.k_sp) <= 3 and prod(geom.shape3) > 0):
+    return False
+  p3 = jax.ShapeDtypeStruct(geom.shape3, jnp.float32)
+  bshape = block_shape3(geom.shape3, fmt, 2)
+  return (bshape[0] == 1 and not kernel_converts(p3, fmt, policy.fwd_rounding, bshape)
+          and kernel_converts_blocks(p3, fmt, policy.fwd_rounding, bshape))
+
+
+def patch_conversion(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool, counted: bool):
+  """The kernel call that converts the patch matrix of ``x`` by the lhs format's blocks (contraction
+  axis 2): ``(values [1, rows, K], exponents, counts, erange)`` (no counts unless ``counted``). The op
+  and the Flax statistics both make it through here, so their calls are identical and XLA merges them."""
+  bshape = block_shape3(geom.shape3, fmt, 2)
+  return ffi_block.quantize_patches_with_stats(
+      x, fmt, bshape, rounding=rounding, key=key if rounding == "stochastic" else None, stats=counted,
+      out_dtype=jnp.int8 if int8 else jnp.int16, **geom.kernel_kwargs())
+
+
+def quantize_patches(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool) -> qz.QArray:
+  """The QArray that `convert.quantize3` gives for the patch matrix of ``x``, from x itself (the
+  counting call inside a `counters_read` block)."""
+  values, e = patch_conversion(x, geom, fmt, rounding, key, int8, counters_wanted())[:2]
+  return qz.QArray(values, e, fmt, block_shape3(geom.shape3, fmt, 2))
+
+
+def operand_int8(policy: Policy) -> bool:
+  """The int8 decision `quantize3_operands` makes for the two forward operands of the dot."""
+  return int8_conversions(policy) or int8_operands([policy.lhs, policy.rhs])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def patch_conv_core(x, w3, key, geom: PatchGeom, policy: Policy, precision, out_dtype):
+  """float ``[1, rows, O]``: the patch matrix of x (``geom``) times ``w3 [1, KK * C, O]``."""
+  out, _ = _fwd(x, w3, key, geom, policy, precision, out_dtype)
+  return out
+
+
+def _fwd(x, w3, key, geom, policy, precision, out_dtype):
+  k_fwd_l, k_fwd_r, k_bwd = split_keys(key, 3)  # as dot_vjp._dot_fwd
+  i8 = operand_int8(policy)
+  ql = quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, k_fwd_l, i8)
+  qr = quantize3(w3, policy.rhs, 1, policy.fwd_rounding, k_fwd_r, policy.axis_name, True, i8)
+  ql, qr = int8_storage(ql, qr, policy)
+  out = gemm(ql, 2, qr, 1, policy, precision).astype(out_dtype)
+  # The residuals of `dot_vjp._dot_fwd` for lhs = the patch matrix (its zero-size slice carries shape,
+  # dtype and x's shard_map type).
+  p_dt = jnp.broadcast_to(x.reshape(-1)[:0].reshape((0, 1, 1, 1)), (0,) + geom.shape3)
+  return out, (ql, dot_vjp._residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])  # pylint: disable=protected-access
+
+
+def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
+  out, res = _fwd(x.value, w3.value, primal_values(key), geom, policy, precision, out_dtype)
+  return out, res + (perturbed_marker(x), perturbed_marker(w3), perturbed_marker_of(counters_wanted()))
+
+
+def _bwd(geom, policy, precision, out_dtype, res, g):
+  if isinstance(g, SymbolicZero):
+    return None, None, None
+  dp, dw3, _ = dot_vjp._dot_bwd(DIMS, policy, precision, out_dtype, res, g)  # pylint: disable=protected-access
+  dx = None
+  if dp is not None:
+    xla_patches = lambda x: patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)[0]
+    (dx,) = jax.linear_transpose(xla_patches, jax.ShapeDtypeStruct(geom.in_shape, jnp.float32))(
+        dp.reshape(geom.patches_shape))
+  return dx, dw3, None
+
+
+patch_conv_core.defvjp(_fwd_perturbed, _bwd, symbolic_zeros=True)

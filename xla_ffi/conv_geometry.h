@@ -1,0 +1,131 @@
+// Convolution geometry shared by the conv handlers (conv_ffi.cc) and the block conversion of a conv's
+// patch matrix (block_quantize_ffi.cc): the spatial attributes, lax's output size rule, and the
+// patch matrix itself -- patches[n, od, oh, ow, tap, c] = x at the tap's input position, +0.0 where
+// the tap reads padding or a hole of the lhs dilation (rows: output pixels; columns: (tap, c), taps
+// row-major), gathered a row segment at a time so that nobody has to store it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ffi_helpers.h"
+
+namespace jdfp {
+namespace {
+
+struct ConvAttrs {
+  int64_t stride[3], lo[3], hi[3], ldil[3], rdil[3];
+  int64_t groups;
+};
+
+// Validates the 5 spatial attribute spans and returns the first error (or none).
+bool read_attrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
+                ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, int64_t groups, ConvAttrs& a,
+                std::string& err) {
+  const std::pair<const char*, ffi::Span<const int64_t>> spans[] = {
+      {"window_strides", strides}, {"padding_lo", plo}, {"padding_hi", phi}, {"lhs_dilation", ldil},
+      {"rhs_dilation", rdil}};
+  for (const auto& [name, sp] : spans)
+    if (sp.size() != 3) {
+      err = std::string(name) + " must have 3 entries (one per spatial dim), got " + std::to_string(sp.size());
+      return false;
+    }
+  for (int d = 0; d < 3; ++d) {
+    a.stride[d] = strides[d]; a.lo[d] = plo[d]; a.hi[d] = phi[d]; a.ldil[d] = ldil[d]; a.rdil[d] = rdil[d];
+    if (a.stride[d] < 1 || a.ldil[d] < 1 || a.rdil[d] < 1) {
+      err = "window_strides, lhs_dilation and rhs_dilation must be >= 1";
+      return false;
+    }
+    if (std::abs(a.lo[d]) > (int64_t(1) << 40) || std::abs(a.hi[d]) > (int64_t(1) << 40)) {
+      err = "padding out of range";
+      return false;
+    }
+  }
+  if (groups < 1) {
+    err = "feature_group_count must be >= 1, got " + std::to_string(groups);
+    return false;
+  }
+  a.groups = groups;
+  return true;
+}
+
+// Output spatial size of one dim (lax.conv_general_dilated's rule).
+int64_t conv_out_size(int64_t in, int64_t k, const ConvAttrs& a, int d) {
+  const int64_t din = in > 0 ? (in - 1) * a.ldil[d] + 1 : 0;
+  const int64_t dk = k > 0 ? (k - 1) * a.rdil[d] + 1 : 0;
+  const int64_t span = din + a.lo[d] + a.hi[d] - dk;
+  return span < 0 ? 0 : span / a.stride[d] + 1;
+}
+
+// The patch matrix of x [N, D, H, W, C] (1-D / 2-D convs: size-1 leading spatial dims).
+struct PatchGeom {
+  int64_t n = 0, C = 0, in[3] = {}, out_sp[3] = {}, ks[3] = {}, ntaps = 0, rows = 0, cols = 0;
+  // Per dim, per (output position, tap): the input index read, or -1 (padding / dilation hole).
+  std::vector<int64_t> src[3];
+
+  // From x's dims and the attributes; false (with `err`) when the kernel sizes are invalid.
+  bool init(ffi::Span<const int64_t> dx, ffi::Span<const int64_t> kernel_spatial, const ConvAttrs& at,
+            std::string& err) {
+    if (dx.size() != 5) {
+      err = "x must be [N, D, H, W, C], got " + dims_str(dx);
+      return false;
+    }
+    if (kernel_spatial.size() != 3) {
+      err = "kernel_spatial must have 3 entries (one per spatial dim)";
+      return false;
+    }
+    n = dx[0], C = dx[4], ntaps = 1;
+    for (int d = 0; d < 3; ++d) {
+      if (kernel_spatial[d] < 0) {
+        err = "kernel_spatial must be >= 0";
+        return false;
+      }
+      in[d] = dx[1 + d], ks[d] = kernel_spatial[d];
+      out_sp[d] = conv_out_size(in[d], ks[d], at, d);
+      ntaps *= ks[d];
+    }
+    rows = n * out_sp[0] * out_sp[1] * out_sp[2];
+    cols = ntaps * C;
+    for (int d = 0; d < 3; ++d) {
+      src[d].assign(size_t(out_sp[d] * ks[d]), -1);
+      for (int64_t o = 0; o < out_sp[d]; ++o)
+        for (int64_t t = 0; t < ks[d]; ++t) {
+          const int64_t q = o * at.stride[d] + t * at.rdil[d] - at.lo[d];  // index in the dilated input
+          if (q >= 0 && q % at.ldil[d] == 0 && q / at.ldil[d] < in[d]) src[d][size_t(o * ks[d] + t)] = q / at.ldil[d];
+        }
+    }
+    return true;
+  }
+
+  // dst[0, len) = patches[row, k0 : k0 + len): one memcpy (or zero fill) per tap's channel run.
+  void gather(const float* x, int64_t row, int64_t k0, int64_t len, float* dst) const {
+    int64_t rem = row;
+    const int64_t ow = rem % out_sp[2]; rem /= out_sp[2];
+    const int64_t oh = rem % out_sp[1]; rem /= out_sp[1];
+    const int64_t od = rem % out_sp[0];
+    const int64_t nb = rem / out_sp[0];
+    int64_t tap = k0 / C, c = k0 - tap * C;
+    for (int64_t done = 0; done < len; ++tap, c = 0) {
+      const int64_t run = std::min(C - c, len - done);
+      int64_t t = tap;
+      const int64_t tw = t % ks[2]; t /= ks[2];
+      const int64_t th = t % ks[1];
+      const int64_t td = t / ks[1];
+      const int64_t id = src[0][size_t(od * ks[0] + td)], ih = src[1][size_t(oh * ks[1] + th)],
+                    iw = src[2][size_t(ow * ks[2] + tw)];
+      if (id < 0 || ih < 0 || iw < 0)
+        std::memset(dst + done, 0, size_t(run) * sizeof(float));
+      else
+        std::memcpy(dst + done, x + (((nb * in[0] + id) * in[1] + ih) * in[2] + iw) * C + c, size_t(run) * sizeof(float));
+      done += run;
+    }
+  }
+};
+
+}  // namespace
+}  // namespace jdfp
