@@ -1,5 +1,5 @@
 """The custom VJP of `jdfp.dot_general` (current scaling), in flax ``fp8_ops`` style: `dot_core`,
-its forward `_dot_fwd` and backward `_dot_bwd`.
+its forward `_dot_fwd` and backward `dot_bwd`.
 
 - forward: quantize both operands (per `Policy`) and run the GEMM on the backend;
 - residuals: the quantized int16 operands + exponents (half the bytes of float32 copies), or for
@@ -49,11 +49,12 @@ def _dot_fwd(lhs, rhs, key, dims, policy, precision, out_dtype, lazy=None):
   out3 = gemm(ql, lv.c_ax, qr, rv.c_ax, policy, precision)
   out = out3.reshape(out_shape(lhs.shape, rhs.shape, dims)).astype(out_dtype)
   # Zero-size slices carry the operands' shapes, dtypes and shard_map types through the residuals.
-  res = (_residual(ql, lhs, "lhs", policy), _residual(qr, rhs, "rhs", policy), k_bwd, lhs[None][:0], rhs[None][:0])
+  res = (backward_residual(ql, lhs, "lhs", policy), backward_residual(qr, rhs, "rhs", policy), k_bwd,
+         lhs[None][:0], rhs[None][:0])
   return out, res
 
 
-def _residual(q: qz.QArray, x, role: str, policy: Policy) -> qz.QArray:
+def backward_residual(q: qz.QArray, x, role: str, policy: Policy) -> qz.QArray:
   """What the backward keeps of a forward operand: its int16 QArray, or with
   ``Policy(float_residuals=...)`` the float input itself plus the forward's exponents."""
   if role not in policy.float_residuals:
@@ -62,7 +63,7 @@ def _residual(q: qz.QArray, x, role: str, policy: Policy) -> qz.QArray:
 
 
 def _reread(q: qz.QArray, view: View, role: str, policy: Policy) -> qz.QArray:
-  """The forward's quantized operand again (bit for bit) from what `_residual` kept."""
+  """The forward's quantized operand again (bit for bit) from what `backward_residual` kept."""
   if role not in policy.float_residuals:
     return q
   x3 = to3(q.values, view)
@@ -80,14 +81,14 @@ def _reread(q: qz.QArray, view: View, role: str, policy: Policy) -> qz.QArray:
 
 def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
   """fwd with symbolic zeros: an operand nobody differentiates (the input batch, say) needs no
-  backward GEMM. A None marker in the residuals tells `_dot_bwd` to skip it."""
+  backward GEMM. A None marker in the residuals tells `dot_bwd` to skip it."""
   out, res = _dot_fwd(lhs.value, rhs.value, primal_values(key), dims, policy, precision, out_dtype)
   # Whether the Flax statistics count this op (`counters_read` around its forward): its backward's
   # FP16 / BF16 gradient cast is then their counting kernel call, else XLA's plain convert.
   return out, res + (perturbed_marker(lhs), perturbed_marker(rhs), perturbed_marker_of(counters_wanted()))
 
 
-def _dot_bwd(dims, policy, precision, out_dtype, res, g):
+def dot_bwd(dims, policy, precision, out_dtype, res, g):
   ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r, counted = res
   if isinstance(g, SymbolicZero):
     return None, None, None
@@ -163,4 +164,4 @@ def reblock_for_backward(q: qz.QArray, c_ax: int, policy: Policy) -> qz.QArray:
                    int8_conversions(policy))
 
 
-dot_core.defvjp(_dot_fwd_perturbed, _dot_bwd, symbolic_zeros=True)
+dot_core.defvjp(_dot_fwd_perturbed, dot_bwd, symbolic_zeros=True)

@@ -6,7 +6,7 @@ lhs format blocks. On backend "ffi" the forward builds ``P`` only inside the blo
 work unit of `ffi.block_quantize.quantize_patches_with_stats` gathers its rows from the conv input
 and converts them (maxima, exponents, values, counters in one pass), so neither the float32 patch
 matrix nor a second pass over it exists. Bit for bit the im2col + `jdfp.dot_general` arrangement:
-the same keys, conversions, GEMMs and backward (`dot_vjp._dot_bwd`, whose patch gradient goes
+the same keys, conversions, GEMMs and backward (`dot_vjp.dot_bwd`, whose patch gradient goes
 through XLA's col2im, the transpose of `conv_vjp.patches`)."""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _fwd(x, w3, key, geom, policy, precision, out_dtype):
   # The residuals of `dot_vjp._dot_fwd` for lhs = the patch matrix (its zero-size slice carries shape,
   # dtype and x's shard_map type).
   p_dt = jnp.broadcast_to(x.reshape(-1)[:0].reshape((0, 1, 1, 1)), (0,) + geom.shape3)
-  return out, (ql, dot_vjp._residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])  # pylint: disable=protected-access
+  return out, (ql, dot_vjp.backward_residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])
 
 
 def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
@@ -126,7 +126,7 @@ def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
 def _bwd(geom, policy, precision, out_dtype, res, g):
   if isinstance(g, SymbolicZero):
     return None, None, None
-  dp, dw3, _ = dot_vjp._dot_bwd(DIMS, policy, precision, out_dtype, res, g)  # pylint: disable=protected-access
+  dp, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g)
   dx = None
   if dp is not None:
     xla_patches = lambda x: patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)[0]
