@@ -23,6 +23,12 @@
 //                     and int32 erange [2] (max, min exponent over the blocks holding a nonzero
 //                     finite value; 0, 0 if none): the Flax "dfp" statistics, counted while converting
 //
+//   JdfpBlockQuantizePatches(Stats) : the same two for the patch matrix [1, rows, taps * C] of a conv
+//                     input x [N, D, H, W, C] (conv_geometry.h; attrs as above plus the conv's
+//                     window_strides, padding_lo / _hi, lhs / rhs_dilation, kernel_spatial), bit for
+//                     bit the call on the stored matrix: each unit gathers its rows from x, so HBFP
+//                     convolutions never store that matrix in float32
+//
 //   JdfpBlockFakeQuantize : float32 x [B, R, C], key -> float32 y [B, R, C] (the values dequantized:
 //                     scale2(q, e), NaN for a NONFINITE block, as numerics/quantize.py dequantize),
 //                     int32 e: the optimizer's per-step re-quantization of the params onto their grid,
@@ -535,11 +541,7 @@ static ffi::Future block_quantize_patches_stats(ffi::ThreadPool pool, ffi::AnyBu
       .Attr<int32_t>("bits")               \
       .Attr<int32_t>("rounding")           \
       .Attr<int32_t>("isa")                \
-      .Attr<Span64>("window_strides")      \
-      .Attr<Span64>("padding_lo")          \
-      .Attr<Span64>("padding_hi")          \
-      .Attr<Span64>("lhs_dilation")        \
-      .Attr<Span64>("rhs_dilation")        \
+      JDFP_CONV_SPATIAL_ATTRS              \
       .Attr<Span64>("kernel_spatial")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizePatches, block_quantize_patches,

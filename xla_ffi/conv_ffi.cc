@@ -316,11 +316,7 @@ static ffi::Future conv_wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
       .Arg<ffi::Buffer<ffi::S32>>()               \
       .Arg<ffi::Buffer<ffi::S32>>()               \
       .Ret<ffi::Buffer<ffi::F32>>()               \
-      .Attr<Span64>("window_strides")             \
-      .Attr<Span64>("padding_lo")                 \
-      .Attr<Span64>("padding_hi")                 \
-      .Attr<Span64>("lhs_dilation")               \
-      .Attr<Span64>("rhs_dilation")               \
+      JDFP_CONV_SPATIAL_ATTRS                     \
       .Attr<int64_t>("feature_group_count")       \
       .Attr<int32_t>("bits_x")                    \
       .Attr<int32_t>("bits_w")                    \
@@ -334,11 +330,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvWgrad, conv_wgrad, JDFP_CONV_BINDING);
       .Ctx<ffi::ThreadPool>()               \
       .Arg<ffi::Buffer<ffi::F32>>()         \
       .Ret<ffi::Buffer<ffi::F32>>()         \
-      .Attr<Span64>("window_strides")       \
-      .Attr<Span64>("padding_lo")           \
-      .Attr<Span64>("padding_hi")           \
-      .Attr<Span64>("lhs_dilation")         \
-      .Attr<Span64>("rhs_dilation")         \
+      JDFP_CONV_SPATIAL_ATTRS               \
       .Attr<Span64>("kernel_spatial")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpIm2col, jdfp::im2col_impl, JDFP_IM2COL_BINDING);

@@ -15,6 +15,15 @@
 
 #include "ffi_helpers.h"
 
+// The spatial attributes of every FFI binding that takes a conv geometry, in this order (3 entries
+// each, one per spatial dim).
+#define JDFP_CONV_SPATIAL_ATTRS                        \
+  .Attr<ffi::Span<const int64_t>>("window_strides")    \
+      .Attr<ffi::Span<const int64_t>>("padding_lo")    \
+      .Attr<ffi::Span<const int64_t>>("padding_hi")    \
+      .Attr<ffi::Span<const int64_t>>("lhs_dilation")  \
+      .Attr<ffi::Span<const int64_t>>("rhs_dilation")
+
 namespace jdfp {
 namespace {
 
