@@ -89,6 +89,7 @@ POLICIES = {
     "mx": jdfp.Policy(lhs=BFP(7, block=16, axis=-1), rhs=BFP(7, block=16, axis=0), grad=BFP(7, block=16, axis=-1)),
     "stochastic_fwd": jdfp.policies.hbfp12(tile=8, fwd_rounding="stochastic"),
     "float_rhs": jdfp.policies.hbfp8(float_residuals=("rhs",)),
+    "float_both": jdfp.policies.hbfp12(float_residuals=("lhs", "rhs"), grad_rounding="nearest"),
 }
 
 
@@ -181,3 +182,26 @@ def test_ffi_errors_not_crashes():
   ):
     with pytest.raises(Exception, match=msg):
       jax.block_until_ready(jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE_PATCHES, outs)(x, key, **{**attrs, **kw}))
+
+
+def test_float_lhs_residual_keeps_only_the_input():
+  """``Policy(float_residuals=("lhs",))``: the backward keeps x, not the patch matrix's integers (9x x's
+  elements for a 3x3 kernel), and converts it again: gradients bit-identical to the default."""
+  x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
+  ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
+  kw = dict(window_strides=(1, 1), padding="SAME")
+  base = jdfp.policies.hbfp8()
+  lean = base.replace(float_residuals=("lhs",))
+
+  def residual_bytes(policy):
+    f = lambda x, w: jdfp.conv_general_dilated(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), policy=policy,
+                                               key=jax.random.key(3), **kw)
+    _, vjp = jax.vjp(f, x, w)
+    return sum(np.asarray(t).nbytes for t in jax.tree.leaves(vjp))
+
+  patch_ints = 4 * 10 * 10 * 9 * 16  # int8 patch matrix
+  assert residual_bytes(base) >= patch_ints
+  assert residual_bytes(lean) < x.nbytes + patch_ints // 4
+  assert_same(jax.jit(lambda x, w, ct: conv_vjp(lean, x, w, ct, **kw))(x, w, ct),
+              jax.jit(lambda x, w, ct: conv_vjp(base, x, w, ct, **kw))(x, w, ct))

@@ -63,11 +63,10 @@ class PatchGeom:
 def applies(x, groups: int, geom: PatchGeom, policy: Policy) -> bool:
   """Whether the conv's lhs conversion runs on the patch kernel: FFI backend, current scaling, one
   group, float32 input with 1 to 3 spatial dims, an lhs format with block exponents that the block
-  kernel converts, no cross-replica exponent, and no float residual of the lhs (whose backward
-  would re-read the float patch matrix)."""
+  kernel converts, and no cross-replica exponent."""
   fmt = policy.lhs
   if not (fmt.is_integer and kernel_quantize(policy) and resolve_backend(policy) == "ffi" and groups == 1
-          and policy.scaling == "current" and policy.axis_name is None and "lhs" not in policy.float_residuals
+          and policy.scaling == "current" and policy.axis_name is None
           and x.dtype == jnp.float32 and 1 <= len(geom.k_sp) <= 3 and prod(geom.shape3) > 0):
     return False
   p3 = jax.ShapeDtypeStruct(geom.shape3, jnp.float32)
@@ -115,7 +114,10 @@ def _fwd(x, w3, key, geom, policy, precision, out_dtype):
   # The residuals of `dot_vjp._dot_fwd` for lhs = the patch matrix (its zero-size slice carries shape,
   # dtype and x's shard_map type).
   p_dt = jnp.broadcast_to(x.reshape(-1)[:0].reshape((0, 1, 1, 1)), (0,) + geom.shape3)
-  return out, (ql, dot_vjp.backward_residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])
+  # Policy(float_residuals=("lhs",)): keep x itself (1 / taps of the patch matrix's elements); the
+  # backward converts it again (deterministic forward rounding: the same integers).
+  lhs_res = x if "lhs" in policy.float_residuals else ql
+  return out, (lhs_res, dot_vjp.backward_residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])
 
 
 def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
@@ -126,6 +128,12 @@ def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
 def _bwd(geom, policy, precision, out_dtype, res, g):
   if isinstance(g, SymbolicZero):
     return None, None, None
+  if "lhs" in policy.float_residuals:
+    x, need_w = res[0], res[6]
+    ql = None if need_w is None else quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, None,
+                                                      operand_int8(policy))
+    res = (ql,) + res[1:]
+    policy = policy.replace(float_residuals=tuple(r for r in policy.float_residuals if r != "lhs"))
   dp, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g)
   dx = None
   if dp is not None:
