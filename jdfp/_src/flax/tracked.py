@@ -39,8 +39,8 @@ from jdfp._src.ops.conv import conv_general_dilated
 from jdfp._src.ops.conv_vjp import per_tensor
 from jdfp._src.ops.convert import counters_read, counters_wanted, int8_conversions
 from jdfp._src.ops.dot import dot_general
-from jdfp._src.ops.patch_conv import patch_conv_core, patch_conversion
 from jdfp._src.ops.layout import canonical_dims, result_dtype, to3, views
+from jdfp._src.ops.patch_conv import patch_conv_core, patch_conversion
 from jdfp._src.ops.policy import Policy, check_backward_key, check_key
 from jdfp._src.ops.vjp import perturbed_marker_of, primal_values, split_keys
 

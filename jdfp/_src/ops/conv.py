@@ -1,8 +1,9 @@
 """`jdfp.conv_general_dilated`: the drop-in for `jax.lax.conv_general_dilated` with forward,
 backward-data and weight-gradient in low precision. Per-tensor integer formats run as convolutions
 (`jdfp._src.ops.conv_vjp`), FP16/BF16 as convolutions with FP32 accumulation
-(`jdfp._src.ops.float_conv`); block formats as im2col patches (the C++ im2col kernel on backend
-"ffi") + `jdfp.dot_general`."""
+(`jdfp._src.ops.float_conv`); block formats as the GEMM of their im2col patch matrix, which on
+backend "ffi" the lhs conversion gathers from the input (`jdfp._src.ops.patch_conv`) or the C++
+im2col kernel materialises."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   + the reference GEMM (backend "reference").  Backward-data is the conv of the output gradient
   with the flipped kernel (lhs dilation = strides), weight-gradient im2col(x)^T . dy.
   FP16/BF16: the operands of each pass rounded to the format, convolved with FP32 accumulation (no
-  patches). Block exponents (HBFP tiles of the patch matrix): the patch matrix, built by the C++
-  im2col kernel (backend "ffi", float32) or XLA, + `jdfp.dot_general` (logged in `fallback_log`).
+  patches). Block exponents (HBFP tiles of the patch matrix): `jdfp.dot_general` on the patch
+  matrix, which backend "ffi" converts straight from the input (one group, float32) or builds on the
+  im2col kernel, and the reference backend in XLA (logged in `fallback_log`).
   ``scale_state``: with ``Policy(scaling="delayed")`` (per-tensor formats), the op's `jdfp.ScaleState`;
   the call then returns ``(out, new_state)`` as `jdfp.dot_general` does."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
