@@ -58,6 +58,7 @@ struct BlockKernels {
   BlockConvertFn convert;
   StochasticColsFn stochastic_cols;  // null: the per-tensor kernels, called block by block
   StatsColsFn stats_cols;
+  ConvertColsI8Fn convert_cols_i8;  // null: int16 row, statistics pass, narrowing (convert_rows_i8)
 };
 
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
@@ -68,17 +69,21 @@ struct BlockKernels {
 
 // Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
 const BlockKernels kBlockTable[] = {
-    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr},
-    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr},
-    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr},
-    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr},
+    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr},
+    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr},
+    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr},
     /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512),
-                          JDFP_BLOCK_AVX512(convert_stochastic_cols_avx512), JDFP_BLOCK_AVX512(stats_cols_avx512)},
+                          JDFP_BLOCK_AVX512(convert_stochastic_cols_avx512), JDFP_BLOCK_AVX512(stats_cols_avx512),
+                          JDFP_BLOCK_AVX512(convert_cols_i8_avx512)},
 };
 static_assert(sizeof(kBlockTable) / sizeof(kBlockTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
 
 constexpr int64_t kUnitElems = int64_t(1) << 15;
 constexpr int64_t kMaxUnitBlocks = 1024;  // bounds a unit's accumulators (64 KiB)
+// Tensors below this many elements convert on the calling thread alone: waking a pool thread for
+// them cost more than it saved (a 64 x 128 tile-blocked conversion: 8-13 us pooled, 3-5 us inline).
+constexpr int64_t kInlineElems = int64_t(1) << 16;
 
 // The exponent of a block from its max |x| bits (group_exponent).
 int32_t block_exponent(uint32_t amax_bits, bool bfp, int bits) {
@@ -224,6 +229,11 @@ void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, con
   int16_t* q = s.row.data();
   for_band_rows(j, band, [&](int64_t off) {
     const float* x = xseg(j, s, off, c0);
+    if (!j.stochastic && j.k.convert_cols_i8) {
+      j.k.convert_cols_i8(x, j.out8 + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
+                          j.counts_out ? &s.counts : nullptr);
+      return;
+    }
     if (j.stochastic && j.k.stochastic_cols) {
       j.k.stochastic_cols(x, q, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
     } else if (j.stochastic) {
@@ -274,7 +284,7 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     });
     return;
   }
-  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols)) {
+  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols) || (j.out8 && j.k.convert_cols_i8)) {
     for (int64_t b = 0, c = 0; b < nb; ++b)
       for (const int64_t c1 = std::min(n, c + j.bc); c < c1; ++c) s.s1c[size_t(c)] = s.s1[size_t(b)], s.s2c[size_t(c)] = s.s2[size_t(b)];
   }
@@ -431,8 +441,9 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
     p.SetAvailable();
     return f;
   }
-  // Pool threads only when there is more than one unit's worth of work for them.
-  const int64_t nthreads = std::min(pool_workers(pool), job->nunits);
+  // Pool threads only when there is more than one unit's worth of work for them (and not for small tensors).
+  const int64_t elems = job->B * job->R * job->C;
+  const int64_t nthreads = elems < kInlineElems ? 1 : std::min(pool_workers(pool), job->nunits);
   job->done = ffi::CountDownPromise(size_t(job->nunits));
   ffi::Future fut(job->done);
   for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { block_worker(job); });

@@ -119,19 +119,29 @@ struct PatchGeom {
     const int64_t od = rem % out_sp[0];
     const int64_t nb = rem / out_sp[0];
     int64_t tap = k0 / C, c = k0 - tap * C;
-    for (int64_t done = 0; done < len; ++tap, c = 0) {
+    // The tap's (d, h, w) once, then stepped w-fastest (no divisions per tap: C = 1, a stem conv on
+    // one channel, copies one float per tap).
+    int64_t tw = tap % ks[2], th = (tap / ks[2]) % ks[1], td = tap / (ks[2] * ks[1]);
+    const int64_t* sd = src[0].data() + od * ks[0];
+    const int64_t* sh = src[1].data() + oh * ks[1];
+    const int64_t* sw = src[2].data() + ow * ks[2];
+    const float* xb = x + nb * in[0] * in[1] * in[2] * C;
+    for (int64_t done = 0; done < len; c = 0) {
       const int64_t run = std::min(C - c, len - done);
-      int64_t t = tap;
-      const int64_t tw = t % ks[2]; t /= ks[2];
-      const int64_t th = t % ks[1];
-      const int64_t td = t / ks[1];
-      const int64_t id = src[0][size_t(od * ks[0] + td)], ih = src[1][size_t(oh * ks[1] + th)],
-                    iw = src[2][size_t(ow * ks[2] + tw)];
-      if (id < 0 || ih < 0 || iw < 0)
-        std::memset(dst + done, 0, size_t(run) * sizeof(float));
-      else
-        std::memcpy(dst + done, x + (((nb * in[0] + id) * in[1] + ih) * in[2] + iw) * C + c, size_t(run) * sizeof(float));
+      const int64_t id = sd[td], ih = sh[th], iw = sw[tw];
+      if (id < 0 || ih < 0 || iw < 0) {
+        if (run == 1) dst[done] = 0.0f;
+        else std::memset(dst + done, 0, size_t(run) * sizeof(float));
+      } else {
+        const float* sp = xb + ((id * in[1] + ih) * in[2] + iw) * C + c;
+        if (run == 1) dst[done] = *sp;
+        else std::memcpy(dst + done, sp, size_t(run) * sizeof(float));
+      }
       done += run;
+      if (++tw == ks[2]) {
+        tw = 0;
+        if (++th == ks[1]) th = 0, ++td;
+      }
     }
   }
 };

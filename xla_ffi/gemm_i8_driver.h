@@ -76,6 +76,22 @@ static inline void minmax_i8(const int8_t* p, int64_t n, I8MinMax& mm) {
   mm.add(mx);
 }
 
+// Sum of n int8 values: psadbw on the biased bytes (v + 128) 16 at a time, the tail one by one.
+static inline int64_t sum_i8(const int8_t* p, int64_t n) {
+  int64_t s = 0, k = 0;
+#if defined(__SSE2__)
+  const __m128i x = _mm_set1_epi8(int8_t(0x80)), z = _mm_setzero_si128();
+  __m128i acc = z;
+  for (; k + 16 <= n; k += 16)
+    acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)), x), z));
+  alignas(16) int64_t two[2];
+  _mm_store_si128(reinterpret_cast<__m128i*>(two), acc);
+  s = two[0] + two[1] - 128 * k;
+#endif
+  for (; k < n; ++k) s += p[k];
+  return s;
+}
+
 // Pack rows [r0, r0 + rows) of X[r, k] = src[r*sr + k] (k contiguous) into micro-panels of width W:
 // dst[((panel * quads + q) * W + i) * 4 + t] = X[r0 + panel*W + i, k of quad q, byte t], 0 for
 // padding (rows past `rows`, k past a piece's end), XOR 0x80 on real values when kShift.  With
@@ -107,29 +123,13 @@ static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64
         const I8Piece& pc = pcs[pi];
         const int8_t* sp = row + pc.k_start;
         const int32_t full = pc.len / 4, rem = pc.len % 4;
-        // Row sum by SWAR on the words being copied: u = w ^ 0x80808080 holds a + 128 per byte;
-        // two 16-bit lanes collect pairs of bytes (<= 510 per word, flushed every 128 words).
-        uint32_t lanes = 0;
-        int64_t sum = -512 * int64_t(full);
-        for (int32_t q = 0; q < full; ++q) {
-          const uint32_t w = ld_u32(sp + 4 * q);
-          st_u32(d + int64_t(q) * W * 4, w ^ x);
-          const uint32_t u = w ^ 0x80808080u;
-          lanes += (u & 0x00FF00FFu) + ((u >> 8) & 0x00FF00FFu);
-          if ((q & 127) == 127) {
-            sum += (lanes & 0xFFFFu) + (lanes >> 16);
-            lanes = 0;
-          }
-        }
-        sum += (lanes & 0xFFFFu) + (lanes >> 16);
+        for (int32_t q = 0; q < full; ++q) st_u32(d + int64_t(q) * W * 4, ld_u32(sp + 4 * q) ^ x);
         if (rem) {
           uint8_t t4[4] = {0, 0, 0, 0};
-          for (int t = 0; t < rem; ++t) {
-            t4[t] = uint8_t(sp[4 * full + t]) ^ uint8_t(x);
-            sum += sp[4 * full + t];
-          }
+          for (int t = 0; t < rem; ++t) t4[t] = uint8_t(sp[4 * full + t]) ^ uint8_t(x);
           std::memcpy(d + int64_t(full) * W * 4, t4, 4);
         }
+        const int64_t sum = rs ? sum_i8(sp, pc.len) : 0;
         if (rs) rs[pi * W + i] = uint32_t(sum) * 128u;
         d += int64_t(pc.quads) * W * 4;
       }
@@ -267,12 +267,103 @@ static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64
 #endif
 }
 
+#if defined(__SSE2__)
+// pack_rcontig for narrow unshifted panels (A: W = MR <= 16 rows), panel by panel: per quad, one
+// 8- or 16-byte load from each of the 4 k rows gives the panel's W values of that k (zero past
+// `rows` or the piece's end), four unpacks make the W quads, and the rows' sums collect in int16
+// lanes (flushed to int32 every 32 quads: |sum| <= 32 * 4 * 128).  One pass, no per-element code
+// (the 4- and 8-row interleaves of pack_rcontig left W = 6 or 12 rows partly element by element).
+template <int W>
+static inline void pack_rcontig_narrow(const int8_t* src, int64_t sk, int64_t r0, int64_t rows, const I8Piece* pcs,
+                                       int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
+  static_assert(W >= 1 && W <= 16, "one xmm of rows");
+  constexpr int LB = W <= 8 ? 8 : 16;  // bytes loaded per k row
+  const int64_t panels = (rows + W - 1) / W;
+  const __m128i x = _mm_set1_epi8(int8_t(0x80)), z = _mm_setzero_si128();
+  __m128i umin = x, umax = x;  // biased 0
+  auto load = [&](const int8_t* p, int n, bool full) {
+    if (full) {
+      if constexpr (LB == 8) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      else return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    }
+    alignas(16) int8_t t[16] = {};
+    std::memcpy(t, p, size_t(n));
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  };
+  int64_t qoff = 0;
+  for (int pi = 0; pi < npcs; ++pi) {
+    const I8Piece& pc = pcs[pi];
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const int64_t rb = pn * W;
+      const int nvalid = int(std::min<int64_t>(W, rows - rb));
+      const bool full = rb + LB <= rows;  // the wide load stays inside the tile's rows
+      int8_t* d = dst + (pn * quads + qoff) * W * 4;
+      alignas(16) int32_t sum[16] = {};
+      __m128i slo = z, shi = z;
+      auto flush = [&]() {
+        alignas(16) int16_t h[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(h), slo);
+        _mm_store_si128(reinterpret_cast<__m128i*>(h + 8), shi);
+        for (int i = 0; i < W; ++i) sum[i] += h[i];
+        slo = shi = z;
+      };
+      for (int32_t q = 0; q < pc.quads; ++q) {
+        const int nk = std::min<int32_t>(4, pc.len - 4 * q);
+        const int8_t* c0 = src + (pc.k_start + 4 * q) * sk + r0 + rb;
+        __m128i v[4];
+        for (int t = 0; t < 4; ++t) {
+          v[t] = t < nk ? load(c0 + t * sk, nvalid, full) : z;
+          const __m128i u = _mm_xor_si128(v[t], x);
+          umin = _mm_min_epu8(umin, u);
+          umax = _mm_max_epu8(umax, u);
+          if (rowsum) {
+            slo = _mm_add_epi16(slo, _mm_srai_epi16(_mm_unpacklo_epi8(v[t], v[t]), 8));
+            if constexpr (W > 8) shi = _mm_add_epi16(shi, _mm_srai_epi16(_mm_unpackhi_epi8(v[t], v[t]), 8));
+          }
+        }
+        const __m128i t0 = _mm_unpacklo_epi8(v[0], v[1]), t2 = _mm_unpacklo_epi8(v[2], v[3]);
+        alignas(16) int8_t out[64];
+        __m128i* o = reinterpret_cast<__m128i*>(out);
+        _mm_store_si128(o + 0, _mm_unpacklo_epi16(t0, t2));
+        _mm_store_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+        if constexpr (W > 8) {
+          const __m128i t1 = _mm_unpackhi_epi8(v[0], v[1]), t3 = _mm_unpackhi_epi8(v[2], v[3]);
+          _mm_store_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+          _mm_store_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+        }
+        std::memcpy(d + int64_t(q) * W * 4, out, size_t(W) * 4);
+        if (rowsum && (q & 31) == 31) flush();
+      }
+      if (rowsum) {
+        flush();
+        uint32_t* rs = rowsum + (pn * npcs + pi) * W;
+        for (int i = 0; i < W; ++i) rs[i] = i < nvalid ? uint32_t(sum[i]) * 128u : 0u;
+      }
+    }
+    qoff += pc.quads;
+  }
+  alignas(16) uint8_t lo[16], hi[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lo), umin);
+  _mm_store_si128(reinterpret_cast<__m128i*>(hi), umax);
+  for (int t = 0; t < 16; ++t) {
+    mm.add(int32_t(lo[t]) - 128);
+    mm.add(int32_t(hi[t]) - 128);
+  }
+}
+#endif
+
 template <int W, bool kShift>
 static inline void pack_any(const int8_t* src, int64_t sr, int64_t sk, int64_t r0, int64_t rows, const I8Piece* pcs,
                             int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
   if (sk == 1) {
     pack_kcontig<W, kShift>(src, sr, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
   } else {
+#if defined(__SSE2__)
+    if constexpr (!kShift && W <= 16) {
+      pack_rcontig_narrow<W>(src, sk, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
+      return;
+    }
+#endif
     pack_rcontig<W, kShift>(src, sk, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
   }
 }
