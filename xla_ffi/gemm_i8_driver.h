@@ -84,13 +84,52 @@ static inline int64_t sum_i8(const int8_t* p, int64_t n) {
   __m128i acc = z;
   for (; k + 16 <= n; k += 16)
     acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)), x), z));
+  if (k + 8 <= n) {  // the upper half of the biased load is 0 ^ 0x80 per byte: 8 * 128 more, taken off below
+    acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k)), x), z));
+    s -= 8 * 128;
+    k += 8;
+  }
   alignas(16) int64_t two[2];
   _mm_store_si128(reinterpret_cast<__m128i*>(two), acc);
-  s = two[0] + two[1] - 128 * k;
+  s += two[0] + two[1] - 128 * k;
 #endif
   for (; k < n; ++k) s += p[k];
   return s;
 }
+
+static inline bool pc_whole(const I8Piece& pc) { return pc.len % 4 == 0; }
+
+#if defined(__SSE2__)
+// W full rows (row i at src + i * sr), q quads each, into the packed panel dst[(q * W + i) * 4 + t]
+// (XOR x on every byte): 4 x 4 dword transposes of 4 rows x 4 quads (16-byte loads and stores),
+// rows past the last group of 4 and quads past the last group of 4 one dword at a time.
+template <int W>
+static inline void pack_rows_whole(const int8_t* src, int64_t sr, int32_t nq, uint32_t x, int8_t* dst) {
+  const __m128i xv = _mm_set1_epi32(int32_t(x));
+  constexpr int G = W / 4;
+  int32_t q = 0;
+  for (; q + 4 <= nq; q += 4) {
+    for (int g = 0; g < G; ++g) {
+      const int8_t* r = src + int64_t(4 * g) * sr + 4 * q;
+      const __m128i a0 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)), xv);
+      const __m128i a1 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sr)), xv);
+      const __m128i a2 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * sr)), xv);
+      const __m128i a3 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * sr)), xv);
+      const __m128i t0 = _mm_unpacklo_epi32(a0, a1), t1 = _mm_unpackhi_epi32(a0, a1);
+      const __m128i t2 = _mm_unpacklo_epi32(a2, a3), t3 = _mm_unpackhi_epi32(a2, a3);
+      int8_t* d = dst + (int64_t(q) * W + 4 * g) * 4;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi64(t0, t2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + W * 4), _mm_unpackhi_epi64(t0, t2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * W * 4), _mm_unpacklo_epi64(t1, t3));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 3 * W * 4), _mm_unpackhi_epi64(t1, t3));
+    }
+    for (int i = 4 * G; i < W; ++i)
+      for (int t = 0; t < 4; ++t) st_u32(dst + (int64_t(q + t) * W + i) * 4, ld_u32(src + i * sr + 4 * (q + t)) ^ x);
+  }
+  for (; q < nq; ++q)
+    for (int i = 0; i < W; ++i) st_u32(dst + (int64_t(q) * W + i) * 4, ld_u32(src + i * sr + 4 * q) ^ x);
+}
+#endif
 
 // Pack rows [r0, r0 + rows) of X[r, k] = src[r*sr + k] (k contiguous) into micro-panels of width W:
 // dst[((panel * quads + q) * W + i) * 4 + t] = X[r0 + panel*W + i, k of quad q, byte t], 0 for
@@ -104,11 +143,26 @@ static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64
   const int64_t panels = (rows + W - 1) / W;
   const uint32_t x = kShift ? 0x80808080u : 0u;
   const int64_t k_lo = pcs[0].k_start, k_hi = pcs[npcs - 1].k_start + pcs[npcs - 1].len;
+  // Pieces of whole quads (block_k and K multiples of 4): the kc range packs as one run of quads.
+  bool whole = true;
+  for (int pi = 0; pi < npcs; ++pi) whole = whole && pc_whole(pcs[pi]);
   for (int64_t pn = 0; pn < panels; ++pn) {
     const int64_t rb = r0 + pn * W;
     const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
     int8_t* dp = dst + pn * int64_t(quads) * W * 4;
     uint32_t* rs = rowsum ? rowsum + pn * npcs * W : nullptr;
+#if defined(__SSE2__)
+    if (whole && nvalid == W) {
+      pack_rows_whole<W>(src + rb * sr + k_lo, sr, quads, x, dp);
+      for (int i = 0; i < W; ++i) {
+        const int8_t* row = src + (rb + i) * sr;
+        minmax_i8(row + k_lo, k_hi - k_lo, mm);
+        if (rs)
+          for (int pi = 0; pi < npcs; ++pi) rs[pi * W + i] = uint32_t(sum_i8(row + pcs[pi].k_start, pcs[pi].len)) * 128u;
+      }
+      continue;
+    }
+#endif
     for (int i = 0; i < W; ++i) {
       if (i >= nvalid) {
         for (int32_t q = 0; q < quads; ++q) st_u32(dp + (int64_t(q) * W + i) * 4, 0);
