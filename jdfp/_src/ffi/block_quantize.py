@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_QUANTIZE,
                                    TARGET_BLOCK_QUANTIZE_PATCHES, TARGET_BLOCK_QUANTIZE_PATCHES_STATS,
                                    TARGET_BLOCK_QUANTIZE_STATS, dtype_of, isa_attribute, require_lib)
@@ -150,7 +151,6 @@ def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_stride
   ``[N, *S, C]`` (`jdfp._src.ffi.conv.im2col`'s, reshaped: rows the output pixels, columns (tap, c))
   with blocks ``bshape`` ``(1, br, bc)``, bit for bit, without storing that matrix: each work unit
   gathers its rows from x. Stochastic rounding draws from each element's index in the patch matrix."""
-  from jdfp._src.ffi import conv as ffi_conv  # pylint: disable=import-outside-toplevel
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
     raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
   sx = tuple(np.shape(x))
