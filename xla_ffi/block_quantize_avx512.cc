@@ -54,8 +54,13 @@ void block_convert_avx512(const float* x, int16_t* out, int64_t n, int64_t bc, c
   }
 }
 
-void convert_cols_i8_avx512(const float* x, int8_t* out, int64_t n, const float* s1, const float* s2, float qm,
-                            bool biased, Counts* c) {
+namespace {
+
+// Per-column scales, one pass: convert (block_convert_avx512's arithmetic), store as int8 or int16,
+// count when c is given (stats_cols_avx512's counts).
+template <class Q>
+void convert_cols_avx512(const float* x, Q* out, int64_t n, const float* s1, const float* s2, float qm, bool biased,
+                         Counts* c) {
   const __m512 hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
   const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), inf = _mm512_set1_epi32(int(kInfBits)),
                 tiny = _mm512_set1_epi32(int(kMinNormalBits));
@@ -67,7 +72,11 @@ void convert_cols_i8_avx512(const float* x, int8_t* out, int64_t n, const float*
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(xv, p1), p2);
     y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);  // NaN -> 0
     const __m512i r = biased ? round_biased16(y, hi) : _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
-    _mm512_mask_cvtsepi32_storeu_epi8(out + i, m, r);
+    if constexpr (sizeof(Q) == 1) {
+      _mm512_mask_cvtsepi32_storeu_epi8(out + i, m, r);
+    } else {
+      _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtsepi32_epi16(r));
+    }
     if (!c) continue;
     // As stats_cols_avx512: s1 == 0 marks a NONFINITE block, whose elements are never ok.
     const __m512i u = _mm512_and_si512(_mm512_castps_si512(xv), abs);
@@ -80,6 +89,18 @@ void convert_cols_i8_avx512(const float* x, int8_t* out, int64_t n, const float*
     under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, r, _mm512_setzero_si512()));
   }
   if (c) c->sat += sat, c->under += under, c->nonfin += nonfin, c->ok += ok;
+}
+
+}  // namespace
+
+void convert_cols_i8_avx512(const float* x, int8_t* out, int64_t n, const float* s1, const float* s2, float qm,
+                            bool biased, Counts* c) {
+  convert_cols_avx512(x, out, n, s1, s2, qm, biased, c);
+}
+
+void convert_cols_i16_avx512(const float* x, int16_t* out, int64_t n, const float* s1, const float* s2, float qm,
+                             bool biased, Counts* c) {
+  convert_cols_avx512(x, out, n, s1, s2, qm, biased, c);
 }
 
 }  // namespace jdfp

@@ -59,6 +59,7 @@ struct BlockKernels {
   StochasticColsFn stochastic_cols;  // null: the per-tensor kernels, called block by block
   StatsColsFn stats_cols;
   ConvertColsI8Fn convert_cols_i8;  // null: int16 row, statistics pass, narrowing (convert_rows_i8)
+  ConvertColsI16Fn convert_cols_i16;  // null: block-by-block conversion, then the statistics pass
 };
 
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
@@ -69,13 +70,13 @@ struct BlockKernels {
 
 // Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
 const BlockKernels kBlockTable[] = {
-    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr},
-    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr},
-    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr},
+    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr},
     /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512),
                           JDFP_BLOCK_AVX512(convert_stochastic_cols_avx512), JDFP_BLOCK_AVX512(stats_cols_avx512),
-                          JDFP_BLOCK_AVX512(convert_cols_i8_avx512)},
+                          JDFP_BLOCK_AVX512(convert_cols_i8_avx512), JDFP_BLOCK_AVX512(convert_cols_i16_avx512)},
 };
 static_assert(sizeof(kBlockTable) / sizeof(kBlockTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
 
@@ -284,19 +285,26 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     });
     return;
   }
-  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols) || (j.out8 && j.k.convert_cols_i8)) {
+  const bool cols_i16 = j.out && !j.stochastic && j.k.convert_cols_i16;  // one pass, counts included
+  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols) || (j.out8 && j.k.convert_cols_i8) ||
+      cols_i16) {
     for (int64_t b = 0, c = 0; b < nb; ++b)
       for (const int64_t c1 = std::min(n, c + j.bc); c < c1; ++c) s.s1c[size_t(c)] = s.s1[size_t(b)], s.s2c[size_t(c)] = s.s2[size_t(b)];
   }
   if (j.out8) {
     convert_rows_i8(j, band, c0, n, args, s);  // counts as it goes
   } else {
-    if (j.stochastic) {
+    if (cols_i16) {
+      for_band_rows(j, band, [&](int64_t off) {
+        j.k.convert_cols_i16(xseg(j, s, off, c0), j.out + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
+                             j.counts_out ? &s.counts : nullptr);
+      });
+    } else if (j.stochastic) {
       convert_stochastic_rows(j, band, c0, n, s);
     } else {
       for_band_rows(j, band, [&](int64_t off) { j.k.convert(xseg(j, s, off, c0), j.out + off + c0, n, j.bc, args); });
     }
-    if (j.counts_out)
+    if (j.counts_out && !cols_i16)
       for_band_rows(j, band, [&](int64_t off) { count_row(j, xseg(j, s, off, c0), j.out + off + c0, n, s); });
   }
   if (!j.counts_out) return;

@@ -43,11 +43,15 @@ using StochasticColsFn = void (*)(const float* x, int16_t* out, int64_t n, int64
 using StatsColsFn = void (*)(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qm,
                              Counts& c);
 
-// int8 results of nearest / biased rounding in one pass per row segment: convert with per-column
-// scales (exactly block_convert's arithmetic), count when `c` is given (stats_cols's counts), narrow
-// and store -- instead of an int16 row, a statistics pass over it and a narrowing pass.
+// Nearest / biased rounding of a row segment in one pass with per-column scales (exactly
+// block_convert's arithmetic), counting when `c` is given (stats_cols's counts): for int8 results
+// instead of an int16 row, a statistics pass over it and a narrowing pass; for int16 results
+// instead of block-by-block calls (24-wide blocks: a full and a half-masked step each) and the
+// statistics pass.
 using ConvertColsI8Fn = void (*)(const float* x, int8_t* out, int64_t n, const float* s1, const float* s2, float qm,
                                  bool biased, Counts* c);
+using ConvertColsI16Fn = void (*)(const float* x, int16_t* out, int64_t n, const float* s1, const float* s2, float qm,
+                                  bool biased, Counts* c);
 
 static inline void block_amax_ref(const float* x, int64_t n, int64_t bc, uint32_t* acc) {
   for (int64_t c0 = 0, j = 0; c0 < n; c0 += bc, ++j) {
@@ -83,5 +87,7 @@ void block_amax_avx512(const float* x, int64_t n, int64_t bc, uint32_t* acc);
 void block_convert_avx512(const float* x, int16_t* out, int64_t n, int64_t bc, const BlockConvertArgs&);
 void convert_cols_i8_avx512(const float* x, int8_t* out, int64_t n, const float* s1, const float* s2, float qm,
                             bool biased, Counts* c);
+void convert_cols_i16_avx512(const float* x, int16_t* out, int64_t n, const float* s1, const float* s2, float qm,
+                             bool biased, Counts* c);
 
 }  // namespace jdfp
