@@ -321,6 +321,71 @@ static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64
 #endif
 }
 
+#if defined(__AVX512BW__)
+// pack_rcontig_narrow for AVX-512 and W dividing 48: 48 rows (48 / W panels) per step, one masked
+// 64-byte load per k row, the quads interleaved in-register (byte and word unpacks, then a 4 x 4
+// transpose of 128-bit lanes into row order) and copied panel by panel; the rows' sums of a piece
+// by vpmaddubsw / vpmaddwd on the quads (int32 per row), the min / max on the loaded bytes.
+template <int W>
+static inline void pack_rcontig_narrow512(const int8_t* src, int64_t sk, int64_t r0, int64_t rows, const I8Piece* pcs,
+                                          int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
+  static_assert(48 % W == 0, "whole panels per 48 rows");
+  constexpr int PG = 48 / W;  // panels per group
+  const int64_t panels = (rows + W - 1) / W;
+  const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1);
+  __m512i vmin = _mm512_setzero_si512(), vmax = vmin;
+  int64_t qoff = 0;
+  for (int pi = 0; pi < npcs; ++pi) {
+    const I8Piece& pc = pcs[pi];
+    for (int64_t g0 = 0; g0 < rows; g0 += 48) {
+      const int64_t nrow = std::min<int64_t>(48, rows - g0);
+      const __mmask64 lm = (uint64_t(1) << nrow) - 1;
+      const int64_t pn0 = g0 / W, npn = std::min<int64_t>(PG, panels - pn0);
+      __m512i s[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (int32_t q = 0; q < pc.quads; ++q) {
+        const int nk = std::min<int32_t>(4, pc.len - 4 * q);
+        const int8_t* c0 = src + (pc.k_start + 4 * q) * sk + r0 + g0;
+        __m512i v[4];
+        for (int t = 0; t < 4; ++t) {
+          v[t] = t < nk ? _mm512_maskz_loadu_epi8(lm, c0 + t * sk) : _mm512_setzero_si512();
+          vmin = _mm512_min_epi8(vmin, v[t]);
+          vmax = _mm512_max_epi8(vmax, v[t]);
+        }
+        const __m512i a = _mm512_unpacklo_epi8(v[0], v[1]), b = _mm512_unpackhi_epi8(v[0], v[1]);
+        const __m512i c = _mm512_unpacklo_epi8(v[2], v[3]), d = _mm512_unpackhi_epi8(v[2], v[3]);
+        // lane L of q_j: the quads of rows 16L + 4j .. 16L + 4j + 3
+        const __m512i q0 = _mm512_unpacklo_epi16(a, c), q1 = _mm512_unpackhi_epi16(a, c);
+        const __m512i q2 = _mm512_unpacklo_epi16(b, d), q3 = _mm512_unpackhi_epi16(b, d);
+        const __m512i e0 = _mm512_shuffle_i32x4(q0, q1, 0x44), e1 = _mm512_shuffle_i32x4(q2, q3, 0x44);  // lanes 0, 1
+        const __m512i f0 = _mm512_shuffle_i32x4(q0, q1, 0xEE), f1 = _mm512_shuffle_i32x4(q2, q3, 0xEE);  // lanes 2, 3
+        const __m512i o[3] = {_mm512_shuffle_i32x4(e0, e1, 0x88), _mm512_shuffle_i32x4(e0, e1, 0xDD),
+                              _mm512_shuffle_i32x4(f0, f1, 0x88)};  // rows 0-15, 16-31, 32-47
+        alignas(64) int8_t out[192];
+        for (int j = 0; j < 3; ++j) {
+          _mm512_store_si512(out + 64 * j, o[j]);
+          if (rowsum) s[j] = _mm512_add_epi32(s[j], _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, o[j]), ones16));
+        }
+        for (int64_t p = 0; p < npn; ++p)
+          std::memcpy(dst + ((pn0 + p) * quads + qoff + q) * W * 4, out + p * W * 4, size_t(W) * 4);
+      }
+      if (rowsum) {
+        alignas(64) uint32_t sums[48];
+        for (int j = 0; j < 3; ++j) _mm512_store_si512(sums + 16 * j, _mm512_slli_epi32(s[j], 7));
+        for (int64_t p = 0; p < npn; ++p) std::memcpy(rowsum + ((pn0 + p) * npcs + pi) * W, sums + p * W, size_t(W) * 4);
+      }
+    }
+    qoff += pc.quads;
+  }
+  alignas(64) int8_t lo[64], hi[64];
+  _mm512_store_si512(lo, vmin);
+  _mm512_store_si512(hi, vmax);
+  for (int t = 0; t < 64; ++t) {
+    mm.add(lo[t]);
+    mm.add(hi[t]);
+  }
+}
+#endif
+
 #if defined(__SSE2__)
 // pack_rcontig for narrow unshifted panels (A: W = MR <= 16 rows), panel by panel: per quad, one
 // 8- or 16-byte load from each of the 4 k rows gives the panel's W values of that k (zero past
@@ -413,6 +478,12 @@ static inline void pack_any(const int8_t* src, int64_t sr, int64_t sk, int64_t r
     pack_kcontig<W, kShift>(src, sr, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
   } else {
 #if defined(__SSE2__)
+#if defined(__AVX512BW__)
+    if constexpr (!kShift && 48 % W == 0) {
+      pack_rcontig_narrow512<W>(src, sk, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
+      return;
+    }
+#endif
     if constexpr (!kShift && W <= 16) {
       pack_rcontig_narrow<W>(src, sk, r0, rows, pcs, npcs, quads, dst, rowsum, mm);
       return;

@@ -117,6 +117,16 @@ def test_transposes(isa, ta, tb):
     _check(a, b, ea, eb, isa, bits_a=8, bits_b=8, block_k=bk, transpose_a=ta, transpose_b=tb)
 
 
+@pytest.mark.parametrize("m", [47, 48, 49, 100, 301])
+def test_transposed_a_panel_groups(isa, m):
+  # a transposed packs 48 rows (whole 6- and 12-row panels) per step on AVX-512: groups cut at the
+  # tile's last row, several groups and tiles, ragged pieces (K = 77, block_k 24 and 10), row sums.
+  rng = np.random.default_rng(m)
+  for bk in (None, 24, 10):
+    a, b, ea, eb = _case(rng, (), (), m, 77, 40, block_k=bk, ta=True, erange=10)
+    _check(a, b, ea, eb, isa, bits_a=8, bits_b=8, block_k=bk, transpose_a=True)
+
+
 def test_batch_dims_and_broadcast(isa):
   rng = np.random.default_rng(9)
   a, b, ea, eb = _case(rng, (2, 1), (3,), 9, 40, 17, block_k=8)
