@@ -649,6 +649,7 @@ struct I8Scratch {
   I8Buf<float> pa, pb, accf;
   I8Buf<int64_t> acc64;
   I8Buf<uint8_t> fast;
+  std::vector<int32_t> amn, amx;  // per block of a kc block: min / max of the tile's A exponents
 };
 
 // Packed B of the tile's column range (all kc blocks), kept for the worker's next tile of the same
@@ -689,21 +690,25 @@ static inline bool tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const
                                   int64_t eb_j, const Tile& T, int64_t mbp, int64_t nbp, I8Scratch& s) {
   const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
   const int32_t nblk = kb.nblk;
-  thread_local std::vector<int32_t> amn, amx;
-  amn.assign(size_t(nblk), 0);
-  amx.assign(size_t(nblk), 0);
   bool bad = false;
-  for (int64_t i = 0; i < mbp; ++i) {
-    const int32_t* er = ea + (T.m0 + std::min(i, mb - 1)) * P.ea_mstride + kb.blk_first;
-    for (int32_t bl = 0; bl < nblk; ++bl) {
-      const int32_t raw = i < mb ? er[bl] : 0;
+  for (int32_t bl = 0; bl < nblk; ++bl) {
+    // The A side, block by block: the tile's rows are read down a column of ea (they stay in L1
+    // from one block to the next) and the block's min / max stay in registers.
+    const int32_t* col = ea + T.m0 * P.ea_mstride + kb.blk_first + bl;
+    int32_t* xa = s.ea.p + bl * mbp;
+    float* pa = s.pa.p + bl * mbp;
+    int32_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < mb; ++i) {
+      const int32_t raw = col[i * P.ea_mstride];
       bad |= raw == kNonfiniteExponent;
       const int32_t e = eclamp(raw);
-      s.ea.p[bl * mbp + i] = e;
-      s.pa.p[bl * mbp + i] = pow2f(clamp_i32(e, -126, 127));
-      amn[size_t(bl)] = std::min(amn[size_t(bl)], e);
-      amx[size_t(bl)] = std::max(amx[size_t(bl)], e);
+      xa[i] = e;
+      pa[i] = pow2f(clamp_i32(e, -126, 127));
+      lo = std::min(lo, e);
+      hi = std::max(hi, e);
     }
+    for (int64_t i = mb; i < mbp; ++i) xa[i] = 0, pa[i] = 1.0f;  // padding rows: exponent 0
+    s.amn[size_t(bl)] = lo, s.amx[size_t(bl)] = hi;
   }
   for (int32_t bl = 0; bl < nblk; ++bl) {
     const int32_t* src = eb + (kb.blk_first + bl) * eb_j + T.n0 * P.eb_nstride;
@@ -719,7 +724,7 @@ static inline bool tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const
       bmn = std::min(bmn, e);
       bmx = std::max(bmx, e);
     }
-    const int32_t lo = amn[size_t(bl)], hi = amx[size_t(bl)];
+    const int32_t lo = s.amn[size_t(bl)], hi = s.amx[size_t(bl)];
     s.fast.p[bl] = lo >= -126 && bmn >= -126 && hi <= 127 && bmx <= 127 && lo + bmn >= -126 && hi + bmx <= 127;
   }
   return bad;
@@ -782,6 +787,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
     s.eb.get(size_t(nbp) * P.max_nblk);
     s.pb.get(size_t(nbp) * P.max_nblk);
     s.fast.get(size_t(P.max_nblk));
+    if (s.amn.size() < size_t(P.max_nblk)) s.amn.resize(size_t(P.max_nblk)), s.amx.resize(size_t(P.max_nblk));
     const int8_t* asrc = P.a + P.a_off[T.batch];
     const int8_t* bsrc = P.b + P.b_off[T.batch];
     for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
