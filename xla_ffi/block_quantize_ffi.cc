@@ -60,6 +60,7 @@ struct BlockKernels {
   StatsColsFn stats_cols;
   ConvertColsI8Fn convert_cols_i8;  // null: int16 row, statistics pass, narrowing (convert_rows_i8)
   ConvertColsI16Fn convert_cols_i16;  // null: block-by-block conversion, then the statistics pass
+  StochasticColsI8Fn stochastic_cols_i8;  // null: int16 row, statistics pass, narrowing
 };
 
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
@@ -70,13 +71,14 @@ struct BlockKernels {
 
 // Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
 const BlockKernels kBlockTable[] = {
-    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
     /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512),
                           JDFP_BLOCK_AVX512(convert_stochastic_cols_avx512), JDFP_BLOCK_AVX512(stats_cols_avx512),
-                          JDFP_BLOCK_AVX512(convert_cols_i8_avx512), JDFP_BLOCK_AVX512(convert_cols_i16_avx512)},
+                          JDFP_BLOCK_AVX512(convert_cols_i8_avx512), JDFP_BLOCK_AVX512(convert_cols_i16_avx512),
+                          JDFP_BLOCK_AVX512(convert_stochastic_cols_i8_avx512)},
 };
 static_assert(sizeof(kBlockTable) / sizeof(kBlockTable[0]) == kIsaAvx512Vnni + 1, "one entry per Isa value");
 
@@ -233,6 +235,11 @@ void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, con
     if (!j.stochastic && j.k.convert_cols_i8) {
       j.k.convert_cols_i8(x, j.out8 + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
                           j.counts_out ? &s.counts : nullptr);
+      return;
+    }
+    if (j.stochastic && j.k.stochastic_cols_i8) {
+      j.k.stochastic_cols_i8(x, j.out8 + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm,
+                             j.counts_out ? &s.counts : nullptr);
       return;
     }
     if (j.stochastic && j.k.stochastic_cols) {

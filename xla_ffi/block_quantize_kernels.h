@@ -50,6 +50,8 @@ using StatsColsFn = void (*)(const float* x, const int16_t* q, int64_t n, const 
 // statistics pass.
 using ConvertColsI8Fn = void (*)(const float* x, int8_t* out, int64_t n, const float* s1, const float* s2, float qm,
                                  bool biased, Counts* c);
+using StochasticColsI8Fn = void (*)(const float* x, int8_t* out, int64_t n, int64_t g0, PhiloxKey key, const float* s1,
+                                    const float* s2, float qm, Counts* c);
 using ConvertColsI16Fn = void (*)(const float* x, int16_t* out, int64_t n, const float* s1, const float* s2, float qm,
                                   bool biased, Counts* c);
 

@@ -182,5 +182,9 @@ void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int
                                     const float* s1, const float* s2, float qm);
 void stats_cols_avx512(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qm,
                        Counts& c);
+// convert_stochastic_cols_avx512 with int8 results (|q| <= 127: formats of <= 8 bits) and, when c is
+// given, stats_cols_avx512's counts, in one pass.
+void convert_stochastic_cols_i8_avx512(const float* x, int8_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                       const float* s1, const float* s2, float qm, Counts* c);
 
 }  // namespace jdfp
