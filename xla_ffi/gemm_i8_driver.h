@@ -123,7 +123,20 @@ static inline void pack_rows_whole(const int8_t* src, int64_t sr, int32_t nq, ui
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * W * 4), _mm_unpacklo_epi64(t1, t3));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 3 * W * 4), _mm_unpackhi_epi64(t1, t3));
     }
-    for (int i = 4 * G; i < W; ++i)
+    int i = 4 * G;
+    if constexpr (W % 4 >= 2) {  // two more rows: 2 x 4 dwords, one 8-byte store per quad
+      const int8_t* r = src + int64_t(i) * sr + 4 * q;
+      const __m128i a0 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)), xv);
+      const __m128i a1 = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sr)), xv);
+      const __m128i lo = _mm_unpacklo_epi32(a0, a1), hi = _mm_unpackhi_epi32(a0, a1);
+      int8_t* d = dst + (int64_t(q) * W + i) * 4;
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(d), lo);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(d + W * 4), _mm_unpackhi_epi64(lo, lo));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(d + 2 * W * 4), hi);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(d + 3 * W * 4), _mm_unpackhi_epi64(hi, hi));
+      i += 2;
+    }
+    for (; i < W; ++i)
       for (int t = 0; t < 4; ++t) st_u32(dst + (int64_t(q + t) * W + i) * 4, ld_u32(src + i * sr + 4 * (q + t)) ^ x);
   }
   for (; q < nq; ++q)
