@@ -76,6 +76,19 @@ static inline void minmax_i8(const int8_t* p, int64_t n, I8MinMax& mm) {
   mm.add(mx);
 }
 
+#if defined(__SSE2__)
+// The running min / max of biased bytes (v ^ 0x80: signed order as unsigned) folded into mm.
+static inline void fold_biased_minmax(__m128i umin, __m128i umax, I8MinMax& mm) {
+  alignas(16) uint8_t lo[16], hi[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lo), umin);
+  _mm_store_si128(reinterpret_cast<__m128i*>(hi), umax);
+  for (int t = 0; t < 16; ++t) {
+    mm.add(int32_t(lo[t]) - 128);
+    mm.add(int32_t(hi[t]) - 128);
+  }
+}
+#endif
+
 // Sum of n int8 values: psadbw on the biased bytes (v + 128) 16 at a time, the tail one by one.
 static inline int64_t sum_i8(const int8_t* p, int64_t n) {
   int64_t s = 0, k = 0;
@@ -324,13 +337,7 @@ static inline void pack_rcontig(const int8_t* src, int64_t sk, int64_t r0, int64
     qoff += pc.quads;
   }
 #if defined(__SSE2__)
-  alignas(16) uint8_t lo[16], hi[16];
-  _mm_store_si128(reinterpret_cast<__m128i*>(lo), umin);
-  _mm_store_si128(reinterpret_cast<__m128i*>(hi), umax);
-  for (int t = 0; t < 16; ++t) {
-    mm.add(int32_t(lo[t]) - 128);
-    mm.add(int32_t(hi[t]) - 128);
-  }
+  fold_biased_minmax(umin, umax, mm);
 #endif
 }
 
@@ -474,13 +481,7 @@ static inline void pack_rcontig_narrow(const int8_t* src, int64_t sk, int64_t r0
     }
     qoff += pc.quads;
   }
-  alignas(16) uint8_t lo[16], hi[16];
-  _mm_store_si128(reinterpret_cast<__m128i*>(lo), umin);
-  _mm_store_si128(reinterpret_cast<__m128i*>(hi), umax);
-  for (int t = 0; t < 16; ++t) {
-    mm.add(int32_t(lo[t]) - 128);
-    mm.add(int32_t(hi[t]) - 128);
-  }
+  fold_biased_minmax(umin, umax, mm);
 }
 #endif
 

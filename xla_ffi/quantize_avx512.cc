@@ -169,38 +169,15 @@ void stats_avx512(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
 
 // Stochastic rounding of a row segment with per-element scales (convert_stochastic_cols_ref): 64
 // elements per Philox step from the first 4-aligned tensor index, the head before it scalar.
-void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int64_t g0, PhiloxKey key,
-                                    const float* s1, const float* s2, float qm) {
+namespace {
+
+// Stochastic rounding of a row segment with per-column scales: put(i, mask, q16) receives the int16
+// values of elements [i, i + 16), the head up to the next Philox block (<= 3 elements) first.
+template <class Put>
+void stochastic_cols(const float* x, int64_t n, int64_t g0, PhiloxKey key, const float* s1, const float* s2, float qm,
+                     Put&& put) {
   const __m512 hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
   const int64_t head = std::min(n, ((g0 + 3) & ~int64_t(3)) - g0);
-  convert_stochastic_cols_ref(x, out, head, g0, key, s1, s2, qm);
-  for (int64_t i = head; i < n; i += 64) {
-    __m512i w[4];
-    words64(uint64_t(g0 + i) >> 2, key, w);
-    for (int t = 0; t < 4; ++t) {
-      const int64_t c = i + 16 * t;
-      const __mmask16 m = lanes_left(n - c);
-      if (!m) break;
-      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, s1 + c),
-                                _mm512_maskz_loadu_ps(m, s2 + c), lo, hi);
-      _mm256_mask_storeu_epi16(out + c, m, sround16(y, w[t]));
-    }
-  }
-}
-
-void convert_stochastic_cols_i8_avx512(const float* x, int8_t* out, int64_t n, int64_t g0, PhiloxKey key,
-                                       const float* s1, const float* s2, float qm, Counts* c) {
-  const __m512 hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
-  Counts16 k;
-  // One 16-lane step: the int16 values q16 of elements [i, i + 16) under mask m, narrowed and counted.
-  auto put = [&](int64_t i, __mmask16 m, __m256i q16) {
-    _mm256_mask_cvtepi16_storeu_epi8(out + i, m, q16);
-    if (!c) return;
-    const __m512 p1 = _mm512_maskz_loadu_ps(m, s1 + i), p2 = _mm512_maskz_loadu_ps(m, s2 + i);
-    const __mmask16 gok = _mm512_mask_cmp_ps_mask(m, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    k.add(m, gok, _mm512_maskz_loadu_epi32(m, x + i), p1, p2, hi, q16);
-  };
-  const int64_t head = std::min(n, ((g0 + 3) & ~int64_t(3)) - g0);  // up to the next Philox block
   if (head > 0) {
     alignas(32) int16_t q[16] = {};
     convert_stochastic_cols_ref(x, q, head, g0, key, s1, s2, qm);
@@ -210,14 +187,35 @@ void convert_stochastic_cols_i8_avx512(const float* x, int8_t* out, int64_t n, i
     __m512i w[4];
     words64(uint64_t(g0 + i) >> 2, key, w);
     for (int t = 0; t < 4; ++t) {
-      const int64_t cc = i + 16 * t;
-      const __mmask16 m = lanes_left(n - cc);
+      const int64_t c = i + 16 * t;
+      const __mmask16 m = lanes_left(n - c);
       if (!m) break;
-      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, x + cc), _mm512_maskz_loadu_ps(m, s1 + cc),
-                                _mm512_maskz_loadu_ps(m, s2 + cc), lo, hi);
-      put(cc, m, sround16(y, w[t]));
+      const __m512 y = scaled16(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, s1 + c),
+                                _mm512_maskz_loadu_ps(m, s2 + c), lo, hi);
+      put(c, m, sround16(y, w[t]));
     }
   }
+}
+
+}  // namespace
+
+void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                    const float* s1, const float* s2, float qm) {
+  stochastic_cols(x, n, g0, key, s1, s2, qm,
+                  [&](int64_t i, __mmask16 m, __m256i q16) { _mm256_mask_storeu_epi16(out + i, m, q16); });
+}
+
+void convert_stochastic_cols_i8_avx512(const float* x, int8_t* out, int64_t n, int64_t g0, PhiloxKey key,
+                                       const float* s1, const float* s2, float qm, Counts* c) {
+  const __m512 qmv = _mm512_set1_ps(qm);
+  Counts16 k;
+  stochastic_cols(x, n, g0, key, s1, s2, qm, [&](int64_t i, __mmask16 m, __m256i q16) {
+    _mm256_mask_cvtepi16_storeu_epi8(out + i, m, q16);
+    if (!c) return;
+    const __m512 p1 = _mm512_maskz_loadu_ps(m, s1 + i), p2 = _mm512_maskz_loadu_ps(m, s2 + i);
+    const __mmask16 gok = _mm512_mask_cmp_ps_mask(m, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    k.add(m, gok, _mm512_maskz_loadu_epi32(m, x + i), p1, p2, qmv, q16);
+  });
   if (c) k.flush(*c);
 }
 
