@@ -203,6 +203,10 @@ ffi::Future launch_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, 
     job->tiles.clear();
     nthreads = 1;
   }
+  return launch_job_tiles(job, pool, nthreads);
+}
+
+ffi::Future launch_job_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int64_t nthreads) {
   const int64_t ntiles = int64_t(job->tiles.size());
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, ntiles));
   split_chunks(*job, nworkers);

@@ -60,5 +60,8 @@ ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const 
 // The same for a job whose tiles run through job->tile_fn, with an mr x nr micro-tile.
 ffi::Future launch_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int mr, int nr, int64_t nbatch,
                          int64_t M, int64_t N, int64_t K);
+// Runs the tiles already in job->tiles (each through job->tile_fn or job->fn) on at most nthreads
+// workers, the calling thread included; launch_tiles after its split.
+ffi::Future launch_job_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int64_t nthreads);
 
 }  // namespace jdfp

@@ -88,7 +88,8 @@ def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
   return out, res + (perturbed_marker(lhs), perturbed_marker(rhs), perturbed_marker_of(counters_wanted()))
 
 
-def dot_bwd(dims, policy, precision, out_dtype, res, g):
+def dot_bwd(dims, policy, precision, out_dtype, res, g, lhs_cotangent=None):
+  """The VJP of `dot_core`; ``lhs_cotangent`` as in `backward_gemms`."""
   ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r, counted = res
   if isinstance(g, SymbolicZero):
     return None, None, None
@@ -114,22 +115,32 @@ def dot_bwd(dims, policy, precision, out_dtype, res, g):
     g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk, i8)
 
   dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
-                              need_l is not None, need_r is not None)
+                              need_l is not None, need_r is not None, lhs_cotangent)
   return dlhs, drhs, None
 
 
-def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, need_l=True, need_r=True):
+def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, need_l=True, need_r=True,
+                   lhs_cotangent=None):
   """Backward-data and weight-gradient GEMMs from the quantized operands and output gradient, each
-  produced directly in its operand's physical layout (no transposes of the results)."""
+  produced directly in its operand's physical layout (no transposes of the results).
+
+  ``lhs_cotangent(g_dl, qr, b_c)``, for an lhs ``[B, M, K]`` that is itself a function of some
+  array (`patch_conv`: the patch matrix of the conv input), gives that array's cotangent from the
+  backward-data GEMM's operands (``g_dl . qr`` contracting qr's axis b_c) in place of the lhs's
+  (its shard_map type included)."""
   lv, rv = views(lhs_dt.shape[1:], rhs_dt.shape[1:], dims)
   dlhs = drhs = None
   if need_l:
     qr = reblock_for_backward(qr, rv.f_ax, policy)
-    if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
-      dl3 = gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
-    else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
-      dl3 = gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
-    dlhs = as_cotangent_of(from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
+    if lhs_cotangent is not None:
+      assert lv.c_ax == 2, "lhs_cotangent: lhs [B, M, K]"
+      dlhs = lhs_cotangent(g_dl, qr, rv.f_ax)
+    else:
+      if lv.c_ax == 2:  # lhs3 = [B, M, K]: dlhs3 = g[B, M, N] . rhs^T
+        dl3 = gemm(g_dl, 2, qr, rv.f_ax, policy, precision)
+      else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
+        dl3 = gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
+      dlhs = as_cotangent_of(from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
   if need_r:
     ql = reblock_for_backward(ql, lv.f_ax, policy)
     if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g

@@ -84,20 +84,11 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
       # bits), so widening first is the same arithmetic (FP32 products and sums) at FP32 speed.
       a, b, precision = a.astype(jnp.float32), b.astype(jnp.float32), lax.Precision.HIGHEST
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-  k = qa.values.shape[a_c]
-  ea, bka = kernel_exponents(qa, a_c, "a")
-  eb, bkb = kernel_exponents(qb, b_c, "b")
-  if bka is None and bkb is None:
-    block = None
-  else:
-    block = math.gcd(*(x for x in (bka, bkb) if x is not None))
-    ea = align_blocks(ea, bka, block, k, 2)
-    eb = align_blocks(eb, bkb, block, k, 1)
+  ea, eb, block = _kernel_exponents_of(qa, a_c, qb, b_c)
   bits_a, bits_b = qa.fmt.int_bits, qb.fmt.int_bits
   ta, tb = a_c == 1, b_c == 2
   if resolve_backend(policy) == "ffi":
-    integer = all(q.values.dtype in (jnp.int8, jnp.int16) for q in (qa, qb))
-    if uses_int8_kernel(bits_a, bits_b) and integer:
+    if _int8_kernel_runs(qa, qb):
       # Both formats fit int8 (|v| <= 127): the vpdpbusd kernel, same contract, the same bits.  (A
       # float32 operand, quantized while packing, still goes to the INT16 kernel's fused path.)
       out = ffi_gemm_i8.gemm_i8(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb,
@@ -109,6 +100,49 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
     # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
     return match_varying(out, qa.values, qb.values, ea, eb)
   return reference_call(_int16(qa.values), _int16(qb.values), ea, eb, bits_a, bits_b, block, ta, tb)
+
+
+def _kernel_exponents_of(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int):
+  """Both operands' kernel exponents on one block length along K: ``(ea, eb, block_k)``."""
+  k = qa.values.shape[a_c]
+  ea, bka = kernel_exponents(qa, a_c, "a")
+  eb, bkb = kernel_exponents(qb, b_c, "b")
+  if bka is None and bkb is None:
+    return ea, eb, None
+  block = math.gcd(*(x for x in (bka, bkb) if x is not None))
+  return align_blocks(ea, bka, block, k, 2), align_blocks(eb, bkb, block, k, 1), block
+
+
+def _int8_kernel_runs(qa: qz.QArray, qb: qz.QArray) -> bool:
+  """Whether the FFI backend runs this integer GEMM on the INT8 kernel: both formats <= 8 bits and
+  both operands integers (a float32 operand, quantized while packing, goes to the INT16 kernel)."""
+  integer = all(q.values.dtype in (jnp.int8, jnp.int16) for q in (qa, qb))
+  return uses_int8_kernel(qa.fmt.int_bits, qb.fmt.int_bits) and integer
+
+
+# The fused GEMM + col2im runs one image per work unit: below this many images the unfused GEMM
+# (tiles over rows and columns) keeps both cores busier; above this many bytes of patch gradient per
+# image, each worker's buffer would outgrow what the fusion saves.
+COL2IM_MIN_IMAGES = 4
+COL2IM_MAX_IMAGE_BYTES = 64 << 20
+
+
+def gemm_col2im(qa: qz.QArray, qb: qz.QArray, b_c: int, policy: Policy, x_shape, conv_kwargs: dict):
+  """The backward-data of a conv on its patch matrix: ``dx`` float32 of shape ``x_shape`` =
+  col2im(``gemm(qa, 2, qb, b_c)``), qa the output gradient ``[1, rows, O]``, in one INT8 kernel call
+  (the patch gradient is never stored whole; bit for bit the GEMM + XLA's col2im). None where that
+  kernel does not run this GEMM (then the caller does the two steps)."""
+  if not (qa.fmt.is_integer and qb.fmt.is_integer and resolve_backend(policy) == "ffi" and _int8_kernel_runs(qa, qb)):
+    return None
+  rows, cols = qa.values.shape[1], qb.values.shape[3 - b_c]
+  images = x_shape[0]
+  if qa.values.shape[0] != 1 or images < COL2IM_MIN_IMAGES or rows * cols * 4 // images > COL2IM_MAX_IMAGE_BYTES:
+    return None
+  ea, eb, block = _kernel_exponents_of(qa, 2, qb, b_c)
+  dx = ffi_gemm_i8.gemm_i8_col2im(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb, x_shape=x_shape,
+                                  bits_a=qa.fmt.int_bits, bits_b=qb.fmt.int_bits, block_k=block, transpose_a=False,
+                                  transpose_b=b_c == 2, isa=policy.isa, **conv_kwargs)
+  return match_varying(dx, qa.values, qb.values, ea, eb)
 
 
 def bf16_kernel(policy: Policy) -> bool:

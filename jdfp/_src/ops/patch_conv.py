@@ -6,8 +6,10 @@ lhs format blocks. On backend "ffi" the forward builds ``P`` only inside the blo
 work unit of `ffi.block_quantize.quantize_patches_with_stats` gathers its rows from the conv input
 and converts them (maxima, exponents, values, counters in one pass), so neither the float32 patch
 matrix nor a second pass over it exists. Bit for bit the im2col + `jdfp.dot_general` arrangement:
-the same keys, conversions, GEMMs and backward (`dot_vjp.dot_bwd`, whose patch gradient goes
-through XLA's col2im, the transpose of `conv_vjp.patches`)."""
+the same keys, conversions, GEMMs and backward (`dot_vjp.dot_bwd`). The backward-data GEMM and
+col2im (the transpose of `conv_vjp.patches`) run as one INT8 kernel call (`ops.gemm.gemm_col2im`)
+where that kernel runs the GEMM, so the float32 patch gradient is not stored either; elsewhere the
+GEMM, then XLA's col2im, with the same bits."""
 
 from __future__ import annotations
 
@@ -20,15 +22,16 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.ffi import block_quantize as ffi_block
 from jdfp._src.numerics import quantize as qz
+from jdfp._src.numerics.shard_types import varying_axes
 from jdfp._src.ops import dot_vjp
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
 from jdfp._src.ops.conv_vjp import patches
 from jdfp._src.ops.convert import (block_shape3, counters_wanted, int8_conversions, int8_operands, kernel_converts,
                                    kernel_converts_blocks, quantize3)
-from jdfp._src.ops.gemm import gemm, int8_storage
+from jdfp._src.ops.gemm import gemm, gemm_col2im, int8_storage
 from jdfp._src.ops.layout import prod
 from jdfp._src.ops.policy import Policy
-from jdfp._src.ops.vjp import perturbed_marker, perturbed_marker_of, primal_values, split_keys
+from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values, split_keys
 
 # The GEMM of the im2col arrangement: P [1, rows, K] . W [1, K, O].
 DIMS = (((2,), (1,)), ((0,), (0,)))
@@ -134,12 +137,24 @@ def _bwd(geom, policy, precision, out_dtype, res, g):
                                                       operand_int8(policy))
     res = (ql,) + res[1:]
     policy = policy.replace(float_residuals=tuple(r for r in policy.float_residuals if r != "lhs"))
-  dp, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g)
-  dx = None
-  if dp is not None:
-    xla_patches = lambda x: patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)[0]
-    (dx,) = jax.linear_transpose(xla_patches, jax.ShapeDtypeStruct(geom.in_shape, jnp.float32))(
-        dp.reshape(geom.patches_shape))
+  p_dt = res[3]
+
+  def x_cotangent(g_dl, qr, b_c):
+    # The backward-data GEMM and col2im in one INT8 kernel call where it runs (the patch gradient is
+    # never stored whole), else the GEMM then XLA's col2im: the same bits either way.  (Under
+    # shard_map, a gradient varying where x is not is summed over those axes first, as the patch
+    # gradient: then the unfused order.)
+    dx = None
+    if not varying_axes(g_dl.values) - varying_axes(p_dt):
+      dx = gemm_col2im(g_dl, qr, b_c, policy, geom.in_shape, geom.kernel_kwargs())
+    if dx is None:
+      dp = as_cotangent_of(gemm(g_dl, 2, qr, b_c, policy, precision).astype(jnp.float32), p_dt)
+      xla_patches = lambda x: patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)[0]
+      (dx,) = jax.linear_transpose(xla_patches, jax.ShapeDtypeStruct(geom.in_shape, jnp.float32))(
+          dp.reshape(geom.patches_shape))
+    return dx
+
+  dx, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g, lhs_cotangent=x_cotangent)
   return dx, dw3, None
 
 
