@@ -2,6 +2,8 @@
 //
 //   JdfpGemmI16 : int16 a, int16 b
 //   JdfpGemmQ   : a and/or b float32, quantized while packing (the int16 copy is never stored)
+//   JdfpGemmI16Col2im : the int16 GEMM's [1, rows, taps * C] result summed into a conv input's
+//                 gradient (col2im.h), image by image
 //
 // Both: int32 ea [..., M|1, KB], eb [..., KB, N|1] -> float32 out [..., M, N], leading batch dims
 // broadcast (size 1 on one side, stride 0, no copies).  Work is split into (batch, M, N) tiles that
@@ -11,6 +13,7 @@
 // Flow: check the attributes and pick the ISA entry (check_attrs), check dtypes and shapes
 // (read_shapes, check_batch_dims), fill the Job's Problem (set_up_job), run it (ffi_runtime's
 // launch).  Also the plain C helpers of the Python side (jdfp_isa_mask, ...).
+#include "col2im.h"
 #include "ffi_runtime.h"
 
 namespace jdfp {
@@ -138,6 +141,58 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return launch(job, pool, *kernels, int64_t(job->a_off.size()), s.M, s.N, s.K);
 }
 
+// ---------------------------------------------------------------- GEMM + col2im (col2im.h)
+// The INT16 kernel's form of gemm_i8_ffi.cc's JdfpGemmI8Col2im (HBFP12: 12-bit operands).
+struct Col2imJob : Job {
+  Col2im c2i;
+};
+
+ffi::Future gemm_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
+                             ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> dx, int32_t bits_a,
+                             int32_t bits_b, int64_t block_k, bool trans_a, bool trans_b, int32_t isa,
+                             ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
+                             ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
+                             ffi::Span<const int64_t> rdil, ffi::Span<const int64_t> kernel_spatial) {
+  auto bad = [](const std::string& m) { return error_future(invalid_as("gemm_col2im", m)); };
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error e = check_attrs(bits_a, bits_b, isa, kernels); e.failure()) return error_future(std::move(e));
+  if (ffi::Error e = check_dtypes(a, b, /*allow_f32=*/false); e.failure()) return error_future(std::move(e));
+  auto job = std::make_shared<Col2imJob>();
+  Col2imJob& j = *job;
+  Col2im& c = j.c2i;
+  std::string err;
+  int64_t dp_dims[3];
+  if (!c.init(dx->dimensions(), strides, plo, phi, ldil, rdil, kernel_spatial, dp_dims, err)) return bad(err);
+  GemmShape s;
+  s.da = a.dimensions(); s.db = b.dimensions(); s.dea = ea.dimensions(); s.deb = eb.dimensions();
+  s.dout = ffi::Span<const int64_t>(dp_dims, 3);
+  if (s.da.size() != 3 || s.db.size() != 3 || s.da[0] != 1 || s.db[0] != 1)
+    return bad("a and b must be [1, ., .], got a " + dims_str(s.da) + " b " + dims_str(s.db));
+  if (ffi::Error e = read_shapes(s, block_k, trans_a, trans_b); e.failure())
+    return bad("the patch gradient a . b must be [1, rows, taps * C] = " + dims_str(s.dout) + " for dx " +
+               dims_str(dx->dimensions()) + " and these attributes: " + e.message());
+  if (ffi::Error e = check_batch_dims(s); e.failure()) return error_future(std::move(e));
+  if (ffi::Error e = check_block_sum_bound("jdfp_gemm_col2im", std::min(s.bk, s.K), bits_a, bits_b); e.failure())
+    return error_future(std::move(e));
+  // set_up_job points the output at dx; the tiles redirect it to their own buffers.
+  if (ffi::Error e = set_up_job(j, s, a, b, ea, eb, dx, bits_a, bits_b, trans_a, trans_b, *kernels); e.failure())
+    return error_future(std::move(e));
+  j.who = "gemm_col2im";
+  j.fn = kernels->tile;
+  c.dx = dx->typed_data();
+  if (c.trivial(j.tiles)) return ready_future();
+  const Col2imJob* jp = job.get();  // the workers hold the job alive
+  job->tile_fn = [jp](const Tile& t) {
+    float* buf = jp->c2i.image_buffer();
+    Problem P = jp->P;
+    P.out = Col2im::out_base(buf, t, P.ldc);
+    if (const int bad = jp->fn(P, t)) return bad;
+    jp->c2i.image(t, buf);
+    return 0;
+  };
+  return launch_job_tiles(job, pool, pool_workers(pool));
+}
+
 }  // namespace
 }  // namespace jdfp
 
@@ -179,6 +234,12 @@ static ffi::Future gemm_q(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16, gemm_i16, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmQ, gemm_q, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
+
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmI16Col2im(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16Col2im, jdfp::gemm_col2im_impl,
+                              JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer)
+                                  JDFP_CONV_SPATIAL_ATTRS
+                                  .Attr<ffi::Span<const int64_t>>("kernel_spatial"));
 
 // Plain C helpers for the Python side (ctypes).
 // 2: the quantize handlers take a key operand and a rounding attribute.

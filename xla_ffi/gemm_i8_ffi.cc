@@ -7,9 +7,7 @@
 // that meets one outside fails the call with an FFI error.  Tiling, threads and the future are
 // ffi_runtime's (launch_tiles); the per-ISA kernels are gemm_i8_*.cc.  The shape checks repeat
 // gemm_ffi.cc's read_shapes / check_batch_dims for int8 operands.
-#include <cstring>
-
-#include "conv_geometry.h"
+#include "col2im.h"
 #include "ffi_runtime.h"
 #include "gemm_i8_common.h"
 
@@ -198,74 +196,11 @@ ffi::Future gemm_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer 
   return launch_tiles(job, pool, ks.mr, ks.nr, int64_t(job->a_off.size()), s.M, s.N, s.K);
 }
 
-// ---------------------------------------------------------------- GEMM + col2im
-// The backward-data of a block-format conv (HBFP: tiles of the patch matrix) in one call: the patch
-// gradient dP = a . b ([rows, taps * C], rows = output pixels) image by image into a per-worker
-// buffer, each image's dP summed at once into dx [n] (col2im).  dP never exists whole: in the demo's
-// HBFP8 step it was two 21 MiB float32 buffers, and the step's XLA temp memory went over the 32 MiB
-// above which glibc maps fresh pages for every execution (docs/op_costs.md).
-//
-// col2im is bit for bit the transpose of jdfp._src.ops.conv_vjp.patches as JAX builds it
-// (jax.linear_transpose: one zero-padded cotangent per tap, summed last tap first):
-//   dx[i] = ((ct[T-1] + ct[T-2]) + ...) + ct[0],  ct[t] = dP[row(i, t), t] or +0.0 where tap t of no
-// output pixel reads input position i,
-// one float32 add per tap after the first, under the workers' FTZ / DAZ, as XLA:CPU adds them.
-
-struct Col2imJob : JobI8 {
-  PatchGeom geom;
-  // Per spatial dim, per (input index, tap): the output index whose tap reads that input, or -1.
-  std::vector<int64_t> inv[3];
-  int64_t img_rows = 0;  // output pixels per image
-  float* dx = nullptr;
+// ---------------------------------------------------------------- GEMM + col2im (col2im.h)
+struct Col2imJobI8 : JobI8 {
+  Col2im c2i;
   TileI8Fn tile = nullptr;
 };
-
-// dx of image n from its patch gradient dp [img_rows, taps * C].
-void col2im_image(const Col2imJob& j, int64_t n, const float* dp) {
-  const PatchGeom& g = j.geom;
-  const int64_t C = g.C, cols = g.cols, T = g.ntaps;  // (T >= 1: cols > 0)
-  float* out = j.dx + n * g.in[0] * g.in[1] * g.in[2] * C;
-  for (int64_t id = 0; id < g.in[0]; ++id)
-    for (int64_t ih = 0; ih < g.in[1]; ++ih)
-      for (int64_t iw = 0; iw < g.in[2]; ++iw, out += C) {
-        const int64_t* vd = j.inv[0].data() + id * g.ks[0];
-        const int64_t* vh = j.inv[1].data() + ih * g.ks[1];
-        const int64_t* vw = j.inv[2].data() + iw * g.ks[2];
-        for (int64_t t = T - 1; t >= 0; --t) {
-          const int64_t tw = t % g.ks[2], th = (t / g.ks[2]) % g.ks[1], td = t / (g.ks[2] * g.ks[1]);
-          const int64_t od = vd[td], oh = vh[th], ow = vw[tw];
-          const bool hit = od >= 0 && oh >= 0 && ow >= 0;
-          const float* src = hit ? dp + ((od * g.out_sp[1] + oh) * g.out_sp[2] + ow) * cols + t * C : nullptr;
-          if (t == T - 1) {
-            if (hit) std::memcpy(out, src, size_t(C) * sizeof(float));
-            else std::memset(out, 0, size_t(C) * sizeof(float));
-          } else if (hit) {
-            for (int64_t c = 0; c < C; ++c) out[c] += src[c];
-          } else {
-            for (int64_t c = 0; c < C; ++c) out[c] += 0.0f;  // -0.0 + +0.0 = +0.0, as XLA's add of the zero padding
-          }
-        }
-      }
-}
-
-// One tile = one image: its rows of dP through the INT8 GEMM tile function into this thread's
-// buffer, then col2im.
-int col2im_tile(const Col2imJob& j, const Tile& t) {
-  thread_local std::vector<float> buf;
-  const int64_t n = t.m0 / j.img_rows;  // (img_rows > 0: the handler makes no tiles otherwise)
-  const size_t need = size_t(j.img_rows) * size_t(j.geom.cols);
-  if (buf.size() < need) buf.resize(need);
-  if (need) {
-    ProblemI8 P = j.P8;
-    // The tile writes out[r * ldc + c] for its rows r in [m0, m1): shift the base so that row m0
-    // lands at buf[0] (address arithmetic only; nothing outside buf is touched).
-    P.out = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(buf.data()) -
-                                     uintptr_t(t.m0) * uintptr_t(P.ldc) * sizeof(float));
-    if (const int bad = j.tile(P, t)) return bad;
-  }
-  col2im_image(j, n, buf.data());
-  return 0;
-}
 
 ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
                                 ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> dx, int32_t bits_a,
@@ -281,49 +216,36 @@ ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Any
   const I8KernelShape& ks = kI8Kernels[isa == kIsaAuto ? best_isa() : isa];
   if (a.element_type() != ffi::S8) return bad("a must be int8");
   if (b.element_type() != ffi::S8) return bad("b must be int8");
-  auto job = std::make_shared<Col2imJob>();
-  Col2imJob& j = *job;
-  ConvAttrs at{};
+  auto job = std::make_shared<Col2imJobI8>();
+  Col2imJobI8& j = *job;
+  Col2im& c = j.c2i;
   std::string err;
-  if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err)) return bad(err);
-  PatchGeom& g = j.geom;
-  if (!g.init(dx->dimensions(), kernel_spatial, at, err)) return bad(err);
-  // The GEMM's output is the patch gradient [1, rows, taps * C] (one batch element).
-  const int64_t dp_dims[3] = {1, g.rows, g.cols};
+  int64_t dp_dims[3];
+  if (!c.init(dx->dimensions(), strides, plo, phi, ldil, rdil, kernel_spatial, dp_dims, err)) return bad(err);
   ShapeI8 s;
   s.da = a.dimensions(); s.db = b.dimensions(); s.dea = ea.dimensions(); s.deb = eb.dimensions();
   s.dout = ffi::Span<const int64_t>(dp_dims, 3);
   if (s.da.size() != 3 || s.db.size() != 3 || s.da[0] != 1 || s.db[0] != 1)
     return bad("a and b must be [1, ., .], got a " + dims_str(s.da) + " b " + dims_str(s.db));
   if (ffi::Error e = read_shapes_i8(s, block_k, trans_a, trans_b); e.failure())
-    return bad(std::string("the patch gradient a . b must be [1, rows, taps * C] = ") +
-               dims_str(ffi::Span<const int64_t>(dp_dims, 3)) + " for dx " + dims_str(dx->dimensions()) +
-               " and these attributes: " + e.message());
+    return bad("the patch gradient a . b must be [1, rows, taps * C] = " + dims_str(s.dout) + " for dx " +
+               dims_str(dx->dimensions()) + " and these attributes: " + e.message());
   // set_up_job_i8 points the output at dx; the tiles redirect it to their own buffers.
   if (ffi::Error e = set_up_job_i8(j, s, a, b, ea, eb, dx, bits_a, bits_b, trans_a, trans_b, ks); e.failure())
     return error_future(std::move(e));
   j.who = "gemm_i8_col2im";
-  j.dx = dx->typed_data();
   j.tile = ks.tile;
-  j.img_rows = g.out_sp[0] * g.out_sp[1] * g.out_sp[2];
-  for (int d = 0; d < 3; ++d) {
-    j.inv[d].assign(size_t(g.in[d] * g.ks[d]), -1);
-    for (int64_t o = 0; o < g.out_sp[d]; ++o)
-      for (int64_t t = 0; t < g.ks[d]; ++t) {
-        const int64_t i = g.src[d][size_t(o * g.ks[d] + t)];
-        if (i >= 0) j.inv[d][size_t(i * g.ks[d] + t)] = o;
-      }
-  }
-  if (g.rows == 0 || g.cols == 0) {  // no output pixel or no tap reads x: dx = +0.0
-    std::memset(j.dx, 0, size_t(g.n * g.in[0] * g.in[1] * g.in[2] * g.C) * sizeof(float));
-    ffi::Promise p;
-    ffi::Future f(p);
-    p.SetAvailable();
-    return f;
-  }
-  for (int64_t n = 0; n < g.n; ++n) j.tiles.push_back(Tile{0, n * j.img_rows, (n + 1) * j.img_rows, 0, g.cols});
-  const Col2imJob* jp = job.get();  // the workers hold the job alive
-  job->tile_fn = [jp](const Tile& t) { return col2im_tile(*jp, t); };
+  c.dx = dx->typed_data();
+  if (c.trivial(j.tiles)) return ready_future();
+  const Col2imJobI8* jp = job.get();  // the workers hold the job alive
+  job->tile_fn = [jp](const Tile& t) {
+    float* buf = jp->c2i.image_buffer();
+    ProblemI8 P = jp->P8;
+    P.out = Col2im::out_base(buf, t, P.ldc);
+    if (const int bad = jp->tile(P, t)) return bad;
+    jp->c2i.image(t, buf);
+    return 0;
+  };
   return launch_job_tiles(job, pool, pool_workers(pool));
 }
 
@@ -354,17 +276,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8, gemm_i8,
                                   .Attr<bool>("transpose_b")
                                   .Attr<int32_t>("isa"));
 
-static ffi::Future gemm_i8_col2im(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
-                                  ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> dx, int32_t bits_a,
-                                  int32_t bits_b, int64_t block_k, bool trans_a, bool trans_b, int32_t isa,
-                                  ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
-                                  ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
-                                  ffi::Span<const int64_t> rdil, ffi::Span<const int64_t> kernel_spatial) {
-  return jdfp::gemm_i8_col2im_impl(pool, a, b, ea, eb, dx, bits_a, bits_b, block_k, trans_a, trans_b, isa, strides,
-                                   plo, phi, ldil, rdil, kernel_spatial);
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8Col2im, gemm_i8_col2im,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8Col2im, jdfp::gemm_i8_col2im_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -1,6 +1,6 @@
-"""The fused backward-data of block-format convs (`jdfp._src.ffi.gemm_i8.gemm_i8_col2im`): the INT8
-GEMM's patch gradient summed into the conv input's gradient image by image (col2im), bit for bit
-`gemm_i8` followed by XLA's col2im (`jax.linear_transpose` of `conv_vjp.patches`) and an independent
+"""The fused backward-data of block-format convs (`jdfp._src.ffi.gemm_i8.gemm_i8_col2im`,
+`jdfp._src.ffi.gemm.gemm_col2im`): the INT8 / INT16 GEMM's patch gradient summed into the conv input's
+gradient image by image (col2im), bit for bit `gemm_i8` / `gemm` followed by XLA's col2im (`jax.linear_transpose` of `conv_vjp.patches`) and an independent
 numpy col2im in the documented order (taps summed last first), on the conv kernel's test geometries
 and random ones, every ISA, NaN rows from non-finite exponents; the ops take it where it applies and
 stay bit-identical to the reference backend; bad arguments are errors, never crashes."""
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import jdfp
 from jdfp import kernels
 from jdfp._src.ffi import conv as ffi_conv
+from jdfp._src.ffi.gemm import gemm, gemm_col2im
 from jdfp._src.ffi.gemm_i8 import gemm_i8, gemm_i8_col2im
 from jdfp._src.numerics.formats import NONFINITE_EXPONENT
 from jdfp._src.ops import conv_vjp
@@ -44,10 +45,15 @@ def col2im_np(dp, x_shape, ksp, strides, pads, ld, rd):
   return (np.zeros(n_elems, np.float32) if acc is None else acc).reshape(x_shape)
 
 
-def operands(rows, cols, o, bk, seed, nonfinite_row=None):
+# (GEMM, GEMM + col2im, operand bits and dtype) of each kernel.
+KERNELS = {"int8": (gemm_i8, gemm_i8_col2im, 8, np.int8), "int16": (gemm, gemm_col2im, 12, np.int16)}
+
+
+def operands(rows, cols, o, bk, seed, nonfinite_row=None, bits=8, dtype=np.int8):
   rng = np.random.default_rng(seed)
-  a = rng.integers(-127, 128, (1, rows, o)).astype(np.int8)
-  b = rng.integers(-127, 128, (1, cols, o)).astype(np.int8)
+  q = 2 ** (bits - 1) - 1
+  a = rng.integers(-q, q + 1, (1, rows, o)).astype(dtype)
+  b = rng.integers(-q, q + 1, (1, cols, o)).astype(dtype)
   kb = -(-o // bk) if o else 0
   ea = rng.integers(-20, 4, (1, rows, kb)).astype(np.int32)
   eb = rng.integers(-20, 4, (1, kb, cols)).astype(np.int32)
@@ -56,18 +62,20 @@ def operands(rows, cols, o, bk, seed, nonfinite_row=None):
   return a, b, ea, eb
 
 
-def check(x_shape, ksp, strides, padding, ld=None, rd=None, o=20, bk=24, isa="auto", seed=0, nonfinite_row=None):
+def check(x_shape, ksp, strides, padding, ld=None, rd=None, o=20, bk=24, isa="auto", seed=0, nonfinite_row=None,
+          kernel="int8"):
+  gemm_fn, fused_fn, bits, dtype = KERNELS[kernel]
   nsp = len(x_shape) - 2
   ld, rd = ld or (1,) * nsp, rd or (1,) * nsp
   pads = ffi_conv.conv_padding(padding, x_shape[1:-1], ksp, strides, ld, rd)
   out_sp = ffi_conv.conv_out_spatial(x_shape[1:-1], ksp, strides, pads, ld, rd)
   rows, cols = x_shape[0] * math.prod(out_sp), math.prod(ksp) * x_shape[-1]
-  a, b, ea, eb = operands(rows, cols, o, bk, seed, nonfinite_row)
-  kw = dict(bits_a=8, bits_b=8, block_k=bk, transpose_b=True, isa=isa)
-  got = gemm_i8_col2im(a, b, ea, eb, x_shape=x_shape, kernel_spatial=ksp, window_strides=strides, padding=pads,
+  a, b, ea, eb = operands(rows, cols, o, bk, seed, nonfinite_row, bits, dtype)
+  kw = dict(bits_a=bits, bits_b=bits, block_k=bk, transpose_b=True, isa=isa)
+  got = fused_fn(a, b, ea, eb, x_shape=x_shape, kernel_spatial=ksp, window_strides=strides, padding=pads,
                        lhs_dilation=ld, rhs_dilation=rd, **kw)
   assert got.shape == x_shape and got.dtype == jnp.float32
-  dp = np.asarray(gemm_i8(a, b, ea, eb, **kw)).reshape((x_shape[0],) + tuple(out_sp) + (math.prod(ksp), x_shape[-1]))
+  dp = np.asarray(gemm_fn(a, b, ea, eb, **kw)).reshape((x_shape[0],) + tuple(out_sp) + (math.prod(ksp), x_shape[-1]))
   bits_eq(got, col2im_np(dp, x_shape, ksp, strides, pads, ld, rd))
   padded = [(s - 1) * d + 1 + lo + hi for s, d, (lo, hi) in zip(x_shape[1:-1], ld, pads)]
   if rows and min(padded) >= 0:  # (XLA's slices are never asked for degenerate geometries)
@@ -77,11 +85,12 @@ def check(x_shape, ksp, strides, padding, ld=None, rd=None, o=20, bk=24, isa="au
   return got
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] == 1], ids=_case_id)
-def test_bit_exact_on_conv_geometries(case, isas):
+def test_bit_exact_on_conv_geometries(case, kernel, isas):
   xs, ws, strides, padding, ld, rd = case[:6]
   for i, isa in enumerate(isas):
-    check(xs, ws[:-2], strides, padding, ld, rd, o=ws[-1], isa=isa, seed=i)
+    check(xs, ws[:-2], strides, padding, ld, rd, o=ws[-1], isa=isa, seed=i, kernel=kernel)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -97,12 +106,13 @@ def test_bit_exact_random_geometries(data):
   rd = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
   o, bk = data.draw(st.integers(0, 40)), data.draw(st.integers(1, 30))
   check(xs, ksp, strides, pads, ld, rd, o=o, bk=bk, seed=data.draw(st.integers(0, 2**16)),
-        nonfinite_row=data.draw(st.none() | st.integers(0, 50)))
+        nonfinite_row=data.draw(st.none() | st.integers(0, 50)), kernel=data.draw(st.sampled_from(sorted(KERNELS))))
 
 
-def test_nonfinite_exponent_rows_are_nan(isas):
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_nonfinite_exponent_rows_are_nan(kernel, isas):
   for isa in isas:
-    got = np.asarray(check((4, 6, 6, 3), (3, 3), (1, 1), "SAME", o=30, isa=isa, nonfinite_row=7))
+    got = np.asarray(check((4, 6, 6, 3), (3, 3), (1, 1), "SAME", o=30, isa=isa, nonfinite_row=7, kernel=kernel))
     assert np.isnan(got).any() and np.isfinite(got).any()
 
 
@@ -118,6 +128,10 @@ def test_errors_not_crashes():
   bad[0, 5, 3] = -128  # never a valid int8 operand value
   with pytest.raises(Exception, match="gemm_i8_col2im.*outside"):
     jax.block_until_ready(gemm_i8_col2im(bad, b, ea, eb, x_shape=(4, 6, 6, 3), **geo))
+  a16, b16, _, _ = operands(4 * 36, 9 * 3, 8, 8, 0, bits=12, dtype=np.int16)
+  a16[0, 2, 1] = 2047 + 1  # beyond qmax of bits_a = 12
+  with pytest.raises(Exception, match="gemm_col2im.*outside"):
+    jax.block_until_ready(gemm_col2im(a16, b16, ea, eb, x_shape=(4, 6, 6, 3), **{**geo, "bits_a": 12, "bits_b": 12}))
   from jdfp._src.ffi.library import TARGET_I8_COL2IM
   attrs = dict(bits_a=np.int32(8), bits_b=np.int32(8), block_k=np.int64(8), transpose_a=False, transpose_b=True,
                isa=np.int32(0), window_strides=np.ones(3, np.int64), padding_lo=np.array([0, 1, 1], np.int64),
@@ -132,11 +146,12 @@ def test_errors_not_crashes():
       jax.block_until_ready(jax.ffi.ffi_call(TARGET_I8_COL2IM, out)(a, b, ea, eb, **{**attrs, **kw}))
 
 
+@pytest.mark.parametrize("recipe,target", [("hbfp8", "jdfp_gemm_i8_col2im"), ("hbfp12", "jdfp_gemm_i16_col2im")])
 @pytest.mark.parametrize("images", [2, 5])
-def test_op_takes_it_where_it_applies(images):
-  """HBFP8 convs: the backward-data is one fused call from 4 images on (the float32 patch gradient is
+def test_op_takes_it_where_it_applies(images, recipe, target):
+  """HBFP convs: the backward-data is one fused call from 4 images on (the float32 patch gradient is
   never an XLA buffer), the GEMM + XLA's col2im below; both bit-identical to the reference backend."""
-  pol = jdfp.policies.hbfp8()
+  pol = jdfp.policies.get(recipe)
   x = jax.random.normal(jax.random.key(0), (images, 9, 8, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 20)) * 0.2
   ct = jax.random.normal(jax.random.key(2), (images, 9, 8, 20))
@@ -151,9 +166,9 @@ def test_op_takes_it_where_it_applies(images):
   hlo = f.lower().compile().as_text()
   patch_grad = f"f32[1,{images * 72},144]"
   if images >= 4:
-    assert 'custom_call_target="jdfp_gemm_i8_col2im"' in hlo and patch_grad not in hlo
+    assert f'custom_call_target="{target}"' in hlo and patch_grad not in hlo
   else:
-    assert "jdfp_gemm_i8_col2im" not in hlo and patch_grad in hlo
+    assert "col2im\"" not in hlo and patch_grad in hlo
   want = jax.jit(lambda: vjp(pol.replace(backend="reference")))()
   for got_i, want_i in zip(f(), want):
     bits_eq(got_i, want_i)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.library import TARGET_I16, TARGET_Q, check_bits, dtype_of, isa_attribute, require_lib
+from jdfp._src.ffi.conv import patch_geometry
+from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_Q, check_bits, dtype_of, isa_attribute,
+                                   require_lib)
 
-__all__ = ["check_gemm_args", "gemm"]
+__all__ = ["check_gemm_args", "col2im_call", "gemm", "gemm_col2im"]
 
 
 def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
@@ -90,3 +94,37 @@ def check_gemm_args(a, b, ea, eb, operand_dtypes, block_k, transpose_a, transpos
     raise ValueError(f"batch dims of a {sa[:-2]}, b {sb[:-2]}, ea {sea[:-2]}, eb {seb[:-2]} "
                      "do not broadcast") from None
   return dts, (m, n), tuple(batch), bk_attr
+
+
+def gemm_col2im(a, b, ea, eb, *, x_shape, kernel_spatial, window_strides, padding, lhs_dilation=None,
+                rhs_dilation=None, bits_a: int, bits_b: int, block_k: int | None = None, transpose_a: bool = False,
+                transpose_b: bool = False, isa: str = "auto") -> jax.Array:
+  """The backward-data of a conv on its patch matrix in one INT16 kernel call: float32 ``dx`` of shape
+  ``x_shape = [N, *S, C]`` from the patch gradient ``a . b`` (`gemm`'s int16 operands and
+  attributes, one batch element ``[1, rows, KK * C]``: rows the output pixels of the conv with this
+  geometry, KK its taps). Bit for bit ``jax.linear_transpose`` of `jdfp._src.ops.conv_vjp.patches`
+  applied to ``gemm(a, b, ...)`` (taps summed last first, docs/arithmetic.md), image by image, so
+  the patch gradient is never stored whole."""
+  return col2im_call(TARGET_I16_COL2IM, ("int16",), a, b, ea, eb, check_bits("bits_a", bits_a),
+                     check_bits("bits_b", bits_b), block_k, transpose_a, transpose_b, isa, x_shape, kernel_spatial,
+                     window_strides, padding, lhs_dilation, rhs_dilation)
+
+
+def col2im_call(target, operand_dtypes, a, b, ea, eb, bits_a, bits_b, block_k, transpose_a, transpose_b, isa,
+                x_shape, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation) -> jax.Array:
+  """The FFI call of a GEMM + col2im kernel (INT16 here, INT8 in gemm_i8.py), bits already checked."""
+  isa_code = isa_attribute(isa)
+  _, (m, n), batch, bk_attr = check_gemm_args(a, b, ea, eb, operand_dtypes, block_k, transpose_a, transpose_b)
+  x_shape = tuple(int(d) for d in x_shape)
+  nsp, ksp, out_sp, attrs = patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilation,
+                                           rhs_dilation)
+  want = (x_shape[0] * math.prod(out_sp), math.prod(ksp) * x_shape[-1])
+  if tuple(batch) != (1,) or (m, n) != want:
+    raise ValueError(f"a . b must be [1, rows, taps * C] = [1, {want[0]}, {want[1]}] for x_shape {x_shape} and this "
+                     f"conv geometry, got {tuple(batch) + (m, n)}")
+  require_lib()
+  x5 = (x_shape[0],) + (1,) * (3 - nsp) + x_shape[1:]
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x5, jnp.float32), vmap_method="sequential")
+  out = call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b), block_k=np.int64(bk_attr),
+             transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), isa=np.int32(isa_code), **attrs)
+  return out.reshape(x_shape)

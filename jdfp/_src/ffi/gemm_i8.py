@@ -7,14 +7,11 @@ at most 8 bits (DFP ``bits <= 8``, BFP ``mantissa_bits <= 7``).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.conv import patch_geometry
-from jdfp._src.ffi.gemm import check_gemm_args
+from jdfp._src.ffi.gemm import check_gemm_args, col2im_call
 from jdfp._src.ffi.library import TARGET_I8, TARGET_I8_COL2IM, isa_attribute, require_lib
 
 __all__ = ["gemm_i8", "gemm_i8_col2im", "MAX_BITS"]
@@ -68,20 +65,6 @@ def gemm_i8_col2im(a, b, ea, eb, *, x_shape, kernel_spatial, window_strides, pad
   Bit for bit ``jax.linear_transpose`` of `jdfp._src.ops.conv_vjp.patches` applied to
   ``gemm_i8(a, b, ...)`` (taps summed last first, docs/arithmetic.md), image by image, so the patch
   gradient is never stored whole."""
-  bits_a = _check_bits8("bits_a", bits_a)
-  bits_b = _check_bits8("bits_b", bits_b)
-  isa_code = isa_attribute(isa)
-  _, (m, n), batch, bk_attr = check_gemm_args(a, b, ea, eb, ("int8",), block_k, transpose_a, transpose_b)
-  x_shape = tuple(int(d) for d in x_shape)
-  nsp, ksp, out_sp, attrs = patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilation,
-                                           rhs_dilation)
-  want = (x_shape[0] * math.prod(out_sp), math.prod(ksp) * x_shape[-1])
-  if tuple(batch) != (1,) or (m, n) != want:
-    raise ValueError(f"a . b must be [1, rows, taps * C] = [1, {want[0]}, {want[1]}] for x_shape {x_shape} and this "
-                     f"conv geometry, got {tuple(batch) + (m, n)}")
-  require_lib()
-  x5 = (x_shape[0],) + (1,) * (3 - nsp) + x_shape[1:]
-  call = jax.ffi.ffi_call(TARGET_I8_COL2IM, jax.ShapeDtypeStruct(x5, jnp.float32), vmap_method="sequential")
-  out = call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b), block_k=np.int64(bk_attr),
-             transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), isa=np.int32(isa_code), **attrs)
-  return out.reshape(x_shape)
+  return col2im_call(TARGET_I8_COL2IM, ("int8",), a, b, ea, eb, _check_bits8("bits_a", bits_a),
+                     _check_bits8("bits_b", bits_b), block_k, transpose_a, transpose_b, isa, x_shape, kernel_spatial,
+                     window_strides, padding, lhs_dilation, rhs_dilation)

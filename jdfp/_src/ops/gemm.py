@@ -129,19 +129,23 @@ COL2IM_MAX_IMAGE_BYTES = 64 << 20
 
 def gemm_col2im(qa: qz.QArray, qb: qz.QArray, b_c: int, policy: Policy, x_shape, conv_kwargs: dict):
   """The backward-data of a conv on its patch matrix: ``dx`` float32 of shape ``x_shape`` =
-  col2im(``gemm(qa, 2, qb, b_c)``), qa the output gradient ``[1, rows, O]``, in one INT8 kernel call
-  (the patch gradient is never stored whole; bit for bit the GEMM + XLA's col2im). None where that
-  kernel does not run this GEMM (then the caller does the two steps)."""
-  if not (qa.fmt.is_integer and qb.fmt.is_integer and resolve_backend(policy) == "ffi" and _int8_kernel_runs(qa, qb)):
+  col2im(``gemm(qa, 2, qb, b_c)``), qa the output gradient ``[1, rows, O]``, in one call of the INT8
+  or INT16 kernel (the patch gradient is never stored whole; bit for bit the GEMM + XLA's col2im).
+  None where neither runs this GEMM that way (then the caller does the two steps)."""
+  ints = all(q.fmt.is_integer and q.values.dtype in (jnp.int8, jnp.int16) for q in (qa, qb))
+  if not (ints and resolve_backend(policy) == "ffi"):
     return None
   rows, cols = qa.values.shape[1], qb.values.shape[3 - b_c]
   images = x_shape[0]
   if qa.values.shape[0] != 1 or images < COL2IM_MIN_IMAGES or rows * cols * 4 // images > COL2IM_MAX_IMAGE_BYTES:
     return None
   ea, eb, block = _kernel_exponents_of(qa, 2, qb, b_c)
-  dx = ffi_gemm_i8.gemm_i8_col2im(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb, x_shape=x_shape,
-                                  bits_a=qa.fmt.int_bits, bits_b=qb.fmt.int_bits, block_k=block, transpose_a=False,
-                                  transpose_b=b_c == 2, isa=policy.isa, **conv_kwargs)
+  kw = dict(x_shape=x_shape, bits_a=qa.fmt.int_bits, bits_b=qb.fmt.int_bits, block_k=block, transpose_a=False,
+            transpose_b=b_c == 2, isa=policy.isa, **conv_kwargs)
+  if _int8_kernel_runs(qa, qb):
+    dx = ffi_gemm_i8.gemm_i8_col2im(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb, **kw)
+  else:
+    dx = ffi_gemm.gemm_col2im(_int16(qa.values), _int16(qb.values), ea, eb, **kw)
   return match_varying(dx, qa.values, qb.values, ea, eb)
 
 
