@@ -31,11 +31,17 @@ struct Col2im {
   int64_t img_rows = 0;  // output pixels per image: the GEMM rows of one image
   float* dx = nullptr;
 
-  // Geometry from dx's dims [N, D, H, W, C] and the attributes; the patch gradient's dims
-  // [1, rows, taps * C] into dp_dims.  False (with `err`) on bad attributes.
-  bool init(ffi::Span<const int64_t> dx_dims, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
-            ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil,
-            ffi::Span<const int64_t> kernel_spatial, int64_t dp_dims[3], std::string& err) {
+  // Geometry from dx's dims [N, D, H, W, C] and the attributes, the GEMM operands a and b one batch
+  // element each; the patch gradient's dims [1, rows, taps * C] into dp_dims.  False (with `err`)
+  // on bad attributes or operand ranks.
+  bool init(ffi::Span<const int64_t> dx_dims, ffi::Span<const int64_t> da, ffi::Span<const int64_t> db,
+            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
+            ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, ffi::Span<const int64_t> kernel_spatial,
+            int64_t dp_dims[3], std::string& err) {
+    if (da.size() != 3 || db.size() != 3 || da[0] != 1 || db[0] != 1) {
+      err = "a and b must be [1, ., .], got a " + dims_str(da) + " b " + dims_str(db);
+      return false;
+    }
     ConvAttrs at{};
     if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err)) return false;
     if (!geom.init(dx_dims, kernel_spatial, at, err)) return false;
@@ -53,6 +59,12 @@ struct Col2im {
     return true;
   }
 
+  // The error when the GEMM's shapes (read_shapes' error e) are not the patch gradient's.
+  std::string shape_error(const int64_t dp_dims[3], ffi::Span<const int64_t> dx_dims, const ffi::Error& e) const {
+    return "the patch gradient a . b must be [1, rows, taps * C] = " + dims_str(ffi::Span<const int64_t>(dp_dims, 3)) +
+           " for dx " + dims_str(dx_dims) + " and these attributes: " + e.message();
+  }
+
   // No output pixel or no tap reads x: dx = +0.0, written now (true); else one tile per image into
   // `tiles` (false).
   bool trivial(std::vector<Tile>& tiles) const {
@@ -65,18 +77,20 @@ struct Col2im {
     return false;
   }
 
-  // The output base that puts row t.m0 of a [rows, cols] problem at buf[0] for a tile of one image
-  // (address arithmetic only: the tile writes rows [m0, m1), all inside buf).
-  static float* out_base(float* buf, const Tile& t, int64_t ldc) {
-    return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(buf) - uintptr_t(t.m0) * uintptr_t(ldc) * sizeof(float));
-  }
-
-  // This thread's buffer for one image's patch gradient.
-  float* image_buffer() const {
+  // One image: its rows of the patch gradient through `gemm_tile(out, t)` (the GEMM's tile function
+  // with the problem's output at `out`) into this thread's buffer, then summed into dx.  The base
+  // puts row t.m0 of the [rows, cols] problem at buf[0] (address arithmetic only: the tile writes
+  // rows [m0, m1), all inside buf).
+  template <class GemmTile>
+  int run_image(const Tile& t, GemmTile&& gemm_tile) const {
     thread_local std::vector<float> buf;
     const size_t need = size_t(img_rows) * size_t(geom.cols);
     if (buf.size() < need) buf.resize(need);
-    return buf.data();
+    float* out = reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(buf.data()) -
+                                          uintptr_t(t.m0) * uintptr_t(geom.cols) * sizeof(float));
+    if (const int bad = gemm_tile(out, t)) return bad;
+    image(t, buf.data());
+    return 0;
   }
 
   // dx of the image of tile t from its patch gradient dp [img_rows, taps * C].
@@ -109,12 +123,22 @@ struct Col2im {
   }
 };
 
-// A future that is already complete (dx written by the caller).
-inline ffi::Future ready_future() {
-  ffi::Promise p;
-  ffi::Future f(p);
-  p.SetAvailable();
-  return f;
+// Runs a col2im job (a Job type with a `c2i` member whose GEMM problem is set up): one tile per image
+// on the pool, each through `gemm_tile(job, out, tile)`; dx = +0.0 at once where no tap reads x.
+template <class JobT, class GemmTile>
+ffi::Future launch_col2im(const std::shared_ptr<JobT>& job, ffi::ThreadPool pool, float* dx, GemmTile gemm_tile) {
+  job->c2i.dx = dx;
+  if (job->c2i.trivial(job->tiles)) {
+    ffi::Promise p;
+    ffi::Future f(p);
+    p.SetAvailable();
+    return f;
+  }
+  const JobT* jp = job.get();  // the workers hold the job alive
+  job->tile_fn = [jp, gemm_tile](const Tile& t) {
+    return jp->c2i.run_image(t, [&](float* out, const Tile& tt) { return gemm_tile(*jp, out, tt); });
+  };
+  return launch_job_tiles(job, pool, pool_workers(pool));
 }
 
 }  // namespace

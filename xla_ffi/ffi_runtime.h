@@ -14,6 +14,23 @@
 #include "ffi_helpers.h"
 #include "gemm_common.h"
 
+// The binding of the GEMM handlers (INT16, INT8, and with the conv attributes appended, their
+// col2im forms): a, b as AnyBuffer so that a wrong dtype gets our own error message.
+#define JDFP_GEMM_BINDING             \
+  ffi::Ffi::Bind()                    \
+      .Ctx<ffi::ThreadPool>()         \
+      .Arg<ffi::AnyBuffer>()          \
+      .Arg<ffi::AnyBuffer>()          \
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .Ret<ffi::Buffer<ffi::F32>>()   \
+      .Attr<int32_t>("bits_a")        \
+      .Attr<int32_t>("bits_b")        \
+      .Attr<int64_t>("block_k")       \
+      .Attr<bool>("transpose_a")      \
+      .Attr<bool>("transpose_b")      \
+      .Attr<int32_t>("isa")
+
 namespace jdfp {
 
 struct Job {

@@ -159,38 +159,29 @@ ffi::Future gemm_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
   if (ffi::Error e = check_dtypes(a, b, /*allow_f32=*/false); e.failure()) return error_future(std::move(e));
   auto job = std::make_shared<Col2imJob>();
   Col2imJob& j = *job;
-  Col2im& c = j.c2i;
   std::string err;
   int64_t dp_dims[3];
-  if (!c.init(dx->dimensions(), strides, plo, phi, ldil, rdil, kernel_spatial, dp_dims, err)) return bad(err);
+  if (!j.c2i.init(dx->dimensions(), a.dimensions(), b.dimensions(), strides, plo, phi, ldil, rdil, kernel_spatial,
+                  dp_dims, err))
+    return bad(err);
   GemmShape s;
   s.da = a.dimensions(); s.db = b.dimensions(); s.dea = ea.dimensions(); s.deb = eb.dimensions();
   s.dout = ffi::Span<const int64_t>(dp_dims, 3);
-  if (s.da.size() != 3 || s.db.size() != 3 || s.da[0] != 1 || s.db[0] != 1)
-    return bad("a and b must be [1, ., .], got a " + dims_str(s.da) + " b " + dims_str(s.db));
   if (ffi::Error e = read_shapes(s, block_k, trans_a, trans_b); e.failure())
-    return bad("the patch gradient a . b must be [1, rows, taps * C] = " + dims_str(s.dout) + " for dx " +
-               dims_str(dx->dimensions()) + " and these attributes: " + e.message());
+    return bad(j.c2i.shape_error(dp_dims, dx->dimensions(), e));
   if (ffi::Error e = check_batch_dims(s); e.failure()) return error_future(std::move(e));
   if (ffi::Error e = check_block_sum_bound("jdfp_gemm_col2im", std::min(s.bk, s.K), bits_a, bits_b); e.failure())
     return error_future(std::move(e));
-  // set_up_job points the output at dx; the tiles redirect it to their own buffers.
+  // set_up_job points the output at dx; each tile redirects it to its worker's buffer.
   if (ffi::Error e = set_up_job(j, s, a, b, ea, eb, dx, bits_a, bits_b, trans_a, trans_b, *kernels); e.failure())
     return error_future(std::move(e));
   j.who = "gemm_col2im";
   j.fn = kernels->tile;
-  c.dx = dx->typed_data();
-  if (c.trivial(j.tiles)) return ready_future();
-  const Col2imJob* jp = job.get();  // the workers hold the job alive
-  job->tile_fn = [jp](const Tile& t) {
-    float* buf = jp->c2i.image_buffer();
-    Problem P = jp->P;
-    P.out = Col2im::out_base(buf, t, P.ldc);
-    if (const int bad = jp->fn(P, t)) return bad;
-    jp->c2i.image(t, buf);
-    return 0;
-  };
-  return launch_job_tiles(job, pool, pool_workers(pool));
+  return launch_col2im(job, pool, dx->typed_data(), [](const Col2imJob& jj, float* out, const Tile& t) {
+    Problem P = jj.P;
+    P.out = out;
+    return jj.fn(P, t);
+  });
 }
 
 }  // namespace
@@ -200,7 +191,6 @@ ffi::Future gemm_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmI16(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmQ(XLA_FFI_CallFrame*);
 
-// Both bind AnyBuffer for a/b so that a wrong dtype gets our own error message.
 static ffi::Future gemm_i16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                             ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
                             ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a, int32_t bits_b,
@@ -217,27 +207,12 @@ static ffi::Future gemm_q(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
                          /*allow_f32=*/true);
 }
 
-#define JDFP_BINDING(A_T, B_T)                    \
-  ffi::Ffi::Bind()                                \
-      .Ctx<ffi::ThreadPool>()                     \
-      .Arg<A_T>()                                 \
-      .Arg<B_T>()                                 \
-      .Arg<ffi::Buffer<ffi::S32>>()               \
-      .Arg<ffi::Buffer<ffi::S32>>()               \
-      .Ret<ffi::Buffer<ffi::F32>>()               \
-      .Attr<int32_t>("bits_a")                    \
-      .Attr<int32_t>("bits_b")                    \
-      .Attr<int64_t>("block_k")                   \
-      .Attr<bool>("transpose_a")                  \
-      .Attr<bool>("transpose_b")                  \
-      .Attr<int32_t>("isa")
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16, gemm_i16, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmQ, gemm_q, JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16, gemm_i16, JDFP_GEMM_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmQ, gemm_q, JDFP_GEMM_BINDING);
 
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmI16Col2im(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16Col2im, jdfp::gemm_col2im_impl,
-                              JDFP_BINDING(ffi::AnyBuffer, ffi::AnyBuffer)
+                              JDFP_GEMM_BINDING
                                   JDFP_CONV_SPATIAL_ATTRS
                                   .Attr<ffi::Span<const int64_t>>("kernel_spatial"));
 

@@ -2,6 +2,8 @@
 //
 //   JdfpGemmI8 : int8 a [..., M, K], int8 b [..., K, N], int32 ea [..., M|1, KB], eb [..., KB, N|1]
 //                -> float32 out [..., M, N]; attributes as JdfpGemmI16 (bits_a, bits_b <= 8).
+//   JdfpGemmI8Col2im : the same GEMM's [1, rows, taps * C] result summed into a conv input's gradient
+//                float32 dx [N, D, H, W, C] (col2im.h), image by image; plus the conv attributes.
 //
 // Operand values must lie in [-qmax, qmax] (qmax = 2**(bits-1) - 1 <= 127, so never -128); a tile
 // that meets one outside fails the call with an FFI error.  Tiling, threads and the future are
@@ -218,35 +220,26 @@ ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Any
   if (b.element_type() != ffi::S8) return bad("b must be int8");
   auto job = std::make_shared<Col2imJobI8>();
   Col2imJobI8& j = *job;
-  Col2im& c = j.c2i;
   std::string err;
   int64_t dp_dims[3];
-  if (!c.init(dx->dimensions(), strides, plo, phi, ldil, rdil, kernel_spatial, dp_dims, err)) return bad(err);
+  if (!j.c2i.init(dx->dimensions(), a.dimensions(), b.dimensions(), strides, plo, phi, ldil, rdil, kernel_spatial,
+                  dp_dims, err))
+    return bad(err);
   ShapeI8 s;
   s.da = a.dimensions(); s.db = b.dimensions(); s.dea = ea.dimensions(); s.deb = eb.dimensions();
   s.dout = ffi::Span<const int64_t>(dp_dims, 3);
-  if (s.da.size() != 3 || s.db.size() != 3 || s.da[0] != 1 || s.db[0] != 1)
-    return bad("a and b must be [1, ., .], got a " + dims_str(s.da) + " b " + dims_str(s.db));
   if (ffi::Error e = read_shapes_i8(s, block_k, trans_a, trans_b); e.failure())
-    return bad("the patch gradient a . b must be [1, rows, taps * C] = " + dims_str(s.dout) + " for dx " +
-               dims_str(dx->dimensions()) + " and these attributes: " + e.message());
-  // set_up_job_i8 points the output at dx; the tiles redirect it to their own buffers.
+    return bad(j.c2i.shape_error(dp_dims, dx->dimensions(), e));
+  // set_up_job_i8 points the output at dx; each tile redirects it to its worker's buffer.
   if (ffi::Error e = set_up_job_i8(j, s, a, b, ea, eb, dx, bits_a, bits_b, trans_a, trans_b, ks); e.failure())
     return error_future(std::move(e));
   j.who = "gemm_i8_col2im";
   j.tile = ks.tile;
-  c.dx = dx->typed_data();
-  if (c.trivial(j.tiles)) return ready_future();
-  const Col2imJobI8* jp = job.get();  // the workers hold the job alive
-  job->tile_fn = [jp](const Tile& t) {
-    float* buf = jp->c2i.image_buffer();
-    ProblemI8 P = jp->P8;
-    P.out = Col2im::out_base(buf, t, P.ldc);
-    if (const int bad = jp->tile(P, t)) return bad;
-    jp->c2i.image(t, buf);
-    return 0;
-  };
-  return launch_job_tiles(job, pool, pool_workers(pool));
+  return launch_col2im(job, pool, dx->typed_data(), [](const Col2imJobI8& jj, float* out, const Tile& t) {
+    ProblemI8 P = jj.P8;
+    P.out = out;
+    return jj.tile(P, t);
+  });
 }
 
 }  // namespace
@@ -261,34 +254,7 @@ static ffi::Future gemm_i8(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   return jdfp::gemm_i8_impl(pool, a, b, ea, eb, out, bits_a, bits_b, block_k, trans_a, trans_b, isa);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8, gemm_i8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("bits_a")
-                                  .Attr<int32_t>("bits_b")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
-                                  .Attr<int32_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8, gemm_i8, JDFP_GEMM_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8Col2im, jdfp::gemm_i8_col2im_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("bits_a")
-                                  .Attr<int32_t>("bits_b")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
-                                  .Attr<int32_t>("isa")
-                                  JDFP_CONV_SPATIAL_ATTRS
-                                  .Attr<ffi::Span<const int64_t>>("kernel_spatial"));
+                              JDFP_GEMM_BINDING JDFP_CONV_SPATIAL_ATTRS.Attr<ffi::Span<const int64_t>>("kernel_spatial"));

@@ -13,3 +13,19 @@ def bits_eq(x, y):
   y = np.asarray(y, np.float32)
   assert x.shape == y.shape, (x.shape, y.shape)
   np.testing.assert_array_equal(x.view(np.int32), y.view(np.int32))
+
+
+def draw_conv_geometry(data, max_images=3):
+  """A random conv geometry for the patch-matrix kernels (hypothesis ``st.data()``): x's shape
+  ``(N, *S, C)`` with 1-3 spatial dims, kernel sizes (which may exceed the input: empty outputs),
+  strides, paddings (negative ones crop), lhs and rhs dilations."""
+  from hypothesis import strategies as st
+  nsp = data.draw(st.integers(1, 3))
+  xs = (data.draw(st.integers(1, max_images)),) + tuple(data.draw(st.integers(1, 7)) for _ in range(nsp)) \
+      + (data.draw(st.integers(1, 5)),)
+  ksp = tuple(data.draw(st.integers(1, 4)) for _ in range(nsp))
+  strides = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  pads = tuple((data.draw(st.integers(-2, 3)), data.draw(st.integers(-2, 3))) for _ in range(nsp))
+  ld = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  rd = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  return xs, ksp, strides, pads, ld, rd

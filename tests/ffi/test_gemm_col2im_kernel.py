@@ -23,7 +23,7 @@ from jdfp._src.ffi.gemm import gemm, gemm_col2im
 from jdfp._src.ffi.gemm_i8 import gemm_i8, gemm_i8_col2im
 from jdfp._src.numerics.formats import NONFINITE_EXPONENT
 from jdfp._src.ops import conv_vjp
-from kernel_testing import bits_eq
+from kernel_testing import bits_eq, draw_conv_geometry
 from test_conv_kernel import CASES, _case_id, im2col_np
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
@@ -96,14 +96,7 @@ def test_bit_exact_on_conv_geometries(case, kernel, isas):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_bit_exact_random_geometries(data):
-  nsp = data.draw(st.integers(1, 3))
-  xs = (data.draw(st.integers(1, 5)),) + tuple(data.draw(st.integers(1, 7)) for _ in range(nsp)) \
-      + (data.draw(st.integers(1, 5)),)
-  ksp = tuple(data.draw(st.integers(1, 4)) for _ in range(nsp))  # may exceed the input: empty outputs
-  strides = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
-  pads = tuple((data.draw(st.integers(-2, 3)), data.draw(st.integers(-2, 3))) for _ in range(nsp))
-  ld = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
-  rd = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  xs, ksp, strides, pads, ld, rd = draw_conv_geometry(data, max_images=5)
   o, bk = data.draw(st.integers(0, 40)), data.draw(st.integers(1, 30))
   check(xs, ksp, strides, pads, ld, rd, o=o, bk=bk, seed=data.draw(st.integers(0, 2**16)),
         nonfinite_row=data.draw(st.none() | st.integers(0, 50)), kernel=data.draw(st.sampled_from(sorted(KERNELS))))
