@@ -7,9 +7,9 @@ work unit of `ffi.block_quantize.quantize_patches_with_stats` gathers its rows f
 and converts them (maxima, exponents, values, counters in one pass), so neither the float32 patch
 matrix nor a second pass over it exists. Bit for bit the im2col + `jdfp.dot_general` arrangement:
 the same keys, conversions, GEMMs and backward (`dot_vjp.dot_bwd`). The backward-data GEMM and
-col2im (the transpose of `conv_vjp.patches`) run as one INT8 kernel call (`ops.gemm.gemm_col2im`)
-where that kernel runs the GEMM, so the float32 patch gradient is not stored either; elsewhere the
-GEMM, then XLA's col2im, with the same bits."""
+col2im (the transpose of `conv_vjp.patches`) run as one INT8 / INT16 kernel call
+(`ops.gemm.gemm_col2im`, from 4 images on), so the float32 patch gradient is not stored either;
+elsewhere the GEMM, then XLA's col2im, with the same bits."""
 
 from __future__ import annotations
 
