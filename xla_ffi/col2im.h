@@ -28,6 +28,7 @@ struct Col2im {
   PatchGeom geom;
   // Per spatial dim, per (input index, tap): the output index whose tap reads that input, or -1.
   std::vector<int64_t> inv[3];
+  std::vector<int64_t> tap_d, tap_h, tap_w;  // each tap's kernel position (no divisions per pixel)
   int64_t img_rows = 0;  // output pixels per image: the GEMM rows of one image
   float* dx = nullptr;
 
@@ -54,6 +55,11 @@ struct Col2im {
           const int64_t i = g.src[d][size_t(o * g.ks[d] + t)];
           if (i >= 0) inv[d][size_t(i * g.ks[d] + t)] = o;
         }
+    }
+    for (int64_t t = 0; t < g.ntaps; ++t) {
+      tap_w.push_back(t % g.ks[2]);
+      tap_h.push_back((t / g.ks[2]) % g.ks[1]);
+      tap_d.push_back(t / (g.ks[2] * g.ks[1]));
     }
     dp_dims[0] = 1, dp_dims[1] = g.rows, dp_dims[2] = g.cols;
     return true;
@@ -106,8 +112,7 @@ struct Col2im {
           const int64_t* vh = inv[1].data() + ih * g.ks[1];
           const int64_t* vw = inv[2].data() + iw * g.ks[2];
           for (int64_t tap = T - 1; tap >= 0; --tap) {
-            const int64_t tw = tap % g.ks[2], th = (tap / g.ks[2]) % g.ks[1], td = tap / (g.ks[2] * g.ks[1]);
-            const int64_t od = vd[td], oh = vh[th], ow = vw[tw];
+            const int64_t od = vd[tap_d[size_t(tap)]], oh = vh[tap_h[size_t(tap)]], ow = vw[tap_w[size_t(tap)]];
             const bool hit = od >= 0 && oh >= 0 && ow >= 0;
             const float* src = hit ? dp + ((od * g.out_sp[1] + oh) * g.out_sp[2] + ow) * cols + tap * C : nullptr;
             if (tap == T - 1) {

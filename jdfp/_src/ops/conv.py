@@ -37,7 +37,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   FP16/BF16: the operands of each pass rounded to the format, convolved with FP32 accumulation (no
   patches). Block exponents (HBFP tiles of the patch matrix): `jdfp.dot_general` on the patch
   matrix, which backend "ffi" converts straight from the input (one group, float32) or builds on the
-  im2col kernel, and the reference backend in XLA (logged in `fallback_log`).
+  im2col kernel, and the reference backend in XLA (logged in `fallback_log`); on backend "ffi" the
+  backward-data GEMM and its col2im are then one kernel call (from 4 images on), bit-identical.
   ``scale_state``: with ``Policy(scaling="delayed")`` (per-tensor formats), the op's `jdfp.ScaleState`;
   the call then returns ``(out, new_state)`` as `jdfp.dot_general` does."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
