@@ -16,7 +16,7 @@ def bits_eq(x, y):
 
 
 def draw_conv_geometry(data, max_images=3):
-  """A random conv geometry for the patch-matrix kernels (hypothesis ``st.data()``): x's shape
+  """A random conv geometry for the col2im kernel tests (hypothesis ``st.data()``): x's shape
   ``(N, *S, C)`` with 1-3 spatial dims, kernel sizes (which may exceed the input: empty outputs),
   strides, paddings (negative ones crop), lhs and rhs dilations."""
   from hypothesis import strategies as st

@@ -16,7 +16,7 @@ import jdfp
 from jdfp import kernels
 from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ops import conv_vjp
-from kernel_testing import bits_eq, draw_conv_geometry
+from kernel_testing import bits_eq
 from test_conv_kernel import CASES, _case_id, im2col_np
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
@@ -63,7 +63,14 @@ def test_bit_exact_on_conv_geometries(case):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_bit_exact_random_geometries(data):
-  xs, ksp, strides, pads, ld, rd = draw_conv_geometry(data)
+  nsp = data.draw(st.integers(1, 3))
+  xs = (data.draw(st.integers(1, 3)),) + tuple(data.draw(st.integers(1, 7)) for _ in range(nsp)) \
+      + (data.draw(st.integers(1, 5)),)
+  ksp = tuple(data.draw(st.integers(1, 4)) for _ in range(nsp))  # may exceed the input: empty outputs
+  strides = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  pads = tuple((data.draw(st.integers(-2, 3)), data.draw(st.integers(-2, 3))) for _ in range(nsp))
+  ld = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  rd = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
   check_geometry(xs, ksp, strides, pads, ld, rd, seed=data.draw(st.integers(0, 2**16)))
 
 
