@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "gemm_common.h"
+
 namespace jdfp {
 
 struct Bf16Problem {
@@ -28,7 +30,30 @@ struct Bf16Problem {
   const int64_t* a_off = nullptr;
   const int64_t* b_off = nullptr;
   uint64_t job_id = 0;  // unique per call: a worker may reuse its packed B panels within one call only
+  // Implicit-GEMM convolution (one group) when non-null: A is gathered from the bfloat16 input at `a`:
+  // the patch matrix A[pixel, (tap, c)] (kConvRowsPixels: forward, backward-data) or its transpose
+  // A[(tap, c), pixel] (kConvRowsTaps: weight-gradient); taps that read padding or lhs-dilation holes
+  // read +0.  B is read through its strides as usual.
+  const ConvGeom* conv = nullptr;
 };
+
+// Element [pixel, (tap, c)] of a conv's patch matrix (Bf16Problem::conv), bfloat16 bits.
+static inline uint16_t conv_patch_bf16(const uint16_t* x, const ConvGeom& g, int64_t pixel, int64_t tc) {
+  int64_t n, o[3], t[3];
+  conv_split_pixel(g, pixel, n, o);
+  const int64_t tap = tc / g.cg;
+  conv_split_tap(g, tap, t);
+  const int64_t off = conv_pixel_offset(g, n, o, t);
+  return off < 0 ? uint16_t(0) : x[off + tc - tap * g.cg];
+}
+
+// The INT16 conv kernel's AVX-512 gathers (kernel_avx512vnni.cc) on 16-bit payloads: rows [r0, r0 + rows)
+// x k [k0, k0 + len) of the patch matrix (pixels14: rows = pixels, k = (tap, c)) or of its transpose
+// (taps14: rows = (tap, c), k = pixels) as [panel of 14 rows][pair][row] dwords, zero past `rows` / `len`.
+void conv_gather16_pixels14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
+                                   int32_t len, uint32_t* dst);
+void conv_gather16_taps14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
+                                 int32_t len, uint32_t* dst);
 
 struct Bf16Tile {
   int64_t batch, m0, m1, n0, n1;

@@ -4,6 +4,7 @@
 // micro-panels of the same dwords (broadcast); a 14 x 32 register block of float32 accumulators.
 // Each output element sees exactly the contract's chain: its accumulator starts at +0 and is carried
 // across kc blocks through memory (float32, exact), so tiling and thread count never change a bit.
+// Convolutions (Bf16Problem::conv) pack their patch matrix with the INT16 conv kernel's gathers.
 // Built with -mavx512f -mavx512bw -mavx512vl -mavx512bf16; called only after the cpuid check.
 #include <immintrin.h>
 
@@ -54,6 +55,13 @@ inline uint32_t load_u32(const uint16_t* p) {
 
 // A rows [m0, m1) x pairs [p0, p0 + np) into MR-row panels [panel][pair][MR]; rows past m1 are 0.
 void pack_a(const Bf16Problem& P, int64_t base, int64_t m0, int64_t m1, int64_t p0, int64_t np, uint32_t* dst) {
+  if (P.conv) {  // a conv's patch matrix (or its transpose), gathered from x
+    const uint16_t* x = static_cast<const uint16_t*>(P.a) + base;
+    const int32_t len = int32_t(std::min(2 * np, P.K - 2 * p0));
+    if (P.conv->mode == kConvRowsPixels) conv_gather16_pixels14_avx512(x, *P.conv, m0, m1 - m0, 2 * p0, len, dst);
+    else conv_gather16_taps14_avx512(x, *P.conv, m0, m1 - m0, 2 * p0, len, dst);
+    return;
+  }
   const bool fast = !P.a_f32 && P.a_sk == 1 && 2 * (p0 + np) <= P.K;  // a pair is one dword in memory
   const uint16_t* a16 = static_cast<const uint16_t*>(P.a) + base;
   for (int64_t mp = m0; mp < m1; mp += kMr) {

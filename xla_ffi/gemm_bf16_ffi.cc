@@ -5,6 +5,15 @@
 //                  -> float32 out [..., M, N]; batch dims broadcast (size 1 read with stride 0).
 //   attributes: transpose_a, transpose_b (bool), isa (int32: 0 auto, 1 scalar, 2 avx512_bf16).
 //
+//   JdfpConvBf16 : the same chains on a convolution's patch matrix, gathered while packing (one group):
+//                  forward          x [N, D, H, W, C], w [KD, KH, KW, C, O] -> y [N, OD, OH, OW, O]
+//                                   = gemm(im2col(x) [pixels, (tap, c)], w [(tap, c), O]);
+//                  weight-gradient  x, dy [N, OD, OH, OW, O] -> dw [KD, KH, KW, C, O]
+//                                   = gemm(im2col(x)^T [(tap, c), pixels], dy [pixels, O]);
+//                  bfloat16 operands, float32 out; attributes: the conv's spatial ones (conv_geometry.h),
+//                  weight_gradient (bool), isa.  Backward-data is the forward on dy with the flipped,
+//                  transposed kernel (the Python side sets it up, as for the INT16 conv).
+//
 // Work is split into (batch, M, N) tiles that the calling thread and XLA's pool threads claim from
 // one atomic counter; the returned future completes when the last tile is done (the promise counts
 // tiles, so a pool thread that never starts owes nothing).  Every output element is one fixed chain
@@ -13,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#include "conv_geometry.h"
 #include "ffi_runtime.h"
 #include "gemm_bf16.h"
 
@@ -122,15 +132,26 @@ ffi::Error check_operands(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Span<const in
   return ffi::Error::Success();
 }
 
-ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                           ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
+// The ISA attribute -> the tile function (the same rules as the GEMM).
+ffi::Error bf16_tile_fn(int32_t isa, const char* who, TileFnBf16& fn) {
   static const bool has_bf16 = detect_avx512_bf16();
   if (isa < kBf16Auto || isa > kBf16Avx512)
-    return error_future(invalid("isa must be 0 (auto), 1 (scalar) or 2 (avx512_bf16), got " + std::to_string(isa)));
+    return invalid_as(who, "isa must be 0 (auto), 1 (scalar) or 2 (avx512_bf16), got " + std::to_string(isa));
   if (isa == kBf16Avx512 && !has_bf16)
-    return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
-                                   "jdfp gemm_bf16: ISA avx512_bf16 is not supported by this CPU/OS (or not built)"));
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      std::string("jdfp ") + who + ": ISA avx512_bf16 is not supported by this CPU/OS (or not built)");
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  fn = (isa == kBf16Scalar || !has_bf16) ? bf16_tile_scalar : bf16_tile_avx512;
+#else
+  fn = bf16_tile_scalar;
+#endif
+  return ffi::Error::Success();
+}
+
+ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
   auto job = std::make_shared<Bf16Job>();
+  if (ffi::Error e = bf16_tile_fn(isa, "gemm_bf16", job->fn); e.failure()) return error_future(std::move(e));
   Bf16Problem& P = job->P;
   std::vector<int64_t> ob;
   if (ffi::Error e = check_operands(a, b, out->dimensions(), ta, tb, P, ob); e.failure())
@@ -146,12 +167,77 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   static std::atomic<uint64_t> job_seq{0};
   P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
-#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
-  job->fn = (isa == kBf16Scalar || !has_bf16) ? bf16_tile_scalar : bf16_tile_avx512;
-#else
-  job->fn = bf16_tile_scalar;
-#endif
   return launch_bf16(job, pool, int64_t(job->a_off.size()));
+}
+
+// Geometry of a one-group conv from x [N, D, H, W, C], the kernel's spatial sizes and the attributes.
+void conv_bf16_geometry(ffi::Span<const int64_t> dx, const int64_t* ks, const ConvAttrs& at, bool wgrad,
+                        ConvGeom& g) {
+  g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
+  g.n = dx[0];
+  g.C = g.cg = dx[4];
+  for (int d = 0; d < 3; ++d) {
+    g.in[d] = dx[1 + d];
+    g.ks[d] = ks[d];
+    g.stride[d] = at.stride[d];
+    g.pad[d] = at.lo[d];
+    g.ldil[d] = at.ldil[d];
+    g.rdil[d] = at.rdil[d];
+    g.out[d] = conv_out_size(g.in[d], g.ks[d], at, d);
+  }
+  g.npix = g.n * g.out[0] * g.out[1] * g.out[2];
+  g.ntaps = g.ks[0] * g.ks[1] * g.ks[2];
+}
+
+struct ConvBf16Job : Bf16Job {
+  ConvGeom geom;
+};
+
+ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> strides,
+                           ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
+                           ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa) {
+  auto bad = [](const std::string& m) { return error_future(invalid_as("conv_bf16", m)); };
+  auto job = std::make_shared<ConvBf16Job>();
+  if (ffi::Error e = bf16_tile_fn(isa, "conv_bf16", job->fn); e.failure()) return error_future(std::move(e));
+  ConvAttrs at{};
+  std::string err;
+  if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err)) return bad(err);
+  const char* bname = wgrad ? "dy" : "w";
+  if (x.element_type() != ffi::BF16) return bad("x must be bfloat16");
+  if (b.element_type() != ffi::BF16) return bad(std::string(bname) + " must be bfloat16");
+  const auto dx = x.dimensions(), db = b.dimensions(), dout = out->dimensions();
+  if (dx.size() != 5 || db.size() != 5 || dout.size() != 5)
+    return bad(std::string("expected x [N, D, H, W, C], ") +
+               (wgrad ? "dy [N, OD, OH, OW, O] and out [KD, KH, KW, C, O]" : "w [KD, KH, KW, C, O] and out [N, OD, OH, OW, O]") +
+               "; got x " + dims_str(dx) + ", " + bname + " " + dims_str(db) + ", out " + dims_str(dout));
+  const auto dw = wgrad ? dout : db;  // kernel-shaped
+  ConvGeom& g = job->geom;
+  conv_bf16_geometry(dx, dw.begin(), at, wgrad, g);
+  const int64_t O = dw[4];
+  const int64_t want_w[5] = {g.ks[0], g.ks[1], g.ks[2], g.C, O};
+  const int64_t want_y[5] = {g.n, g.out[0], g.out[1], g.out[2], O};
+  if (!std::equal(want_w, want_w + 5, dw.begin()))
+    return bad(std::string(wgrad ? "out" : "w") + " must be [KD, KH, KW, C, O] with C = x's channels " +
+               std::to_string(g.C) + " (one group), got " + dims_str(dw));
+  const auto dy = wgrad ? db : dout;  // output-shaped
+  if (!std::equal(want_y, want_y + 5, dy.begin()))
+    return bad(std::string(wgrad ? "dy" : "out") + " must be [N, OD, OH, OW, O] = " +
+               dims_str(ffi::Span<const int64_t>(want_y, 5)) + " for these shapes and attributes, got " + dims_str(dy));
+  Bf16Problem& P = job->P;
+  const int64_t taps_c = g.ntaps * g.C;
+  P.M = wgrad ? taps_c : g.npix;
+  P.K = wgrad ? g.npix : taps_c;
+  P.N = O;
+  P.a = x.untyped_data(); P.b = b.untyped_data(); P.out = out->typed_data();
+  P.b_sk = O; P.b_sn = 1;  // w [(tap, c), O] or dy [pixels, O]
+  job->a_off.assign(1, 0);
+  job->b_off.assign(1, 0);
+  P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
+  P.conv = &g;
+  static std::atomic<uint64_t> job_seq{uint64_t(1) << 62};  // disjoint from the GEMM's job ids
+  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  return launch_bf16(job, pool, 1);
 }
 
 }  // namespace
@@ -160,16 +246,20 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
 void bf16_tile_scalar(const Bf16Problem& P, const Bf16Tile& t) {
   const int64_t ab = P.a_off[t.batch], bb = P.b_off[t.batch];
   float* out = P.out + t.batch * P.M * P.N;
+  auto a_at = [&](int64_t m, int64_t k) -> uint16_t {
+    if (!P.conv) return bf16_at(P.a, P.a_f32, ab + m * P.a_sm + k * P.a_sk);
+    const uint16_t* x = static_cast<const uint16_t*>(P.a) + ab;
+    return P.conv->mode == kConvRowsPixels ? conv_patch_bf16(x, *P.conv, m, k) : conv_patch_bf16(x, *P.conv, k, m);
+  };
   for (int64_t m = t.m0; m < t.m1; ++m)
     for (int64_t n = t.n0; n < t.n1; ++n) {
       float acc = 0.0f;
       for (int64_t k = 0; k < P.K; k += 2) {
         const bool pair = k + 1 < P.K;
-        const uint16_t a1 = pair ? bf16_at(P.a, P.a_f32, ab + m * P.a_sm + (k + 1) * P.a_sk) : 0;
+        const uint16_t a1 = pair ? a_at(m, k + 1) : 0;
         const uint16_t b1 = pair ? bf16_at(P.b, P.b_f32, bb + (k + 1) * P.b_sk + n * P.b_sn) : 0;
         acc = bf16_step(acc, a1, b1);
-        acc = bf16_step(acc, bf16_at(P.a, P.a_f32, ab + m * P.a_sm + k * P.a_sk),
-                        bf16_at(P.b, P.b_f32, bb + k * P.b_sk + n * P.b_sn));
+        acc = bf16_step(acc, a_at(m, k), bf16_at(P.b, P.b_f32, bb + k * P.b_sk + n * P.b_sn));
       }
       out[m * P.N + n] = acc;
     }
@@ -192,6 +282,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmBf16, gemm_bf16,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Attr<int32_t>("isa"));
+
+JDFP_EXPORT XLA_FFI_Error* JdfpConvBf16(XLA_FFI_CallFrame*);
+
+static ffi::Future conv_bf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
+                             ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> strides,
+                             ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
+                             ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa) {
+  return jdfp::conv_bf16_impl(pool, x, b, out, strides, plo, phi, ldil, rdil, wgrad, isa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvBf16, conv_bf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  JDFP_CONV_SPATIAL_ATTRS
+                                  .Attr<bool>("weight_gradient")
                                   .Attr<int32_t>("isa"));
 
 // 1 when the avx512_bf16 path can run here (the Python side's ISA query).

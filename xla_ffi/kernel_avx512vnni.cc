@@ -582,4 +582,33 @@ struct V512 {
 
 int tile_avx512vnni(const Problem& P, const Tile& T) { return run_tile<UkSimd<V512, 12, 2>>(P, T); }
 
+// The conv gathers above move 16-bit payloads without reading them (the INT16 range check aside), so
+// the BF16 conv (gemm_bf16_avx512.cc) packs its bfloat16 operands with them: one piece of `len`
+// elements from k0, ceil(len / 2) pairs.
+namespace {
+PackArgs gather_args(int64_t r0, int64_t rows, const Piece& pc) {
+  PackArgs a{};
+  a.r0 = r0;
+  a.rows = rows;
+  a.pcs = &pc;
+  a.npcs = 1;
+  a.pairs = pc.pairs;
+  return a;
+}
+}  // namespace
+
+void conv_gather16_pixels14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
+                                   int32_t len, uint32_t* dst) {
+  const Piece pc{k0, len, (len + 1) / 2, 0, 0};
+  conv_pack_pixels512<14>(reinterpret_cast<const int16_t*>(x), g, gather_args(r0, rows, pc),
+                          reinterpret_cast<int16_t*>(dst));
+}
+
+void conv_gather16_taps14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
+                                 int32_t len, uint32_t* dst) {
+  const Piece pc{k0, len, (len + 1) / 2, 0, 0};
+  conv_pack_taps512<14>(reinterpret_cast<const int16_t*>(x), g, gather_args(r0, rows, pc),
+                        reinterpret_cast<int16_t*>(dst));
+}
+
 }  // namespace jdfp

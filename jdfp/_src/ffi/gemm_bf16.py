@@ -1,5 +1,6 @@
 """Python side of ``xla_ffi/gemm_bf16_ffi.cc``: the BF16 GEMM on ``vdpbf16ps`` (docs/arithmetic.md,
-"BF16 GEMM") as a JAX op."""
+"BF16 GEMM") as a JAX op, and the BF16 convolutions on the same chains (implicit GEMM: the patch
+matrix is gathered while packing, never stored)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi.library import dtype_of, kernel_available, require_lib
 
-__all__ = ["BF16_ISA_NAMES", "gemm_bf16", "has_avx512_bf16"]
+__all__ = ["BF16_ISA_NAMES", "conv_bf16", "conv_bf16_input_grad", "conv_bf16_weight_grad", "gemm_bf16",
+           "has_avx512_bf16"]
 
 TARGET_GEMM_BF16 = "jdfp_gemm_bf16"
+TARGET_CONV_BF16 = "jdfp_conv_bf16"
 # The handler's `isa` attribute: "auto" is avx512_bf16 where the CPU has it, else scalar.
 BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16")
 
@@ -22,6 +26,7 @@ BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16")
 def _register() -> None:
   lib = require_lib()
   jax.ffi.register_ffi_target(TARGET_GEMM_BF16, jax.ffi.pycapsule(lib.JdfpGemmBf16), platform="cpu")
+  jax.ffi.register_ffi_target(TARGET_CONV_BF16, jax.ffi.pycapsule(lib.JdfpConvBf16), platform="cpu")
 
 
 @functools.cache
@@ -69,3 +74,79 @@ def gemm_bf16(a, b, *, transpose_a: bool = False, transpose_b: bool = False, isa
                           vmap_method="expand_dims")
   return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
               isa=np.int32(BF16_ISA_NAMES.index(isa)))
+
+
+def _isa_code(isa: str) -> np.int32:
+  if isa not in BF16_ISA_NAMES:
+    raise ValueError(f"isa must be one of {BF16_ISA_NAMES}, got {isa!r}")
+  return np.int32(BF16_ISA_NAMES.index(isa))
+
+
+def _check_bf16(**operands) -> int:
+  """Every operand bfloat16 with equal ranks 3..5 (1 to 3 spatial dims); returns the spatial rank."""
+  for name, v in operands.items():
+    if dtype_of(name, v) != jnp.bfloat16:
+      raise TypeError(f"{name} must have dtype bfloat16, got {dtype_of(name, v).name}")
+  ranks = {np.ndim(v) for v in operands.values()}
+  if len(ranks) != 1 or not 3 <= next(iter(ranks)) <= 5:
+    shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in operands.items())
+    raise ValueError(f"conv operands must have equal ranks 3, 4 or 5 (1 to 3 spatial dims), got {shapes}")
+  return next(iter(ranks)) - 2
+
+
+def _conv_call(x, b, out_shape, attrs, weight_gradient: bool, isa: str):
+  _register()
+  call = jax.ffi.ffi_call(TARGET_CONV_BF16, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
+  attrs = {k: v for k, v in attrs.items() if k != "kernel_spatial"}
+  return call(x, b, weight_gradient=bool(weight_gradient), isa=_isa_code(isa), **attrs)
+
+
+def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None, isa: str = "auto") -> jax.Array:
+  """BF16 convolution (one group) on the vdpbf16ps kernel: float32 ``[N, *O, O]``.
+
+  ``x``: bfloat16 ``[N, *S, C]`` (1 to 3 spatial dims), ``w``: bfloat16 ``[*K, C, O]``; the other
+  arguments as `jax.lax.conv_general_dilated`.  Bit for bit ``gemm_bf16(im2col(x), w.reshape(-1, O))``
+  with the patch matrix's K ordered (kernel taps row-major, channel), +0 where a tap reads padding.
+  """
+  nsp = _check_bf16(x=x, w=w)
+  sx, sw = tuple(np.shape(x)), tuple(np.shape(w))
+  if sw[-2] != sx[-1]:
+    raise ValueError(f"w must be [*K, C, O] with C = x's channels {sx[-1]} (one group), got {sw}")
+  _, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, sw[:-2], window_strides, padding, lhs_dilation, rhs_dilation)
+  out5 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (sw[-1],)
+  y = _conv_call(ffi_conv._to5(x, nsp), ffi_conv._w5(w, nsp), out5, attrs, False, isa)
+  return y.reshape((sx[0],) + out_sp + (sw[-1],))
+
+
+def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          isa: str = "auto") -> jax.Array:
+  """Weight-gradient of `conv_bf16`: float32 ``[*K, C, O]``, bit for bit
+  ``gemm_bf16(im2col(x)^T, dy.reshape(-1, O))`` (K = the output pixels in row-major order)."""
+  nsp = _check_bf16(x=x, dy=dy)
+  sx, sd = tuple(np.shape(x)), tuple(np.shape(dy))
+  _, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation,
+                                                  rhs_dilation)
+  if sd != (sx[0],) + out_sp + (sd[-1],):
+    raise ValueError(f"dy must have shape {(sx[0],) + out_sp + (sd[-1],)} (the conv output), got {sd}")
+  out5 = (1,) * (3 - nsp) + ksp + (sx[-1], sd[-1])
+  dw = _conv_call(ffi_conv._to5(x, nsp), ffi_conv._to5(dy, nsp), out5, attrs, True, isa)
+  return dw.reshape(ksp + (sx[-1], sd[-1]))
+
+
+def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         isa: str = "auto") -> jax.Array:
+  """Backward-data of `conv_bf16`: float32 ``[N, *S, C]``, `conv_bf16` of ``dy`` with the flipped,
+  transposed kernel, lhs dilation = the forward strides (`jdfp._src.ffi.conv.conv_input_grad_setup`)."""
+  nsp = _check_bf16(dy=dy, w=w)
+  strides = ffi_conv._check_ints("window_strides", window_strides, nsp, 1)
+  ldil = ffi_conv._check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = ffi_conv._check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  in_sp = ffi_conv._check_ints("input_spatial", input_spatial, nsp, 0)
+  ksp = tuple(np.shape(w)[:-2])
+  pads = ffi_conv.conv_padding(padding, in_sp, ksp, strides, ldil, rdil)
+  out_sp = ffi_conv.conv_out_spatial(in_sp, ksp, strides, pads, ldil, rdil)
+  if tuple(np.shape(dy)[1:-1]) != out_sp or np.shape(dy)[-1] != np.shape(w)[-1]:
+    raise ValueError(f"dy must have shape {(np.shape(dy)[0],) + out_sp + (np.shape(w)[-1],)} (the conv output), "
+                     f"got {np.shape(dy)}")
+  wt, pads_t = ffi_conv.conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, 1)
+  return conv_bf16(dy, wt, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil, isa=isa)

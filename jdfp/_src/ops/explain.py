@@ -82,7 +82,7 @@ def _walk(jaxpr, path, in_reference, out):
     ref = in_reference or "jdfp_reference_gemm" in here
     if name == "ffi_call" or "custom_call" in name:
       target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
-      if target == "jdfp_gemm_bf16":
+      if target in ("jdfp_gemm_bf16", "jdfp_conv_bf16"):
         out.append(Op(f"{name}:{target}", here, MIXED_KERNEL, _dtype_str(eqn.invars)))
       elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
         kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL

@@ -5,7 +5,10 @@ Each pass rounds its two operands to the policy's float format (round to nearest
   forward          y  = conv(fmt(x), fmt(w))
   backward-data    dx = conv^T_x(fmt(dy), fmt(w))
   weight-gradient  dw = conv^T_w(fmt(x), fmt(dy))
-The rounded operands are widened to float32 before XLA's convolution: a product of two FP16 or
+BF16 on a CPU with AVX512_BF16 (backend "ffi", one group, an even number of >= 8 input channels):
+all three passes on the C++ vdpbf16ps kernel (`jdfp._src.ffi.gemm_bf16.conv_bf16`: implicit GEMM,
+the patch matrix gathered while packing, the BF16 GEMM's chains, docs/arithmetic.md).  Otherwise
+the rounded operands are widened to float32 before XLA's convolution: a product of two FP16 or
 BF16 values is exact in float32 (11 + 11 and 8 + 8 significand bits fit in 24), so this *is* the
 recipe's arithmetic (low-precision operands, FP32 products and sums), at XLA's FP32 convolution
 speed, which on CPU is at least that of its native FP16/BF16 one (docs/benchmarks.md). The
@@ -21,6 +24,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jdfp._src.ffi import gemm_bf16 as ffi_gemm_bf16
+from jdfp._src.numerics.shard_types import match_varying
+from jdfp._src.ops.gemm import bf16_kernel
 from jdfp._src.ops.policy import Policy
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
 
@@ -40,6 +46,24 @@ def _conv32(x, w, geom):
                                   preferred_element_type=jnp.float32)
 
 
+# The vdpbf16ps conv needs an even channel count (a k-pair never straddles two taps in its vectorized
+# gather); below 8 channels (an image's first layer) XLA's float32 conv is as fast.
+BF16_CONV_MIN_CHANNELS = 8
+
+
+def bf16_conv_kernel(policy: Policy, channels: int, geom) -> bool:
+  """Whether this conv's three passes run on the C++ BF16 conv kernel (`bf16_kernel`'s conditions,
+  every operand BF16, one group, an even number of at least `BF16_CONV_MIN_CHANNELS` channels)."""
+  fmts = (policy.lhs, policy.rhs, policy.dlhs, policy.drhs)
+  return (all(f.dtype == jnp.bfloat16 for f in fmts) and geom.groups == 1 and channels % 2 == 0
+          and channels >= BF16_CONV_MIN_CHANNELS and len(geom.k_sp) <= 3 and bf16_kernel(policy))
+
+
+def _conv_kw(geom):
+  return dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil,
+              isa="auto")
+
+
 def _rounded32(x, fmt):
   """x rounded to ``fmt`` (nearest even; overflow to +-Inf, NaN kept), widened back exactly."""
   return x.astype(fmt.dtype).astype(jnp.float32)
@@ -53,7 +77,10 @@ def float_conv(x, w, geom, policy: Policy, out_dtype):
 
 def _fwd(x, w, geom, policy, out_dtype):
   xq, wq = x.astype(policy.lhs.dtype), w.astype(policy.rhs.dtype)
-  y = _conv32(xq.astype(jnp.float32), wq.astype(jnp.float32), geom).astype(out_dtype)
+  if bf16_conv_kernel(policy, x.shape[-1], geom):
+    y = match_varying(ffi_gemm_bf16.conv_bf16(xq, wq, **_conv_kw(geom)), xq, wq).astype(out_dtype)
+  else:
+    y = _conv32(xq.astype(jnp.float32), wq.astype(jnp.float32), geom).astype(out_dtype)
   # Residuals: the rounded operands (or the float inputs, per Policy.float_residuals); zero-size
   # slices carry the inputs' shapes, dtypes and shard_map types.
   xr = x if "lhs" in policy.float_residuals else xq
@@ -71,9 +98,18 @@ def _bwd(geom, policy, out_dtype, res, g):
   xr, wr, x_dt, w_dt, need_x, need_w = res
   if isinstance(g, SymbolicZero):
     return None, None
+  dx = dw = None
+  if bf16_conv_kernel(policy, xr.shape[-1], geom):
+    xq, wq, gq = xr.astype(jnp.bfloat16), wr.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    if need_x is not None:
+      dx = ffi_gemm_bf16.conv_bf16_input_grad(gq, wq, input_spatial=geom.in_sp, **_conv_kw(geom))
+      dx = as_cotangent_of(match_varying(dx, gq, wq).astype(x_dt.dtype), x_dt)
+    if need_w is not None:
+      dw = ffi_gemm_bf16.conv_bf16_weight_grad(xq, gq, kernel_spatial=geom.k_sp, **_conv_kw(geom))
+      dw = as_cotangent_of(match_varying(dw, xq, gq).astype(w_dt.dtype), w_dt)
+    return dx, dw
   x32, w32 = _rounded32(xr, policy.lhs), _rounded32(wr, policy.rhs)
   g = g.astype(jnp.float32)
-  dx = dw = None
   # The conv is linear in each operand: transpose it (no primal conv is traced again).
   if need_x is not None:
     t_x = jax.linear_transpose(lambda a: _conv32(a, w32, geom), x32)
