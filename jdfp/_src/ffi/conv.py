@@ -225,7 +225,12 @@ def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, l
     og = np.shape(wt)[-2]
     chain = min(safe_chain_length(bits_dy, bits_w), max(k_full, 1))
     if chain == k_full or og % chain == 0:
-      return _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw)
+      phase_conv = lambda wsub, pads, rd: conv(dy, wsub, edy, ew, window_strides=(1,) * nsp, padding=pads,
+                                                rhs_dilation=rd, **kw)
+      # nothing reads a phase without taps: +0.0 (NaN for a non-finite exponent), as the kernel
+      bad = (jnp.reshape(edy, ()) == 2**30) | (jnp.reshape(ew, ()) == 2**30)
+      empty = jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(0))
+      return input_grad_phases(dy, wt, in_sp, strides, pads_t, rdil, phase_conv, empty)
   return conv(dy, wt, edy, ew, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil, **kw)
 
 
@@ -233,13 +238,16 @@ def _prod(xs) -> int:
   return int(math.prod(xs))
 
 
-def _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw):
+def input_grad_phases(dy, wt, in_sp, strides, pads_t, rdil, phase_conv, empty):
   """Backward-data of a strided conv without the zeros of the lhs-dilated dy: one stride-1 conv per
   output phase (dx[..., r::s, ...]) with the kernel taps that phase reads (sub-pixel decomposition).
+  ``phase_conv(w_taps, padding, rhs_dilation)`` runs one phase's conv of dy; ``empty`` (a float32
+  scalar) fills the phases that no tap reads.
 
-  Exact: the dropped taps read only dilation zeros, and the caller checked that every int32 chain of
-  the full problem lies inside one tap (or is all of K), so the dropped taps are whole all-zero chains
-  (each adds +0.0 to the FP32 accumulator, which is never -0.0) and the kept chains are the same.
+  For the INT16 conv this is exact: the dropped taps read only dilation zeros, and the caller checked
+  that every int32 chain of the full problem lies inside one tap (or is all of K), so the dropped taps
+  are whole all-zero chains (each adds +0.0 to the FP32 accumulator, which is never -0.0) and the kept
+  chains are the same.
   """
   nsp = len(in_sp)
   od = np.shape(dy)[1:-1]
@@ -262,23 +270,18 @@ def _input_grad_phases(dy, wt, edy, ew, in_sp, strides, pads_t, rdil, kw):
     per_dim.append(phases)
   nb, c = np.shape(dy)[0], np.shape(wt)[-1]
   blocks = [-(-size // s) for size, s in zip(in_sp, strides)]
-  zero_or_nan = None
   outs = []
   for ph in np.ndindex(*strides):
     sel = [per_dim[d][r] for d, r in enumerate(ph)]
     shape = (nb,) + tuple(x[0] for x in sel) + (c,)
     if any(x[1] is None for x in sel):
-      if zero_or_nan is None:  # nothing reads this phase: +0.0 (NaN for a non-finite exponent), as the kernel
-        bad = (jnp.reshape(edy, ()) == 2**30) | (jnp.reshape(ew, ()) == 2**30)
-        zero_or_nan = jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(0))
-      y = jnp.broadcast_to(zero_or_nan, shape)
+      y = jnp.broadcast_to(empty, shape)
     else:
       wsub = wt
       for d, x in enumerate(sel):
         if len(x[1]) != ksp[d]:
           wsub = jnp.take(wsub, np.asarray(x[1]), axis=d)
-      y = conv(dy, wsub, edy, ew, window_strides=(1,) * nsp, padding=tuple(x[3] for x in sel),
-               rhs_dilation=tuple(x[2] for x in sel), **kw)
+      y = phase_conv(wsub, tuple(x[3] for x in sel), tuple(x[2] for x in sel))
     # pad every phase to the block grid, then interleave
     outs.append(jnp.pad(y, [(0, 0)] + [(0, b - x[0]) for b, x in zip(blocks, sel)] + [(0, 0)]))
   st = jnp.stack(outs).reshape(tuple(strides) + (nb,) + tuple(blocks) + (c,))

@@ -136,7 +136,9 @@ def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs
 def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          isa: str = "auto") -> jax.Array:
   """Backward-data of `conv_bf16`: float32 ``[N, *S, C]``, `conv_bf16` of ``dy`` with the flipped,
-  transposed kernel, lhs dilation = the forward strides (`jdfp._src.ffi.conv.conv_input_grad_setup`)."""
+  transposed kernel, lhs dilation = the forward strides (`jdfp._src.ffi.conv.conv_input_grad_setup`).
+  A strided conv runs one stride-1 conv per output phase with the taps that read dy values, not the
+  zeros of the dilation (`jdfp._src.ffi.conv.input_grad_phases`; docs/arithmetic.md)."""
   nsp = _check_bf16(dy=dy, w=w)
   strides = ffi_conv._check_ints("window_strides", window_strides, nsp, 1)
   ldil = ffi_conv._check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
@@ -149,4 +151,8 @@ def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_d
     raise ValueError(f"dy must have shape {(np.shape(dy)[0],) + out_sp + (np.shape(w)[-1],)} (the conv output), "
                      f"got {np.shape(dy)}")
   wt, pads_t = ffi_conv.conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, 1)
+  if any(s > 1 for s in strides) and all(d == 1 for d in ldil):
+    phase_conv = lambda wsub, pads, rd: conv_bf16(dy, wsub, window_strides=(1,) * nsp, padding=pads, rhs_dilation=rd,
+                                                  isa=isa)
+    return ffi_conv.input_grad_phases(dy, wt, in_sp, strides, pads_t, rdil, phase_conv, jnp.float32(0))
   return conv_bf16(dy, wt, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil, isa=isa)
