@@ -9,7 +9,9 @@ Per layer (ResNet-style, NHWC / HWIO) and pass, all jitted in one process:
                    jdfp    kernels.conv_weight_grad
   train (op)       float32 in, both gradients: jax.grad of lax.conv vs jdfp.conv_general_dilated
                    (DFP14, backend ffi; includes quantizing x, w and dy) -- xla_i16 not applicable.
-GOP/s counts 2 * N * OH * OW * KH * KW * C/G * O for every pass.  xla_f32, jdfp (and jdfp_op) are
+  jdfp_bf16        the same passes on the BF16 conv kernel (vdpbf16ps; bfloat16 in, float32 out),
+                   and for train (op) `jdfp.policies.bf16()` -- where the CPU has AVX512_BF16.
+GOP/s counts 2 * N * OH * OW * KH * KW * C/G * O for every pass.  xla_f32, jdfp and jdfp_bf16 are
 timed round-robin (median of --repeats); XLA's int16 conv is a slow naive loop, timed --i16-repeats
 times on its own (0 skips it).
 """
@@ -44,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--min-time", type=float, default=0.05, help="seconds per timing sample")
   p.add_argument("--i16-repeats", type=int, default=1, help="timings of XLA's int16 conv (0: skip it)")
+  p.add_argument("--no-bf16", action="store_true", help="skip the BF16 conv kernel rows")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
@@ -65,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
 
   import jdfp
   from jdfp import kernels
+  from jdfp._src.ffi import gemm_bf16 as bf16
   from jdfp.bench._timing import print_table, time_side_by_side
 
   if not kernels.kernel_available():
@@ -74,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
   isa = kernels.best_isa() if args.isa == "auto" else args.isa
   policy = jdfp.Policy(lhs=jdfp.DFP(bits), rhs=jdfp.DFP(bits), grad=jdfp.DFP(bits), backend="ffi", isa=isa)
   dn = ("NHWC", "HWIO", "NHWC")
+  with_bf16 = not args.no_bf16 and bf16.has_avx512_bf16()
   rng = np.random.default_rng(0)
   results = []
   for name in args.layers:
@@ -123,6 +128,16 @@ def main(args: argparse.Namespace) -> int:
             jdfp=(jax.jit(jax.grad(lambda a, b, d: jnp.vdot(jdfp.conv_general_dilated(
                 a, b, strides, pads, dimension_numbers=dn, policy=policy), d), argnums=(0, 1))), (xf, wf, df))),
     }
+    if with_bf16:
+      xb, wb, db = xf.astype(jnp.bfloat16), wf.astype(jnp.bfloat16), df.astype(jnp.bfloat16)
+      bf16_policy = jdfp.policies.bf16()
+      cands["forward"]["jdfp_bf16"] = (jax.jit(lambda a, b: bf16.conv_bf16(a, b, **kk)), (xb, wb))
+      cands["backward-data"]["jdfp_bf16"] = (
+          jax.jit(lambda d, b: bf16.conv_bf16_input_grad(d, b, input_spatial=(h, w_), **kk)), (db, wb))
+      cands["weight-gradient"]["jdfp_bf16"] = (
+          jax.jit(lambda a, d: bf16.conv_bf16_weight_grad(a, d, kernel_spatial=(kh, kw), **kk)), (xb, db))
+      cands["train-op"]["jdfp_bf16"] = (jax.jit(jax.grad(lambda a, b, d: jnp.vdot(jdfp.conv_general_dilated(
+          a, b, strides, pads, dimension_numbers=dn, policy=bf16_policy), d), argnums=(0, 1))), (xf, wf, df))
     for ps in args.passes:
       cd = cands[ps]
       fns = {k: (lambda f=f, a=a: f(*a)) for k, (f, a) in cd.items() if k != "xla_i16"}
@@ -136,11 +151,14 @@ def main(args: argparse.Namespace) -> int:
              "jdfp_vs_xla_f32": secs["xla_f32"] / secs["jdfp"]}
       if "xla_i16" in secs:
         row["jdfp_vs_xla_i16"] = secs["xla_i16"] / secs["jdfp"]
+      if "jdfp_bf16" in secs:
+        row["jdfp_bf16_vs_xla_f32"] = secs["xla_f32"] / secs["jdfp_bf16"]
       results.append(row)
       print(f"  {name} {ps}: " + ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in secs.items()) +
             f" -> jdfp {row['jdfp_vs_xla_f32']:.2f}x xla_f32", flush=True)
 
   cols = ["layer", "pass", "XLA f32 ms", "XLA i16 ms", "jdfp ms", "jdfp GOP/s", "vs f32", "vs i16"]
+  cols += ["bf16 ms", "bf16 vs f32"] if with_bf16 else []
   rows = []
   for r in results:
     sc = r["seconds"]
@@ -148,6 +166,8 @@ def main(args: argparse.Namespace) -> int:
                  f"{1e3 * sc['xla_i16']:.0f}" if "xla_i16" in sc else "-", f"{1e3 * sc['jdfp']:.1f}",
                  f"{r['gops']['jdfp']:.0f}", f"{r['jdfp_vs_xla_f32']:.2f}x",
                  f"{r['jdfp_vs_xla_i16']:.0f}x" if "jdfp_vs_xla_i16" in r else "-"])
+    if with_bf16:
+      rows[-1] += [f"{1e3 * sc['jdfp_bf16']:.1f}", f"{r['jdfp_bf16_vs_xla_f32']:.2f}x"]
   title = (f"jdfp conv, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa}, "
            f"jax {jax.__version__}, {os.cpu_count()} CPUs (median of {args.repeats})")
   print_table(title, cols, rows)

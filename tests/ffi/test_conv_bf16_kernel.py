@@ -245,3 +245,41 @@ def test_recipe_other_layouts_and_fp16_stay_as_before():
   assert kinds.count("mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)") == 3, kinds
   kinds = _kinds(jax.grad(_loss(jdfp.policies.fp16(), dn=("NCHW", "OIHW", "NCHW")), (0, 1)), x, w)
   assert "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)" not in kinds
+
+
+@needs_bf16
+def test_recipe_conv_under_shard_map_and_vmap_equals_per_shard():
+  """Batch-sharded x and dy, w varying per device: each device's outputs and gradients are the
+  single-device kernel's bits, and so are vmap's."""
+  try:
+    shard_map = jax.shard_map
+  except AttributeError:  # jax < 0.7
+    from jax.experimental.shard_map import shard_map
+  from jax.sharding import Mesh, PartitionSpec as P
+  n = jax.device_count()
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2 * n, 8, 8, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 16, 8)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((2 * n, 8, 8, 8)), jnp.float32)
+  policy = jdfp.policies.bf16()
+  conv = lambda xs, ws: jdfp.conv_general_dilated(xs, ws, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                  policy=policy)
+
+  def local(xs, ws, dys):
+    y, vjp = jax.vjp(conv, xs, ws)
+    return (y,) + vjp(dys)
+
+  def per_device(xs, ws, dys):
+    y, gx, gw = local(xs, lax.pcast(ws, "d", to="varying"), dys)  # w's gradient per device, not summed
+    return y, gx, gw[None]
+
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  got = jax.jit(shard_map(per_device, mesh=mesh, in_specs=(P("d"), P(), P("d")), out_specs=P("d")))(x, w, dy)
+  per = [jax.jit(local)(x[2 * i:2 * i + 2], w, dy[2 * i:2 * i + 2]) for i in range(n)]
+  want = (jnp.concatenate([p[0] for p in per]), jnp.concatenate([p[1] for p in per]), jnp.stack([p[2] for p in per]))
+  for g, wv in zip(got, want):
+    bits_eq(g, wv)
+  vy, vx, vw = jax.vmap(local, in_axes=(0, None, 0))(x.reshape(n, 2, 8, 8, 16), w, dy.reshape(n, 2, 8, 8, 8))
+  bits_eq(vy.reshape(want[0].shape), want[0])
+  bits_eq(vx.reshape(x.shape), want[1])
+  bits_eq(vw, want[2])

@@ -16,7 +16,7 @@ from jdfp._src.numerics.reference import safe_chain_length
 __all__ = ["conv", "conv_input_grad", "conv_input_grad_setup", "conv_out_spatial", "conv_padding", "conv_weight_grad", "im2col"]
 
 
-def _check_ints(name: str, v, n: int, lo: int) -> tuple[int, ...]:
+def check_ints(name: str, v, n: int, lo: int) -> tuple[int, ...]:
   try:
     t = tuple(int(x) for x in v)
   except TypeError:
@@ -75,21 +75,23 @@ def _conv_common(x, b, ex, eb, names, nsp_from, window_strides, lhs_dilation, rh
   if not 1 <= nsp <= 3 or np.ndim(x) != nsp + 2 or np.ndim(b) != nsp + 2:
     raise ValueError(f"conv operands must have rank 3, 4 or 5 (1 to 3 spatial dims) and equal ranks, got "
                      f"{names[0]} {np.shape(x)} and {names[1]} {np.shape(b)}")
-  strides = _check_ints("window_strides", window_strides, nsp, 1)
-  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  strides = check_ints("window_strides", window_strides, nsp, 1)
+  ldil = check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
   if isinstance(feature_group_count, bool) or not isinstance(feature_group_count, (int, np.integer)) \
       or feature_group_count < 1:
     raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
   return nsp, strides, ldil, rdil, int(feature_group_count), bits_a, bits_b, isa_code
 
 
-def _to5(x, nsp):
+def to_5d(x, nsp):
+  """``[N, *S, C]`` with 1 to 3 spatial dims as the handlers' ``[N, D, H, W, C]`` (size-1 leading dims)."""
   s = np.shape(x)
   return x.reshape((s[0],) + (1,) * (3 - nsp) + tuple(s[1:]))
 
 
-def _w5(w, nsp):
+def kernel_to_5d(w, nsp):
+  """``[*K, I, O]`` with 1 to 3 spatial dims as the handlers' ``[KD, KH, KW, I, O]``."""
   s = np.shape(w)
   return w.reshape((1,) * (3 - nsp) + tuple(s))
 
@@ -132,7 +134,7 @@ def conv(x, w, ex, ew, *, window_strides, padding, lhs_dilation=None, rhs_dilati
   require_lib()
   out5 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (o,)
   call = jax.ffi.ffi_call(TARGET_CONV_FWD, jax.ShapeDtypeStruct(out5, jnp.float32), vmap_method="sequential")
-  y = call(_to5(x, nsp), _w5(w, nsp), jnp.reshape(ex, (1,)), jnp.reshape(ew, (1,)),
+  y = call(to_5d(x, nsp), kernel_to_5d(w, nsp), jnp.reshape(ex, (1,)), jnp.reshape(ew, (1,)),
            **_attrs(nsp, strides, pads, ldil, rdil, g, bx, bw, isa_code))
   return y.reshape((sx[0],) + out_sp + (o,))
 
@@ -149,7 +151,7 @@ def conv_weight_grad(x, dy, ex, edy, *, kernel_spatial, window_strides, padding,
   nsp, strides, ldil, rdil, g, bx, bd, isa_code = _conv_common(
       x, dy, ex, edy, ("x", "dy"), x, window_strides, lhs_dilation, rhs_dilation, feature_group_count,
       bits_x, bits_dy, isa)
-  ksp = _check_ints("kernel_spatial", kernel_spatial, nsp, 0)
+  ksp = check_ints("kernel_spatial", kernel_spatial, nsp, 0)
   sx, sd = tuple(np.shape(x)), tuple(np.shape(dy))
   c, o = sx[-1], sd[-1]
   if c % g or o % g:
@@ -162,7 +164,7 @@ def conv_weight_grad(x, dy, ex, edy, *, kernel_spatial, window_strides, padding,
   # The kernel writes dw^T per group, [G, O/G, *K, C/G]; the transpose of this small tensor is cheap.
   out6 = (g, o // g) + (1,) * (3 - nsp) + ksp + (c // g,)
   call = jax.ffi.ffi_call(TARGET_CONV_WGRAD, jax.ShapeDtypeStruct(out6, jnp.float32), vmap_method="sequential")
-  dwt = call(_to5(x, nsp), _to5(dy, nsp), jnp.reshape(ex, (1,)), jnp.reshape(edy, (1,)),
+  dwt = call(to_5d(x, nsp), to_5d(dy, nsp), jnp.reshape(ex, (1,)), jnp.reshape(edy, (1,)),
              **_attrs(nsp, strides, pads, ldil, rdil, g, bx, bd, isa_code))
   dwt = dwt.reshape((g, o // g) + ksp + (c // g,))
   perm = tuple(range(2, 2 + nsp)) + (2 + nsp, 0, 1)
@@ -202,10 +204,10 @@ def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, l
   nsp = np.ndim(dy) - 2
   if not 1 <= nsp <= 3 or np.ndim(w) != nsp + 2:
     raise ValueError(f"dy and w must have equal ranks 3..5, got {np.shape(dy)} and {np.shape(w)}")
-  strides = _check_ints("window_strides", window_strides, nsp, 1)
-  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
-  in_sp = _check_ints("input_spatial", input_spatial, nsp, 0)
+  strides = check_ints("window_strides", window_strides, nsp, 1)
+  ldil = check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  in_sp = check_ints("input_spatial", input_spatial, nsp, 0)
   pads = conv_padding(padding, in_sp, np.shape(w)[:-2], strides, ldil, rdil)
   out_sp = conv_out_spatial(in_sp, np.shape(w)[:-2], strides, pads, ldil, rdil)
   if tuple(np.shape(dy)[1:-1]) != out_sp or np.shape(dy)[-1] != np.shape(w)[-1]:
@@ -297,10 +299,10 @@ def patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilatio
   nsp = len(x_shape) - 2
   if not 1 <= nsp <= 3:
     raise ValueError(f"x must have rank 3, 4 or 5 (1 to 3 spatial dims), got shape {tuple(x_shape)}")
-  ksp = _check_ints("kernel_spatial", kernel_spatial, nsp, 0)
-  strides = _check_ints("window_strides", window_strides, nsp, 1)
-  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  ksp = check_ints("kernel_spatial", kernel_spatial, nsp, 0)
+  strides = check_ints("window_strides", window_strides, nsp, 1)
+  ldil = check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
   pads = conv_padding(padding, x_shape[1:-1], ksp, strides, ldil, rdil)
   out_sp = conv_out_spatial(x_shape[1:-1], ksp, strides, pads, ldil, rdil)
   pad3 = lambda v, fill: np.asarray((fill,) * (3 - nsp) + tuple(v), np.int64)
@@ -323,5 +325,5 @@ def im2col(x, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs
   kk = math.prod(ksp)
   out6 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (kk, sx[-1])
   call = jax.ffi.ffi_call(TARGET_IM2COL, jax.ShapeDtypeStruct(out6, jnp.float32), vmap_method="sequential")
-  return call(_to5(x, nsp), **attrs).reshape((sx[0],) + out_sp + (kk, sx[-1]))
+  return call(to_5d(x, nsp), **attrs).reshape((sx[0],) + out_sp + (kk, sx[-1]))
 

@@ -114,7 +114,7 @@ def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=
     raise ValueError(f"w must be [*K, C, O] with C = x's channels {sx[-1]} (one group), got {sw}")
   _, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, sw[:-2], window_strides, padding, lhs_dilation, rhs_dilation)
   out5 = (sx[0],) + (1,) * (3 - nsp) + out_sp + (sw[-1],)
-  y = _conv_call(ffi_conv._to5(x, nsp), ffi_conv._w5(w, nsp), out5, attrs, False, isa)
+  y = _conv_call(ffi_conv.to_5d(x, nsp), ffi_conv.kernel_to_5d(w, nsp), out5, attrs, False, isa)
   return y.reshape((sx[0],) + out_sp + (sw[-1],))
 
 
@@ -129,7 +129,7 @@ def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs
   if sd != (sx[0],) + out_sp + (sd[-1],):
     raise ValueError(f"dy must have shape {(sx[0],) + out_sp + (sd[-1],)} (the conv output), got {sd}")
   out5 = (1,) * (3 - nsp) + ksp + (sx[-1], sd[-1])
-  dw = _conv_call(ffi_conv._to5(x, nsp), ffi_conv._to5(dy, nsp), out5, attrs, True, isa)
+  dw = _conv_call(ffi_conv.to_5d(x, nsp), ffi_conv.to_5d(dy, nsp), out5, attrs, True, isa)
   return dw.reshape(ksp + (sx[-1], sd[-1]))
 
 
@@ -140,10 +140,10 @@ def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_d
   A strided conv runs one stride-1 conv per output phase with the taps that read dy values, not the
   zeros of the dilation (`jdfp._src.ffi.conv.input_grad_phases`; docs/arithmetic.md)."""
   nsp = _check_bf16(dy=dy, w=w)
-  strides = ffi_conv._check_ints("window_strides", window_strides, nsp, 1)
-  ldil = ffi_conv._check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = ffi_conv._check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
-  in_sp = ffi_conv._check_ints("input_spatial", input_spatial, nsp, 0)
+  strides = ffi_conv.check_ints("window_strides", window_strides, nsp, 1)
+  ldil = ffi_conv.check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = ffi_conv.check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  in_sp = ffi_conv.check_ints("input_spatial", input_spatial, nsp, 0)
   ksp = tuple(np.shape(w)[:-2])
   pads = ffi_conv.conv_padding(padding, in_sp, ksp, strides, ldil, rdil)
   out_sp = ffi_conv.conv_out_spatial(in_sp, ksp, strides, pads, ldil, rdil)
