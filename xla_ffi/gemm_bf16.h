@@ -30,10 +30,11 @@ struct Bf16Problem {
   const int64_t* a_off = nullptr;
   const int64_t* b_off = nullptr;
   uint64_t job_id = 0;  // unique per call: a worker may reuse its packed B panels within one call only
-  // Implicit-GEMM convolution (one group) when non-null: A is gathered from the bfloat16 input at `a`:
-  // the patch matrix A[pixel, (tap, c)] (kConvRowsPixels: forward, backward-data) or its transpose
-  // A[(tap, c), pixel] (kConvRowsTaps: weight-gradient); taps that read padding or lhs-dilation holes
-  // read +0.  B is read through its strides as usual.
+  // Implicit-GEMM convolution (one group) when non-null: the conv's patch matrix P[pixel, (tap, c)]
+  // is gathered from the bfloat16 input while packing, as A (conv->on_b false, kConvRowsPixels:
+  // forward and backward-data, A = P) or as B (on_b, kConvRowsTaps: weight-gradient, B = P with the
+  // pixels as k and the (tap, c) as columns); taps that read padding or lhs-dilation holes read +0.
+  // The other operand is read through its strides as usual.
   const ConvGeom* conv = nullptr;
 };
 
@@ -48,11 +49,12 @@ static inline uint16_t conv_patch_bf16(const uint16_t* x, const ConvGeom& g, int
 }
 
 // The INT16 conv kernel's AVX-512 gathers (kernel_avx512vnni.cc) on 16-bit payloads: rows [r0, r0 + rows)
-// x k [k0, k0 + len) of the patch matrix (pixels14: rows = pixels, k = (tap, c)) or of its transpose
-// (taps14: rows = (tap, c), k = pixels) as [panel of 14 rows][pair][row] dwords, zero past `rows` / `len`.
+// x k [k0, k0 + len) of the patch matrix (pixels14: rows = pixels, k = (tap, c), panels of 14 rows: A)
+// or of its transpose (taps32: rows = (tap, c), k = pixels, panels of 32 rows: B) as
+// [panel][pair][row] dwords, zero past `rows` / `len`.
 void conv_gather16_pixels14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
                                    int32_t len, uint32_t* dst);
-void conv_gather16_taps14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
+void conv_gather16_taps32_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
                                  int32_t len, uint32_t* dst);
 
 struct Bf16Tile {

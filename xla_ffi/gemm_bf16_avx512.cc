@@ -55,11 +55,9 @@ inline uint32_t load_u32(const uint16_t* p) {
 
 // A rows [m0, m1) x pairs [p0, p0 + np) into MR-row panels [panel][pair][MR]; rows past m1 are 0.
 void pack_a(const Bf16Problem& P, int64_t base, int64_t m0, int64_t m1, int64_t p0, int64_t np, uint32_t* dst) {
-  if (P.conv) {  // a conv's patch matrix (or its transpose), gathered from x
-    const uint16_t* x = static_cast<const uint16_t*>(P.a) + base;
-    const int32_t len = int32_t(std::min(2 * np, P.K - 2 * p0));
-    if (P.conv->mode == kConvRowsPixels) conv_gather16_pixels14_avx512(x, *P.conv, m0, m1 - m0, 2 * p0, len, dst);
-    else conv_gather16_taps14_avx512(x, *P.conv, m0, m1 - m0, 2 * p0, len, dst);
+  if (P.conv && !P.conv->on_b) {  // a conv's patch matrix, gathered from x
+    conv_gather16_pixels14_avx512(static_cast<const uint16_t*>(P.a) + base, *P.conv, m0, m1 - m0, 2 * p0,
+                                  int32_t(std::min(2 * np, P.K - 2 * p0)), dst);
     return;
   }
   const bool fast = !P.a_f32 && P.a_sk == 1 && 2 * (p0 + np) <= P.K;  // a pair is one dword in memory
@@ -74,12 +72,16 @@ void pack_a(const Bf16Problem& P, int64_t base, int64_t m0, int64_t m1, int64_t 
       for (int64_t p = 0; p < np; ++p)
         for (int64_t i = mr; i < kMr; ++i) dst[p * kMr + i] = 0;
     } else if (!P.a_f32 && P.a_sm == 1 && 2 * (p0 + np) <= P.K) {  // transposed: rows k, k + 1 along m
+      // (the weight-gradient's dy^T): per pair, the panel's mr values of both rows widened to dwords
+      // and merged, rows past mr zero; one masked store of the panel's 14 dwords.
+      const __mmask16 lm = __mmask16((1u << mr) - 1);
       for (int64_t p = 0; p < np; ++p) {
         const uint16_t* r0 = a16 + 2 * (p0 + p) * P.a_sk + mp;
-        const uint16_t* r1 = r0 + P.a_sk;
-        uint32_t* d = dst + p * kMr;
-        for (int64_t i = 0; i < mr; ++i) d[i] = uint32_t(r0[i]) | (uint32_t(r1[i]) << 16);
-        for (int64_t i = mr; i < kMr; ++i) d[i] = 0;
+        // (the maskz_ forms: GCC 12's unmasked ones read an `undefined` vector and warn)
+        const __m512i lo = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(lm, r0));
+        const __m512i hi = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(lm, r0 + P.a_sk));
+        _mm512_mask_storeu_epi32(dst + p * kMr, __mmask16((1u << kMr) - 1),
+                                 _mm512_or_si512(lo, _mm512_maskz_slli_epi32(0xFFFF, hi, 16)));
       }
     } else {
       for (int64_t p = 0; p < np; ++p) {
@@ -105,6 +107,11 @@ inline void pack_b_row32(const uint16_t* r0, const uint16_t* r1, uint32_t* d) {
 
 // B columns [n0, n1) x pairs into NR-column panels [panel][pair][NR]; columns past n1 are 0.
 void pack_b(const Bf16Problem& P, int64_t base, int64_t n0, int64_t n1, int64_t p0, int64_t np, uint32_t* dst) {
+  if (P.conv && P.conv->on_b) {  // the weight-gradient's patch matrix, gathered from x
+    conv_gather16_taps32_avx512(static_cast<const uint16_t*>(P.b) + base, *P.conv, n0, n1 - n0, 2 * p0,
+                                int32_t(std::min(2 * np, P.K - 2 * p0)), dst);
+    return;
+  }
   const bool whole = !P.b_f32 && 2 * (p0 + np) <= P.K;
   const uint16_t* b16 = static_cast<const uint16_t*>(P.b) + base;
   for (int64_t np0 = n0; np0 < n1; np0 += kNr) {

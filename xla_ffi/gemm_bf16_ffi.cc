@@ -8,8 +8,9 @@
 //   JdfpConvBf16 : the same chains on a convolution's patch matrix, gathered while packing (one group):
 //                  forward          x [N, D, H, W, C], w [KD, KH, KW, C, O] -> y [N, OD, OH, OW, O]
 //                                   = gemm(im2col(x) [pixels, (tap, c)], w [(tap, c), O]);
-//                  weight-gradient  x, dy [N, OD, OH, OW, O] -> dw [KD, KH, KW, C, O]
-//                                   = gemm(im2col(x)^T [(tap, c), pixels], dy [pixels, O]);
+//                  weight-gradient  x, dy [N, OD, OH, OW, O] -> dw^T [O, KD, KH, KW, C]
+//                                   = gemm(dy^T [O, pixels], im2col(x) [pixels, (tap, c)])
+//                                   (the caller transposes this small tensor);
 //                  bfloat16 operands, float32 out; attributes: the conv's spatial ones (conv_geometry.h),
 //                  weight_gradient (bool), isa.  Backward-data is the forward on dy with the flipped,
 //                  transposed kernel (the Python side sets it up, as for the INT16 conv).
@@ -174,6 +175,7 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
 void conv_bf16_geometry(ffi::Span<const int64_t> dx, const int64_t* ks, const ConvAttrs& at, bool wgrad,
                         ConvGeom& g) {
   g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
+  g.on_b = wgrad;
   g.n = dx[0];
   g.C = g.cg = dx[4];
   for (int d = 0; d < 3; ++d) {
@@ -209,28 +211,35 @@ ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   const auto dx = x.dimensions(), db = b.dimensions(), dout = out->dimensions();
   if (dx.size() != 5 || db.size() != 5 || dout.size() != 5)
     return bad(std::string("expected x [N, D, H, W, C], ") +
-               (wgrad ? "dy [N, OD, OH, OW, O] and out [KD, KH, KW, C, O]" : "w [KD, KH, KW, C, O] and out [N, OD, OH, OW, O]") +
+               (wgrad ? "dy [N, OD, OH, OW, O] and out [O, KD, KH, KW, C]" : "w [KD, KH, KW, C, O] and out [N, OD, OH, OW, O]") +
                "; got x " + dims_str(dx) + ", " + bname + " " + dims_str(db) + ", out " + dims_str(dout));
-  const auto dw = wgrad ? dout : db;  // kernel-shaped
+  // The kernel's dims [KD, KH, KW, C, O] from w, or from out = dw^T [O, KD, KH, KW, C].
+  const int64_t kdims[5] = {wgrad ? dout[1] : db[0], wgrad ? dout[2] : db[1], wgrad ? dout[3] : db[2],
+                            wgrad ? dout[4] : db[3], wgrad ? dout[0] : db[4]};
   ConvGeom& g = job->geom;
-  conv_bf16_geometry(dx, dw.begin(), at, wgrad, g);
-  const int64_t O = dw[4];
-  const int64_t want_w[5] = {g.ks[0], g.ks[1], g.ks[2], g.C, O};
+  conv_bf16_geometry(dx, kdims, at, wgrad, g);
+  const int64_t O = kdims[4];
   const int64_t want_y[5] = {g.n, g.out[0], g.out[1], g.out[2], O};
-  if (!std::equal(want_w, want_w + 5, dw.begin()))
-    return bad(std::string(wgrad ? "out" : "w") + " must be [KD, KH, KW, C, O] with C = x's channels " +
-               std::to_string(g.C) + " (one group), got " + dims_str(dw));
+  if (kdims[3] != g.C)
+    return bad(std::string(wgrad ? "out must be [O, KD, KH, KW, C]" : "w must be [KD, KH, KW, C, O]") +
+               " with C = x's channels " + std::to_string(g.C) + " (one group), got " +
+               dims_str(wgrad ? dout : db));
   const auto dy = wgrad ? db : dout;  // output-shaped
   if (!std::equal(want_y, want_y + 5, dy.begin()))
     return bad(std::string(wgrad ? "dy" : "out") + " must be [N, OD, OH, OW, O] = " +
                dims_str(ffi::Span<const int64_t>(want_y, 5)) + " for these shapes and attributes, got " + dims_str(dy));
   Bf16Problem& P = job->P;
   const int64_t taps_c = g.ntaps * g.C;
-  P.M = wgrad ? taps_c : g.npix;
-  P.K = wgrad ? g.npix : taps_c;
-  P.N = O;
-  P.a = x.untyped_data(); P.b = b.untyped_data(); P.out = out->typed_data();
-  P.b_sk = O; P.b_sn = 1;  // w [(tap, c), O] or dy [pixels, O]
+  P.out = out->typed_data();
+  if (wgrad) {  // dw^T = dy^T [O, pixels] . P [pixels, (tap, c)]: P's 32-row panels are whole taps' channel runs
+    P.M = O; P.K = g.npix; P.N = taps_c;
+    P.a = b.untyped_data(); P.b = x.untyped_data();
+    P.a_sm = 1; P.a_sk = O;
+  } else {  // y = P [pixels, (tap, c)] . w [(tap, c), O]
+    P.M = g.npix; P.K = taps_c; P.N = O;
+    P.a = x.untyped_data(); P.b = b.untyped_data();
+    P.b_sk = O; P.b_sn = 1;
+  }
   job->a_off.assign(1, 0);
   job->b_off.assign(1, 0);
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
@@ -246,10 +255,14 @@ ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
 void bf16_tile_scalar(const Bf16Problem& P, const Bf16Tile& t) {
   const int64_t ab = P.a_off[t.batch], bb = P.b_off[t.batch];
   float* out = P.out + t.batch * P.M * P.N;
+  // The conv's patch matrix P[pixel, (tap, c)] is A (forward) or B (weight-gradient, k = pixel).
   auto a_at = [&](int64_t m, int64_t k) -> uint16_t {
-    if (!P.conv) return bf16_at(P.a, P.a_f32, ab + m * P.a_sm + k * P.a_sk);
-    const uint16_t* x = static_cast<const uint16_t*>(P.a) + ab;
-    return P.conv->mode == kConvRowsPixels ? conv_patch_bf16(x, *P.conv, m, k) : conv_patch_bf16(x, *P.conv, k, m);
+    if (!P.conv || P.conv->on_b) return bf16_at(P.a, P.a_f32, ab + m * P.a_sm + k * P.a_sk);
+    return conv_patch_bf16(static_cast<const uint16_t*>(P.a) + ab, *P.conv, m, k);
+  };
+  auto b_at = [&](int64_t k, int64_t n) -> uint16_t {
+    if (!P.conv || !P.conv->on_b) return bf16_at(P.b, P.b_f32, bb + k * P.b_sk + n * P.b_sn);
+    return conv_patch_bf16(static_cast<const uint16_t*>(P.b) + bb, *P.conv, k, n);
   };
   for (int64_t m = t.m0; m < t.m1; ++m)
     for (int64_t n = t.n0; n < t.n1; ++n) {
@@ -257,9 +270,9 @@ void bf16_tile_scalar(const Bf16Problem& P, const Bf16Tile& t) {
       for (int64_t k = 0; k < P.K; k += 2) {
         const bool pair = k + 1 < P.K;
         const uint16_t a1 = pair ? a_at(m, k + 1) : 0;
-        const uint16_t b1 = pair ? bf16_at(P.b, P.b_f32, bb + (k + 1) * P.b_sk + n * P.b_sn) : 0;
+        const uint16_t b1 = pair ? b_at(k + 1, n) : 0;
         acc = bf16_step(acc, a1, b1);
-        acc = bf16_step(acc, a_at(m, k), bf16_at(P.b, P.b_f32, bb + k * P.b_sk + n * P.b_sn));
+        acc = bf16_step(acc, a_at(m, k), b_at(k, n));
       }
       out[m * P.N + n] = acc;
     }

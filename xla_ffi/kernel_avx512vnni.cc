@@ -604,10 +604,10 @@ void conv_gather16_pixels14_avx512(const uint16_t* x, const ConvGeom& g, int64_t
                           reinterpret_cast<int16_t*>(dst));
 }
 
-void conv_gather16_taps14_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
+void conv_gather16_taps32_avx512(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t k0,
                                  int32_t len, uint32_t* dst) {
   const Piece pc{k0, len, (len + 1) / 2, 0, 0};
-  conv_pack_taps512<14>(reinterpret_cast<const int16_t*>(x), g, gather_args(r0, rows, pc),
+  conv_pack_taps512<32>(reinterpret_cast<const int16_t*>(x), g, gather_args(r0, rows, pc),
                         reinterpret_cast<int16_t*>(dst));
 }
 

@@ -3,7 +3,7 @@ against its contract, bit for bit.
 
 Contract (docs/arithmetic.md, "BF16 convolutions"): the forward is the BF16 GEMM's chains on the
 patch matrix, ``gemm_bf16(im2col(x), w)`` with K ordered (kernel taps row-major, channel); the
-weight-gradient is ``gemm_bf16(im2col(x)^T, dy)`` with K the output pixels in row-major order; the
+weight-gradient is ``gemm_bf16(dy^T, im2col(x))^T`` with K the output pixels in row-major order; the
 backward-data is the forward on dy with the flipped, transposed kernel.  The reference here is the
 BF16 GEMM (itself checked against an independent numpy model in test_gemm_bf16_kernel.py) on a
 numpy im2col, so any gather mistake (a wrong tap, channel, pixel, padding or pair) shows.
@@ -90,7 +90,7 @@ def check(xs, ws, strides, padding, ld, rd, *, seed=0, isa="scalar", specials=Fa
   bits_eq(y, gemm_bf16(p, wb.reshape(-1, o), isa="scalar").reshape(y.shape))
   dy = jnp.asarray(_bf16_values(y.shape, rng, specials), jnp.bfloat16)
   dw = conv_bf16_weight_grad(xb, dy, kernel_spatial=ksp, isa=isa, **_kw(strides, padding, ld, rd))
-  bits_eq(dw, gemm_bf16(p.T, dy.reshape(-1, o), isa="scalar").reshape(ws))
+  bits_eq(dw, jnp.moveaxis(gemm_bf16(dy.reshape(-1, o).T, p, isa="scalar").reshape((o,) + ws[:-1]), 0, -1))
   return xb, wb, y, dy, dw
 
 
@@ -184,6 +184,8 @@ def test_handler_rejects_bad_buffers_with_an_ffi_error():
     mod._conv_call(x, jnp.zeros((1, 3, 3, 4, 5), jnp.bfloat16), (1, 1, 4, 4, 6), attrs, False, "auto").block_until_ready()
   with pytest.raises(Exception, match="C = x's channels"):
     mod._conv_call(x, jnp.zeros((1, 3, 3, 2, 5), jnp.bfloat16), (1, 1, 4, 4, 5), attrs, False, "auto").block_until_ready()
+  with pytest.raises(Exception, match="C = x's channels"):
+    mod._conv_call(x, jnp.zeros((1, 4, 4, 4, 5), jnp.bfloat16), (5, 1, 3, 3, 2), attrs, True, "auto").block_until_ready()
   with pytest.raises(Exception, match="x must be bfloat16"):
     mod._conv_call(x.astype(jnp.float32), jnp.zeros((1, 3, 3, 4, 5), jnp.bfloat16), (1, 1, 4, 4, 5), attrs, False,
                    "auto").block_until_ready()

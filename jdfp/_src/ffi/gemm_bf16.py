@@ -120,17 +120,18 @@ def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=
 
 def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                           isa: str = "auto") -> jax.Array:
-  """Weight-gradient of `conv_bf16`: float32 ``[*K, C, O]``, bit for bit
-  ``gemm_bf16(im2col(x)^T, dy.reshape(-1, O))`` (K = the output pixels in row-major order)."""
+  """Weight-gradient of `conv_bf16`: float32 ``[*K, C, O]``, the transpose of
+  ``gemm_bf16(dy.reshape(-1, O)^T, im2col(x))`` bit for bit (K = the output pixels in row-major order)."""
   nsp = _check_bf16(x=x, dy=dy)
   sx, sd = tuple(np.shape(x)), tuple(np.shape(dy))
   _, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation,
                                                   rhs_dilation)
   if sd != (sx[0],) + out_sp + (sd[-1],):
     raise ValueError(f"dy must have shape {(sx[0],) + out_sp + (sd[-1],)} (the conv output), got {sd}")
-  out5 = (1,) * (3 - nsp) + ksp + (sx[-1], sd[-1])
-  dw = _conv_call(ffi_conv.to_5d(x, nsp), ffi_conv.to_5d(dy, nsp), out5, attrs, True, isa)
-  return dw.reshape(ksp + (sx[-1], sd[-1]))
+  # The kernel writes dw^T [O, *K, C]; the transpose of this small tensor is cheap.
+  out5 = (sd[-1],) + (1,) * (3 - nsp) + ksp + (sx[-1],)
+  dwt = _conv_call(ffi_conv.to_5d(x, nsp), ffi_conv.to_5d(dy, nsp), out5, attrs, True, isa)
+  return jnp.moveaxis(dwt.reshape((sd[-1],) + ksp + (sx[-1],)), 0, -1)
 
 
 def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
