@@ -92,20 +92,7 @@ ffi::Error conv_geometry(ffi::Span<const int64_t> dx, ffi::Span<const int64_t> d
     return conv_invalid("feature_group_count=" + std::to_string(G) + ": input channels " + std::to_string(C) +
                         " must equal kernel input features " + std::to_string(I) + " x groups, and output features " +
                         std::to_string(O) + " must divide by groups");
-  g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
-  g.on_b = wgrad;
-  g.n = dx[0];
-  g.C = C;
-  g.cg = I;
-  for (int d = 0; d < 3; ++d) {
-    g.in[d] = dx[1 + d];
-    g.ks[d] = ks[d];
-    g.stride[d] = at.stride[d];
-    g.pad[d] = at.lo[d];
-    g.ldil[d] = at.ldil[d];
-    g.rdil[d] = at.rdil[d];
-    g.out[d] = conv_out_size(g.in[d], g.ks[d], at, d);
-  }
+  set_conv_geom(g, dx, ks, I, at, wgrad);
   const auto dy = wgrad ? db : dout;  // output-shaped
   const int64_t want[5] = {g.n, g.out[0], g.out[1], g.out[2], O};
   for (int i = 0; i < 5; ++i)
@@ -114,8 +101,6 @@ ffi::Error conv_geometry(ffi::Span<const int64_t> dx, ffi::Span<const int64_t> d
                           std::to_string(want[0]) + ", " + std::to_string(want[1]) + ", " + std::to_string(want[2]) +
                           ", " + std::to_string(want[3]) + ", " + std::to_string(want[4]) +
                           "] for these shapes and attributes, got " + dims_str(dy));
-  g.npix = g.n * g.out[0] * g.out[1] * g.out[2];
-  g.ntaps = g.ks[0] * g.ks[1] * g.ks[2];
   return ffi::Error::Success();
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "ffi_helpers.h"
+#include "gemm_common.h"
 
 // The spatial attributes of every FFI binding that takes a conv geometry, in this order (3 entries
 // each, one per spatial dim).
@@ -69,6 +70,29 @@ int64_t conv_out_size(int64_t in, int64_t k, const ConvAttrs& a, int d) {
   const int64_t dk = k > 0 ? (k - 1) * a.rdil[d] + 1 : 0;
   const int64_t span = din + a.lo[d] + a.hi[d] - dk;
   return span < 0 ? 0 : span / a.stride[d] + 1;
+}
+
+// The implicit-GEMM geometry of one pass (gemm_common.h's ConvGeom) from x [N, D, H, W, C], the
+// kernel's spatial sizes, the channels read per tap (per group) and the attributes: the gather of
+// the forward / backward-data (pixels x (tap, c)) or of the weight-gradient (its transpose, on B).
+inline void set_conv_geom(ConvGeom& g, ffi::Span<const int64_t> dx, const int64_t* ks, int64_t cg, const ConvAttrs& at,
+                   bool wgrad) {
+  g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
+  g.on_b = wgrad;
+  g.n = dx[0];
+  g.C = dx[4];
+  g.cg = cg;
+  for (int d = 0; d < 3; ++d) {
+    g.in[d] = dx[1 + d];
+    g.ks[d] = ks[d];
+    g.stride[d] = at.stride[d];
+    g.pad[d] = at.lo[d];
+    g.ldil[d] = at.ldil[d];
+    g.rdil[d] = at.rdil[d];
+    g.out[d] = conv_out_size(g.in[d], g.ks[d], at, d);
+  }
+  g.npix = g.n * g.out[0] * g.out[1] * g.out[2];
+  g.ntaps = g.ks[0] * g.ks[1] * g.ks[2];
 }
 
 // The patch matrix of x [N, D, H, W, C] (1-D / 2-D convs: size-1 leading spatial dims).

@@ -171,26 +171,6 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   return launch_bf16(job, pool, int64_t(job->a_off.size()));
 }
 
-// Geometry of a one-group conv from x [N, D, H, W, C], the kernel's spatial sizes and the attributes.
-void conv_bf16_geometry(ffi::Span<const int64_t> dx, const int64_t* ks, const ConvAttrs& at, bool wgrad,
-                        ConvGeom& g) {
-  g.mode = wgrad ? kConvRowsTaps : kConvRowsPixels;
-  g.on_b = wgrad;
-  g.n = dx[0];
-  g.C = g.cg = dx[4];
-  for (int d = 0; d < 3; ++d) {
-    g.in[d] = dx[1 + d];
-    g.ks[d] = ks[d];
-    g.stride[d] = at.stride[d];
-    g.pad[d] = at.lo[d];
-    g.ldil[d] = at.ldil[d];
-    g.rdil[d] = at.rdil[d];
-    g.out[d] = conv_out_size(g.in[d], g.ks[d], at, d);
-  }
-  g.npix = g.n * g.out[0] * g.out[1] * g.out[2];
-  g.ntaps = g.ks[0] * g.ks[1] * g.ks[2];
-}
-
 struct ConvBf16Job : Bf16Job {
   ConvGeom geom;
 };
@@ -217,7 +197,7 @@ ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   const int64_t kdims[5] = {wgrad ? dout[1] : db[0], wgrad ? dout[2] : db[1], wgrad ? dout[3] : db[2],
                             wgrad ? dout[4] : db[3], wgrad ? dout[0] : db[4]};
   ConvGeom& g = job->geom;
-  conv_bf16_geometry(dx, kdims, at, wgrad, g);
+  set_conv_geom(g, dx, kdims, dx[4], at, wgrad);  // one group
   const int64_t O = kdims[4];
   const int64_t want_y[5] = {g.n, g.out[0], g.out[1], g.out[2], O};
   if (kdims[3] != g.C)

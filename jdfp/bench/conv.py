@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
 
   import jdfp
   from jdfp import kernels
-  from jdfp._src.ffi import gemm_bf16 as bf16
+  from jdfp._src.ffi.conv import conv_input_grad_setup
   from jdfp.bench._timing import print_table, time_side_by_side
 
   if not kernels.kernel_available():
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
   isa = kernels.best_isa() if args.isa == "auto" else args.isa
   policy = jdfp.Policy(lhs=jdfp.DFP(bits), rhs=jdfp.DFP(bits), grad=jdfp.DFP(bits), backend="ffi", isa=isa)
   dn = ("NHWC", "HWIO", "NHWC")
-  with_bf16 = not args.no_bf16 and bf16.has_avx512_bf16()
+  with_bf16 = not args.no_bf16 and kernels.has_avx512_bf16()
   rng = np.random.default_rng(0)
   results = []
   for name in args.layers:
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     conv16 = lambda a, b, st, pd, ld: lax.conv_general_dilated(
         a, b, st, pd, lhs_dilation=ld, dimension_numbers=dn, preferred_element_type=jnp.int32)
     # backward-data as XLA's transpose rule builds it: dy (lhs-dilated by the strides) * flipped kernel.
-    wt16, pads_t = kernels.conv_input_grad_setup(w16, (h, w_), strides, pads, (1, 1), (1, 1), 1)
+    wt16, pads_t = conv_input_grad_setup(w16, (h, w_), strides, pads, (1, 1), (1, 1), 1)
     # weight-gradient as a conv: batch <-> features of x, dy as the kernel, rhs dilation = strides.
     pads_w = tuple((lo, (k - 1) + (od - 1) * s + 1 - i - lo) for (lo, _), k, od, i in
                    zip(pads, (kh, kw), (oh, ow), (h, w_)))
@@ -131,11 +131,11 @@ def main(args: argparse.Namespace) -> int:
     if with_bf16:
       xb, wb, db = xf.astype(jnp.bfloat16), wf.astype(jnp.bfloat16), df.astype(jnp.bfloat16)
       bf16_policy = jdfp.policies.bf16()
-      cands["forward"]["jdfp_bf16"] = (jax.jit(lambda a, b: bf16.conv_bf16(a, b, **kk)), (xb, wb))
+      cands["forward"]["jdfp_bf16"] = (jax.jit(lambda a, b: kernels.conv_bf16(a, b, **kk)), (xb, wb))
       cands["backward-data"]["jdfp_bf16"] = (
-          jax.jit(lambda d, b: bf16.conv_bf16_input_grad(d, b, input_spatial=(h, w_), **kk)), (db, wb))
+          jax.jit(lambda d, b: kernels.conv_bf16_input_grad(d, b, input_spatial=(h, w_), **kk)), (db, wb))
       cands["weight-gradient"]["jdfp_bf16"] = (
-          jax.jit(lambda a, d: bf16.conv_bf16_weight_grad(a, d, kernel_spatial=(kh, kw), **kk)), (xb, db))
+          jax.jit(lambda a, d: kernels.conv_bf16_weight_grad(a, d, kernel_spatial=(kh, kw), **kk)), (xb, db))
       cands["train-op"]["jdfp_bf16"] = (jax.jit(jax.grad(lambda a, b, d: jnp.vdot(jdfp.conv_general_dilated(
           a, b, strides, pads, dimension_numbers=dn, policy=bf16_policy), d), argnums=(0, 1))), (xf, wf, df))
     for ps in args.passes:

@@ -24,15 +24,12 @@ from jdfp import kernels
 from jdfp._src.ffi.conv import conv_input_grad_setup
 from kernel_testing import bits_eq, draw_conv_geometry
 from test_conv_kernel import im2col_np
+from test_gemm_bf16_kernel import BF16_ISAS, needs_bf16
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
 if kernels.kernel_available():
-  from jdfp._src.ffi.gemm_bf16 import conv_bf16, conv_bf16_input_grad, conv_bf16_weight_grad, gemm_bf16, has_avx512_bf16
-  BF16_ISAS = ("scalar",) + (("avx512_bf16",) if has_avx512_bf16() else ())
-else:
-  BF16_ISAS = ()
-needs_bf16 = pytest.mark.skipif("avx512_bf16" not in BF16_ISAS, reason="CPU lacks AVX512_BF16")
+  from jdfp._src.ffi.gemm_bf16 import conv_bf16, conv_bf16_input_grad, conv_bf16_weight_grad, gemm_bf16
 
 # (x shape, w shape, strides, padding, lhs dilation, rhs dilation): one group each.
 CASES = [
