@@ -200,7 +200,14 @@ def conv_wgrad_int(x, ex, dy, edy, geom: ConvGeom, bits_x: int, bits_dy: int, po
 
 
 def conv_input_grad_int(dy, edy, w, ew, geom: ConvGeom, bits_dy: int, bits_w: int, policy: Policy):
-  """float32 ``[N, *S, C]``: the backward-data conv (`ffi_conv.conv_input_grad_setup`), either backend."""
+  """float32 ``[N, *S, C]``: the backward-data conv (`ffi_conv.conv_input_grad_setup`), either backend.
+  On the kernel a strided conv's runs per output phase (`ffi_conv.conv_input_grad`: no products with
+  the zeros of the lhs-dilated dy, the same bits)."""
+  if resolve_backend(policy) == "ffi":
+    dx = ffi_conv.conv_input_grad(dy, w, edy, ew, input_spatial=geom.in_sp, window_strides=geom.strides,
+                                  padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil,
+                                  feature_group_count=geom.groups, bits_dy=bits_dy, bits_w=bits_w, isa=policy.isa)
+    return match_varying(dx, dy, w, edy, ew)
   wt, pads_t = ffi_conv.conv_input_grad_setup(w, geom.in_sp, geom.strides, geom.pads, geom.lhs_dil,
                                              geom.rhs_dil, geom.groups)
   gt = ConvGeom(geom.out_sp, geom.k_sp, geom.lhs_dil, pads_t, geom.strides, geom.rhs_dil, geom.groups)
