@@ -13,10 +13,11 @@ from jax import lax
 from jdfp._src.ffi.library import TARGET_CONV_FWD, TARGET_CONV_WGRAD, TARGET_IM2COL, check_bits, dtype_of, isa_attribute, require_lib
 from jdfp._src.numerics.reference import safe_chain_length
 
-__all__ = ["conv", "conv_input_grad", "conv_input_grad_setup", "conv_out_spatial", "conv_padding", "conv_weight_grad", "im2col"]
+__all__ = ["conv", "conv_input_grad", "conv_input_grad_setup", "conv_out_spatial", "conv_padding", "conv_weight_grad", "im2col",
+           "input_grad_geometry", "input_grad_phases", "splits_by_phase"]
 
 
-def check_ints(name: str, v, n: int, lo: int) -> tuple[int, ...]:
+def _check_ints(name: str, v, n: int, lo: int) -> tuple[int, ...]:
   try:
     t = tuple(int(x) for x in v)
   except TypeError:
@@ -75,9 +76,9 @@ def _conv_common(x, b, ex, eb, names, nsp_from, window_strides, lhs_dilation, rh
   if not 1 <= nsp <= 3 or np.ndim(x) != nsp + 2 or np.ndim(b) != nsp + 2:
     raise ValueError(f"conv operands must have rank 3, 4 or 5 (1 to 3 spatial dims) and equal ranks, got "
                      f"{names[0]} {np.shape(x)} and {names[1]} {np.shape(b)}")
-  strides = check_ints("window_strides", window_strides, nsp, 1)
-  ldil = check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  strides = _check_ints("window_strides", window_strides, nsp, 1)
+  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
   if isinstance(feature_group_count, bool) or not isinstance(feature_group_count, (int, np.integer)) \
       or feature_group_count < 1:
     raise ValueError(f"feature_group_count must be an int >= 1, got {feature_group_count!r}")
@@ -151,7 +152,7 @@ def conv_weight_grad(x, dy, ex, edy, *, kernel_spatial, window_strides, padding,
   nsp, strides, ldil, rdil, g, bx, bd, isa_code = _conv_common(
       x, dy, ex, edy, ("x", "dy"), x, window_strides, lhs_dilation, rhs_dilation, feature_group_count,
       bits_x, bits_dy, isa)
-  ksp = check_ints("kernel_spatial", kernel_spatial, nsp, 0)
+  ksp = _check_ints("kernel_spatial", kernel_spatial, nsp, 0)
   sx, sd = tuple(np.shape(x)), tuple(np.shape(dy))
   c, o = sx[-1], sd[-1]
   if c % g or o % g:
@@ -196,23 +197,36 @@ def conv_input_grad_setup(w, in_spatial, window_strides, pads, lhs_dilation, rhs
   return wt, tuple(pads_t)
 
 
-def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, lhs_dilation=None,
-                    rhs_dilation=None, feature_group_count: int = 1, bits_dy: int, bits_w: int,
-                    isa: str = "auto") -> jax.Array:
-  """Backward-data of `conv` on the kernel: float32 ``[N, *S, C]``, the conv of ``dy`` with the
-  flipped, transposed kernel (`conv_input_grad_setup`), lhs dilation = the forward strides."""
+def input_grad_geometry(dy, w, input_spatial, window_strides, padding, lhs_dilation, rhs_dilation):
+  """Checked geometry of the backward-data of a conv with kernel ``w`` on inputs of spatial size
+  ``input_spatial``, ``dy`` checked against that conv's output: ``(nsp, in_sp, strides, pads, ldil, rdil)``."""
   nsp = np.ndim(dy) - 2
   if not 1 <= nsp <= 3 or np.ndim(w) != nsp + 2:
     raise ValueError(f"dy and w must have equal ranks 3..5, got {np.shape(dy)} and {np.shape(w)}")
-  strides = check_ints("window_strides", window_strides, nsp, 1)
-  ldil = check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
-  in_sp = check_ints("input_spatial", input_spatial, nsp, 0)
+  strides = _check_ints("window_strides", window_strides, nsp, 1)
+  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  in_sp = _check_ints("input_spatial", input_spatial, nsp, 0)
   pads = conv_padding(padding, in_sp, np.shape(w)[:-2], strides, ldil, rdil)
   out_sp = conv_out_spatial(in_sp, np.shape(w)[:-2], strides, pads, ldil, rdil)
   if tuple(np.shape(dy)[1:-1]) != out_sp or np.shape(dy)[-1] != np.shape(w)[-1]:
     raise ValueError(f"dy must have shape {(np.shape(dy)[0],) + out_sp + (np.shape(w)[-1],)} (the conv output), "
                      f"got {np.shape(dy)}")
+  return nsp, in_sp, strides, pads, ldil, rdil
+
+
+def splits_by_phase(strides, lhs_dilation) -> bool:
+  """A strided conv without lhs dilation: its backward-data can run per output phase (`input_grad_phases`)."""
+  return any(s > 1 for s in strides) and all(d == 1 for d in lhs_dilation)
+
+
+def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, lhs_dilation=None,
+                    rhs_dilation=None, feature_group_count: int = 1, bits_dy: int, bits_w: int,
+                    isa: str = "auto") -> jax.Array:
+  """Backward-data of `conv` on the kernel: float32 ``[N, *S, C]``, the conv of ``dy`` with the
+  flipped, transposed kernel (`conv_input_grad_setup`), lhs dilation = the forward strides."""
+  nsp, in_sp, strides, pads, ldil, rdil = input_grad_geometry(dy, w, input_spatial, window_strides, padding,
+                                                              lhs_dilation, rhs_dilation)
   if isinstance(feature_group_count, bool) or not isinstance(feature_group_count, (int, np.integer)) \
       or feature_group_count < 1 or np.shape(w)[-1] % feature_group_count:
     raise ValueError(f"feature_group_count must be an int >= 1 dividing the output features, "
@@ -220,7 +234,7 @@ def conv_input_grad(dy, w, edy, ew, *, input_spatial, window_strides, padding, l
   g = int(feature_group_count)
   wt, pads_t = conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, g)
   kw = dict(feature_group_count=g, bits_x=bits_dy, bits_w=bits_w, isa=isa)
-  if any(s > 1 for s in strides) and all(d == 1 for d in ldil):
+  if splits_by_phase(strides, ldil):
     bits_dy = check_bits("bits_dy", bits_dy)
     bits_w = check_bits("bits_w", bits_w)
     k_full = _prod(np.shape(wt)[:-1])
@@ -299,10 +313,10 @@ def patch_geometry(x_shape, kernel_spatial, window_strides, padding, lhs_dilatio
   nsp = len(x_shape) - 2
   if not 1 <= nsp <= 3:
     raise ValueError(f"x must have rank 3, 4 or 5 (1 to 3 spatial dims), got shape {tuple(x_shape)}")
-  ksp = check_ints("kernel_spatial", kernel_spatial, nsp, 0)
-  strides = check_ints("window_strides", window_strides, nsp, 1)
-  ldil = check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
+  ksp = _check_ints("kernel_spatial", kernel_spatial, nsp, 0)
+  strides = _check_ints("window_strides", window_strides, nsp, 1)
+  ldil = _check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
+  rdil = _check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
   pads = conv_padding(padding, x_shape[1:-1], ksp, strides, ldil, rdil)
   out_sp = conv_out_spatial(x_shape[1:-1], ksp, strides, pads, ldil, rdil)
   pad3 = lambda v, fill: np.asarray((fill,) * (3 - nsp) + tuple(v), np.int64)

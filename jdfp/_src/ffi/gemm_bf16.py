@@ -140,19 +140,11 @@ def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_d
   transposed kernel, lhs dilation = the forward strides (`jdfp._src.ffi.conv.conv_input_grad_setup`).
   A strided conv runs one stride-1 conv per output phase with the taps that read dy values, not the
   zeros of the dilation (`jdfp._src.ffi.conv.input_grad_phases`; docs/arithmetic.md)."""
-  nsp = _check_bf16(dy=dy, w=w)
-  strides = ffi_conv.check_ints("window_strides", window_strides, nsp, 1)
-  ldil = ffi_conv.check_ints("lhs_dilation", lhs_dilation or (1,) * nsp, nsp, 1)
-  rdil = ffi_conv.check_ints("rhs_dilation", rhs_dilation or (1,) * nsp, nsp, 1)
-  in_sp = ffi_conv.check_ints("input_spatial", input_spatial, nsp, 0)
-  ksp = tuple(np.shape(w)[:-2])
-  pads = ffi_conv.conv_padding(padding, in_sp, ksp, strides, ldil, rdil)
-  out_sp = ffi_conv.conv_out_spatial(in_sp, ksp, strides, pads, ldil, rdil)
-  if tuple(np.shape(dy)[1:-1]) != out_sp or np.shape(dy)[-1] != np.shape(w)[-1]:
-    raise ValueError(f"dy must have shape {(np.shape(dy)[0],) + out_sp + (np.shape(w)[-1],)} (the conv output), "
-                     f"got {np.shape(dy)}")
+  _check_bf16(dy=dy, w=w)
+  nsp, in_sp, strides, pads, ldil, rdil = ffi_conv.input_grad_geometry(dy, w, input_spatial, window_strides, padding,
+                                                                       lhs_dilation, rhs_dilation)
   wt, pads_t = ffi_conv.conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, 1)
-  if any(s > 1 for s in strides) and all(d == 1 for d in ldil):
+  if ffi_conv.splits_by_phase(strides, ldil):
     phase_conv = lambda wsub, pads, rd: conv_bf16(dy, wsub, window_strides=(1,) * nsp, padding=pads, rhs_dilation=rd,
                                                   isa=isa)
     return ffi_conv.input_grad_phases(dy, wt, in_sp, strides, pads_t, rdil, phase_conv, jnp.float32(0))
