@@ -232,8 +232,12 @@ def test_recipe_runs_all_three_passes_on_the_kernel_bit_identical_to_direct_call
 def test_recipe_keeps_xla_conv_where_the_kernel_does_not_apply(shape, groups, why):
   x = jnp.ones(shape, jnp.float32)
   w = jnp.ones((3, 3, shape[-1] // groups, 8), jnp.float32)
-  kinds = _kinds(jax.grad(_loss(jdfp.policies.bf16(), groups=groups), (0, 1)), x, w)
+  from jdfp._src.ops import backend
+  backend._warned.clear()
+  with pytest.warns(RuntimeWarning, match="not on the BF16 conv kernel"):
+    kinds = _kinds(jax.grad(_loss(jdfp.policies.bf16(), groups=groups), (0, 1)), x, w)
   assert "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)" not in kinds, why
+  assert any("not on the BF16 conv kernel" in m and why.split()[0] in m for m in backend.fallback_log)
 
 
 @needs_bf16

@@ -26,6 +26,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.ffi import gemm_bf16 as ffi_gemm_bf16
 from jdfp._src.numerics.shard_types import match_varying
+from jdfp._src.ops.backend import warn_once
 from jdfp._src.ops.gemm import bf16_kernel
 from jdfp._src.ops.policy import Policy
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
@@ -55,8 +56,15 @@ def bf16_conv_kernel(policy: Policy, channels: int, geom) -> bool:
   """Whether this conv's three passes run on the C++ BF16 conv kernel (`bf16_kernel`'s conditions,
   every operand BF16, one group, an even number of at least `BF16_CONV_MIN_CHANNELS` channels)."""
   fmts = (policy.lhs, policy.rhs, policy.dlhs, policy.drhs)
-  return (all(f.dtype == jnp.bfloat16 for f in fmts) and geom.groups == 1 and channels % 2 == 0
-          and channels >= BF16_CONV_MIN_CHANNELS and len(geom.k_sp) <= 3 and bf16_kernel(policy))
+  if not (all(f.dtype == jnp.bfloat16 for f in fmts) and bf16_kernel(policy)):
+    return False
+  if geom.groups == 1 and channels % 2 == 0 and channels >= BF16_CONV_MIN_CHANNELS and len(geom.k_sp) <= 3:
+    return True
+  why = (f"{geom.groups} feature groups" if geom.groups != 1 else f"{len(geom.k_sp)} spatial dims"
+         if len(geom.k_sp) > 3 else f"{channels} input channels (it takes an even number >= {BF16_CONV_MIN_CHANNELS})")
+  warn_once(f"jdfp.conv_general_dilated: a BF16 conv with {why} is not on the BF16 conv kernel; it runs as "
+            "XLA's float32 conv on the bf16-rounded operands (the same products, summed in XLA's order).")
+  return False
 
 
 def _conv_kw(geom):
