@@ -10,5 +10,5 @@ SUBCOMMANDS = {
     "conv": ("jdfp.bench.conv", "exact INT16 conv kernel (3 training passes) vs XLA FP32 / int16 convs"),
     "ops": ("jdfp.bench.ops", "jdfp.dot_general / einsum / conv_general_dilated as users call them vs the lax ops"),
     "convert": ("jdfp.bench.convert", "per-tensor DFP conversion (nearest / stochastic / biased): kernel vs XLA"),
-    "train": ("jdfp.bench.train", "end-to-end training steps: FP32 vs DFP16 (kernel, reference) vs BF16"),
+    "train": ("jdfp.bench.train", "end-to-end training steps: every recipe via jdfp.quantize vs FP32"),
 }
