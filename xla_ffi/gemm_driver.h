@@ -323,8 +323,9 @@ static inline void tile_caches(const Problem& P, const Tile& T, TileState& st) {
   ACache& ac = acache_of_thread();
   st.atotal = btotal / size_t(st.nbp) * size_t(st.mbp);
   // Worth it from three column ranges on: with two, a row range comes back at most once (often to
-  // the other worker), and the extra L2 footprint cost more than it saved (measured at 1024^3).
-  if (!(P.job_id != 0 && st.mb < P.M && P.N > 2 * st.nb)) return;
+  // the other worker), and the extra L2 footprint cost more than it saved (measured at 1024^3).  Also
+  // when one tile holds every row (a conv's weight-gradient: dy^T's O rows against the taps' columns).
+  if (!(P.job_id != 0 && P.N > 2 * st.nb)) return;
   if (ac.job != P.job_id || ac.batch != T.batch) {
     ac.job = P.job_id;
     ac.batch = T.batch;

@@ -93,6 +93,9 @@ CASES = [
     ((2, 12, 12, 32), (3, 3, 32, 8), (1, 1), "SAME", None, None, 1, 16, 9),  # odd chain 257
     ((2, 16, 16, 64), (3, 3, 64, 64), (1, 1), "SAME", None, None, 1, 14, 14),  # threads, kc blocks
     ((2, 16, 16, 64), (1, 1, 64, 32), (2, 2), "VALID", None, None, 1, 14, 14),  # 1x1 projection
+    # groups on pool threads: each group's weight-gradient tiles split the taps into column ranges
+    # and share dy^T's rows (a worker reuses the panels it packed: job_id per call)
+    ((2, 16, 16, 64), (3, 3, 32, 64), (1, 1), "SAME", None, None, 2, 14, 14),
     ((2, 9, 9, 8), (3, 3, 8, 40), (2, 2), "SAME", None, None, 1, 14, 14),  # chains straddle taps (bwd)
     ((2, 11, 10, 8), (3, 3, 8, 32), (3, 2), ((2, 1), (0, 2)), None, (2, 1), 1, 14, 14),  # phases, rd
 ]
