@@ -426,6 +426,11 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
     }
   }
   run_begin[size_t(panels)] = int(runs.size());
+  // Every panel one whole run (W = 32 and a multiple of 32 channels: a panel is 32 channels of one
+  // tap): one plain load per pixel, no run loop, and the vectors stay in registers.
+  bool whole = W == 32;
+  for (int64_t pn = 0; pn < panels && whole; ++pn)
+    whole = run_begin[size_t(pn) + 1] == run_begin[size_t(pn)] + 1 && runs[size_t(run_begin[size_t(pn)])].whole;
   const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
@@ -442,6 +447,25 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
       cur.next(g);
       const PixInfo p1 = has1 ? pix_info_at(g, cur.n, cur.o) : p0;
       if (has1) cur.next(g);
+      if constexpr (W == 32) {
+        if (whole) {
+          int16_t* d = dst + (poff + q) * W * 2;
+          const int64_t dstep = int64_t(a.pairs) * W * 2;
+          for (int64_t pn = 0; pn < panels; ++pn, d += dstep) {
+            const Run& rn = runs[size_t(run_begin[size_t(pn)])];
+            const __m512i v0 = pix_tap_valid(g, p0, rn.ti) ? _mm512_loadu_si512(x + p0.base + rn.ti.delta + rn.c0)
+                                                           : _mm512_setzero_si512();
+            const __m512i v1 = has1 && pix_tap_valid(g, p1, rn.ti)
+                                   ? _mm512_loadu_si512(x + p1.base + rn.ti.delta + rn.c0)
+                                   : _mm512_setzero_si512();
+            vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
+            vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
+            _mm512_storeu_si512(d, _mm512_permutex2var_epi16(v0, ilo, v1));
+            _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
+          }
+          continue;
+        }
+      }
       for (int64_t pn = 0; pn < panels; ++pn) {
         __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
         for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
