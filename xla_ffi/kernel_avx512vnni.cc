@@ -320,6 +320,12 @@ static inline bool pix_tap_valid(const ConvGeom& g, const PixInfo& p, const TapI
   }
   return ok;
 }
+// Every tap of pixel p inside the input (no padding read): p + t * rdil in [0, in) for all taps t.
+static inline bool pix_interior(const ConvGeom& g, const PixInfo& p) {
+  bool ok = true;
+  for (int d = 0; d < 3; ++d) ok &= (p.p[d] >= 0) & (p.p[d] + (g.ks[d] - 1) * g.rdil[d] < g.in[d]);
+  return ok;
+}
 static inline bool conv_linear(const ConvGeom& g) { return g.ldil[0] == 1 && g.ldil[1] == 1 && g.ldil[2] == 1; }
 
 // A[r = pixel, k = (tap, c)]: per panel of W pixels and per run of <= 32 channels inside one tap,
@@ -406,8 +412,12 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
     bool whole;      // the run is lanes 0..31 in order: a plain load, no permute
   };
   const int64_t panels = (a.rows + W - 1) / W;
-  thread_local std::vector<Run> runs;
-  thread_local std::vector<int> run_begin;
+  // Per-thread scratch, used through plain references below: each access to a thread_local of a
+  // shared library is a __tls_get_addr call, which the inner loops must not make.
+  thread_local std::vector<Run> runs_tls;
+  thread_local std::vector<int> run_begin_tls;
+  std::vector<Run>& runs = runs_tls;
+  std::vector<int>& run_begin = run_begin_tls;
   runs.clear();
   run_begin.assign(size_t(panels) + 1, 0);
   for (int64_t pn = 0; pn < panels; ++pn) {
@@ -431,6 +441,12 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
   bool whole = W == 32;
   for (int64_t pn = 0; pn < panels && whole; ++pn)
     whole = run_begin[size_t(pn) + 1] == run_begin[size_t(pn)] + 1 && runs[size_t(run_begin[size_t(pn)])].whole;
+  // Every run at most kShortRun channels (an image's first layer: 1-3 channels, so a panel is many
+  // taps of a few channels): element copies cost less than a masked load and a permute per run.
+  constexpr int kShortRun = 4;
+  bool short_runs = true;
+  for (const Run& rn : runs) short_runs = short_runs && __builtin_popcount(rn.mask) <= kShortRun;
+  int16_t smin = 0, smax = 0;
   const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
@@ -466,6 +482,30 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
           continue;
         }
       }
+      if (short_runs) {
+        // A pixel whose every tap lies inside the input (most of them) skips the per-run checks.
+        const bool in0 = pix_interior(g, p0), in1 = has1 && pix_interior(g, p1);
+        for (int64_t pn = 0; pn < panels; ++pn) {
+          int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
+          for (int i = 0; i < W; i += 16) _mm512_mask_storeu_epi16(d + 2 * i, i + 16 <= W ? ~__mmask32(0) : smask, _mm512_setzero_si512());
+          for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
+            const Run& rn = runs[size_t(ri)];
+            const int lane0 = __builtin_ctz(rn.mask), len = __builtin_popcount(rn.mask);
+            const bool ok0 = in0 || pix_tap_valid(g, p0, rn.ti);
+            const bool ok1 = in1 || (has1 && pix_tap_valid(g, p1, rn.ti));
+            const int64_t o0 = p0.base + rn.ti.delta + rn.c0, o1 = p1.base + rn.ti.delta + rn.c0;
+            int16_t* dl = d + 2 * lane0;
+            for (int l = 0; l < len; ++l) {
+              const int16_t u = ok0 ? x[o0 + l] : int16_t(0), v = ok1 ? x[o1 + l] : int16_t(0);
+              smin = std::min(smin, std::min(u, v));
+              smax = std::max(smax, std::max(u, v));
+              dl[2 * l] = u;
+              dl[2 * l + 1] = v;
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t pn = 0; pn < panels; ++pn) {
         __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
         for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
@@ -493,6 +533,8 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
     }
     poff += pc.pairs;
   }
+  vmin = _mm512_min_epi16(vmin, _mm512_set1_epi16(smin));
+  vmax = _mm512_max_epi16(vmax, _mm512_set1_epi16(smax));
   return reduce_absmax16(vmin, vmax);
 }
 
