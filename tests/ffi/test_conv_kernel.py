@@ -96,6 +96,7 @@ CASES = [
     # first layers (1 or 3 channels): the weight-gradient's patch panels are many short channel runs
     ((4, 12, 12, 1), (3, 3, 1, 32), (1, 1), "SAME", None, None, 1, 14, 14),
     ((2, 11, 10, 3), (5, 5, 3, 16), (2, 2), ((2, 1), (1, 3)), None, None, 1, 14, 14),
+    ((1, 4, 5, 6, 3), (2, 3, 3, 3, 4), (1, 2, 1), "SAME", None, None, 1, 14, 14),  # 3-D, odd channels
     # groups on pool threads: each group's weight-gradient tiles split the taps into column ranges
     # and share dy^T's rows (a worker reuses the panels it packed: job_id per call)
     ((2, 16, 16, 64), (3, 3, 32, 64), (1, 1), "SAME", None, None, 2, 14, 14),
