@@ -164,9 +164,11 @@ void micro(int64_t np, const uint32_t* ap, const uint32_t* bp, float* c, int64_t
 void bf16_tile_avx512(const Bf16Problem& P, const Bf16Tile& t) {
   static thread_local Buf abuf, bbuf;
   // Packed B of the tile's column range over all of K, kept for the worker's next tiles of the same
-  // call and column range (tiles are ordered columns-outer).
-  static thread_local uint64_t b_job = 0;
-  static thread_local int64_t b_batch = -1, b_n0 = -1, b_n1 = -1;
+  // call and column range (tiles are ordered columns-outer).  Likewise packed A when the tile holds
+  // every row and the call has several column ranges (a conv's weight-gradient: dy^T's O rows
+  // against the taps): A is then packed once per worker instead of once per tile.
+  static thread_local uint64_t a_job = 0, b_job = 0;
+  static thread_local int64_t a_batch = -1, b_batch = -1, b_n0 = -1, b_n1 = -1;
   const int64_t N = P.N, pairs = (P.K + 1) / 2;
   float* out = P.out + t.batch * P.M * N;
   const int64_t mt = t.m1 - t.m0, nt = t.n1 - t.n0;
@@ -176,8 +178,11 @@ void bf16_tile_avx512(const Bf16Problem& P, const Bf16Tile& t) {
     return;
   }
   const int64_t kcp = std::min(kKcPairs, pairs);
-  uint32_t* ap = abuf.get(size_t(mpad * kcp));
   const int64_t nkc = (pairs + kcp - 1) / kcp;
+  const bool keep_a = P.job_id != 0 && mt == P.M && N > 2 * nt && size_t(mpad * kcp * nkc) * 4 <= kBCacheBytes;
+  uint32_t* ap = abuf.get(size_t(mpad * kcp * (keep_a ? nkc : 1)));
+  const bool a_cached = keep_a && a_job == P.job_id && a_batch == t.batch;
+  a_job = keep_a ? P.job_id : 0; a_batch = t.batch;
   // Beyond kBCacheBytes (very long K) B is packed per kc block into one block's buffer instead.
   const bool keep = size_t(npad * kcp * nkc) * 4 <= kBCacheBytes;
   uint32_t* bp = bbuf.get(size_t(npad * kcp * (keep ? nkc : 1)));
@@ -189,12 +194,13 @@ void bf16_tile_avx512(const Bf16Problem& P, const Bf16Tile& t) {
     const bool first = p0 == 0;
     uint32_t* bk = keep ? bp + p0 * npad : bp;  // earlier kc blocks are full (kcp pairs each)
     if (!b_cached) pack_b(P, P.b_off[t.batch], t.n0, t.n1, p0, np, bk);
-    pack_a(P, P.a_off[t.batch], t.m0, t.m1, p0, np, ap);
+    uint32_t* ak = keep_a ? ap + p0 * mpad : ap;  // earlier kc blocks are full (kcp pairs each)
+    if (!a_cached) pack_a(P, P.a_off[t.batch], t.m0, t.m1, p0, np, ak);
     for (int64_t j0 = 0; j0 < nt; j0 += kNr) {
       const uint32_t* bpanel = bk + (j0 / kNr) * np * kNr;
       const int64_t nr = std::min<int64_t>(kNr, nt - j0);
       for (int64_t i0 = 0; i0 < mt; i0 += kMr) {
-        const uint32_t* apanel = ap + (i0 / kMr) * np * kMr;
+        const uint32_t* apanel = ak + (i0 / kMr) * np * kMr;
         const int64_t mr = std::min<int64_t>(kMr, mt - i0);
         float* c = out + (t.m0 + i0) * N + t.n0 + j0;
         if (mr == kMr && nr == kNr) {

@@ -85,9 +85,13 @@ ffi::Future launch_bf16(const std::shared_ptr<Bf16Job>& job, ffi::ThreadPool poo
   // JDFP_TILE_M / JDFP_TILE_N (benchmarking knobs, as for the INT16 GEMM) override the tile.
   static const int64_t tm_env = env_knob("JDFP_TILE_M"), tn_env = env_knob("JDFP_TILE_N");
   int64_t mb = tm_env > 0 ? (tm_env + 13) / 14 * 14 : 14 * 12, nb = tn_env > 0 ? (tn_env + 31) / 32 * 32 : 256;
+  mb = std::min<int64_t>(mb, std::max<int64_t>(14, (M + 13) / 14 * 14));  // no taller than the rows there are
+  nb = std::min<int64_t>(nb, std::max<int64_t>(32, (N + 31) / 32 * 32));
   auto count = [&]() { return nbatch * ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
+  // Split the columns first while the rows are few (<= 5 micro-panels: a conv's weight-gradient has
+  // O rows): every tile then holds all rows, and a worker packs them once for all its tiles.
   while (nthreads > 1 && count() < 4 * nthreads && (mb > 28 || nb > 32)) {
-    if (nb >= mb && nb > 32) nb /= 2;
+    if (nb > 32 && (nb >= mb || mb <= 5 * 14)) nb = (nb / 2 + 31) / 32 * 32;
     else mb = std::max<int64_t>(14, (mb / 2 + 13) / 14 * 14);
   }
   for (int64_t bi = 0; bi < nbatch; ++bi)

@@ -43,6 +43,9 @@ CASES = [
     ((2, 12, 12, 32), (3, 3, 32, 33), (1, 1), "SAME", None, None),  # a column past one 32-wide panel
     ((2, 16, 16, 64), (3, 3, 64, 64), (1, 1), "SAME", None, None),  # threads, kc blocks (K = 576)
     ((2, 16, 16, 64), (1, 1, 64, 32), (2, 2), "VALID", None, None),  # 1x1 projection
+    # weight-gradient on pool threads with every row (O = 32) in each tile and the taps split into
+    # column ranges: each worker reuses the dy^T it packed
+    ((2, 16, 16, 64), (3, 3, 64, 32), (1, 1), "SAME", None, None),
     ((2, 11, 10, 8), (3, 3, 8, 32), (3, 2), ((2, 1), (0, 2)), None, (2, 1)),
 ]
 
