@@ -458,27 +458,20 @@ static int32_t conv_pack_pixels512(const int16_t* x, const ConvGeom& g, const Pa
   return reduce_absmax16(vmin, vmax);
 }
 
-// A[r = (tap, c), k = pixel] (weight-gradient): pair-outer, panel-inner; a panel's W rows are a few
-// runs of consecutive channels of one tap each, gathered into two vectors (pixel k0 and k0 + 1) and
-// interleaved with vpermt2w.
+// A run of consecutive channels of one tap inside a weight-gradient panel (conv_pack_taps512).
+struct TapRun {
+  TapInfo ti;
+  int64_t c0;
+  __mmask32 mask;  // lanes of the run
+  __m512i idx;     // lane l takes loaded element l - lane0
+  bool whole;      // the run is lanes 0..31 in order: a plain load, no permute
+};
+#define JDFP_AI_PACK __attribute__((always_inline))
+
+// The runs of every W-row panel of the tile: panel pn's are runs[run_begin[pn] .. run_begin[pn + 1]).
 template <int W>
-static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
-  static_assert(W <= 32, "panel width");
-  if (!conv_linear(g)) return conv_pack_taps<W>(x, g, a, dst);
-  struct Run {
-    TapInfo ti;
-    int64_t c0;
-    __mmask32 mask;  // lanes of the run
-    __m512i idx;     // lane l takes loaded element l - lane0
-    bool whole;      // the run is lanes 0..31 in order: a plain load, no permute
-  };
-  const int64_t panels = (a.rows + W - 1) / W;
-  // Per-thread scratch, used through plain references below: each access to a thread_local of a
-  // shared library is a __tls_get_addr call, which the inner loops must not make.
-  thread_local std::vector<Run> runs_tls;
-  thread_local std::vector<int> run_begin_tls;
-  std::vector<Run>& runs = runs_tls;
-  std::vector<int>& run_begin = run_begin_tls;
+static void tap_runs(const ConvGeom& g, const PackArgs& a, int64_t panels, std::vector<TapRun>& runs,
+                     std::vector<int>& run_begin) {
   runs.clear();
   run_begin.assign(size_t(panels) + 1, 0);
   for (int64_t pn = 0; pn < panels; ++pn) {
@@ -491,105 +484,149 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
       const int len = int(std::min<int64_t>(nvalid - i, g.cg - c));
       alignas(64) int16_t id[32];
       for (int l = 0; l < 32; ++l) id[l] = int16_t((l - i) & 31);
-      runs.push_back(Run{tap_info(g, tap), c, __mmask32(((uint64_t(1) << len) - 1) << i),
-                         _mm512_load_si512(id), i == 0 && len == 32});
+      runs.push_back(TapRun{tap_info(g, tap), c, __mmask32(((uint64_t(1) << len) - 1) << i),
+                            _mm512_load_si512(id), i == 0 && len == 32});
       i += len;
     }
   }
   run_begin[size_t(panels)] = int(runs.size());
-  // Every panel one whole run (W = 32 and a multiple of 32 channels: a panel is 32 channels of one
-  // tap): one plain load per pixel, no run loop, and the vectors stay in registers.
-  bool whole = W == 32;
+}
+
+// One pixel pair (p0, p1) into every panel's pair row (panel pn's at d + pn * dstep), three ways.
+struct TapPair {
+  PixInfo p0, p1;
+  bool has1;
+  int16_t* d;
+  int64_t dstep;
+};
+
+// Every panel one whole run (W = 32 and a multiple of 32 channels: a panel is 32 channels of one
+// tap): one plain load per pixel, no run loop, and the vectors stay in registers.
+static inline JDFP_AI_PACK void taps_pair_whole(const int16_t* x, const ConvGeom& g, const TapRun* runs,
+                                                const int* run_begin, int64_t panels, const TapPair& t,
+                                                __m512i ilo, __m512i ihi, __m512i& vmin, __m512i& vmax) {
+  int16_t* d = t.d;
+  for (int64_t pn = 0; pn < panels; ++pn, d += t.dstep) {
+    const TapRun& rn = runs[run_begin[pn]];
+    const __m512i v0 = pix_tap_valid(g, t.p0, rn.ti) ? _mm512_loadu_si512(x + t.p0.base + rn.ti.delta + rn.c0)
+                                                     : _mm512_setzero_si512();
+    const __m512i v1 = t.has1 && pix_tap_valid(g, t.p1, rn.ti)
+                           ? _mm512_loadu_si512(x + t.p1.base + rn.ti.delta + rn.c0)
+                           : _mm512_setzero_si512();
+    vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
+    vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
+    _mm512_storeu_si512(d, _mm512_permutex2var_epi16(v0, ilo, v1));
+    _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
+  }
+}
+
+// Every run at most a few channels (an image's first layer: a panel is many taps of 1-3 channels):
+// element copies into a zeroed row cost less than a masked load and a permute per run, and a pixel
+// whose every tap lies inside the input (most of them) skips the per-run checks.
+template <int W>
+static inline JDFP_AI_PACK void taps_pair_short(const int16_t* x, const ConvGeom& g, const TapRun* runs,
+                                                const int* run_begin, int64_t panels, const TapPair& t,
+                                                __mmask32 smask, int16_t& smin, int16_t& smax) {
+  const bool in0 = pix_interior(g, t.p0), in1 = t.has1 && pix_interior(g, t.p1);
+  int16_t* d = t.d;
+  for (int64_t pn = 0; pn < panels; ++pn, d += t.dstep) {
+    for (int i = 0; i < W; i += 16)
+      _mm512_mask_storeu_epi16(d + 2 * i, i + 16 <= W ? ~__mmask32(0) : smask, _mm512_setzero_si512());
+    for (int ri = run_begin[pn]; ri < run_begin[pn + 1]; ++ri) {
+      const TapRun& rn = runs[ri];
+      const int lane0 = __builtin_ctz(rn.mask), len = __builtin_popcount(rn.mask);
+      const bool ok0 = in0 || pix_tap_valid(g, t.p0, rn.ti);
+      const bool ok1 = in1 || (t.has1 && pix_tap_valid(g, t.p1, rn.ti));
+      const int64_t o0 = t.p0.base + rn.ti.delta + rn.c0, o1 = t.p1.base + rn.ti.delta + rn.c0;
+      int16_t* dl = d + 2 * lane0;
+      for (int l = 0; l < len; ++l) {
+        const int16_t u = ok0 ? x[o0 + l] : int16_t(0), v = ok1 ? x[o1 + l] : int16_t(0);
+        smin = std::min(smin, std::min(u, v));
+        smax = std::max(smax, std::max(u, v));
+        dl[2 * l] = u;
+        dl[2 * l + 1] = v;
+      }
+    }
+  }
+}
+
+// The general case: each run a masked load and a permute into the pair's two vectors.
+template <int W>
+static inline JDFP_AI_PACK void taps_pair_runs(const int16_t* x, const ConvGeom& g, const TapRun* runs,
+                                               const int* run_begin, int64_t panels, const TapPair& t,
+                                               __m512i ilo, __m512i ihi, __m512i& vmin, __m512i& vmax) {
+  const __mmask32 smask = W >= 16 ? ~__mmask32(0) : __mmask32((uint64_t(1) << (2 * W)) - 1);
+  const __mmask32 smask_hi = W <= 16 ? 0 : W >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << (2 * W - 32)) - 1);
+  int16_t* d = t.d;
+  for (int64_t pn = 0; pn < panels; ++pn, d += t.dstep) {
+    __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
+    for (int ri = run_begin[pn]; ri < run_begin[pn + 1]; ++ri) {
+      const TapRun& rn = runs[ri];
+      if (rn.whole) {
+        if (pix_tap_valid(g, t.p0, rn.ti)) v0 = _mm512_loadu_si512(x + t.p0.base + rn.ti.delta + rn.c0);
+        if (t.has1 && pix_tap_valid(g, t.p1, rn.ti)) v1 = _mm512_loadu_si512(x + t.p1.base + rn.ti.delta + rn.c0);
+        continue;
+      }
+      const int cnt = __builtin_popcount(rn.mask);
+      const __mmask32 lm = __mmask32((uint64_t(1) << cnt) - 1);
+      if (pix_tap_valid(g, t.p0, rn.ti))
+        v0 = _mm512_mask_permutexvar_epi16(v0, rn.mask, rn.idx,
+                                           _mm512_maskz_loadu_epi16(lm, x + t.p0.base + rn.ti.delta + rn.c0));
+      if (t.has1 && pix_tap_valid(g, t.p1, rn.ti))
+        v1 = _mm512_mask_permutexvar_epi16(v1, rn.mask, rn.idx,
+                                           _mm512_maskz_loadu_epi16(lm, x + t.p1.base + rn.ti.delta + rn.c0));
+    }
+    vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
+    vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
+    _mm512_mask_storeu_epi16(d, smask, _mm512_permutex2var_epi16(v0, ilo, v1));
+    if constexpr (W > 16) _mm512_mask_storeu_epi16(d + 32, smask_hi, _mm512_permutex2var_epi16(v0, ihi, v1));
+  }
+}
+
+// A[r = (tap, c), k = pixel] (weight-gradient): pair-outer, panel-inner; a panel's W rows are a few
+// runs of consecutive channels of one tap each, gathered into two vectors (pixel k0 and k0 + 1) and
+// interleaved with vpermt2w (taps_pair_runs), or by the whole-run / short-run cases above.
+template <int W>
+static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+  static_assert(W <= 32, "panel width");
+  if (!conv_linear(g)) return conv_pack_taps<W>(x, g, a, dst);
+  const int64_t panels = (a.rows + W - 1) / W;
+  // Per-thread scratch, read through plain pointers below: each access to a thread_local of a
+  // shared library is a __tls_get_addr call, which the inner loops must not make.
+  thread_local std::vector<TapRun> runs_tls;
+  thread_local std::vector<int> run_begin_tls;
+  tap_runs<W>(g, a, panels, runs_tls, run_begin_tls);
+  const TapRun* runs = runs_tls.data();
+  const int* run_begin = run_begin_tls.data();
+  bool whole = W == 32, short_runs = true;
   for (int64_t pn = 0; pn < panels && whole; ++pn)
-    whole = run_begin[size_t(pn) + 1] == run_begin[size_t(pn)] + 1 && runs[size_t(run_begin[size_t(pn)])].whole;
-  // Every run at most kShortRun channels (an image's first layer: 1-3 channels, so a panel is many
-  // taps of a few channels): element copies cost less than a masked load and a permute per run.
-  constexpr int kShortRun = 4;
-  bool short_runs = true;
-  for (const Run& rn : runs) short_runs = short_runs && __builtin_popcount(rn.mask) <= kShortRun;
-  int16_t smin = 0, smax = 0;
+    whole = run_begin[pn + 1] == run_begin[pn] + 1 && runs[run_begin[pn]].whole;
+  for (int ri = 0; ri < run_begin[panels]; ++ri) short_runs = short_runs && __builtin_popcount(runs[ri].mask) <= 4;
   const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
   const __mmask32 smask = W >= 16 ? ~__mmask32(0) : __mmask32((uint64_t(1) << (2 * W)) - 1);
-  const __mmask32 smask_hi = W <= 16 ? 0 : W >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << (2 * W - 32)) - 1);
   __m512i vmin = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+  int16_t smin = 0, smax = 0;
   int64_t poff = 0;
   for (int pi = 0; pi < a.npcs; ++pi) {
     const Piece& pc = a.pcs[pi];
     PixCursor cur(g, pc.k_start);
     for (int32_t q = 0; q < pc.pairs; ++q) {
-      const bool has1 = 2 * q + 1 < pc.len;
-      const PixInfo p0 = pix_info_at(g, cur.n, cur.o);
+      TapPair t;
+      t.has1 = 2 * q + 1 < pc.len;
+      t.p0 = pix_info_at(g, cur.n, cur.o);
       cur.next(g);
-      const PixInfo p1 = has1 ? pix_info_at(g, cur.n, cur.o) : p0;
-      if (has1) cur.next(g);
-      if constexpr (W == 32) {
-        if (whole) {
-          int16_t* d = dst + (poff + q) * W * 2;
-          const int64_t dstep = int64_t(a.pairs) * W * 2;
-          for (int64_t pn = 0; pn < panels; ++pn, d += dstep) {
-            const Run& rn = runs[size_t(run_begin[size_t(pn)])];
-            const __m512i v0 = pix_tap_valid(g, p0, rn.ti) ? _mm512_loadu_si512(x + p0.base + rn.ti.delta + rn.c0)
-                                                           : _mm512_setzero_si512();
-            const __m512i v1 = has1 && pix_tap_valid(g, p1, rn.ti)
-                                   ? _mm512_loadu_si512(x + p1.base + rn.ti.delta + rn.c0)
-                                   : _mm512_setzero_si512();
-            vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
-            vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
-            _mm512_storeu_si512(d, _mm512_permutex2var_epi16(v0, ilo, v1));
-            _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
-          }
-          continue;
-        }
-      }
-      if (short_runs) {
-        // A pixel whose every tap lies inside the input (most of them) skips the per-run checks.
-        const bool in0 = pix_interior(g, p0), in1 = has1 && pix_interior(g, p1);
-        for (int64_t pn = 0; pn < panels; ++pn) {
-          int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
-          for (int i = 0; i < W; i += 16) _mm512_mask_storeu_epi16(d + 2 * i, i + 16 <= W ? ~__mmask32(0) : smask, _mm512_setzero_si512());
-          for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
-            const Run& rn = runs[size_t(ri)];
-            const int lane0 = __builtin_ctz(rn.mask), len = __builtin_popcount(rn.mask);
-            const bool ok0 = in0 || pix_tap_valid(g, p0, rn.ti);
-            const bool ok1 = in1 || (has1 && pix_tap_valid(g, p1, rn.ti));
-            const int64_t o0 = p0.base + rn.ti.delta + rn.c0, o1 = p1.base + rn.ti.delta + rn.c0;
-            int16_t* dl = d + 2 * lane0;
-            for (int l = 0; l < len; ++l) {
-              const int16_t u = ok0 ? x[o0 + l] : int16_t(0), v = ok1 ? x[o1 + l] : int16_t(0);
-              smin = std::min(smin, std::min(u, v));
-              smax = std::max(smax, std::max(u, v));
-              dl[2 * l] = u;
-              dl[2 * l + 1] = v;
-            }
-          }
-        }
-        continue;
-      }
-      for (int64_t pn = 0; pn < panels; ++pn) {
-        __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
-        for (int ri = run_begin[size_t(pn)]; ri < run_begin[size_t(pn) + 1]; ++ri) {
-          const Run& rn = runs[size_t(ri)];
-          if (rn.whole) {
-            if (pix_tap_valid(g, p0, rn.ti)) v0 = _mm512_loadu_si512(x + p0.base + rn.ti.delta + rn.c0);
-            if (has1 && pix_tap_valid(g, p1, rn.ti)) v1 = _mm512_loadu_si512(x + p1.base + rn.ti.delta + rn.c0);
-            continue;
-          }
-          const int cnt = __builtin_popcount(rn.mask);
-          const __mmask32 lm = __mmask32((uint64_t(1) << cnt) - 1);
-          if (pix_tap_valid(g, p0, rn.ti))
-            v0 = _mm512_mask_permutexvar_epi16(v0, rn.mask, rn.idx,
-                                               _mm512_maskz_loadu_epi16(lm, x + p0.base + rn.ti.delta + rn.c0));
-          if (has1 && pix_tap_valid(g, p1, rn.ti))
-            v1 = _mm512_mask_permutexvar_epi16(v1, rn.mask, rn.idx,
-                                               _mm512_maskz_loadu_epi16(lm, x + p1.base + rn.ti.delta + rn.c0));
-        }
-        vmin = _mm512_min_epi16(vmin, _mm512_min_epi16(v0, v1));
-        vmax = _mm512_max_epi16(vmax, _mm512_max_epi16(v0, v1));
-        int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
-        _mm512_mask_storeu_epi16(d, smask, _mm512_permutex2var_epi16(v0, ilo, v1));
-        if constexpr (W > 16) _mm512_mask_storeu_epi16(d + 32, smask_hi, _mm512_permutex2var_epi16(v0, ihi, v1));
+      t.p1 = t.has1 ? pix_info_at(g, cur.n, cur.o) : t.p0;
+      if (t.has1) cur.next(g);
+      t.d = dst + (poff + q) * W * 2;
+      t.dstep = int64_t(a.pairs) * W * 2;
+      if (whole) {
+        taps_pair_whole(x, g, runs, run_begin, panels, t, ilo, ihi, vmin, vmax);
+      } else if (short_runs) {
+        taps_pair_short<W>(x, g, runs, run_begin, panels, t, smask, smin, smax);
+      } else {
+        taps_pair_runs<W>(x, g, runs, run_begin, panels, t, ilo, ihi, vmin, vmax);
       }
     }
     poff += pc.pairs;
