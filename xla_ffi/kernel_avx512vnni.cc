@@ -345,43 +345,12 @@ static int32_t conv_pack_pixels_odd(const int16_t* x, const ConvGeom& g, const P
       pinfo[i] = pix_info_at(g, cur.n, cur.o);
       inner[i] = pix_interior(g, pinfo[i]);
     }
-    // Offsets of every row for two taps (a pair spans at most two consecutive taps: a 2-slot cache
-    // indexed by parity, as conv_pack_pixels).
-    int64_t ctap[2] = {-1, -1};
-    int64_t coff[2][W];
-    auto offs = [&](int64_t tap) -> const int64_t* {
-      const int sl = int(tap & 1);
-      if (ctap[sl] != tap) {
-        ctap[sl] = tap;
-        const TapInfo ti = tap_info(g, tap);
-        for (int i = 0; i < nvalid; ++i)
-          coff[sl][i] = inner[i] || pix_tap_valid(g, pinfo[i], ti) ? pinfo[i].base + ti.delta : -1;
-      }
-      return coff[sl];
+    auto tap_offsets = [&](int64_t tap, int64_t* off) {
+      const TapInfo ti = tap_info(g, tap);
+      for (int i = 0; i < nvalid; ++i)
+        off[i] = inner[i] || pix_tap_valid(g, pinfo[i], ti) ? pinfo[i].base + ti.delta : -1;
     };
-    int16_t* d = dst + pn * int64_t(a.pairs) * W * 2;
-    for (int pi = 0; pi < a.npcs; ++pi) {
-      const Piece& pc = a.pcs[pi];
-      int64_t t0 = pc.k_start / g.cg, c0 = pc.k_start - t0 * g.cg;
-      for (int32_t q = 0; q < pc.pairs; ++q, d += 2 * W) {
-        const bool h1 = 2 * q + 1 < pc.len;
-        int64_t t1 = t0, c1 = c0 + 1;
-        if (c1 == g.cg) t1 = t0 + 1, c1 = 0;
-        const int64_t* o0 = offs(t0);
-        const int64_t* o1 = h1 ? offs(t1) : o0;
-        for (int i = 0; i < nvalid; ++i) {
-          const int16_t v0 = o0[i] >= 0 ? x[o0[i] + c0] : int16_t(0);
-          const int16_t v1 = (h1 && o1[i] >= 0) ? x[o1[i] + c1] : int16_t(0);
-          d[2 * i] = v0;
-          d[2 * i + 1] = v1;
-          vmin = std::min<int32_t>(vmin, std::min(v0, v1));
-          vmax = std::max<int32_t>(vmax, std::max(v0, v1));
-        }
-        for (int i = nvalid; i < W; ++i) d[2 * i] = d[2 * i + 1] = 0;
-        t0 = t1, c0 = c1 + 1;  // the next pair starts after k0 + 1
-        if (c0 == g.cg) t0 = t1 + 1, c0 = 0;
-      }
-    }
+    conv_pixel_panel<W>(x, g, a, nvalid, tap_offsets, dst + pn * int64_t(a.pairs) * W * 2, vmin, vmax);
   }
   return std::max(-vmin, vmax);
 }
