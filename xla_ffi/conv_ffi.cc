@@ -174,8 +174,7 @@ void set_up_job(Job& job, const ConvGemm& cg, ffi::AnyBuffer x, ffi::AnyBuffer b
   P.conv = &job.conv;
   // Unique per call: a worker reuses the panels it packed for its earlier tiles of this call (the
   // weight-gradient's dy^T when its O rows fit one tile and the taps are split into column ranges).
-  static std::atomic<uint64_t> job_seq{0};
-  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  P.job_id = next_job_id();
   job.bits_a = cg.bits_a; job.bits_b = cg.bits_b;
 }
 

@@ -90,6 +90,12 @@ inline int64_t pool_workers(ffi::ThreadPool pool) {
   return nthreads;
 }
 
+// ---------------------------------------------------------------- job ids
+// A unique id for one kernel call, from one counter for every handler: the per-worker packed-panel
+// caches (INT16 GEMM and conv share gemm_driver.h's, the BF16 GEMM and conv the BF16 tile's) are
+// keyed by it, so two calls must never share an id (ffi_runtime.cc).
+uint64_t next_job_id();
+
 // ---------------------------------------------------------------- FP environment
 // Every worker runs under round-to-nearest-even with FTZ + DAZ, which is what XLA:CPU runs its own
 // float code with (so the pure-JAX reference and the kernels round and flush the same way; the

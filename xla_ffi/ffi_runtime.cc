@@ -97,6 +97,15 @@ void run_worker(const std::shared_ptr<Job>& job) {
 
 // Tile sizes: big enough to amortize packing (B over mb rows, A over nb columns), small enough to
 // give every worker several tiles so a busy core does not leave the others idle at the end.
+}  // namespace
+
+uint64_t next_job_id() {
+  static std::atomic<uint64_t> seq{0};
+  return seq.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
+namespace {
+
 void tile_sizes(int isa_mr, int isa_nr, int64_t nthreads, int64_t nbatch, int64_t M, int64_t N, int64_t& mb,
                 int64_t& nb) {
   struct {

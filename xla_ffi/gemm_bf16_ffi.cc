@@ -170,8 +170,7 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   P.a_sm = ta ? 1 : P.K; P.a_sk = ta ? P.M : 1;
   P.b_sk = tb ? 1 : P.N; P.b_sn = tb ? P.K : 1;
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
-  static std::atomic<uint64_t> job_seq{0};
-  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  P.job_id = next_job_id();
   return launch_bf16(job, pool, int64_t(job->a_off.size()));
 }
 
@@ -228,8 +227,7 @@ ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   job->b_off.assign(1, 0);
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   P.conv = &g;
-  static std::atomic<uint64_t> job_seq{uint64_t(1) << 62};  // disjoint from the GEMM's job ids
-  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  P.job_id = next_job_id();
   return launch_bf16(job, pool, 1);
 }
 

@@ -107,8 +107,7 @@ ffi::Error set_up_job(Job& job, const GemmShape& s, ffi::AnyBuffer a, ffi::AnyBu
   P.b_sr = trans_b ? K : 1; P.b_sk = trans_b ? 1 : N;
   P.ldc = N; P.c_off = nullptr; P.conv = nullptr;
   // Unique per call: lets a worker reuse packed B panels across its own tiles of this call only.
-  static std::atomic<uint64_t> job_seq{0};
-  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  P.job_id = next_job_id();
   P.a_f32 = a.element_type() == ffi::F32; P.b_f32 = b.element_type() == ffi::F32;
   P.a = a.untyped_data(); P.b = b.untyped_data();
   P.ea = ea.typed_data(); P.eb = eb.typed_data();

@@ -160,8 +160,7 @@ ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, ffi::AnyBuffer a, ffi::An
   P.a_sr = trans_a ? 1 : K; P.a_sk = trans_a ? M : 1;
   P.b_sr = trans_b ? K : 1; P.b_sk = trans_b ? 1 : N;
   P.ldc = N;
-  static std::atomic<uint64_t> job_seq{0};
-  P.job_id = job_seq.fetch_add(1, std::memory_order_relaxed) + 1;
+  P.job_id = next_job_id();
   P.a = static_cast<const int8_t*>(a.untyped_data()); P.b = static_cast<const int8_t*>(b.untyped_data());
   P.ea = ea.typed_data(); P.eb = eb.typed_data();
   P.out = out->typed_data();

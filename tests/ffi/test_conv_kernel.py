@@ -327,3 +327,36 @@ def test_vmap_and_jit():
   yv = jax.jit(jax.vmap(f))(x)
   for i in range(3):
     bits_eq(yv[i], f(x[i]))
+
+
+_CACHE_MIX_SCRIPT = """
+import sys, numpy as np, jax.numpy as jnp
+from jdfp import kernels
+rng = np.random.default_rng(0); q = 2**13 - 1
+e, e1 = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32)
+a = jnp.asarray(rng.integers(-q, q + 1, (4096, 288)), jnp.int16)
+b = jnp.asarray(rng.integers(-q, q + 1, (288, 64)), jnp.int16)
+x = jnp.asarray(rng.integers(-q, q + 1, (16, 16, 16, 32)), jnp.int16)
+w = jnp.asarray(rng.integers(-q, q + 1, (3, 3, 32, 64)), jnp.int16)
+gemm = lambda: np.asarray(kernels.gemm(a, b, e, e, bits_a=14, bits_b=14))
+conv = lambda: np.asarray(kernels.conv(x, w, e1, e1, bits_x=14, bits_w=14, window_strides=(1, 1), padding="SAME"))
+first, second = (gemm, conv) if sys.argv[1] == "gemm" else (conv, gemm)
+r1, r2 = first(), second()
+np.savez(sys.argv[2], **{sys.argv[1]: r1, "other": r2})
+"""
+
+
+def test_packed_panel_caches_never_mix_calls(tmp_path):
+  # The workers' packed-panel caches are keyed by a per-call job id. The GEMM and the conv (same
+  # driver, same tile shape here) once drew ids from separate counters: in a fresh process the first
+  # GEMM and the first conv had the same id, and the second call reused the first's packed B.
+  import subprocess
+  import sys
+  outs = {}
+  for order in ("gemm", "conv"):
+    path = tmp_path / f"{order}.npz"
+    subprocess.run([sys.executable, "-c", _CACHE_MIX_SCRIPT, order, str(path)], check=True)
+    outs[order] = np.load(path)
+  # gemm-first: (gemm, conv); conv-first: (conv, gemm). Each op must give the same bits either way.
+  bits_eq(outs["gemm"]["gemm"], outs["conv"]["other"])
+  bits_eq(outs["gemm"]["other"], outs["conv"]["conv"])
