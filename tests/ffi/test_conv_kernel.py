@@ -350,12 +350,16 @@ def test_packed_panel_caches_never_mix_calls(tmp_path):
   # The workers' packed-panel caches are keyed by a per-call job id. The GEMM and the conv (same
   # driver, same tile shape here) once drew ids from separate counters: in a fresh process the first
   # GEMM and the first conv had the same id, and the second call reused the first's packed B.
+  import os
   import subprocess
   import sys
+  # The children import the jdfp this process imported (installed or source tree), from a neutral cwd.
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(jdfp.__file__)), env.get("PYTHONPATH", "")])
   outs = {}
   for order in ("gemm", "conv"):
     path = tmp_path / f"{order}.npz"
-    subprocess.run([sys.executable, "-c", _CACHE_MIX_SCRIPT, order, str(path)], check=True)
+    subprocess.run([sys.executable, "-c", _CACHE_MIX_SCRIPT, order, str(path)], check=True, cwd=tmp_path, env=env)
     outs[order] = np.load(path)
   # gemm-first: (gemm, conv); conv-first: (conv, gemm). Each op must give the same bits either way.
   bits_eq(outs["gemm"]["gemm"], outs["conv"]["other"])
