@@ -43,6 +43,8 @@ struct AlignedBuf {
 struct Scratch {
   AlignedBuf<int16_t> apack, bpack;
   AlignedBuf<int32_t> eapack, ebpack;
+  AlignedBuf<float> papack, pbpack;  // 2**e of eapack / ebpack (fast blocks)
+  AlignedBuf<uint8_t> fast;          // per block of the kc block: the fast scale applies
   AlignedBuf<int64_t> acc64;  // exact block sums of the tile between kc blocks
   AlignedBuf<int64_t> wide;   // SIMD kernels: widened parts of blocks longer than kMaxWhPieces pieces
   AlignedBuf<float> cacc;     // FP32 accumulators of the tile between kc blocks (KB > 1)
@@ -253,6 +255,9 @@ struct UkArgs {
   int64_t ea_ld;
   const int32_t* ebp;
   int64_t eb_ld;
+  const float* pap;     // 2**eap, 2**ebp (same layout), read for blocks with fast[bl] set
+  const float* pbp;
+  const uint8_t* fast;
   bool fuse;       // KB == 1 with one exponent pair for the tile: store scale2(f(S), fuse_e)
   int32_t fuse_e;
 };
@@ -277,6 +282,9 @@ struct TileState {
   int16_t* bp = nullptr;
   int32_t* eap = nullptr;  // clamped exponents of the kc block's blocks (KB > 1)
   int32_t* ebp = nullptr;
+  float* pap = nullptr;    // 2**eap, 2**ebp
+  float* pbp = nullptr;
+  uint8_t* fast = nullptr;  // per block of the kc block (block_exponents)
   int64_t* acc64 = nullptr;
   int64_t* wide = nullptr;
   float* accf = nullptr;
@@ -361,6 +369,35 @@ static inline void tile_caches_commit(const Problem& P, const Tile& T, const Til
   }
 }
 
+// Clamped exponents of the blocks kc block kb touches, for the tile's rows (eap) and columns (ebp),
+// their powers of two (pap, pbp), and per block whether the fast scale applies (fast): every
+// 2**ea, 2**eb and 2**(ea + eb) a normal float32, where scale2(f, ea + eb) == f * (2**ea * 2**eb)
+// exactly (the product of two powers is exact, and scale2's second factor is 1).  Padding rows and
+// columns get exponent 0.
+static inline void block_exponents(const Problem& P, const Tile& T, const KcBlock& kb, TileState& st) {
+  for (int32_t bl = 0; bl < kb.nblk; ++bl) {
+    const int64_t j = kb.blk_first + bl;
+    int32_t amn = 0, amx = 0, bmn = 0, bmx = 0;
+    int32_t* er = st.eap + bl * st.mbp;
+    float* pr = st.pap + bl * st.mbp;
+    for (int64_t i = 0; i < st.mbp; ++i) {
+      const int32_t e = (i < st.mb) ? eclamp(st.ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
+      er[i] = e;
+      pr[i] = pow2f(clamp_i32(e, -126, 127));
+      amn = std::min(amn, e), amx = std::max(amx, e);
+    }
+    int32_t* ec = st.ebp + bl * st.nbp;
+    float* pc = st.pbp + bl * st.nbp;
+    for (int64_t i = 0; i < st.nbp; ++i) {
+      const int32_t e = (i < st.nb) ? eclamp(st.eb[j * st.eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
+      ec[i] = e;
+      pc[i] = pow2f(clamp_i32(e, -126, 127));
+      bmn = std::min(bmn, e), bmx = std::max(bmx, e);
+    }
+    st.fast[bl] = amn >= -126 && bmn >= -126 && amx <= 127 && bmx <= 127 && amn + bmn >= -126 && amx + bmx <= 127;
+  }
+}
+
 // packm of one kc block: B and A micro-panels (from the cache, an int16 / float32 operand or a conv
 // gather) and, for KB > 1, the clamped exponents of the blocks it touches.  0 = ok, 1 / 2 = an A / B
 // value out of [-qmax, qmax].
@@ -400,15 +437,7 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   } else if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, st.ap) > P.qmax_a) {
     return 1;
   }
-  if (!st.scaled) return 0;
-  for (int32_t bl = 0; bl < kb.nblk; ++bl) {
-    const int64_t j = kb.blk_first + bl;
-    int32_t* er = st.eap + bl * st.mbp;
-    for (int64_t i = 0; i < st.mbp; ++i) er[i] = (i < st.mb) ? eclamp(st.ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
-    int32_t* ec = st.ebp + bl * st.nbp;
-    for (int64_t i = 0; i < st.nbp; ++i)
-      ec[i] = (i < st.nb) ? eclamp(st.eb[j * st.eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
-  }
+  if (st.scaled) block_exponents(P, T, kb, st);
   return 0;
 }
 
@@ -473,6 +502,9 @@ static inline void macro_kernel(const Problem& P, const Tile& T, int64_t kbi, Ti
       u.accf = af;
       u.eap = st.eap ? st.eap + ir : nullptr;
       u.ebp = st.ebp ? st.ebp + jr : nullptr;
+      u.pap = st.pap ? st.pap + ir : nullptr;
+      u.pbp = st.pbp ? st.pbp + jr : nullptr;
+      u.fast = st.fast;
       if (!last || (mv == MR && nv == NR)) {
         u.C = last ? cdst : nullptr;
         u.ldc = P.ldc;
@@ -558,6 +590,9 @@ int run_tile(const Problem& P, const Tile& T) {
     if (st.scaled) {
       st.eap = s.eapack.get(size_t(st.mbp) * P.max_nblk);
       st.ebp = s.ebpack.get(size_t(st.nbp) * P.max_nblk);
+      st.pap = s.papack.get(size_t(st.mbp) * P.max_nblk);
+      st.pbp = s.pbpack.get(size_t(st.nbp) * P.max_nblk);
+      st.fast = s.fast.get(size_t(P.max_nblk));
     }
     const size_t nacc = st.one_kc ? size_t(MR * NR) : size_t(st.mbp) * st.nbp;
     st.acc64 = s.acc64.get(nacc);

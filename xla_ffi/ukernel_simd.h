@@ -190,6 +190,21 @@ struct UkSimd {
   // closes only at the end of K and stores f, or scale2(f, fuse_e) when fused, to C.
   template <class F>
   static inline __attribute__((always_inline)) void close_block(const UkArgs& u, const Piece& pc, F&& f_of) {
+    if (u.scaled && u.fast[pc.bl]) {
+      // Every 2**ea, 2**eb and 2**(ea + eb) of the block is a normal float32 (driver's
+      // block_exponents): scale2(f, ea + eb) is then f * (2**ea * 2**eb), one rounding.
+      const float* pr = u.pap + pc.bl * u.ea_ld;
+      vf pb[NV];
+      static_for<NV>([&](auto v) __attribute__((always_inline)) { pb[v] = V::loadf(u.pbp + pc.bl * u.eb_ld + v * V::kLanes); });
+      static_for<MR>([&](auto i) __attribute__((always_inline)) {
+        const vf pa = V::bcastf(pr[i]);
+        static_for<NV>([&](auto v) __attribute__((always_inline)) {
+          float* d = u.accf + i * NR + v * V::kLanes;
+          V::storef(d, V::addf(V::loadf(d), V::mulf(f_of(i, v), V::mulf(pa, pb[v]))));
+        });
+      });
+      return;
+    }
     if (u.scaled) {
       const int32_t* er = u.eap + pc.bl * u.ea_ld;
       const int32_t* ec = u.ebp + pc.bl * u.eb_ld;

@@ -24,6 +24,8 @@ struct V256Base {
   static inline vi bcast(int32_t x) { return _mm256_set1_epi32(x); }
   static inline vf cvt(vi x) { return _mm256_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm256_add_ps(a, b); }
+  static inline vf mulf(vf a, vf b) { return _mm256_mul_ps(a, b); }
+  static inline vf bcastf(float x) { return _mm256_set1_ps(x); }
   static inline vi add(vi a, vi b) { return _mm256_add_epi32(a, b); }
   // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h (vpmaddwd by the word
   // pair (1, 0) sign-extends the low word; VVnni fuses the add as one vpdpwssd).

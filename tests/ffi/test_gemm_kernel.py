@@ -217,6 +217,35 @@ def test_block_exponents_blockwise(isa):
     bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
 
 
+def test_block_scale_fast_and_general_paths(isa):
+  # The SIMD kernels scale a closed block by one multiply with 2**ea * 2**eb when every exponent of
+  # the block (over the tile) keeps 2**ea, 2**eb and 2**(ea + eb) normal, else by scale2's two
+  # multiplies.  Blocks on both sides of that line, side by side in one GEMM: sums of exactly 127
+  # and -126 (fast), 128 / -127 and single exponents beyond 127 / -126 (general), overflow to inf and
+  # flushing included.
+  rng = np.random.default_rng(11)
+  m, n, bk = 13, 35, 4
+  choices = [((-10, 10), (-10, 10)), ((63, 64), (63, 63)), ((-63, -63), (-63, -62)), ((64, 64), (60, 63)),
+             ((-64, -63), (-63, -63)), ((127, 127), (-5, 1)), ((-130, -126), (0, 3)), ((80, 90), (-1, 0))]
+  kb = len(choices)
+  a = rng.integers(-8191, 8192, (m, kb * bk), dtype=np.int16)
+  b = rng.integers(-8191, 8192, (kb * bk, n), dtype=np.int16)
+  ea = np.stack([rng.integers(lo, hi + 1, m) for (lo, hi), _ in choices], axis=1).astype(np.int32)
+  eb = np.stack([rng.integers(lo, hi + 1, n) for _, (lo, hi) in choices], axis=0).astype(np.int32)
+  # The blocks with large positive exponents (odd j) add +-2**(ea + eb) to one row in four each, so
+  # most results stay finite; block 5's sums of 128 overflow.
+  for j in (1, 3, 5, 7):
+    a[:, j * bk:(j + 1) * bk] = 0
+    b[j * bk:(j + 1) * bk] = 0
+    b[j * bk] = rng.choice([-1, 1], n)
+  for r in range(m):
+    a[r, (2 * (r % 4) + 1) * bk] = rng.choice([-1, 1])
+  kw = dict(bits_a=14, bits_b=14, block_k=bk)
+  want = _oracle(a, b, ea, eb, **kw)
+  assert np.isinf(want).any() and np.isfinite(want).any()
+  bits_eq(_run(a, b, ea, eb, isa=isa, **kw), want)
+
+
 def test_batch_broadcasting_and_exponent_broadcast(isa):
   rng = np.random.default_rng(4)
   m, k, n = 9, 50, 17
