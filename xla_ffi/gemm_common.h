@@ -52,6 +52,15 @@ static inline float pow2f(int32_t e) {
 }
 
 static inline int32_t clamp_i32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Whether a closed block may be scaled the fast way, given the min / max of the (clamped) exponents
+// ea and eb it meets over a tile: when every 2**ea, 2**eb and 2**(ea + eb) is a normal float32 and
+// ea + eb <= 63, scale2(f, ea + eb) == f * (2**ea * 2**eb) (the product of the two powers is exact,
+// scale2's second factor is 1), and that product is exact: f is an integer, 0 or 1 <= |f| <= 2**63,
+// so |f * 2**(ea + eb)| lies in [2**-126, 2**126].  acc + f * s is then also one fused multiply-add.
+static inline bool fast_scale_block(int32_t amn, int32_t amx, int32_t bmn, int32_t bmx) {
+  return amn >= -126 && bmn >= -126 && amx <= 127 && bmx <= 127 && amn + bmn >= -126 && amx + bmx <= 63;
+}
 static inline int32_t eclamp(int32_t e) { return clamp_i32(e, -kExponentClamp, kExponentClamp); }
 
 // The contract's f(): an exact int64 block sum as float32, rounded once, half to even (cvtsi2ss with

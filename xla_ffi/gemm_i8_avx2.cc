@@ -27,6 +27,8 @@ struct VI8YmmBase {
   static inline vi add(vi a, vi b) { return _mm256_add_epi32(a, b); }
   static inline vf addf(vf a, vf b) { return _mm256_add_ps(a, b); }
   static inline vf mulf(vf a, vf b) { return _mm256_mul_ps(a, b); }
+  // No FMA in this TU's flags: a * b is exact wherever fmaf is used, so two steps give the same.
+  static inline vf fmaf(vf a, vf b, vf c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
   static inline vf pow2(vi e) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
   }

@@ -30,6 +30,7 @@ struct VI8Zmm {
   static inline vi add(vi a, vi b) { return _mm512_add_epi32(a, b); }
   static inline vf addf(vf a, vf b) { return _mm512_add_ps(a, b); }
   static inline vf mulf(vf a, vf b) { return _mm512_mul_ps(a, b); }
+  static inline vf fmaf(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
   // acc + sum of 4 products (b' u8) x (a s8) per lane, modulo 2**32.
   static inline vi dp(vi acc, vi b, vi a) { return _mm512_dpbusd_epi32(acc, b, a); }
   static inline vf pow2(vi e) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23)); }

@@ -29,6 +29,18 @@
 namespace jdfp {
 namespace {
 
+// as ukernel_simd.h: a compile-time loop keeps every accumulator index constant, so GCC keeps the
+// MR x NV accumulators in registers.
+template <class F, int... I>
+static inline __attribute__((always_inline)) void i8_static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+static inline __attribute__((always_inline)) void i8_static_for(F&& f) {
+  i8_static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+#define JDFP_AI __attribute__((always_inline))
+
 // as gemm_driver.h
 template <class T>
 struct I8Buf {
@@ -507,29 +519,18 @@ static inline void pack_any(const int8_t* src, int64_t sr, int64_t sk, int64_t r
   }
 }
 
-// as ukernel_simd.h: a compile-time loop keeps every accumulator index constant, so GCC keeps the
-// MR x NV accumulators in registers.
-template <class F, int... I>
-static inline __attribute__((always_inline)) void i8_static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, class F>
-static inline __attribute__((always_inline)) void i8_static_for(F&& f) {
-  i8_static_for_impl(f, std::make_integer_sequence<int, N>{});
-}
-#define JDFP_AI __attribute__((always_inline))
 
 // Exponents of the blocks a kc block touches, for the tile's rows / columns (clamped), and per
-// block whether the fast scale applies: every 2**ea, 2**eb and 2**(ea + eb) in the float32 normal
-// range, where scale2(f, ea + eb) == f * (2**ea * 2**eb) exactly (the product of the two powers is
-// exact, and scale2's second factor is 1).
+// block whether the fast scale applies (fast_scale_block, gemm_common.h), and whether each
+// micro-tile's rows share one exponent in it (uniform: HBFP's tiles; one scale per column then).
 struct I8Exps {
-  const int32_t* ea;  // [nblk][mbp]
+  const int32_t* ea;  // [mbp][nblk] (row-major: the rows' exponents are contiguous in ea too)
   const int32_t* eb;  // [nblk][nbp]
-  const float* pa;    // 2**ea, [nblk][mbp] (fast blocks)
+  const float* pa;    // 2**ea, [mbp][nblk] (fast blocks)
   const float* pb;    // 2**eb, [nblk][nbp]
   const uint8_t* fast;
-  int64_t ea_ld, eb_ld;
+  const int32_t* uniform;
+  int64_t ea_ld, eb_ld;  // nblk, nbp
 };
 
 // Micro-kernel arguments (one kc block of one MR x NR micro-tile).
@@ -638,18 +639,34 @@ struct UkI8 {
       }
     };
     if (ex.fast[bl]) {
+      // f * s is exact here (fast_scale_block), so acc + f * s may be one fused multiply-add.
+      auto put_fast = [&](auto i, auto v, vf f, vf sc) JDFP_AI {
+        if constexpr (kScaled) {
+          accf[i][v] = V::fmaf(f, sc, accf[i][v]);
+        } else {
+          V::storef(u.C + i * u.ldc + v * L, V::mulf(f, sc));
+        }
+      };
       vf pb[NV];
       i8_static_for<NV>([&](auto v) JDFP_AI { pb[v] = V::loadf(ex.pb + bl * ex.eb_ld + v * L); });
+      if (ex.uniform[bl]) {
+        const vf pa = V::bcastf(ex.pa[bl]);
+        i8_static_for<NV>([&](auto v) JDFP_AI { pb[v] = V::mulf(pa, pb[v]); });
+        i8_static_for<MR>([&](auto i) JDFP_AI {
+          i8_static_for<NV>([&](auto v) JDFP_AI { put_fast(i, v, f_of(i, v), pb[v]); });
+        });
+        return;
+      }
       i8_static_for<MR>([&](auto i) JDFP_AI {
-        const vf pa = V::bcastf(ex.pa[bl * ex.ea_ld + i]);
-        i8_static_for<NV>([&](auto v) JDFP_AI { put(i, v, V::mulf(f_of(i, v), V::mulf(pa, pb[v]))); });
+        const vf pa = V::bcastf(ex.pa[i * ex.ea_ld + bl]);
+        i8_static_for<NV>([&](auto v) JDFP_AI { put_fast(i, v, f_of(i, v), V::mulf(pa, pb[v])); });
       });
       return;
     }
     vi eb[NV];
     i8_static_for<NV>([&](auto v) JDFP_AI { eb[v] = V::load(ex.eb + bl * ex.eb_ld + v * L); });
     i8_static_for<MR>([&](auto i) JDFP_AI {
-      const vi ea = V::bcast(ex.ea[bl * ex.ea_ld + i]);
+      const vi ea = V::bcast(ex.ea[i * ex.ea_ld + bl]);
       i8_static_for<NV>([&](auto v) JDFP_AI { put(i, v, V::scale2(f_of(i, v), V::add(ea, eb[v]))); });
     });
   }
@@ -663,6 +680,7 @@ struct I8Scratch {
   I8Buf<float> pa, pb, accf;
   I8Buf<int64_t> acc64;
   I8Buf<uint8_t> fast;
+  I8Buf<int32_t> uniform;
   std::vector<int32_t> amn, amx;  // per block of a kc block: min / max of the tile's A exponents
 };
 
@@ -675,73 +693,70 @@ struct I8BCache {
 };
 constexpr size_t kI8BCacheBytes = size_t(8) << 20;
 
-// One exponent row of a kc block's block for n lanes (n_valid real, the rest 0): clamped exponents
-// and 2**clamp(e, -126, 127) written out, min / max folded in.  Returns whether a NONFINITE was seen.
-static inline bool exponent_row(const int32_t* src, int64_t stride, int64_t n_valid, int64_t n, int32_t* xe,
-                                float* pe, int32_t& mn, int32_t& mx) {
-  bool bad = false;
-  for (int64_t i = 0; i < n_valid; ++i) {
-    const int32_t raw = src[i * stride];
+// Clamped exponents (and 2**e with the fast-scale and uniform-rows flags) of kc block kb's exponent
+// blocks for the tile's rows and columns.  Returns whether a NONFINITE exponent was seen.  Both
+// sides run along contiguous exponents (a row of ea over the blocks, a block of eb over the
+// columns), so the loops vectorize: with few columns (a conv's O = 32) this ran as long as the
+// dot products.
+// One row of A's exponents over a kc block's blocks (restrict: so that GCC vectorizes it).
+template <bool kSameGroup>
+static inline int32_t exponent_row(const int32_t* __restrict src, int32_t* __restrict xa, float* __restrict pa,
+                                   int32_t* __restrict amn, int32_t* __restrict amx, int32_t* __restrict uni,
+                                   const int32_t* __restrict above, int32_t n) {
+  int32_t bad = 0;
+  for (int32_t bl = 0; bl < n; ++bl) {
+    const int32_t raw = src[bl];
     bad |= raw == kNonfiniteExponent;
-    xe[i] = eclamp(raw);
+    const int32_t e = eclamp(raw);
+    if constexpr (kSameGroup) uni[bl] &= e == above[bl];
+    xa[bl] = e;
+    pa[bl] = pow2f(clamp_i32(e, -126, 127));
+    amn[bl] = std::min(amn[bl], e);
+    amx[bl] = std::max(amx[bl], e);
   }
-  for (int64_t i = n_valid; i < n; ++i) xe[i] = 0;
-  int32_t lo = mn, hi = mx;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, xe[i]);
-    hi = std::max(hi, xe[i]);
-    pe[i] = pow2f(clamp_i32(xe[i], -126, 127));
-  }
-  mn = lo;
-  mx = hi;
   return bad;
 }
 
-// Clamped exponents (and 2**e with the fast-scale flags) of kc block kb's exponent blocks for the
-// tile's rows and columns.  Returns whether a NONFINITE exponent was seen.  The A side reads row by
-// row (ea rows are contiguous over blocks), the B side block by block (eb rows are contiguous over n).
 static inline bool tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const int32_t* ea, const int32_t* eb,
-                                  int64_t eb_j, const Tile& T, int64_t mbp, int64_t nbp, I8Scratch& s) {
+                                  int64_t eb_j, const Tile& T, int64_t mbp, int64_t nbp, int mr, I8Scratch& s) {
   const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
   const int32_t nblk = kb.nblk;
-  bool bad = false;
-  for (int32_t bl = 0; bl < nblk; ++bl) {
-    // The A side, block by block: the tile's rows are read down a column of ea (they stay in L1
-    // from one block to the next) and the block's min / max stay in registers.
-    const int32_t* col = ea + T.m0 * P.ea_mstride + kb.blk_first + bl;
-    int32_t* xa = s.ea.p + bl * mbp;
-    float* pa = s.pa.p + bl * mbp;
-    int32_t lo = 0, hi = 0;
-    for (int64_t i = 0; i < mb; ++i) {
-      const int32_t raw = col[i * P.ea_mstride];
-      bad |= raw == kNonfiniteExponent;
-      const int32_t e = eclamp(raw);
-      xa[i] = e;
-      pa[i] = pow2f(clamp_i32(e, -126, 127));
-      lo = std::min(lo, e);
-      hi = std::max(hi, e);
-    }
-    for (int64_t i = mb; i < mbp; ++i) xa[i] = 0, pa[i] = 1.0f;  // padding rows: exponent 0
-    s.amn[size_t(bl)] = lo, s.amx[size_t(bl)] = hi;
+  int32_t* amn = s.amn.data();
+  int32_t* amx = s.amx.data();
+  int32_t* uni = s.uniform.p;
+  for (int32_t bl = 0; bl < nblk; ++bl) amn[bl] = 0, amx[bl] = 0, uni[bl] = 1;
+  int32_t bad = 0;
+  for (int64_t i = 0; i < mbp; ++i) {
+    // Padding rows repeat the last row's exponents (their products are 0 whatever the scale).
+    const int32_t* src = ea + (T.m0 + std::min(i, mb - 1)) * P.ea_mstride + kb.blk_first;
+    int32_t* xa = s.ea.p + i * nblk;
+    float* pa = s.pa.p + i * nblk;
+    // Rows after the first of a micro-tile compare with the row above (uniform).
+    bad |= i % mr ? exponent_row<true>(src, xa, pa, amn, amx, uni, xa - nblk, nblk)
+                  : exponent_row<false>(src, xa, pa, amn, amx, uni, nullptr, nblk);
   }
   for (int32_t bl = 0; bl < nblk; ++bl) {
     const int32_t* src = eb + (kb.blk_first + bl) * eb_j + T.n0 * P.eb_nstride;
     int32_t* xe = s.eb.p + bl * nbp;
     float* pe = s.pb.p + bl * nbp;
     int32_t bmn = 0, bmx = 0;
-    for (int64_t i = 0; i < nbp; ++i) {
-      const int32_t raw = i < nb ? src[i * P.eb_nstride] : 0;
+    auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
       bad |= raw == kNonfiniteExponent;
       const int32_t e = eclamp(raw);
       xe[i] = e;
       pe[i] = pow2f(clamp_i32(e, -126, 127));
       bmn = std::min(bmn, e);
       bmx = std::max(bmx, e);
+    };
+    if (P.eb_nstride == 1) {
+      for (int64_t i = 0; i < nb; ++i) one(i, src[i]);
+    } else {
+      for (int64_t i = 0; i < nb; ++i) one(i, src[i * P.eb_nstride]);
     }
-    const int32_t lo = s.amn[size_t(bl)], hi = s.amx[size_t(bl)];
-    s.fast.p[bl] = lo >= -126 && bmn >= -126 && hi <= 127 && bmx <= 127 && lo + bmn >= -126 && hi + bmx <= 127;
+    for (int64_t i = nb; i < nbp; ++i) one(i, 0);
+    s.fast.p[bl] = fast_scale_block(amn[bl], amx[bl], bmn, bmx);
   }
-  return bad;
+  return bad != 0;
 }
 
 // NaN for NONFINITE exponents, zeros for K == 0 (as gemm_driver.h's tile_epilogue).
@@ -801,6 +816,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
     s.eb.get(size_t(nbp) * P.max_nblk);
     s.pb.get(size_t(nbp) * P.max_nblk);
     s.fast.get(size_t(P.max_nblk));
+    s.uniform.get(size_t(P.max_nblk));
     if (s.amn.size() < size_t(P.max_nblk)) s.amn.resize(size_t(P.max_nblk)), s.amx.resize(size_t(P.max_nblk));
     const int8_t* asrc = P.a + P.a_off[T.batch];
     const int8_t* bsrc = P.b + P.b_off[T.batch];
@@ -818,7 +834,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
         pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0, mb, pcs, npcs, kb.quads, apk, V::kShiftB ? comp : nullptr, mm);
         if (!mm.ok(P.qmax_a)) return 1;
       }
-      nonfinite |= tile_exponents(P, kb, ea, eb, eb_j, T, mbp, nbp, s);
+      nonfinite |= tile_exponents(P, kb, ea, eb, eb_j, T, mbp, nbp, MR, s);
       const bool last = kbi == P.nkcb - 1;
       UkI8Args u{};
       u.pcs = pcs;
@@ -835,7 +851,8 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
           u.acc32 = acc32 + t;
           u.acc64 = acc64 + t;
           u.accf = kScaled ? accf + t : nullptr;
-          u.ex = I8Exps{s.ea.p + ir, s.eb.p + jr, s.pa.p + ir, s.pb.p + jr, s.fast.p, mbp, nbp};
+          u.ex = I8Exps{s.ea.p + ir * kb.nblk, s.eb.p + jr, s.pa.p + ir * kb.nblk, s.pb.p + jr, s.fast.p, s.uniform.p,
+                        kb.nblk, nbp};
           alignas(64) float edge[MR * NR];
           const bool direct = mv == MR && nv == NR;
           u.C = last ? (direct ? cdst : edge) : nullptr;

@@ -28,6 +28,7 @@ struct VI8Scalar {
   static inline vi add(vi a, vi b) { return int32_t(uint32_t(a) + uint32_t(b)); }
   static inline vf addf(vf a, vf b) { return a + b; }
   static inline vf mulf(vf a, vf b) { return a * b; }
+  static inline vf fmaf(vf a, vf b, vf c) { return a * b + c; }  // a * b exact where used
   static inline vi dp(vi acc, vi b, vi a) {
     uint32_t s = uint32_t(acc);
     for (int t = 0; t < 4; ++t) s += uint32_t(int32_t(int8_t(b >> (8 * t))) * int32_t(int8_t(a >> (8 * t))));

@@ -217,33 +217,34 @@ def test_block_exponents_blockwise(isa):
     bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
 
 
-def test_block_scale_fast_and_general_paths(isa):
-  # The SIMD kernels scale a closed block by one multiply with 2**ea * 2**eb when every exponent of
-  # the block (over the tile) keeps 2**ea, 2**eb and 2**(ea + eb) normal, else by scale2's two
-  # multiplies.  Blocks on both sides of that line, side by side in one GEMM: sums of exactly 127
-  # and -126 (fast), 128 / -127 and single exponents beyond 127 / -126 (general), overflow to inf and
-  # flushing included.
+@pytest.mark.parametrize("bits", [14, 8])
+def test_block_scale_fast_and_general_paths(isa, bits):
+  # The SIMD kernels scale a closed block by one multiply (or multiply-add) with 2**ea * 2**eb when
+  # every exponent of the block over the tile keeps 2**ea, 2**eb and 2**(ea + eb) normal and
+  # ea + eb <= 63, else by scale2's two multiplies; the INT8 kernel also takes one scale per column
+  # when a micro-tile's rows share their exponent.  Exponent ranges on both sides of those lines
+  # (sums of 63 / 64, 127 / 128, -126 / -127, single exponents beyond 127 / -126), each in a GEMM of
+  # its own so no block hides under a larger one, rows alike (HBFP's 24-row tiles) and not, overflow
+  # to inf and flushing included; bits 8 runs the INT8 kernel too.
+  from jdfp._src.ffi.gemm_i8 import gemm_i8
   rng = np.random.default_rng(11)
-  m, n, bk = 13, 35, 4
-  choices = [((-10, 10), (-10, 10)), ((63, 64), (63, 63)), ((-63, -63), (-63, -62)), ((64, 64), (60, 63)),
-             ((-64, -63), (-63, -63)), ((127, 127), (-5, 1)), ((-130, -126), (0, 3)), ((80, 90), (-1, 0))]
-  kb = len(choices)
-  a = rng.integers(-8191, 8192, (m, kb * bk), dtype=np.int16)
-  b = rng.integers(-8191, 8192, (kb * bk, n), dtype=np.int16)
-  ea = np.stack([rng.integers(lo, hi + 1, m) for (lo, hi), _ in choices], axis=1).astype(np.int32)
-  eb = np.stack([rng.integers(lo, hi + 1, n) for _, (lo, hi) in choices], axis=0).astype(np.int32)
-  # The blocks with large positive exponents (odd j) add +-2**(ea + eb) to one row in four each, so
-  # most results stay finite; block 5's sums of 128 overflow.
-  for j in (1, 3, 5, 7):
-    a[:, j * bk:(j + 1) * bk] = 0
-    b[j * bk:(j + 1) * bk] = 0
-    b[j * bk] = rng.choice([-1, 1], n)
-  for r in range(m):
-    a[r, (2 * (r % 4) + 1) * bk] = rng.choice([-1, 1])
-  kw = dict(bits_a=14, bits_b=14, block_k=bk)
-  want = _oracle(a, b, ea, eb, **kw)
-  assert np.isinf(want).any() and np.isfinite(want).any()
-  bits_eq(_run(a, b, ea, eb, isa=isa, **kw), want)
+  m, n, bk, kb = 50, 35, 4, 3
+  q = qmax(bits)
+  choices = [((-10, 10), (-10, 10)), ((31, 32), (31, 32)), ((-63, -63), (-63, -62)), ((63, 64), (63, 63)),
+             ((-64, -63), (-63, -63)), ((127, 127), (-5, 1)), ((-130, -126), (0, 3)), ((80, 90), (-1, 0)),
+             ((64, 64), (60, 63)), ((-20, -10), (-20, -10)), ((-140, -100), (-30, -20))]
+  kw = dict(bits_a=bits, bits_b=bits, block_k=bk)
+  for (alo, ahi), (blo, bhi) in choices:
+    a = rng.integers(-q, q + 1, (m, kb * bk)).astype(np.int16)
+    b = rng.integers(-q, q + 1, (kb * bk, n)).astype(np.int16)
+    ea = rng.integers(alo, ahi + 1, (m, kb)).astype(np.int32)
+    eb = rng.integers(blo, bhi + 1, (kb, n)).astype(np.int32)
+    ea[:, 1] = np.repeat(ea[::24, 1], 24)[:m]  # block 1: rows alike in groups of 24
+    want = _oracle(a, b, ea, eb, **kw)
+    bits_eq(_run(a, b, ea, eb, isa=isa, **kw), want)
+    if bits == 8:
+      bits_eq(gemm_i8(jnp.asarray(a, jnp.int8), jnp.asarray(b, jnp.int8), jnp.asarray(ea), jnp.asarray(eb), isa=isa,
+                      **kw), want)
 
 
 def test_batch_broadcasting_and_exponent_broadcast(isa):
