@@ -45,6 +45,7 @@ struct Scratch {
   AlignedBuf<int32_t> eapack, ebpack;
   AlignedBuf<float> papack, pbpack;  // 2**e of eapack / ebpack (fast blocks)
   AlignedBuf<uint8_t> fast;          // per block of the kc block: the fast scale applies
+  AlignedBuf<int32_t> uniform, amn, amx;  // per block: micro-tiles' rows alike; min / max of ea
   AlignedBuf<int64_t> acc64;  // exact block sums of the tile between kc blocks
   AlignedBuf<int64_t> wide;   // SIMD kernels: widened parts of blocks longer than kMaxWhPieces pieces
   AlignedBuf<float> cacc;     // FP32 accumulators of the tile between kc blocks (KB > 1)
@@ -251,13 +252,14 @@ struct UkArgs {
   float* C;        // null, or the last kc block's destination (MR x NR floats, row stride ldc)
   int64_t ldc;
   bool scaled;     // KB > 1: acc += scale2(f(S_j), ea_j + eb_j)
-  const int32_t* eap;  // eap[bl * ea_ld + i], ebp[bl * eb_ld + j]: clamped exponents (KB > 1)
+  const int32_t* eap;  // eap[i * ea_ld + bl], ebp[bl * eb_ld + j]: clamped exponents (KB > 1)
   int64_t ea_ld;
   const int32_t* ebp;
   int64_t eb_ld;
-  const float* pap;     // 2**eap, 2**ebp (same layout), read for blocks with fast[bl] set
+  const float* pap;     // 2**eap, 2**ebp (same layouts), read for blocks with fast[bl] set
   const float* pbp;
   const uint8_t* fast;
+  const int32_t* uniform;  // per block: the micro-tile's rows share one exponent (one scale per column)
   bool fuse;       // KB == 1 with one exponent pair for the tile: store scale2(f(S), fuse_e)
   int32_t fuse_e;
 };
@@ -285,6 +287,9 @@ struct TileState {
   float* pap = nullptr;    // 2**eap, 2**ebp
   float* pbp = nullptr;
   uint8_t* fast = nullptr;  // per block of the kc block (block_exponents)
+  int32_t* uniform = nullptr;
+  int32_t* amn = nullptr;
+  int32_t* amx = nullptr;
   int64_t* acc64 = nullptr;
   int64_t* wide = nullptr;
   float* accf = nullptr;
@@ -369,32 +374,61 @@ static inline void tile_caches_commit(const Problem& P, const Tile& T, const Til
   }
 }
 
-// Clamped exponents of the blocks kc block kb touches, for the tile's rows (eap) and columns (ebp),
-// their powers of two (pap, pbp), and per block whether the fast scale applies (fast): every
-// 2**ea, 2**eb and 2**(ea + eb) a normal float32, where scale2(f, ea + eb) == f * (2**ea * 2**eb)
-// exactly (the product of two powers is exact, and scale2's second factor is 1).  Padding rows and
-// columns get exponent 0.
-static inline void block_exponents(const Problem& P, const Tile& T, const KcBlock& kb, TileState& st) {
-  for (int32_t bl = 0; bl < kb.nblk; ++bl) {
-    const int64_t j = kb.blk_first + bl;
-    int32_t amn = 0, amx = 0, bmn = 0, bmx = 0;
-    int32_t* er = st.eap + bl * st.mbp;
-    float* pr = st.pap + bl * st.mbp;
-    for (int64_t i = 0; i < st.mbp; ++i) {
-      const int32_t e = (i < st.mb) ? eclamp(st.ea[(T.m0 + i) * P.ea_mstride + j]) : 0;
-      er[i] = e;
-      pr[i] = pow2f(clamp_i32(e, -126, 127));
-      amn = std::min(amn, e), amx = std::max(amx, e);
+// One row of A's exponents over a kc block's blocks (restrict: so that GCC vectorizes it); rows after
+// the first of a micro-tile also clear uni[bl] where they differ from the row above.
+template <bool kSameGroup>
+static inline void block_exponent_row(const int32_t* __restrict src, int32_t* __restrict er, float* __restrict pr,
+                                      int32_t* __restrict amn, int32_t* __restrict amx, int32_t* __restrict uni,
+                                      const int32_t* __restrict above, int32_t n) {
+  for (int32_t bl = 0; bl < n; ++bl) {
+    const int32_t e = eclamp(src[bl]);
+    if constexpr (kSameGroup) uni[bl] &= e == above[bl];
+    er[bl] = e;
+    pr[bl] = pow2f(clamp_i32(e, -126, 127));
+    amn[bl] = std::min(amn[bl], e);
+    amx[bl] = std::max(amx[bl], e);
+  }
+}
+
+// Clamped exponents of the blocks kc block kb touches for the tile's rows (eap, [mbp][nblk]: a row
+// of ea over the blocks is contiguous, so the loop vectorizes) and columns (ebp, [nblk][nbp]), their
+// powers of two (pap, pbp), and per block whether the fast scale applies (fast: fast_scale_block)
+// and whether every micro-tile's rows share one exponent (uniform).  Padding rows repeat the last
+// row's exponents, padding columns get 0 (their products are 0 whatever the scale).
+static inline void block_exponents(const Problem& P, const Tile& T, const KcBlock& kb, int mr, TileState& st) {
+  const int32_t nblk = kb.nblk;
+  int32_t* amn = st.amn;
+  int32_t* amx = st.amx;
+  int32_t* uni = st.uniform;
+  for (int32_t bl = 0; bl < nblk; ++bl) amn[bl] = 0, amx[bl] = 0, uni[bl] = 1;
+  for (int64_t i = 0; i < st.mbp; ++i) {
+    const int32_t* src = st.ea + (T.m0 + std::min(i, st.mb - 1)) * P.ea_mstride + kb.blk_first;
+    int32_t* er = st.eap + i * nblk;
+    float* pr = st.pap + i * nblk;
+    if (i % mr) {
+      block_exponent_row<true>(src, er, pr, amn, amx, uni, er - nblk, nblk);
+    } else {
+      block_exponent_row<false>(src, er, pr, amn, amx, uni, nullptr, nblk);
     }
+  }
+  for (int32_t bl = 0; bl < nblk; ++bl) {
+    const int32_t* src = st.eb + (kb.blk_first + bl) * st.eb_j + T.n0 * P.eb_nstride;
+    int32_t bmn = 0, bmx = 0;
     int32_t* ec = st.ebp + bl * st.nbp;
     float* pc = st.pbp + bl * st.nbp;
-    for (int64_t i = 0; i < st.nbp; ++i) {
-      const int32_t e = (i < st.nb) ? eclamp(st.eb[j * st.eb_j + (T.n0 + i) * P.eb_nstride]) : 0;
+    auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
+      const int32_t e = eclamp(raw);
       ec[i] = e;
       pc[i] = pow2f(clamp_i32(e, -126, 127));
       bmn = std::min(bmn, e), bmx = std::max(bmx, e);
+    };
+    if (P.eb_nstride == 1) {
+      for (int64_t i = 0; i < st.nb; ++i) one(i, src[i]);
+    } else {
+      for (int64_t i = 0; i < st.nb; ++i) one(i, src[i * P.eb_nstride]);
     }
-    st.fast[bl] = amn >= -126 && bmn >= -126 && amx <= 127 && bmx <= 127 && amn + bmn >= -126 && amx + bmx <= 127;
+    for (int64_t i = st.nb; i < st.nbp; ++i) one(i, 0);
+    st.fast[bl] = fast_scale_block(amn[bl], amx[bl], bmn, bmx);
   }
 }
 
@@ -437,7 +471,7 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   } else if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, st.ap) > P.qmax_a) {
     return 1;
   }
-  if (st.scaled) block_exponents(P, T, kb, st);
+  if (st.scaled) block_exponents(P, T, kb, UK::MR, st);
   return 0;
 }
 
@@ -481,7 +515,7 @@ static inline void macro_kernel(const Problem& P, const Tile& T, int64_t kbi, Ti
   u.blk_out = !last && P.pieces[kb.piece_end].blk == P.pieces[kb.piece_end - 1].blk;
   u.first = kbi == 0;
   u.scaled = st.scaled;
-  u.ea_ld = st.mbp;
+  u.ea_ld = kb.nblk;
   u.eb_ld = st.nbp;
   u.fuse = st.fused && last;
   u.fuse_e = st.fuse_e;
@@ -500,11 +534,12 @@ static inline void macro_kernel(const Problem& P, const Tile& T, int64_t kbi, Ti
       u.acc64 = a64;
       u.wide = w64;
       u.accf = af;
-      u.eap = st.eap ? st.eap + ir : nullptr;
+      u.eap = st.eap ? st.eap + ir * kb.nblk : nullptr;
       u.ebp = st.ebp ? st.ebp + jr : nullptr;
-      u.pap = st.pap ? st.pap + ir : nullptr;
+      u.pap = st.pap ? st.pap + ir * kb.nblk : nullptr;
       u.pbp = st.pbp ? st.pbp + jr : nullptr;
       u.fast = st.fast;
+      u.uniform = st.uniform;
       if (!last || (mv == MR && nv == NR)) {
         u.C = last ? cdst : nullptr;
         u.ldc = P.ldc;
@@ -593,6 +628,9 @@ int run_tile(const Problem& P, const Tile& T) {
       st.pap = s.papack.get(size_t(st.mbp) * P.max_nblk);
       st.pbp = s.pbpack.get(size_t(st.nbp) * P.max_nblk);
       st.fast = s.fast.get(size_t(P.max_nblk));
+      st.uniform = s.uniform.get(size_t(P.max_nblk));
+      st.amn = s.amn.get(size_t(P.max_nblk));
+      st.amx = s.amx.get(size_t(P.max_nblk));
     }
     const size_t nacc = st.one_kc ? size_t(MR * NR) : size_t(st.mbp) * st.nbp;
     st.acc64 = s.acc64.get(nacc);

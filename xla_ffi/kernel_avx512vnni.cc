@@ -635,6 +635,7 @@ struct V512 {
   static inline vf cvt(vi x) { return _mm512_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm512_add_ps(a, b); }
   static inline vf mulf(vf a, vf b) { return _mm512_mul_ps(a, b); }
+  static inline vf fmaf(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
   static inline vf bcastf(float x) { return _mm512_set1_ps(x); }
   static inline vi add(vi a, vi b) { return _mm512_add_epi32(a, b); }
   // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h, as

@@ -42,7 +42,7 @@ struct UkScalar {
           const float f = i64_to_f32(u.acc64[i * NR + j]);  // f(S): the one rounding of the block
           if (u.scaled) {
             float& acc = u.accf[i * NR + j];
-            acc = acc + scale2(f, u.eap[pc.bl * u.ea_ld + i] + u.ebp[pc.bl * u.eb_ld + j]);
+            acc = acc + scale2(f, u.eap[i * u.ea_ld + pc.bl] + u.ebp[pc.bl * u.eb_ld + j]);
           } else {  // KB == 1: the block is the whole of K, closed in the last kc block
             u.C[i * u.ldc + j] = u.fuse ? scale2(f, u.fuse_e) : f;
           }

@@ -191,27 +191,37 @@ struct UkSimd {
   template <class F>
   static inline __attribute__((always_inline)) void close_block(const UkArgs& u, const Piece& pc, F&& f_of) {
     if (u.scaled && u.fast[pc.bl]) {
-      // Every 2**ea, 2**eb and 2**(ea + eb) of the block is a normal float32 (driver's
-      // block_exponents): scale2(f, ea + eb) is then f * (2**ea * 2**eb), one rounding.
-      const float* pr = u.pap + pc.bl * u.ea_ld;
+      // Every 2**ea, 2**eb and 2**(ea + eb) of the block is normal and ea + eb <= 63 (driver's
+      // block_exponents, fast_scale_block): scale2(f, ea + eb) is f * (2**ea * 2**eb), exact, so
+      // acc + it is one multiply-add (V::fmaf).  Rows alike: one scale per column.
+      const float* pr = u.pap + pc.bl;
       vf pb[NV];
       static_for<NV>([&](auto v) __attribute__((always_inline)) { pb[v] = V::loadf(u.pbp + pc.bl * u.eb_ld + v * V::kLanes); });
-      static_for<MR>([&](auto i) __attribute__((always_inline)) {
-        const vf pa = V::bcastf(pr[i]);
-        static_for<NV>([&](auto v) __attribute__((always_inline)) {
-          float* d = u.accf + i * NR + v * V::kLanes;
-          V::storef(d, V::addf(V::loadf(d), V::mulf(f_of(i, v), V::mulf(pa, pb[v]))));
+      auto add = [&](auto i, auto v, vf sc) __attribute__((always_inline)) {
+        float* d = u.accf + i * NR + v * V::kLanes;
+        V::storef(d, V::fmaf(f_of(i, v), sc, V::loadf(d)));
+      };
+      if (u.uniform[pc.bl]) {
+        const vf pa = V::bcastf(pr[0]);
+        static_for<NV>([&](auto v) __attribute__((always_inline)) { pb[v] = V::mulf(pa, pb[v]); });
+        static_for<MR>([&](auto i) __attribute__((always_inline)) {
+          static_for<NV>([&](auto v) __attribute__((always_inline)) { add(i, v, pb[v]); });
         });
+        return;
+      }
+      static_for<MR>([&](auto i) __attribute__((always_inline)) {
+        const vf pa = V::bcastf(pr[i * u.ea_ld]);
+        static_for<NV>([&](auto v) __attribute__((always_inline)) { add(i, v, V::mulf(pa, pb[v])); });
       });
       return;
     }
     if (u.scaled) {
-      const int32_t* er = u.eap + pc.bl * u.ea_ld;
+      const int32_t* er = u.eap + pc.bl;
       const int32_t* ec = u.ebp + pc.bl * u.eb_ld;
       vi eb[NV];
       static_for<NV>([&](auto v) __attribute__((always_inline)) { eb[v] = V::load(ec + v * V::kLanes); });
       static_for<MR>([&](auto i) __attribute__((always_inline)) {
-        const vi ea = V::bcast(er[i]);
+        const vi ea = V::bcast(er[i * u.ea_ld]);
         static_for<NV>([&](auto v) __attribute__((always_inline)) {
           float* d = u.accf + i * NR + v * V::kLanes;
           V::storef(d, V::addf(V::loadf(d), V::scale2(f_of(i, v), V::add(ea, eb[v]))));

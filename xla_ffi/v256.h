@@ -25,6 +25,8 @@ struct V256Base {
   static inline vf cvt(vi x) { return _mm256_cvtepi32_ps(x); }
   static inline vf addf(vf a, vf b) { return _mm256_add_ps(a, b); }
   static inline vf mulf(vf a, vf b) { return _mm256_mul_ps(a, b); }
+  // No FMA in these TUs' flags: a * b is exact wherever fmaf is used, so two steps give the same.
+  static inline vf fmaf(vf a, vf b, vf c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
   static inline vf bcastf(float x) { return _mm256_set1_ps(x); }
   static inline vi add(vi a, vi b) { return _mm256_add_epi32(a, b); }
   // F' = F + sext16(((w >> 16) - F) mod 2**16), the update of ukernel_simd.h (vpmaddwd by the word
