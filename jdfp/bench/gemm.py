@@ -6,9 +6,10 @@ Candidates (all jitted, same process, timed round-robin; GOP/s counts 2*M*K*N):
   jdfp_i16   jdfp kernel, int16 inputs                (exact, docs/arithmetic.md)
   jdfp_f32q  jdfp kernel, float32 inputs quantized while packing (no int16 copy)
   jdfp_i8    jdfp INT8 kernel (vpdpbusd), int8 inputs, per-tensor DFP(8) exponents
-  jdfp_i8b24 the same with exponent blocks of 24 along K (HBFP8 tiles: per (row, block) and
-             (block, column) exponents)
-  jdfp_i8b32 the same with blocks of 32 (MX style)
+  jdfp_i8b24 the same with exponent blocks of 24 along K, as HBFP8's 24x24 tiles give them (rows
+             and columns alike in groups of 24)
+  jdfp_i8b32 the same with blocks of 32 and an exponent per (row, block) and (block, column) (MX
+             style: `BFP(7, block=32, axis=-1)`)
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def int8_candidates(rng, m, k, n, isa):
     kb = 1 if bk is None else -(-k // bk)
     ea = e1 if bk is None else jnp.asarray(rng.integers(-12, -8, (m, kb)).astype("int32"))
     eb = e1 if bk is None else jnp.asarray(rng.integers(-12, -8, (kb, n)).astype("int32"))
+    if bk == 24:  # HBFP tiles: one exponent per 24 rows (columns) of each block
+      ea, eb = jnp.repeat(ea[::24], 24, axis=0)[:m], jnp.repeat(eb[:, ::24], 24, axis=1)[:, :n]
     f = jax.jit(lambda x, y, ex, ey, bk=bk: kernels.gemm_i8(x, y, ex, ey, bits_a=8, bits_b=8, block_k=bk, isa=isa))
     fns[name] = lambda f=f, ea=ea, eb=eb: f(a8, b8, ea, eb)
   return fns
