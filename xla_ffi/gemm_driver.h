@@ -290,6 +290,7 @@ struct TileState {
   int32_t* uniform = nullptr;
   int32_t* amn = nullptr;
   int32_t* amx = nullptr;
+  bool nonfinite = false;  // KB > 1: a NONFINITE exponent among the tile's (block_exponents)
   int64_t* acc64 = nullptr;
   int64_t* wide = nullptr;
   float* accf = nullptr;
@@ -377,10 +378,12 @@ static inline void tile_caches_commit(const Problem& P, const Tile& T, const Til
 // One row of A's exponents over a kc block's blocks (restrict: so that GCC vectorizes it); rows after
 // the first of a micro-tile also clear uni[bl] where they differ from the row above.
 template <bool kSameGroup>
-static inline void block_exponent_row(const int32_t* __restrict src, int32_t* __restrict er, float* __restrict pr,
+static inline bool block_exponent_row(const int32_t* __restrict src, int32_t* __restrict er, float* __restrict pr,
                                       int32_t* __restrict amn, int32_t* __restrict amx, int32_t* __restrict uni,
                                       const int32_t* __restrict above, int32_t n) {
+  int32_t bad = 0;
   for (int32_t bl = 0; bl < n; ++bl) {
+    bad |= src[bl] == kNonfiniteExponent;
     const int32_t e = eclamp(src[bl]);
     if constexpr (kSameGroup) uni[bl] &= e == above[bl];
     er[bl] = e;
@@ -388,13 +391,15 @@ static inline void block_exponent_row(const int32_t* __restrict src, int32_t* __
     amn[bl] = std::min(amn[bl], e);
     amx[bl] = std::max(amx[bl], e);
   }
+  return bad != 0;
 }
 
 // Clamped exponents of the blocks kc block kb touches for the tile's rows (eap, [mbp][nblk]: a row
 // of ea over the blocks is contiguous, so the loop vectorizes) and columns (ebp, [nblk][nbp]), their
 // powers of two (pap, pbp), and per block whether the fast scale applies (fast: fast_scale_block)
 // and whether every micro-tile's rows share one exponent (uniform).  Padding rows repeat the last
-// row's exponents, padding columns get 0 (their products are 0 whatever the scale).
+// row's exponents, padding columns get 0 (their products are 0 whatever the scale).  Notes in
+// st.nonfinite whether a NONFINITE exponent was seen (else the epilogue has nothing to do).
 static inline void block_exponents(const Problem& P, const Tile& T, const KcBlock& kb, int mr, TileState& st) {
   const int32_t nblk = kb.nblk;
   int32_t* amn = st.amn;
@@ -405,11 +410,8 @@ static inline void block_exponents(const Problem& P, const Tile& T, const KcBloc
     const int32_t* src = st.ea + (T.m0 + std::min(i, st.mb - 1)) * P.ea_mstride + kb.blk_first;
     int32_t* er = st.eap + i * nblk;
     float* pr = st.pap + i * nblk;
-    if (i % mr) {
-      block_exponent_row<true>(src, er, pr, amn, amx, uni, er - nblk, nblk);
-    } else {
-      block_exponent_row<false>(src, er, pr, amn, amx, uni, nullptr, nblk);
-    }
+    st.nonfinite |= i % mr ? block_exponent_row<true>(src, er, pr, amn, amx, uni, er - nblk, nblk)
+                           : block_exponent_row<false>(src, er, pr, amn, amx, uni, nullptr, nblk);
   }
   for (int32_t bl = 0; bl < nblk; ++bl) {
     const int32_t* src = st.eb + (kb.blk_first + bl) * st.eb_j + T.n0 * P.eb_nstride;
@@ -417,6 +419,7 @@ static inline void block_exponents(const Problem& P, const Tile& T, const KcBloc
     int32_t* ec = st.ebp + bl * st.nbp;
     float* pc = st.pbp + bl * st.nbp;
     auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
+      st.nonfinite |= raw == kNonfiniteExponent;
       const int32_t e = eclamp(raw);
       ec[i] = e;
       pc[i] = pow2f(clamp_i32(e, -126, 127));
@@ -562,6 +565,8 @@ static inline void tile_epilogue(const Problem& P, const Tile& T, const TileStat
   const int32_t* ea = st.ea;
   const int32_t* eb = st.eb;
   if (st.fused && ea[0] != kNonfiniteExponent && eb[0] != kNonfiniteExponent) return;  // nothing left to do
+  // KB > 1: block_exponents saw every exponent of the tile (a scan here cost O((M + N) * KB) a tile).
+  if (st.scaled && P.K > 0 && !st.nonfinite) return;
   const int64_t nb = st.nb;
   const float qnan = __builtin_nanf("");
   bool any_col_bad = false;
