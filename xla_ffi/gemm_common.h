@@ -63,6 +63,81 @@ static inline bool fast_scale_block(int32_t amn, int32_t amx, int32_t bmn, int32
 }
 static inline int32_t eclamp(int32_t e) { return clamp_i32(e, -kExponentClamp, kExponentClamp); }
 
+// One row of A's exponents over a kc block's blocks: clamped, 2**clamp(e, -126, 127), min / max per
+// block; rows after the first of a micro-tile also clear uni[bl] where they differ from the row
+// above.  restrict: so that GCC vectorizes it.  Returns whether a NONFINITE exponent was seen.
+template <bool kSameGroup>
+static inline bool exponent_row(const int32_t* __restrict src, int32_t* __restrict xa, float* __restrict pa,
+                                int32_t* __restrict amn, int32_t* __restrict amx, int32_t* __restrict uni,
+                                const int32_t* __restrict above, int32_t n) {
+  int32_t bad = 0;
+  for (int32_t bl = 0; bl < n; ++bl) {
+    const int32_t raw = src[bl];
+    bad |= raw == kNonfiniteExponent;
+    const int32_t e = eclamp(raw);
+    if constexpr (kSameGroup) uni[bl] &= e == above[bl];
+    xa[bl] = e;
+    pa[bl] = pow2f(clamp_i32(e, -126, 127));
+    amn[bl] = amn[bl] < e ? amn[bl] : e;
+    amx[bl] = amx[bl] > e ? amx[bl] : e;
+  }
+  return bad != 0;
+}
+
+// Where the exponents of one kc block go for one tile, and scratch (every array >= nblk blocks).
+struct TileExponents {
+  int32_t* ea;       // [mbp][nblk] clamped exponents of the tile's rows (a row over the blocks)
+  float* pa;         // 2**ea, same layout
+  int32_t* eb;       // [nblk][nbp] the columns' (a block over the columns)
+  float* pb;         // 2**eb
+  uint8_t* fast;     // per block: fast_scale_block
+  int32_t* uniform;  // per block: every micro-tile's rows (groups of mr) share one exponent
+  int32_t* amn;      // scratch: min / max of the rows' exponents per block
+  int32_t* amx;
+};
+
+// The INT16 and INT8 drivers' exponent preparation for kc block [blk_first, blk_first + nblk) of a
+// tile: rows [m0, m0 + mb) of ea (row stride ea_mstride; padding rows up to mbp repeat the last row,
+// their products are 0 whatever the scale), columns [n0, n0 + nb) of eb (block stride eb_j, column
+// stride eb_nstride; padding columns get 0).  Both sides run along contiguous exponents, so the loops
+// vectorize: with few columns (a conv's O = 32) the strided per-block loops this replaced ran as long
+// as the dot products.  Returns whether a NONFINITE exponent was seen.
+static inline bool tile_exponents(const int32_t* ea, int64_t ea_mstride, int64_t m0, int64_t mb, int64_t mbp,
+                                  const int32_t* eb, int64_t eb_j, int64_t eb_nstride, int64_t n0, int64_t nb,
+                                  int64_t nbp, int32_t blk_first, int32_t nblk, int mr, const TileExponents& out) {
+  for (int32_t bl = 0; bl < nblk; ++bl) out.amn[bl] = 0, out.amx[bl] = 0, out.uniform[bl] = 1;
+  bool bad = false;
+  for (int64_t i = 0; i < mbp; ++i) {
+    const int32_t* src = ea + (m0 + (i < mb ? i : mb - 1)) * ea_mstride + blk_first;
+    int32_t* xa = out.ea + i * nblk;
+    float* pa = out.pa + i * nblk;
+    bad |= i % mr ? exponent_row<true>(src, xa, pa, out.amn, out.amx, out.uniform, xa - nblk, nblk)
+                  : exponent_row<false>(src, xa, pa, out.amn, out.amx, out.uniform, nullptr, nblk);
+  }
+  for (int32_t bl = 0; bl < nblk; ++bl) {
+    const int32_t* src = eb + (blk_first + bl) * eb_j + n0 * eb_nstride;
+    int32_t* xe = out.eb + bl * nbp;
+    float* pe = out.pb + bl * nbp;
+    int32_t bmn = 0, bmx = 0;
+    auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
+      bad |= raw == kNonfiniteExponent;
+      const int32_t e = eclamp(raw);
+      xe[i] = e;
+      pe[i] = pow2f(clamp_i32(e, -126, 127));
+      bmn = bmn < e ? bmn : e;
+      bmx = bmx > e ? bmx : e;
+    };
+    if (eb_nstride == 1) {
+      for (int64_t i = 0; i < nb; ++i) one(i, src[i]);
+    } else {
+      for (int64_t i = 0; i < nb; ++i) one(i, src[i * eb_nstride]);
+    }
+    for (int64_t i = nb; i < nbp; ++i) one(i, 0);
+    out.fast[bl] = fast_scale_block(out.amn[bl], out.amx[bl], bmn, bmx);
+  }
+  return bad;
+}
+
 // The contract's f(): an exact int64 block sum as float32, rounded once, half to even (cvtsi2ss with
 // a 64-bit source rounds by MXCSR, which the workers set to round-to-nearest-even).
 static inline float i64_to_f32(int64_t s) { return float(s); }

@@ -286,11 +286,11 @@ struct TileState {
   int32_t* ebp = nullptr;
   float* pap = nullptr;    // 2**eap, 2**ebp
   float* pbp = nullptr;
-  uint8_t* fast = nullptr;  // per block of the kc block (block_exponents)
+  uint8_t* fast = nullptr;  // per block of the kc block (tile_exponents)
   int32_t* uniform = nullptr;
   int32_t* amn = nullptr;
   int32_t* amx = nullptr;
-  bool nonfinite = false;  // KB > 1: a NONFINITE exponent among the tile's (block_exponents)
+  bool nonfinite = false;  // KB > 1: a NONFINITE exponent among the tile's (tile_exponents)
   int64_t* acc64 = nullptr;
   int64_t* wide = nullptr;
   float* accf = nullptr;
@@ -375,66 +375,6 @@ static inline void tile_caches_commit(const Problem& P, const Tile& T, const Til
   }
 }
 
-// One row of A's exponents over a kc block's blocks (restrict: so that GCC vectorizes it); rows after
-// the first of a micro-tile also clear uni[bl] where they differ from the row above.
-template <bool kSameGroup>
-static inline bool block_exponent_row(const int32_t* __restrict src, int32_t* __restrict er, float* __restrict pr,
-                                      int32_t* __restrict amn, int32_t* __restrict amx, int32_t* __restrict uni,
-                                      const int32_t* __restrict above, int32_t n) {
-  int32_t bad = 0;
-  for (int32_t bl = 0; bl < n; ++bl) {
-    bad |= src[bl] == kNonfiniteExponent;
-    const int32_t e = eclamp(src[bl]);
-    if constexpr (kSameGroup) uni[bl] &= e == above[bl];
-    er[bl] = e;
-    pr[bl] = pow2f(clamp_i32(e, -126, 127));
-    amn[bl] = std::min(amn[bl], e);
-    amx[bl] = std::max(amx[bl], e);
-  }
-  return bad != 0;
-}
-
-// Clamped exponents of the blocks kc block kb touches for the tile's rows (eap, [mbp][nblk]: a row
-// of ea over the blocks is contiguous, so the loop vectorizes) and columns (ebp, [nblk][nbp]), their
-// powers of two (pap, pbp), and per block whether the fast scale applies (fast: fast_scale_block)
-// and whether every micro-tile's rows share one exponent (uniform).  Padding rows repeat the last
-// row's exponents, padding columns get 0 (their products are 0 whatever the scale).  Notes in
-// st.nonfinite whether a NONFINITE exponent was seen (else the epilogue has nothing to do).
-static inline void block_exponents(const Problem& P, const Tile& T, const KcBlock& kb, int mr, TileState& st) {
-  const int32_t nblk = kb.nblk;
-  int32_t* amn = st.amn;
-  int32_t* amx = st.amx;
-  int32_t* uni = st.uniform;
-  for (int32_t bl = 0; bl < nblk; ++bl) amn[bl] = 0, amx[bl] = 0, uni[bl] = 1;
-  for (int64_t i = 0; i < st.mbp; ++i) {
-    const int32_t* src = st.ea + (T.m0 + std::min(i, st.mb - 1)) * P.ea_mstride + kb.blk_first;
-    int32_t* er = st.eap + i * nblk;
-    float* pr = st.pap + i * nblk;
-    st.nonfinite |= i % mr ? block_exponent_row<true>(src, er, pr, amn, amx, uni, er - nblk, nblk)
-                           : block_exponent_row<false>(src, er, pr, amn, amx, uni, nullptr, nblk);
-  }
-  for (int32_t bl = 0; bl < nblk; ++bl) {
-    const int32_t* src = st.eb + (kb.blk_first + bl) * st.eb_j + T.n0 * P.eb_nstride;
-    int32_t bmn = 0, bmx = 0;
-    int32_t* ec = st.ebp + bl * st.nbp;
-    float* pc = st.pbp + bl * st.nbp;
-    auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
-      st.nonfinite |= raw == kNonfiniteExponent;
-      const int32_t e = eclamp(raw);
-      ec[i] = e;
-      pc[i] = pow2f(clamp_i32(e, -126, 127));
-      bmn = std::min(bmn, e), bmx = std::max(bmx, e);
-    };
-    if (P.eb_nstride == 1) {
-      for (int64_t i = 0; i < st.nb; ++i) one(i, src[i]);
-    } else {
-      for (int64_t i = 0; i < st.nb; ++i) one(i, src[i * P.eb_nstride]);
-    }
-    for (int64_t i = st.nb; i < st.nbp; ++i) one(i, 0);
-    st.fast[bl] = fast_scale_block(amn[bl], amx[bl], bmn, bmx);
-  }
-}
-
 // packm of one kc block: B and A micro-panels (from the cache, an int16 / float32 operand or a conv
 // gather) and, for KB > 1, the clamped exponents of the blocks it touches.  0 = ok, 1 / 2 = an A / B
 // value out of [-qmax, qmax].
@@ -474,7 +414,10 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   } else if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, st.ap) > P.qmax_a) {
     return 1;
   }
-  if (st.scaled) block_exponents(P, T, kb, UK::MR, st);
+  if (st.scaled)  // KB > 1: the epilogue has nothing to do unless a NONFINITE exponent was seen here
+    st.nonfinite |= tile_exponents(st.ea, P.ea_mstride, T.m0, st.mb, st.mbp, st.eb, st.eb_j, P.eb_nstride, T.n0,
+                                   st.nb, st.nbp, kb.blk_first, kb.nblk, UK::MR,
+                                   {st.eap, st.pap, st.ebp, st.pbp, st.fast, st.uniform, st.amn, st.amx});
   return 0;
 }
 
@@ -565,7 +508,7 @@ static inline void tile_epilogue(const Problem& P, const Tile& T, const TileStat
   const int32_t* ea = st.ea;
   const int32_t* eb = st.eb;
   if (st.fused && ea[0] != kNonfiniteExponent && eb[0] != kNonfiniteExponent) return;  // nothing left to do
-  // KB > 1: block_exponents saw every exponent of the tile (a scan here cost O((M + N) * KB) a tile).
+  // KB > 1: tile_exponents saw every exponent of the tile (a scan here cost O((M + N) * KB) a tile).
   if (st.scaled && P.K > 0 && !st.nonfinite) return;
   const int64_t nb = st.nb;
   const float qnan = __builtin_nanf("");

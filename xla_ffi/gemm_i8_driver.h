@@ -29,18 +29,6 @@
 namespace jdfp {
 namespace {
 
-// as ukernel_simd.h: a compile-time loop keeps every accumulator index constant, so GCC keeps the
-// MR x NV accumulators in registers.
-template <class F, int... I>
-static inline __attribute__((always_inline)) void i8_static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, class F>
-static inline __attribute__((always_inline)) void i8_static_for(F&& f) {
-  i8_static_for_impl(f, std::make_integer_sequence<int, N>{});
-}
-#define JDFP_AI __attribute__((always_inline))
-
 // as gemm_driver.h
 template <class T>
 struct I8Buf {
@@ -519,6 +507,17 @@ static inline void pack_any(const int8_t* src, int64_t sr, int64_t sk, int64_t r
   }
 }
 
+// as ukernel_simd.h: a compile-time loop keeps every accumulator index constant, so GCC keeps the
+// MR x NV accumulators in registers.
+template <class F, int... I>
+static inline __attribute__((always_inline)) void i8_static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+static inline __attribute__((always_inline)) void i8_static_for(F&& f) {
+  i8_static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+#define JDFP_AI __attribute__((always_inline))
 
 // Exponents of the blocks a kc block touches, for the tile's rows / columns (clamped), and per
 // block whether the fast scale applies (fast_scale_block, gemm_common.h), and whether each
@@ -693,72 +692,6 @@ struct I8BCache {
 };
 constexpr size_t kI8BCacheBytes = size_t(8) << 20;
 
-// Clamped exponents (and 2**e with the fast-scale and uniform-rows flags) of kc block kb's exponent
-// blocks for the tile's rows and columns.  Returns whether a NONFINITE exponent was seen.  Both
-// sides run along contiguous exponents (a row of ea over the blocks, a block of eb over the
-// columns), so the loops vectorize: with few columns (a conv's O = 32) this ran as long as the
-// dot products.
-// One row of A's exponents over a kc block's blocks (restrict: so that GCC vectorizes it).
-template <bool kSameGroup>
-static inline int32_t exponent_row(const int32_t* __restrict src, int32_t* __restrict xa, float* __restrict pa,
-                                   int32_t* __restrict amn, int32_t* __restrict amx, int32_t* __restrict uni,
-                                   const int32_t* __restrict above, int32_t n) {
-  int32_t bad = 0;
-  for (int32_t bl = 0; bl < n; ++bl) {
-    const int32_t raw = src[bl];
-    bad |= raw == kNonfiniteExponent;
-    const int32_t e = eclamp(raw);
-    if constexpr (kSameGroup) uni[bl] &= e == above[bl];
-    xa[bl] = e;
-    pa[bl] = pow2f(clamp_i32(e, -126, 127));
-    amn[bl] = std::min(amn[bl], e);
-    amx[bl] = std::max(amx[bl], e);
-  }
-  return bad;
-}
-
-static inline bool tile_exponents(const ProblemI8& P, const I8KcBlock& kb, const int32_t* ea, const int32_t* eb,
-                                  int64_t eb_j, const Tile& T, int64_t mbp, int64_t nbp, int mr, I8Scratch& s) {
-  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
-  const int32_t nblk = kb.nblk;
-  int32_t* amn = s.amn.data();
-  int32_t* amx = s.amx.data();
-  int32_t* uni = s.uniform.p;
-  for (int32_t bl = 0; bl < nblk; ++bl) amn[bl] = 0, amx[bl] = 0, uni[bl] = 1;
-  int32_t bad = 0;
-  for (int64_t i = 0; i < mbp; ++i) {
-    // Padding rows repeat the last row's exponents (their products are 0 whatever the scale).
-    const int32_t* src = ea + (T.m0 + std::min(i, mb - 1)) * P.ea_mstride + kb.blk_first;
-    int32_t* xa = s.ea.p + i * nblk;
-    float* pa = s.pa.p + i * nblk;
-    // Rows after the first of a micro-tile compare with the row above (uniform).
-    bad |= i % mr ? exponent_row<true>(src, xa, pa, amn, amx, uni, xa - nblk, nblk)
-                  : exponent_row<false>(src, xa, pa, amn, amx, uni, nullptr, nblk);
-  }
-  for (int32_t bl = 0; bl < nblk; ++bl) {
-    const int32_t* src = eb + (kb.blk_first + bl) * eb_j + T.n0 * P.eb_nstride;
-    int32_t* xe = s.eb.p + bl * nbp;
-    float* pe = s.pb.p + bl * nbp;
-    int32_t bmn = 0, bmx = 0;
-    auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
-      bad |= raw == kNonfiniteExponent;
-      const int32_t e = eclamp(raw);
-      xe[i] = e;
-      pe[i] = pow2f(clamp_i32(e, -126, 127));
-      bmn = std::min(bmn, e);
-      bmx = std::max(bmx, e);
-    };
-    if (P.eb_nstride == 1) {
-      for (int64_t i = 0; i < nb; ++i) one(i, src[i]);
-    } else {
-      for (int64_t i = 0; i < nb; ++i) one(i, src[i * P.eb_nstride]);
-    }
-    for (int64_t i = nb; i < nbp; ++i) one(i, 0);
-    s.fast.p[bl] = fast_scale_block(amn[bl], amx[bl], bmn, bmx);
-  }
-  return bad != 0;
-}
-
 // NaN for NONFINITE exponents, zeros for K == 0 (as gemm_driver.h's tile_epilogue).
 static inline void tile_epilogue_i8(const ProblemI8& P, const Tile& T, float* C, const int32_t* ea, const int32_t* eb,
                                     int64_t eb_j) {
@@ -834,7 +767,9 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
         pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0, mb, pcs, npcs, kb.quads, apk, V::kShiftB ? comp : nullptr, mm);
         if (!mm.ok(P.qmax_a)) return 1;
       }
-      nonfinite |= tile_exponents(P, kb, ea, eb, eb_j, T, mbp, nbp, MR, s);
+      nonfinite |= tile_exponents(ea, P.ea_mstride, T.m0, mb, mbp, eb, eb_j, P.eb_nstride, T.n0, nb, nbp,
+                                  kb.blk_first, kb.nblk, MR,
+                                  {s.ea.p, s.pa.p, s.eb.p, s.pb.p, s.fast.p, s.uniform.p, s.amn.data(), s.amx.data()});
       const bool last = kbi == P.nkcb - 1;
       UkI8Args u{};
       u.pcs = pcs;

@@ -192,7 +192,7 @@ struct UkSimd {
   static inline __attribute__((always_inline)) void close_block(const UkArgs& u, const Piece& pc, F&& f_of) {
     if (u.scaled && u.fast[pc.bl]) {
       // Every 2**ea, 2**eb and 2**(ea + eb) of the block is normal and ea + eb <= 63 (driver's
-      // block_exponents, fast_scale_block): scale2(f, ea + eb) is f * (2**ea * 2**eb), exact, so
+      // tile_exponents, fast_scale_block): scale2(f, ea + eb) is f * (2**ea * 2**eb), exact, so
       // acc + it is one multiply-add (V::fmaf).  Rows alike: one scale per column.
       const float* pr = u.pap + pc.bl;
       vf pb[NV];
