@@ -82,6 +82,16 @@ def test_ops(tmp_path, capsys):
     assert set(r["us"]) == {"lax", "jdfp", "dfp16"}
 
 
+def test_ops_recipe_candidates(tmp_path, capsys):
+  """Every recipe of jdfp.policies can be timed as a drop-in op (issue: HBFP8's drop-in target)."""
+  recipes = ["hbfp8", "hbfp12", "fp16", "bf16"]
+  _run(capsys, ["ops", "--cases", "dot:s32", "conv:cs16", "--passes", "fwd+bwd", "--candidates", "lax", *recipes,
+                "--warmup", "1", "--json", str(tmp_path / "o.json")] + FAST)
+  for r in _json(tmp_path / "o.json")["results"]:
+    _positive(r["us"].values())
+    assert set(r["vs_lax"]) == set(recipes)
+
+
 def test_ops_parts(capsys):
   out = _run(capsys, ["ops", "--parts", "64", "--warmup", "1"] + FAST)
   assert "64" in out

@@ -4,6 +4,7 @@ Every candidate is one jitted function of float32 inputs, timed round-robin in t
   lax      ``lax.dot_general`` / ``jnp.einsum`` / ``lax.conv_general_dilated`` in FP32 (the baseline)
   jdfp     ``jdfp.dot_general`` / ``jdfp.einsum`` / ``jdfp.conv_general_dilated``, default ``jdfp.Policy()``
   dfp16    the same with ``jdfp.policies.dfp16()`` (stochastic gradients: the op takes a key)
+  hbfp8, hbfp12, fp16, bf16   the other recipes of ``jdfp.policies``, on request (``--candidates``)
 Passes:
   fwd      the op alone
   fwd+bwd  the output and both input gradients: ``out, vjp = jax.vjp(op, a, b); vjp(ct)``
@@ -47,7 +48,9 @@ GROUPS = {
               "conv:cs128"],
 }
 DEFAULT_CASES = ["square", "train", "small"]
-OPS = ("lax", "jdfp", "dfp16")
+RECIPES = ("dfp16", "hbfp8", "hbfp12", "fp16", "bf16")
+OPS = ("lax", "jdfp") + RECIPES
+DEFAULT_OPS = ("lax", "jdfp", "dfp16")
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -56,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="groups (square, train, small) or op:name (dot:sq1024, einsum:attn, conv:digits); "
                       "default: %(default)s")
   p.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
-  p.add_argument("--candidates", nargs="+", default=list(OPS), choices=list(OPS))
+  p.add_argument("--candidates", nargs="+", default=list(DEFAULT_OPS), choices=list(OPS),
+                 help="default: %(default)s")
   p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--min-time", type=float, default=0.05, help="seconds per timing sample")
@@ -77,7 +81,7 @@ def expand_cases(names) -> list[str]:
   return out
 
 
-def make_case(case: str, rng):
+def make_case(case: str, rng, candidates=OPS):
   """(operands, {candidate: op(a, b, key)}, flops of the forward, shape text) of one case."""
   import jax.numpy as jnp
   from jax import lax
@@ -86,7 +90,7 @@ def make_case(case: str, rng):
 
   op, _, name = case.partition(":")
   normal = lambda shape, scale=1.0: jnp.asarray(rng.standard_normal(shape, dtype="float32") * scale)
-  policies = {"jdfp": jdfp.Policy(), "dfp16": jdfp.policies.dfp16()}
+  policies = {c: jdfp.Policy() if c == "jdfp" else getattr(jdfp.policies, c)() for c in candidates if c != "lax"}
   keyed = lambda pol: pol.grad_rounding == "stochastic" or pol.fwd_rounding == "stochastic"
   fns = {}
   if op == "conv":
@@ -203,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
   if args.parts:
     results = parts(args, rng)
   for case in ([] if args.parts else expand_cases(args.cases)):
-    (a, b), fns, flops, text = make_case(case, rng)
+    (a, b), fns, flops, text = make_case(case, rng, args.candidates)
     out_shape = jax.eval_shape(lambda x, y: fns["lax"](x, y, None), a, b).shape
     ct = jax.numpy.asarray(rng.standard_normal(out_shape, dtype="float32"))
     for pass_ in args.passes:
