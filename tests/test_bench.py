@@ -38,6 +38,21 @@ def test_every_subcommand_is_covered():
   assert set(SUBCOMMANDS) == {"gemm", "gemm_bf16", "conv", "ops", "convert", "train"}
 
 
+@pytest.mark.parametrize("tunables, on", [(None, False), ("glibc.malloc.hugetlb=1", True),
+                                          ("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2", False),
+                                          ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", True)])
+def test_host_memory_reads_the_malloc_setting(monkeypatch, tunables, on):
+  """Every benchmark records whether malloc asks for huge pages (docs/performance.md: it moves step times)."""
+  from jdfp.bench._timing import host_memory, host_memory_text
+  if tunables is None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  else:
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+  m = host_memory()
+  assert m["malloc_hugepages"] is on and m["glibc_tunables"] == tunables
+  assert host_memory_text().endswith("on" if on else "off")
+
+
 def test_gemm(tmp_path, capsys):
   out = _run(capsys, ["gemm", "--sizes", "64", "48x80x32", "--warmup", "1", "--json", str(tmp_path / "g.json")]
              + FAST)
@@ -50,6 +65,7 @@ def test_gemm(tmp_path, capsys):
     _positive(r["speedup_vs_xla_f32"].values())
     assert r["speedup_vs_xla_f32"]["xla_f32"] == 1.0
   assert data["meta"]["isa"] == kernels.best_isa()
+  assert set(data["meta"]["memory"]) == {"libc", "glibc_tunables", "malloc_hugepages", "transparent_hugepage"}
 
 
 def test_gemm_bf16(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Callable, Sequence
@@ -81,3 +82,26 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor()
+
+
+def host_memory() -> dict:
+  """How this process's large allocations are paged in, recorded with every benchmark because it
+  moves step times (docs/performance.md): XLA:CPU allocates a step's temp buffer per execution, and
+  glibc serves blocks above 32 MiB with fresh mmaps, faulted in 4 KiB at a time unless its malloc
+  asks for transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, read at start-up)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  settings = dict(t.split("=", 1) for t in tunables.split(":") if "=" in t)
+  thp = None
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      thp = f.read().split("[", 1)[1].split("]", 1)[0]
+  except (OSError, IndexError):
+    pass
+  return {"libc": " ".join(platform.libc_ver()).strip() or None, "glibc_tunables": tunables or None,
+          "malloc_hugepages": settings.get("glibc.malloc.hugetlb", "0") != "0", "transparent_hugepage": thp}
+
+
+def host_memory_text() -> str:
+  """One phrase for benchmark titles: whether malloc asks for huge pages."""
+  m = host_memory()
+  return "malloc huge pages " + ("on" if m["malloc_hugepages"] else "off")

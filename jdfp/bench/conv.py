@@ -172,10 +172,10 @@ def main(args: argparse.Namespace) -> int:
            f"jax {jax.__version__}, {os.cpu_count()} CPUs (median of {args.repeats})")
   print_table(title, cols, rows)
   if args.json:
-    from jdfp.bench._timing import cpu_name
+    from jdfp.bench._timing import cpu_name, host_memory
     meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa, "bits": bits,
             "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": cpu_name()}
+            "machine": platform.machine(), "processor": cpu_name(), "memory": host_memory()}
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
   from jax import lax
 
   from jdfp import kernels
-  from jdfp.bench._timing import cpu_name, parse_shape, print_table, time_side_by_side
+  from jdfp.bench._timing import cpu_name, host_memory, parse_shape, print_table, time_side_by_side
 
   if not kernels.kernel_available():
     raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
   if args.json:
     meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa, "bits": bits,
             "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": cpu_name()}
+            "machine": platform.machine(), "processor": cpu_name(), "memory": host_memory()}
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
 
   from jdfp import kernels
   from jdfp._src.ffi.gemm_bf16 import gemm_bf16, has_avx512_bf16
-  from jdfp.bench._timing import parse_shape, print_table, time_side_by_side
+  from jdfp.bench._timing import host_memory, parse_shape, print_table, time_side_by_side
 
   if not kernels.kernel_available():
     raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
@@ -73,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
   print_table(title, cols, rows)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"meta": {"jax": jax.__version__, "isa": isa, "cpu_count": os.cpu_count()}, "results": results},
+      json.dump({"meta": {"jax": jax.__version__, "isa": isa, "cpu_count": os.cpu_count(), "memory": host_memory()},
+                 "results": results},
                 f, indent=2)
     print(f"wrote {args.json}")
   return 0

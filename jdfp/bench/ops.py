@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
   import numpy as np
 
   from jdfp import kernels
-  from jdfp.bench._timing import cpu_name, print_table, time_side_by_side
+  from jdfp.bench._timing import cpu_name, host_memory, print_table, time_side_by_side
 
   if not kernels.kernel_available():
     raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
@@ -237,7 +237,8 @@ def main(args: argparse.Namespace) -> int:
     print_table(title, cols, rows)
   if args.json:
     meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": kernels.best_isa(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": cpu_name()}
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": cpu_name(),
+            "memory": host_memory()}
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")

@@ -6,8 +6,11 @@ Workloads (jitted step = forward + backward + optax SGD-momentum update):
         a stride-2 block to 128 with a 1x1 projection, global pooling, Dense(10)
   small 64-128-10 MLP (Dense 64 -> 128, ReLU, Dense 128 -> 10, softmax cross-entropy), batch 64:
         where the per-op fixed costs show
-  digits  the README demo's ResNet at its size: 8x8x1 inputs, batch 64, conv 3x3 1->16, one
-        residual block (3x3 16->16), a stride-2 block to 32 with a 1x1 projection, pooling, Dense(10)
+  demo  the README demo's ResNet at its size (`examples/demo.py`, without its BatchNorm scales):
+        12x12x1 inputs, batch 128, conv 3x3 1->32, one residual block (3x3 32->32), a stride-2 block
+        to 64 with a 1x1 projection, pooling, Dense(10)
+  digits  the earlier demo's ResNet (`examples/train_cnn.py`'s default): 8x8x1 inputs, batch 64,
+        widths 16 and 32: a model small enough for the per-op fixed costs to show
   transformer  a 2-layer causal transformer LM, d=256, 4 heads, seq 128, batch 16, vocabulary 256:
         pre-norm blocks of causal attention (QKV, scores, weighted values, output projection: all
         jdfp GEMMs) and a 4x GELU MLP, a vocabulary head, next-token cross-entropy
@@ -269,6 +272,7 @@ WORKLOADS = {
     "cnn": _cnn,
     "transformer": _transformer,
     "small": _small_mlp,
+    "demo": functools.partial(_cnn, batch=128, hw=12, cin=1, width=32, blocks=1),
     "digits": functools.partial(_cnn, batch=64, hw=8, cin=1, width=16, blocks=1),
 }
 
@@ -317,10 +321,11 @@ def main(args: argparse.Namespace) -> int:
   import optax
 
   import jdfp
-  from jdfp.bench._timing import print_table, time_side_by_side
+  from jdfp.bench._timing import host_memory, host_memory_text, print_table, time_side_by_side
 
   results = {"jax": jax.__version__, "python": platform.python_version(),
-             "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None, "workloads": {}}
+             "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None,
+             "memory": host_memory(), "workloads": {}}
   jax.jit(lambda a: a * 2 + 1).lower(1.0).compile()  # XLA's one-time start-up is nobody's compile time
   for wl in args.workloads:
     params, batch, loss = WORKLOADS[wl](jax.random.key(0))
@@ -370,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
                    f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_gemm_operand_bytes"]),
                    f"{st['saved_gemm_operands_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])
     results["workloads"][wl] = stats
-    print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']})",
+    print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']}, {host_memory_text()})",
                 ["candidate", "step ms", "vs fp32", "compile s", "vs fp32", "peak temp MiB", "saved activations MiB", "vs fp32",
                  "of which GEMM operands MiB", "vs fp32", "weight copies MiB"], rows)
   if args.json:
