@@ -42,7 +42,7 @@ def test_every_subcommand_is_covered():
                                           ("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2", False),
                                           ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", True)])
 def test_host_memory_reads_the_malloc_setting(monkeypatch, tunables, on):
-  """Every benchmark records whether malloc asks for huge pages (docs/performance.md: it moves step times)."""
+  """Every benchmark records whether malloc asks for huge pages (docs/op_costs.md, section on page faults: it moves step times)."""
   from jdfp.bench._timing import host_memory, host_memory_text
   if tunables is None:
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)

@@ -86,7 +86,7 @@ def cpu_name() -> str:
 
 def host_memory() -> dict:
   """How this process's large allocations are paged in, recorded with every benchmark because it
-  moves step times (docs/performance.md): XLA:CPU allocates a step's temp buffer per execution, and
+  moves step times (docs/op_costs.md, "Page faults"): XLA:CPU allocates a step's temp buffer per execution, and
   glibc serves blocks above 32 MiB with fresh mmaps, faulted in 4 KiB at a time unless its malloc
   asks for transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, read at start-up)."""
   tunables = os.environ.get("GLIBC_TUNABLES", "")
