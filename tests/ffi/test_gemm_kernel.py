@@ -209,6 +209,32 @@ def test_adversarial_all_max_large_k(bits, k, isas):
     assert np.all(np.sign(got[0]) == np.array([1, 1, 1, -1, 1]))
 
 
+@pytest.mark.parametrize("float_a", [False, True])
+def test_hot_chains_among_small_values(isa, float_a):
+  # Hot cells (a row or column at +qmax over a 32-long chain: a chain sum near 2**31) among small
+  # values, scattered over several tiles, kc blocks and micro-panels, both layouts, int16 and float32
+  # input: any kernel that sums more than one hot chain into an int32 before widening it (or reads
+  # another panel's bookkeeping) wraps and changes the result.
+  rng = np.random.default_rng(5)
+  q = qmax(14)
+  for m, k, n, ta in ((100, 2048, 90, False), (61, 1500, 130, True)):
+    a = rng.integers(-3, 4, (m, k)).astype(np.int16)
+    b = rng.integers(-3, 4, (k, n)).astype(np.int16)
+    for i, s in zip(rng.integers(0, m, 60), rng.integers(0, k // 32, 60)):
+      a[i, 32 * s:32 * s + 32] = q
+    for j, s in zip(rng.integers(0, n, 60), rng.integers(0, k // 32, 60)):
+      b[32 * s:32 * s + 32, j] = q
+    a[:, 64:128] = q  # two hot pieces in a row for every row and column: never one group
+    b[64:128, :] = q
+    ea = np.zeros((m, 1), np.int32)
+    eb = np.zeros((1, n), np.int32)
+    want = _oracle(a, b, ea, eb, bits_a=14, bits_b=14)
+    a_in = np.ascontiguousarray(a.T) if ta else a
+    if float_a:  # float32 input quantized while packing (exponent 0: the values themselves)
+      a_in = a_in.astype(np.float32)
+    bits_eq(_run(a_in, b, ea, eb, bits_a=14, bits_b=14, transpose_a=ta, isa=isa), want)
+
+
 def test_block_exponents_blockwise(isa):
   rng = np.random.default_rng(3)
   for bk in (1, 5, 24, 32, 64):
