@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -116,12 +115,6 @@ def make_mlp_task(args):
                 f"{len(xte)} test")
 
 
-def malloc_hugepages() -> bool:
-  """Whether glibc's malloc was started with transparent huge pages (GLIBC_TUNABLES, read at start-up)."""
-  settings = dict(t.split("=", 1) for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in t)
-  return settings.get("glibc.malloc.hugetlb", "0") != "0"
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +150,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
   import jdfp  # pylint: disable=import-outside-toplevel
+  from jdfp.bench import host_memory  # pylint: disable=import-outside-toplevel
 
   t0 = time.perf_counter()
   console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -164,12 +158,13 @@ def main(argv=None) -> int:
   seeds = _common.parse_seeds(args.seeds)
   task, desc = (make_cnn_task if args.task == "cnn" else make_mlp_task)(args)
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  memory = host_memory()
   console.print(f"[bold]jdfp {jdfp.__version__}[/bold], jax {jax.__version__}, kernel "
                 f"{jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else 'unavailable'}, "
-                f"{os.cpu_count()} CPUs (load average {load:.1f}), malloc huge pages {'on' if malloc_hugepages() else 'off'}: {desc}, batch {args.batch}, Adam lr {args.lr:g} warm-up + "
+                f"{os.cpu_count()} CPUs (load average {load:.1f}), malloc huge pages {'on' if memory['malloc_hugepages'] else 'off'}: {desc}, batch {args.batch}, Adam lr {args.lr:g} warm-up + "
                 f"cosine, {args.steps} steps, evaluation every "
                 f"{args.eval_every} steps, recipes {', '.join(recipes)}, seeds {seeds}")
-  if not malloc_hugepages() and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+  if not memory["malloc_hugepages"] and (memory["libc"] or "").startswith("glibc"):
     console.print("tip: [bold]GLIBC_TUNABLES=glibc.malloc.hugetlb=1[/bold] before the command lets malloc back "
                   "XLA's per-step buffers with huge pages instead of faulting them in 4 KiB at a time: on the "
                   "README's machine FP32's step went 36 -> 27 ms and HBFP's ~1.5x faster (docs/op_costs.md)")

@@ -1,8 +1,11 @@
 """Benchmarks: ``python -m jdfp.bench <subcommand> [options]``.
 
 Subcommands live in modules of this package, each with ``add_arguments(parser)`` and
-``main(args) -> int``; list a new one in ``SUBCOMMANDS`` (name -> module, help).
+``main(args) -> int``; list a new one in ``SUBCOMMANDS`` (name -> module, help). ``host_memory()`` says how the process's
+large buffers are paged in (recorded with every benchmark; the demo prints it too).
 """
+
+from jdfp.bench._timing import host_memory  # noqa: F401
 
 SUBCOMMANDS = {
     "gemm": ("jdfp.bench.gemm", "exact INT16 GEMM kernel vs XLA FP32 / int16 dots"),

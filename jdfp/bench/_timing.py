@@ -99,9 +99,3 @@ def host_memory() -> dict:
     pass
   return {"libc": " ".join(platform.libc_ver()).strip() or None, "glibc_tunables": tunables or None,
           "malloc_hugepages": settings.get("glibc.malloc.hugetlb", "0") != "0", "transparent_hugepage": thp}
-
-
-def host_memory_text() -> str:
-  """One phrase for benchmark titles: whether malloc asks for huge pages."""
-  m = host_memory()
-  return "malloc huge pages " + ("on" if m["malloc_hugepages"] else "off")

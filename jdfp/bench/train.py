@@ -321,7 +321,7 @@ def main(args: argparse.Namespace) -> int:
   import optax
 
   import jdfp
-  from jdfp.bench._timing import host_memory, host_memory_text, print_table, time_side_by_side
+  from jdfp.bench._timing import host_memory, print_table, time_side_by_side
 
   results = {"jax": jax.__version__, "python": platform.python_version(),
              "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None,
@@ -375,7 +375,8 @@ def main(args: argparse.Namespace) -> int:
                    f"{st['saved_activations_vs_fp32']:.2f}", mib(st["saved_gemm_operand_bytes"]),
                    f"{st['saved_gemm_operands_vs_fp32']:.2f}", mib(st["saved_weight_copy_bytes"])])
     results["workloads"][wl] = stats
-    print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']}, {host_memory_text()})",
+    print_table(f"train step: {wl} (jax {jax.__version__}, {results['isa']}, "
+                f"malloc huge pages {'on' if results['memory']['malloc_hugepages'] else 'off'})",
                 ["candidate", "step ms", "vs fp32", "compile s", "vs fp32", "peak temp MiB", "saved activations MiB", "vs fp32",
                  "of which GEMM operands MiB", "vs fp32", "weight copies MiB"], rows)
   if args.json:

@@ -224,7 +224,7 @@ def test_hot_chains_among_small_values(isa, float_a):
       a[i, 32 * s:32 * s + 32] = q
     for j, s in zip(rng.integers(0, n, 60), rng.integers(0, k // 32, 60)):
       b[32 * s:32 * s + 32, j] = q
-    a[:, 64:128] = q  # two hot pieces in a row for every row and column: never one group
+    a[:, 64:128] = q  # two hot chains in a row for every row and column
     b[64:128, :] = q
     ea = np.zeros((m, 1), np.int32)
     eb = np.zeros((1, n), np.int32)
