@@ -13,6 +13,8 @@
 //   epilogue: KB == 1 scale2 (unless fused), NaN for NONFINITE exponents
 #pragma once
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -49,6 +51,7 @@ struct Scratch {
   AlignedBuf<int64_t> acc64;  // exact block sums of the tile between kc blocks
   AlignedBuf<int64_t> wide;   // SIMD kernels: widened parts of blocks longer than kMaxWhPieces pieces
   AlignedBuf<float> cacc;     // FP32 accumulators of the tile between kc blocks (KB > 1)
+  AlignedBuf<int64_t> sqa, sqb;  // per micro-panel and piece: the largest sum of squares of a row / column
   std::vector<int64_t> k0, k1;
   std::vector<int32_t> pblk;
 };
@@ -58,6 +61,7 @@ struct BCache {
   uint64_t job = 0;  // Problem::job_id of the valid contents, 0 = nothing valid
   int64_t batch = -1, n0 = -1, n1 = -1;
   AlignedBuf<int16_t> buf;
+  AlignedBuf<int64_t> sq;  // the panels' sums of squares (PackArgs::sq), beside them (sq_of)
 };
 constexpr size_t kBCacheBytes = size_t(8) << 20;
 
@@ -71,6 +75,7 @@ struct ACache {
   int64_t batch = -1;
   std::vector<Entry> ents;  // fully packed (and range-checked) ranges only
   AlignedBuf<int16_t> buf;
+  AlignedBuf<int64_t> sq;  // the panels' sums of squares (PackArgs::sq), beside them (sq_of)
   size_t cap = 0, used = 0;  // elements
 };
 // Caps on the per-worker caches (allocated once per thread and kept; a job whose operand needs
@@ -182,6 +187,9 @@ struct PackArgs {
   const int32_t* e;               // float input: exponent of (row r, block j) = e[r*er + j*ej]
   int64_t er, ej;
   int32_t qmax;
+  // Null, or where to write, per micro-panel and piece, the largest sum of squares of one of the
+  // panel's rows (sq[panel * npcs + piece]; the SIMD kernels group pieces by them, UkArgs::sqa).
+  int64_t* sq;
 };
 }  // namespace
 }  // namespace jdfp
@@ -195,14 +203,100 @@ template <class UK, class = void>
 struct HasFastPack : std::false_type {};
 template <class UK>
 struct HasFastPack<UK, std::void_t<decltype(UK::kFastPack)>> : std::bool_constant<UK::kFastPack> {};
+// The micro-kernel groups pieces by their sums of squares (the SIMD kernels; UkArgs::sqa).
+template <class UK, class = void>
+struct HasPieceGroups : std::false_type {};
+template <class UK>
+struct HasPieceGroups<UK, std::void_t<decltype(UK::kPieceGroups)>> : std::bool_constant<UK::kPieceGroups> {};
+
+// The largest sum of squares of one piece's rows in a W-row micro-panel ([pairs][W][2] int16): a
+// pair's two squares are one vpmaddwd lane (each <= 32767**2, their sum fits int32), and the piece's
+// sums stay in int32 because the caller checked len * qmax**2 < 2**31.
+template <int W>
+static inline int32_t piece_row_squares_max(const int16_t* p, int32_t pairs) {
+#if defined(__AVX512BW__)
+  if constexpr (W == 32) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int32_t t = 0; t < pairs; ++t, p += 2 * W) {
+      const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 32);
+      s0 = _mm512_add_epi32(s0, _mm512_madd_epi16(v0, v0));
+      s1 = _mm512_add_epi32(s1, _mm512_madd_epi16(v1, v1));
+    }
+    return _mm512_reduce_max_epi32(_mm512_max_epi32(s0, s1));
+  } else if constexpr (W == 12) {
+    __m512i s0 = _mm512_setzero_si512();
+    for (int32_t t = 0; t < pairs; ++t, p += 2 * W) {
+      const __m512i v = _mm512_maskz_loadu_epi16(0x00FFFFFF, p);  // lanes 12..15 stay 0
+      s0 = _mm512_add_epi32(s0, _mm512_madd_epi16(v, v));
+    }
+    return _mm512_reduce_max_epi32(s0);
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (W == 16) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int32_t t = 0; t < pairs; ++t, p += 2 * W) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+      s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(v0, v0));
+      s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(v1, v1));
+    }
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(_mm256_max_epi32(s0, s1)),
+                              _mm256_extracti128_si256(_mm256_max_epi32(s0, s1), 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+    return _mm_cvtsi128_si32(m);
+  }
+#endif
+  int32_t acc[W] = {};
+  for (int32_t t = 0; t < pairs; ++t, p += 2 * W)
+    for (int i = 0; i < W; ++i) acc[i] += int32_t(p[2 * i]) * p[2 * i] + int32_t(p[2 * i + 1]) * p[2 * i + 1];
+  return *std::max_element(acc, acc + W);
+}
+
+// For every W-row micro-panel of a packed kc block (pieces back to back) and every piece: the
+// largest sum of squares of one of its rows, into sq[panel * npieces + piece].  A piece with
+// len * qmax**2 >= 2**31 (only with unequal operand widths) gets that upper bound instead.  A kc
+// block holds at most 2**17 products, so the kernel's running sums stay below 2**47.
+template <int W>
+static inline void piece_squares(const int16_t* packed, int64_t panels, const Piece* pcs, int npcs, int32_t pairs,
+                                 int32_t qmax, int64_t* sq) {
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const int16_t* p = packed + pn * int64_t(pairs) * W * 2;
+    for (int pi = 0; pi < npcs; p += int64_t(pcs[pi].pairs) * W * 2, ++pi) {
+      const int64_t bound = int64_t(pcs[pi].pairs) * 2 * qmax * qmax;  // every row's sum is at most this
+      if (bound >= (int64_t(1) << 31)) {
+        sq[pn * npcs + pi] = bound;
+        continue;
+      }
+      sq[pn * npcs + pi] = piece_row_squares_max<W>(p, pcs[pi].pairs);
+    }
+  }
+}
+
+// Packers that write PackArgs::sq themselves (UK::kPackSquares); the others get piece_squares after
+// packing.
+template <class UK, class = void>
+struct HasPackSquares : std::false_type {};
+template <class UK>
+struct HasPackSquares<UK, std::void_t<decltype(UK::kPackSquares)>> : std::bool_constant<UK::kPackSquares> {};
+
+template <int W>
+static inline void pack_squares_after(const int16_t* dst, const PackArgs& a) {
+  if (a.sq) piece_squares<W>(dst, (a.rows + W - 1) / W, a.pcs, a.npcs, a.pairs, a.qmax, a.sq);
+}
 
 template <class UK, int W>
 static inline int32_t pack_i16_any(const int16_t* src, const PackArgs& a, const Scratch& s, int16_t* dst) {
+  int32_t mx;
   if constexpr (HasFastPack<UK>::value) {
-    return UK::template pack<W>(src, a, dst);
+    mx = UK::template pack<W>(src, a, dst);
+    if constexpr (HasPackSquares<UK>::value) return mx;
   } else {
-    return pack_i16<W>(src, a.sr, a.sk, a.r0, a.rows, s, a.pairs, dst);
+    mx = pack_i16<W>(src, a.sr, a.sk, a.r0, a.rows, s, a.pairs, dst);
   }
+  if (mx <= a.qmax) pack_squares_after<W>(dst, a);
+  return mx;
 }
 
 // Implicit-GEMM conv operand: the ISA's vectorized gather when it has one (UK::kConvPack).
@@ -213,20 +307,25 @@ struct HasConvPack<UK, std::void_t<decltype(UK::kConvPack)>> : std::bool_constan
 
 template <class UK, int W>
 static inline int32_t pack_conv_any(const int16_t* x, const ConvGeom& g, const PackArgs& a, int16_t* dst) {
+  int32_t mx;
   if constexpr (HasConvPack<UK>::value) {
-    return UK::template conv_pack<W>(x, g, a, dst);
+    mx = UK::template conv_pack<W>(x, g, a, dst);
   } else {
-    return conv_pack_generic<W>(x, g, a, dst);
+    mx = conv_pack_generic<W>(x, g, a, dst);
   }
+  if (mx <= a.qmax) pack_squares_after<W>(dst, a);
+  return mx;
 }
 
 template <class UK, int W>
 static inline void pack_f32_any(const float* src, const PackArgs& a, const Scratch& s, int16_t* dst) {
   if constexpr (HasFastPack<UK>::value) {
     UK::template pack<W>(src, a, dst);
+    if constexpr (HasPackSquares<UK>::value) return;
   } else {
     pack_f32<W>(src, a.sr, a.sk, a.r0, a.rows, a.e, a.er, a.ej, a.qmax, s, a.pairs, dst);
   }
+  pack_squares_after<W>(dst, a);
 }
 
 // Micro-kernel contract: UK::kernel(Ap, Bp, const UkArgs&) runs one kc block of one MR x NR
@@ -262,7 +361,23 @@ struct UkArgs {
   const int32_t* uniform;  // per block: the micro-tile's rows share one exponent (one scale per column)
   bool fuse;       // KB == 1 with one exponent pair for the tile: store scale2(f(S), fuse_e)
   int32_t fuse_e;
+  // Per piece, the largest sum of squares over the micro-tile's A rows / B columns (null: none, every
+  // piece is summed into the block on its own).  SIMD kernels: consecutive pieces of one block whose
+  // sums of squares multiply to at most kPieceLimit**2 share one running-sum update (Cauchy-Schwarz,
+  // ukernel_simd.h); the scalar kernel adds each piece into an int64 and ignores them.
+  const int64_t* sqa;
+  const int64_t* sqb;
 };
+
+// The largest |piece sum| the SIMD kernels' running sums take in one update (kernel_chain_length).
+constexpr int64_t kPieceLimit = (int64_t(1) << 31) - (int64_t(1) << 16);
+
+// Whether the pieces since the last update, whose sums of squares add up to sa and sb, stay within
+// kPieceLimit for every row and column: |sum a*b| <= sqrt(sum a**2 * sum b**2) <= kPieceLimit.
+static inline bool within_piece_limit(int64_t sa, int64_t sb) {
+  return static_cast<unsigned __int128>(sa) * static_cast<unsigned __int128>(sb) <=
+         static_cast<unsigned __int128>(kPieceLimit) * static_cast<unsigned __int128>(kPieceLimit);
+}
 
 // Piece pi of a kc block opens / closes its exponent block.
 static inline bool piece_opens_block(const UkArgs& u, int pi) {
@@ -294,6 +409,13 @@ struct TileState {
   int64_t* acc64 = nullptr;
   int64_t* wide = nullptr;
   float* accf = nullptr;
+  int64_t* sqa = nullptr;  // piece_squares of the kc block's A / B micro-panels (null: not needed)
+  int64_t* sqb = nullptr;
+  // Where the squares of packed panels live: a panel at ap is followed by sqa_of(ap) (sq_of).
+  const int16_t* abuf = nullptr;
+  const int16_t* bbuf = nullptr;
+  int64_t* asq = nullptr;
+  int64_t* bsq = nullptr;
   // The block left open by the last kc block: its pieces in acc64's int32 pairs (SIMD kernels), and
   // whether part of it was widened into `wide`.
   int64_t wh_pieces = 0;
@@ -323,7 +445,7 @@ static inline ACache& acache_of_thread() {
 // packed once per worker and column range instead of once per tile.  Packed A of the tile's rows
 // (all kc blocks), kept per worker for the job's later column ranges: a worker usually meets the same
 // row ranges again, so A is packed about once per worker and row range instead of once per tile.
-template <int MR>
+template <int MR, int NR>
 static inline void tile_caches(const Problem& P, const Tile& T, TileState& st) {
   size_t btotal = 0;
   for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) btotal += size_t(st.nbp) * P.kcb[kbi].pairs * 2;
@@ -333,7 +455,9 @@ static inline void tile_caches(const Problem& P, const Tile& T, TileState& st) {
   if (st.bcache && !st.bhit) {
     bc.job = 0;  // invalid until every kc block is packed (and range-checked)
     bc.buf.get(btotal);
+    bc.sq.get(btotal / (2 * NR));
   }
+  if (st.bcache) st.bbuf = bc.buf.p, st.bsq = bc.sq.p;
   ACache& ac = acache_of_thread();
   st.atotal = btotal / size_t(st.nbp) * size_t(st.mbp);
   // Worth it from three column ranges on: with two, a row range comes back at most once (often to
@@ -348,15 +472,16 @@ static inline void tile_caches(const Problem& P, const Tile& T, TileState& st) {
     // Every row range of the batch element, with up to MR - 1 rows of padding per range.
     const size_t need = (size_t(P.M) + size_t(MR) * size_t((P.M + st.mb - 1) / st.mb)) * (st.atotal / size_t(st.mbp));
     ac.cap = need * sizeof(int16_t) <= kACacheBytes ? need : 0;
-    if (ac.cap) ac.buf.get(ac.cap);
+    if (ac.cap) ac.buf.get(ac.cap), ac.sq.get(ac.cap / (2 * MR));
   }
   for (const auto& e : ac.ents)
     if (e.m0 == T.m0 && e.m1 == T.m1) {
       st.acached = ac.buf.p + e.off;
+      st.abuf = ac.buf.p, st.asq = ac.sq.p;
       st.ahit = true;
       return;
     }
-  if (ac.used + st.atotal <= ac.cap) st.acached = ac.buf.p + ac.used;
+  if (ac.used + st.atotal <= ac.cap) st.acached = ac.buf.p + ac.used, st.abuf = ac.buf.p, st.asq = ac.sq.p;
 }
 
 // After the last kc block: publish what tile_caches set out to keep.
@@ -375,6 +500,13 @@ static inline void tile_caches_commit(const Problem& P, const Tile& T, const Til
   }
 }
 
+// The squares of panels packed at p in a buffer starting at buf: one int64 per packed pair of a
+// W-wide panel (a piece has at least one pair, so panels * npcs always fits), at the same offset.
+template <int W>
+static inline int64_t* sq_of(const int16_t* p, const int16_t* buf, int64_t* sq) {
+  return sq + (p - buf) / (2 * W);
+}
+
 // packm of one kc block: B and A micro-panels (from the cache, an int16 / float32 operand or a conv
 // gather) and, for KB > 1, the clamped exponents of the blocks it touches.  0 = ok, 1 / 2 = an A / B
 // value out of [-qmax, qmax].
@@ -384,12 +516,21 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   const int32_t pairs = kb.pairs;
   const Piece* kpcs = P.pieces + kb.piece_begin;
   const int knp = kb.piece_end - kb.piece_begin;
-  const PackArgs pb{P.b_sr, P.b_sk, T.n0, st.nb, kpcs, knp, pairs, st.eb, P.eb_nstride, st.eb_j, P.qmax_b};
-  const PackArgs pa{P.a_sr, P.a_sk, T.m0, st.mb, kpcs, knp, pairs, st.ea, P.ea_mstride, 1, P.qmax_a};
   if (st.bcache) {
     st.bp = bcache_of_thread().buf.p + st.boff;
     st.boff += size_t(st.nbp) * pairs * 2;
   }
+  if (st.acached) {
+    st.ap = st.acached + st.aoff;
+    st.aoff += size_t(st.mbp) * pairs * 2;
+  }
+  // Sums of squares when a block of this kc block spans more than one piece (else every piece closes
+  // its block and nothing is grouped), kept beside the panels (a cached panel keeps its squares).
+  const bool squares = HasPieceGroups<UK>::value && knp > kb.nblk;
+  st.sqa = squares ? sq_of<MR>(st.ap, st.abuf, st.asq) : nullptr;
+  st.sqb = squares ? sq_of<NR>(st.bp, st.bbuf, st.bsq) : nullptr;
+  const PackArgs pb{P.b_sr, P.b_sk, T.n0, st.nb, kpcs, knp, pairs, st.eb, P.eb_nstride, st.eb_j, P.qmax_b, st.sqb};
+  const PackArgs pa{P.a_sr, P.a_sk, T.m0, st.mb, kpcs, knp, pairs, st.ea, P.ea_mstride, 1, P.qmax_a, st.sqa};
   if (st.bhit) {
     // packed by this worker for an earlier tile of this job
   } else if (P.conv && P.conv->on_b) {
@@ -399,10 +540,6 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
     pack_f32_any<UK, NR>(static_cast<const float*>(P.b) + P.b_off[T.batch], pb, s, st.bp);
   } else if (pack_i16_any<UK, NR>(static_cast<const int16_t*>(P.b) + P.b_off[T.batch], pb, s, st.bp) > P.qmax_b) {
     return 2;
-  }
-  if (st.acached) {
-    st.ap = st.acached + st.aoff;
-    st.aoff += size_t(st.mbp) * pairs * 2;
   }
   if (st.ahit) {
     // packed by this worker for an earlier tile of this job
@@ -486,6 +623,8 @@ static inline void macro_kernel(const Problem& P, const Tile& T, int64_t kbi, Ti
       u.pbp = st.pbp ? st.pbp + jr : nullptr;
       u.fast = st.fast;
       u.uniform = st.uniform;
+      u.sqa = st.sqa ? st.sqa + (ir / MR) * u.npcs : nullptr;
+      u.sqb = st.sqb ? st.sqb + (jr / NR) * u.npcs : nullptr;
       if (!last || (mv == MR && nv == NR)) {
         u.C = last ? cdst : nullptr;
         u.ldc = P.ldc;
@@ -569,7 +708,9 @@ int run_tile(const Problem& P, const Tile& T) {
   if (P.K > 0) {
     st.ap = s.apack.get(size_t(st.mbp) * P.max_pairs * 2);
     st.bp = s.bpack.get(size_t(st.nbp) * P.max_pairs * 2);
-    tile_caches<MR>(P, T, st);
+    st.abuf = st.ap, st.asq = s.sqa.get(size_t(st.mbp) * P.max_pairs / MR);
+    st.bbuf = st.bp, st.bsq = s.sqb.get(size_t(st.nbp) * P.max_pairs / NR);
+    tile_caches<MR, NR>(P, T, st);
     if (st.scaled) {
       st.eap = s.eapack.get(size_t(st.mbp) * P.max_nblk);
       st.ebp = s.ebpack.get(size_t(st.nbp) * P.max_nblk);

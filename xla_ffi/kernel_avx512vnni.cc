@@ -86,6 +86,15 @@ struct MinMax16 {
   }
 };
 
+// The sums of squares of a piece's rows (PackArgs::sq): vpmaddwd of a packed vector with itself
+// gives, per int32 lane, the two squares of one row's k pair.  A row's sum over a piece stays in
+// int32 when len * qmax**2 < 2**31; otherwise the piece gets that bound (as piece_squares does).
+static inline int64_t piece_square_bound(const PackArgs& a, const Piece& pc) {
+  const int64_t bound = int64_t(pc.pairs) * 2 * a.qmax * a.qmax;
+  return bound >= (int64_t(1) << 31) ? bound : -1;
+}
+static inline __m512i add_squares(__m512i acc, __m512i v) { return _mm512_add_epi32(acc, _mm512_madd_epi16(v, v)); }
+
 // pack_i16 / pack_f32 of gemm_driver.h for rows contiguous (sr == 1: b [K, N], a^T [K, M]): two k
 // rows interleaved with vpermt2w.  Pair-outer, panel-inner: each k row is read sequentially
 // (panel-outer strides through kc rows N apart per cache line and thrashes the TLB and the
@@ -103,6 +112,9 @@ static void pack512_rows(const T* src, const PackArgs& a, int16_t* dst, MinMax16
   thread_local AlignedBuf<float> scbuf;
   float* sc = kF32 ? scbuf.get(size_t(panels) * 64) : nullptr;
   int32_t sc_blk = -1;
+  // Sums of squares (a.sq): per panel, 32 int32 lanes (rows), reset at every piece.
+  thread_local AlignedBuf<int32_t> sqbuf;
+  int32_t* sqacc = a.sq ? sqbuf.get(size_t(panels) * 32) : nullptr;
   int64_t poff = 0;  // pair offset of the piece inside the kc block
   // The k rows are far apart (N elements): the hardware prefetchers see short runs and the loads
   // wait on L3.  Prefetch the rows kPfRows ahead (inside this kc block's K range: no stray reads).
@@ -123,6 +135,9 @@ static void pack512_rows(const T* src, const PackArgs& a, int16_t* dst, MinMax16
           }
       }
     }
+    const int64_t sq_bound = a.sq ? piece_square_bound(a, pc) : 0;
+    const bool squares = a.sq && sq_bound < 0;
+    if (squares) std::memset(sqacc, 0, size_t(panels) * 32 * sizeof(int32_t));
     for (int32_t q = 0; q < pc.pairs; ++q) {
       const int64_t k0 = pc.k_start + 2 * q;
       const bool has1 = 2 * q + 1 < pc.len;
@@ -151,6 +166,12 @@ static void pack512_rows(const T* src, const PackArgs& a, int16_t* dst, MinMax16
         }
         int16_t* d = dst + (pn * int64_t(a.pairs) + poff + q) * W * 2;
         const __m512i lo = _mm512_permutex2var_epi16(v0, ilo, v1);
+        if (squares) {  // lanes past the panel's rows are zero (rmask)
+          int32_t* sa = sqacc + pn * 32;
+          _mm512_store_si512(sa, add_squares(_mm512_load_si512(sa), lo));
+          if constexpr (W > 16)
+            _mm512_store_si512(sa + 16, add_squares(_mm512_load_si512(sa + 16), _mm512_permutex2var_epi16(v0, ihi, v1)));
+        }
         if constexpr (W == 32) {
           _mm512_storeu_si512(d, lo);
           _mm512_storeu_si512(d + 32, _mm512_permutex2var_epi16(v0, ihi, v1));
@@ -163,6 +184,17 @@ static void pack512_rows(const T* src, const PackArgs& a, int16_t* dst, MinMax16
         }
       }
     }
+    if (a.sq)
+      for (int64_t pn = 0; pn < panels; ++pn) {
+        int64_t& out = a.sq[pn * a.npcs + pi];
+        if (!squares) {
+          out = sq_bound;
+          continue;
+        }
+        __m512i m = _mm512_load_si512(sqacc + pn * 32);
+        if constexpr (W > 16) m = _mm512_max_epi32(m, _mm512_load_si512(sqacc + pn * 32 + 16));
+        out = _mm512_reduce_max_epi32(m);
+      }
     poff += pc.pairs;
   }
 }
@@ -192,6 +224,9 @@ static void pack512_kcont(const T* src, const PackArgs& a, int16_t* dst, MinMax1
           else f1[i] = f2[i] = 0.0f;
         }
       }
+      const int64_t sq_bound = a.sq ? piece_square_bound(a, pc) : 0;
+      const bool squares = a.sq && sq_bound < 0;
+      __m512i sqv[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // rows g = 0 / 16 of the panel
       for (int32_t q0 = 0; q0 < full; q0 += 16) {
         const int cnt = std::min<int32_t>(16, full - q0);
         const __mmask32 wmask = cnt == 16 ? ~__mmask32(0) : ((__mmask32(1) << (2 * cnt)) - 1);
@@ -219,11 +254,18 @@ static void pack512_kcont(const T* src, const PackArgs& a, int16_t* dst, MinMax1
             }
           }
           transpose16(r);
+          if (squares)  // r[t], t >= cnt, are zero (wmask)
+            for (int t = 0; t < cnt; ++t) sqv[g / 16] = add_squares(sqv[g / 16], r[t]);
           const int wcols = std::min(16, W - g);
           const __mmask16 smask = wcols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << wcols) - 1);
           for (int t = 0; t < cnt; ++t)
             _mm512_mask_storeu_epi32(d + (int64_t(q0 + t) * W + g) * 2, smask, r[t]);
         }
+      }
+      alignas(64) int32_t rowsq[32];
+      if (squares) {
+        _mm512_store_si512(rowsq, sqv[0]);
+        _mm512_store_si512(rowsq + 16, sqv[1]);
       }
       if (pc.len & 1) {  // trailing half pair: (x, 0)
         int16_t* dd = d + int64_t(full) * W * 2;
@@ -240,7 +282,12 @@ static void pack512_kcont(const T* src, const PackArgs& a, int16_t* dst, MinMax1
           }
           dd[2 * i] = v;
           dd[2 * i + 1] = 0;
+          if (squares) rowsq[i] += int32_t(v) * v;
         }
+      }
+      if (a.sq) {
+        int64_t& out = a.sq[pn * a.npcs + pi];
+        out = squares ? *std::max_element(rowsq, rowsq + W) : sq_bound;
       }
       d += int64_t(pc.pairs) * W * 2;
     }
@@ -608,6 +655,7 @@ static int32_t conv_pack_taps512(const int16_t* x, const ConvGeom& g, const Pack
 struct V512 {
   static constexpr int kLanes = 16;
   static constexpr bool kFastPack = true;
+  static constexpr bool kPackSquares = true;
   template <int W, class T>
   static int32_t pack(const T* src, const PackArgs& a, int16_t* dst) {
     if (a.sr == 1 || a.sk == 1) return pack512<W>(src, a, dst);

@@ -35,10 +35,17 @@ struct VConvPack : std::false_type {};
 template <class V>
 struct VConvPack<V, std::void_t<decltype(V::kConvPack)>> : std::bool_constant<V::kConvPack> {};
 
+template <class V, class = void>
+struct VPackSquares : std::false_type {};
+template <class V>
+struct VPackSquares<V, std::void_t<decltype(V::kPackSquares)>> : std::bool_constant<V::kPackSquares> {};
+
 template <class V, int MR_, int NV>
 struct UkSimd {
   static constexpr int MR = MR_, NR = V::kLanes * NV;
   static constexpr bool kFastPack = VFastPack<V>::value;
+  static constexpr bool kPackSquares = VPackSquares<V>::value;  // pack() writes PackArgs::sq
+  static constexpr bool kPieceGroups = true;  // reads UkArgs::sqa / sqb (gemm_driver.h, piece_squares)
   template <int W, class T>
   static int32_t pack(const T* src, const PackArgs& a, int16_t* dst) { return V::template pack<W>(src, a, dst); }
   static constexpr bool kConvPack = VConvPack<V>::value;
@@ -97,6 +104,7 @@ struct UkSimd {
         accv[i][v] = u.wh_in ? V::load(W + i * NR + v * V::kLanes) : V::zero();
       });
     });
+    int64_t run_a = 0, run_b = 0;  // sums of squares of the pieces since the last update (u.sqa / u.sqb)
     for (int pi = 0; pi < u.npcs; ++pi) {
       const Piece& pc = u.pcs[pi];
       // The piece: int32 accumulators only, k-pair by k-pair (0 at a block's first piece).
@@ -114,13 +122,24 @@ struct UkSimd {
         Ap += 2 * MR;
         Bp += 2 * NR;
       }
-      const bool opens = piece_opens_block(u, pi), closes = piece_closes_block(u, pi);
+      const bool opens = piece_opens_block(u, pi), closes = piece_closes_block(u, pi), last = pi + 1 == u.npcs;
       if (opens) wide = false;
-      if (opens && closes) {
-        // The piece is the whole block: its int32 sum is the block sum, f() is one cvtdq2ps.
+      // Group this piece with the next (no update between them) while Cauchy-Schwarz keeps the
+      // group's sum within kPieceLimit for every row and column: the update below then sees one sum
+      // of at most kPieceLimit, exactly as for a single piece.
+      bool group = false;
+      if (u.sqa && !closes && !last) {
+        run_a += u.sqa[pi], run_b += u.sqb[pi];
+        group = within_piece_limit(run_a + u.sqa[pi + 1], run_b + u.sqb[pi + 1]);
+      }
+      if (group) continue;
+      run_a = run_b = 0;
+      if (closes && fz && !wide) {
+        // No update since the block opened (in this call): its int32 sum is the block sum (one piece,
+        // or one group within kPieceLimit), f() is one cvtdq2ps.
         close_block(u, pc, [&](auto i, auto v) __attribute__((always_inline)) { return V::cvt(accv[i][v]); });
       } else {
-        const bool store_w = closes || pi + 1 == u.npcs;
+        const bool store_w = closes || last;
         auto upd = [&](auto i, auto v, auto zero_f) __attribute__((always_inline)) {
           const int off = i * NR + v * V::kLanes;
           vi w = accv[i][v];

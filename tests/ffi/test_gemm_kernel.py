@@ -210,21 +210,24 @@ def test_adversarial_all_max_large_k(bits, k, isas):
 
 
 @pytest.mark.parametrize("float_a", [False, True])
-def test_hot_chains_among_small_values(isa, float_a):
-  # Hot cells (a row or column at +qmax over a 32-long chain: a chain sum near 2**31) among small
-  # values, scattered over several tiles, kc blocks and micro-panels, both layouts, int16 and float32
-  # input: any kernel that sums more than one hot chain into an int32 before widening it (or reads
-  # another panel's bookkeeping) wraps and changes the result.
+def test_grouped_pieces_bit_exact(isa, float_a):
+  # The SIMD kernels sum consecutive pieces of a block in int32 without an update between them while
+  # Cauchy-Schwarz bounds the group's sum by 2**31 - 2**16 (sums of squares per micro-panel and
+  # piece).  Hot cells (a row or column at +qmax over a 32-long piece: a piece sum near 2**31) among
+  # small values: grouping two hot pieces, or reading another panel's or piece's sums of squares,
+  # wraps the int32 and changes the result.  Several tiles, kc blocks and panels, both layouts; the
+  # last shape has enough row and column ranges that workers reuse packed A and B panels (and their
+  # sums of squares) across tiles.
   rng = np.random.default_rng(5)
   q = qmax(14)
-  for m, k, n, ta in ((100, 2048, 90, False), (61, 1500, 130, True)):
+  for m, k, n, ta in ((100, 2048, 90, False), (61, 1500, 130, True), (250, 600, 1560, False)):
     a = rng.integers(-3, 4, (m, k)).astype(np.int16)
     b = rng.integers(-3, 4, (k, n)).astype(np.int16)
     for i, s in zip(rng.integers(0, m, 60), rng.integers(0, k // 32, 60)):
       a[i, 32 * s:32 * s + 32] = q
     for j, s in zip(rng.integers(0, n, 60), rng.integers(0, k // 32, 60)):
       b[32 * s:32 * s + 32, j] = q
-    a[:, 64:128] = q  # two hot chains in a row for every row and column
+    a[:, 64:128] = q  # two hot pieces in a row for every row and column: never one group
     b[64:128, :] = q
     ea = np.zeros((m, 1), np.int32)
     eb = np.zeros((1, n), np.int32)
