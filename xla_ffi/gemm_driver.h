@@ -411,7 +411,8 @@ struct TileState {
   float* accf = nullptr;
   int64_t* sqa = nullptr;  // piece_squares of the kc block's A / B micro-panels (null: not needed)
   int64_t* sqb = nullptr;
-  // Where the squares of packed panels live: a panel at ap is followed by sqa_of(ap) (sq_of).
+  // Where the sums of squares of packed panels live: those of A panels at ap are at
+  // sq_of<MR>(ap, abuf, asq), in the buffer that matches the one ap points into (scratch or cache).
   const int16_t* abuf = nullptr;
   const int16_t* bbuf = nullptr;
   int64_t* asq = nullptr;

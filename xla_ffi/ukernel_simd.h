@@ -66,6 +66,8 @@ struct UkSimd {
   // accumulators themselves, which run on (wrapping) from piece to piece of a block instead of being
   // reset -- and F = floor(T / 2**16), updated after every piece from W alone:
   //   F' = F + sext16(((W' >> 16) - F) mod 2**16)            (V::f_next)
+  // (or after every group of consecutive pieces whose sum Cauchy-Schwarz bounds the same way: x
+  // below is then the group's sum; see the loop).
   // Why it is exact: every piece sum x has |x| <= 2**31 - 2**16 (kernel_chain_length), so with
   // r = T mod 2**16, F' - F = floor((r + x) / 2**16) lies in [-2**15 + 1, 2**15 - 1]; it is congruent
   // mod 2**16 to bits 16..31 of W' (= F' mod 2**16) minus F, so sign-extending that 16-bit difference
