@@ -258,18 +258,21 @@ static inline int32_t piece_row_squares_max(const int16_t* p, int32_t pairs) {
 // largest sum of squares of one of its rows, into sq[panel * npieces + piece].  A piece with
 // len * qmax**2 >= 2**31 (only with unequal operand widths) gets that upper bound instead.  A kc
 // block holds at most 2**17 products, so the kernel's running sums stay below 2**47.
+// -1 when a piece's rows' sums of squares fit int32 (len * qmax**2 < 2**31) and are to be taken,
+// else that bound, which then stands in for them (only with unequal operand widths).
+static inline int64_t piece_square_bound(int32_t piece_pairs, int32_t qmax) {
+  const int64_t bound = int64_t(piece_pairs) * 2 * qmax * qmax;  // every row's sum is at most this
+  return bound >= (int64_t(1) << 31) ? bound : -1;
+}
+
 template <int W>
 static inline void piece_squares(const int16_t* packed, int64_t panels, const Piece* pcs, int npcs, int32_t pairs,
                                  int32_t qmax, int64_t* sq) {
   for (int64_t pn = 0; pn < panels; ++pn) {
     const int16_t* p = packed + pn * int64_t(pairs) * W * 2;
     for (int pi = 0; pi < npcs; p += int64_t(pcs[pi].pairs) * W * 2, ++pi) {
-      const int64_t bound = int64_t(pcs[pi].pairs) * 2 * qmax * qmax;  // every row's sum is at most this
-      if (bound >= (int64_t(1) << 31)) {
-        sq[pn * npcs + pi] = bound;
-        continue;
-      }
-      sq[pn * npcs + pi] = piece_row_squares_max<W>(p, pcs[pi].pairs);
+      const int64_t bound = piece_square_bound(pcs[pi].pairs, qmax);
+      sq[pn * npcs + pi] = bound >= 0 ? bound : piece_row_squares_max<W>(p, pcs[pi].pairs);
     }
   }
 }

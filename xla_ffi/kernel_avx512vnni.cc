@@ -87,12 +87,8 @@ struct MinMax16 {
 };
 
 // The sums of squares of a piece's rows (PackArgs::sq): vpmaddwd of a packed vector with itself
-// gives, per int32 lane, the two squares of one row's k pair.  A row's sum over a piece stays in
-// int32 when len * qmax**2 < 2**31; otherwise the piece gets that bound (as piece_squares does).
-static inline int64_t piece_square_bound(const PackArgs& a, const Piece& pc) {
-  const int64_t bound = int64_t(pc.pairs) * 2 * a.qmax * a.qmax;
-  return bound >= (int64_t(1) << 31) ? bound : -1;
-}
+// gives, per int32 lane, the two squares of one row's k pair (piece_square_bound says when a piece
+// takes its bound instead).
 static inline __m512i add_squares(__m512i acc, __m512i v) { return _mm512_add_epi32(acc, _mm512_madd_epi16(v, v)); }
 
 // pack_i16 / pack_f32 of gemm_driver.h for rows contiguous (sr == 1: b [K, N], a^T [K, M]): two k
@@ -135,7 +131,7 @@ static void pack512_rows(const T* src, const PackArgs& a, int16_t* dst, MinMax16
           }
       }
     }
-    const int64_t sq_bound = a.sq ? piece_square_bound(a, pc) : 0;
+    const int64_t sq_bound = a.sq ? piece_square_bound(pc.pairs, a.qmax) : 0;
     const bool squares = a.sq && sq_bound < 0;
     if (squares) std::memset(sqacc, 0, size_t(panels) * 32 * sizeof(int32_t));
     for (int32_t q = 0; q < pc.pairs; ++q) {
@@ -224,7 +220,7 @@ static void pack512_kcont(const T* src, const PackArgs& a, int16_t* dst, MinMax1
           else f1[i] = f2[i] = 0.0f;
         }
       }
-      const int64_t sq_bound = a.sq ? piece_square_bound(a, pc) : 0;
+      const int64_t sq_bound = a.sq ? piece_square_bound(pc.pairs, a.qmax) : 0;
       const bool squares = a.sq && sq_bound < 0;
       __m512i sqv[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // rows g = 0 / 16 of the panel
       for (int32_t q0 = 0; q0 < full; q0 += 16) {
