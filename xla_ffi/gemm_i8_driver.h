@@ -556,7 +556,8 @@ struct UkI8 {
   using vf = typename V::vf;
 
   __attribute__((noinline)) static void kernel(const int8_t* Ap, const int8_t* Bp, const UkI8Args& args) {
-    const UkI8Args u = args;  // a local copy: the stores below cannot alias its fields
+    UkI8Args u;  // a local copy: the stores below cannot alias its fields
+    copy_kernel_args(u, args);
     vf accf[MR][NV];
     if constexpr (kScaled) {
       i8_static_for<MR>([&](auto i) JDFP_AI {
