@@ -84,20 +84,12 @@ struct UkSimd {
   __attribute__((noinline)) static void kernel(const int16_t* Ap, const int16_t* Bp, const UkArgs& args) {
     UkArgs u;  // a local copy: the int32 / float stores below cannot alias its fields
     copy_kernel_args(u, args);
-    if (u.scaled && u.first) {
-      static_for<MR>([&](auto i) __attribute__((always_inline)) {
-        static_for<NV>([&](auto v) __attribute__((always_inline)) {
-          V::storef(u.accf + i * NR + v * V::kLanes, V::zerof());
-        });
-      });
-    }
+    if (u.scaled) begin_accf(u);
     // The next micro-tile's accumulators follow this one (driver's call order): pull them into L1,
     // one line per k-pair below (a burst of all of them here, 48 lines on AVX-512, stalled the
     // kernel's entry on the outstanding misses: ~3 % of a 2048^3 GEMM's samples).
     const char* pf = reinterpret_cast<const char*>(u.acc64 + MR * NR);
     const char* const pf_end = pf + MR * NR * 8 - 64;
-    if (u.scaled)
-      for (int l = 0; l < MR * NR * 4; l += 64) __builtin_prefetch(reinterpret_cast<const char*>(u.accf + MR * NR) + l, 1, 3);
     int32_t* const W = reinterpret_cast<int32_t*>(u.acc64);
     int32_t* const F = W + MR * NR;
     bool wide = u.wide_in;  // wide holds an earlier part of the open block
@@ -182,6 +174,19 @@ struct UkSimd {
         V::storef(u.C + i * u.ldc + v * V::kLanes, V::loadf(u.accf + i * NR + v * V::kLanes));
       });
     });
+  }
+
+  // KB > 1: the first kc block starts the float accumulators at +0.0; the next micro-tile's follow
+  // this one's (prefetched).
+  static inline __attribute__((always_inline)) void begin_accf(const UkArgs& u) {
+    if (u.first) {
+      static_for<MR>([&](auto i) __attribute__((always_inline)) {
+        static_for<NV>([&](auto v) __attribute__((always_inline)) {
+          V::storef(u.accf + i * NR + v * V::kLanes, V::zerof());
+        });
+      });
+    }
+    for (int l = 0; l < MR * NR * 4; l += 64) __builtin_prefetch(reinterpret_cast<const char*>(u.accf + MR * NR) + l, 1, 3);
   }
 
   // The block closes: f(S) of T = (W, F) (+ wide), rounded once (V::cvt_wf).  noinline (as
