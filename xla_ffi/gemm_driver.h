@@ -254,10 +254,6 @@ static inline int32_t piece_row_squares_max(const int16_t* p, int32_t pairs) {
   return *std::max_element(acc, acc + W);
 }
 
-// For every W-row micro-panel of a packed kc block (pieces back to back) and every piece: the
-// largest sum of squares of one of its rows, into sq[panel * npieces + piece].  A piece with
-// len * qmax**2 >= 2**31 (only with unequal operand widths) gets that upper bound instead.  A kc
-// block holds at most 2**17 products, so the kernel's running sums stay below 2**47.
 // -1 when a piece's rows' sums of squares fit int32 (len * qmax**2 < 2**31) and are to be taken,
 // else that bound, which then stands in for them (only with unequal operand widths).
 static inline int64_t piece_square_bound(int32_t piece_pairs, int32_t qmax) {
@@ -265,6 +261,10 @@ static inline int64_t piece_square_bound(int32_t piece_pairs, int32_t qmax) {
   return bound >= (int64_t(1) << 31) ? bound : -1;
 }
 
+// For every W-row micro-panel of a packed kc block (pieces back to back) and every piece: the
+// largest sum of squares of one of its rows, into sq[panel * npieces + piece].  A piece with
+// len * qmax**2 >= 2**31 (only with unequal operand widths) gets that upper bound instead.  A kc
+// block holds at most 2**17 products, so the kernel's running sums stay below 2**47.
 template <int W>
 static inline void piece_squares(const int16_t* packed, int64_t panels, const Piece* pcs, int npcs, int32_t pairs,
                                  int32_t qmax, int64_t* sq) {
