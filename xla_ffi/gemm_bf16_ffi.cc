@@ -26,6 +26,7 @@
 #include "conv_geometry.h"
 #include "ffi_runtime.h"
 #include "gemm_bf16.h"
+#include "isa_table.h"
 
 #if JDFP_X86
 #include <cpuid.h>
@@ -303,3 +304,6 @@ JDFP_EXPORT int jdfp_has_avx512_bf16() {
   static const bool has = jdfp::detect_avx512_bf16();
   return has ? 1 : 0;
 }
+
+// 1 when the CPU has AMX-BF16 (isa_table.h): the Python side then leaves BF16 dots to XLA.
+JDFP_EXPORT int jdfp_has_amx_bf16() { return jdfp::has_amx_bf16() ? 1 : 0; }

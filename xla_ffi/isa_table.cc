@@ -91,4 +91,20 @@ int best_isa() {
 
 const IsaKernels& isa_kernels(int isa) { return kTable[isa]; }
 
+bool has_amx_bf16() {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE: xgetbv works
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
+    return amx_bf16 && amx_tile && (xgetbv0() & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 }  // namespace jdfp

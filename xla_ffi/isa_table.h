@@ -37,5 +37,8 @@ int best_isa();
 // The entry of a concrete ISA (kIsaScalar..kIsaAvx512Vnni).  Entries of ISAs that were not built
 // (non-x86) have null kernels; isa_mask() never lists them.
 const IsaKernels& isa_kernels(int isa);
+// The CPU has AMX-BF16 tiles and the OS saves their state (cpuid 7.0:EDX bits 22, 24; XCR0 bits 17,
+// 18).  jdfp runs no AMX code: the BF16 recipe's dots go to XLA, whose bf16 dot uses the tiles.
+bool has_amx_bf16();
 
 }  // namespace jdfp

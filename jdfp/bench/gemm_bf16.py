@@ -3,6 +3,7 @@
 Candidates (all jitted, same process, timed round-robin; GFLOP/s counts 2*M*K*N):
   xla_f32       jnp.dot on float32                                  (the baseline)
   xla_bf16_f32  bf16 operands widened to float32, then jnp.dot       (what the BF16 recipe ran before)
+  xla_bf16      XLA's own bf16 dot, float32 result                   (the recipe's dots on AMX-BF16 CPUs)
   jdfp_bf16     jdfp kernel, bfloat16 operands -> float32            (docs/arithmetic.md, "BF16 GEMM")
   jdfp_f32r     jdfp kernel, float32 operands rounded to bf16 while packing
 """
@@ -45,10 +46,12 @@ def main(args: argparse.Namespace) -> int:
     a16, b16 = af.astype(jnp.bfloat16), bf.astype(jnp.bfloat16)
     f_f32 = jax.jit(lambda x, y: jnp.dot(x, y))
     f_wide = jax.jit(lambda x, y: jnp.dot(x.astype(jnp.float32), y.astype(jnp.float32)))
+    f_native = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f_k = jax.jit(lambda x, y: gemm_bf16(x, y, isa=args.isa))
     fns = {
         "xla_f32": lambda: f_f32(af, bf),
         "xla_bf16_f32": lambda: f_wide(a16, b16),
+        "xla_bf16": lambda: f_native(a16, b16),
         "jdfp_bf16": lambda: f_k(a16, b16),
         "jdfp_f32r": lambda: f_k(af, bf),
     }
@@ -59,21 +62,23 @@ def main(args: argparse.Namespace) -> int:
     results.append(row)
     print(f"  {m}x{k}x{n}: " + ", ".join(f"{nm} {g:.1f}" for nm, g in row["gflops"].items()) + " GFLOP/s",
           flush=True)
-  cols = ["M x K x N", "XLA f32", "XLA bf16->f32", "jdfp bf16", "jdfp f32r", "bf16/f32", "bf16/XLA bf16",
-          "f32r/f32"]
+  cols = ["M x K x N", "XLA f32", "XLA bf16->f32", "XLA bf16", "jdfp bf16", "jdfp f32r", "bf16/f32",
+          "bf16/XLA bf16->f32", "f32r/f32", "XLA bf16/f32"]
   rows = []
   for r in results:
     g, s = r["gflops"], r["speedup_vs_xla_f32"]
     rows.append([f"{r['m']}x{r['k']}x{r['n']}", f"{g['xla_f32']:.1f}", f"{g['xla_bf16_f32']:.1f}",
-                 f"{g['jdfp_bf16']:.1f}", f"{g['jdfp_f32r']:.1f}", f"{s['jdfp_bf16']:.2f}x",
-                 f"{g['jdfp_bf16'] / g['xla_bf16_f32']:.2f}x", f"{s['jdfp_f32r']:.2f}x"])
+                 f"{g['xla_bf16']:.1f}", f"{g['jdfp_bf16']:.1f}", f"{g['jdfp_f32r']:.1f}", f"{s['jdfp_bf16']:.2f}x",
+                 f"{g['jdfp_bf16'] / g['xla_bf16_f32']:.2f}x", f"{s['jdfp_f32r']:.2f}x", f"{s['xla_bf16']:.2f}x"])
   isa = args.isa if args.isa != "auto" else ("avx512_bf16" if has_avx512_bf16() else "scalar")
-  title = (f"jdfp BF16 GEMM, isa {isa}, jax {jax.__version__}, {os.cpu_count()} CPUs -- GFLOP/s "
+  amx = "AMX-BF16: the recipe's dots run as XLA bf16" if kernels.has_amx_bf16() else "no AMX-BF16"
+  title = (f"jdfp BF16 GEMM, isa {isa}, {amx}, jax {jax.__version__}, {os.cpu_count()} CPUs -- GFLOP/s "
            f"(median of {args.repeats})")
   print_table(title, cols, rows)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"meta": {"jax": jax.__version__, "isa": isa, "cpu_count": os.cpu_count(), "memory": host_memory()},
+      json.dump({"meta": {"jax": jax.__version__, "isa": isa, "amx_bf16": kernels.has_amx_bf16(),
+                          "cpu_count": os.cpu_count(), "memory": host_memory()},
                  "results": results},
                 f, indent=2)
     print(f"wrote {args.json}")

@@ -12,7 +12,7 @@ from jax import lax
 
 import jdfp
 from jdfp._src.ffi.gemm_bf16 import gemm_bf16
-from jdfp._src.ops.gemm import bf16_kernel
+from jdfp._src.ops.gemm import bf16_dot_kernel
 
 FFI = jdfp.Policy(backend="ffi")
 REF = jdfp.Policy(backend="reference")
@@ -228,7 +228,7 @@ def test_float_recipes_use_fp32_accumulation():
   for pol, dt in ((jdfp.policies.fp16(), jnp.float16), (jdfp.policies.bf16(), jnp.bfloat16)):
     y = jdfp.dot_general(x, w, MATMUL, policy=pol)
     exp = lax.dot_general(x.astype(dt), w.astype(dt), MATMUL, preferred_element_type=jnp.float32)
-    if dt == jnp.bfloat16 and bf16_kernel(pol):
+    if dt == jnp.bfloat16 and bf16_dot_kernel(pol):
       # The vdpbf16ps kernel sums in its own documented order (docs/arithmetic.md, "BF16 GEMM"), not
       # XLA's: the same bits as its scalar path, and within the FP32-accumulation bound of XLA's dot.
       bits_equal(y, gemm_bf16(x.astype(dt), w.astype(dt), isa="scalar"))
@@ -238,6 +238,28 @@ def test_float_recipes_use_fp32_accumulation():
       bits_equal(y, exp)
     assert y.dtype == jnp.float32
 
+
+
+def test_bf16_dots_route_by_cpu():
+  """BF16 dots: the vdpbf16ps kernel where the CPU has AVX512_BF16 but no AMX-BF16; XLA's own bf16
+  dot (on the AMX tiles) where it has AMX-BF16, unless the policy names an ISA; `jdfp.explain` says
+  which. Convolutions keep the kernel either way (XLA's bf16 conv is its FP32 one)."""
+  from jdfp._src.ffi.gemm_bf16 import has_amx_bf16, has_avx512_bf16
+  from jdfp._src.ops import explain
+
+  x, w = rand(0, (8, 16)), rand(1, (16, 4))
+  auto, scalar = jdfp.policies.bf16(), jdfp.policies.bf16().replace(isa="scalar")
+  on_kernel = has_avx512_bf16() and not has_amx_bf16()
+  assert bf16_dot_kernel(auto) == on_kernel
+  assert bf16_dot_kernel(scalar) == has_avx512_bf16()  # a named ISA is the kernel's: never rerouted
+  for pol in (auto, scalar):
+    r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=pol), x, w)
+    assert r.count(explain.MIXED_KERNEL if bf16_dot_kernel(pol) else explain.MIXED) == 1
+  xc, wc = rand(2, (1, 6, 6, 8)), rand(3, (3, 3, 8, 8))
+  conv = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                policy=auto)
+  r = jdfp.explain(conv, xc, wc)
+  assert r.count(explain.MIXED_KERNEL) == (1 if has_avx512_bf16() else 0)
 
 @needs_kernel
 def test_einsum_attention_shapes_and_equivalence():

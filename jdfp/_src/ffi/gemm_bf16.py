@@ -14,7 +14,7 @@ from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi.library import dtype_of, kernel_available, require_lib
 
 __all__ = ["BF16_ISA_NAMES", "conv_bf16", "conv_bf16_input_grad", "conv_bf16_weight_grad", "gemm_bf16",
-           "has_avx512_bf16"]
+           "has_amx_bf16", "has_avx512_bf16"]
 
 TARGET_GEMM_BF16 = "jdfp_gemm_bf16"
 TARGET_CONV_BF16 = "jdfp_conv_bf16"
@@ -33,6 +33,12 @@ def _register() -> None:
 def has_avx512_bf16() -> bool:
   """True when the library is loaded and this CPU/OS runs the AVX512_BF16 path (cpuid, in C++)."""
   return kernel_available() and bool(require_lib().jdfp_has_avx512_bf16())
+
+
+@functools.cache
+def has_amx_bf16() -> bool:
+  """True when the library is loaded and this CPU/OS has AMX-BF16 tiles (cpuid + xgetbv, in C++)."""
+  return kernel_available() and bool(require_lib().jdfp_has_amx_bf16())
 
 
 def gemm_bf16(a, b, *, transpose_a: bool = False, transpose_b: bool = False, isa: str = "auto") -> jax.Array:

@@ -8,11 +8,12 @@ Each pass rounds its two operands to the policy's float format (round to nearest
 BF16 on a CPU with AVX512_BF16 (backend "ffi", one group, an even number of >= 8 input channels):
 all three passes on the C++ vdpbf16ps kernel (`jdfp._src.ffi.gemm_bf16.conv_bf16`: implicit GEMM,
 the patch matrix gathered while packing, the BF16 GEMM's chains, docs/arithmetic.md).  Otherwise
-the rounded operands are widened to float32 before XLA's convolution: a product of two FP16 or
-BF16 values is exact in float32 (11 + 11 and 8 + 8 significand bits fit in 24), so this *is* the
-recipe's arithmetic (low-precision operands, FP32 products and sums), at XLA's FP32 convolution
-speed, which on CPU is at least that of its native FP16/BF16 one (docs/benchmarks.md). The
-backward keeps the FP16/BF16 operands: half the bytes of FP32 residuals.
+XLA convolves the rounded operands with FP32 accumulation: the forward hands them to XLA as
+FP16/BF16 with ``preferred_element_type=float32`` (XLA:CPU widens them inside its conv), the
+backward's transposes widen them first. A product of two FP16 or BF16 values is exact in float32
+(11 + 11 and 8 + 8 significand bits fit in 24), so this *is* the recipe's arithmetic
+(low-precision operands, FP32 products and sums), at XLA's FP32 convolution speed. The backward
+keeps the FP16/BF16 operands: half the bytes of FP32 residuals.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ def _fwd(x, w, geom, policy, out_dtype):
   if bf16_conv_kernel(policy, x.shape[-1], geom):
     y = match_varying(ffi_gemm_bf16.conv_bf16(xq, wq, **_conv_kw(geom)), xq, wq).astype(out_dtype)
   else:
-    y = _conv32(xq.astype(jnp.float32), wq.astype(jnp.float32), geom).astype(out_dtype)
+    # The rounded operands go to XLA as they are, with preferred_element_type=float32: the same
+    # products and FP32 sums (XLA:CPU widens them inside its conv; tests/ops/test_float_conv.py),
+    # without a float32 copy of each operand between the rounding and the conv.
+    y = _conv32(xq, wq, geom).astype(out_dtype)
   # Residuals: the rounded operands (or the float inputs, per Policy.float_residuals); zero-size
   # slices carry the inputs' shapes, dtypes and shard_map types.
   xr = x if "lhs" in policy.float_residuals else xq

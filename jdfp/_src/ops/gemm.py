@@ -74,7 +74,7 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   if not qa.fmt.is_integer:
     dims = (((a_c,), (b_c,)), ((0,), (0,)))
     a, b = qa.values, qb.values
-    if a.dtype == b.dtype == jnp.bfloat16 and bf16_kernel(policy):
+    if a.dtype == b.dtype == jnp.bfloat16 and bf16_dot_kernel(policy):
       # vdpbf16ps: bf16 products are exact, float32 sums in a fixed order (docs/arithmetic.md).
       out = ffi_gemm_bf16.gemm_bf16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2,
                                     isa="scalar" if policy.isa == "scalar" else "auto")
@@ -150,10 +150,19 @@ def gemm_col2im(qa: qz.QArray, qb: qz.QArray, b_c: int, policy: Policy, x_shape,
 
 
 def bf16_kernel(policy: Policy) -> bool:
-  """Whether BF16 x BF16 GEMMs run on the C++ vdpbf16ps kernel: the FFI backend on a CPU with
-  AVX512_BF16 (elsewhere they stay XLA float32 dots of the widened operands)."""
+  """Whether BF16 x BF16 convolutions can run on the C++ vdpbf16ps kernels: the FFI backend on a CPU
+  with AVX512_BF16 (elsewhere they stay XLA float32 convs of the widened operands)."""
   return (policy.backend != "reference" and jax.default_backend() == "cpu"
           and ffi_gemm_bf16.has_avx512_bf16())
+
+
+def bf16_dot_kernel(policy: Policy) -> bool:
+  """Whether BF16 x BF16 dots run on the C++ vdpbf16ps kernel: `bf16_kernel`, except with
+  ``isa="auto"`` on a CPU with AMX-BF16 (Intel Sapphire Rapids and later), where XLA's own bf16 dot
+  runs on the tile unit at ~4x FP32 while vdpbf16ps issues at half the FMA rate (docs/benchmarks.md,
+  "BF16 on AMX").  Both are the recipe's arithmetic (exact bf16 products, float32 sums), each in
+  its own order; XLA's convs get no such speed-up, so convolutions keep the kernel."""
+  return bf16_kernel(policy) and not (policy.isa == "auto" and ffi_gemm_bf16.has_amx_bf16())
 
 
 @functools.partial(jax.named_call, name="jdfp_reference_gemm")
