@@ -15,10 +15,16 @@
 //                  weight_gradient (bool), isa.  Backward-data is the forward on dy with the flipped,
 //                  transposed kernel (the Python side sets it up, as for the INT16 conv).
 //
+//   JdfpTranspose16 : x [..., R, C] of a 16-bit type -> [..., C, R], a physical copy.  XLA folds its own
+//                  transposes into a dot's dimension numbers, and its bf16 dot runs on the AMX tiles
+//                  only when the lhs contracts its last axis: a weight-gradient x^T . dy would be
+//                  widened to an FP32 dot.  This copy is opaque to XLA (ops/gemm.py uses it there).
+//
 // Work is split into (batch, M, N) tiles that the calling thread and XLA's pool threads claim from
 // one atomic counter; the returned future completes when the last tile is done (the promise counts
 // tiles, so a pool thread that never starts owes nothing).  Every output element is one fixed chain
 // over K whatever the tiling, so results do not depend on the thread count.
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <vector>
@@ -261,7 +267,33 @@ void bf16_tile_scalar(const Bf16Problem& P, const Bf16Tile& t) {
     }
 }
 
+// 32 x 32 blocks: each block's rows and columns stay within a few cache lines.
+ffi::Error transpose16_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  const auto d = x.dimensions();
+  if (d.size() < 2) return invalid_as("transpose16", "x must have rank >= 2, got " + dims_str(d));
+  if (ffi::ByteWidth(x.element_type()) != 2 || out->element_type() != x.element_type())
+    return invalid_as("transpose16", "x and the result must have one 16-bit dtype");
+  const int64_t R = d[d.size() - 2], C = d[d.size() - 1];
+  const int64_t B = (R > 0 && C > 0) ? int64_t(x.element_count()) / (R * C) : 0;
+  const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+  uint16_t* dst = static_cast<uint16_t*>(out->untyped_data());
+  constexpr int64_t kBlk = 32;
+  for (int64_t b = 0; b < B; ++b, src += R * C, dst += R * C)
+    for (int64_t r0 = 0; r0 < R; r0 += kBlk)
+      for (int64_t c0 = 0; c0 < C; c0 += kBlk) {
+        const int64_t r1 = std::min(R, r0 + kBlk), c1 = std::min(C, c0 + kBlk);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * C + c];
+      }
+  return ffi::Error::Success();
+}
+
 }  // namespace jdfp
+
+JDFP_EXPORT XLA_FFI_Error* JdfpTranspose16(XLA_FFI_CallFrame*);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpTranspose16, jdfp::transpose16_impl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmBf16(XLA_FFI_CallFrame*);
 

@@ -299,3 +299,29 @@ def test_ffi_errors_name_the_argument():
   with pytest.raises(Exception, match="jdfp gemm_bf16: out must be"):
     call(jnp.zeros((4, 5), jnp.bfloat16), jnp.zeros((5, 3), jnp.bfloat16), transpose_a=False,
          transpose_b=False, isa=np.int32(0)).block_until_ready()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 96), (3, 65, 31), (2, 1, 40, 1), (0, 5), (2, 0, 3)])
+def test_transpose16_is_an_exact_copy(dtype, shape):
+  """The copy XLA cannot fold into a dot (ops/gemm.py: AMX bf16 weight-gradients): every bit, NaN
+  payloads and signed zeros included, any batch, sizes across the 32 x 32 blocks, jit and vmap."""
+  from jdfp._src.ffi.gemm_bf16 import transpose16
+
+  bits = np.random.default_rng(sum(shape)).integers(0, 2**16, shape, dtype=np.uint16)
+  x = jnp.asarray(bits.view(np.int16).view(jnp.dtype(dtype)))
+  want = np.swapaxes(bits, -1, -2)
+  got = jax.jit(transpose16)(x)
+  assert got.dtype == x.dtype and got.shape == want.shape
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want)
+  if len(shape) == 3:
+    np.testing.assert_array_equal(np.asarray(jax.vmap(transpose16)(x)).view(np.uint16), want)
+
+
+def test_transpose16_rejects_bad_input():
+  from jdfp._src.ffi.gemm_bf16 import transpose16
+
+  with pytest.raises(TypeError, match="x must have a 16-bit dtype"):
+    transpose16(jnp.ones((2, 3), jnp.float32))
+  with pytest.raises(ValueError, match="rank >= 2"):
+    transpose16(jnp.ones((3,), jnp.bfloat16))

@@ -260,6 +260,17 @@ def test_bf16_dots_route_by_cpu():
                                                 policy=auto)
   r = jdfp.explain(conv, xc, wc)
   assert r.count(explain.MIXED_KERNEL) == (1 if has_avx512_bf16() else 0)
+  # On the AMX route the weight-gradient's x^T is one jdfp_transpose16 copy (XLA would fold its own
+  # transpose into the dot and widen it to FP32); the gradients are the recipe's all the same.
+  loss = lambda x, w: jnp.sum(jdfp.dot_general(x, w, MATMUL, policy=auto) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+  assert hlo.count("jdfp_transpose16") == (1 if has_amx_bf16() else 0)
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+  r16 = lambda v: v.astype(jnp.bfloat16).astype(jnp.float32)
+  gy = r16(2 * jdfp.dot_general(x, w, MATMUL, policy=auto))  # the backward rounds the op's own dy
+  for got, want, bound in ((gx, gy @ r16(w).T, jnp.abs(gy) @ jnp.abs(r16(w)).T),
+                           (gw, r16(x).T @ gy, jnp.abs(r16(x)).T @ jnp.abs(gy))):
+    assert bool(jnp.all(jnp.abs(got - want) <= 2 * 16 * 2.0**-24 * bound + 1e-30))
 
 @needs_kernel
 def test_einsum_attention_shapes_and_equivalence():

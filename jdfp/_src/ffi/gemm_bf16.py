@@ -14,10 +14,11 @@ from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi.library import dtype_of, kernel_available, require_lib
 
 __all__ = ["BF16_ISA_NAMES", "conv_bf16", "conv_bf16_input_grad", "conv_bf16_weight_grad", "gemm_bf16",
-           "has_amx_bf16", "has_avx512_bf16"]
+           "has_amx_bf16", "has_avx512_bf16", "transpose16"]
 
 TARGET_GEMM_BF16 = "jdfp_gemm_bf16"
 TARGET_CONV_BF16 = "jdfp_conv_bf16"
+TARGET_TRANSPOSE16 = "jdfp_transpose16"
 # The handler's `isa` attribute: "auto" is avx512_bf16 where the CPU has it, else scalar.
 BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16")
 
@@ -27,6 +28,7 @@ def _register() -> None:
   lib = require_lib()
   jax.ffi.register_ffi_target(TARGET_GEMM_BF16, jax.ffi.pycapsule(lib.JdfpGemmBf16), platform="cpu")
   jax.ffi.register_ffi_target(TARGET_CONV_BF16, jax.ffi.pycapsule(lib.JdfpConvBf16), platform="cpu")
+  jax.ffi.register_ffi_target(TARGET_TRANSPOSE16, jax.ffi.pycapsule(lib.JdfpTranspose16), platform="cpu")
 
 
 @functools.cache
@@ -80,6 +82,24 @@ def gemm_bf16(a, b, *, transpose_a: bool = False, transpose_b: bool = False, isa
                           vmap_method="expand_dims")
   return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
               isa=np.int32(BF16_ISA_NAMES.index(isa)))
+
+
+def transpose16(x) -> jax.Array:
+  """``x [..., R, C]`` (bfloat16, float16 or int16) -> ``[..., C, R]``, a physical copy in C++.
+
+  XLA folds its own transposes into the dot that reads them; this one it cannot, so a dot of the
+  result contracts its lhs's last axis (what XLA's AMX bf16 dot needs: `jdfp._src.ops.gemm`).
+  """
+  dt = dtype_of("x", x)
+  if dt not in (jnp.bfloat16, jnp.float16, jnp.int16):
+    raise TypeError(f"x must have a 16-bit dtype (bfloat16, float16, int16), got {dt.name}")
+  if np.ndim(x) < 2:
+    raise ValueError(f"x must have rank >= 2, got shape {np.shape(x)}")
+  _register()
+  shape = tuple(np.shape(x))
+  call = jax.ffi.ffi_call(TARGET_TRANSPOSE16, jax.ShapeDtypeStruct(shape[:-2] + (shape[-1], shape[-2]), dt),
+                          vmap_method="expand_dims")
+  return call(x)
 
 
 def _isa_code(isa: str) -> np.int32:

@@ -79,6 +79,10 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
       out = ffi_gemm_bf16.gemm_bf16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2,
                                     isa="scalar" if policy.isa == "scalar" else "auto")
       return match_varying(out, a, b)
+    if a.dtype == b.dtype == jnp.bfloat16 and a_c == 1 and _amx_bf16_dots(policy):
+      # XLA's AMX bf16 dot wants the lhs's K last (else XLA widens the dot to FP32): a [B, K, M]
+      # (a weight-gradient's x) is copied transposed by a call XLA cannot fold back into the dot.
+      a, dims = match_varying(ffi_gemm_bf16.transpose16(a), a), (((2,), (b_c,)), ((0,), (0,)))
     if jnp.float16 in (a.dtype, b.dtype):
       # XLA:CPU has no fast FP16 dot; FP16 x FP16 products are exact in float32 (11 + 11 significand
       # bits), so widening first is the same arithmetic (FP32 products and sums) at FP32 speed.
@@ -156,13 +160,19 @@ def bf16_kernel(policy: Policy) -> bool:
           and ffi_gemm_bf16.has_avx512_bf16())
 
 
+def _amx_bf16_dots(policy: Policy) -> bool:
+  """BF16 dots of this policy run as XLA's bf16 dots on AMX tiles (`bf16_dot_kernel`)."""
+  return (policy.backend != "reference" and jax.default_backend() == "cpu" and policy.isa == "auto"
+          and ffi_gemm_bf16.has_amx_bf16())
+
+
 def bf16_dot_kernel(policy: Policy) -> bool:
   """Whether BF16 x BF16 dots run on the C++ vdpbf16ps kernel: `bf16_kernel`, except with
   ``isa="auto"`` on a CPU with AMX-BF16 (Intel Sapphire Rapids and later), where XLA's own bf16 dot
   runs on the tile unit at ~4x FP32 while vdpbf16ps issues at half the FMA rate (docs/benchmarks.md,
   "BF16 on AMX").  Both are the recipe's arithmetic (exact bf16 products, float32 sums), each in
   its own order; XLA's convs get no such speed-up, so convolutions keep the kernel."""
-  return bf16_kernel(policy) and not (policy.isa == "auto" and ffi_gemm_bf16.has_amx_bf16())
+  return bf16_kernel(policy) and not _amx_bf16_dots(policy)
 
 
 @functools.partial(jax.named_call, name="jdfp_reference_gemm")
