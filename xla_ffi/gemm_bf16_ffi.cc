@@ -274,6 +274,11 @@ ffi::Error transpose16_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
   if (ffi::ByteWidth(x.element_type()) != 2 || out->element_type() != x.element_type())
     return invalid_as("transpose16", "x and the result must have one 16-bit dtype");
   const int64_t R = d[d.size() - 2], C = d[d.size() - 1];
+  const auto od = out->dimensions();
+  bool same = od.size() == d.size() && od[d.size() - 2] == C && od[d.size() - 1] == R;
+  for (size_t i = 0; same && i + 2 < d.size(); ++i) same = od[i] == d[i];
+  if (!same) return invalid_as("transpose16", "result shape " + dims_str(od) + " is not x " + dims_str(d) +
+                                                   " with its last two dims swapped");
   const int64_t B = (R > 0 && C > 0) ? int64_t(x.element_count()) / (R * C) : 0;
   const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
   uint16_t* dst = static_cast<uint16_t*>(out->untyped_data());

@@ -325,3 +325,15 @@ def test_transpose16_rejects_bad_input():
     transpose16(jnp.ones((2, 3), jnp.float32))
   with pytest.raises(ValueError, match="rank >= 2"):
     transpose16(jnp.ones((3,), jnp.bfloat16))
+  # The C++ side checks what a direct ffi_call could get wrong (an error, never a stray write).
+  from jdfp._src.ffi.gemm_bf16 import _register
+  _register()
+  x = jnp.zeros((3, 4), jnp.bfloat16)
+  for out in (jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), jax.ShapeDtypeStruct((4, 3, 1), jnp.bfloat16)):
+    with pytest.raises(Exception, match="jdfp transpose16: result shape"):
+      jax.ffi.ffi_call("jdfp_transpose16", out)(x).block_until_ready()
+  with pytest.raises(Exception, match="jdfp transpose16: x and the result must have one 16-bit dtype"):
+    jax.ffi.ffi_call("jdfp_transpose16", jax.ShapeDtypeStruct((4, 3), jnp.float32))(x).block_until_ready()
+  with pytest.raises(Exception, match="jdfp transpose16: x must have rank >= 2"):
+    jax.ffi.ffi_call("jdfp_transpose16", jax.ShapeDtypeStruct((3,), jnp.bfloat16))(
+        jnp.zeros((3,), jnp.bfloat16)).block_until_ready()

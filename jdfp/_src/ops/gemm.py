@@ -170,7 +170,7 @@ def bf16_dot_kernel(policy: Policy) -> bool:
   """Whether BF16 x BF16 dots run on the C++ vdpbf16ps kernel: `bf16_kernel`, except with
   ``isa="auto"`` on a CPU with AMX-BF16 (Intel Sapphire Rapids and later), where XLA's own bf16 dot
   runs on the tile unit at ~4x FP32 while vdpbf16ps issues at half the FMA rate (docs/benchmarks.md,
-  "BF16 on AMX").  Both are the recipe's arithmetic (exact bf16 products, float32 sums), each in
+  "XLA's own bf16 dot").  Both are the recipe's arithmetic (exact bf16 products, float32 sums), each in
   its own order; XLA's convs get no such speed-up, so convolutions keep the kernel."""
   return bf16_kernel(policy) and not _amx_bf16_dots(policy)
 
