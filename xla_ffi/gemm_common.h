@@ -302,4 +302,10 @@ int tile_avx2(const Problem&, const Tile&);
 int tile_avxvnni(const Problem&, const Tile&);
 int tile_avx512vnni(const Problem&, const Tile&);
 
+// The AMX-INT8 path of the INT16 GEMM (kernel_amx.cc): KB == 1, int16 operands, no conv gather,
+// 1 <= K <= kAmxMaxK (the longest K whose byte-product tile sums cannot leave int32).
+constexpr int64_t kAmxMaxK = 16384;
+bool amx_i16_fits(const Problem&);
+int tile_amx_i16(const Problem&, const Tile&);
+
 }  // namespace jdfp

@@ -137,7 +137,16 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   auto job = std::make_shared<Job>();
   if (ffi::Error e = set_up_job(*job, s, a, b, ea, eb, out, bits_a, bits_b, trans_a, trans_b, *kernels); e.failure())
     return error_future(std::move(e));
-  return launch(job, pool, *kernels, int64_t(job->a_off.size()), s.M, s.N, s.K);
+  const int64_t nbatch = int64_t(job->a_off.size());
+#ifdef JDFP_HAVE_SIMD
+  // isa="auto" on a CPU with AMX-INT8: the GEMM runs as four byte GEMMs on the tiles (kernel_amx.cc),
+  // the same result bit for bit.  A named ISA keeps its kernel.
+  if (isa == kIsaAuto && amx_i16_fits(job->P) && amx_int8_ready()) {
+    job->fn = tile_amx_i16;
+    return launch_tiles(job, pool, 16, 16, nbatch, s.M, s.N, s.K);
+  }
+#endif
+  return launch(job, pool, *kernels, nbatch, s.M, s.N, s.K);
 }
 
 // ---------------------------------------------------------------- GEMM + col2im (col2im.h)

@@ -2,8 +2,13 @@
 // Compiled with baseline flags: it only takes the addresses of the per-ISA kernels.
 #include "isa_table.h"
 
+#include <cstdlib>
+#include <string>
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define JDFP_X86 1
 #else
 #define JDFP_X86 0
@@ -102,6 +107,28 @@ bool has_amx_bf16() {
     return amx_bf16 && amx_tile && (xgetbv0() & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
   }();
   return has;
+#else
+  return false;
+#endif
+}
+
+bool amx_int8_ready() {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD) && defined(__linux__)
+  static const bool ready = [] {
+    const char* env = std::getenv("JDFP_AMX");
+    if (env && std::string(env) == "0") return false;
+    if (best_isa() != kIsaAvx512Vnni) return false;  // the packing runs AVX-512BW
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+    if (!amx_tile || !amx_int8 || (xgetbv0() & 0x60000) != 0x60000) return false;
+    // Linux hands out the 8 KiB tile state only on request (process-wide, once).
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
 #else
   return false;
 #endif

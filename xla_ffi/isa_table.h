@@ -40,5 +40,8 @@ const IsaKernels& isa_kernels(int isa);
 // The CPU has AMX-BF16 tiles and the OS saves their state (cpuid 7.0:EDX bits 22, 24; XCR0 bits 17,
 // 18).  jdfp runs no AMX code: the BF16 recipe's dots go to XLA, whose bf16 dot uses the tiles.
 bool has_amx_bf16();
+// The CPU has AMX-INT8 tiles, the OS saves their state and granted this process their use
+// (arch_prctl ARCH_REQ_XCOMP_PERM, asked once): kernel_amx.cc may run.  JDFP_AMX=0 turns it off.
+bool amx_int8_ready();
 
 }  // namespace jdfp

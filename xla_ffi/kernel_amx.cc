@@ -1,0 +1,307 @@
+// AMX-INT8 tiles for the exact INT16 GEMM with one exponent pair per output element (KB == 1:
+// per-tensor, per-row and per-column exponents; docs/arithmetic.md, "The INT16 GEMM on AMX").
+//
+// AMX multiplies bytes only, so each int16 value is split into a signed high byte and an unsigned
+// low byte, v = 256 * h + l (h = v >> 8 in [-128, 127], l = v & 255), and the contract's exact sum
+// over K is assembled from four byte GEMMs on the tiles:
+//   S = 2**16 * sum(ha * hb) + 2**8 * (sum(ha * lb) + sum(la * hb)) + sum(la * lb)
+//       (tdpbssd)                (tdpbsud)      (tdpbusd)            (tdpbuud)
+// For K <= kAmxMaxK = 16384 each of the three int32 tile sums is exact (|hh| <= K * 2**14,
+// |mid| <= K * 2 * 128 * 255, 0 <= ll <= K * 255**2, all < 2**31), S is exact in int64 and in
+// float64 (|S| <= K * 32767**2 < 2**44), so float(double(S)) is the contract's one rounding f(S);
+// then scale2(f(S), ea + eb) as every kernel does.  Bit-identical to the other paths.
+//
+// Layouts (bytes, K padded with zeros to a multiple of 64, rows / columns to multiples of 16):
+//   A panel: [row block][k step][plane h|l][16 rows][64 k]            (the tile's rows are m)
+//   B panel: [col block][k step][plane h|l][16 k quads][16 cols x 4 k] (tdp*'s "VNNI" B layout)
+// The per-thread tile state (ldtilecfg) is loaded per tile and released after it.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "gemm_common.h"
+
+namespace jdfp {
+namespace {
+
+constexpr int kPlane = 1024;          // one 16 x 64-byte tile
+constexpr int kStep = 2 * kPlane;     // the h and l planes of one 16-row, 64-k block
+constexpr int64_t kKcSteps = 8;      // k steps per K chunk (512 k)
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Splits 32 int16 into their high (signed) and low (unsigned) bytes.
+static inline void split32(__m512i v, uint8_t* hi, uint8_t* lo) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtepi16_epi8(v));
+}
+
+// 16 x 16 transpose of 4-byte words: A layout (row r, k quad q at r*64 + q*4) <-> B layout.
+static inline void transpose_words(const uint8_t* src, uint8_t* dst) {
+  for (int q = 0; q < 16; ++q)
+    for (int r = 0; r < 16; ++r) std::memcpy(dst + q * 64 + r * 4, src + r * 64 + q * 4, 4);
+}
+
+struct MinMax {
+  __m512i mn = _mm512_setzero_si512(), mx = _mm512_setzero_si512();
+  void add(__m512i v) { mn = _mm512_min_epi16(mn, v), mx = _mm512_max_epi16(mx, v); }
+  int32_t absmax() const {
+    alignas(64) int16_t lo[32], hi[32];
+    _mm512_store_si512(lo, mn), _mm512_store_si512(hi, mx);
+    int32_t m = 0;
+    for (int i = 0; i < 32; ++i) m = std::max({m, -int32_t(lo[i]), int32_t(hi[i])});
+    return m;
+  }
+};
+
+// Operand view X[r, k] = src[r * sr + k * sk], rows [r0, r0 + rows), K columns.
+struct View {
+  const int16_t* src;
+  int64_t sr, sk, rows, K;
+};
+
+// One 16-row, 64-k block in the A layout (h plane at dst, l plane at dst + kPlane), zero padded.
+static inline void block_rows(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax& mm) {
+  const int64_t kn = std::min<int64_t>(64, x.K - k0);
+  for (int r = 0; r < 16; ++r) {
+    uint8_t* h = dst + r * 64;
+    uint8_t* l = dst + kPlane + r * 64;
+    if (r0 + r >= x.rows) {
+      std::memset(h, 0, 64), std::memset(l, 0, 64);
+      continue;
+    }
+    const int16_t* s = x.src + (r0 + r) * x.sr + k0 * x.sk;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t n = std::min<int64_t>(32, kn - 32 * half);
+      __m512i v = _mm512_setzero_si512();
+      if (x.sk == 1) {
+        if (n > 0) v = _mm512_maskz_loadu_epi16(__mmask32(n >= 32 ? ~0u : (1u << n) - 1), s + 32 * half);
+      } else {
+        alignas(64) int16_t tmp[32] = {};
+        for (int64_t k = 0; k < n; ++k) tmp[k] = s[(32 * half + k) * x.sk];
+        v = _mm512_load_si512(tmp);
+      }
+      mm.add(v);
+      split32(v, h + 32 * half, l + 32 * half);
+    }
+  }
+}
+
+// One block in the B layout from rows that are contiguous (sr == 1): 16 rows of 4 consecutive k
+// interleaved per quad.
+static inline void block_quads(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax& mm) {
+  const int64_t rn = std::min<int64_t>(16, x.rows - r0);
+  const __mmask16 rmask = __mmask16(rn >= 16 ? 0xFFFF : (1u << rn) - 1);
+  for (int q = 0; q < 16; ++q) {
+    __m128i h[4], l[4];
+    for (int t = 0; t < 4; ++t) {
+      const int64_t k = k0 + 4 * q + t;
+      const __m256i v = k < x.K ? _mm256_maskz_loadu_epi16(rmask, x.src + r0 + k * x.sk) : _mm256_setzero_si256();
+      mm.add(_mm512_zextsi256_si512(v));
+      h[t] = _mm256_cvtepi16_epi8(_mm256_srai_epi16(v, 8));
+      l[t] = _mm256_cvtepi16_epi8(v);
+    }
+    for (int plane = 0; plane < 2; ++plane) {
+      const __m128i* y = plane ? l : h;
+      const __m128i t0 = _mm_unpacklo_epi8(y[0], y[1]), t1 = _mm_unpackhi_epi8(y[0], y[1]);
+      const __m128i t2 = _mm_unpacklo_epi8(y[2], y[3]), t3 = _mm_unpackhi_epi8(y[2], y[3]);
+      __m128i* d = reinterpret_cast<__m128i*>(dst + plane * kPlane + q * 64);
+      _mm_storeu_si128(d + 0, _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(t1, t3));
+    }
+  }
+}
+
+// Packs rows [r0, r0 + rows) of the view as a panel in the A (b_layout false) or B layout.
+// Returns max |value| for the range check.
+static int32_t pack_panel(const View& x, bool b_layout, uint8_t* dst) {
+  const int64_t nsteps = (x.K + 63) / 64, nblocks = (x.rows + 15) / 16;
+  MinMax mm;
+  alignas(64) uint8_t tmp[kStep];
+  for (int64_t rb = 0; rb < nblocks; ++rb)
+    for (int64_t s = 0; s < nsteps; ++s) {
+      uint8_t* d = dst + (rb * nsteps + s) * kStep;
+      if (x.sr == 1 && x.sk != 1) {
+        block_quads(x, rb * 16, s * 64, b_layout ? d : tmp, mm);
+        if (!b_layout) transpose_words(tmp, d), transpose_words(tmp + kPlane, d + kPlane);
+      } else {
+        block_rows(x, rb * 16, s * 64, b_layout ? tmp : d, mm);
+        if (b_layout) transpose_words(tmp, d), transpose_words(tmp + kPlane, d + kPlane);
+      }
+    }
+  return mm.absmax();
+}
+
+// The three int32 sums (hh, mid, ll) of one 16 x 16 output block over `nsteps` k steps, added to
+// the sums in acc (or from zero when `first`), stored back to acc.
+static inline void block_sums(const uint8_t* a, const uint8_t* b, int64_t nsteps, bool first, int32_t* acc) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+  } else {
+    _tile_loadd(0, acc, 64);
+    _tile_loadd(1, acc + 256, 64);
+    _tile_loadd(2, acc + 512, 64);
+  }
+  for (int64_t s = 0; s < nsteps; ++s, a += kStep, b += kStep) {
+    _tile_loadd(3, a, 64);
+    _tile_loadd(4, a + kPlane, 64);
+    _tile_loadd(5, b, 64);
+    _tile_loadd(6, b + kPlane, 64);
+    _tile_dpbssd(0, 3, 5);
+    _tile_dpbsud(1, 3, 6);
+    _tile_dpbusd(1, 4, 5);
+    _tile_dpbuud(2, 4, 6);
+  }
+  _tile_stored(0, acc, 64);
+  _tile_stored(1, acc + 256, 64);
+  _tile_stored(2, acc + 512, 64);
+}
+
+// 8 exact sums 2**16 * hh + 2**8 * mid + ll as float32 (through an exact float64).
+static inline __m256 sums8(__m256i hh, __m256i mid, __m256i ll) {
+  __m512i s = _mm512_slli_epi64(_mm512_cvtepi32_epi64(hh), 16);
+  s = _mm512_add_epi64(s, _mm512_slli_epi64(_mm512_cvtepi32_epi64(mid), 8));
+  s = _mm512_add_epi64(s, _mm512_cvtepi32_epi64(ll));
+  return _mm512_cvtpd_ps(_mm512_cvtepi64_pd(s));
+}
+
+// 2**clamp(e, -126, 127) per lane, built from the bits.
+static inline __m512 pow2v(__m512i e) {
+  e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-126)), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23));
+}
+
+// Column side of the epilogue for one 16-column block: clamped exponents and the NONFINITE mask.
+struct ColExponents {
+  __m512i e;
+  __mmask16 bad;
+};
+
+static inline ColExponents col_exponents(const int32_t* eb, int64_t nstride, int64_t n0, int nv) {
+  alignas(64) int32_t e[16] = {};
+  __mmask16 bad = 0;
+  for (int j = 0; j < nv; ++j) {
+    const int32_t raw = eb[(n0 + j) * nstride];
+    bad |= __mmask16(raw == kNonfiniteExponent) << j;
+    e[j] = eclamp(raw);
+  }
+  return {_mm512_load_si512(e), bad};
+}
+
+// out[i, j] = scale2(f(S[i, j]), ea_i + eb_j), NaN where either exponent is NONFINITE.
+static inline void block_store(const int32_t* acc, const int32_t* ea_rows, int64_t ea_stride, const ColExponents& ce,
+                               int mv, int nv, float* C, int64_t ldc) {
+  const __mmask16 store = __mmask16(nv >= 16 ? 0xFFFF : (1u << nv) - 1);
+  const __m512 qnan = _mm512_set1_ps(__builtin_nanf(""));
+  for (int i = 0; i < mv; ++i) {
+    const int32_t* r = acc + i * 16;
+    const __m256 lo = sums8(_mm256_loadu_si256((const __m256i*)r), _mm256_loadu_si256((const __m256i*)(r + 256)),
+                            _mm256_loadu_si256((const __m256i*)(r + 512)));
+    const __m256 hi = sums8(_mm256_loadu_si256((const __m256i*)(r + 8)),
+                            _mm256_loadu_si256((const __m256i*)(r + 264)),
+                            _mm256_loadu_si256((const __m256i*)(r + 520)));
+    const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+    const int32_t raw = ea_rows[i * ea_stride];
+    const __m512i e = _mm512_add_epi32(ce.e, _mm512_set1_epi32(eclamp(raw)));
+    const __m512i e1 = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-126)), _mm512_set1_epi32(127));
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(f, pow2v(e1)), pow2v(_mm512_sub_epi32(e, e1)));
+    v = _mm512_mask_mov_ps(v, raw == kNonfiniteExponent ? __mmask16(0xFFFF) : ce.bad, qnan);
+    _mm512_mask_storeu_ps(C + i * ldc, store, v);
+  }
+}
+
+// A growable 64-byte aligned buffer: a tile row that straddles two cache lines loads at half speed.
+template <class T>
+struct Aligned {
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      p = static_cast<T*>(std::aligned_alloc(64, (want * sizeof(T) + 63) / 64 * 64));
+      n = want;
+    }
+    return p;
+  }
+  ~Aligned() { std::free(p); }
+};
+
+struct PanelCache {
+  uint64_t job = 0;
+  int64_t batch = -1, n0 = -1, n1 = -1;
+  Aligned<uint8_t> buf;
+};
+
+}  // namespace
+
+bool amx_i16_fits(const Problem& P) {
+  return P.KB == 1 && !P.a_f32 && !P.b_f32 && !P.conv && P.K >= 1 && P.K <= kAmxMaxK && P.M >= 1 && P.N >= 1;
+}
+
+// One output tile (batch, [m0, m1) x [n0, n1)) of a problem amx_i16_fits accepts.  Returns 0, or 1 / 2
+// for an A / B value out of [-qmax, qmax].
+int tile_amx_i16(const Problem& P, const Tile& T) {
+  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
+  if (mb <= 0 || nb <= 0) return 0;
+  const int64_t nsteps = (P.K + 63) / 64, mblocks = (mb + 15) / 16, nblocks = (nb + 15) / 16;
+  thread_local Aligned<uint8_t> apanel_buf;
+  thread_local PanelCache bcache;
+  const int16_t* a = static_cast<const int16_t*>(P.a) + P.a_off[T.batch];
+  const int16_t* b = static_cast<const int16_t*>(P.b) + P.b_off[T.batch];
+  if (!(bcache.job == P.job_id && P.job_id && bcache.batch == T.batch && bcache.n0 == T.n0 && bcache.n1 == T.n1)) {
+    bcache.job = 0;
+    bcache.buf.get(size_t(nblocks * nsteps * kStep));
+    const View vb{b + T.n0 * P.b_sr, P.b_sr, P.b_sk, nb, P.K};
+    if (pack_panel(vb, true, bcache.buf.p) > P.qmax_b) return 2;
+    bcache.job = P.job_id, bcache.batch = T.batch, bcache.n0 = T.n0, bcache.n1 = T.n1;
+  }
+  uint8_t* apanel = apanel_buf.get(size_t(mblocks * nsteps * kStep));
+  const View va{a + T.m0 * P.a_sr, P.a_sr, P.a_sk, mb, P.K};
+  if (pack_panel(va, false, apanel) > P.qmax_a) return 1;
+
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+  float* C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * P.M * P.N);
+  const int32_t* ea = P.ea + P.ea_off[T.batch];
+  const int32_t* eb = P.eb + P.eb_off[T.batch];
+  // Column block by column block; K in chunks of kKcSteps k steps, so that the chunk's B block
+  // (16 KiB) stays in L1 while the row blocks' A blocks stream from L2; each row block's int32 sums
+  // (3 KiB) wait in acc between chunks.  (Measured at 2048^3: all column blocks per chunk, or K
+  // whole per block, ran 10-20 % slower.)
+  thread_local Aligned<int32_t> accbuf;
+  int32_t* accs = accbuf.get(size_t(mblocks * 768));
+  for (int64_t cb = 0; cb < nblocks; ++cb) {
+    const int64_t n0 = T.n0 + cb * 16;
+    const int nv = int(std::min<int64_t>(16, T.n1 - n0));
+    const ColExponents ce = col_exponents(eb, P.eb_nstride, n0, nv);
+    for (int64_t s0 = 0; s0 < nsteps; s0 += kKcSteps) {
+      const int64_t ns = std::min(kKcSteps, nsteps - s0);
+      const uint8_t* bp = bcache.buf.p + (cb * nsteps + s0) * kStep;
+      for (int64_t rb = 0; rb < mblocks; ++rb) {
+        const int64_t m0 = T.m0 + rb * 16;
+        int32_t* acc = accs + rb * 768;
+        block_sums(apanel + (rb * nsteps + s0) * kStep, bp, ns, s0 == 0, acc);
+        if (s0 + ns >= nsteps)
+          block_store(acc, ea + m0 * P.ea_mstride, P.ea_mstride, ce, int(std::min<int64_t>(16, T.m1 - m0)), nv,
+                      C + m0 * P.ldc + n0, P.ldc);
+      }
+    }
+  }
+  _tile_release();
+  return 0;
+}
+
+}  // namespace jdfp
