@@ -11,7 +11,8 @@ from jdfp._src.ffi.gemm import gemm
 from jdfp._src.ffi.gemm_bf16 import (conv_bf16, conv_bf16_input_grad, conv_bf16_weight_grad, gemm_bf16, has_amx_bf16,
                                    has_avx512_bf16)
 from jdfp._src.ffi.gemm_i8 import gemm_i8
-from jdfp._src.ffi.library import ISA_NAMES, KernelUnavailableError, available_isas, best_isa, kernel_available
+from jdfp._src.ffi.library import (ISA_NAMES, KernelUnavailableError, available_isas, best_isa, has_amx_int8,
+                                   kernel_available)
 from jdfp._src.ffi.quantize import quant_stats, quantize, quantize_dfp, quantize_dfp_with_stats
 from jdfp._src.numerics.reference import safe_chain_length
 
@@ -38,6 +39,7 @@ __all__ = [
     "KernelUnavailableError",
     "available_isas",
     "best_isa",
+    "has_amx_int8",
     "kernel_available",
     # quantize.py
     "quant_stats",

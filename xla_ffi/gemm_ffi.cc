@@ -229,6 +229,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16Col2im, jdfp::gemm_col2im_impl,
 JDFP_EXPORT int jdfp_abi_version() { return 2; }
 JDFP_EXPORT int jdfp_isa_mask() { return jdfp::isa_mask(); }
 JDFP_EXPORT int jdfp_best_isa() { return jdfp::best_isa(); }
+// 1: isa="auto" runs the INT16 GEMM's KB == 1 problems (K <= 16384) on AMX-INT8 tiles (kernel_amx.cc).
+JDFP_EXPORT int jdfp_amx_int8_ready() { return jdfp::amx_int8_ready() ? 1 : 0; }
 JDFP_EXPORT int64_t jdfp_safe_chain_length(int bits_a, int bits_b) {
   if (bits_a < 2 || bits_a > 16 || bits_b < 2 || bits_b > 16) return -1;
   return jdfp::safe_chain_length(bits_a, bits_b);

@@ -62,11 +62,73 @@ struct MinMax {
   }
 };
 
-// Operand view X[r, k] = src[r * sr + k * sk], rows [r0, r0 + rows), K columns.
+// Operand view X[r, k] = src[r * sr + k * sk], rows [r0, r0 + rows), K columns.  A float32 view
+// (fsrc) is quantized while packing with row r's exponent e[r * es], as quantize1 does.
 struct View {
   const int16_t* src;
   int64_t sr, sk, rows, K;
+  const float* fsrc = nullptr;
+  const int32_t* e = nullptr;
+  int64_t es = 0;
+  int32_t qmax = 0;
 };
+
+// clip(round_half_even(scale2(x, -e)), +-qmax) of 16 floats (quantize1; vcvtps2dq rounds half to
+// even under the workers' MXCSR), NaN -> 0.
+static inline __m256i quantize16(__m512 x, __m512 s1, __m512 s2, __m512 qm) {
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, s1), s2);
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_setzero_ps());
+  y = _mm512_min_ps(_mm512_max_ps(y, _mm512_sub_ps(_mm512_setzero_ps(), qm)), qm);
+  return _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(y));
+}
+
+// The two power-of-two factors of scale2(x, -e) for rows [r0, r0 + 16) (0 past the view's rows and
+// for a NONFINITE row, which quantizes to zeros; its outputs are NaN anyway).
+static inline void row_scales(const View& x, int64_t r0, float* s1, float* s2) {
+  for (int r = 0; r < 16; ++r) {
+    const int32_t ei = r0 + r < x.rows ? x.e[(r0 + r) * x.es] : kNonfiniteExponent;
+    const int32_t ne = -eclamp(ei);
+    const int32_t e1 = clamp_i32(ne, -126, 127);
+    s1[r] = ei == kNonfiniteExponent ? 0.0f : pow2f(e1);
+    s2[r] = pow2f(clamp_i32(ne - e1, -126, 127));
+  }
+}
+
+// Quantizes a 16-row, 64-k block of a float32 view into int16, zero padded, in the source's
+// orientation: rows ([16][64], returns a view with sk == 1) or, when rows are contiguous,
+// columns ([64][16], sr == 1), so that block_rows / block_quads take their fast paths.
+static inline View stage_f32(const View& x, int64_t r0, int64_t k0, int16_t* t) {
+  alignas(64) float s1[16], s2[16];
+  row_scales(x, r0, s1, s2);
+  const __m512 qm = _mm512_set1_ps(float(x.qmax));
+  const int64_t rn = std::min<int64_t>(16, x.rows - r0), kn = std::min<int64_t>(64, x.K - k0);
+  const float* src = x.fsrc + r0 * x.sr + k0 * x.sk;
+  if (x.sr == 1 && x.sk != 1) {
+    const __mmask16 rm = __mmask16(rn >= 16 ? 0xFFFF : (1u << rn) - 1);
+    const __m512 v1 = _mm512_load_ps(s1), v2 = _mm512_load_ps(s2);
+    for (int k = 0; k < 64; ++k) {
+      const __m512 v = k < kn ? _mm512_maskz_loadu_ps(rm, src + k * x.sk) : _mm512_setzero_ps();
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t + k * 16), quantize16(v, v1, v2, qm));
+    }
+    return View{t, 1, 16, 16, 64};
+  }
+  for (int r = 0; r < 16; ++r) {
+    const __m512 v1 = _mm512_set1_ps(s1[r]), v2 = _mm512_set1_ps(s2[r]);
+    for (int c = 0; c < 4; ++c) {
+      const int64_t n = r < rn ? std::min<int64_t>(16, kn - 16 * c) : 0;
+      __m512 v = _mm512_setzero_ps();
+      if (n > 0 && x.sk == 1) {
+        v = _mm512_maskz_loadu_ps(__mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1), src + r * x.sr + 16 * c);
+      } else if (n > 0) {
+        alignas(64) float tmp[16] = {};
+        for (int64_t k = 0; k < n; ++k) tmp[k] = src[r * x.sr + (16 * c + k) * x.sk];
+        v = _mm512_load_ps(tmp);
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t + r * 64 + 16 * c), quantize16(v, v1, v2, qm));
+    }
+  }
+  return View{t, 64, 1, 16, 64};
+}
 
 // One 16-row, 64-k block in the A layout (h plane at dst, l plane at dst + kPlane), zero padded.
 static inline void block_rows(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax& mm) {
@@ -128,14 +190,17 @@ static int32_t pack_panel(const View& x, bool b_layout, uint8_t* dst) {
   const int64_t nsteps = (x.K + 63) / 64, nblocks = (x.rows + 15) / 16;
   MinMax mm;
   alignas(64) uint8_t tmp[kStep];
+  alignas(64) int16_t staged[16 * 64];
   for (int64_t rb = 0; rb < nblocks; ++rb)
     for (int64_t s = 0; s < nsteps; ++s) {
       uint8_t* d = dst + (rb * nsteps + s) * kStep;
-      if (x.sr == 1 && x.sk != 1) {
-        block_quads(x, rb * 16, s * 64, b_layout ? d : tmp, mm);
+      const View v = x.fsrc ? stage_f32(x, rb * 16, s * 64, staged) : x;
+      const int64_t r0 = x.fsrc ? 0 : rb * 16, k0 = x.fsrc ? 0 : s * 64;
+      if (v.sr == 1 && v.sk != 1) {
+        block_quads(v, r0, k0, b_layout ? d : tmp, mm);
         if (!b_layout) transpose_words(tmp, d), transpose_words(tmp + kPlane, d + kPlane);
       } else {
-        block_rows(x, rb * 16, s * 64, b_layout ? tmp : d, mm);
+        block_rows(v, r0, k0, b_layout ? tmp : d, mm);
         if (b_layout) transpose_words(tmp, d), transpose_words(tmp + kPlane, d + kPlane);
       }
     }
@@ -247,7 +312,7 @@ struct PanelCache {
 }  // namespace
 
 bool amx_i16_fits(const Problem& P) {
-  return P.KB == 1 && !P.a_f32 && !P.b_f32 && !P.conv && P.K >= 1 && P.K <= kAmxMaxK && P.M >= 1 && P.N >= 1;
+  return P.KB == 1 && !P.conv && P.K >= 1 && P.K <= kAmxMaxK && P.M >= 1 && P.N >= 1;
 }
 
 // One output tile (batch, [m0, m1) x [n0, n1)) of a problem amx_i16_fits accepts.  Returns 0, or 1 / 2
@@ -258,25 +323,31 @@ int tile_amx_i16(const Problem& P, const Tile& T) {
   const int64_t nsteps = (P.K + 63) / 64, mblocks = (mb + 15) / 16, nblocks = (nb + 15) / 16;
   thread_local Aligned<uint8_t> apanel_buf;
   thread_local PanelCache bcache;
+  const int32_t* ea = P.ea + P.ea_off[T.batch];
+  const int32_t* eb = P.eb + P.eb_off[T.batch];
   const int16_t* a = static_cast<const int16_t*>(P.a) + P.a_off[T.batch];
   const int16_t* b = static_cast<const int16_t*>(P.b) + P.b_off[T.batch];
   if (!(bcache.job == P.job_id && P.job_id && bcache.batch == T.batch && bcache.n0 == T.n0 && bcache.n1 == T.n1)) {
     bcache.job = 0;
     bcache.buf.get(size_t(nblocks * nsteps * kStep));
-    const View vb{b + T.n0 * P.b_sr, P.b_sr, P.b_sk, nb, P.K};
+    View vb{b + T.n0 * P.b_sr, P.b_sr, P.b_sk, nb, P.K};
+    if (P.b_f32)
+      vb.fsrc = static_cast<const float*>(P.b) + P.b_off[T.batch] + T.n0 * P.b_sr, vb.e = eb + T.n0 * P.eb_nstride,
+      vb.es = P.eb_nstride, vb.qmax = P.qmax_b;
     if (pack_panel(vb, true, bcache.buf.p) > P.qmax_b) return 2;
     bcache.job = P.job_id, bcache.batch = T.batch, bcache.n0 = T.n0, bcache.n1 = T.n1;
   }
   uint8_t* apanel = apanel_buf.get(size_t(mblocks * nsteps * kStep));
-  const View va{a + T.m0 * P.a_sr, P.a_sr, P.a_sk, mb, P.K};
+  View va{a + T.m0 * P.a_sr, P.a_sr, P.a_sk, mb, P.K};
+  if (P.a_f32)
+    va.fsrc = static_cast<const float*>(P.a) + P.a_off[T.batch] + T.m0 * P.a_sr, va.e = ea + T.m0 * P.ea_mstride,
+    va.es = P.ea_mstride, va.qmax = P.qmax_a;
   if (pack_panel(va, false, apanel) > P.qmax_a) return 1;
 
   TileConfig cfg;
   for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
   _tile_loadconfig(&cfg);
   float* C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * P.M * P.N);
-  const int32_t* ea = P.ea + P.ea_off[T.batch];
-  const int32_t* eb = P.eb + P.eb_off[T.batch];
   // Column block by column block; K in chunks of kKcSteps k steps, so that the chunk's B block
   // (16 KiB) stays in L1 while the row blocks' A blocks stream from L2; each row block's int32 sums
   // (3 KiB) wait in acc between chunks.  (Measured at 2048^3: all column blocks per chunk, or K

@@ -47,7 +47,10 @@ def main(args: argparse.Namespace) -> int:
     raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
   bits = args.bits
   qmax = 2 ** (bits - 1) - 1
-  isa = kernels.best_isa() if args.isa == "auto" else args.isa
+  isa = args.isa
+  # What "auto" runs: the INT16 GEMM goes to the AMX-INT8 tiles where the CPU has them.
+  amx = isa == "auto" and kernels.has_amx_int8()
+  isa_label = (f"auto = {kernels.best_isa()}" + (" + AMX-INT8 tiles" if amx else "")) if isa == "auto" else isa
   rng = np.random.default_rng(0)
   results = []
   for text in args.sizes:
@@ -97,11 +100,12 @@ def main(args: argparse.Namespace) -> int:
                  f"{r['speedup_vs_xla_f32']['jdfp_f32q']:.2f}x"])
     if not args.no_int8:
       rows[-1] += [f"{g['jdfp_i8']:.1f}"] + [f"{r['speedup_vs_xla_f32'][c]:.2f}x" for c in int8]
-  title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa}, "
+  title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa_label}, "
            f"jax {jax.__version__}, {os.cpu_count()} CPUs -- GOP/s (median of {args.repeats})")
   print_table(title, cols, rows)
   if args.json:
-    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa, "bits": bits,
+    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa_label, "amx_int8": amx,
+            "bits": bits,
             "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "processor": cpu_name(), "memory": host_memory()}
     with open(args.json, "w") as f:

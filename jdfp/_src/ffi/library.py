@@ -10,6 +10,7 @@ at import.  If the library is missing, importing warns and every kernel call rai
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "KernelUnavailableError",
     "available_isas",
     "best_isa",
+    "has_amx_int8",
     "check_bits",
     "dtype_of",
     "isa_attribute",
@@ -145,6 +147,15 @@ def available_isas() -> tuple[str, ...]:
 def best_isa() -> str:
   """The ISA ``isa="auto"`` runs."""
   return ISA_NAMES[require_lib().jdfp_best_isa()]
+
+
+@functools.cache
+def has_amx_int8() -> bool:
+  """True when ``isa="auto"`` runs the INT16 GEMM on AMX-INT8 tiles: the CPU has them, the OS saves
+  their state and granted this process their use, and ``JDFP_AMX=0`` is not set.  The AMX path
+  takes GEMMs with one exponent pair per output element (per-tensor, per-row, per-column DFP) and
+  K <= 16384; other GEMMs, convolutions and a named ISA keep the AVX-512 / AVX2 / scalar kernels."""
+  return kernel_available() and bool(require_lib().jdfp_amx_int8_ready())
 
 
 def check_bits(name: str, bits: Any) -> int:
