@@ -1,0 +1,116 @@
+"""The INT16 GEMM's AMX-INT8 path (xla_ffi/kernel_amx.cc): what ``isa="auto"`` runs on CPUs with AMX
+tiles for GEMMs with one exponent pair per output element.  Its own edges: the K limit of its
+int32 tile sums, the 16 x 64 tile padding, every operand layout, float inputs, range errors.
+(test_gemm_kernel.py runs its whole suite with ``isa="auto"`` too.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jdfp import kernels
+from kernel_testing import bits_eq, qmax
+from test_gemm_kernel import NONFINITE, _oracle, _rand_case, _run
+
+pytestmark = pytest.mark.skipif(not (kernels.kernel_available() and kernels.has_amx_int8()),
+                                reason="no AMX-INT8 tiles on this CPU (or JDFP_AMX=0)")
+
+K_MAX = 16384  # kAmxMaxK: longest K whose byte-product tile sums cannot leave int32
+
+
+def _both(a, b, ea, eb, **kw):
+  """The AMX path (auto) against the AVX-512 kernel and the numpy oracle, bit for bit."""
+  got = _run(a, b, ea, eb, isa="auto", **kw)
+  bits_eq(got, _run(a, b, ea, eb, isa="avx512_vnni", **kw))
+  if not (np.asarray(a).dtype == np.float32 or np.asarray(b).dtype == np.float32):
+    bits_eq(got, _oracle(a, b, ea, eb, **kw))
+  return got
+
+
+@pytest.mark.parametrize("k", [K_MAX, K_MAX + 1])
+@pytest.mark.parametrize("bits", [16, 15])
+def test_all_max_at_the_k_limit(k, bits):
+  # Every product +-qmax**2 at the longest K the tiles take (and one past it, which the AVX-512
+  # kernel runs): the high-byte sums reach K * 2**14, the mixed ones K * 65280, the low ones
+  # K * 255**2; alternating signs cancel exactly.
+  q = qmax(bits)
+  a = np.full((18, k), q, np.int16)
+  a[1] = -q
+  a[2, ::2] = -q
+  a[3] = -q if bits == 16 else q - 1
+  b = np.full((k, 17), q, np.int16)
+  b[:, 3] = -q
+  b[::3, 5] = -q
+  e = np.zeros((1, 1), np.int32)
+  got = _both(a, b, e, e, bits_a=bits, bits_b=bits)
+  assert got[0, 0] == np.float32(k * q * q)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_layouts_edges_and_exponents(ta, tb):
+  # Sizes on both sides of the 16-row / 16-column / 64-k tile edges; per-tensor, per-row and
+  # per-column exponents; batch broadcasting; NONFINITE rows and columns.
+  rng = np.random.default_rng(3)
+  for m, k, n, batch_a, batch_b in ((16, 64, 16, (), ()), (17, 65, 33, (2,), (1,)), (1, 32, 1, (), ()),
+                                    (47, 200, 15, (3,), (3,)), (130, 1000, 70, (), (2,))):
+    a, b, ea, eb = _rand_case(rng, batch_a, batch_b, m, k, n, 16, 16, None, ta, tb, erange=30)
+    kw = dict(bits_a=16, bits_b=16, transpose_a=ta, transpose_b=tb)
+    _both(a, b, ea, eb, **kw)
+    _both(a, b, ea[..., :1, :], eb[..., :, :1], **kw)  # one exponent per operand
+    ea[..., m // 2, 0] = NONFINITE
+    eb[..., 0, n - 1] = NONFINITE
+    got = _both(a, b, ea, eb, **kw)
+    assert np.isnan(got[..., m // 2, :]).all() and np.isnan(got[..., :, n - 1]).all()
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_float_inputs_quantized_while_packing(ta, tb):
+  rng = np.random.default_rng(4)
+  m, k, n = 37, 150, 29
+  a = (rng.standard_normal((k, m) if ta else (m, k)) * 4).astype(np.float32)
+  b = (rng.standard_normal((n, k) if tb else (k, n)) * 0.02).astype(np.float32)
+  a.flat[5] = np.nan  # NaN quantizes to 0 (its group's exponent would be NONFINITE in practice)
+  b.flat[7] = 1e30    # clipped to qmax
+  ea = rng.integers(-14, -11, (m, 1)).astype(np.int32)
+  eb = rng.integers(-22, -19, (1, n)).astype(np.int32)
+  for bits in (16, 12):
+    kw = dict(bits_a=bits, bits_b=bits, transpose_a=ta, transpose_b=tb)
+    _both(a, b, ea, eb, **kw)
+    _both(a, b.astype(np.float32), ea[:1], eb[:, :1], **kw)
+
+
+def test_out_of_range_values_are_an_error():
+  a = np.zeros((20, 64), np.int16)
+  b = np.zeros((64, 20), np.int16)
+  e = np.zeros((1, 1), np.int32)
+  bad = a.copy()
+  bad[19, 63] = -32768
+  with pytest.raises(Exception, match="outside"):
+    _run(bad, b, e, e, bits_a=16, bits_b=16, isa="auto")
+  bad_b = b.copy()
+  bad_b[40, 17] = 2048  # qmax(12) = 2047
+  with pytest.raises(Exception, match="operand b"):
+    _run(a, bad_b, e, e, bits_a=16, bits_b=12, isa="auto")
+
+
+def test_jdfp_amx_0_turns_it_off():
+  code = "from jdfp import kernels; print(kernels.has_amx_int8())"
+  env = dict(os.environ, JDFP_AMX="0")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+def test_has_amx_int8_matches_cpuinfo():
+  flags = set()
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("flags"):
+        flags = set(line.split(":", 1)[1].split())
+        break
+  assert {"amx_tile", "amx_int8"} <= flags
