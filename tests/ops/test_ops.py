@@ -239,6 +239,25 @@ def test_float_recipes_use_fp32_accumulation():
     assert y.dtype == jnp.float32
 
 
+def test_explain_names_the_amx_int16_path():
+  """`jdfp.explain` marks INT16 GEMMs that isa="auto" sends to the AMX-INT8 tiles (K in [32, 16384],
+  one exponent pair per output); a named ISA, a short K and block formats stay off them."""
+  from jdfp._src.ffi.library import has_amx_int8
+  from jdfp._src.ops import explain
+
+  def engines(pol, k):
+    r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=pol), rand(0, (8, k)), rand(1, (k, 4)))
+    return [op.engine for op in r.ops if op.kind == explain.KERNEL]
+
+  amx = explain.AMX if has_amx_int8() else ""
+  assert engines(jdfp.Policy(), 64) == [amx]
+  assert engines(jdfp.Policy(), 16) == [""]
+  assert engines(jdfp.Policy(isa="scalar"), 64) == [""]
+  hbfp = engines(jdfp.policies.hbfp12(), 64)  # block exponents along K
+  assert hbfp and set(hbfp) == {""}
+  assert (amx in str(jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL), rand(0, (8, 64)),
+                                  rand(1, (64, 4))))) == bool(amx)
+
 
 def test_bf16_dots_route_by_cpu():
   """BF16 dots: the vdpbf16ps kernel where the CPU has AVX512_BF16 but no AMX-BF16; XLA's own bf16

@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdfp._src.ffi.conv import patch_geometry
-from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_Q, check_bits, dtype_of, isa_attribute,
-                                   require_lib)
+from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_Q, check_bits, dtype_of, has_amx_int8,
+                                   isa_attribute, kernel_available, require_lib)
 
-__all__ = ["check_gemm_args", "col2im_call", "gemm", "gemm_col2im"]
+__all__ = ["AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im", "runs_on_amx"]
+
+# xla_ffi/gemm_common.h: the K range the AMX-INT8 path takes (kAmxMinK, kAmxMaxK).
+AMX_MIN_K = 32
+AMX_MAX_K = 16384
 
 
 def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
@@ -51,6 +55,13 @@ def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
   return call(a, b, ea, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b),
               block_k=np.int64(bk_attr), transpose_a=bool(transpose_a),
               transpose_b=bool(transpose_b), isa=np.int32(isa_code))
+
+
+def runs_on_amx(k: int, kb: int, isa: str | int) -> bool:
+  """Whether a `gemm` call with contraction length ``k``, ``kb`` exponent blocks along K and this
+  ``isa`` runs on the AMX-INT8 tiles (the rule of xla_ffi/gemm_ffi.cc; conv calls never do)."""
+  return (isa in ("auto", 0) and kb == 1 and AMX_MIN_K <= k <= AMX_MAX_K and kernel_available()
+          and has_amx_int8())
 
 
 def check_gemm_args(a, b, ea, eb, operand_dtypes, block_k, transpose_a, transpose_b):

@@ -14,6 +14,9 @@ import jax
 import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr types)
 import jax.numpy as jnp
 
+from jdfp._src.ffi.gemm import runs_on_amx
+from jdfp._src.ffi.library import TARGET_I16, TARGET_Q
+
 
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
 KERNEL_I8 = "jdfp kernel (FFI, int8 x int8 -> int32 chains, vpdpbusd)"
@@ -24,12 +27,18 @@ FLOAT = "float (not quantized)"
 INTEGER = "integer dot (XLA)"
 
 
+AMX = "AMX-INT8 tiles"
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
   primitive: str
   path: str
   kind: str
   operands: str
+  # Where a kernel call's arithmetic runs when that is not the ISA's own kernel: `AMX` for INT16
+  # GEMMs that isa="auto" sends to the AMX-INT8 tiles on this CPU (the same result bit for bit).
+  engine: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +63,8 @@ class Report:
   def __str__(self) -> str:
     lines = [f"{'primitive':<22} {'kind':<58} operands   [where]"]
     for op in self.ops:
-      lines.append(f"{op.primitive:<22} {op.kind:<58} {op.operands}   [{op.path}]")
+      engine = f" ({op.engine})" if op.engine else ""
+      lines.append(f"{op.primitive:<22} {op.kind:<58} {op.operands}{engine}   [{op.path}]")
     lines.append("summary: " + ", ".join(f"{k}: {v}" for k, v in self.summary().items()))
     return "\n".join(lines)
 
@@ -73,6 +83,16 @@ def _dtype_str(vars_):
   return " x ".join(str(getattr(v.aval, "dtype", "?")) for v in vars_)
 
 
+def _engine(target, eqn) -> str:
+  if target not in (TARGET_I16, TARGET_Q):
+    return ""
+  attrs = dict(eqn.params.get("attributes", ()))
+  shape = eqn.invars[0].aval.shape
+  k = shape[-2] if attrs.get("transpose_a") else shape[-1]
+  kb = eqn.invars[2].aval.shape[-1]
+  return AMX if runs_on_amx(k, kb, int(attrs.get("isa", -1))) else ""
+
+
 def _walk(jaxpr, path, in_reference, out):
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -86,7 +106,7 @@ def _walk(jaxpr, path, in_reference, out):
         out.append(Op(f"{name}:{target}", here, MIXED_KERNEL, _dtype_str(eqn.invars)))
       elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
         kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL
-        out.append(Op(f"{name}:{target}", here, kind, _dtype_str(eqn.invars)))
+        out.append(Op(f"{name}:{target}", here, kind, _dtype_str(eqn.invars), _engine(target, eqn)))
     elif name in ("dot_general", "conv_general_dilated"):
       dts = [v.aval.dtype for v in eqn.invars]
       if ref and all(jnp.issubdtype(d, jnp.integer) for d in dts):
