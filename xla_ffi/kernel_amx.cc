@@ -15,39 +15,20 @@
 //   A panel: [row block][k step][plane h|l][16 rows][64 k]            (the tile's rows are m)
 //   B panel: [col block][k step][plane h|l][16 k quads][16 cols x 4 k] (tdp*'s "VNNI" B layout)
 // The per-thread tile state (ldtilecfg) is loaded per tile and released after it.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
-
-#include "gemm_common.h"
+#include "amx_common.h"
 
 namespace jdfp {
 namespace {
 
-constexpr int kPlane = 1024;          // one 16 x 64-byte tile
+using namespace amx;
+
 constexpr int kStep = 2 * kPlane;     // the h and l planes of one 16-row, 64-k block
 constexpr int64_t kKcSteps = 8;      // k steps per K chunk (512 k)
-
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Splits 32 int16 into their high (signed) and low (unsigned) bytes.
 static inline void split32(__m512i v, uint8_t* hi, uint8_t* lo) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtepi16_epi8(v));
-}
-
-// 16 x 16 transpose of 4-byte words: A layout (row r, k quad q at r*64 + q*4) <-> B layout.
-static inline void transpose_words(const uint8_t* src, uint8_t* dst) {
-  for (int q = 0; q < 16; ++q)
-    for (int r = 0; r < 16; ++r) std::memcpy(dst + q * 64 + r * 4, src + r * 64 + q * 4, 4);
 }
 
 struct MinMax {
@@ -104,7 +85,7 @@ static inline View stage_f32(const View& x, int64_t r0, int64_t k0, int16_t* t) 
   const int64_t rn = std::min<int64_t>(16, x.rows - r0), kn = std::min<int64_t>(64, x.K - k0);
   const float* src = x.fsrc + r0 * x.sr + k0 * x.sk;
   if (x.sr == 1 && x.sk != 1) {
-    const __mmask16 rm = __mmask16(rn >= 16 ? 0xFFFF : (1u << rn) - 1);
+    const __mmask16 rm = first_lanes(rn);
     const __m512 v1 = _mm512_load_ps(s1), v2 = _mm512_load_ps(s2);
     for (int k = 0; k < 64; ++k) {
       const __m512 v = k < kn ? _mm512_maskz_loadu_ps(rm, src + k * x.sk) : _mm512_setzero_ps();
@@ -118,7 +99,7 @@ static inline View stage_f32(const View& x, int64_t r0, int64_t k0, int16_t* t) 
       const int64_t n = r < rn ? std::min<int64_t>(16, kn - 16 * c) : 0;
       __m512 v = _mm512_setzero_ps();
       if (n > 0 && x.sk == 1) {
-        v = _mm512_maskz_loadu_ps(__mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1), src + r * x.sr + 16 * c);
+        v = _mm512_maskz_loadu_ps(first_lanes(n), src + r * x.sr + 16 * c);
       } else if (n > 0) {
         alignas(64) float tmp[16] = {};
         for (int64_t k = 0; k < n; ++k) tmp[k] = src[r * x.sr + (16 * c + k) * x.sk];
@@ -161,7 +142,7 @@ static inline void block_rows(const View& x, int64_t r0, int64_t k0, uint8_t* ds
 // interleaved per quad.
 static inline void block_quads(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax& mm) {
   const int64_t rn = std::min<int64_t>(16, x.rows - r0);
-  const __mmask16 rmask = __mmask16(rn >= 16 ? 0xFFFF : (1u << rn) - 1);
+  const __mmask16 rmask = first_lanes(rn);
   for (int q = 0; q < 16; ++q) {
     __m128i h[4], l[4];
     for (int t = 0; t < 4; ++t) {
@@ -242,34 +223,10 @@ static inline __m256 sums8(__m256i hh, __m256i mid, __m256i ll) {
   return _mm512_cvtpd_ps(_mm512_cvtepi64_pd(s));
 }
 
-// 2**clamp(e, -126, 127) per lane, built from the bits.
-static inline __m512 pow2v(__m512i e) {
-  e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-126)), _mm512_set1_epi32(127));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23));
-}
-
-// Column side of the epilogue for one 16-column block: clamped exponents and the NONFINITE mask.
-struct ColExponents {
-  __m512i e;
-  __mmask16 bad;
-};
-
-static inline ColExponents col_exponents(const int32_t* eb, int64_t nstride, int64_t n0, int nv) {
-  alignas(64) int32_t e[16] = {};
-  __mmask16 bad = 0;
-  for (int j = 0; j < nv; ++j) {
-    const int32_t raw = eb[(n0 + j) * nstride];
-    bad |= __mmask16(raw == kNonfiniteExponent) << j;
-    e[j] = eclamp(raw);
-  }
-  return {_mm512_load_si512(e), bad};
-}
-
 // out[i, j] = scale2(f(S[i, j]), ea_i + eb_j), NaN where either exponent is NONFINITE.
 static inline void block_store(const int32_t* acc, const int32_t* ea_rows, int64_t ea_stride, const ColExponents& ce,
                                int mv, int nv, float* C, int64_t ldc) {
-  const __mmask16 store = __mmask16(nv >= 16 ? 0xFFFF : (1u << nv) - 1);
-  const __m512 qnan = _mm512_set1_ps(__builtin_nanf(""));
+  const __mmask16 store = first_lanes(nv);
   for (int i = 0; i < mv; ++i) {
     const int32_t* r = acc + i * 16;
     const __m256 lo = sums8(_mm256_loadu_si256((const __m256i*)r), _mm256_loadu_si256((const __m256i*)(r + 256)),
@@ -277,37 +234,9 @@ static inline void block_store(const int32_t* acc, const int32_t* ea_rows, int64
     const __m256 hi = sums8(_mm256_loadu_si256((const __m256i*)(r + 8)),
                             _mm256_loadu_si256((const __m256i*)(r + 264)),
                             _mm256_loadu_si256((const __m256i*)(r + 520)));
-    const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-    const int32_t raw = ea_rows[i * ea_stride];
-    const __m512i e = _mm512_add_epi32(ce.e, _mm512_set1_epi32(eclamp(raw)));
-    const __m512i e1 = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-126)), _mm512_set1_epi32(127));
-    __m512 v = _mm512_mul_ps(_mm512_mul_ps(f, pow2v(e1)), pow2v(_mm512_sub_epi32(e, e1)));
-    v = _mm512_mask_mov_ps(v, raw == kNonfiniteExponent ? __mmask16(0xFFFF) : ce.bad, qnan);
-    _mm512_mask_storeu_ps(C + i * ldc, store, v);
+    store_row(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1), ea_rows[i * ea_stride], ce, store, C + i * ldc);
   }
 }
-
-// A growable 64-byte aligned buffer: a tile row that straddles two cache lines loads at half speed.
-template <class T>
-struct Aligned {
-  T* p = nullptr;
-  size_t n = 0;
-  T* get(size_t want) {
-    if (want > n) {
-      std::free(p);
-      p = static_cast<T*>(std::aligned_alloc(64, (want * sizeof(T) + 63) / 64 * 64));
-      n = want;
-    }
-    return p;
-  }
-  ~Aligned() { std::free(p); }
-};
-
-struct PanelCache {
-  uint64_t job = 0;
-  int64_t batch = -1, n0 = -1, n1 = -1;
-  Aligned<uint8_t> buf;
-};
 
 }  // namespace
 
@@ -344,8 +273,7 @@ int tile_amx_i16(const Problem& P, const Tile& T) {
     va.es = P.ea_mstride, va.qmax = P.qmax_a;
   if (pack_panel(va, false, apanel) > P.qmax_a) return 1;
 
-  TileConfig cfg;
-  for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  const TileConfig cfg = uniform_config(7, 16, 64);
   _tile_loadconfig(&cfg);
   float* C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * P.M * P.N);
   // Column block by column block; K in chunks of kKcSteps k steps, so that the chunk's B block

@@ -1,0 +1,99 @@
+// What the AMX paths (kernel_amx.cc: INT16 GEMM; kernel_amx_i8.cc: INT8 GEMM) share: the tile
+// configuration, aligned per-thread buffers, the 4-byte-word transpose between the A and B tile
+// layouts, and the epilogue's exponent helpers.  Included only by TUs built with -mamx-* and AVX-512.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm_common.h"
+
+namespace jdfp {
+namespace amx {
+
+constexpr int kPlane = 1024;  // one 16-row x 64-byte tile
+
+// ldtilecfg's 64-byte operand: palette 1, per tile its rows and bytes per row.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+static inline TileConfig uniform_config(int ntiles, int rows, int colsb) {
+  TileConfig c;
+  for (int t = 0; t < ntiles; ++t) c.colsb[t] = uint16_t(colsb), c.rows[t] = uint8_t(rows);
+  return c;
+}
+
+// 16 x 16 transpose of 4-byte words: A layout (row r, k quad q at r*64 + q*4) <-> B layout.
+static inline void transpose_words(const uint8_t* src, uint8_t* dst) {
+  for (int q = 0; q < 16; ++q)
+    for (int r = 0; r < 16; ++r) std::memcpy(dst + q * 64 + r * 4, src + r * 64 + q * 4, 4);
+}
+
+// A growable 64-byte aligned buffer: a tile row that straddles two cache lines loads at half speed.
+template <class T>
+struct Aligned {
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      p = static_cast<T*>(std::aligned_alloc(64, (want * sizeof(T) + 63) / 64 * 64));
+      n = want;
+    }
+    return p;
+  }
+  ~Aligned() { std::free(p); }
+};
+
+struct PanelCache {
+  uint64_t job = 0;
+  int64_t batch = -1, n0 = -1, n1 = -1;
+  Aligned<uint8_t> buf;
+};
+
+// 2**clamp(e, -126, 127) per lane, built from the bits.
+static inline __m512 pow2v(__m512i e) {
+  e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-126)), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23));
+}
+
+// Column side of an epilogue for one 16-column block: clamped exponents and the NONFINITE mask.
+struct ColExponents {
+  __m512i e;
+  __mmask16 bad;
+};
+
+static inline ColExponents col_exponents(const int32_t* eb, int64_t nstride, int64_t n0, int nv) {
+  alignas(64) int32_t e[16] = {};
+  __mmask16 bad = 0;
+  for (int j = 0; j < nv; ++j) {
+    const int32_t raw = eb[(n0 + j) * nstride];
+    bad |= __mmask16(raw == kNonfiniteExponent) << j;
+    e[j] = eclamp(raw);
+  }
+  return {_mm512_load_si512(e), bad};
+}
+
+// One row of a KB == 1 epilogue: scale2(f, ea_row + eb_j) per column, NaN where an exponent is
+// NONFINITE, stored to the row's first nv columns.
+static inline void store_row(__m512 f, int32_t ea_raw, const ColExponents& ce, __mmask16 store, float* dst) {
+  const __m512i e = _mm512_add_epi32(ce.e, _mm512_set1_epi32(eclamp(ea_raw)));
+  const __m512i e1 = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-126)), _mm512_set1_epi32(127));
+  __m512 v = _mm512_mul_ps(_mm512_mul_ps(f, pow2v(e1)), pow2v(_mm512_sub_epi32(e, e1)));
+  v = _mm512_mask_mov_ps(v, ea_raw == kNonfiniteExponent ? __mmask16(0xFFFF) : ce.bad,
+                         _mm512_set1_ps(__builtin_nanf("")));
+  _mm512_mask_storeu_ps(dst, store, v);
+}
+
+static inline __mmask16 first_lanes(int64_t n) { return __mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+
+}  // namespace amx
+}  // namespace jdfp
