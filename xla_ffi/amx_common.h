@@ -31,10 +31,15 @@ static inline TileConfig uniform_config(int ntiles, int rows, int colsb) {
   return c;
 }
 
-// 16 x 16 transpose of 4-byte words: A layout (row r, k quad q at r*64 + q*4) <-> B layout.
-static inline void transpose_words(const uint8_t* src, uint8_t* dst) {
-  for (int q = 0; q < 16; ++q)
-    for (int r = 0; r < 16; ++r) std::memcpy(dst + q * 64 + r * 4, src + r * 64 + q * 4, 4);
+// Transpose of 4-byte words between the A tile layout (row r, k quad q at r * lda + q * 4) and the
+// B layout (quad q, column r at q * 64 + r * 4), for 16 rows and nq quads.
+static inline void a_to_b_layout(const uint8_t* src, int64_t lda, int nq, uint8_t* dst) {
+  for (int q = 0; q < nq; ++q)
+    for (int r = 0; r < 16; ++r) std::memcpy(dst + q * 64 + r * 4, src + r * lda + q * 4, 4);
+}
+static inline void b_to_a_layout(const uint8_t* src, int nq, int64_t lda, uint8_t* dst) {
+  for (int r = 0; r < 16; ++r)
+    for (int q = 0; q < nq; ++q) std::memcpy(dst + r * lda + q * 4, src + q * 64 + r * 4, 4);
 }
 
 // A growable 64-byte aligned buffer: a tile row that straddles two cache lines loads at half speed.

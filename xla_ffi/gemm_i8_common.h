@@ -77,6 +77,13 @@ int tile_i8_avx2(const ProblemI8&, const Tile&);
 int tile_i8_avxvnni(const ProblemI8&, const Tile&);
 int tile_i8_avx512vnni(const ProblemI8&, const Tile&);
 
+// The AMX-INT8 path (kernel_amx_i8.cc): KB == 1 with kAmxMinK <= K <= kAmxI8MaxK (the int32 tile
+// sum of s8 products cannot wrap: 131072 * 127**2 < 2**31), or KB > 1 with block_k <= 64, a
+// multiple of 4, and `exact_scales` (every exponent pair scales exactly, no NONFINITE).
+constexpr int64_t kAmxI8MaxK = 131072;
+bool amx_i8_fits(const ProblemI8&, bool exact_scales);
+int tile_amx_i8(const ProblemI8&, const Tile&);
+
 // Micro-tile of an ISA's INT8 kernel: rows of the KB == 1 kernel (the KB > 1 kernel's rows divide it),
 // columns (both kernels), max packed quads per kc block.
 struct I8KernelShape {

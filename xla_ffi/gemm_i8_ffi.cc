@@ -174,6 +174,19 @@ ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, ffi::AnyBuffer a, ffi::An
   return ffi::Error::Success();
 }
 
+// Whether every exponent pair of a KB > 1 problem scales exactly (fast_scale_block over all of ea
+// and eb; a NONFINITE exponent fails it): what the AMX path's blocked accumulation needs.
+bool exact_block_scales(ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb) {
+  auto range = [](const int32_t* e, size_t n, int32_t& mn, int32_t& mx) {
+    mn = 0, mx = 0;
+    for (size_t i = 0; i < n; ++i) mn = std::min(mn, e[i]), mx = std::max(mx, e[i]);
+  };
+  int32_t amn, amx, bmn, bmx;
+  range(ea.typed_data(), ea.element_count(), amn, amx);
+  range(eb.typed_data(), eb.element_count(), bmn, bmx);
+  return fast_scale_block(amn, amx, bmn, bmx);
+}
+
 ffi::Future gemm_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
                          ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a,
                          int32_t bits_b, int64_t block_k, bool trans_a, bool trans_b, int32_t isa) {
@@ -192,9 +205,19 @@ ffi::Future gemm_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer 
   if (ffi::Error e = set_up_job_i8(*job, s, a, b, ea, eb, out, bits_a, bits_b, trans_a, trans_b, ks); e.failure())
     return error_future(std::move(e));
   const JobI8* j = job.get();  // the workers hold the job alive
-  const TileI8Fn fn = ks.tile;
+  TileI8Fn fn = ks.tile;
+  int mr = ks.mr, nr = ks.nr;
+#ifdef JDFP_HAVE_SIMD
+  // isa="auto" on a CPU with AMX-INT8: tdpbssd on the tiles (kernel_amx_i8.cc), the same result
+  // bit for bit; a named ISA keeps its kernel.
+  if (isa == kIsaAuto && amx_int8_ready() &&
+      amx_i8_fits(job->P8, job->P8.KB == 1 || exact_block_scales(ea, eb))) {
+    fn = tile_amx_i8;
+    mr = nr = job->P8.KB == 1 ? 32 : 16;
+  }
+#endif
   job->tile_fn = [j, fn](const Tile& t) { return fn(j->P8, t); };
-  return launch_tiles(job, pool, ks.mr, ks.nr, int64_t(job->a_off.size()), s.M, s.N, s.K);
+  return launch_tiles(job, pool, mr, nr, int64_t(job->a_off.size()), s.M, s.N, s.K);
 }
 
 // ---------------------------------------------------------------- GEMM + col2im (col2im.h)

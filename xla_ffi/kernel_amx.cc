@@ -179,10 +179,10 @@ static int32_t pack_panel(const View& x, bool b_layout, uint8_t* dst) {
       const int64_t r0 = x.fsrc ? 0 : rb * 16, k0 = x.fsrc ? 0 : s * 64;
       if (v.sr == 1 && v.sk != 1) {
         block_quads(v, r0, k0, b_layout ? d : tmp, mm);
-        if (!b_layout) transpose_words(tmp, d), transpose_words(tmp + kPlane, d + kPlane);
+        if (!b_layout) b_to_a_layout(tmp, 16, 64, d), b_to_a_layout(tmp + kPlane, 16, 64, d + kPlane);
       } else {
         block_rows(v, r0, k0, b_layout ? tmp : d, mm);
-        if (b_layout) transpose_words(tmp, d), transpose_words(tmp + kPlane, d + kPlane);
+        if (b_layout) a_to_b_layout(tmp, 64, 16, d), a_to_b_layout(tmp + kPlane, 64, 16, d + kPlane);
       }
     }
   return mm.absmax();
