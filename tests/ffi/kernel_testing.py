@@ -3,6 +3,15 @@
 import numpy as np
 
 
+def gemm_isas():
+  """The GEMM kernels' ISA paths for tests: every named ISA this CPU runs, and "auto" where it means
+  the AMX-INT8 tiles (the INT16 and INT8 GEMMs' own path there), all against the same oracle."""
+  from jdfp import kernels
+  if not kernels.kernel_available():
+    return ()
+  return kernels.available_isas() + (("auto",) if kernels.has_amx_int8() else ())
+
+
 def qmax(bits):
   return 2 ** (bits - 1) - 1
 

@@ -114,3 +114,68 @@ def test_has_amx_int8_matches_cpuinfo():
         flags = set(line.split(":", 1)[1].split())
         break
   assert {"amx_tile", "amx_int8"} <= flags
+
+
+# ---------------------------------------------------------------- the INT8 GEMM (kernel_amx_i8.cc)
+K_MAX_I8 = 131072  # kAmxI8MaxK: 131072 * 127**2 < 2**31
+
+
+def _both_i8(a, b, ea, eb, **kw):
+  """The INT8 GEMM's AMX path (auto) against its vpdpbusd kernel and the numpy oracle."""
+  got = np.asarray(kernels.gemm_i8(a, b, ea, eb, isa="auto", **kw))
+  bits_eq(got, np.asarray(kernels.gemm_i8(a, b, ea, eb, isa="avx512_vnni", **kw)))
+  bits_eq(got, _oracle(a, b, ea, eb, **kw))
+  return got
+
+
+@pytest.mark.parametrize("k", [K_MAX_I8, K_MAX_I8 + 1])
+def test_i8_all_max_at_the_k_limit(k):
+  a = np.full((17, k), 127, np.int8)
+  a[1] = -127
+  a[2, ::2] = -127
+  b = np.full((k, 18), 127, np.int8)
+  b[:, 3] = -127
+  e = np.zeros((1, 1), np.int32)
+  got = _both_i8(a, b, e, e, bits_a=8, bits_b=8)
+  assert got[0, 0] == np.float32(k * 127 * 127)
+
+
+@pytest.mark.parametrize("block_k", [24, 32, 64, 8, 12, 7, 100, None])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_i8_blocks_layouts_and_edges(block_k, ta, tb):
+  # HBFP's 24-long blocks, MX's 32, blocks the tiles do not take (7: not a multiple of 4, 100: > 64),
+  # a short last block, edges of the 16 x 16 tiles, per-row / per-column exponents.
+  rng = np.random.default_rng(5)
+  for m, k, n in ((16, 96, 16), (33, 100, 17), (70, 530, 45)):
+    a, b, ea, eb = _rand_case(rng, (), (), m, k, n, 8, 8, block_k, ta, tb, erange=20)
+    kw = dict(bits_a=8, bits_b=8, block_k=block_k, transpose_a=ta, transpose_b=tb)
+    _both_i8(a.astype(np.int8), b.astype(np.int8), ea, eb, **kw)
+
+
+def test_i8_blocks_with_inexact_scales_or_nonfinite_exponents():
+  # The tiles' blocked accumulation needs every exponent pair to scale exactly; otherwise (extreme
+  # exponents, NONFINITE) the call runs on the vpdpbusd kernel: the same bits either way.
+  rng = np.random.default_rng(6)
+  a, b, ea, eb = _rand_case(rng, (), (), 40, 240, 30, 8, 8, 24)
+  a, b = a.astype(np.int8), b.astype(np.int8)
+  kw = dict(bits_a=8, bits_b=8, block_k=24)
+  _both_i8(a, b, ea, eb, **kw)
+  for value in (-140, 130, 70, NONFINITE):
+    e2 = ea.copy()
+    e2[3, 2] = value
+    got = _both_i8(a, b, e2, eb, **kw)
+    assert np.isnan(got[3]).all() == (value == NONFINITE)
+
+
+def test_i8_out_of_range_values_are_an_error():
+  a = np.zeros((20, 64), np.int8)
+  b = np.zeros((64, 20), np.int8)
+  e = np.zeros((1, 1), np.int32)
+  bad = a.copy()
+  bad[19, 63] = -128
+  with pytest.raises(Exception, match="outside"):
+    np.asarray(kernels.gemm_i8(bad, b, e, e, bits_a=8, bits_b=8, isa="auto"))
+  bad_b = b.copy()
+  bad_b[40, 17] = 8  # qmax(4) = 7
+  with pytest.raises(Exception, match="operand b"):
+    np.asarray(kernels.gemm_i8(a, bad_b, e, e, bits_a=8, bits_b=4, isa="auto"))

@@ -26,9 +26,16 @@ from jdfp._src.ffi import library
 from jdfp._src.ffi.gemm import gemm as gemm_i16
 from jdfp._src.ffi.gemm_i8 import gemm_i8
 from jdfp._src.numerics import reference as ref
-from kernel_testing import bits_eq, qmax
+from kernel_testing import bits_eq, gemm_isas, qmax
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
+
+
+@pytest.fixture(params=gemm_isas(), scope="module")
+def isa(request) -> str:
+  """Each ISA path in turn, and "auto" where it means the AMX-INT8 tiles (tdpbssd)."""
+  return request.param
+
 
 NONFINITE = 2**30
 L88 = 133144  # longest safe int32 chain at bits 8/8: floor((2**31 - 1) / 127**2)

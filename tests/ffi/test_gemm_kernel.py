@@ -22,19 +22,13 @@ from hypothesis import strategies as st
 import jdfp
 from jdfp import kernels
 from jdfp._src.ffi import library
-from kernel_testing import bits_eq, qmax
+from kernel_testing import bits_eq, gemm_isas, qmax
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
-# isa="auto" runs the AMX-INT8 path on CPUs that have it (KB == 1, K >= 32, else the best ISA's
-# kernel): every test below runs it against the same oracle as the named ISAs.
-GEMM_ISAS = kernels.available_isas() if kernels.kernel_available() else ()
-GEMM_ISAS += ("auto",) if GEMM_ISAS and kernels.has_amx_int8() else ()
-
-
-@pytest.fixture(params=GEMM_ISAS, scope="module")
+@pytest.fixture(params=gemm_isas(), scope="module")
 def isa(request) -> str:
-  """Each ISA path in turn, and "auto" where it means the AMX-INT8 tiles."""
+  """Each ISA path in turn, and "auto" where it means the AMX-INT8 tiles (KB == 1, K >= 32)."""
   return request.param
 
 NONFINITE = 2**30

@@ -239,9 +239,10 @@ def test_float_recipes_use_fp32_accumulation():
     assert y.dtype == jnp.float32
 
 
-def test_explain_names_the_amx_int16_path():
-  """`jdfp.explain` marks INT16 GEMMs that isa="auto" sends to the AMX-INT8 tiles (K in [32, 16384],
-  one exponent pair per output); a named ISA, a short K and block formats stay off them."""
+def test_explain_names_the_amx_paths():
+  """`jdfp.explain` marks the GEMMs that isa="auto" sends to the AMX-INT8 tiles: INT16 with K in
+  [32, 16384] and one exponent pair per output (a named ISA, a short K, block formats stay off them),
+  INT8 in blocks of <= 64 (HBFP8) unless the data's exponents say otherwise."""
   from jdfp._src.ffi.library import has_amx_int8
   from jdfp._src.ops import explain
 
@@ -253,8 +254,11 @@ def test_explain_names_the_amx_int16_path():
   assert engines(jdfp.Policy(), 64) == [amx]
   assert engines(jdfp.Policy(), 16) == [""]
   assert engines(jdfp.Policy(isa="scalar"), 64) == [""]
-  hbfp = engines(jdfp.policies.hbfp12(), 64)  # block exponents along K
+  hbfp = engines(jdfp.policies.hbfp12(), 64)  # INT16 with block exponents along K: not on the tiles
   assert hbfp and set(hbfp) == {""}
+  r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=jdfp.policies.hbfp8()), rand(0, (8, 96)),
+                   rand(1, (96, 4)))  # INT8 in 24-long blocks: on the tiles where the scales are exact
+  assert [op.engine for op in r.ops if op.kind == explain.KERNEL_I8] == [explain.AMX_BLOCKS if amx else ""]
   assert (amx in str(jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL), rand(0, (8, 64)),
                                   rand(1, (64, 4))))) == bool(amx)
 

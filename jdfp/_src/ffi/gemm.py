@@ -12,11 +12,12 @@ from jdfp._src.ffi.conv import patch_geometry
 from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_Q, check_bits, dtype_of, has_amx_int8,
                                    isa_attribute, kernel_available, require_lib)
 
-__all__ = ["AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im", "runs_on_amx"]
+__all__ = ["AMX_I8_MAX_K", "AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im", "runs_on_amx"]
 
-# xla_ffi/gemm_common.h: the K range the AMX-INT8 path takes (kAmxMinK, kAmxMaxK).
+# xla_ffi/gemm_common.h: the K range the AMX-INT8 paths take (kAmxMinK, kAmxMaxK).
 AMX_MIN_K = 32
 AMX_MAX_K = 16384
+AMX_I8_MAX_K = 131072  # gemm_i8_common.h's kAmxI8MaxK
 
 
 def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
@@ -57,11 +58,16 @@ def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
               transpose_b=bool(transpose_b), isa=np.int32(isa_code))
 
 
-def runs_on_amx(k: int, kb: int, isa: str | int) -> bool:
-  """Whether a `gemm` call with contraction length ``k``, ``kb`` exponent blocks along K and this
-  ``isa`` runs on the AMX-INT8 tiles (the rule of xla_ffi/gemm_ffi.cc; conv calls never do)."""
-  return (isa in ("auto", 0) and kb == 1 and AMX_MIN_K <= k <= AMX_MAX_K and kernel_available()
-          and has_amx_int8())
+def runs_on_amx(k: int, kb: int, block_k: int, isa: str | int, int8: bool = False) -> bool:
+  """Whether a `gemm` (or, with ``int8``, `gemm_i8`) call with contraction length ``k``, ``kb``
+  exponent blocks of ``block_k`` along K and this ``isa`` runs on the AMX-INT8 tiles (the rules of
+  xla_ffi/gemm_ffi.cc and gemm_i8_ffi.cc).  A blocked INT8 call (``kb > 1``) does so only when every
+  exponent pair scales exactly (no NONFINITE or extreme exponent), which its data decides."""
+  if not (isa in ("auto", 0) and k >= AMX_MIN_K and kernel_available() and has_amx_int8()):
+    return False
+  if kb == 1:
+    return k <= (AMX_I8_MAX_K if int8 else AMX_MAX_K)
+  return int8 and block_k <= 64 and block_k % 4 == 0
 
 
 def check_gemm_args(a, b, ea, eb, operand_dtypes, block_k, transpose_a, transpose_b):

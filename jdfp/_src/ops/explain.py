@@ -15,7 +15,7 @@ import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr types)
 import jax.numpy as jnp
 
 from jdfp._src.ffi.gemm import runs_on_amx
-from jdfp._src.ffi.library import TARGET_I16, TARGET_Q
+from jdfp._src.ffi.library import TARGET_I8, TARGET_I16, TARGET_Q
 
 
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
@@ -28,6 +28,7 @@ INTEGER = "integer dot (XLA)"
 
 
 AMX = "AMX-INT8 tiles"
+AMX_BLOCKS = "AMX-INT8 tiles unless an exponent is extreme or NONFINITE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +37,9 @@ class Op:
   path: str
   kind: str
   operands: str
-  # Where a kernel call's arithmetic runs when that is not the ISA's own kernel: `AMX` for INT16
-  # GEMMs that isa="auto" sends to the AMX-INT8 tiles on this CPU (the same result bit for bit).
+  # Where a kernel call's arithmetic runs when that is not the ISA's own kernel: `AMX` (`AMX_BLOCKS`)
+  # for INT16 / INT8 GEMMs that isa="auto" sends to the AMX-INT8 tiles on this CPU (the same result
+  # bit for bit).
   engine: str = ""
 
 
@@ -84,13 +86,17 @@ def _dtype_str(vars_):
 
 
 def _engine(target, eqn) -> str:
-  if target not in (TARGET_I16, TARGET_Q):
+  if target not in (TARGET_I16, TARGET_Q, TARGET_I8):
     return ""
   attrs = dict(eqn.params.get("attributes", ()))
   shape = eqn.invars[0].aval.shape
   k = shape[-2] if attrs.get("transpose_a") else shape[-1]
   kb = eqn.invars[2].aval.shape[-1]
-  return AMX if runs_on_amx(k, kb, int(attrs.get("isa", -1))) else ""
+  block_k = int(attrs.get("block_k", -1))
+  block_k = k if block_k == -1 else block_k
+  if not runs_on_amx(k, kb, block_k, int(attrs.get("isa", -1)), int8=target == TARGET_I8):
+    return ""
+  return AMX if kb == 1 else AMX_BLOCKS
 
 
 def _walk(jaxpr, path, in_reference, out):
