@@ -63,7 +63,8 @@ def test_gemm(tmp_path, capsys):
     _positive(r["gops"].values())
     _positive(r["speedup_vs_xla_f32"].values())
     assert r["speedup_vs_xla_f32"]["xla_f32"] == 1.0
-  assert data["meta"]["isa"] == kernels.best_isa()
+  assert data["meta"]["isa"] == "auto = " + kernels.best_isa() + (" + AMX-INT8 tiles" if kernels.has_amx_int8() else "")
+  assert data["meta"]["amx_int8"] == kernels.has_amx_int8()
   assert set(data["meta"]["memory"]) == {"libc", "glibc_tunables", "malloc_hugepages", "transparent_hugepage"}
 
 

@@ -31,6 +31,27 @@ static inline TileConfig uniform_config(int ntiles, int rows, int colsb) {
   return c;
 }
 
+// Running min / max of packed int8 or int16 values (the range check): max |value| at the end.
+template <class T>
+struct MinMax {
+  static_assert(sizeof(T) == 1 || sizeof(T) == 2, "int8 or int16");
+  __m512i mn = _mm512_setzero_si512(), mx = _mm512_setzero_si512();
+  void add(__m512i v) {
+    if constexpr (sizeof(T) == 1) {
+      mn = _mm512_min_epi8(mn, v), mx = _mm512_max_epi8(mx, v);
+    } else {
+      mn = _mm512_min_epi16(mn, v), mx = _mm512_max_epi16(mx, v);
+    }
+  }
+  int32_t absmax() const {
+    alignas(64) T lo[64 / sizeof(T)], hi[64 / sizeof(T)];
+    _mm512_store_si512(lo, mn), _mm512_store_si512(hi, mx);
+    int32_t m = 0;
+    for (size_t i = 0; i < 64 / sizeof(T); ++i) m = std::max({m, -int32_t(lo[i]), int32_t(hi[i])});
+    return m;
+  }
+};
+
 // Transpose of 4-byte words between the A tile layout (row r, k quad q at r * lda + q * 4) and the
 // B layout (quad q, column r at q * 64 + r * 4), for 16 rows and nq quads.
 static inline void a_to_b_layout(const uint8_t* src, int64_t lda, int nq, uint8_t* dst) {

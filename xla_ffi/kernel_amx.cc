@@ -31,18 +31,6 @@ static inline void split32(__m512i v, uint8_t* hi, uint8_t* lo) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), _mm512_cvtepi16_epi8(v));
 }
 
-struct MinMax {
-  __m512i mn = _mm512_setzero_si512(), mx = _mm512_setzero_si512();
-  void add(__m512i v) { mn = _mm512_min_epi16(mn, v), mx = _mm512_max_epi16(mx, v); }
-  int32_t absmax() const {
-    alignas(64) int16_t lo[32], hi[32];
-    _mm512_store_si512(lo, mn), _mm512_store_si512(hi, mx);
-    int32_t m = 0;
-    for (int i = 0; i < 32; ++i) m = std::max({m, -int32_t(lo[i]), int32_t(hi[i])});
-    return m;
-  }
-};
-
 // Operand view X[r, k] = src[r * sr + k * sk], rows [r0, r0 + rows), K columns.  A float32 view
 // (fsrc) is quantized while packing with row r's exponent e[r * es], as quantize1 does.
 struct View {
@@ -112,7 +100,7 @@ static inline View stage_f32(const View& x, int64_t r0, int64_t k0, int16_t* t) 
 }
 
 // One 16-row, 64-k block in the A layout (h plane at dst, l plane at dst + kPlane), zero padded.
-static inline void block_rows(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax& mm) {
+static inline void block_rows(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax<int16_t>& mm) {
   const int64_t kn = std::min<int64_t>(64, x.K - k0);
   for (int r = 0; r < 16; ++r) {
     uint8_t* h = dst + r * 64;
@@ -140,7 +128,7 @@ static inline void block_rows(const View& x, int64_t r0, int64_t k0, uint8_t* ds
 
 // One block in the B layout from rows that are contiguous (sr == 1): 16 rows of 4 consecutive k
 // interleaved per quad.
-static inline void block_quads(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax& mm) {
+static inline void block_quads(const View& x, int64_t r0, int64_t k0, uint8_t* dst, MinMax<int16_t>& mm) {
   const int64_t rn = std::min<int64_t>(16, x.rows - r0);
   const __mmask16 rmask = first_lanes(rn);
   for (int q = 0; q < 16; ++q) {
@@ -169,7 +157,7 @@ static inline void block_quads(const View& x, int64_t r0, int64_t k0, uint8_t* d
 // Returns max |value| for the range check.
 static int32_t pack_panel(const View& x, bool b_layout, uint8_t* dst) {
   const int64_t nsteps = (x.K + 63) / 64, nblocks = (x.rows + 15) / 16;
-  MinMax mm;
+  MinMax<int16_t> mm;
   alignas(64) uint8_t tmp[kStep];
   alignas(64) int16_t staged[16 * 64];
   for (int64_t rb = 0; rb < nblocks; ++rb)

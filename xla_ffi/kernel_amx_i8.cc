@@ -27,22 +27,10 @@ struct View8 {
   int64_t sr, sk, rows, K;
 };
 
-struct MinMax8 {
-  __m512i mn = _mm512_setzero_si512(), mx = _mm512_setzero_si512();
-  void add(__m512i v) { mn = _mm512_min_epi8(mn, v), mx = _mm512_max_epi8(mx, v); }
-  int32_t absmax() const {
-    alignas(64) int8_t lo[64], hi[64];
-    _mm512_store_si512(lo, mn), _mm512_store_si512(hi, mx);
-    int32_t m = 0;
-    for (int i = 0; i < 64; ++i) m = std::max({m, -int32_t(lo[i]), int32_t(hi[i])});
-    return m;
-  }
-};
-
 static inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
 
 // One 16-row block of `step` k in the A layout (row stride step), zero padded.
-static inline void block_rows8(const View8& x, int64_t r0, int64_t k0, int step, uint8_t* dst, MinMax8& mm) {
+static inline void block_rows8(const View8& x, int64_t r0, int64_t k0, int step, uint8_t* dst, MinMax<int8_t>& mm) {
   const int64_t kn = std::min<int64_t>(step, x.K - k0);
   for (int r = 0; r < 16; ++r) {
     __m512i v = _mm512_setzero_si512();
@@ -63,7 +51,7 @@ static inline void block_rows8(const View8& x, int64_t r0, int64_t k0, int step,
 
 // One block in the B layout from rows that are contiguous (sr == 1): per quad, 16 rows of 4
 // consecutive k interleaved.
-static inline void block_quads8(const View8& x, int64_t r0, int64_t k0, int step, uint8_t* dst, MinMax8& mm) {
+static inline void block_quads8(const View8& x, int64_t r0, int64_t k0, int step, uint8_t* dst, MinMax<int8_t>& mm) {
   const __mmask16 rmask = first_lanes(x.rows - r0);
   for (int q = 0; q < step / 4; ++q) {
     __m128i y[4];
@@ -86,7 +74,7 @@ static inline void block_quads8(const View8& x, int64_t r0, int64_t k0, int step
 // Returns max |value| for the range check.
 static int32_t pack_panel8(const View8& x, bool b_layout, int step, uint8_t* dst) {
   const int64_t nsteps = (x.K + step - 1) / step, nblocks = (x.rows + 15) / 16, blk = 16 * step;
-  MinMax8 mm;
+  MinMax<int8_t> mm;
   alignas(64) uint8_t tmp[kPlane];
   for (int64_t rb = 0; rb < nblocks; ++rb)
     for (int64_t s = 0; s < nsteps; ++s) {
@@ -102,6 +90,30 @@ static int32_t pack_panel8(const View8& x, bool b_layout, int step, uint8_t* dst
   return mm.absmax();
 }
 
+// The four int32 tiles of a 32 x 32 output block (quarters: rows a0 / a1 x columns b0 / b1) summed
+// over `nsteps` steps `blk` bytes apart (A tile rows `lda` bytes), stored to out[4][256].
+static inline void quad_products(const uint8_t* a0, const uint8_t* a1, const uint8_t* b0, const uint8_t* b1,
+                                 int64_t lda, int64_t nsteps, int64_t blk, int32_t (*out)[256]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < nsteps; ++s) {
+    _tile_loadd(4, a0 + s * blk, lda);
+    _tile_loadd(5, a1 + s * blk, lda);
+    _tile_loadd(6, b0 + s * blk, 64);
+    _tile_loadd(7, b1 + s * blk, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, out[0], 64);
+  _tile_stored(1, out[1], 64);
+  _tile_stored(2, out[2], 64);
+  _tile_stored(3, out[3], 64);
+}
+
 // KB == 1: 32 x 32 output blocks (four 16 x 16 quarters), the int32 sums over all steps.
 static void run_per_tensor(const ProblemI8& P, const Tile& T, const uint8_t* ap, const uint8_t* bp, int64_t nsteps,
                            float* C, const int32_t* ea, const int32_t* eb) {
@@ -113,24 +125,7 @@ static void run_per_tensor(const ProblemI8& P, const Tile& T, const uint8_t* ap,
       const uint8_t* a1 = r0 + 16 < mb ? a0 + nsteps * blk : a0;  // a last lone row block reuses its own
       const uint8_t* b0 = bp + (c0 / 16) * nsteps * blk;
       const uint8_t* b1 = c0 + 16 < nb ? b0 + nsteps * blk : b0;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t s = 0; s < nsteps; ++s) {
-        _tile_loadd(4, a0 + s * blk, 64);
-        _tile_loadd(5, a1 + s * blk, 64);
-        _tile_loadd(6, b0 + s * blk, 64);
-        _tile_loadd(7, b1 + s * blk, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      }
-      _tile_stored(0, acc[0], 64);
-      _tile_stored(1, acc[1], 64);
-      _tile_stored(2, acc[2], 64);
-      _tile_stored(3, acc[3], 64);
+      quad_products(a0, a1, b0, b1, 64, nsteps, blk, acc);
       for (int q = 0; q < 4; ++q) {
         const int64_t m0 = T.m0 + r0 + (q / 2) * 16, n0 = T.n0 + c0 + (q % 2) * 16;
         if (m0 >= T.m1 || n0 >= T.n1) continue;
@@ -181,22 +176,7 @@ static void run_blocked(const ProblemI8& P, const Tile& T, const uint8_t* ap, co
       const uint8_t* b1 = two_c ? b0 + nsteps * blk : b0;
       std::memset(acc, 0, sizeof(acc));
       for (int64_t j = 0; j < nsteps; ++j) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        _tile_loadd(4, a0 + j * blk, step);
-        _tile_loadd(5, a1 + j * blk, step);
-        _tile_loadd(6, b0 + j * blk, 64);
-        _tile_loadd(7, b1 + j * blk, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-        _tile_stored(0, s32[0], 64);
-        _tile_stored(1, s32[1], 64);
-        _tile_stored(2, s32[2], 64);
-        _tile_stored(3, s32[3], 64);
+        quad_products(a0 + j * blk, a1 + j * blk, b0 + j * blk, b1 + j * blk, step, 1, blk, s32);
         for (int q = 0; q < 4; ++q) {
           // (a lone last row or column block computes its quarter twice; the copy is dropped)
           const __m512 pbj = _mm512_load_ps(pb + ((c0 / 16 + (two_c ? q % 2 : 0)) * nsteps + j) * 16);

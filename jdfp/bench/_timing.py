@@ -72,6 +72,15 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
   Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)
 
 
+def isa_label() -> str | None:
+  """What ``isa="auto"`` runs here, for titles and JSON: the best ISA, plus the AMX-INT8 tiles where
+  the INT16 / INT8 GEMMs use them; None without the library."""
+  from jdfp import kernels
+  if not kernels.kernel_available():
+    return None
+  return kernels.best_isa() + (" + AMX-INT8 tiles" if kernels.has_amx_int8() else "")
+
+
 def cpu_name() -> str:
   """The CPU model as /proc/cpuinfo names it (for benchmark records)."""
   try:

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
   from jax import lax
 
   from jdfp import kernels
-  from jdfp.bench._timing import cpu_name, host_memory, parse_shape, print_table, time_side_by_side
+  from jdfp.bench._timing import cpu_name, host_memory, isa_label, parse_shape, print_table, time_side_by_side
 
   if not kernels.kernel_available():
     raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
   isa = args.isa
   # What "auto" runs: the INT16 GEMM goes to the AMX-INT8 tiles where the CPU has them.
   amx = isa == "auto" and kernels.has_amx_int8()
-  isa_label = (f"auto = {kernels.best_isa()}" + (" + AMX-INT8 tiles" if amx else "")) if isa == "auto" else isa
+  isa_text = f"auto = {isa_label()}" if isa == "auto" else isa
   rng = np.random.default_rng(0)
   results = []
   for text in args.sizes:
@@ -100,11 +100,11 @@ def main(args: argparse.Namespace) -> int:
                  f"{r['speedup_vs_xla_f32']['jdfp_f32q']:.2f}x"])
     if not args.no_int8:
       rows[-1] += [f"{g['jdfp_i8']:.1f}"] + [f"{r['speedup_vs_xla_f32'][c]:.2f}x" for c in int8]
-  title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa_label}, "
+  title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa_text}, "
            f"jax {jax.__version__}, {os.cpu_count()} CPUs -- GOP/s (median of {args.repeats})")
   print_table(title, cols, rows)
   if args.json:
-    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa_label, "amx_int8": amx,
+    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa_text, "amx_int8": amx,
             "bits": bits,
             "available_isas": list(kernels.available_isas()), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "processor": cpu_name(), "memory": host_memory()}

@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
   import numpy as np
 
   from jdfp import kernels
-  from jdfp.bench._timing import cpu_name, host_memory, print_table, time_side_by_side
+  from jdfp.bench._timing import cpu_name, host_memory, isa_label, print_table, time_side_by_side
 
   if not kernels.kernel_available():
     raise kernels.KernelUnavailableError("libjdfp_ffi.so is not built; see README.md (install)")
@@ -231,12 +231,12 @@ def main(args: argparse.Namespace) -> int:
   for r in ([] if args.parts else results):
     rows.append([r["case"], r["shape"], r["pass"]] + [f"{r['us'][c]:.1f}" for c in args.candidates] +
                 [f"{r['vs_lax'][c]:.2f}x" for c in others if "vs_lax" in r])
-  title = (f"jdfp ops vs lax, float32 inputs, jitted; isa {kernels.best_isa()}, jax {jax.__version__}, "
+  title = (f"jdfp ops vs lax, float32 inputs, jitted; isa {isa_label()}, jax {jax.__version__}, "
            f"{os.cpu_count()} CPUs (median of {args.repeats}; vs lax > 1: jdfp faster)")
   if rows:
     print_table(title, cols, rows)
   if args.json:
-    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": kernels.best_isa(),
+    meta = {"jax": jax.__version__, "python": platform.python_version(), "isa": isa_label(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": cpu_name(),
             "memory": host_memory()}
     with open(args.json, "w") as f:

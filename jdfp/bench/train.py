@@ -321,10 +321,10 @@ def main(args: argparse.Namespace) -> int:
   import optax
 
   import jdfp
-  from jdfp.bench._timing import host_memory, print_table, time_side_by_side
+  from jdfp.bench._timing import host_memory, isa_label, print_table, time_side_by_side
 
   results = {"jax": jax.__version__, "python": platform.python_version(),
-             "isa": jdfp.kernels.best_isa() if jdfp.kernels.kernel_available() else None,
+             "isa": isa_label(),
              "memory": host_memory(), "workloads": {}}
   jax.jit(lambda a: a * 2 + 1).lower(1.0).compile()  # XLA's one-time start-up is nobody's compile time
   for wl in args.workloads:
