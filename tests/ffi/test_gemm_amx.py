@@ -169,3 +169,30 @@ def test_i8_blocks_with_inexact_scales_or_nonfinite_exponents():
     e2[3, 2] = value
     got = _both_i8(a, b, e2, eb, **kw)
     assert np.isnan(got[3]).all() == (value == NONFINITE)
+
+
+def test_interleaved_with_xlas_own_amx_dots():
+  # XLA's bf16 dots run on the same tiles (YNNPACK) and keep their own tile configuration: jdfp's
+  # kernels load theirs per tile and release it after, so the two can alternate on the same threads.
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.standard_normal((256, 256)), jnp.float32)
+  a16 = jnp.asarray(rng.integers(-8000, 8000, (256, 256)), jnp.int16)
+  a8 = jnp.asarray(rng.integers(-100, 100, (256, 256)), jnp.int8)
+  e = jnp.zeros((1, 1), jnp.int32)
+
+  @jax.jit
+  def program(x):
+    acc = jnp.zeros((256, 256), jnp.float32)
+    for _ in range(4):
+      xb = x.astype(jnp.bfloat16)
+      acc = acc + jax.lax.dot(xb, xb, preferred_element_type=jnp.float32) * 1e-3
+      acc = acc + kernels.gemm(a16, a16, e, e, bits_a=16, bits_b=16) * 1e-9
+      acc = acc + kernels.gemm_i8(a8, a8, e, e, bits_a=8, bits_b=8) * 1e-6
+      x = x + 1e-3 * jnp.tanh(acc)
+    return acc
+
+  first = np.asarray(program(x))
+  for _ in range(10):
+    bits_eq(np.asarray(program(x)), first)
