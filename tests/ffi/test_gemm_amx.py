@@ -14,7 +14,7 @@ import pytest
 
 from jdfp import kernels
 from kernel_testing import bits_eq, qmax
-from test_gemm_kernel import NONFINITE, _oracle, _rand_case, _run
+from test_gemm_kernel import NONFINITE, _ftz_case, _oracle, _rand_case, _run
 
 pytestmark = pytest.mark.skipif(not (kernels.kernel_available() and kernels.has_amx_int8()),
                                 reason="no AMX-INT8 tiles on this CPU (or JDFP_AMX=0)")
@@ -66,6 +66,17 @@ def test_layouts_edges_and_exponents(ta, tb):
     eb[..., 0, n - 1] = NONFINITE
     got = _both(a, b, ea, eb, **kw)
     assert np.isnan(got[..., m // 2, :]).all() and np.isnan(got[..., :, n - 1]).all()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_ftz_at_the_normal_boundary(bits):
+  # test_gemm_kernel's FTZ rows (block values and their scale2 just below / at / above 2**-126, both
+  # signs) with K = 32, so that the tiles take them: the one-exponent-pair epilogue flushes as scale2.
+  a, b, ea, eb = _ftz_case(1, 32)
+  want = _oracle(a, b, ea, eb, bits_a=bits, bits_b=bits)
+  bits_eq(_run(a, b, ea, eb, isa="auto", bits_a=bits, bits_b=bits), want)
+  if bits == 8:
+    bits_eq(kernels.gemm_i8(a.astype(np.int8), b.astype(np.int8), ea, eb, bits_a=8, bits_b=8, isa="auto"), want)
 
 
 @pytest.mark.parametrize("ta", [False, True])
