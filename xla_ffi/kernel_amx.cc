@@ -1,5 +1,6 @@
 // AMX-INT8 tiles for the exact INT16 GEMM with one exponent pair per output element (KB == 1:
-// per-tensor, per-row and per-column exponents; docs/arithmetic.md, "The INT16 GEMM on AMX").
+// per-tensor, per-row and per-column exponents; docs/arithmetic.md, "The INT16 GEMM on AMX-INT8
+// tiles").
 //
 // AMX multiplies bytes only, so each int16 value is split into a signed high byte and an unsigned
 // low byte, v = 256 * h + l (h = v >> 8 in [-128, 127], l = v & 255), and the contract's exact sum
