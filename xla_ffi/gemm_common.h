@@ -302,10 +302,10 @@ int tile_avx2(const Problem&, const Tile&);
 int tile_avxvnni(const Problem&, const Tile&);
 int tile_avx512vnni(const Problem&, const Tile&);
 
-// The AMX-INT8 path of the INT16 GEMM (kernel_amx.cc): KB == 1, int16 operands, no conv gather,
-// 1 <= K <= kAmxMaxK (the longest K whose byte-product tile sums cannot leave int32).
+// The AMX-INT8 path of the INT16 GEMM (kernel_amx.cc): KB == 1, int16 or float32 operands, no conv
+// gather, kAmxMinK <= K <= kAmxMaxK (the longest K whose byte-product tile sums cannot leave int32;
+// a shorter K, which the tiles pad to 64, stays on the AVX-512 kernels, INT8 too).
 constexpr int64_t kAmxMaxK = 16384;
-// Shorter K stays on the AVX-512 kernel under isa="auto" (the tiles pad K to 64; gemm_ffi.cc).
 constexpr int64_t kAmxMinK = 32;
 bool amx_i16_fits(const Problem&);
 int tile_amx_i16(const Problem&, const Tile&);

@@ -143,7 +143,7 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   // the same result bit for bit.  A named ISA keeps its kernel, and so does a short K, which the tiles
   // pad to 64 (64 x 128 x 10 ran 1.3x slower there; from K = 64 on, every shape measured from 16^3
   // up ran faster on the tiles).
-  if (isa == kIsaAuto && s.K >= kAmxMinK && amx_i16_fits(job->P) && amx_int8_ready()) {
+  if (isa == kIsaAuto && amx_i16_fits(job->P) && amx_int8_ready()) {
     job->fn = tile_amx_i16;
     return launch_tiles(job, pool, 16, 16, nbatch, s.M, s.N, s.K);
   }
@@ -231,7 +231,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16Col2im, jdfp::gemm_col2im_impl,
 JDFP_EXPORT int jdfp_abi_version() { return 2; }
 JDFP_EXPORT int jdfp_isa_mask() { return jdfp::isa_mask(); }
 JDFP_EXPORT int jdfp_best_isa() { return jdfp::best_isa(); }
-// 1: isa="auto" runs the INT16 GEMM's KB == 1 problems (K <= 16384) on AMX-INT8 tiles (kernel_amx.cc).
+// 1: isa="auto" runs the INT16 and INT8 GEMMs that fit on AMX-INT8 tiles (kernel_amx.cc, kernel_amx_i8.cc).
 JDFP_EXPORT int jdfp_amx_int8_ready() { return jdfp::amx_int8_ready() ? 1 : 0; }
 JDFP_EXPORT int64_t jdfp_safe_chain_length(int bits_a, int bits_b) {
   if (bits_a < 2 || bits_a > 16 || bits_b < 2 || bits_b > 16) return -1;

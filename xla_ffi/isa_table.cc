@@ -96,16 +96,22 @@ int best_isa() {
 
 const IsaKernels& isa_kernels(int isa) { return kTable[isa]; }
 
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+// Whether the CPU has AMX tiles with the given cpuid 7.0:EDX feature bit (22 AMX-BF16, 25 AMX-INT8)
+// and the OS saves their state (XCR0 bits 17-18: XTILECFG + XTILEDATA).
+static bool has_amx(int edx_bit) {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE: xgetbv works
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool feature = (d >> edx_bit) & 1, amx_tile = (d >> 24) & 1;
+  return feature && amx_tile && (xgetbv0() & 0x60000) == 0x60000;
+}
+#endif
+
 bool has_amx_bf16() {
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
-  static const bool has = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE: xgetbv works
-    if (__get_cpuid_max(0, nullptr) < 7) return false;
-    __cpuid_count(7, 0, a, b, c, d);
-    const bool amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
-    return amx_bf16 && amx_tile && (xgetbv0() & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
-  }();
+  static const bool has = has_amx(22);
   return has;
 #else
   return false;
@@ -117,13 +123,7 @@ bool amx_int8_ready() {
   static const bool ready = [] {
     const char* env = std::getenv("JDFP_AMX");
     if (env && std::string(env) == "0") return false;
-    if (best_isa() != kIsaAvx512Vnni) return false;  // the packing runs AVX-512BW
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;
-    if (__get_cpuid_max(0, nullptr) < 7) return false;
-    __cpuid_count(7, 0, a, b, c, d);
-    const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
-    if (!amx_tile || !amx_int8 || (xgetbv0() & 0x60000) != 0x60000) return false;
+    if (best_isa() != kIsaAvx512Vnni || !has_amx(25)) return false;  // the packing runs AVX-512BW
     // Linux hands out the 8 KiB tile state only on request (process-wide, once).
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
