@@ -1,5 +1,5 @@
 """The C++ kernels as JAX ops (XLA FFI, CPU): the exact INT16 and INT8 GEMMs, INT16 convolutions, the BF16
-GEMM and convolutions (vdpbf16ps), float -> int16 conversion and quantization counters. Exactness contract: docs/arithmetic.md.
+GEMM and convolutions (vdpbf16ps), the FP16 GEMM (AMX-BF16 tiles), float -> int16 conversion and quantization counters. Exactness contract: docs/arithmetic.md.
 
 Most users call `jdfp.dot_general` & co., which quantize and dispatch here; these are for direct use
 and benchmarks. Every call raises `KernelUnavailableError` when the library is not built: there is no
@@ -8,8 +8,8 @@ silent float fallback.
 
 from jdfp._src.ffi.conv import conv, conv_input_grad, conv_out_spatial, conv_padding, conv_weight_grad
 from jdfp._src.ffi.gemm import gemm
-from jdfp._src.ffi.gemm_bf16 import (conv_bf16, conv_bf16_input_grad, conv_bf16_weight_grad, gemm_bf16, has_amx_bf16,
-                                   has_avx512_bf16)
+from jdfp._src.ffi.gemm_bf16 import (amx_bf16_ready, conv_bf16, conv_bf16_input_grad, conv_bf16_weight_grad,
+                                   gemm_bf16, gemm_f16, has_amx_bf16, has_avx512_bf16)
 from jdfp._src.ffi.gemm_i8 import gemm_i8
 from jdfp._src.ffi.library import (ISA_NAMES, KernelUnavailableError, available_isas, best_isa, has_amx_int8,
                                    kernel_available)
@@ -26,10 +26,12 @@ __all__ = [
     # gemm.py
     "gemm",
     # gemm_bf16.py
+    "amx_bf16_ready",
     "conv_bf16",
     "conv_bf16_input_grad",
     "conv_bf16_weight_grad",
     "gemm_bf16",
+    "gemm_f16",
     "has_amx_bf16",
     "has_avx512_bf16",
     # gemm_i8.py

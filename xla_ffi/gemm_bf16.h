@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 #include "gemm_common.h"
 
@@ -36,6 +37,9 @@ struct Bf16Problem {
   // pixels as k and the (tap, c) as columns); taps that read padding or lhs-dilation holes read +0.
   // The other operand is read through its strides as usual.
   const ConvGeom* conv = nullptr;
+  // The FP16 GEMM (f16_tile_amx) only: its operands packed once per call, shared by the workers
+  // (f16_make_panels).
+  void* f16_panels = nullptr;
 };
 
 // Element [pixel, (tap, c)] of a conv's patch matrix (Bf16Problem::conv), bfloat16 bits.
@@ -120,5 +124,11 @@ static inline float bf16_step(float acc, uint16_t a, uint16_t b) {
 // Tile kernels: write out[batch, m0:m1, n0:n1].
 void bf16_tile_scalar(const Bf16Problem& P, const Bf16Tile& t);
 void bf16_tile_avx512(const Bf16Problem& P, const Bf16Tile& t);
+// The FP16 GEMM (float16 bits in P.a / P.b) on AMX-BF16 tiles, kernel_amx_f16.cc; only where
+// amx_bf16_ready().
+void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& t);
+// The packed-operand state f16_tile_amx reads (P.f16_panels) for a call with `nbatch` batch entries;
+// its memory returns to a small process-wide pool when the last owner drops it.
+std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch);
 
 }  // namespace jdfp

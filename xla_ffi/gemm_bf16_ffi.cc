@@ -5,6 +5,10 @@
 //                  -> float32 out [..., M, N]; batch dims broadcast (size 1 read with stride 0).
 //   attributes: transpose_a, transpose_b (bool), isa (int32: 0 auto, 1 scalar, 2 avx512_bf16).
 //
+//   JdfpGemmF16  : the same shapes, layouts and attributes with float16 a and b (isa 0 only): the FP16
+//                  recipe's GEMM on AMX-BF16 tiles (kernel_amx_f16.cc; every product exact, float32
+//                  sums in the tile unit's order); an FFI error where the CPU has no AMX-BF16.
+//
 //   JdfpConvBf16 : the same chains on a convolution's patch matrix, gathered while packing (one group):
 //                  forward          x [N, D, H, W, C], w [KD, KH, KW, C, O] -> y [N, OD, OH, OW, O]
 //                                   = gemm(im2col(x) [pixels, (tap, c)], w [(tap, c), O]);
@@ -63,6 +67,7 @@ using TileFnBf16 = void (*)(const Bf16Problem&, const Bf16Tile&);
 
 struct Bf16Job {
   Bf16Problem P;
+  std::shared_ptr<void> f16_panels;  // the FP16 GEMM's shared packed operands
   std::vector<int64_t> a_off, b_off;
   std::vector<Bf16Tile> tiles;
   TileFnBf16 fn = nullptr;
@@ -84,22 +89,25 @@ void run_worker(const std::shared_ptr<Bf16Job>& job) {
   if (n) job->done.CountDown(size_t(n));
 }
 
-ffi::Future launch_bf16(const std::shared_ptr<Bf16Job>& job, ffi::ThreadPool pool, int64_t nbatch) {
+// Tiles of whole micro-panels: mu rows (14: the vdpbf16ps kernel's; 32: the FP16 tile kernel's) by
+// multiples of 32 columns.
+ffi::Future launch_bf16(const std::shared_ptr<Bf16Job>& job, ffi::ThreadPool pool, int64_t nbatch, int64_t mu = 14) {
   const Bf16Problem& P = job->P;
   const int64_t M = P.M, N = P.N;
   int64_t nthreads = pool_workers(pool);
   if (nbatch * M * N * std::max<int64_t>(P.K, 1) < (int64_t(1) << 20)) nthreads = 1;  // inline small work
   // JDFP_TILE_M / JDFP_TILE_N (benchmarking knobs, as for the INT16 GEMM) override the tile.
   static const int64_t tm_env = env_knob("JDFP_TILE_M"), tn_env = env_knob("JDFP_TILE_N");
-  int64_t mb = tm_env > 0 ? (tm_env + 13) / 14 * 14 : 14 * 12, nb = tn_env > 0 ? (tn_env + 31) / 32 * 32 : 256;
-  mb = std::min<int64_t>(mb, std::max<int64_t>(14, (M + 13) / 14 * 14));  // no taller than the rows there are
-  nb = std::min<int64_t>(nb, std::max<int64_t>(32, (N + 31) / 32 * 32));
+  auto up = [](int64_t x, int64_t u) { return (x + u - 1) / u * u; };
+  int64_t mb = tm_env > 0 ? up(tm_env, mu) : up(168, mu), nb = tn_env > 0 ? up(tn_env, 32) : 256;
+  mb = std::min<int64_t>(mb, std::max<int64_t>(mu, up(M, mu)));  // no taller than the rows there are
+  nb = std::min<int64_t>(nb, std::max<int64_t>(32, up(N, 32)));
   auto count = [&]() { return nbatch * ((M + mb - 1) / mb) * ((N + nb - 1) / nb); };
   // Split the columns first while the rows are few (<= 5 micro-panels: a conv's weight-gradient has
   // O rows): every tile then holds all rows, and a worker packs them once for all its tiles.
-  while (nthreads > 1 && count() < 4 * nthreads && (mb > 28 || nb > 32)) {
-    if (nb > 32 && (nb >= mb || mb <= 5 * 14)) nb = (nb / 2 + 31) / 32 * 32;
-    else mb = std::max<int64_t>(14, (mb / 2 + 13) / 14 * 14);
+  while (nthreads > 1 && count() < 4 * nthreads && (mb > 2 * mu || nb > 32)) {
+    if (nb > 32 && (nb >= mb || mb <= 5 * mu)) nb = up(nb / 2, 32);
+    else mb = std::max<int64_t>(mu, up(mb / 2, mu));
   }
   for (int64_t bi = 0; bi < nbatch; ++bi)
     for (int64_t n0 = 0; n0 < N; n0 += nb)
@@ -115,11 +123,13 @@ ffi::Future launch_bf16(const std::shared_ptr<Bf16Job>& job, ffi::ThreadPool poo
   return fut;
 }
 
+// Shapes of a GEMM's operands (float16 ones for the FP16 GEMM, else bfloat16 / float32).
 ffi::Error check_operands(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Span<const int64_t> dout, bool ta, bool tb,
-                          Bf16Problem& P, std::vector<int64_t>& ob) {
+                          Bf16Problem& P, std::vector<int64_t>& ob, bool f16 = false) {
   for (auto [name, x] : {std::pair<const char*, ffi::AnyBuffer*>{"a", &a}, {"b", &b}}) {
     const auto t = x->element_type();
-    if (t != ffi::BF16 && t != ffi::F32) return invalid(std::string(name) + " must be bfloat16 or float32");
+    if (f16 && t != ffi::F16) return invalid_as("gemm_f16", std::string(name) + " must be float16");
+    if (!f16 && t != ffi::BF16 && t != ffi::F32) return invalid(std::string(name) + " must be bfloat16 or float32");
     if (x->dimensions().size() < 2) return invalid(std::string(name) + " must have rank >= 2, got " +
                                                    dims_str(x->dimensions()));
   }
@@ -161,12 +171,23 @@ ffi::Error bf16_tile_fn(int32_t isa, const char* who, TileFnBf16& fn) {
 }
 
 ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                           ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
+                           ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa, bool f16 = false) {
   auto job = std::make_shared<Bf16Job>();
-  if (ffi::Error e = bf16_tile_fn(isa, "gemm_bf16", job->fn); e.failure()) return error_future(std::move(e));
+  if (f16) {
+    if (isa != 0) return error_future(invalid_as("gemm_f16", "isa must be 0 (auto: AMX-BF16 tiles), got " +
+                                                              std::to_string(isa)));
+    if (!amx_bf16_ready())
+      return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
+                                     "jdfp gemm_f16: needs AMX-BF16 tiles (cpuid, OS tile state, JDFP_AMX not 0)"));
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+    job->fn = f16_tile_amx;
+#endif
+  } else if (ffi::Error e = bf16_tile_fn(isa, "gemm_bf16", job->fn); e.failure()) {
+    return error_future(std::move(e));
+  }
   Bf16Problem& P = job->P;
   std::vector<int64_t> ob;
-  if (ffi::Error e = check_operands(a, b, out->dimensions(), ta, tb, P, ob); e.failure())
+  if (ffi::Error e = check_operands(a, b, out->dimensions(), ta, tb, P, ob, f16); e.failure())
     return error_future(std::move(e));
   if (!batch_offsets(a.dimensions(), ob, P.M * P.K, job->a_off) ||
       !batch_offsets(b.dimensions(), ob, P.K * P.N, job->b_off))
@@ -178,7 +199,10 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   P.b_sk = tb ? 1 : P.N; P.b_sn = tb ? P.K : 1;
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   P.job_id = next_job_id();
-  return launch_bf16(job, pool, int64_t(job->a_off.size()));
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  if (f16) job->f16_panels = f16_make_panels(P, int64_t(job->a_off.size())), P.f16_panels = job->f16_panels.get();
+#endif
+  return launch_bf16(job, pool, int64_t(job->a_off.size()), f16 ? 32 : 14);
 }
 
 struct ConvBf16Job : Bf16Job {
@@ -317,6 +341,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmBf16, gemm_bf16,
                                   .Attr<bool>("transpose_b")
                                   .Attr<int32_t>("isa"));
 
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmF16(XLA_FFI_CallFrame*);
+
+static ffi::Future gemm_f16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
+  return jdfp::gemm_bf16_impl(pool, a, b, out, ta, tb, isa, /*f16=*/true);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmF16, gemm_f16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<int32_t>("isa"));
+
 JDFP_EXPORT XLA_FFI_Error* JdfpConvBf16(XLA_FFI_CallFrame*);
 
 static ffi::Future conv_bf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
@@ -344,3 +385,6 @@ JDFP_EXPORT int jdfp_has_avx512_bf16() {
 
 // 1 when the CPU has AMX-BF16 (isa_table.h): the Python side then leaves BF16 dots to XLA.
 JDFP_EXPORT int jdfp_has_amx_bf16() { return jdfp::has_amx_bf16() ? 1 : 0; }
+
+// 1 when JdfpGemmF16 runs here (AMX-BF16 tiles granted to this process, JDFP_AMX not 0).
+JDFP_EXPORT int jdfp_amx_bf16_ready() { return jdfp::amx_bf16_ready() ? 1 : 0; }

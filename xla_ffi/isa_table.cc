@@ -118,16 +118,33 @@ bool has_amx_bf16() {
 #endif
 }
 
-bool amx_int8_ready() {
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD) && defined(__linux__)
-  static const bool ready = [] {
+// JDFP_AMX=0 not set, the AVX-512 entry runs (the AMX paths pack with AVX-512BW), and the process was
+// granted the tile state: Linux hands out its 8 KiB only on request (process-wide, asked once).
+static bool amx_allowed() {
+  static const bool allowed = [] {
     const char* env = std::getenv("JDFP_AMX");
     if (env && std::string(env) == "0") return false;
-    if (best_isa() != kIsaAvx512Vnni || !has_amx(25)) return false;  // the packing runs AVX-512BW
-    // Linux hands out the 8 KiB tile state only on request (process-wide, once).
+    if (best_isa() != kIsaAvx512Vnni || !has_amx(24)) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
+  return allowed;
+}
+#endif
+
+bool amx_int8_ready() {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD) && defined(__linux__)
+  static const bool ready = has_amx(25) && amx_allowed();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+bool amx_bf16_ready() {
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD) && defined(__linux__)
+  static const bool ready = has_amx(22) && amx_allowed();
   return ready;
 #else
   return false;

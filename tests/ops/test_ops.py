@@ -12,7 +12,7 @@ from jax import lax
 
 import jdfp
 from jdfp._src.ffi.gemm_bf16 import gemm_bf16
-from jdfp._src.ops.gemm import bf16_dot_kernel
+from jdfp._src.ops.gemm import bf16_dot_kernel, f16_dot_kernel
 
 FFI = jdfp.Policy(backend="ffi")
 REF = jdfp.Policy(backend="reference")
@@ -233,6 +233,10 @@ def test_float_recipes_use_fp32_accumulation():
       # XLA's: the same bits as its scalar path, and within the FP32-accumulation bound of XLA's dot.
       bits_equal(y, gemm_bf16(x.astype(dt), w.astype(dt), isa="scalar"))
       bound = 2 * 16 * 2.0**-24 * (jnp.abs(x.astype(dt).astype(jnp.float32)) @ jnp.abs(w.astype(dt).astype(jnp.float32)))
+      assert bool(jnp.all(jnp.abs(y - exp) <= bound))
+    elif dt == jnp.float16 and f16_dot_kernel(pol):
+      # AMX-BF16 tiles: exact products (float16 = two bfloat16), float32 sums in the tile unit's order.
+      bound = 4 * 16 * 2.0**-24 * (jnp.abs(x.astype(dt).astype(jnp.float32)) @ jnp.abs(w.astype(dt).astype(jnp.float32)))
       assert bool(jnp.all(jnp.abs(y - exp) <= bound))
     else:
       bits_equal(y, exp)

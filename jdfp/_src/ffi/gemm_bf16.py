@@ -1,6 +1,7 @@
 """Python side of ``xla_ffi/gemm_bf16_ffi.cc``: the BF16 GEMM on ``vdpbf16ps`` (docs/arithmetic.md,
-"BF16 GEMM") as a JAX op, and the BF16 convolutions on the same chains (implicit GEMM: the patch
-matrix is gathered while packing, never stored)."""
+"BF16 GEMM") as a JAX op, the BF16 convolutions on the same chains (implicit GEMM: the patch
+matrix is gathered while packing, never stored), and the FP16 GEMM on AMX-BF16 tiles (docs/arithmetic.md,
+"The FP16 GEMM on AMX-BF16 tiles")."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import numpy as np
 from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi.library import dtype_of, kernel_available, require_lib
 
-__all__ = ["BF16_ISA_NAMES", "conv_bf16", "conv_bf16_input_grad", "conv_bf16_weight_grad", "gemm_bf16",
-           "has_amx_bf16", "has_avx512_bf16", "transpose16"]
+__all__ = ["BF16_ISA_NAMES", "amx_bf16_ready", "conv_bf16", "conv_bf16_input_grad", "conv_bf16_weight_grad",
+           "gemm_bf16", "gemm_f16", "has_amx_bf16", "has_avx512_bf16", "transpose16"]
 
 TARGET_GEMM_BF16 = "jdfp_gemm_bf16"
 TARGET_CONV_BF16 = "jdfp_conv_bf16"
 TARGET_TRANSPOSE16 = "jdfp_transpose16"
+TARGET_GEMM_F16 = "jdfp_gemm_f16"
 # The handler's `isa` attribute: "auto" is avx512_bf16 where the CPU has it, else scalar.
 BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16")
 
@@ -29,6 +31,7 @@ def _register() -> None:
   jax.ffi.register_ffi_target(TARGET_GEMM_BF16, jax.ffi.pycapsule(lib.JdfpGemmBf16), platform="cpu")
   jax.ffi.register_ffi_target(TARGET_CONV_BF16, jax.ffi.pycapsule(lib.JdfpConvBf16), platform="cpu")
   jax.ffi.register_ffi_target(TARGET_TRANSPOSE16, jax.ffi.pycapsule(lib.JdfpTranspose16), platform="cpu")
+  jax.ffi.register_ffi_target(TARGET_GEMM_F16, jax.ffi.pycapsule(lib.JdfpGemmF16), platform="cpu")
 
 
 @functools.cache
@@ -41,6 +44,54 @@ def has_avx512_bf16() -> bool:
 def has_amx_bf16() -> bool:
   """True when the library is loaded and this CPU/OS has AMX-BF16 tiles (cpuid + xgetbv, in C++)."""
   return kernel_available() and bool(require_lib().jdfp_has_amx_bf16())
+
+
+@functools.cache
+def amx_bf16_ready() -> bool:
+  """True when `gemm_f16` runs here: AMX-BF16 tiles (cpuid, OS tile state), granted to this process,
+  and ``JDFP_AMX`` is not ``0`` (the same switch as the INT16 / INT8 GEMMs' tile paths)."""
+  return kernel_available() and bool(require_lib().jdfp_amx_bf16_ready())
+
+
+def _gemm_shape(a, b, transpose_a, transpose_b):
+  """``(batch, M, N)`` of a GEMM call, with clear errors for bad flags and shapes."""
+  for name, flag in (("transpose_a", transpose_a), ("transpose_b", transpose_b)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool, got {flag!r}")
+  for name, x in (("a", a), ("b", b)):
+    if np.ndim(x) < 2:
+      raise ValueError(f"{name} must have rank >= 2, got shape {np.shape(x)}")
+  sa, sb = tuple(np.shape(a)), tuple(np.shape(b))
+  m, k = (sa[-1], sa[-2]) if transpose_a else (sa[-2], sa[-1])
+  kb, n = (sb[-1], sb[-2]) if transpose_b else (sb[-2], sb[-1])
+  if k != kb:
+    raise ValueError(f"contraction dims differ: a has K={k} (shape {sa}, transpose_a={transpose_a}), "
+                     f"b has K={kb} (shape {sb}, transpose_b={transpose_b})")
+  try:
+    batch = np.broadcast_shapes(sa[:-2], sb[:-2])
+  except ValueError:
+    raise ValueError(f"batch dims of a {sa[:-2]} and b {sb[:-2]} do not broadcast") from None
+  return tuple(batch), m, n
+
+
+def gemm_f16(a, b, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+  """``float32 [..., M, N]`` = sum over K of ``a x b`` for float16 ``a``, ``b`` on AMX-BF16 tiles.
+
+  Each float16 value is split exactly into two bfloat16 (``x = hi + lo``), so every product is
+  exact; the sums are float32 in the tile unit's order (docs/arithmetic.md, "The FP16 GEMM on
+  AMX-BF16 tiles": the error bound, and NaN / Inf). Layouts and batch broadcasting as `gemm_bf16`.
+  Runs only where `amx_bf16_ready()`; elsewhere the call fails at run time (the ops widen to FP32
+  there instead).
+  """
+  for name, x in (("a", a), ("b", b)):
+    dt = dtype_of(name, x)
+    if dt != np.float16:
+      raise TypeError(f"{name} must have dtype float16, got {dt.name}")
+  batch, m, n = _gemm_shape(a, b, transpose_a, transpose_b)
+  _register()
+  call = jax.ffi.ffi_call(TARGET_GEMM_F16, jax.ShapeDtypeStruct(batch + (m, n), jnp.float32),
+                          vmap_method="expand_dims")
+  return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b), isa=np.int32(0))
 
 
 def gemm_bf16(a, b, *, transpose_a: bool = False, transpose_b: bool = False, isa: str = "auto") -> jax.Array:
@@ -58,27 +109,13 @@ def gemm_bf16(a, b, *, transpose_a: bool = False, transpose_b: bool = False, isa
   """
   if isa not in BF16_ISA_NAMES:
     raise ValueError(f"isa must be one of {BF16_ISA_NAMES}, got {isa!r}")
-  for name, flag in (("transpose_a", transpose_a), ("transpose_b", transpose_b)):
-    if not isinstance(flag, (bool, np.bool_)):
-      raise TypeError(f"{name} must be a bool, got {flag!r}")
   for name, x in (("a", a), ("b", b)):
     dt = dtype_of(name, x)
     if dt != jnp.bfloat16 and dt != np.float32:
       raise TypeError(f"{name} must have dtype bfloat16 or float32, got {dt.name}")
-    if np.ndim(x) < 2:
-      raise ValueError(f"{name} must have rank >= 2, got shape {np.shape(x)}")
-  sa, sb = tuple(np.shape(a)), tuple(np.shape(b))
-  m, k = (sa[-1], sa[-2]) if transpose_a else (sa[-2], sa[-1])
-  kb, n = (sb[-1], sb[-2]) if transpose_b else (sb[-2], sb[-1])
-  if k != kb:
-    raise ValueError(f"contraction dims differ: a has K={k} (shape {sa}, transpose_a={transpose_a}), "
-                     f"b has K={kb} (shape {sb}, transpose_b={transpose_b})")
-  try:
-    batch = np.broadcast_shapes(sa[:-2], sb[:-2])
-  except ValueError:
-    raise ValueError(f"batch dims of a {sa[:-2]} and b {sb[:-2]} do not broadcast") from None
+  batch, m, n = _gemm_shape(a, b, transpose_a, transpose_b)
   _register()
-  call = jax.ffi.ffi_call(TARGET_GEMM_BF16, jax.ShapeDtypeStruct(tuple(batch) + (m, n), jnp.float32),
+  call = jax.ffi.ffi_call(TARGET_GEMM_BF16, jax.ShapeDtypeStruct(batch + (m, n), jnp.float32),
                           vmap_method="expand_dims")
   return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
               isa=np.int32(BF16_ISA_NAMES.index(isa)))

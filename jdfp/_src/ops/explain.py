@@ -23,12 +23,14 @@ KERNEL_I8 = "jdfp kernel (FFI, int8 x int8 -> int32 chains, vpdpbusd)"
 REFERENCE = "jdfp reference (exact int32 chains in XLA)"
 MIXED = "mixed precision (fp16/bf16 operands, fp32 accumulation)"
 MIXED_KERNEL = "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)"
+MIXED_F16_KERNEL = "mixed precision on the jdfp FP16 GEMM (FFI, fp16 = 2 x bf16)"
 FLOAT = "float (not quantized)"
 INTEGER = "integer dot (XLA)"
 
 
 AMX = "AMX-INT8 tiles"
 AMX_BLOCKS = "AMX-INT8 tiles unless an exponent is extreme or NONFINITE"
+AMX_BF16 = "AMX-BF16 tiles"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Op:
   operands: str
   # Where a kernel call's arithmetic runs when that is not the ISA's own kernel: `AMX` (`AMX_BLOCKS`)
   # for INT16 / INT8 GEMMs that isa="auto" sends to the AMX-INT8 tiles on this CPU (the same result
-  # bit for bit).
+  # bit for bit); `AMX_BF16` for the FP16 GEMM, which runs only there.
   engine: str = ""
 
 
@@ -110,6 +112,8 @@ def _walk(jaxpr, path, in_reference, out):
       target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
       if target in ("jdfp_gemm_bf16", "jdfp_conv_bf16"):
         out.append(Op(f"{name}:{target}", here, MIXED_KERNEL, _dtype_str(eqn.invars)))
+      elif target == "jdfp_gemm_f16":
+        out.append(Op(f"{name}:{target}", here, MIXED_F16_KERNEL, _dtype_str(eqn.invars), AMX_BF16))
       elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
         kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL
         out.append(Op(f"{name}:{target}", here, kind, _dtype_str(eqn.invars), _engine(target, eqn)))

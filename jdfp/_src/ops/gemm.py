@@ -83,6 +83,11 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
       # XLA's AMX bf16 dot wants the lhs's K last (else XLA widens the dot to FP32): a [B, K, M]
       # (a weight-gradient's x) is copied transposed by a call XLA cannot fold back into the dot.
       a, dims = match_varying(ffi_gemm_bf16.transpose16(a), a), (((2,), (b_c,)), ((0,), (0,)))
+    if a.dtype == b.dtype == jnp.float16 and f16_dot_kernel(policy):
+      # Each float16 split exactly into two bfloat16 on AMX-BF16 tiles: exact products, float32 sums
+      # (docs/arithmetic.md, "The FP16 GEMM on AMX-BF16 tiles"), ~1.5x FP32 where XLA has no FP16 dot.
+      out = ffi_gemm_bf16.gemm_f16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2)
+      return match_varying(out, a, b)
     if jnp.float16 in (a.dtype, b.dtype):
       # XLA:CPU has no fast FP16 dot; FP16 x FP16 products are exact in float32 (11 + 11 significand
       # bits), so widening first is the same arithmetic (FP32 products and sums) at FP32 speed.
@@ -164,6 +169,15 @@ def _amx_bf16_dots(policy: Policy) -> bool:
   """BF16 dots of this policy run as XLA's bf16 dots on AMX tiles (`bf16_dot_kernel`)."""
   return (policy.backend != "reference" and jax.default_backend() == "cpu" and policy.isa == "auto"
           and ffi_gemm_bf16.has_amx_bf16())
+
+
+def f16_dot_kernel(policy: Policy) -> bool:
+  """Whether FP16 x FP16 dots run on the AMX-BF16 FP16 GEMM (`jdfp._src.ffi.gemm_bf16.gemm_f16`):
+  backend not "reference", CPU, ``isa="auto"`` and the tiles ready (`amx_bf16_ready`, ``JDFP_AMX``
+  not 0).  Elsewhere they are XLA's FP32 dots of the widened operands: the same exact products,
+  other float32 sums."""
+  return (policy.backend != "reference" and jax.default_backend() == "cpu" and policy.isa == "auto"
+          and ffi_gemm_bf16.amx_bf16_ready())
 
 
 def bf16_dot_kernel(policy: Policy) -> bool:

@@ -1,0 +1,193 @@
+"""The FP16 GEMM on AMX-BF16 tiles (xla_ffi/kernel_amx_f16.cc): each float16 split exactly into two
+bfloat16, so every product is exact and the sums are float32 (docs/arithmetic.md, "The FP16 GEMM on
+AMX-BF16 tiles").  The tile unit's order of float32 additions is its own (it matches no sequential
+rounding model), so the tests check what is defined: exact results wherever every partial sum is
+representable, the float32 error bound elsewhere, NaN / Inf never finite, results that do not depend
+on tiling or threads, every layout, and the ops' routing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdfp
+from jdfp import kernels
+from jdfp._src.ops import explain
+from kernel_testing import bits_eq
+
+pytestmark = pytest.mark.skipif(not (kernels.kernel_available() and kernels.amx_bf16_ready()),
+                                reason="no AMX-BF16 tiles on this CPU (or JDFP_AMX=0)")
+
+EDGES = ((1, 1, 1), (16, 16, 16), (15, 17, 33), (32, 31, 32), (33, 100, 47), (70, 300, 130), (130, 1000, 17))
+
+
+def _call(a, b, ta=False, tb=False):
+  return np.asarray(jax.jit(lambda a, b: kernels.gemm_f16(a, b, transpose_a=ta, transpose_b=tb))(a, b))
+
+
+def _exact(a, b, ta=False, tb=False):
+  """float64 a @ b and sum |a| |b| (float16 products are exact in float64; so are these sums to ~2**-30)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if ta:
+    a = np.swapaxes(a, -1, -2)
+  if tb:
+    b = np.swapaxes(b, -1, -2)
+  return a @ b, np.abs(a) @ np.abs(b)
+
+
+def _operands(rng, m, k, n, ta, tb, batch_a=(), batch_b=(), spread=6):
+  """Random float16 with exponents spread over +-spread binades (cancellation included)."""
+  def draw(shape):
+    x = rng.standard_normal(shape) * np.exp2(rng.integers(-spread, spread + 1, shape))
+    return x.astype(np.float16)
+  a = draw(batch_a + ((k, m) if ta else (m, k)))
+  b = draw(batch_b + ((n, k) if tb else (k, n)))
+  return a, b
+
+
+def _check_bound(got, a, b, ta=False, tb=False):
+  ref, mag = _exact(a, b, ta, tb)
+  k = np.shape(a)[-2] if ta else np.shape(a)[-1]
+  # Recursive float32 summation of the 4K exact partial products (hi/lo cross terms) plus the
+  # accumulator: gamma_{4K+1} * sum |a| |b|.
+  bound = (4 * k + 1) * 2.0**-24 * mag
+  err = np.abs(got.astype(np.float64) - ref)
+  assert np.all(err <= bound), float(np.max(err / np.maximum(bound, 1e-300)))
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_layouts_edges_batches_within_the_float32_bound(ta, tb):
+  rng = np.random.default_rng(0)
+  for (m, k, n), (batch_a, batch_b) in zip(EDGES, [((), ()), ((2,), (1,)), ((), (3,)), ((2,), (2,))] * 2):
+    a, b = _operands(rng, m, k, n, ta, tb, batch_a, batch_b)
+    got = _call(a, b, ta, tb)
+    assert got.dtype == np.float32 and got.shape == np.broadcast_shapes(batch_a, batch_b) + (m, n)
+    _check_bound(got, a, b, ta, tb)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_exact_where_every_partial_sum_is_representable(ta, tb):
+  # Full 11-bit float16 significands (the split must be exact) times small integers: every partial
+  # sum is a multiple of 2**-4 below 2**20 of them, so any float32 order of additions is exact, and
+  # so must the result be.  A split that dropped a bit of `lo` would show here.
+  rng = np.random.default_rng(1)
+  for m, k, n in ((33, 64, 40), (16, 1000, 16), (70, 130, 5)):
+    av = rng.integers(-2047, 2048, (m, k)) * 2.0**-4
+    bv = rng.integers(-15, 16, (k, n)).astype(np.float64)
+    a = (av.T if ta else av).astype(np.float16)
+    b = (bv.T if tb else bv).astype(np.float16)
+    np.testing.assert_array_equal(a.astype(np.float64), av.T if ta else av)  # the inputs are exact
+    got = _call(a, b, ta, tb)
+    np.testing.assert_array_equal(got.astype(np.float64), av @ bv)
+
+
+def test_exact_with_subnormal_and_largest_float16():
+  # Subnormal float16 (multiples of 2**-24) and 65504 = the largest: products from 2**-48 to
+  # ~2**32, each partial sum exact in float32 by construction (two terms per output).
+  a = np.array([[2.0**-24, 65504.0], [1023 * 2.0**-24, -65504.0], [6.1e-5, 1.0]], np.float16)
+  b = np.array([[2.0**-14, 3.0], [0.0, 65504.0]], np.float16)
+  ref, _ = _exact(a, b)
+  got = _call(a, b)
+  np.testing.assert_array_equal(got.astype(np.float64), ref.astype(np.float32).astype(np.float64))
+  assert got[0, 0] == np.float32(2.0**-38)  # 2**-24 * 2**-14: far below float16, exact in float32
+
+
+def test_nan_and_inf_never_become_finite():
+  rng = np.random.default_rng(2)
+  a, b = _operands(rng, 40, 50, 36, False, False, spread=2)
+  clean = _call(a, b)
+  bad = a.copy()
+  bad[3, 7] = np.nan
+  bad[5, 0] = np.inf
+  bad[9, 49] = -np.inf
+  got = _call(bad, b)
+  for row in (3, 5, 9):
+    assert not np.any(np.isfinite(got[row])), row
+  assert np.all(np.isnan(got[3]))
+  others = [i for i in range(40) if i not in (3, 5, 9)]
+  bits_eq(got[others], clean[others])  # other rows are untouched, bit for bit
+  bad_b = b.copy()
+  bad_b[20, 11] = np.inf
+  got = _call(a, bad_b)
+  assert not np.any(np.isfinite(got[:, 11]))
+  bits_eq(np.delete(got, 11, axis=1), np.delete(clean, 11, axis=1))
+
+
+def test_same_bits_for_every_tiling_and_thread_count():
+  # Each output is one chain over K (K in chunks whose float32 sums wait in memory, exactly), so
+  # neither the tile shape nor the number of threads may change a bit.
+  code = ("import numpy as np, jax, sys; from jdfp import kernels; rng = np.random.default_rng(5); "
+          "a = (rng.standard_normal((300, 700)) * 4).astype(np.float16); "
+          "b = rng.standard_normal((700, 260)).astype(np.float16); "
+          "sys.stdout.buffer.write(np.asarray(jax.jit(kernels.gemm_f16)(a, b)).tobytes())")
+  outs = []
+  for env in ({}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "32", "JDFP_TILE_N": "32"},
+              {"JDFP_TILE_M": "300", "JDFP_TILE_N": "1000"}):
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, check=True)
+    outs.append(np.frombuffer(run.stdout, np.float32))
+  for o in outs[1:]:
+    bits_eq(o, outs[0])
+  assert outs[0].size == 300 * 260
+
+
+def test_bad_input_is_rejected_at_trace_time():
+  a = jnp.ones((4, 8), jnp.float16)
+  with pytest.raises(TypeError, match="a must have dtype float16, got float32"):
+    kernels.gemm_f16(jnp.ones((4, 8)), a.T)
+  with pytest.raises(TypeError, match="b must have dtype float16, got bfloat16"):
+    kernels.gemm_f16(a, jnp.ones((8, 4), jnp.bfloat16))
+  with pytest.raises(ValueError, match="contraction dims differ"):
+    kernels.gemm_f16(a, a)
+  with pytest.raises(ValueError, match="rank >= 2"):
+    kernels.gemm_f16(a, jnp.ones((8,), jnp.float16))
+  with pytest.raises(TypeError, match="transpose_b must be a bool"):
+    kernels.gemm_f16(a, a, transpose_b=1)
+
+
+def test_jdfp_amx_0_turns_it_off_and_the_ops_widen_to_fp32():
+  code = ("import jax, jax.numpy as jnp, jdfp; from jdfp import kernels; from jdfp._src.ops import explain; "
+          "f = lambda a, b: jdfp.dot_general(a, b, (((1,), (0,)), ((), ())), policy=jdfp.policies.fp16()); "
+          "r = jdfp.explain(f, jnp.ones((8, 16)), jnp.ones((16, 4))); "
+          "print(kernels.amx_bf16_ready(), kernels.has_amx_int8(), r.count(explain.MIXED_F16_KERNEL))")
+  env = dict(os.environ, JDFP_AMX="0")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["False", "False", "0"]
+
+
+def test_amx_bf16_ready_matches_cpuinfo():
+  with open("/proc/cpuinfo") as f:
+    flags = next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+  assert {"amx_tile", "amx_bf16"} <= flags
+
+
+@pytest.mark.parametrize("dims,shapes", [
+    ((((1,), (0,)), ((), ())), ((48, 96), (96, 40))),          # Dense forward
+    ((((2,), (2,)), ((0,), (0,))), ((3, 20, 64), (3, 30, 64))),  # attention scores q . k^T
+])
+def test_fp16_recipe_ops_run_their_three_gemms_on_the_tiles(dims, shapes):
+  policy = jdfp.policies.fp16()
+  f = lambda x, w: jdfp.dot_general(x, w, dims, policy=policy)
+  rng = np.random.default_rng(7)
+  x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+  loss = lambda x, w: jnp.sum(f(x, w) ** 2)
+  report = jdfp.explain(jax.grad(loss, argnums=(0, 1)), x, w)
+  assert report.count(explain.MIXED_F16_KERNEL) == 3, str(report)
+  assert all(op.engine == "AMX-BF16 tiles" for op in report.ops if op.kind == explain.MIXED_F16_KERNEL)
+  # The same arithmetic as the FP32 dot of the float16-rounded operands: exact products, float32 sums.
+  got = np.asarray(jax.jit(f)(x, w))
+  x16, w16 = (np.asarray(v, np.float16) for v in (x, w))
+  ref = np.asarray(jax.lax.dot_general(x16.astype(np.float32), w16.astype(np.float32), dims,
+                                       precision=jax.lax.Precision.HIGHEST), np.float64)
+  k = shapes[0][-1]
+  mag = np.asarray(jax.lax.dot_general(np.abs(x16).astype(np.float64), np.abs(w16).astype(np.float64), dims))
+  assert np.all(np.abs(got - ref) <= (8 * k + 2) * 2.0**-24 * mag)
+  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))

@@ -1,0 +1,327 @@
+// FP16 GEMM on AMX-BF16 tiles (docs/arithmetic.md, "The FP16 GEMM on AMX-BF16 tiles"): the FP16
+// recipe's dots, float16 operands, float32 accumulation.
+//
+// The tiles multiply bfloat16 pairs only (tdpbf16ps: 16 x 16 x 32 products into float32).  A float16
+// value has 11 significand bits, a bfloat16 8, so each finite x is split exactly as x = hi + lo:
+// hi = x rounded to bfloat16 (nearest even), lo = x - hi (a multiple of x's float16 ulp below half a
+// bfloat16 ulp: at most 3 significant bits, exact in bfloat16; every split value is a normal bfloat16
+// or zero, since |x| >= 2**-24).  Then a * b = ah bh + al bl + ah bl + al bh, four exact products,
+// taken as two tdpbf16ps per 16 k: A' holds (ah, al) pairs, B' (bh, bl) pairs and B'' (bl, bh) pairs
+// along k, so A'.B' + A'.B'' = sum over k of a * b with every product exact.  The sums are float32
+// in the tile unit's own order (not the vdpbf16ps chain: measured, it matches no sequential-rounding
+// model); the error bound is that of float32 sums (tests/ffi/test_gemm_f16_amx.py checks it).  A
+// non-finite element keeps lo = 0, so NaN and Inf never become finite (Inf * finite may read NaN:
+// the cross product Inf * 0 of a partner whose lo is 0).
+//
+// Layouts (bf16 pairs as 32-bit words, K padded with zeros to a multiple of 16 and rows / columns to
+// multiples of 32):
+//   A panel: [row block of 16][k step][16 rows][16 k words (hi | lo << 16)]
+//   B panel: [col block of 16][k step][B' | B''][16 k][16 col words]
+// Output blocks of 32 x 32 (four accumulator tiles), K in chunks.  Each 32-row pair of A and 32-column
+// pair of B is packed once per call by the first worker that needs it, into a buffer all workers
+// read (f16_make_panels): the split costs about as much per element as a few k steps of products, so
+// packing per tile (A once per column tile, B once per worker) took a quarter of the time.
+#include <immintrin.h>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "amx_common.h"
+#include "gemm_bf16.h"
+
+namespace jdfp {
+namespace {
+
+using namespace amx;
+
+constexpr int kWords = 256;           // one 16 x 16-word tile
+constexpr int kBStep = 2 * kWords;    // B' and B'' of one 16-k step of one column block
+constexpr int64_t kKcSteps = 32;      // k steps per K chunk (512 k)
+
+// 16 float16 values (as float32) -> the words (hi | lo << 16) and (lo | hi << 16).
+struct Split {
+  __m512i hl, lh;
+};
+
+static inline Split split16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  // hi = x rounded to bfloat16, nearest even (the largest float16 rounds to 65536: no overflow); the
+  // non-finite lanes are fixed below.
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i hi = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
+                                      _mm512_set1_epi32(int(0xFFFF0000u)));
+  __m512i lo = _mm512_castps_si512(_mm512_sub_ps(x, _mm512_castsi512_ps(hi)));  // exact, low 16 bits 0
+  // Non-finite x: hi = x itself (NaN quieted), lo = 0.
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __mmask16 inf = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(__builtin_inff()), _CMP_EQ_OQ);
+  __m512i hx = _mm512_mask_mov_epi32(hi, inf, u);
+  hx = _mm512_mask_mov_epi32(hx, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+  lo = _mm512_maskz_mov_epi32(__mmask16(~(nan | inf)), lo);
+  const __m512i h16 = _mm512_srli_epi32(hx, 16), l16 = _mm512_srli_epi32(lo, 16);
+  return {_mm512_or_si512(h16, _mm512_slli_epi32(l16, 16)), _mm512_or_si512(l16, _mm512_slli_epi32(h16, 16))};
+}
+
+// Up to 16 float16 values at p[i * stride], i < n (zeros past n), as float32.
+static inline __m512 load16(const uint16_t* p, int64_t stride, int n) {
+  if (n <= 0) return _mm512_setzero_ps();
+  if (stride == 1) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p));
+  alignas(32) uint16_t t[16] = {};
+  for (int i = 0; i < n; ++i) t[i] = p[i * stride];
+  return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+}
+
+// 16 x 16 transpose of 32-bit words.
+static inline void transpose_words(const uint32_t* src, uint32_t* dst) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) dst[c * 16 + r] = src[r * 16 + c];
+}
+
+// X[r, k] = src[r * sr + k * sk] for rows [0, rows), K columns: a float16 operand view.
+struct View {
+  const uint16_t* src;
+  int64_t sr, sk, rows, K;
+};
+
+// The A panel of rows [0, rows) of x: per 16-row block and 16-k step, 16 rows of 16 (hi | lo) words.
+static void pack_a(const View& x, uint32_t* dst) {
+  const int64_t nsteps = (x.K + 15) / 16, nblocks = (x.rows + 31) / 32 * 2;
+  alignas(64) uint32_t tmp[kWords];
+  for (int64_t rb = 0; rb < nblocks; ++rb)
+    for (int64_t s = 0; s < nsteps; ++s) {
+      uint32_t* d = dst + (rb * nsteps + s) * kWords;
+      const int kn = int(std::min<int64_t>(16, x.K - s * 16));
+      const int rn = int(std::clamp<int64_t>(x.rows - rb * 16, 0, 16));
+      if (x.sk == 1 || x.sr != 1) {  // along k per row
+        for (int r = 0; r < 16; ++r) {
+          const __m512 v = load16(x.src + (rb * 16 + r) * x.sr + s * 16 * x.sk, x.sk, r < rn ? kn : 0);
+          _mm512_store_si512(d + r * 16, split16(v).hl);
+        }
+      } else {  // rows contiguous: along the rows per k, then transposed
+        for (int k = 0; k < 16; ++k) {
+          const __m512 v = load16(x.src + rb * 16 + (s * 16 + k) * x.sk, 1, k < kn ? rn : 0);
+          _mm512_store_si512(tmp + k * 16, split16(v).hl);
+        }
+        transpose_words(tmp, d);
+      }
+    }
+}
+
+// The B panel of columns [0, rows) of x (x[n, k] = B[k, n]): per 16-column block and 16-k step, B'
+// then B'', each 16 k rows of 16 column words.
+static void pack_b(const View& x, uint32_t* dst) {
+  const int64_t nsteps = (x.K + 15) / 16, nblocks = (x.rows + 31) / 32 * 2;
+  alignas(64) uint32_t t1[kWords], t2[kWords];
+  for (int64_t cb = 0; cb < nblocks; ++cb)
+    for (int64_t s = 0; s < nsteps; ++s) {
+      uint32_t* d = dst + (cb * nsteps + s) * kBStep;
+      const int kn = int(std::min<int64_t>(16, x.K - s * 16));
+      const int cn = int(std::clamp<int64_t>(x.rows - cb * 16, 0, 16));
+      if (x.sr == 1 || x.sk != 1) {  // columns contiguous along a k row
+        for (int k = 0; k < 16; ++k) {
+          const Split sp = split16(load16(x.src + cb * 16 * x.sr + (s * 16 + k) * x.sk, x.sr, k < kn ? cn : 0));
+          _mm512_store_si512(d + k * 16, sp.hl);
+          _mm512_store_si512(d + kWords + k * 16, sp.lh);
+        }
+      } else {  // k contiguous per column: per column, then transposed
+        for (int c = 0; c < 16; ++c) {
+          const Split sp = split16(load16(x.src + (cb * 16 + c) * x.sr + s * 16, 1, c < cn ? kn : 0));
+          _mm512_store_si512(t1 + c * 16, sp.hl);
+          _mm512_store_si512(t2 + c * 16, sp.lh);
+        }
+        transpose_words(t1, d);
+        transpose_words(t2, d + kWords);
+      }
+    }
+}
+
+// acc[32 x 32] (+)= row blocks (a0, a1) x column blocks (b0, b1) over nsteps k steps: from zero when
+// `first`, else from acc (float32 in memory between K chunks: exact, so chunking changes no bit).
+static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_t* b0, const uint32_t* b1,
+                           int64_t nsteps, bool first, float* acc) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, 128);
+    _tile_loadd(1, acc + 16, 128);
+    _tile_loadd(2, acc + 512, 128);
+    _tile_loadd(3, acc + 528, 128);
+  }
+  for (int64_t s = 0; s < nsteps; ++s, a0 += kWords, a1 += kWords, b0 += kBStep, b1 += kBStep) {
+    // B' of both column blocks, then B'': four products between two into one accumulator, which
+    // covers tdpbf16ps's latency (back to back into one tile ran ~1.3x slower).
+    _tile_loadd(4, a0, 64);
+    _tile_loadd(5, a1, 64);
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, b0 + kWords, 64);
+    _tile_loadd(7, b1 + kWords, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, acc, 128);
+  _tile_stored(1, acc + 16, 128);
+  _tile_stored(2, acc + 512, 128);
+  _tile_stored(3, acc + 528, 128);
+}
+
+}  // namespace
+
+namespace {
+
+// Packed-operand buffers kept for the next call (a few, so that a step's GEMMs of different sizes
+// do not fault fresh pages in every time).
+class BufferPool {
+ public:
+  static BufferPool& get() {
+    static BufferPool* pool = new BufferPool;  // never destroyed: workers may return buffers late
+    return *pool;
+  }
+  uint32_t* take(size_t words, size_t& got) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].second >= words && (best == free_.size() || free_[i].second < free_[best].second)) best = i;
+    if (best < free_.size()) {
+      auto [p, n] = free_[best];
+      free_.erase(free_.begin() + std::ptrdiff_t(best));
+      got = n;
+      return p;
+    }
+    got = words;
+    return static_cast<uint32_t*>(std::aligned_alloc(64, (words * 4 + 63) / 64 * 64));
+  }
+  void give(uint32_t* p, size_t words) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace_back(p, words);
+    if (free_.size() > kKeep) {  // drop the smallest
+      auto it = std::min_element(free_.begin(), free_.end(), [](auto& x, auto& y) { return x.second < y.second; });
+      std::free(it->first);
+      free_.erase(it);
+    }
+  }
+
+ private:
+  static constexpr size_t kKeep = 4;
+  std::mutex mu_;
+  std::vector<std::pair<uint32_t*, size_t>> free_;
+};
+
+struct Panels {
+  int64_t nsteps = 0, mpairs = 0, npairs = 0;
+  size_t a_pair = 0, b_pair = 0;  // words per packed row pair / column pair
+  uint32_t* a = nullptr;
+  uint32_t* b = nullptr;
+  size_t words = 0;
+  std::unique_ptr<std::atomic<uint8_t>[]> a_state, b_state;  // 0 not packed, 1 packing, 2 ready
+  ~Panels() {
+    if (a) BufferPool::get().give(a, words);
+  }
+};
+
+// The panel at p once it is packed: packed here by the first caller, waited for by the others.
+template <class Pack>
+const uint32_t* ready(std::atomic<uint8_t>& state, uint32_t* p, Pack&& pack) {
+  if (state.load(std::memory_order_acquire) == 2) return p;
+  uint8_t none = 0;
+  if (state.compare_exchange_strong(none, 1, std::memory_order_acq_rel)) {
+    pack(p);
+    state.store(2, std::memory_order_release);
+    return p;
+  }
+  for (int spins = 0; state.load(std::memory_order_acquire) != 2; ++spins) {
+    if (spins < 256) _mm_pause();
+    else std::this_thread::yield();
+  }
+  return p;
+}
+
+}  // namespace
+
+std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
+  auto s = std::make_shared<Panels>();
+  s->nsteps = (P.K + 15) / 16, s->mpairs = (P.M + 31) / 32, s->npairs = (P.N + 31) / 32;
+  s->a_pair = size_t(2 * s->nsteps * kWords), s->b_pair = size_t(2 * s->nsteps * kBStep);
+  const size_t na = size_t(nbatch * s->mpairs), nb = size_t(nbatch * s->npairs);
+  size_t got = 0;
+  s->a = BufferPool::get().take(na * s->a_pair + nb * s->b_pair, got);
+  s->words = got;
+  s->b = s->a + na * s->a_pair;
+  s->a_state.reset(new std::atomic<uint8_t>[na]);
+  s->b_state.reset(new std::atomic<uint8_t>[nb]);
+  for (size_t i = 0; i < na; ++i) s->a_state[i].store(0, std::memory_order_relaxed);
+  for (size_t i = 0; i < nb; ++i) s->b_state[i].store(0, std::memory_order_relaxed);
+  return s;
+}
+
+// One output tile (batch, [m0, m1) x [n0, n1)) of the FP16 GEMM (float16 bits in P.a and P.b); m0
+// and n0 are multiples of 32 (launch_bf16 with 32-row units).
+void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
+  const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
+  if (mb <= 0 || nb <= 0) return;
+  Panels& S = *static_cast<Panels*>(P.f16_panels);
+  const int64_t nsteps = S.nsteps, mpairs = (mb + 31) / 32, npairs = (nb + 31) / 32;
+  const uint16_t* a = static_cast<const uint16_t*>(P.a) + P.a_off[T.batch];
+  const uint16_t* b = static_cast<const uint16_t*>(P.b) + P.b_off[T.batch];
+  const int64_t ra = T.batch * S.mpairs + T.m0 / 32, rb = T.batch * S.npairs + T.n0 / 32;
+  thread_local std::vector<const uint32_t*> arows;
+  arows.resize(size_t(mpairs));
+  for (int64_t rp = 0; rp < mpairs; ++rp) {
+    const int64_t r0 = T.m0 + rp * 32;
+    arows[size_t(rp)] = ready(S.a_state[size_t(ra + rp)], S.a + size_t(ra + rp) * S.a_pair, [&](uint32_t* d) {
+      pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, std::min<int64_t>(32, P.M - r0), P.K}, d);
+    });
+  }
+
+  const TileConfig cfg = uniform_config(8, 16, 64);
+  _tile_loadconfig(&cfg);
+  float* C = P.out + T.batch * P.M * P.N;
+  // K in chunks of kKcSteps steps, outermost: the tile's A chunks (row pairs x 512 k) stay in L2
+  // while each column pair's B chunk streams through once per chunk; every 32 x 32 block's float32
+  // sums wait in acc between chunks.  (Column pairs outermost re-read the tile's whole A panel per
+  // pair: at K = 2048 that is 1.5 MiB with B's 0.5 MiB beside it, more than L2 keeps.)
+  thread_local Aligned<float> accbuf;
+  float* accs = accbuf.get(size_t(mpairs * npairs * 1024));
+  thread_local std::vector<const uint32_t*> bcols;
+  bcols.assign(size_t(npairs), nullptr);
+  for (int64_t s0 = 0; s0 < nsteps; s0 += kKcSteps) {
+    const int64_t ns = std::min(kKcSteps, nsteps - s0);
+    const bool last = s0 + ns >= nsteps;
+    for (int64_t cp = 0; cp < npairs; ++cp) {
+      const int64_t n0 = T.n0 + cp * 32;
+      if (!bcols[size_t(cp)])
+        bcols[size_t(cp)] = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair, [&](uint32_t* d) {
+          pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, std::min<int64_t>(32, P.N - n0), P.K}, d);
+        });
+      const uint32_t* b0 = bcols[size_t(cp)] + s0 * kBStep;
+      const int nv = int(std::min<int64_t>(32, T.n1 - n0));
+      const __mmask16 lo = first_lanes(nv), hi = first_lanes(std::max(0, nv - 16));
+      for (int64_t rp = 0; rp < mpairs; ++rp) {
+        const uint32_t* a0 = arows[size_t(rp)] + s0 * kWords;
+        float* acc = accs + (cp * mpairs + rp) * 1024;
+        block32(a0, a0 + nsteps * kWords, b0, b0 + nsteps * kBStep, ns, s0 == 0, acc);
+        if (!last) continue;
+        const int64_t m0 = T.m0 + rp * 32;
+        const int mv = int(std::min<int64_t>(32, T.m1 - m0));
+        for (int i = 0; i < mv; ++i) {
+          float* dst = C + (m0 + i) * P.N + n0;
+          _mm512_mask_storeu_ps(dst, lo, _mm512_load_ps(acc + i * 32));
+          if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace jdfp
