@@ -9,7 +9,8 @@ silent float fallback.
 from jdfp._src.ffi.conv import conv, conv_input_grad, conv_out_spatial, conv_padding, conv_weight_grad
 from jdfp._src.ffi.gemm import gemm
 from jdfp._src.ffi.gemm_bf16 import (amx_bf16_ready, conv_bf16, conv_bf16_input_grad, conv_bf16_weight_grad,
-                                   gemm_bf16, gemm_f16, has_amx_bf16, has_avx512_bf16)
+                                   conv_f16, conv_f16_input_grad, conv_f16_weight_grad, gemm_bf16, gemm_f16,
+                                   has_amx_bf16, has_avx512_bf16)
 from jdfp._src.ffi.gemm_i8 import gemm_i8
 from jdfp._src.ffi.library import (ISA_NAMES, KernelUnavailableError, available_isas, best_isa, has_amx_int8,
                                    kernel_available)
@@ -30,6 +31,9 @@ __all__ = [
     "conv_bf16",
     "conv_bf16_input_grad",
     "conv_bf16_weight_grad",
+    "conv_f16",
+    "conv_f16_input_grad",
+    "conv_f16_weight_grad",
     "gemm_bf16",
     "gemm_f16",
     "has_amx_bf16",

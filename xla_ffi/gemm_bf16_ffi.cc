@@ -19,6 +19,8 @@
 //                  weight_gradient (bool), isa.  Backward-data is the forward on dy with the flipped,
 //                  transposed kernel (the Python side sets it up, as for the INT16 conv).
 //
+//   JdfpConvF16  : the same convolutions with float16 operands on the FP16 GEMM's AMX-BF16 tiles (isa 0 only).
+//
 //   JdfpTranspose16 : x [..., R, C] of a 16-bit type -> [..., C, R], a physical copy.  XLA folds its own
 //                  transposes into a dot's dimension numbers, and its bf16 dot runs on the AMX tiles
 //                  only when the lhs contracts its last axis: a weight-gradient x^T . dy would be
@@ -212,16 +214,30 @@ struct ConvBf16Job : Bf16Job {
 ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
                            ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
-                           ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa) {
-  auto bad = [](const std::string& m) { return error_future(invalid_as("conv_bf16", m)); };
+                           ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa,
+                           bool f16 = false) {
+  const char* who = f16 ? "conv_f16" : "conv_bf16";
+  auto bad = [who](const std::string& m) { return error_future(invalid_as(who, m)); };
   auto job = std::make_shared<ConvBf16Job>();
-  if (ffi::Error e = bf16_tile_fn(isa, "conv_bf16", job->fn); e.failure()) return error_future(std::move(e));
+  if (f16) {
+    if (isa != 0) return bad("isa must be 0 (auto: AMX-BF16 tiles), got " + std::to_string(isa));
+    if (!amx_bf16_ready())
+      return error_future(ffi::Error(ffi::ErrorCode::kUnimplemented,
+                                     "jdfp conv_f16: needs AMX-BF16 tiles (cpuid, OS tile state, JDFP_AMX not 0)"));
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+    job->fn = f16_tile_amx;
+#endif
+  } else if (ffi::Error e = bf16_tile_fn(isa, "conv_bf16", job->fn); e.failure()) {
+    return error_future(std::move(e));
+  }
   ConvAttrs at{};
   std::string err;
   if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err)) return bad(err);
   const char* bname = wgrad ? "dy" : "w";
-  if (x.element_type() != ffi::BF16) return bad("x must be bfloat16");
-  if (b.element_type() != ffi::BF16) return bad(std::string(bname) + " must be bfloat16");
+  const auto want = f16 ? ffi::F16 : ffi::BF16;
+  const std::string tname = f16 ? "float16" : "bfloat16";
+  if (x.element_type() != want) return bad("x must be " + tname);
+  if (b.element_type() != want) return bad(std::string(bname) + " must be " + tname);
   const auto dx = x.dimensions(), db = b.dimensions(), dout = out->dimensions();
   if (dx.size() != 5 || db.size() != 5 || dout.size() != 5)
     return bad(std::string("expected x [N, D, H, W, C], ") +
@@ -259,7 +275,10 @@ ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   P.conv = &g;
   P.job_id = next_job_id();
-  return launch_bf16(job, pool, 1);
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  if (f16) job->f16_panels = f16_make_panels(P, 1), P.f16_panels = job->f16_panels.get();
+#endif
+  return launch_bf16(job, pool, 1, f16 ? 32 : 14);
 }
 
 }  // namespace
@@ -356,6 +375,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmF16, gemm_f16,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
+                                  .Attr<int32_t>("isa"));
+
+JDFP_EXPORT XLA_FFI_Error* JdfpConvF16(XLA_FFI_CallFrame*);
+
+static ffi::Future conv_f16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> strides,
+                            ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
+                            ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa) {
+  return jdfp::conv_bf16_impl(pool, x, b, out, strides, plo, phi, ldil, rdil, wgrad, isa, /*f16=*/true);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvF16, conv_f16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  JDFP_CONV_SPATIAL_ATTRS
+                                  .Attr<bool>("weight_gradient")
                                   .Attr<int32_t>("isa"));
 
 JDFP_EXPORT XLA_FFI_Error* JdfpConvBf16(XLA_FFI_CallFrame*);

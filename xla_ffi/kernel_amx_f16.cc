@@ -9,9 +9,12 @@
 // taken as two tdpbf16ps per 16 k: A' holds (ah, al) pairs, B' (bh, bl) pairs and B'' (bl, bh) pairs
 // along k, so A'.B' + A'.B'' = sum over k of a * b with every product exact.  The sums are float32
 // in the tile unit's own order (not the vdpbf16ps chain: measured, it matches no sequential-rounding
-// model); the error bound is that of float32 sums (tests/ffi/test_gemm_f16_amx.py checks it).  A
-// non-finite element keeps lo = 0, so NaN and Inf never become finite (Inf * finite may read NaN:
-// the cross product Inf * 0 of a partner whose lo is 0).
+// model); the error bound is that of float32 sums (tests/ffi/test_gemm_f16_amx.py checks it).  An
+// output whose row of A or column of B holds a NaN or Inf is recomputed as a float32 dot in k order
+// (ieee_dot): Inf where IEEE says Inf, not the NaN of the split's Inf * 0 cross products.
+//
+// Convolutions (one group) gather their patch matrix from the float16 input while packing, as the
+// BF16 conv kernel does: never stored whole.
 //
 // Layouts (bf16 pairs as 32-bit words, K padded with zeros to a multiple of 16 and rows / columns to
 // multiples of 32):
@@ -43,6 +46,7 @@ constexpr int64_t kKcSteps = 32;      // k steps per K chunk (512 k)
 // 16 float16 values (as float32) -> the words (hi | lo << 16) and (lo | hi << 16).
 struct Split {
   __m512i hl, lh;
+  __mmask16 bad;  // lanes holding NaN or Inf
 };
 
 static inline Split split16(__m512 x) {
@@ -60,7 +64,8 @@ static inline Split split16(__m512 x) {
   hx = _mm512_mask_mov_epi32(hx, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
   lo = _mm512_maskz_mov_epi32(__mmask16(~(nan | inf)), lo);
   const __m512i h16 = _mm512_srli_epi32(hx, 16), l16 = _mm512_srli_epi32(lo, 16);
-  return {_mm512_or_si512(h16, _mm512_slli_epi32(l16, 16)), _mm512_or_si512(l16, _mm512_slli_epi32(h16, 16))};
+  return {_mm512_or_si512(h16, _mm512_slli_epi32(l16, 16)), _mm512_or_si512(l16, _mm512_slli_epi32(h16, 16)),
+          __mmask16(nan | inf)};
 }
 
 // Up to 16 float16 values at p[i * stride], i < n (zeros past n), as float32.
@@ -85,55 +90,146 @@ struct View {
 };
 
 // The A panel of rows [0, rows) of x: per 16-row block and 16-k step, 16 rows of 16 (hi | lo) words.
-static void pack_a(const View& x, uint32_t* dst) {
+// bad[r] = 1 where row r holds a NaN or Inf.
+static void pack_a(const View& x, uint32_t* dst, uint8_t* bad) {
   const int64_t nsteps = (x.K + 15) / 16, nblocks = (x.rows + 31) / 32 * 2;
   alignas(64) uint32_t tmp[kWords];
-  for (int64_t rb = 0; rb < nblocks; ++rb)
+  for (int64_t rb = 0; rb < nblocks; ++rb) {
+    const int rn = int(std::clamp<int64_t>(x.rows - rb * 16, 0, 16));
+    uint32_t rows_bad = 0;
     for (int64_t s = 0; s < nsteps; ++s) {
       uint32_t* d = dst + (rb * nsteps + s) * kWords;
       const int kn = int(std::min<int64_t>(16, x.K - s * 16));
-      const int rn = int(std::clamp<int64_t>(x.rows - rb * 16, 0, 16));
       if (x.sk == 1 || x.sr != 1) {  // along k per row
         for (int r = 0; r < 16; ++r) {
-          const __m512 v = load16(x.src + (rb * 16 + r) * x.sr + s * 16 * x.sk, x.sk, r < rn ? kn : 0);
-          _mm512_store_si512(d + r * 16, split16(v).hl);
+          const Split sp = split16(load16(x.src + (rb * 16 + r) * x.sr + s * 16 * x.sk, x.sk, r < rn ? kn : 0));
+          _mm512_store_si512(d + r * 16, sp.hl);
+          rows_bad |= uint32_t(sp.bad != 0) << r;
         }
       } else {  // rows contiguous: along the rows per k, then transposed
         for (int k = 0; k < 16; ++k) {
-          const __m512 v = load16(x.src + rb * 16 + (s * 16 + k) * x.sk, 1, k < kn ? rn : 0);
-          _mm512_store_si512(tmp + k * 16, split16(v).hl);
+          const Split sp = split16(load16(x.src + rb * 16 + (s * 16 + k) * x.sk, 1, k < kn ? rn : 0));
+          _mm512_store_si512(tmp + k * 16, sp.hl);
+          rows_bad |= sp.bad;
         }
         transpose_words(tmp, d);
       }
     }
+    for (int r = 0; r < rn; ++r) bad[rb * 16 + r] = (rows_bad >> r) & 1;
+  }
 }
 
 // The B panel of columns [0, rows) of x (x[n, k] = B[k, n]): per 16-column block and 16-k step, B'
-// then B'', each 16 k rows of 16 column words.
-static void pack_b(const View& x, uint32_t* dst) {
+// then B'', each 16 k rows of 16 column words.  bad[c] = 1 where column c holds a NaN or Inf.
+static void pack_b(const View& x, uint32_t* dst, uint8_t* bad) {
   const int64_t nsteps = (x.K + 15) / 16, nblocks = (x.rows + 31) / 32 * 2;
   alignas(64) uint32_t t1[kWords], t2[kWords];
-  for (int64_t cb = 0; cb < nblocks; ++cb)
+  for (int64_t cb = 0; cb < nblocks; ++cb) {
+    const int cn = int(std::clamp<int64_t>(x.rows - cb * 16, 0, 16));
+    uint32_t cols_bad = 0;
     for (int64_t s = 0; s < nsteps; ++s) {
       uint32_t* d = dst + (cb * nsteps + s) * kBStep;
       const int kn = int(std::min<int64_t>(16, x.K - s * 16));
-      const int cn = int(std::clamp<int64_t>(x.rows - cb * 16, 0, 16));
       if (x.sr == 1 || x.sk != 1) {  // columns contiguous along a k row
         for (int k = 0; k < 16; ++k) {
           const Split sp = split16(load16(x.src + cb * 16 * x.sr + (s * 16 + k) * x.sk, x.sr, k < kn ? cn : 0));
           _mm512_store_si512(d + k * 16, sp.hl);
           _mm512_store_si512(d + kWords + k * 16, sp.lh);
+          cols_bad |= sp.bad;
         }
       } else {  // k contiguous per column: per column, then transposed
         for (int c = 0; c < 16; ++c) {
           const Split sp = split16(load16(x.src + (cb * 16 + c) * x.sr + s * 16, 1, c < cn ? kn : 0));
           _mm512_store_si512(t1 + c * 16, sp.hl);
           _mm512_store_si512(t2 + c * 16, sp.lh);
+          cols_bad |= uint32_t(sp.bad != 0) << c;
         }
         transpose_words(t1, d);
         transpose_words(t2, d + kWords);
       }
     }
+    for (int c = 0; c < cn; ++c) bad[cb * 16 + c] = (cols_bad >> c) & 1;
+  }
+}
+
+// Convolutions (Bf16Problem::conv, one group): the patch matrix P[pixel, (tap, c)] gathered from the
+// float16 input x, +0 where a tap reads padding or a hole of the lhs dilation.
+
+// n float16 from src (zeros when src is null) to dst: one masked 64-byte move for runs of <= 32.
+static inline void copy_run(uint16_t* dst, const uint16_t* src, int64_t n) {
+  if (n <= 32) {
+    const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+    _mm512_mask_storeu_epi16(dst, m, src ? _mm512_maskz_loadu_epi16(m, src) : _mm512_setzero_si512());
+  } else if (src) {
+    std::memcpy(dst, src, size_t(n) * 2);
+  } else {
+    std::memset(dst, 0, size_t(n) * 2);
+  }
+}
+
+// Columns [c0, c0 + n) of patch row `pixel` (row-major taps, then channels) into dst: one run of a
+// tap's channels at a time, the tap's coordinates stepped rather than divided out.
+static void patch_row(const uint16_t* x, const ConvGeom& g, int64_t pixel, int64_t c0, int64_t n, uint16_t* dst) {
+  int64_t img, o[3], t[3];
+  conv_split_pixel(g, pixel, img, o);
+  int64_t tap = c0 / g.cg, c = c0 - tap * g.cg;
+  conv_split_tap(g, tap, t);
+  for (int64_t j = 0; j < n;) {
+    const int64_t run = std::min(n - j, g.cg - c);
+    const int64_t off = conv_pixel_offset(g, img, o, t);
+    copy_run(dst + j, off < 0 ? nullptr : x + off + c, run);
+    j += run, c = 0;
+    if (++t[2] == g.ks[2]) {
+      t[2] = 0;
+      if (++t[1] == g.ks[1]) t[1] = 0, ++t[0];
+    }
+  }
+}
+
+// The A panel of pixels [r0, r0 + rows) of the patch matrix (forward, backward-data): as pack_a.
+static void pack_a_patches(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t K,
+                           uint32_t* dst, uint8_t* bad) {
+  const int64_t nsteps = (K + 15) / 16;
+  thread_local Aligned<uint16_t> rowbuf;
+  uint16_t* row = rowbuf.get(size_t(nsteps * 16));
+  for (int r = 0; r < 32; ++r) {
+    if (r < rows) {
+      patch_row(x, g, r0 + r, 0, K, row);
+      std::memset(row + K, 0, size_t(nsteps * 16 - K) * 2);
+    } else {
+      std::memset(row, 0, size_t(nsteps * 16) * 2);
+    }
+    uint32_t* d = dst + (r / 16) * nsteps * kWords + (r % 16) * 16;
+    __mmask16 any = 0;
+    for (int64_t s = 0; s < nsteps; ++s) {
+      const Split sp = split16(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(row + s * 16))));
+      _mm512_store_si512(d + s * kWords, sp.hl);
+      any |= sp.bad;
+    }
+    if (r < rows) bad[r] = any != 0;
+  }
+}
+
+// The B panel of columns [n0, n0 + cols) of the patch matrix with the pixels as k (weight-gradient):
+// as pack_b.
+static void pack_b_patches(const uint16_t* x, const ConvGeom& g, int64_t n0, int64_t cols, int64_t K, uint32_t* dst,
+                           uint8_t* bad) {
+  const int64_t nsteps = (K + 15) / 16;
+  alignas(64) uint16_t row[32];
+  uint32_t cols_bad = 0;
+  for (int64_t k = 0; k < nsteps * 16; ++k) {
+    std::memset(row, 0, sizeof(row));
+    if (k < K) patch_row(x, g, k, n0, cols, row);
+    const int64_t s = k / 16, kr = k % 16;
+    for (int cb = 0; cb < 2; ++cb) {
+      const Split sp = split16(_mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(row + 16 * cb))));
+      uint32_t* d = dst + (cb * nsteps + s) * kBStep + kr * 16;
+      _mm512_store_si512(d, sp.hl);
+      _mm512_store_si512(d + kWords, sp.lh);
+      cols_bad |= uint32_t(sp.bad) << (16 * cb);
+    }
+  }
+  for (int c = 0; c < cols; ++c) bad[c] = (cols_bad >> c) & 1;
 }
 
 // acc[32 x 32] (+)= row blocks (a0, a1) x column blocks (b0, b1) over nsteps k steps: from zero when
@@ -224,6 +320,7 @@ struct Panels {
   uint32_t* b = nullptr;
   size_t words = 0;
   std::unique_ptr<std::atomic<uint8_t>[]> a_state, b_state;  // 0 not packed, 1 packing, 2 ready
+  std::unique_ptr<uint8_t[]> a_bad, b_bad;  // per row of A / column of B: holds a NaN or Inf
   ~Panels() {
     if (a) BufferPool::get().give(a, words);
   }
@@ -248,6 +345,29 @@ const uint32_t* ready(std::atomic<uint8_t>& state, uint32_t* p, Pack&& pack) {
 
 }  // namespace
 
+namespace {
+
+float h2f(uint16_t h) { return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(short(h)))); }
+
+// out[m, n] where row m of A or column n of B holds a NaN or Inf: the float32 dot in k order, whose
+// IEEE rules say Inf (Inf times a nonzero finite) or NaN (a NaN, Inf * 0, Inf - Inf), as XLA's FP32
+// dot of the widened operands does.  The split would read Inf * x as Inf * hi + Inf * lo, NaN where
+// lo is 0.  Rare (a loss-scale overflow), so element by element.
+float ieee_dot(const Bf16Problem& P, const uint16_t* a, const uint16_t* b, int64_t m, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < P.K; ++k) {
+    uint16_t x, y;
+    if (P.conv && !P.conv->on_b) patch_row(a, *P.conv, m, k, 1, &x);
+    else x = a[m * P.a_sm + k * P.a_sk];
+    if (P.conv && P.conv->on_b) patch_row(b, *P.conv, k, n, 1, &y);
+    else y = b[k * P.b_sk + n * P.b_sn];
+    acc += h2f(x) * h2f(y);
+  }
+  return acc;
+}
+
+}  // namespace
+
 std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   auto s = std::make_shared<Panels>();
   s->nsteps = (P.K + 15) / 16, s->mpairs = (P.M + 31) / 32, s->npairs = (P.N + 31) / 32;
@@ -261,6 +381,8 @@ std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   s->b_state.reset(new std::atomic<uint8_t>[nb]);
   for (size_t i = 0; i < na; ++i) s->a_state[i].store(0, std::memory_order_relaxed);
   for (size_t i = 0; i < nb; ++i) s->b_state[i].store(0, std::memory_order_relaxed);
+  s->a_bad.reset(new uint8_t[na * 32]());
+  s->b_bad.reset(new uint8_t[nb * 32]());
   return s;
 }
 
@@ -269,6 +391,11 @@ std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
 void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
   if (mb <= 0 || nb <= 0) return;
+  float* C = P.out + T.batch * P.M * P.N;
+  if (P.K == 0) {  // an empty sum (e.g. the weight-gradient of a conv with no output pixels)
+    for (int64_t m = T.m0; m < T.m1; ++m) std::fill(C + m * P.N + T.n0, C + m * P.N + T.n1, 0.0f);
+    return;
+  }
   Panels& S = *static_cast<Panels*>(P.f16_panels);
   const int64_t nsteps = S.nsteps, mpairs = (mb + 31) / 32, npairs = (nb + 31) / 32;
   const uint16_t* a = static_cast<const uint16_t*>(P.a) + P.a_off[T.batch];
@@ -279,13 +406,15 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   for (int64_t rp = 0; rp < mpairs; ++rp) {
     const int64_t r0 = T.m0 + rp * 32;
     arows[size_t(rp)] = ready(S.a_state[size_t(ra + rp)], S.a + size_t(ra + rp) * S.a_pair, [&](uint32_t* d) {
-      pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, std::min<int64_t>(32, P.M - r0), P.K}, d);
+      const int64_t rows = std::min<int64_t>(32, P.M - r0);
+      uint8_t* bad = S.a_bad.get() + size_t(ra + rp) * 32;
+      if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
+      else pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, bad);
     });
   }
 
   const TileConfig cfg = uniform_config(8, 16, 64);
   _tile_loadconfig(&cfg);
-  float* C = P.out + T.batch * P.M * P.N;
   // K in chunks of kKcSteps steps, outermost: the tile's A chunks (row pairs x 512 k) stay in L2
   // while each column pair's B chunk streams through once per chunk; every 32 x 32 block's float32
   // sums wait in acc between chunks.  (Column pairs outermost re-read the tile's whole A panel per
@@ -301,7 +430,10 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
       const int64_t n0 = T.n0 + cp * 32;
       if (!bcols[size_t(cp)])
         bcols[size_t(cp)] = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair, [&](uint32_t* d) {
-          pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, std::min<int64_t>(32, P.N - n0), P.K}, d);
+          const int64_t cols = std::min<int64_t>(32, P.N - n0);
+          uint8_t* bad = S.b_bad.get() + size_t(rb + cp) * 32;
+          if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, P.K, d, bad);
+          else pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, bad);
         });
       const uint32_t* b0 = bcols[size_t(cp)] + s0 * kBStep;
       const int nv = int(std::min<int64_t>(32, T.n1 - n0));
@@ -318,6 +450,11 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
           _mm512_mask_storeu_ps(dst, lo, _mm512_load_ps(acc + i * 32));
           if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
         }
+        const uint8_t* rows_bad = S.a_bad.get() + size_t(ra + rp) * 32;
+        const uint8_t* cols_bad = S.b_bad.get() + size_t(rb + cp) * 32;
+        for (int i = 0; i < mv; ++i)
+          for (int j = 0; j < nv; ++j)
+            if (rows_bad[i] | cols_bad[j]) C[(m0 + i) * P.N + n0 + j] = ieee_dot(P, a, b, m0 + i, n0 + j);
       }
     }
   }

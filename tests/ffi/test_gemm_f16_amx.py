@@ -89,6 +89,11 @@ def test_exact_where_every_partial_sum_is_representable(ta, tb):
     np.testing.assert_array_equal(got.astype(np.float64), av @ bv)
 
 
+def test_empty_contraction_is_zero():
+  got = _call(np.zeros((35, 0), np.float16), np.zeros((0, 40), np.float16))
+  assert got.shape == (35, 40) and not np.any(got)
+
+
 def test_exact_with_subnormal_and_largest_float16():
   # Subnormal float16 (multiples of 2**-24) and 65504 = the largest: products from 2**-48 to
   # ~2**32, each partial sum exact in float32 by construction (two terms per output).
@@ -100,7 +105,7 @@ def test_exact_with_subnormal_and_largest_float16():
   assert got[0, 0] == np.float32(2.0**-38)  # 2**-24 * 2**-14: far below float16, exact in float32
 
 
-def test_nan_and_inf_never_become_finite():
+def test_nan_and_inf_never_become_finite_and_inf_stays_inf():
   rng = np.random.default_rng(2)
   a, b = _operands(rng, 40, 50, 36, False, False, spread=2)
   clean = _call(a, b)
@@ -111,13 +116,21 @@ def test_nan_and_inf_never_become_finite():
   got = _call(bad, b)
   for row in (3, 5, 9):
     assert not np.any(np.isfinite(got[row])), row
-  assert np.all(np.isnan(got[3]))
+  # IEEE, as the FP32 dot of the widened operands: NaN propagates, Inf times finite is +-Inf.
+  with np.errstate(invalid="ignore"):
+    ref = np.asarray(bad, np.float32) @ np.asarray(b, np.float32)
+  for row in (3, 5, 9):
+    np.testing.assert_array_equal(np.isnan(got[row]), np.isnan(ref[row]))
+    np.testing.assert_array_equal(got[row][np.isinf(ref[row])], ref[row][np.isinf(ref[row])])
+  assert np.all(np.isnan(got[3])) and np.isinf(got[5]).any()
   others = [i for i in range(40) if i not in (3, 5, 9)]
   bits_eq(got[others], clean[others])  # other rows are untouched, bit for bit
   bad_b = b.copy()
   bad_b[20, 11] = np.inf
   got = _call(a, bad_b)
   assert not np.any(np.isfinite(got[:, 11]))
+  with np.errstate(invalid="ignore"):
+    np.testing.assert_array_equal(got[:, 11], (np.asarray(a, np.float32) @ np.asarray(bad_b, np.float32))[:, 11])
   bits_eq(np.delete(got, 11, axis=1), np.delete(clean, 11, axis=1))
 
 
@@ -169,8 +182,8 @@ def test_amx_bf16_ready_matches_cpuinfo():
 
 
 @pytest.mark.parametrize("dims,shapes", [
-    ((((1,), (0,)), ((), ())), ((48, 96), (96, 40))),          # Dense forward
-    ((((2,), (2,)), ((0,), (0,))), ((3, 20, 64), (3, 30, 64))),  # attention scores q . k^T
+    ((((1,), (0,)), ((), ())), ((256, 128), (128, 160))),         # Dense forward
+    ((((2,), (2,)), ((0,), (0,))), ((8, 128, 64), (8, 130, 64))),  # attention scores q . k^T
 ])
 def test_fp16_recipe_ops_run_their_three_gemms_on_the_tiles(dims, shapes):
   policy = jdfp.policies.fp16()
@@ -191,3 +204,137 @@ def test_fp16_recipe_ops_run_their_three_gemms_on_the_tiles(dims, shapes):
   assert np.all(np.abs(got - ref) <= (8 * k + 2) * 2.0**-24 * mag)
   gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
   assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
+
+
+def test_small_fp16_gemms_and_convs_stay_on_xla():
+  # Below F16_MIN_WORK products (and, for convs, 32 channels / F16_CONV_MIN_WORK) XLA's FP32 ops of
+  # the widened operands are faster than the custom calls; explain and the HLO say which ran.
+  policy = jdfp.policies.fp16()
+  dot = lambda x, w: jdfp.dot_general(x, w, (((1,), (0,)), ((), ())), policy=policy)
+  r = jdfp.explain(dot, jnp.ones((64, 64)), jnp.ones((64, 128)))  # 2**19 products
+  assert r.count(explain.MIXED_F16_KERNEL) == 0 and r.count(explain.MIXED) + len(r.float_ops) >= 1
+  conv = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                policy=policy)
+  for xs, ws in (((128, 12, 12, 1), (3, 3, 1, 32)), ((64, 8, 8, 16), (3, 3, 16, 32)), ((8, 8, 8, 32), (3, 3, 32, 32))):
+    hlo = jax.jit(conv).lower(jnp.ones(xs), jnp.ones(ws)).as_text()
+    assert "jdfp_conv_f16" not in hlo, (xs, ws)
+
+
+# ------------------------------------------------- convolutions on the same tiles (kernel_amx_f16.cc)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from jax import lax  # noqa: E402
+
+from kernel_testing import draw_conv_geometry  # noqa: E402
+from test_conv_bf16_kernel import CASES, _case_id, _kw  # noqa: E402
+from test_conv_kernel import im2col_np  # noqa: E402
+
+
+def _f16_values(shape, rng):
+  return (rng.standard_normal(shape) * rng.choice([1.0, 2.0**-6, 2.0**6], shape)).astype(np.float16)
+
+
+def check_conv(xs, ws, strides, padding, ld, rd, seed=0):
+  """conv_f16 and its weight-gradient bit for bit against gemm_f16 on a numpy patch matrix (the
+  same packed words and the same tiles, so the same sums): any gather mistake shows."""
+  rng = np.random.default_rng(seed)
+  x, w = _f16_values(xs, rng), _f16_values(ws, rng)
+  ksp, o = ws[:-2], ws[-1]
+  nsp = len(ksp)
+  pads = kernels.conv_padding(padding, xs[1:-1], ksp, strides, ld or (1,) * nsp, rd or (1,) * nsp)
+  p, out_sp = im2col_np(x.astype(np.float32), ksp, strides, pads, ld or (1,) * nsp, rd or (1,) * nsp)
+  p = p.reshape(-1, p.shape[-2] * p.shape[-1]).astype(np.float16)
+  y = np.asarray(kernels.conv_f16(x, w, **_kw(strides, padding, ld, rd)))
+  assert y.shape == (xs[0],) + tuple(out_sp) + (o,)
+  bits_eq(y, _call(p, w.reshape(-1, o)).reshape(y.shape))
+  dy = _f16_values(y.shape, rng)
+  dw = np.asarray(kernels.conv_f16_weight_grad(x, dy, kernel_spatial=ksp, **_kw(strides, padding, ld, rd)))
+  bits_eq(dw, np.moveaxis(_call(np.ascontiguousarray(dy.reshape(-1, o).T), p).reshape((o,) + ws[:-1]), 0, -1))
+  return x, w, dy
+
+
+@pytest.mark.parametrize("case", CASES + [((4, 12, 12, 1), (3, 3, 1, 32), (1, 1), "SAME", None, None)],
+                         ids=_case_id)
+def test_conv_forward_and_weight_grad_are_the_gemm_on_the_patches(case):
+  check_conv(*case)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_conv_bit_exact_random_geometries(data):
+  xs, ksp, strides, pads, ld, rd = draw_conv_geometry(data)
+  check_conv(xs, ksp + (xs[-1], data.draw(st.integers(1, 40))), strides, pads, ld, rd,
+             seed=data.draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_conv_input_grad_is_the_transposed_conv(case):
+  xs, ws, strides, padding, ld, rd = case
+  rng = np.random.default_rng(1)
+  x, w = _f16_values(xs, rng), _f16_values(ws, rng)
+  nsp = len(xs) - 2
+  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[nsp]
+  conv = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, ld, rd, dimension_numbers=spec,
+                                              precision=lax.Precision.HIGHEST)
+  w32 = jnp.asarray(w, jnp.float32)
+  y, vjp = jax.vjp(lambda a: conv(a, w32), jnp.asarray(x, jnp.float32))
+  dy = _f16_values(y.shape, rng)
+  want = np.asarray(vjp(jnp.asarray(dy, jnp.float32))[0], np.float64)
+  got = np.asarray(kernels.conv_f16_input_grad(dy, w, input_spatial=xs[1:-1], **_kw(strides, padding, ld, rd)))
+  absum = np.asarray(jax.vjp(lambda a: conv(a, jnp.abs(w32)), jnp.asarray(x, jnp.float32))[1](
+      jnp.abs(jnp.asarray(dy, jnp.float32)))[0], np.float64)
+  k = int(np.prod(ws[:-2])) * ws[-1]
+  assert np.all(np.abs(got - want) <= (4 * k + 2) * 2.0**-23 * absum + 1e-30)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_nonfinite_in_transposed_layouts_and_conv_gathers(transposed):
+  rng = np.random.default_rng(4)
+  a, b = _operands(rng, 37, 40, 35, transposed, transposed, spread=1)
+  a[(7, 3) if transposed else (3, 7)] = np.inf
+  b[(20, 2) if transposed else (2, 20)] = -np.inf
+  got = _call(a, b, transposed, transposed)
+  A, B = (np.swapaxes(v, -1, -2) if transposed else v for v in (a, b))
+  with np.errstate(invalid="ignore"):  # Inf - Inf in the reference is the point
+    ref = A.astype(np.float32) @ B.astype(np.float32)
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+  np.testing.assert_array_equal(got[~np.isfinite(ref)], ref[~np.isfinite(ref)])
+  # A conv whose input overflows float16: +-Inf outputs, as XLA's FP32 conv of the rounded values.
+  x = np.full((1, 6, 6, 4), np.inf, np.float16)  # what 1e5 rounds to
+  w = np.ones((3, 3, 4, 2), np.float16)
+  y = np.asarray(kernels.conv_f16(x, w, window_strides=(1, 1), padding="SAME"))
+  assert np.all(np.isposinf(y))
+  dw = np.asarray(kernels.conv_f16_weight_grad(x, np.ones((1, 6, 6, 2), np.float16), kernel_spatial=(3, 3),
+                                               window_strides=(1, 1), padding="SAME"))
+  assert np.all(np.isposinf(dw))
+
+
+def test_conv_errors_name_the_argument():
+  x = jnp.zeros((2, 6, 6, 4), jnp.float16)
+  w = jnp.zeros((3, 3, 4, 5), jnp.float16)
+  with pytest.raises(TypeError, match="x must have dtype float16, got float32"):
+    kernels.conv_f16(x.astype(jnp.float32), w, window_strides=(1, 1), padding="SAME")
+  with pytest.raises(TypeError, match="dy must have dtype float16, got bfloat16"):
+    kernels.conv_f16_weight_grad(x, jnp.zeros((2, 6, 6, 5), jnp.bfloat16), kernel_spatial=(3, 3),
+                                 window_strides=(1, 1), padding="SAME")
+  with pytest.raises(ValueError, match="one group"):
+    kernels.conv_f16(x, jnp.zeros((3, 3, 2, 5), jnp.float16), window_strides=(1, 1), padding="SAME")
+
+
+def test_fp16_recipe_convs_run_on_the_tiles():
+  policy = jdfp.policies.fp16()
+  conv = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                policy=policy)
+  rng = np.random.default_rng(3)
+  x, w = jnp.asarray(rng.standard_normal((8, 16, 16, 32)), jnp.float32), jnp.asarray(rng.standard_normal((3, 3, 32, 32)),
+                                                                                    jnp.float32)
+  loss = lambda x, w: jnp.sum(conv(x, w) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+  assert hlo.count("jdfp_conv_f16") == 3, hlo.count("jdfp_conv_f16")
+  want = lax.conv_general_dilated(x.astype(jnp.float16).astype(jnp.float32), w.astype(jnp.float16).astype(jnp.float32),
+                                  (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  precision=lax.Precision.HIGHEST)
+  mag = lax.conv_general_dilated(jnp.abs(x.astype(jnp.float16).astype(jnp.float32)),
+                                 jnp.abs(w.astype(jnp.float16).astype(jnp.float32)), (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert bool(jnp.all(jnp.abs(jax.jit(conv)(x, w) - want) <= (4 * 288 + 2) * 2.0**-24 * mag))

@@ -15,12 +15,14 @@ from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi.library import dtype_of, kernel_available, require_lib
 
 __all__ = ["BF16_ISA_NAMES", "amx_bf16_ready", "conv_bf16", "conv_bf16_input_grad", "conv_bf16_weight_grad",
-           "gemm_bf16", "gemm_f16", "has_amx_bf16", "has_avx512_bf16", "transpose16"]
+           "conv_f16", "conv_f16_input_grad", "conv_f16_weight_grad", "gemm_bf16", "gemm_f16", "has_amx_bf16",
+           "has_avx512_bf16", "transpose16"]
 
 TARGET_GEMM_BF16 = "jdfp_gemm_bf16"
 TARGET_CONV_BF16 = "jdfp_conv_bf16"
 TARGET_TRANSPOSE16 = "jdfp_transpose16"
 TARGET_GEMM_F16 = "jdfp_gemm_f16"
+TARGET_CONV_F16 = "jdfp_conv_f16"
 # The handler's `isa` attribute: "auto" is avx512_bf16 where the CPU has it, else scalar.
 BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16")
 
@@ -32,6 +34,7 @@ def _register() -> None:
   jax.ffi.register_ffi_target(TARGET_CONV_BF16, jax.ffi.pycapsule(lib.JdfpConvBf16), platform="cpu")
   jax.ffi.register_ffi_target(TARGET_TRANSPOSE16, jax.ffi.pycapsule(lib.JdfpTranspose16), platform="cpu")
   jax.ffi.register_ffi_target(TARGET_GEMM_F16, jax.ffi.pycapsule(lib.JdfpGemmF16), platform="cpu")
+  jax.ffi.register_ffi_target(TARGET_CONV_F16, jax.ffi.pycapsule(lib.JdfpConvF16), platform="cpu")
 
 
 @functools.cache
@@ -145,11 +148,11 @@ def _isa_code(isa: str) -> np.int32:
   return np.int32(BF16_ISA_NAMES.index(isa))
 
 
-def _check_bf16(**operands) -> int:
-  """Every operand bfloat16 with equal ranks 3..5 (1 to 3 spatial dims); returns the spatial rank."""
+def _check_operands(dtype, **operands) -> int:
+  """Every operand ``dtype`` with equal ranks 3..5 (1 to 3 spatial dims); returns the spatial rank."""
   for name, v in operands.items():
-    if dtype_of(name, v) != jnp.bfloat16:
-      raise TypeError(f"{name} must have dtype bfloat16, got {dtype_of(name, v).name}")
+    if dtype_of(name, v) != dtype:
+      raise TypeError(f"{name} must have dtype {jnp.dtype(dtype).name}, got {dtype_of(name, v).name}")
   ranks = {np.ndim(v) for v in operands.values()}
   if len(ranks) != 1 or not 3 <= next(iter(ranks)) <= 5:
     shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in operands.items())
@@ -159,19 +162,14 @@ def _check_bf16(**operands) -> int:
 
 def _conv_call(x, b, out_shape, attrs, weight_gradient: bool, isa: str):
   _register()
-  call = jax.ffi.ffi_call(TARGET_CONV_BF16, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
+  target = TARGET_CONV_F16 if dtype_of("x", x) == np.float16 else TARGET_CONV_BF16
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
   attrs = {k: v for k, v in attrs.items() if k != "kernel_spatial"}
   return call(x, b, weight_gradient=bool(weight_gradient), isa=_isa_code(isa), **attrs)
 
 
-def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None, isa: str = "auto") -> jax.Array:
-  """BF16 convolution (one group) on the vdpbf16ps kernel: float32 ``[N, *O, O]``.
-
-  ``x``: bfloat16 ``[N, *S, C]`` (1 to 3 spatial dims), ``w``: bfloat16 ``[*K, C, O]``; the other
-  arguments as `jax.lax.conv_general_dilated`.  Bit for bit ``gemm_bf16(im2col(x), w.reshape(-1, O))``
-  with the patch matrix's K ordered (kernel taps row-major, channel), +0 where a tap reads padding.
-  """
-  nsp = _check_bf16(x=x, w=w)
+def _conv(x, w, dtype, window_strides, padding, lhs_dilation, rhs_dilation, isa):
+  nsp = _check_operands(dtype, x=x, w=w)
   sx, sw = tuple(np.shape(x)), tuple(np.shape(w))
   if sw[-2] != sx[-1]:
     raise ValueError(f"w must be [*K, C, O] with C = x's channels {sx[-1]} (one group), got {sw}")
@@ -181,11 +179,8 @@ def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=
   return y.reshape((sx[0],) + out_sp + (sw[-1],))
 
 
-def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          isa: str = "auto") -> jax.Array:
-  """Weight-gradient of `conv_bf16`: float32 ``[*K, C, O]``, the transpose of
-  ``gemm_bf16(dy.reshape(-1, O)^T, im2col(x))`` bit for bit (K = the output pixels in row-major order)."""
-  nsp = _check_bf16(x=x, dy=dy)
+def _conv_weight_grad(x, dy, dtype, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation, isa):
+  nsp = _check_operands(dtype, x=x, dy=dy)
   sx, sd = tuple(np.shape(x)), tuple(np.shape(dy))
   _, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation,
                                                   rhs_dilation)
@@ -197,18 +192,63 @@ def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs
   return jnp.moveaxis(dwt.reshape((sd[-1],) + ksp + (sx[-1],)), 0, -1)
 
 
+def _conv_input_grad(dy, w, dtype, input_spatial, window_strides, padding, lhs_dilation, rhs_dilation, isa):
+  _check_operands(dtype, dy=dy, w=w)
+  nsp, in_sp, strides, pads, ldil, rdil = ffi_conv.input_grad_geometry(dy, w, input_spatial, window_strides, padding,
+                                                                       lhs_dilation, rhs_dilation)
+  wt, pads_t = ffi_conv.conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, 1)
+  if ffi_conv.splits_by_phase(strides, ldil):
+    phase_conv = lambda wsub, pads, rd: _conv(dy, wsub, dtype, (1,) * nsp, pads, None, rd, isa)
+    return ffi_conv.input_grad_phases(dy, wt, in_sp, strides, pads_t, rdil, phase_conv, jnp.float32(0))
+  return _conv(dy, wt, dtype, ldil, pads_t, strides, rdil, isa)
+
+
+def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None, isa: str = "auto") -> jax.Array:
+  """BF16 convolution (one group) on the vdpbf16ps kernel: float32 ``[N, *O, O]``.
+
+  ``x``: bfloat16 ``[N, *S, C]`` (1 to 3 spatial dims), ``w``: bfloat16 ``[*K, C, O]``; the other
+  arguments as `jax.lax.conv_general_dilated`.  Bit for bit ``gemm_bf16(im2col(x), w.reshape(-1, O))``
+  with the patch matrix's K ordered (kernel taps row-major, channel), +0 where a tap reads padding.
+  """
+  return _conv(x, w, jnp.bfloat16, window_strides, padding, lhs_dilation, rhs_dilation, isa)
+
+
+def conv_bf16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          isa: str = "auto") -> jax.Array:
+  """Weight-gradient of `conv_bf16`: float32 ``[*K, C, O]``, the transpose of
+  ``gemm_bf16(dy.reshape(-1, O)^T, im2col(x))`` bit for bit (K = the output pixels in row-major order)."""
+  return _conv_weight_grad(x, dy, jnp.bfloat16, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation,
+                           isa)
+
+
 def conv_bf16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          isa: str = "auto") -> jax.Array:
   """Backward-data of `conv_bf16`: float32 ``[N, *S, C]``, `conv_bf16` of ``dy`` with the flipped,
   transposed kernel, lhs dilation = the forward strides (`jdfp._src.ffi.conv.conv_input_grad_setup`).
   A strided conv runs one stride-1 conv per output phase with the taps that read dy values, not the
   zeros of the dilation (`jdfp._src.ffi.conv.input_grad_phases`; docs/arithmetic.md)."""
-  _check_bf16(dy=dy, w=w)
-  nsp, in_sp, strides, pads, ldil, rdil = ffi_conv.input_grad_geometry(dy, w, input_spatial, window_strides, padding,
-                                                                       lhs_dilation, rhs_dilation)
-  wt, pads_t = ffi_conv.conv_input_grad_setup(w, in_sp, strides, pads, ldil, rdil, 1)
-  if ffi_conv.splits_by_phase(strides, ldil):
-    phase_conv = lambda wsub, pads, rd: conv_bf16(dy, wsub, window_strides=(1,) * nsp, padding=pads, rhs_dilation=rd,
-                                                  isa=isa)
-    return ffi_conv.input_grad_phases(dy, wt, in_sp, strides, pads_t, rdil, phase_conv, jnp.float32(0))
-  return conv_bf16(dy, wt, window_strides=ldil, padding=pads_t, lhs_dilation=strides, rhs_dilation=rdil, isa=isa)
+  return _conv_input_grad(dy, w, jnp.bfloat16, input_spatial, window_strides, padding, lhs_dilation, rhs_dilation, isa)
+
+
+def conv_f16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None) -> jax.Array:
+  """FP16 convolution (one group) on the FP16 GEMM's AMX-BF16 tiles: float32 ``[N, *O, O]``.
+
+  ``x``: float16 ``[N, *S, C]``, ``w``: float16 ``[*K, C, O]``; the other arguments as
+  `jax.lax.conv_general_dilated`.  `gemm_f16` on the patch matrix (gathered while packing, never
+  stored): exact products, float32 sums.  Only where `amx_bf16_ready()`.
+  """
+  return _conv(x, w, jnp.float16, window_strides, padding, lhs_dilation, rhs_dilation, "auto")
+
+
+def conv_f16_weight_grad(x, dy, *, kernel_spatial, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None) -> jax.Array:
+  """Weight-gradient of `conv_f16`: float32 ``[*K, C, O]`` = ``dy^T . im2col(x)`` on the tiles."""
+  return _conv_weight_grad(x, dy, jnp.float16, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation,
+                           "auto")
+
+
+def conv_f16_input_grad(dy, w, *, input_spatial, window_strides, padding, lhs_dilation=None,
+                        rhs_dilation=None) -> jax.Array:
+  """Backward-data of `conv_f16` (set up as `conv_bf16_input_grad`): float32 ``[N, *S, C]``."""
+  return _conv_input_grad(dy, w, jnp.float16, input_spatial, window_strides, padding, lhs_dilation, rhs_dilation,
+                          "auto")

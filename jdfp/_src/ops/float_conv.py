@@ -7,7 +7,10 @@ Each pass rounds its two operands to the policy's float format (round to nearest
   weight-gradient  dw = conv^T_w(fmt(x), fmt(dy))
 BF16 on a CPU with AVX512_BF16 (backend "ffi", one group, an even number of >= 8 input channels):
 all three passes on the C++ vdpbf16ps kernel (`jdfp._src.ffi.gemm_bf16.conv_bf16`: implicit GEMM,
-the patch matrix gathered while packing, the BF16 GEMM's chains, docs/arithmetic.md).  Otherwise
+the patch matrix gathered while packing, the BF16 GEMM's chains, docs/arithmetic.md).  FP16 on a CPU
+with AMX-BF16 (backend "ffi", ``isa="auto"``, one group, >= 32 channels, >= 2**24 products): all three
+passes on the FP16 GEMM's tiles (`conv_f16`, the same implicit GEMM; each float16 split exactly into
+two bfloat16).  Otherwise
 XLA convolves the rounded operands with FP32 accumulation: the forward hands them to XLA as
 FP16/BF16 with ``preferred_element_type=float32`` (XLA:CPU widens them inside its conv), the
 backward's transposes widen them first. A product of two FP16 or BF16 values is exact in float32
@@ -19,6 +22,7 @@ keeps the FP16/BF16 operands: half the bytes of FP32 residuals.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +32,7 @@ from jax.custom_derivatives import SymbolicZero
 from jdfp._src.ffi import gemm_bf16 as ffi_gemm_bf16
 from jdfp._src.numerics.shard_types import match_varying
 from jdfp._src.ops.backend import warn_once
-from jdfp._src.ops.gemm import bf16_kernel
+from jdfp._src.ops.gemm import bf16_kernel, f16_dot_kernel
 from jdfp._src.ops.policy import Policy
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, primal_values
 
@@ -68,6 +72,30 @@ def bf16_conv_kernel(policy: Policy, channels: int, geom) -> bool:
   return False
 
 
+# FP16 convs on the tiles: at least this many input channels per group and products (N x output
+# pixels x taps x C x O).  Below, the patch gather per output pixel costs more than the products
+# save (an image's 1-channel first layer ran 5x slower than XLA's conv; 16 channels 0.4-0.8x).
+F16_CONV_MIN_CHANNELS = 32
+F16_CONV_MIN_WORK = 1 << 24
+
+
+def f16_conv_kernel(policy: Policy, geom, x_shape, w_shape) -> bool:
+  """Whether this conv's three passes run on the FP16 GEMM's AMX-BF16 tiles (`conv_f16`): every
+  operand FP16, `f16_dot_kernel`'s conditions, one group, at most 3 spatial dims, and at least
+  `F16_CONV_MIN_CHANNELS` / `F16_CONV_MIN_WORK`.  Otherwise XLA's FP32 conv of the float16-rounded
+  operands, as on CPUs without AMX-BF16 (`jdfp.explain` shows which)."""
+  fmts = (policy.lhs, policy.rhs, policy.dlhs, policy.drhs)
+  if not (all(f.dtype == jnp.float16 for f in fmts) and f16_dot_kernel(policy)):
+    return False
+  if geom.groups != 1 or len(geom.k_sp) > 3 or w_shape[-2] < F16_CONV_MIN_CHANNELS:
+    return False
+  return x_shape[0] * math.prod(geom.out_sp) * math.prod(w_shape) >= F16_CONV_MIN_WORK
+
+
+def _f16_kw(geom):
+  return dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil)
+
+
 def _conv_kw(geom):
   return dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil,
               isa="auto")
@@ -88,6 +116,8 @@ def _fwd(x, w, geom, policy, out_dtype):
   xq, wq = x.astype(policy.lhs.dtype), w.astype(policy.rhs.dtype)
   if bf16_conv_kernel(policy, x.shape[-1], geom):
     y = match_varying(ffi_gemm_bf16.conv_bf16(xq, wq, **_conv_kw(geom)), xq, wq).astype(out_dtype)
+  elif f16_conv_kernel(policy, geom, x.shape, w.shape):
+    y = match_varying(ffi_gemm_bf16.conv_f16(xq, wq, **_f16_kw(geom)), xq, wq).astype(out_dtype)
   else:
     # The rounded operands go to XLA as they are, with preferred_element_type=float32: the same
     # products and FP32 sums (XLA:CPU widens them inside its conv; tests/ops/test_float_conv.py),
@@ -118,6 +148,17 @@ def _bwd(geom, policy, out_dtype, res, g):
       dx = as_cotangent_of(match_varying(dx, gq, wq).astype(x_dt.dtype), x_dt)
     if need_w is not None:
       dw = ffi_gemm_bf16.conv_bf16_weight_grad(xq, gq, kernel_spatial=geom.k_sp, **_conv_kw(geom))
+      dw = as_cotangent_of(match_varying(dw, xq, gq).astype(w_dt.dtype), w_dt)
+    return dx, dw
+  if f16_conv_kernel(policy, geom, xr.shape, wr.shape):
+    xq, wq = xr.astype(jnp.float16), wr.astype(jnp.float16)
+    if need_x is not None:
+      gq = g.astype(policy.dlhs.dtype)
+      dx = ffi_gemm_bf16.conv_f16_input_grad(gq, wq, input_spatial=geom.in_sp, **_f16_kw(geom))
+      dx = as_cotangent_of(match_varying(dx, gq, wq).astype(x_dt.dtype), x_dt)
+    if need_w is not None:
+      gq = g.astype(policy.drhs.dtype)
+      dw = ffi_gemm_bf16.conv_f16_weight_grad(xq, gq, kernel_spatial=geom.k_sp, **_f16_kw(geom))
       dw = as_cotangent_of(match_varying(dw, xq, gq).astype(w_dt.dtype), w_dt)
     return dx, dw
   x32, w32 = _rounded32(xr, policy.lhs), _rounded32(wr, policy.rhs)

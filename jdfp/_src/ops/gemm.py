@@ -83,7 +83,7 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
       # XLA's AMX bf16 dot wants the lhs's K last (else XLA widens the dot to FP32): a [B, K, M]
       # (a weight-gradient's x) is copied transposed by a call XLA cannot fold back into the dot.
       a, dims = match_varying(ffi_gemm_bf16.transpose16(a), a), (((2,), (b_c,)), ((0,), (0,)))
-    if a.dtype == b.dtype == jnp.float16 and f16_dot_kernel(policy):
+    if a.dtype == b.dtype == jnp.float16 and f16_dot_kernel(policy) and _work(a, b, b_c) >= F16_MIN_WORK:
       # Each float16 split exactly into two bfloat16 on AMX-BF16 tiles: exact products, float32 sums
       # (docs/arithmetic.md, "The FP16 GEMM on AMX-BF16 tiles"), ~1.5x FP32 where XLA has no FP16 dot.
       out = ffi_gemm_bf16.gemm_f16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2)
@@ -171,11 +171,22 @@ def _amx_bf16_dots(policy: Policy) -> bool:
           and ffi_gemm_bf16.has_amx_bf16())
 
 
+# The FP16 GEMM takes dots of at least this many products (batch x M x N x K; 128 x 128 x 256):
+# below it XLA's FP32 dot of the widened operands is as fast, and a step of small dots (the 64-128-10
+# MLP) was slower through the custom calls (docs/benchmarks.md).
+F16_MIN_WORK = 1 << 22
+
+
+def _work(a, b, b_c: int) -> int:
+  """batch x M x N x K of a GEMM on 3-D operands (a's M and K are its last two axes either way)."""
+  return max(a.shape[0], b.shape[0]) * a.shape[1] * a.shape[2] * b.shape[3 - b_c]
+
+
 def f16_dot_kernel(policy: Policy) -> bool:
   """Whether FP16 x FP16 dots run on the AMX-BF16 FP16 GEMM (`jdfp._src.ffi.gemm_bf16.gemm_f16`):
   backend not "reference", CPU, ``isa="auto"`` and the tiles ready (`amx_bf16_ready`, ``JDFP_AMX``
-  not 0).  Elsewhere they are XLA's FP32 dots of the widened operands: the same exact products,
-  other float32 sums."""
+  not 0), for dots of at least `F16_MIN_WORK` products.  Elsewhere they are XLA's FP32 dots of the
+  widened operands: the same exact products, other float32 sums."""
   return (policy.backend != "reference" and jax.default_backend() == "cpu" and policy.isa == "auto"
           and ffi_gemm_bf16.amx_bf16_ready())
 
