@@ -343,77 +343,47 @@ JDFP_EXPORT XLA_FFI_Error* JdfpTranspose16(XLA_FFI_CallFrame*);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpTranspose16, jdfp::transpose16_impl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
+// The bindings the 16-bit float GEMMs (bfloat16 / float16) and convolutions share.
+#define JDFP_GEMM16_BINDING                                                                            \
+  ffi::Ffi::Bind()                                                                                     \
+      .Ctx<ffi::ThreadPool>()                                                                          \
+      .Arg<ffi::AnyBuffer>()                                                                           \
+      .Arg<ffi::AnyBuffer>()                                                                           \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Attr<bool>("transpose_a")                                                                       \
+      .Attr<bool>("transpose_b")                                                                       \
+      .Attr<int32_t>("isa")
+#define JDFP_CONV16_BINDING                                                                            \
+  ffi::Ffi::Bind()                                                                                     \
+      .Ctx<ffi::ThreadPool>()                                                                          \
+      .Arg<ffi::AnyBuffer>()                                                                           \
+      .Arg<ffi::AnyBuffer>()                                                                           \
+      .Ret<ffi::Buffer<ffi::F32>>() JDFP_CONV_SPATIAL_ATTRS.Attr<bool>("weight_gradient").Attr<int32_t>("isa")
+
+using ConvSpan = ffi::Span<const int64_t>;
+
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmBf16(XLA_FFI_CallFrame*);
-
-static ffi::Future gemm_bf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                             ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
-  return jdfp::gemm_bf16_impl(pool, a, b, out, ta, tb, isa);
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmBf16, gemm_bf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
-                                  .Attr<int32_t>("isa"));
-
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmF16(XLA_FFI_CallFrame*);
-
-static ffi::Future gemm_f16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                            ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
-  return jdfp::gemm_bf16_impl(pool, a, b, out, ta, tb, isa, /*f16=*/true);
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmF16, gemm_f16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b")
-                                  .Attr<int32_t>("isa"));
-
+JDFP_EXPORT XLA_FFI_Error* JdfpConvBf16(XLA_FFI_CallFrame*);
 JDFP_EXPORT XLA_FFI_Error* JdfpConvF16(XLA_FFI_CallFrame*);
 
-static ffi::Future conv_f16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
-                            ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> strides,
-                            ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
-                            ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa) {
-  return jdfp::conv_bf16_impl(pool, x, b, out, strides, plo, phi, ldil, rdil, wgrad, isa, /*f16=*/true);
+template <bool kF16>
+static ffi::Future gemm16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                          ffi::Result<ffi::Buffer<ffi::F32>> out, bool ta, bool tb, int32_t isa) {
+  return jdfp::gemm_bf16_impl(pool, a, b, out, ta, tb, isa, kF16);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvF16, conv_f16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  JDFP_CONV_SPATIAL_ATTRS
-                                  .Attr<bool>("weight_gradient")
-                                  .Attr<int32_t>("isa"));
-
-JDFP_EXPORT XLA_FFI_Error* JdfpConvBf16(XLA_FFI_CallFrame*);
-
-static ffi::Future conv_bf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
-                             ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> strides,
-                             ffi::Span<const int64_t> plo, ffi::Span<const int64_t> phi,
-                             ffi::Span<const int64_t> ldil, ffi::Span<const int64_t> rdil, bool wgrad, int32_t isa) {
-  return jdfp::conv_bf16_impl(pool, x, b, out, strides, plo, phi, ldil, rdil, wgrad, isa);
+template <bool kF16>
+static ffi::Future conv16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                          ConvSpan strides, ConvSpan plo, ConvSpan phi, ConvSpan ldil, ConvSpan rdil, bool wgrad,
+                          int32_t isa) {
+  return jdfp::conv_bf16_impl(pool, x, b, out, strides, plo, phi, ldil, rdil, wgrad, isa, kF16);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvBf16, conv_bf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  JDFP_CONV_SPATIAL_ATTRS
-                                  .Attr<bool>("weight_gradient")
-                                  .Attr<int32_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmBf16, gemm16<false>, JDFP_GEMM16_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmF16, gemm16<true>, JDFP_GEMM16_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvBf16, conv16<false>, JDFP_CONV16_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpConvF16, conv16<true>, JDFP_CONV16_BINDING);
 
 // 1 when the avx512_bf16 path can run here (the Python side's ISA query).
 JDFP_EXPORT int jdfp_has_avx512_bf16() {
