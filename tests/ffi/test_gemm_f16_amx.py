@@ -134,7 +134,7 @@ def test_nan_and_inf_never_become_finite_and_inf_stays_inf():
   bits_eq(np.delete(got, 11, axis=1), np.delete(clean, 11, axis=1))
 
 
-def test_same_bits_for_every_tiling_and_thread_count():
+def test_same_bits_for_every_tiling_and_thread_count(tmp_path):
   # Each output is one chain over K (K in chunks whose float32 sums wait in memory, exactly), so
   # neither the tile shape nor the number of threads may change a bit.
   code = ("import numpy as np, jax, sys; from jdfp import kernels; rng = np.random.default_rng(5); "
@@ -144,7 +144,11 @@ def test_same_bits_for_every_tiling_and_thread_count():
   outs = []
   for env in ({}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "32", "JDFP_TILE_N": "32"},
               {"JDFP_TILE_M": "300", "JDFP_TILE_N": "1000"}):
-    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, check=True)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree of a
+    # non-editable install has no built library.
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
     outs.append(np.frombuffer(run.stdout, np.float32))
   for o in outs[1:]:
     bits_eq(o, outs[0])
@@ -165,14 +169,16 @@ def test_bad_input_is_rejected_at_trace_time():
     kernels.gemm_f16(a, a, transpose_b=1)
 
 
-def test_jdfp_amx_0_turns_it_off_and_the_ops_widen_to_fp32():
+def test_jdfp_amx_0_turns_it_off_and_the_ops_widen_to_fp32(tmp_path):
   code = ("import jax, jax.numpy as jnp, jdfp; from jdfp import kernels; from jdfp._src.ops import explain; "
           "f = lambda a, b: jdfp.dot_general(a, b, (((1,), (0,)), ((), ())), policy=jdfp.policies.fp16()); "
-          "r = jdfp.explain(f, jnp.ones((8, 16)), jnp.ones((16, 4))); "
-          "print(kernels.amx_bf16_ready(), kernels.has_amx_int8(), r.count(explain.MIXED_F16_KERNEL))")
+          "r = jdfp.explain(f, jnp.ones((512, 256)), jnp.ones((256, 128))); "
+          "print(kernels.kernel_available(), kernels.amx_bf16_ready(), kernels.has_amx_int8(), "
+          "r.count(explain.MIXED_F16_KERNEL))")
   env = dict(os.environ, JDFP_AMX="0")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-  assert out.stdout.split() == ["False", "False", "0"]
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["True", "False", "False", "0"]
 
 
 def test_amx_bf16_ready_matches_cpuinfo():
