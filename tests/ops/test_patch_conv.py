@@ -184,24 +184,79 @@ def test_ffi_errors_not_crashes():
       jax.block_until_ready(jax.ffi.ffi_call(TARGET_BLOCK_QUANTIZE_PATCHES, outs)(x, key, **{**attrs, **kw}))
 
 
-def test_float_lhs_residual_keeps_only_the_input():
-  """``Policy(float_residuals=("lhs",))``: the backward keeps x, not the patch matrix's integers (9x x's
-  elements for a 3x3 kernel), and converts it again: gradients bit-identical to the default."""
+def residual_bytes(policy, x, w, **kw):
+  f = lambda x, w: jdfp.conv_general_dilated(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), policy=policy,
+                                             key=jax.random.key(3), **kw)
+  _, vjp = jax.vjp(f, x, w)
+  return sum(np.asarray(t).nbytes for t in jax.tree.leaves(vjp))
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_lhs_residual_is_the_input_where_smaller(lean):
+  """A 3x3 conv's patch matrix holds 9x x's elements: by default (deterministic forward rounding) the
+  backward keeps x, not the patch matrix's integers, and converts it again, as with
+  ``Policy(float_residuals=("lhs",))``: gradients bit-identical to the reference backend."""
   x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
   ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
   kw = dict(window_strides=(1, 1), padding="SAME")
-  base = jdfp.policies.hbfp8()
-  lean = base.replace(float_residuals=("lhs",))
-
-  def residual_bytes(policy):
-    f = lambda x, w: jdfp.conv_general_dilated(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), policy=policy,
-                                               key=jax.random.key(3), **kw)
-    _, vjp = jax.vjp(f, x, w)
-    return sum(np.asarray(t).nbytes for t in jax.tree.leaves(vjp))
-
+  pol = jdfp.policies.hbfp8(float_residuals=("lhs",) if lean else ())
   patch_ints = 4 * 10 * 10 * 9 * 16  # int8 patch matrix
-  assert residual_bytes(base) >= patch_ints
-  assert residual_bytes(lean) < x.nbytes + patch_ints // 4
-  assert_same(jax.jit(lambda x, w, ct: conv_vjp(lean, x, w, ct, **kw))(x, w, ct),
-              jax.jit(lambda x, w, ct: conv_vjp(base, x, w, ct, **kw))(x, w, ct))
+  assert residual_bytes(pol, x, w, **kw) < x.nbytes + patch_ints // 4
+  assert_same(jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))(x, w, ct),
+              jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
+
+
+@pytest.mark.parametrize("case", ["1x1_stride2", "stochastic_fwd"])
+def test_lhs_residual_is_the_patch_matrix_otherwise(case):
+  """The patch matrix is kept where it is the smaller residual (a 1x1 stride-2 projection reads a
+  quarter of x's pixels) or where the forward rounds stochastically (a second conversion would
+  draw other bits); gradients bit-identical to the reference backend either way."""
+  x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
+  if case == "1x1_stride2":
+    pol, w, kw = jdfp.policies.hbfp8(), jax.random.normal(jax.random.key(1), (1, 1, 16, 24)) * 0.1, \
+        dict(window_strides=(2, 2), padding="VALID")
+    patch_ints, ct = 4 * 5 * 5 * 16, jnp.ones((4, 5, 5, 24))
+  else:
+    pol, w, kw = jdfp.policies.hbfp8(fwd_rounding="stochastic"), \
+        jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1, dict(window_strides=(1, 1), padding="SAME")
+    patch_ints, ct = 4 * 10 * 10 * 9 * 16, jnp.ones((4, 10, 10, 24))
+  got = residual_bytes(pol, x, w, **kw)
+  assert patch_ints <= got < x.nbytes + patch_ints
+  assert_same(jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))(x, w, ct),
+              jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
+
+
+def test_backward_conversion_waits_for_the_output_gradient():
+  """The backward's second conversion of x reads the op's output gradient (as the key operand that
+  nearest rounding ignores), so XLA cannot hoist it into the forward, where every layer's patch
+  matrix would be alive at once: in the optimized HLO its key operand is not a constant."""
+  import re
+  x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
+  ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
+  f = jax.jit(lambda x, w, ct: conv_vjp(jdfp.policies.hbfp8(), x, w, ct, window_strides=(1, 1), padding="SAME"))
+  hlo = f.lower(x, w, ct).compile().as_text()
+  calls = [l for l in hlo.splitlines() if 'custom_call_target="jdfp_block_quantize_patches' in l]
+  assert len(calls) == 2, calls  # the forward's and the backward's
+  keys = [re.search(r"custom-call\(%[\w.-]+, %([\w.-]+)\)", l).group(1) for l in calls]
+  defs = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.-]+) = (.*)$", hlo, re.M)}
+  from_constants = [k for k in keys if re.fullmatch(r"[^(]*\((%constant[\w.-]*(, )?)*\).*", defs[k]) or
+                    " constant(" in defs[k]]
+  assert len(from_constants) == 1, [defs[k] for k in keys]  # the forward's zeros; the backward's reads ct
+
+
+def test_after_leaves_the_conversion_unchanged():
+  from jdfp._src.ffi import block_quantize as ffi_block
+  from jdfp._src.numerics.formats import BFP
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
+  kw = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
+  fmt, bshape = BFP(7, block=(8, 8)), (1, 8, 8)
+  want = ffi_block.quantize_patches_with_stats(x, fmt, bshape, **kw)
+  for after in (jnp.float32(jnp.nan), jnp.full((3, 2), -jnp.inf), jnp.arange(4, dtype=jnp.int8)):
+    assert_same(ffi_block.quantize_patches_with_stats(x, fmt, bshape, after=after, **kw), want)
+  with pytest.raises(ValueError, match="deterministic rounding"):
+    ffi_block.quantize_patches_with_stats(x, fmt, bshape, rounding="stochastic", key=jax.random.key(0),
+                                          after=jnp.ones(2), **kw)
+  with pytest.raises(ValueError, match="at least one element"):
+    ffi_block.quantize_patches_with_stats(x, fmt, bshape, after=jnp.ones((0,)), **kw)

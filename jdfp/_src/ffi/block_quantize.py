@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jdfp._src.ffi import conv as ffi_conv
@@ -66,8 +67,9 @@ def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str =
   return _call(x, block, bfp, bits, rounding, key, isa, stats=True, out_dtype=out_dtype)
 
 
-def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16, patches=None):
-  """``patches``: ``(shape3, attrs)`` of the patch matrix of the conv input ``x`` (`quantize_patches_with_stats`)."""
+def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16, patches=None, after=None):
+  """``patches``: ``(shape3, attrs)`` of the patch matrix of the conv input ``x`` (`quantize_patches_with_stats`);
+  ``after`` as there."""
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
@@ -85,6 +87,13 @@ def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=
   if rounding not in allowed:
     raise ValueError(f"rounding must be one of {allowed} on the kernel, got {rounding!r}")
   rounding_code, key_op = rounding_operands(rounding, key)
+  if after is not None:
+    if rounding == "stochastic":
+      raise ValueError("after= is for deterministic rounding: stochastic rounding reads the key operand")
+    if np.size(after) == 0:
+      raise ValueError("after must have at least one element")
+    word = lax.bitcast_convert_type(jnp.ravel(after)[:1].astype(jnp.float32), jnp.uint32)
+    key_op = jnp.broadcast_to(word, (2,))
   n = int(np.prod(shape))
   if stats and n > INT32_MAX:
     raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
@@ -146,11 +155,16 @@ def quantize_blocks_with_stats(x, fmt, bshape, *, rounding: str = "nearest", key
 
 def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_strides, padding, lhs_dilation=None,
                                 rhs_dilation=None, rounding: str = "nearest", key=None, isa: str = "auto",
-                                stats: bool = True, out_dtype=jnp.int16):
+                                stats: bool = True, out_dtype=jnp.int16, after=None):
   """`quantize_blocks_with_stats` of the patch matrix ``[1, rows, KK * C]`` of the conv input ``x``
   ``[N, *S, C]`` (`jdfp._src.ffi.conv.im2col`'s, reshaped: rows the output pixels, columns (tap, c))
   with blocks ``bshape`` ``(1, br, bc)``, bit for bit, without storing that matrix: each work unit
-  gathers its rows from x. Stochastic rounding draws from each element's index in the patch matrix."""
+  gathers its rows from x. Stochastic rounding draws from each element's index in the patch matrix.
+
+  ``after`` (deterministic rounding only): a non-empty array the call must wait for. Its first element
+  fills the key operand, which these roundings ignore, so the result is unchanged; XLA then cannot
+  schedule the call before ``after`` exists (a backward's re-conversion of a forward input waits for
+  that op's output gradient instead of running during the forward)."""
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
     raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
   sx = tuple(np.shape(x))
@@ -162,4 +176,4 @@ def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_stride
   bfp = isinstance(fmt, formats.BFP)
   x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
   return _call(x5, tuple(int(b) for b in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa,
-               stats, False, out_dtype, patches=(shape3, attrs))
+               stats, False, out_dtype, patches=(shape3, attrs), after=after)

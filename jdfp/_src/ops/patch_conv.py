@@ -78,20 +78,22 @@ def applies(x, groups: int, geom: PatchGeom, policy: Policy) -> bool:
           and kernel_converts_blocks(p3, fmt, policy.fwd_rounding, bshape))
 
 
-def patch_conversion(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool, counted: bool):
+def patch_conversion(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool, counted: bool, after=None):
   """The kernel call that converts the patch matrix of ``x`` by the lhs format's blocks (contraction
   axis 2): ``(values [1, rows, K], exponents, counts, erange)`` (no counts unless ``counted``). The op
-  and the Flax statistics both make it through here, so their calls are identical and XLA merges them."""
+  and the Flax statistics both make it through here, so their calls are identical and XLA merges them.
+  ``after``: an array the call must wait for (deterministic rounding only; see
+  `ffi.block_quantize.quantize_patches_with_stats`)."""
   bshape = block_shape3(geom.shape3, fmt, 2)
   return ffi_block.quantize_patches_with_stats(
       x, fmt, bshape, rounding=rounding, key=key if rounding == "stochastic" else None, stats=counted,
-      out_dtype=jnp.int8 if int8 else jnp.int16, **geom.kernel_kwargs())
+      out_dtype=jnp.int8 if int8 else jnp.int16, after=after, **geom.kernel_kwargs())
 
 
-def quantize_patches(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool) -> qz.QArray:
+def quantize_patches(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool, after=None) -> qz.QArray:
   """The QArray that `convert.quantize3` gives for the patch matrix of ``x``, from x itself (the
   counting call inside a `counters_read` block)."""
-  values, e = patch_conversion(x, geom, fmt, rounding, key, int8, counters_wanted())[:2]
+  values, e = patch_conversion(x, geom, fmt, rounding, key, int8, counters_wanted(), after)[:2]
   return qz.QArray(values, e, fmt, block_shape3(geom.shape3, fmt, 2))
 
 
@@ -117,10 +119,24 @@ def _fwd(x, w3, key, geom, policy, precision, out_dtype):
   # The residuals of `dot_vjp._dot_fwd` for lhs = the patch matrix (its zero-size slice carries shape,
   # dtype and x's shard_map type).
   p_dt = jnp.broadcast_to(x.reshape(-1)[:0].reshape((0, 1, 1, 1)), (0,) + geom.shape3)
-  # Policy(float_residuals=("lhs",)): keep x itself (1 / taps of the patch matrix's elements); the
-  # backward converts it again (deterministic forward rounding: the same integers).
-  lhs_res = x if "lhs" in policy.float_residuals else ql
+  # Keep x itself where the backward may convert it again (deterministic forward rounding: the same
+  # integers) and x is the smaller residual (float32 x: 4 bytes per input element; the patch matrix:
+  # 1-2 bytes per element, taps / stride**2 elements per input element, plus exponents).
+  lhs_res = x if keeps_float_input(x, ql, policy) else ql
   return out, (lhs_res, dot_vjp.backward_residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])
+
+
+def keeps_float_input(x, ql: qz.QArray, policy: Policy) -> bool:
+  """Whether the backward keeps the conv input ``x`` rather than its converted patch matrix ``ql``:
+  always with ``Policy(float_residuals=("lhs",))``; by default where the forward rounds
+  deterministically and ``x`` takes fewer bytes (3 x 3 stride-1 convs: 4 bytes per input element
+  against 9-18 for the int8 / int16 patches)."""
+  if "lhs" in policy.float_residuals:
+    return True
+  if policy.fwd_rounding == "stochastic":
+    return False
+  nbytes = lambda a: prod(a.shape) * jnp.dtype(a.dtype).itemsize
+  return nbytes(x) < nbytes(ql.values) + nbytes(ql.exponent)
 
 
 def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
@@ -131,10 +147,15 @@ def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
 def _bwd(geom, policy, precision, out_dtype, res, g):
   if isinstance(g, SymbolicZero):
     return None, None, None
-  if "lhs" in policy.float_residuals:
+  reconverted = not isinstance(res[0], qz.QArray)  # the forward kept x (`keeps_float_input`)
+  if reconverted:
     x, need_w = res[0], res[6]
-    ql = None if need_w is None else quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, None,
-                                                      operand_int8(policy))
+    ql = None
+    if need_w is not None:
+      # The call reads this op's output gradient (as its ignored key), so XLA converts x here, not
+      # as early as it could: one layer's patch matrix alive at a time, not every layer's from the
+      # forward on. (XLA:CPU drops optimization barriers before scheduling; a data dependency stays.)
+      ql = quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, None, operand_int8(policy), after=g)
     res = (ql,) + res[1:]
     policy = policy.replace(float_residuals=tuple(r for r in policy.float_residuals if r != "lhs"))
   p_dt = res[3]
