@@ -56,6 +56,8 @@ class Policy:
       int16 copies then cost nothing between forward and backward. For activations computed inside
       the step keep the default (their int16 copy is half of what a float residual holds).
       Needs deterministic forward rounding (``"nearest"`` or ``"biased"``) and current scaling.
+      (Block-format convolutions keep their input rather than its patch matrix without being asked
+      where the input is the smaller residual and the forward rounding is deterministic.)
   """
 
   # 14 effective bits (Intel's DFP16 setting): int32 chains of 32 products. DFP(16) is exact too but
