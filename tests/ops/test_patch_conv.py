@@ -260,3 +260,30 @@ def test_after_leaves_the_conversion_unchanged():
                                           after=jnp.ones(2), **kw)
   with pytest.raises(ValueError, match="at least one element"):
     ffi_block.quantize_patches_with_stats(x, fmt, bshape, after=jnp.ones((0,)), **kw)
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_shard_map_per_shard_equals_single_device(batch):
+  """Under shard_map (batch split over the devices, check_vma on), each shard's forward and input
+  gradient equal the op on that shard alone, and the weight gradient (of the replicated kernel:
+  summed over the shards by shard_map's transpose) the sum of theirs: with 1 image per
+  device (the GEMM, then XLA's col2im) and with 4 (the fused GEMM + col2im kernel)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  shard_map = getattr(jax, "shard_map", None)
+  if shard_map is None:
+    from jax.experimental.shard_map import shard_map
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+  pol = jdfp.policies.hbfp8()
+  x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) * 0.1
+  ct = jax.random.normal(jax.random.key(2), (batch, 8, 8, 8))
+  kw = dict(window_strides=(1, 1), padding="SAME")
+
+  spec = (P("d"), P(), P("d"))
+  f = jax.jit(shard_map(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw), mesh=mesh, in_specs=spec, out_specs=(P("d"), P("d"), P())))
+  y, dx, dw = f(*(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((x, w, ct), spec)))
+  parts = [jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))(xs, w, cs)
+           for xs, cs in zip(jnp.split(x, 4), jnp.split(ct, 4))]
+  assert_same(y, jnp.concatenate([p[0] for p in parts]))
+  assert_same(dx, jnp.concatenate([p[1] for p in parts]))
+  np.testing.assert_allclose(dw, sum(p[2] for p in parts), rtol=1e-6, atol=1e-6)

@@ -24,7 +24,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.ffi import block_quantize as ffi_block
 from jdfp._src.numerics import quantize as qz
-from jdfp._src.numerics.shard_types import varying_axes
+from jdfp._src.numerics.shard_types import match_varying, varying_axes
 from jdfp._src.ops import dot_vjp
 from jdfp._src.ops.backend import kernel_quantize, resolve_backend
 from jdfp._src.ops.conv_vjp import patches
@@ -173,8 +173,10 @@ def _bwd(geom, policy, precision, out_dtype, res, g):
     if dx is None:
       dp = as_cotangent_of(gemm(g_dl, 2, qr, b_c, policy, precision).astype(jnp.float32), p_dt)
       xla_patches = lambda x: patches(x, geom.k_sp, geom.strides, geom.pads, geom.lhs_dil, geom.rhs_dil)[0]
-      (dx,) = jax.linear_transpose(xla_patches, jax.ShapeDtypeStruct(geom.in_shape, jnp.float32))(
-          dp.reshape(geom.patches_shape))
+      # The transpose at a zero x of x's shard_map type (a bare ShapeDtypeStruct has none, and
+      # jax.linear_transpose then refuses a varying cotangent).
+      x0 = match_varying(jnp.zeros(geom.in_shape, jnp.float32), p_dt)
+      (dx,) = jax.vjp(xla_patches, x0)[1](dp.reshape(geom.patches_shape))
     return dx
 
   dx, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g, lhs_cotangent=x_cotangent)
