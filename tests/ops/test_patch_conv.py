@@ -191,20 +191,11 @@ def residual_bytes(policy, x, w, **kw):
   return sum(np.asarray(t).nbytes for t in jax.tree.leaves(vjp))
 
 
-@pytest.fixture
-def small_patches_reconverted(monkeypatch):
-  """The size bound below which patch matrices stay the residual, lowered to 0 so that these small
-  test convs take the re-converting path."""
-  from jdfp._src.ops import patch_conv
-  monkeypatch.setattr(patch_conv, "FLOAT_INPUT_MIN_PATCH_BYTES", 0)
-
-
 @pytest.mark.parametrize("lean", [False, True])
-def test_lhs_residual_is_the_input_where_smaller(lean, small_patches_reconverted):
-  """A 3x3 conv's patch matrix holds 9x x's elements: by default (deterministic forward rounding, a
-  patch matrix above the size bound) the backward keeps x, not the patch matrix's integers, and
-  converts it again, as with ``Policy(float_residuals=("lhs",))``: gradients bit-identical to the
-  reference backend."""
+def test_lhs_residual_is_the_input_where_smaller(lean):
+  """A 3x3 conv's patch matrix holds 9x x's elements: by default (deterministic forward rounding) the
+  backward keeps x, not the patch matrix's integers, and converts it again, as with
+  ``Policy(float_residuals=("lhs",))``: gradients bit-identical to the reference backend."""
   x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
   ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
@@ -216,23 +207,19 @@ def test_lhs_residual_is_the_input_where_smaller(lean, small_patches_reconverted
               jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
 
 
-@pytest.mark.parametrize("case", ["1x1_stride2", "stochastic_fwd", "below_size_bound"])
-def test_lhs_residual_is_the_patch_matrix_otherwise(case, monkeypatch):
+@pytest.mark.parametrize("case", ["1x1_stride2", "stochastic_fwd"])
+def test_lhs_residual_is_the_patch_matrix_otherwise(case):
   """The patch matrix is kept where it is the smaller residual (a 1x1 stride-2 projection reads a
-  quarter of x's pixels), where the forward rounds stochastically (a second conversion would draw
-  other bits), or where it is below the size bound (a second conversion would cost more than the
-  memory is worth); gradients bit-identical to the reference backend either way."""
-  from jdfp._src.ops import patch_conv
-  if case != "below_size_bound":
-    monkeypatch.setattr(patch_conv, "FLOAT_INPUT_MIN_PATCH_BYTES", 0)
+  quarter of x's pixels) or where the forward rounds stochastically (a second conversion would
+  draw other bits); gradients bit-identical to the reference backend either way."""
   x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
   if case == "1x1_stride2":
     pol, w, kw = jdfp.policies.hbfp8(), jax.random.normal(jax.random.key(1), (1, 1, 16, 24)) * 0.1, \
         dict(window_strides=(2, 2), padding="VALID")
     patch_ints, ct = 4 * 5 * 5 * 16, jnp.ones((4, 5, 5, 24))
   else:
-    pol = jdfp.policies.hbfp8(fwd_rounding="stochastic" if case == "stochastic_fwd" else "nearest")
-    w, kw = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1, dict(window_strides=(1, 1), padding="SAME")
+    pol, w, kw = jdfp.policies.hbfp8(fwd_rounding="stochastic"), \
+        jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1, dict(window_strides=(1, 1), padding="SAME")
     patch_ints, ct = 4 * 10 * 10 * 9 * 16, jnp.ones((4, 10, 10, 24))
   got = residual_bytes(pol, x, w, **kw)
   assert patch_ints <= got < x.nbytes + patch_ints
@@ -240,7 +227,7 @@ def test_lhs_residual_is_the_patch_matrix_otherwise(case, monkeypatch):
               jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
 
 
-def test_backward_conversion_waits_for_the_output_gradient(small_patches_reconverted):
+def test_backward_conversion_waits_for_the_output_gradient():
   """The backward's second conversion of x reads the op's output gradient (as the key operand that
   nearest rounding ignores), so XLA cannot hoist it into the forward, where every layer's patch
   matrix would be alive at once: in the optimized HLO its key operand is not a constant."""
@@ -276,15 +263,11 @@ def test_after_leaves_the_conversion_unchanged():
 
 
 @pytest.mark.parametrize("batch", [4, 16])
-@pytest.mark.parametrize("reconvert", [False, True])
-def test_shard_map_per_shard_equals_single_device(batch, reconvert, monkeypatch):
+def test_shard_map_per_shard_equals_single_device(batch):
   """Under shard_map (batch split over the devices, check_vma on), each shard's forward and input
   gradient equal the op on that shard alone, and the weight gradient (of the replicated kernel:
   summed over the shards by shard_map's transpose) the sum of theirs: with 1 image per
-  device (the GEMM, then XLA's col2im) and with 4 (the fused GEMM + col2im kernel), the patch
-  matrix kept or x converted again in the backward."""
-  from jdfp._src.ops import patch_conv
-  monkeypatch.setattr(patch_conv, "FLOAT_INPUT_MIN_PATCH_BYTES", 0 if reconvert else 1 << 62)
+  device (the GEMM, then XLA's col2im) and with 4 (the fused GEMM + col2im kernel)."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   shard_map = getattr(jax, "shard_map", None)
   if shard_map is None:

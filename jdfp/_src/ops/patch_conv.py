@@ -128,27 +128,17 @@ def _fwd(x, w3, key, geom, policy, precision, out_dtype):
   return out, (lhs_res, dot_vjp.backward_residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])
 
 
-# Patch matrices (integers + exponents) below this many bytes stay the residual: there keeping x
-# saves little memory, and its second conversion costs time (per conv a kernel call and a gather):
-# the 8 x 8 digits ResNet's HBFP steps ran 0.65x / 0.61x FP32 with every conv re-converting, 0.73x /
-# 0.70x with this bound; the demo ResNet's (patches of 1.3-10.6 MB) 1.39x / 1.01x with every conv,
-# 1.49x / 1.04x with it (docs/benchmarks.md, 2026-12-06 evening).
-FLOAT_INPUT_MIN_PATCH_BYTES = 4 << 20
-
-
 def keeps_float_input(x, ql: qz.QArray, policy: Policy) -> bool:
   """Whether the backward keeps the conv input ``x`` rather than its converted patch matrix ``ql``:
   always with ``Policy(float_residuals=("lhs",))``; by default where the forward rounds
-  deterministically, ``x`` takes fewer bytes (3 x 3 stride-1 convs: 4 bytes per input element
-  against 9-18 for the int8 / int16 patches) and the patch matrix at least
-  `FLOAT_INPUT_MIN_PATCH_BYTES`."""
+  deterministically and ``x`` takes fewer bytes (3 x 3 stride-1 convs: 4 bytes per input element
+  against 9-18 for the int8 / int16 patches)."""
   if "lhs" in policy.float_residuals:
     return True
   if policy.fwd_rounding == "stochastic":
     return False
   nbytes = lambda a: prod(a.shape) * jnp.dtype(a.dtype).itemsize
-  patch_bytes = nbytes(ql.values) + nbytes(ql.exponent)
-  return nbytes(x) < patch_bytes and patch_bytes >= FLOAT_INPUT_MIN_PATCH_BYTES
+  return nbytes(x) < nbytes(ql.values) + nbytes(ql.exponent)
 
 
 def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
