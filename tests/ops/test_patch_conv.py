@@ -263,11 +263,13 @@ def test_after_leaves_the_conversion_unchanged():
 
 
 @pytest.mark.parametrize("batch", [4, 16])
-def test_shard_map_per_shard_equals_single_device(batch):
+@pytest.mark.parametrize("ksize", [3, 1])
+def test_shard_map_per_shard_equals_single_device(batch, ksize):
   """Under shard_map (batch split over the devices, check_vma on), each shard's forward and input
   gradient equal the op on that shard alone, and the weight gradient (of the replicated kernel:
   summed over the shards by shard_map's transpose) the sum of theirs: with 1 image per
-  device (the GEMM, then XLA's col2im) and with 4 (the fused GEMM + col2im kernel)."""
+  device (the GEMM, then XLA's col2im) and with 4 (the fused GEMM + col2im kernel); x converted
+  again in the backward (3x3) or the patch matrix kept (1x1, stride 2)."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   shard_map = getattr(jax, "shard_map", None)
   if shard_map is None:
@@ -275,9 +277,10 @@ def test_shard_map_per_shard_equals_single_device(batch):
   mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
   pol = jdfp.policies.hbfp8()
   x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 16))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) * 0.1
-  ct = jax.random.normal(jax.random.key(2), (batch, 8, 8, 8))
-  kw = dict(window_strides=(1, 1), padding="SAME")
+  w = jax.random.normal(jax.random.key(1), (ksize, ksize, 16, 8)) * 0.1
+  out_hw = 8 if ksize == 3 else 4
+  ct = jax.random.normal(jax.random.key(2), (batch, out_hw, out_hw, 8))
+  kw = dict(window_strides=(1, 1), padding="SAME") if ksize == 3 else dict(window_strides=(2, 2), padding="VALID")
 
   spec = (P("d"), P(), P("d"))
   f = jax.jit(shard_map(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw), mesh=mesh, in_specs=spec, out_specs=(P("d"), P("d"), P())))
