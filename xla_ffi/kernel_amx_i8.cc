@@ -76,17 +76,22 @@ static int32_t pack_panel8(const View8& x, bool b_layout, int step, uint8_t* dst
   const int64_t nsteps = (x.K + step - 1) / step, nblocks = (x.rows + 15) / 16, blk = 16 * step;
   MinMax<int8_t> mm;
   alignas(64) uint8_t tmp[kPlane];
-  for (int64_t rb = 0; rb < nblocks; ++rb)
-    for (int64_t s = 0; s < nsteps; ++s) {
-      uint8_t* d = dst + (rb * nsteps + s) * blk;
-      if (x.sr == 1 && x.sk != 1) {
-        block_quads8(x, rb * 16, s * step, step, b_layout ? d : tmp, mm);
-        if (!b_layout) b_to_a_layout(tmp, step / 4, step, d);
-      } else {
-        block_rows8(x, rb * 16, s * step, step, b_layout ? tmp : d, mm);
-        if (b_layout) a_to_b_layout(tmp, step, step / 4, d);
-      }
+  // A source whose rows are contiguous (sr == 1: each k a row of the source, as a transposed operand
+  // or a patch matrix read as B) is walked k step by k step across all row blocks, so that each source
+  // row is read whole while in L1 (16 bytes per row block; row block by row block it was re-fetched
+  // for each: the demo's weight-gradient P^T . dy packed at a third of the rate).
+  const bool by_step = x.sr == 1 && x.sk != 1;
+  for (int64_t i = 0; i < nblocks * nsteps; ++i) {
+    const int64_t rb = by_step ? i % nblocks : i / nsteps, s = by_step ? i / nblocks : i % nsteps;
+    uint8_t* d = dst + (rb * nsteps + s) * blk;
+    if (by_step) {
+      block_quads8(x, rb * 16, s * step, step, b_layout ? d : tmp, mm);
+      if (!b_layout) b_to_a_layout(tmp, step / 4, step, d);
+    } else {
+      block_rows8(x, rb * 16, s * step, step, b_layout ? tmp : d, mm);
+      if (b_layout) a_to_b_layout(tmp, step, step / 4, d);
     }
+  }
   return mm.absmax();
 }
 
