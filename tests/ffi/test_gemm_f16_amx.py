@@ -344,3 +344,30 @@ def test_fp16_recipe_convs_run_on_the_tiles():
                                  jnp.abs(w.astype(jnp.float16).astype(jnp.float32)), (1, 1), "SAME",
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert bool(jnp.all(jnp.abs(jax.jit(conv)(x, w) - want) <= (4 * 288 + 2) * 2.0**-24 * mag))
+
+
+def test_grouped_fp16_conv_warns_once_and_runs_on_xla():
+  """What the tiles cannot take (feature groups) is said once, recorded, and computed as XLA's FP32
+  conv of the float16-rounded operands; a conv below the size bounds is XLA's by choice, silently."""
+  import warnings
+  from jdfp._src.ops import backend
+  policy = jdfp.policies.fp16()
+  conv = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                feature_group_count=2, policy=policy)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((16, 16, 16, 64)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 32, 64)), jnp.float32)
+  backend._warned.discard(next((m for m in backend._warned if "FP16 conv with 2 feature groups" in m), ""))
+  with pytest.warns(RuntimeWarning, match="FP16 conv with 2 feature groups is not on the FP16 tiles"):
+    got = jax.jit(conv)(x, w)
+  assert any("FP16 conv with 2 feature groups" in m for m in backend.fallback_log)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(conv)(x[:8], w)  # retraced: said once
+    small = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                   policy=policy)
+    jax.jit(small)(jnp.ones((4, 8, 8, 16)), jnp.ones((3, 3, 16, 16)))
+  r16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)
+  want = lax.conv_general_dilated(r16(x), r16(w), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=2, precision=lax.Precision.HIGHEST)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -87,7 +87,14 @@ def f16_conv_kernel(policy: Policy, geom, x_shape, w_shape) -> bool:
   fmts = (policy.lhs, policy.rhs, policy.dlhs, policy.drhs)
   if not (all(f.dtype == jnp.float16 for f in fmts) and f16_dot_kernel(policy)):
     return False
-  if geom.groups != 1 or len(geom.k_sp) > 3 or w_shape[-2] < F16_CONV_MIN_CHANNELS:
+  if geom.groups != 1 or len(geom.k_sp) > 3:
+    # What the tiles cannot take (as the BF16 conv kernel, said once); below the size bounds XLA's
+    # conv is the faster choice, not a fallback.
+    why = f"{geom.groups} feature groups" if geom.groups != 1 else f"{len(geom.k_sp)} spatial dims"
+    warn_once(f"jdfp.conv_general_dilated: an FP16 conv with {why} is not on the FP16 tiles (conv_f16); it runs "
+              "as XLA's float32 conv on the float16-rounded operands (the same products, summed in XLA's order).")
+    return False
+  if w_shape[-2] < F16_CONV_MIN_CHANNELS:
     return False
   return x_shape[0] * math.prod(geom.out_sp) * math.prod(w_shape) >= F16_CONV_MIN_WORK
 
