@@ -38,6 +38,33 @@ void block_amax_avx512(const float* x, int64_t n, int64_t bc, uint32_t* acc) {
   }
 }
 
+void block_amax_rows_avx512(const float* x, int64_t rows, int64_t ld, int64_t n, int64_t bc, uint32_t* acc) {
+  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), tiny = _mm512_set1_epi32(int(kMinNormalBits));
+  for (int64_t i = 0, j = 0, k = 0; i < n; i += 16) {  // block j holds column i at its offset k
+    const __mmask16 m = tail_mask(n - i);
+    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();  // two chains: the loads overlap
+    const float* p = x + i;
+    int64_t r = 0;
+    for (; r + 1 < rows; r += 2, p += 2 * ld) {
+      a = _mm512_max_epu32(a, _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p), abs));
+      b = _mm512_max_epu32(b, _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p + ld), abs));
+    }
+    if (r < rows) a = _mm512_max_epu32(a, _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p), abs));
+    a = _mm512_max_epu32(a, b);
+    a = _mm512_maskz_mov_epi32(_mm512_cmpge_epu32_mask(a, tiny), a);  // DAZ
+    // Each block's lanes of this chunk reduced at once (a 24-wide block: one or two per chunk).
+    for (int64_t l0 = 0, cnt = n - i < 16 ? n - i : 16; l0 < cnt;) {
+      const int64_t l1 = l0 + (bc - k) < cnt ? l0 + (bc - k) : cnt;
+      const __mmask16 bm = __mmask16(((1u << l1) - 1u) & ~((1u << l0) - 1u));
+      const uint32_t v = _mm512_mask_reduce_max_epu32(bm, a);
+      uint32_t& lane = acc[j * kAmaxLanes];
+      if (v > lane) lane = v;
+      k += l1 - l0, l0 = l1;
+      if (k == bc) k = 0, ++j;
+    }
+  }
+}
+
 void block_convert_avx512(const float* x, int16_t* out, int64_t n, int64_t bc, const BlockConvertArgs& a) {
   const __m512 hi = _mm512_set1_ps(a.qm), lo = _mm512_set1_ps(-a.qm);
   for (int64_t c0 = 0, j = 0; c0 < n; c0 += bc, ++j) {
@@ -72,10 +99,16 @@ void convert_cols_avx512(const float* x, Q* out, int64_t n, const float* s1, con
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(xv, p1), p2);
     y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);  // NaN -> 0
     const __m512i r = biased ? round_biased16(y, hi) : _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
+    // Narrow in a register, then a plain store where the step is whole: the masked narrowing store
+    // (vpmovsdb to memory) was this loop's bottleneck.
     if constexpr (sizeof(Q) == 1) {
-      _mm512_mask_cvtsepi32_storeu_epi8(out + i, m, r);
+      const __m128i r8 = _mm512_cvtsepi32_epi8(r);
+      if (m == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), r8);
+      else _mm_mask_storeu_epi8(out + i, m, r8);
     } else {
-      _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtsepi32_epi16(r));
+      const __m256i r16 = _mm512_cvtsepi32_epi16(r);
+      if (m == 0xFFFF) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), r16);
+      else _mm256_mask_storeu_epi16(out + i, m, r16);
     }
     if (!c) continue;
     // As stats_cols_avx512: s1 == 0 marks a NONFINITE block, whose elements are never ok.

@@ -55,6 +55,7 @@ namespace {
 
 struct BlockKernels {
   BlockAmaxFn amax;
+  BlockAmaxRowsFn amax_rows;  // null: amax row by row
   BlockConvertFn convert;
   StochasticColsFn stochastic_cols;  // null: the per-tensor kernels, called block by block
   StatsColsFn stats_cols;
@@ -71,11 +72,12 @@ struct BlockKernels {
 
 // Indexed by Isa (as isa_table.cc's table); AVX2 / AVX-VNNI run the scalar kernels.
 const BlockKernels kBlockTable[] = {
-    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaScalar */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaAvx2 */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaAvxVnni */ {block_amax_scalar, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
-    /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_convert_avx512),
+    /* kIsaAuto */ {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaScalar */ {block_amax_scalar, nullptr, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvx2 */ {block_amax_scalar, nullptr, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvxVnni */ {block_amax_scalar, nullptr, block_convert_scalar, nullptr, nullptr, nullptr, nullptr, nullptr},
+    /* kIsaAvx512Vnni */ {JDFP_BLOCK_AVX512(block_amax_avx512), JDFP_BLOCK_AVX512(block_amax_rows_avx512),
+                          JDFP_BLOCK_AVX512(block_convert_avx512),
                           JDFP_BLOCK_AVX512(convert_stochastic_cols_avx512), JDFP_BLOCK_AVX512(stats_cols_avx512),
                           JDFP_BLOCK_AVX512(convert_cols_i8_avx512), JDFP_BLOCK_AVX512(convert_cols_i16_avx512),
                           JDFP_BLOCK_AVX512(convert_stochastic_cols_i8_avx512)},
@@ -265,12 +267,19 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
   std::fill(s.acc.begin(), s.acc.begin() + nb * kAmaxLanes, 0u);
   if (j.patches) {  // gather the unit's rows once: they are read for the maxima and again to convert
     s.band_row0 = (band % j.GR) * j.br, s.band_n = n;
-    for_band_rows(j, band, [&](int64_t off) {
-      const int64_t r = off / j.C;
-      j.geom.gather(j.x, r, c0, n, s.band.data() + (r - s.band_row0) * n);
-    });
+    // Patch mode's tensor is [1, rows, taps * C] (bb = 1): the band is br consecutive rows.
+    j.geom.gather_rows(j.x, s.band_row0, std::min(j.R, s.band_row0 + j.br) - s.band_row0, c0, n, s.band.data());
   }
-  for_band_rows(j, band, [&](int64_t off) { j.k.amax(xseg(j, s, off, c0), n, j.bc, s.acc.data()); });
+  // The band's rows at one stride (the gathered patch rows; a tensor blocked along rows alone or with
+  // whole rows per band): one call for all of them.
+  const int64_t gb = band / j.GR, gr = band % j.GR;
+  const int64_t b0 = gb * j.bb, r0 = gr * j.br;
+  const int64_t nrows = (std::min(j.B, b0 + j.bb) - b0) * (std::min(j.R, r0 + j.br) - r0);
+  if (j.k.amax_rows && (j.patches || j.bb == 1 || j.br >= j.R)) {
+    j.k.amax_rows(xseg(j, s, (b0 * j.R + r0) * j.C, c0), nrows, j.patches ? n : j.C, n, j.bc, s.acc.data());
+  } else {
+    for_band_rows(j, band, [&](int64_t off) { j.k.amax(xseg(j, s, off, c0), n, j.bc, s.acc.data()); });
+  }
   int32_t* e_out = j.e + band * j.GC + cb0;
   for (int64_t b = 0; b < nb; ++b) {
     const uint32_t* lanes = s.acc.data() + b * kAmaxLanes;

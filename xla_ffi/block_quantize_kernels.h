@@ -23,6 +23,11 @@ constexpr int kAmaxLanes = 16;
 // of |x| (NaN > Inf > finite); subnormals count as zero (DAZ, as XLA:CPU reads them).
 using BlockAmaxFn = void (*)(const float* x, int64_t n, int64_t bc, uint32_t* acc);
 
+// block_amax over `rows` row segments x + r * ld, r < rows, of n elements each, in one call: the column
+// maxima of the band first (one load and one max per 16 elements, no block masks), then the blocks'.
+// Same result: a max over the rows commutes with the DAZ test (all subnormal iff the max is).
+using BlockAmaxRowsFn = void (*)(const float* x, int64_t rows, int64_t ld, int64_t n, int64_t bc, uint32_t* acc);
+
 // The conversion of one segment: block j scales by (s1[j], s2[j]) (scale2(., -e_j) as two exact
 // power-of-two multiplies; s1 = 0 for a NONFINITE block, whose NaN products then convert to 0), then
 // rounds half to even (`biased` false) or with Intel's biased rule (magnitude up iff the discarded
@@ -86,6 +91,7 @@ static inline void block_convert_ref(const float* x, int16_t* out, int64_t n, in
 void block_amax_scalar(const float* x, int64_t n, int64_t bc, uint32_t* acc);
 void block_convert_scalar(const float* x, int16_t* out, int64_t n, int64_t bc, const BlockConvertArgs&);
 void block_amax_avx512(const float* x, int64_t n, int64_t bc, uint32_t* acc);
+void block_amax_rows_avx512(const float* x, int64_t rows, int64_t ld, int64_t n, int64_t bc, uint32_t* acc);
 void block_convert_avx512(const float* x, int16_t* out, int64_t n, int64_t bc, const BlockConvertArgs&);
 void convert_cols_i8_avx512(const float* x, int8_t* out, int64_t n, const float* s1, const float* s2, float qm,
                             bool biased, Counts* c);

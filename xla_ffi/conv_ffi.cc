@@ -221,7 +221,7 @@ struct Im2colJob {
 };
 
 void im2col_rows(const Im2colJob& j, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) j.geom.gather(j.x, r, 0, j.geom.cols, j.out + r * j.geom.cols);
+  j.geom.gather_rows(j.x, r0, r1 - r0, 0, j.geom.cols, j.out + r0 * j.geom.cols);
 }
 
 void im2col_worker(const std::shared_ptr<Im2colJob>& job) {

@@ -135,36 +135,58 @@ struct PatchGeom {
     return true;
   }
 
-  // dst[0, len) = patches[row, k0 : k0 + len): one memcpy (or zero fill) per tap's channel run.
-  void gather(const float* x, int64_t row, int64_t k0, int64_t len, float* dst) const {
-    int64_t rem = row;
-    const int64_t ow = rem % out_sp[2]; rem /= out_sp[2];
-    const int64_t oh = rem % out_sp[1]; rem /= out_sp[1];
-    const int64_t od = rem % out_sp[0];
-    const int64_t nb = rem / out_sp[0];
-    int64_t tap = k0 / C, c = k0 - tap * C;
-    // The tap's (d, h, w) once, then stepped w-fastest (no divisions per tap: C = 1, a stem conv on
-    // one channel, copies one float per tap).
-    int64_t tw = tap % ks[2], th = (tap / ks[2]) % ks[1], td = tap / (ks[2] * ks[1]);
-    const int64_t* sd = src[0].data() + od * ks[0];
-    const int64_t* sh = src[1].data() + oh * ks[1];
-    const int64_t* sw = src[2].data() + ow * ks[2];
-    const float* xb = x + nb * in[0] * in[1] * in[2] * C;
-    for (int64_t done = 0; done < len; c = 0) {
-      const int64_t run = std::min(C - c, len - done);
-      const int64_t id = sd[td], ih = sh[th], iw = sw[tw];
-      if (id < 0 || ih < 0 || iw < 0) {
-        if (run == 1) dst[done] = 0.0f;
-        else std::memset(dst + done, 0, size_t(run) * sizeof(float));
-      } else {
-        const float* sp = xb + ((id * in[1] + ih) * in[2] + iw) * C + c;
-        if (run == 1) dst[done] = *sp;
-        else std::memcpy(dst + done, sp, size_t(run) * sizeof(float));
+  // Rows [row0, row0 + nrows) of patches[:, k0 : k0 + len), row after row at dst (len floats each):
+  // one memcpy (or zero fill) per tap's channel run. The column range's runs are found once and the
+  // output position is stepped from row to row, so no row pays a division.
+  void gather_rows(const float* x, int64_t row0, int64_t nrows, int64_t k0, int64_t len, float* dst) const {
+    if (nrows <= 0 || len <= 0) return;
+    struct Run {
+      int64_t td, th, tw, c, n, at;  // the tap's (d, h, w), first channel, length, offset in the row
+    };
+    constexpr int kStackRuns = 64;
+    Run stack_runs[kStackRuns];
+    std::vector<Run> heap_runs;
+    Run* runs = stack_runs;
+    const int64_t tap0 = k0 / C, nruns = (k0 + len + C - 1) / C - tap0;
+    if (nruns > kStackRuns) heap_runs.resize(size_t(nruns)), runs = heap_runs.data();
+    {
+      int64_t tap = tap0, c = k0 - tap0 * C;
+      for (int64_t done = 0, i = 0; done < len; ++i, ++tap, c = 0) {
+        const int64_t n = std::min(C - c, len - done);
+        runs[i] = {tap / (ks[2] * ks[1]), (tap / ks[2]) % ks[1], tap % ks[2], c, n, done};
+        done += n;
       }
-      done += run;
-      if (++tw == ks[2]) {
-        tw = 0;
-        if (++th == ks[1]) th = 0, ++td;
+    }
+    int64_t rem = row0;
+    int64_t ow = rem % out_sp[2]; rem /= out_sp[2];
+    int64_t oh = rem % out_sp[1]; rem /= out_sp[1];
+    int64_t od = rem % out_sp[0];
+    int64_t nb = rem / out_sp[0];
+    const int64_t image = in[0] * in[1] * in[2] * C;
+    for (int64_t r = 0; r < nrows; ++r, dst += len) {
+      const int64_t* sd = src[0].data() + od * ks[0];
+      const int64_t* sh = src[1].data() + oh * ks[1];
+      const int64_t* sw = src[2].data() + ow * ks[2];
+      const float* xb = x + nb * image;
+      for (int64_t i = 0; i < nruns; ++i) {
+        const Run& u = runs[i];
+        const int64_t id = sd[u.td], ih = sh[u.th], iw = sw[u.tw];
+        float* d = dst + u.at;
+        if (id < 0 || ih < 0 || iw < 0) {
+          if (u.n == 1) *d = 0.0f;
+          else std::memset(d, 0, size_t(u.n) * sizeof(float));
+        } else {
+          const float* sp = xb + ((id * in[1] + ih) * in[2] + iw) * C + u.c;
+          if (u.n == 1) *d = *sp;
+          else std::memcpy(d, sp, size_t(u.n) * sizeof(float));
+        }
+      }
+      if (++ow == out_sp[2]) {
+        ow = 0;
+        if (++oh == out_sp[1]) {
+          oh = 0;
+          if (++od == out_sp[0]) od = 0, ++nb;
+        }
       }
     }
   }

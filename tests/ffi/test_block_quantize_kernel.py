@@ -22,10 +22,11 @@ pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_
 FORMATS = (BFP(7), BFP(11), BFP(15), BFP(1), DFP(16), DFP(8), DFP(2))
 # (shape, block): partial edge tiles, per-row, 1-D blocks, tiles along a batch, per-tensor, odd sizes;
 # rows of 1001 (starts off the 4-element Philox blocks, many 64-element steps and 24-wide blocks per
-# row: the per-column-scale row kernels).
+# row: the per-column-scale row kernels); bands of an odd row count with several blocks per 16 columns
+# (the band maxima, one call per band).
 GEOMETRIES = (((1, 50, 70), (1, 24, 24)), ((1, 26, 1001), (1, 24, 24)), ((3, 5, 100), (1, 1, 24)), ((2, 33, 7), (1, 33, 7)),
               ((4, 9, 31), (2, 4, 8)), ((1, 1, 1), (1, 24, 24)), ((2, 48, 48), (1, 24, 24)),
-              ((1, 7, 130), (1, 1, 130)), ((5, 3, 17), (5, 3, 17)))
+              ((1, 7, 130), (1, 1, 130)), ((5, 3, 17), (5, 3, 17)), ((1, 51, 70), (1, 25, 5)))
 
 
 def _adversarial(rng, shape, case):
