@@ -254,6 +254,21 @@ static inline void conv_split_tap(const ConvGeom& g, int64_t t, int64_t* td) {
   td[1] = t % g.ks[1]; td[0] = t / g.ks[1];
 }
 
+// Output pixels in order without a division per pixel: (n, o) of pixel r, then r + 1, ...
+struct PixCursor {
+  int64_t n, o[3];
+  PixCursor(const ConvGeom& g, int64_t r) { conv_split_pixel(g, r, n, o); }
+  void next(const ConvGeom& g) {
+    if (++o[2] < g.out[2]) return;
+    o[2] = 0;
+    if (++o[1] < g.out[1]) return;
+    o[1] = 0;
+    if (++o[0] < g.out[0]) return;
+    o[0] = 0;
+    ++n;
+  }
+};
+
 // Fully validated problem description handed to the per-ISA tile functions.
 struct Problem {
   int64_t M, N, K, KB, block_k;

@@ -167,23 +167,39 @@ static inline void copy_run(uint16_t* dst, const uint16_t* src, int64_t n) {
   }
 }
 
-// Columns [c0, c0 + n) of patch row `pixel` (row-major taps, then channels) into dst: one run of a
+// Where column c0 of the patch matrix starts: its tap's coordinates and channel.
+struct PatchCol {
+  int64_t t[3], c;
+};
+static inline PatchCol patch_col(const ConvGeom& g, int64_t c0) {
+  PatchCol pc;
+  const int64_t tap = c0 / g.cg;
+  pc.c = c0 - tap * g.cg;
+  conv_split_tap(g, tap, pc.t);
+  return pc;
+}
+
+// Columns [c0, c0 + n) (from `at`, patch_col(c0)) of the patch row of pixel `px` into dst: one run of a
 // tap's channels at a time, the tap's coordinates stepped rather than divided out.
-static void patch_row(const uint16_t* x, const ConvGeom& g, int64_t pixel, int64_t c0, int64_t n, uint16_t* dst) {
-  int64_t img, o[3], t[3];
-  conv_split_pixel(g, pixel, img, o);
-  int64_t tap = c0 / g.cg, c = c0 - tap * g.cg;
-  conv_split_tap(g, tap, t);
+static void patch_row(const uint16_t* x, const ConvGeom& g, const PixCursor& px, PatchCol at, int64_t n,
+                      uint16_t* dst) {
   for (int64_t j = 0; j < n;) {
-    const int64_t run = std::min(n - j, g.cg - c);
-    const int64_t off = conv_pixel_offset(g, img, o, t);
-    copy_run(dst + j, off < 0 ? nullptr : x + off + c, run);
-    j += run, c = 0;
-    if (++t[2] == g.ks[2]) {
-      t[2] = 0;
-      if (++t[1] == g.ks[1]) t[1] = 0, ++t[0];
+    const int64_t run = std::min(n - j, g.cg - at.c);
+    const int64_t off = conv_pixel_offset(g, px.n, px.o, at.t);
+    copy_run(dst + j, off < 0 ? nullptr : x + off + at.c, run);
+    j += run, at.c = 0;
+    if (++at.t[2] == g.ks[2]) {
+      at.t[2] = 0;
+      if (++at.t[1] == g.ks[1]) at.t[1] = 0, ++at.t[0];
     }
   }
+}
+
+// One element [pixel, c0] of the patch matrix (the IEEE re-computation's reads).
+static inline uint16_t patch_at(const uint16_t* x, const ConvGeom& g, int64_t pixel, int64_t c0) {
+  uint16_t v;
+  patch_row(x, g, PixCursor(g, pixel), patch_col(g, c0), 1, &v);
+  return v;
 }
 
 // The A panel of pixels [r0, r0 + rows) of the patch matrix (forward, backward-data): as pack_a.
@@ -192,9 +208,12 @@ static void pack_a_patches(const uint16_t* x, const ConvGeom& g, int64_t r0, int
   const int64_t nsteps = (K + 15) / 16;
   thread_local Aligned<uint16_t> rowbuf;
   uint16_t* row = rowbuf.get(size_t(nsteps * 16));
+  PixCursor px(g, r0);  // consecutive pixels: one set of divisions per panel
+  const PatchCol first = patch_col(g, 0);
   for (int r = 0; r < 32; ++r) {
     if (r < rows) {
-      patch_row(x, g, r0 + r, 0, K, row);
+      patch_row(x, g, px, first, K, row);
+      px.next(g);
       std::memset(row + K, 0, size_t(nsteps * 16 - K) * 2);
     } else {
       std::memset(row, 0, size_t(nsteps * 16) * 2);
@@ -217,9 +236,14 @@ static void pack_b_patches(const uint16_t* x, const ConvGeom& g, int64_t n0, int
   const int64_t nsteps = (K + 15) / 16;
   alignas(64) uint16_t row[32];
   uint32_t cols_bad = 0;
+  PixCursor px(g, 0);  // the pixels in order: no divisions per pixel
+  const PatchCol first = patch_col(g, n0);
   for (int64_t k = 0; k < nsteps * 16; ++k) {
     std::memset(row, 0, sizeof(row));
-    if (k < K) patch_row(x, g, k, n0, cols, row);
+    if (k < K) {
+      patch_row(x, g, px, first, cols, row);
+      px.next(g);
+    }
     const int64_t s = k / 16, kr = k % 16;
     for (int cb = 0; cb < 2; ++cb) {
       const Split sp = split16(_mm512_cvtph_ps(_mm256_load_si256((const __m256i*)(row + 16 * cb))));
@@ -356,11 +380,8 @@ float h2f(uint16_t h) { return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi1
 float ieee_dot(const Bf16Problem& P, const uint16_t* a, const uint16_t* b, int64_t m, int64_t n) {
   float acc = 0.0f;
   for (int64_t k = 0; k < P.K; ++k) {
-    uint16_t x, y;
-    if (P.conv && !P.conv->on_b) patch_row(a, *P.conv, m, k, 1, &x);
-    else x = a[m * P.a_sm + k * P.a_sk];
-    if (P.conv && P.conv->on_b) patch_row(b, *P.conv, k, n, 1, &y);
-    else y = b[k * P.b_sk + n * P.b_sn];
+    const uint16_t x = P.conv && !P.conv->on_b ? patch_at(a, *P.conv, m, k) : a[m * P.a_sm + k * P.a_sk];
+    const uint16_t y = P.conv && P.conv->on_b ? patch_at(b, *P.conv, k, n) : b[k * P.b_sk + n * P.b_sn];
     acc += h2f(x) * h2f(y);
   }
   return acc;

@@ -325,20 +325,6 @@ static inline PixInfo pix_info_at(const ConvGeom& g, int64_t n, const int64_t* o
   pi.base = off * g.C;
   return pi;
 }
-// Output pixels in order without a division per pixel: (n, o) of pixel r, then r + 1, ...
-struct PixCursor {
-  int64_t n, o[3];
-  PixCursor(const ConvGeom& g, int64_t r) { conv_split_pixel(g, r, n, o); }
-  void next(const ConvGeom& g) {
-    if (++o[2] < g.out[2]) return;
-    o[2] = 0;
-    if (++o[1] < g.out[1]) return;
-    o[1] = 0;
-    if (++o[0] < g.out[0]) return;
-    o[0] = 0;
-    ++n;
-  }
-};
 struct TapInfo {
   int64_t tr[3];  // t[d] * rdil[d]
   int64_t delta;
