@@ -40,6 +40,8 @@ struct Bf16Problem {
   // The FP16 GEMM (f16_tile_amx) only: its operands packed once per call, shared by the workers
   // (f16_make_panels).
   void* f16_panels = nullptr;
+  // f16_tile_amx on plain bfloat16 operands (isa amx_bf16): the same tiles without the float16 split.
+  bool amx_plain = false;
 };
 
 // Element [pixel, (tap, c)] of a conv's patch matrix (Bf16Problem::conv), bfloat16 bits.

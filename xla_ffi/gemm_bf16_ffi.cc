@@ -3,7 +3,9 @@
 //   JdfpGemmBf16 : a [..., M, K] (or [..., K, M] with transpose_a), b [..., K, N] (or [..., N, K]),
 //                  each bfloat16 or float32 (rounded to bfloat16, nearest-even, while packing)
 //                  -> float32 out [..., M, N]; batch dims broadcast (size 1 read with stride 0).
-//   attributes: transpose_a, transpose_b (bool), isa (int32: 0 auto, 1 scalar, 2 avx512_bf16).
+//   attributes: transpose_a, transpose_b (bool), isa (int32: 0 auto, 1 scalar, 2 avx512_bf16, 3 amx_bf16:
+//                  the AMX-BF16 tiles of JdfpGemmF16 without its split, bfloat16 operands only; the tile
+//                  unit's float32 sums, not the chain).
 //
 //   JdfpGemmF16  : the same shapes, layouts and attributes with float16 a and b (isa 0 only): the FP16
 //                  recipe's GEMM on AMX-BF16 tiles (kernel_amx_f16.cc; every product exact, float32
@@ -47,7 +49,21 @@
 namespace jdfp {
 namespace {
 
-enum Bf16Isa : int32_t { kBf16Auto = 0, kBf16Scalar = 1, kBf16Avx512 = 2 };
+using TileFnBf16 = void (*)(const Bf16Problem&, const Bf16Tile&);
+
+enum Bf16Isa : int32_t { kBf16Auto = 0, kBf16Scalar = 1, kBf16Avx512 = 2, kBf16Amx = 3 };
+
+// isa amx_bf16: the FP16 GEMM's AMX-BF16 tiles on plain bfloat16 operands (kernel_amx_f16.cc), the
+// tile unit's float32 sums instead of the vdpbf16ps chain; an FFI error where the tiles are missing.
+ffi::Error amx_plain_fn(const char* who, TileFnBf16& fn) {
+  if (!amx_bf16_ready())
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      std::string("jdfp ") + who + ": isa amx_bf16 needs AMX-BF16 tiles (cpuid, OS tile state, JDFP_AMX not 0)");
+#if JDFP_X86 && defined(JDFP_HAVE_SIMD)
+  fn = f16_tile_amx;
+#endif
+  return ffi::Error::Success();
+}
 
 ffi::Error invalid(const std::string& msg) { return invalid_as("gemm_bf16", msg); }
 
@@ -65,7 +81,6 @@ bool detect_avx512_bf16() {
 #endif
 }
 
-using TileFnBf16 = void (*)(const Bf16Problem&, const Bf16Tile&);
 
 struct Bf16Job {
   Bf16Problem P;
@@ -159,8 +174,10 @@ ffi::Error check_operands(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Span<const in
 // The ISA attribute -> the tile function (the same rules as the GEMM).
 ffi::Error bf16_tile_fn(int32_t isa, const char* who, TileFnBf16& fn) {
   static const bool has_bf16 = detect_avx512_bf16();
-  if (isa < kBf16Auto || isa > kBf16Avx512)
-    return invalid_as(who, "isa must be 0 (auto), 1 (scalar) or 2 (avx512_bf16), got " + std::to_string(isa));
+  if (isa < kBf16Auto || isa > kBf16Amx)
+    return invalid_as(who, "isa must be 0 (auto), 1 (scalar), 2 (avx512_bf16) or 3 (amx_bf16), got " +
+                               std::to_string(isa));
+  if (isa == kBf16Amx) return amx_plain_fn(who, fn);
   if (isa == kBf16Avx512 && !has_bf16)
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
                       std::string("jdfp ") + who + ": ISA avx512_bf16 is not supported by this CPU/OS (or not built)");
@@ -201,10 +218,14 @@ ffi::Future gemm_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   P.b_sk = tb ? 1 : P.N; P.b_sn = tb ? P.K : 1;
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   P.job_id = next_job_id();
+  P.amx_plain = !f16 && isa == kBf16Amx;
+  if (P.amx_plain && (P.a_f32 || P.b_f32))
+    return error_future(invalid("isa amx_bf16 takes bfloat16 operands (round float32 ones first)"));
+  const bool tiles = f16 || P.amx_plain;
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
-  if (f16) job->f16_panels = f16_make_panels(P, int64_t(job->a_off.size())), P.f16_panels = job->f16_panels.get();
+  if (tiles) job->f16_panels = f16_make_panels(P, int64_t(job->a_off.size())), P.f16_panels = job->f16_panels.get();
 #endif
-  return launch_bf16(job, pool, int64_t(job->a_off.size()), f16 ? 32 : 14);
+  return launch_bf16(job, pool, int64_t(job->a_off.size()), tiles ? 32 : 14);
 }
 
 struct ConvBf16Job : Bf16Job {
@@ -275,10 +296,12 @@ ffi::Future conv_bf16_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   P.a_off = job->a_off.data(); P.b_off = job->b_off.data();
   P.conv = &g;
   P.job_id = next_job_id();
+  P.amx_plain = !f16 && isa == kBf16Amx;
+  const bool tiles = f16 || P.amx_plain;
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD)
-  if (f16) job->f16_panels = f16_make_panels(P, 1), P.f16_panels = job->f16_panels.get();
+  if (tiles) job->f16_panels = f16_make_panels(P, 1), P.f16_panels = job->f16_panels.get();
 #endif
-  return launch_bf16(job, pool, 1, f16 ? 32 : 14);
+  return launch_bf16(job, pool, 1, tiles ? 32 : 14);
 }
 
 }  // namespace

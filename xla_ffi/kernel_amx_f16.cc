@@ -16,6 +16,12 @@
 // Convolutions (one group) gather their patch matrix from the float16 input while packing, as the
 // BF16 conv kernel does: never stored whole.
 //
+// Plain bfloat16 operands (Bf16Problem::amx_plain: the BF16 recipe's convolutions, isa amx_bf16) take
+// the same tiles, panels and K chunks without the split: one tdpbf16ps per 32 k, each 32-bit word a
+// k pair (x[k] | x[k + 1] << 16) as the tiles read them.  Every product is exact; the float32 sums are
+// the tile unit's, as above.  NaN and Inf follow IEEE in the tiles (no split: no spurious NaN), and
+// subnormal bfloat16 inputs read as zero, as XLA:CPU's float32 conv reads them (DAZ).
+//
 // Layouts (bf16 pairs as 32-bit words, K padded with zeros to a multiple of 16 and rows / columns to
 // multiples of 32):
 //   A panel: [row block of 16][k step][16 rows][16 k words (hi | lo << 16)]
@@ -256,10 +262,137 @@ static void pack_b_patches(const uint16_t* x, const ConvGeom& g, int64_t n0, int
   for (int c = 0; c < cols; ++c) bad[c] = (cols_bad >> c) & 1;
 }
 
+// ---- plain bfloat16 (amx_plain): a step is 32 k, a word a k pair; B has one tile per step.
+
+// Word l of 16 = (lo[l] | hi[l] << 16) from two rows of 16 bfloat16.
+static inline __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
+static inline __mmask32 first_halves(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
+// Up to 16 bfloat16 at p[i * stride], i < n (zeros past n).
+static inline __m256i load16_bf(const uint16_t* p, int64_t stride, int n) {
+  if (n <= 0) return _mm256_setzero_si256();
+  if (stride == 1) return _mm256_maskz_loadu_epi16(first_lanes(n), p);
+  alignas(32) uint16_t t[16] = {};
+  for (int i = 0; i < n; ++i) t[i] = p[i * stride];
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+}
+
+// The A panel of rows [0, rows) of x: per 16-row block and 32-k step, 16 rows of 16 k-pair words.
+static void pack_a_plain(const View& x, uint32_t* dst) {
+  const int64_t nsteps = (x.K + 31) / 32, nblocks = (x.rows + 31) / 32 * 2;
+  alignas(64) uint32_t tmp[kWords];
+  for (int64_t rb = 0; rb < nblocks; ++rb) {
+    const int rn = int(std::clamp<int64_t>(x.rows - rb * 16, 0, 16));
+    for (int64_t s = 0; s < nsteps; ++s) {
+      uint32_t* d = dst + (rb * nsteps + s) * kWords;
+      const int64_t kn = std::min<int64_t>(32, x.K - s * 32);
+      if (x.sk == 1) {  // a row's 32 k are the step's 16 words as they lie
+        for (int r = 0; r < 16; ++r) {
+          const __m512i v = r < rn ? _mm512_maskz_loadu_epi16(first_halves(kn), x.src + (rb * 16 + r) * x.sr + s * 32)
+                                   : _mm512_setzero_si512();
+          _mm512_store_si512(d + r * 16, v);
+        }
+      } else {  // along the rows per k pair, then transposed
+        for (int p = 0; p < 16; ++p) {
+          const int64_t k0 = s * 32 + 2 * p;
+          const __m256i lo = load16_bf(x.src + rb * 16 * x.sr + k0 * x.sk, x.sr, k0 < x.K ? rn : 0);
+          const __m256i hi = load16_bf(x.src + rb * 16 * x.sr + (k0 + 1) * x.sk, x.sr, k0 + 1 < x.K ? rn : 0);
+          _mm512_store_si512(tmp + p * 16, pair_words(lo, hi));
+        }
+        transpose_words(tmp, d);
+      }
+    }
+  }
+}
+
+// The B panel of columns [0, rows) of x (x[n, k] = B[k, n]): per 16-column block and 32-k step, 16 k
+// pairs of 16 column words.
+static void pack_b_plain(const View& x, uint32_t* dst) {
+  const int64_t nsteps = (x.K + 31) / 32, nblocks = (x.rows + 31) / 32 * 2;
+  alignas(64) uint32_t tmp[kWords];
+  for (int64_t cb = 0; cb < nblocks; ++cb) {
+    const int cn = int(std::clamp<int64_t>(x.rows - cb * 16, 0, 16));
+    for (int64_t s = 0; s < nsteps; ++s) {
+      uint32_t* d = dst + (cb * nsteps + s) * kWords;
+      if (x.sk != 1 || x.sr == 1) {  // columns along a k row
+        for (int p = 0; p < 16; ++p) {
+          const int64_t k0 = s * 32 + 2 * p;
+          const __m256i lo = load16_bf(x.src + cb * 16 * x.sr + k0 * x.sk, x.sr, k0 < x.K ? cn : 0);
+          const __m256i hi = load16_bf(x.src + cb * 16 * x.sr + (k0 + 1) * x.sk, x.sr, k0 + 1 < x.K ? cn : 0);
+          _mm512_store_si512(d + p * 16, pair_words(lo, hi));
+        }
+      } else {  // k contiguous per column: a column's 32 k are its 16 words, then transposed
+        const int64_t kn = std::min<int64_t>(32, x.K - s * 32);
+        for (int c = 0; c < 16; ++c) {
+          const __m512i v = c < cn ? _mm512_maskz_loadu_epi16(first_halves(kn), x.src + (cb * 16 + c) * x.sr + s * 32)
+                                   : _mm512_setzero_si512();
+          _mm512_store_si512(tmp + c * 16, v);
+        }
+        transpose_words(tmp, d);
+      }
+    }
+  }
+}
+
+// The A panel of pixels [r0, r0 + rows) of the patch matrix: each row gathered whole, its 32-k steps
+// copied as they lie.
+static void pack_a_patches_plain(const uint16_t* x, const ConvGeom& g, int64_t r0, int64_t rows, int64_t K,
+                                 uint32_t* dst) {
+  const int64_t nsteps = (K + 31) / 32;
+  thread_local Aligned<uint16_t> rowbuf;
+  uint16_t* row = rowbuf.get(size_t(nsteps * 32));
+  PixCursor px(g, r0);
+  const PatchCol first = patch_col(g, 0);
+  for (int r = 0; r < 32; ++r) {
+    uint32_t* d = dst + (r / 16) * nsteps * kWords + (r % 16) * 16;
+    if (r >= rows) {
+      for (int64_t s = 0; s < nsteps; ++s) _mm512_store_si512(d + s * kWords, _mm512_setzero_si512());
+      continue;
+    }
+    patch_row(x, g, px, first, K, row);
+    px.next(g);
+    std::memset(row + K, 0, size_t(nsteps * 32 - K) * 2);
+    for (int64_t s = 0; s < nsteps; ++s) _mm512_store_si512(d + s * kWords, _mm512_load_si512(row + s * 32));
+  }
+}
+
+// The B panel of columns [n0, n0 + cols) of the patch matrix with the pixels as k (weight-gradient):
+// two pixels' rows per k pair.
+static void pack_b_patches_plain(const uint16_t* x, const ConvGeom& g, int64_t n0, int64_t cols, int64_t K,
+                                 uint32_t* dst) {
+  const int64_t nsteps = (K + 31) / 32;
+  alignas(64) uint16_t row[2][32];
+  PixCursor px(g, 0);
+  const PatchCol first = patch_col(g, n0);
+  for (int64_t k = 0; k < nsteps * 32; k += 2) {
+    for (int h = 0; h < 2; ++h) {
+      _mm512_store_si512(row[h], _mm512_setzero_si512());
+      if (k + h < K) {
+        patch_row(x, g, px, first, cols, row[h]);
+        px.next(g);
+      }
+    }
+    const int64_t s = k / 32, p = (k % 32) / 2;
+    for (int cb = 0; cb < 2; ++cb) {
+      const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(row[0] + 16 * cb));
+      const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(row[1] + 16 * cb));
+      _mm512_store_si512(dst + (cb * nsteps + s) * kWords + p * 16, pair_words(lo, hi));
+    }
+  }
+}
+
 // acc[32 x 32] (+)= row blocks (a0, a1) x column blocks (b0, b1) over nsteps k steps: from zero when
 // `first`, else from acc (float32 in memory between K chunks: exact, so chunking changes no bit).
+// Split: float16 pieces (B' and B'' per step, kBStep words); else plain bfloat16 (one B tile a step).
+template <bool Split>
 static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_t* b0, const uint32_t* b1,
                            int64_t nsteps, bool first, float* acc) {
+  constexpr int64_t bstep = Split ? kBStep : kWords;
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
@@ -271,7 +404,7 @@ static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_
     _tile_loadd(2, acc + 512, 128);
     _tile_loadd(3, acc + 528, 128);
   }
-  for (int64_t s = 0; s < nsteps; ++s, a0 += kWords, a1 += kWords, b0 += kBStep, b1 += kBStep) {
+  for (int64_t s = 0; s < nsteps; ++s, a0 += kWords, a1 += kWords, b0 += bstep, b1 += bstep) {
     // B' of both column blocks, then B'': four products between two into one accumulator, which
     // covers tdpbf16ps's latency (back to back into one tile ran ~1.3x slower).
     _tile_loadd(4, a0, 64);
@@ -282,6 +415,7 @@ static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(3, 5, 7);
+    if constexpr (!Split) continue;
     _tile_loadd(6, b0 + kWords, 64);
     _tile_loadd(7, b1 + kWords, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -391,8 +525,8 @@ float ieee_dot(const Bf16Problem& P, const uint16_t* a, const uint16_t* b, int64
 
 std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   auto s = std::make_shared<Panels>();
-  s->nsteps = (P.K + 15) / 16, s->mpairs = (P.M + 31) / 32, s->npairs = (P.N + 31) / 32;
-  s->a_pair = size_t(2 * s->nsteps * kWords), s->b_pair = size_t(2 * s->nsteps * kBStep);
+  s->nsteps = P.amx_plain ? (P.K + 31) / 32 : (P.K + 15) / 16, s->mpairs = (P.M + 31) / 32, s->npairs = (P.N + 31) / 32;
+  s->a_pair = size_t(2 * s->nsteps * kWords), s->b_pair = size_t(2 * s->nsteps * (P.amx_plain ? kWords : kBStep));
   const size_t na = size_t(nbatch * s->mpairs), nb = size_t(nbatch * s->npairs);
   size_t got = 0;
   s->a = BufferPool::get().take(na * s->a_pair + nb * s->b_pair, got);
@@ -407,9 +541,14 @@ std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   return s;
 }
 
-// One output tile (batch, [m0, m1) x [n0, n1)) of the FP16 GEMM (float16 bits in P.a and P.b); m0
-// and n0 are multiples of 32 (launch_bf16 with 32-row units).
-void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
+namespace {
+
+// One output tile (batch, [m0, m1) x [n0, n1)) of the FP16 GEMM (float16 bits in P.a and P.b; Split)
+// or of the plain BF16 one (bfloat16 bits, amx_plain); m0 and n0 are multiples of 32 (launch_bf16
+// with 32-row units).
+template <bool Split>
+void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
+  constexpr int64_t bstep = Split ? kBStep : kWords;
   const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
   if (mb <= 0 || nb <= 0) return;
   float* C = P.out + T.batch * P.M * P.N;
@@ -429,8 +568,13 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
     arows[size_t(rp)] = ready(S.a_state[size_t(ra + rp)], S.a + size_t(ra + rp) * S.a_pair, [&](uint32_t* d) {
       const int64_t rows = std::min<int64_t>(32, P.M - r0);
       uint8_t* bad = S.a_bad.get() + size_t(ra + rp) * 32;
-      if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
-      else pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, bad);
+      if constexpr (Split) {
+        if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
+        else pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, bad);
+      } else {
+        if (P.conv && !P.conv->on_b) pack_a_patches_plain(a, *P.conv, r0, rows, P.K, d);
+        else pack_a_plain(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d);
+      }
     });
   }
 
@@ -453,16 +597,21 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
         bcols[size_t(cp)] = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair, [&](uint32_t* d) {
           const int64_t cols = std::min<int64_t>(32, P.N - n0);
           uint8_t* bad = S.b_bad.get() + size_t(rb + cp) * 32;
-          if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, P.K, d, bad);
-          else pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, bad);
+          if constexpr (Split) {
+            if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, P.K, d, bad);
+            else pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, bad);
+          } else {
+            if (P.conv && P.conv->on_b) pack_b_patches_plain(b, *P.conv, n0, cols, P.K, d);
+            else pack_b_plain(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d);
+          }
         });
-      const uint32_t* b0 = bcols[size_t(cp)] + s0 * kBStep;
+      const uint32_t* b0 = bcols[size_t(cp)] + s0 * bstep;
       const int nv = int(std::min<int64_t>(32, T.n1 - n0));
       const __mmask16 lo = first_lanes(nv), hi = first_lanes(std::max(0, nv - 16));
       for (int64_t rp = 0; rp < mpairs; ++rp) {
         const uint32_t* a0 = arows[size_t(rp)] + s0 * kWords;
         float* acc = accs + (cp * mpairs + rp) * 1024;
-        block32(a0, a0 + nsteps * kWords, b0, b0 + nsteps * kBStep, ns, s0 == 0, acc);
+        block32<Split>(a0, a0 + nsteps * kWords, b0, b0 + nsteps * bstep, ns, s0 == 0, acc);
         if (!last) continue;
         const int64_t m0 = T.m0 + rp * 32;
         const int mv = int(std::min<int64_t>(32, T.m1 - m0));
@@ -471,6 +620,7 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
           _mm512_mask_storeu_ps(dst, lo, _mm512_load_ps(acc + i * 32));
           if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
         }
+        if constexpr (!Split) continue;  // no split, no spurious NaN: the tiles' IEEE results stand
         const uint8_t* rows_bad = S.a_bad.get() + size_t(ra + rp) * 32;
         const uint8_t* cols_bad = S.b_bad.get() + size_t(rb + cp) * 32;
         for (int i = 0; i < mv; ++i)
@@ -480,6 +630,13 @@ void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
     }
   }
   _tile_release();
+}
+
+}  // namespace
+
+void f16_tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
+  if (P.amx_plain) tile_amx<false>(P, T);
+  else tile_amx<true>(P, T);
 }
 
 }  // namespace jdfp

@@ -205,6 +205,12 @@ def _kinds(fn, *args):
   return [op.kind for op in jdfp.explain(fn, *args).ops]
 
 
+def _on_kernel(kinds):
+  """How many of `kinds` are BF16 conv kernel calls (vdpbf16ps, or the AMX-BF16 tiles where ready)."""
+  from jdfp._src.ops import explain
+  return sum(k in (explain.MIXED_KERNEL, explain.MIXED_AMX_KERNEL) for k in kinds)
+
+
 @needs_bf16
 def test_recipe_runs_all_three_passes_on_the_kernel_bit_identical_to_direct_calls():
   rng = np.random.default_rng(0)
@@ -213,15 +219,17 @@ def test_recipe_runs_all_three_passes_on_the_kernel_bit_identical_to_direct_call
   policy = jdfp.policies.bf16()
   f = _loss(policy)
   kinds = _kinds(jax.grad(f, (0, 1)), x, w)
-  assert kinds.count("mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)") == 3, kinds
+  assert _on_kernel(kinds) == 3, kinds
+  from jdfp._src.ops.float_conv import bf16_conv_isa
+  isa = bf16_conv_isa(policy)  # the tiles where they are ready, else the vdpbf16ps chain
   y = jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), policy=policy)
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  bits_eq(y, conv_bf16(xb, wb, window_strides=(1, 1), padding="SAME"))
+  bits_eq(y, conv_bf16(xb, wb, window_strides=(1, 1), padding="SAME", isa=isa))
   gx, gw = jax.grad(f, (0, 1))(x, w)
   dy = jax.grad(lambda yy: jnp.sum(jnp.tanh(yy) * jnp.arange(yy.size, dtype=jnp.float32).reshape(yy.shape) / yy.size))(y)
   dyb = dy.astype(jnp.bfloat16)
-  bits_eq(gx, conv_bf16_input_grad(dyb, wb, input_spatial=(10, 10), window_strides=(1, 1), padding="SAME"))
-  bits_eq(gw, conv_bf16_weight_grad(xb, dyb, kernel_spatial=(3, 3), window_strides=(1, 1), padding="SAME"))
+  bits_eq(gx, conv_bf16_input_grad(dyb, wb, input_spatial=(10, 10), window_strides=(1, 1), padding="SAME", isa=isa))
+  bits_eq(gw, conv_bf16_weight_grad(xb, dyb, kernel_spatial=(3, 3), window_strides=(1, 1), padding="SAME", isa=isa))
   # Against the float path of the recipe (XLA's FP32 conv on the rounded operands): the same products,
   # sums in another order.
   rx, rw = jax.grad(_loss(jdfp.policies.bf16(backend="reference")), (0, 1))(x, w)
@@ -239,7 +247,7 @@ def test_recipe_keeps_xla_conv_where_the_kernel_does_not_apply(shape, groups, wh
   backend._warned.clear()
   with pytest.warns(RuntimeWarning, match="not on the BF16 conv kernel"):
     kinds = _kinds(jax.grad(_loss(jdfp.policies.bf16(), groups=groups), (0, 1)), x, w)
-  assert "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)" not in kinds, why
+  assert _on_kernel(kinds) == 0, why
   assert any("not on the BF16 conv kernel" in m and why.split()[0] in m for m in backend.fallback_log)
 
 
@@ -248,9 +256,9 @@ def test_recipe_other_layouts_and_fp16_stay_as_before():
   x = jnp.ones((2, 16, 8, 8), jnp.float32)  # NCHW
   w = jnp.ones((8, 16, 3, 3), jnp.float32)  # OIHW
   kinds = _kinds(jax.grad(_loss(jdfp.policies.bf16(), dn=("NCHW", "OIHW", "NCHW")), (0, 1)), x, w)
-  assert kinds.count("mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)") == 3, kinds
+  assert _on_kernel(kinds) == 3, kinds
   kinds = _kinds(jax.grad(_loss(jdfp.policies.fp16(), dn=("NCHW", "OIHW", "NCHW")), (0, 1)), x, w)
-  assert "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)" not in kinds
+  assert _on_kernel(kinds) == 0
 
 
 @needs_bf16

@@ -270,7 +270,7 @@ def test_explain_names_the_amx_paths():
 def test_bf16_dots_route_by_cpu():
   """BF16 dots: the vdpbf16ps kernel where the CPU has AVX512_BF16 but no AMX-BF16; XLA's own bf16
   dot (on the AMX tiles) where it has AMX-BF16, unless the policy names an ISA; `jdfp.explain` says
-  which. Convolutions keep the kernel either way (XLA's bf16 conv is its FP32 one)."""
+  which. Convolutions keep the conv kernel either way (XLA's bf16 conv is its FP32 one)."""
   from jdfp._src.ffi.gemm_bf16 import has_amx_bf16, has_avx512_bf16
   from jdfp._src.ops import explain
 
@@ -286,7 +286,10 @@ def test_bf16_dots_route_by_cpu():
   conv = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                 policy=auto)
   r = jdfp.explain(conv, xc, wc)
-  assert r.count(explain.MIXED_KERNEL) == (1 if has_avx512_bf16() else 0)
+  # The conv kernel: its AMX-BF16 tiles where they are ready (isa auto), else the vdpbf16ps chain.
+  from jdfp._src.ffi.gemm_bf16 import amx_bf16_ready
+  assert r.count(explain.MIXED_AMX_KERNEL) == (1 if amx_bf16_ready() else 0)
+  assert r.count(explain.MIXED_KERNEL) == (1 if has_avx512_bf16() and not amx_bf16_ready() else 0)
   # On the AMX route the weight-gradient's x^T is one jdfp_transpose16 copy (XLA would fold its own
   # transpose into the dot and widen it to FP32); the gradients are the recipe's all the same.
   loss = lambda x, w: jnp.sum(jdfp.dot_general(x, w, MATMUL, policy=auto) ** 2)

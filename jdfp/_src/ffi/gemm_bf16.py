@@ -23,8 +23,11 @@ TARGET_CONV_BF16 = "jdfp_conv_bf16"
 TARGET_TRANSPOSE16 = "jdfp_transpose16"
 TARGET_GEMM_F16 = "jdfp_gemm_f16"
 TARGET_CONV_F16 = "jdfp_conv_f16"
-# The handler's `isa` attribute: "auto" is avx512_bf16 where the CPU has it, else scalar.
-BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16")
+# The handler's `isa` attribute: "auto" is avx512_bf16 where the CPU has it, else scalar (both the
+# vdpbf16ps chain, bit for bit); "amx_bf16" is the FP16 GEMM's AMX-BF16 tiles on the bfloat16 operands
+# as they are (exact products, the tile unit's float32 sums: a bound, not a chain; bfloat16 operands
+# only; fails at run time where `amx_bf16_ready()` is false).
+BF16_ISA_NAMES = ("auto", "scalar", "avx512_bf16", "amx_bf16")
 
 
 @functools.cache
@@ -106,7 +109,8 @@ def gemm_bf16(a, b, *, transpose_a: bool = False, transpose_b: bool = False, isa
     b: bfloat16 or float32 ``[..., K, N]`` (``[..., N, K]`` with ``transpose_b``).
     transpose_a, transpose_b: the operand layouts above (no copies are made).
     isa: "auto", "scalar" (the same arithmetic element by element) or "avx512_bf16" (fails at run
-      time on a CPU without AVX512_BF16).
+      time on a CPU without AVX512_BF16); or "amx_bf16": bfloat16 operands on the AMX-BF16 tiles,
+      exact products summed in float32 in the tile unit's order (not the chain; docs/arithmetic.md).
 
   Leading batch dims broadcast numpy-style (size 1 is read with stride 0, never copied).
   """
@@ -209,6 +213,8 @@ def conv_bf16(x, w, *, window_strides, padding, lhs_dilation=None, rhs_dilation=
   ``x``: bfloat16 ``[N, *S, C]`` (1 to 3 spatial dims), ``w``: bfloat16 ``[*K, C, O]``; the other
   arguments as `jax.lax.conv_general_dilated`.  Bit for bit ``gemm_bf16(im2col(x), w.reshape(-1, O))``
   with the patch matrix's K ordered (kernel taps row-major, channel), +0 where a tap reads padding.
+  ``isa="amx_bf16"``: the same implicit GEMM on the AMX-BF16 tiles (the bound of `gemm_bf16`'s
+  amx_bf16, not the chain).
   """
   return _conv(x, w, jnp.bfloat16, window_strides, padding, lhs_dilation, rhs_dilation, isa)
 

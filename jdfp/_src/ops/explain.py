@@ -15,6 +15,7 @@ import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr types)
 import jax.numpy as jnp
 
 from jdfp._src.ffi.gemm import runs_on_amx
+from jdfp._src.ffi.gemm_bf16 import BF16_ISA_NAMES
 from jdfp._src.ffi.library import TARGET_I8, TARGET_I16, TARGET_Q
 
 
@@ -23,6 +24,7 @@ KERNEL_I8 = "jdfp kernel (FFI, int8 x int8 -> int32 chains, vpdpbusd)"
 REFERENCE = "jdfp reference (exact int32 chains in XLA)"
 MIXED = "mixed precision (fp16/bf16 operands, fp32 accumulation)"
 MIXED_KERNEL = "mixed precision on the jdfp BF16 kernel (FFI, vdpbf16ps)"
+MIXED_AMX_KERNEL = "mixed precision on the jdfp BF16 kernel (FFI, AMX-BF16 tiles)"
 MIXED_F16_KERNEL = "mixed precision on the jdfp FP16 GEMM (FFI, fp16 = 2 x bf16)"
 FLOAT = "float (not quantized)"
 INTEGER = "integer dot (XLA)"
@@ -111,8 +113,10 @@ def _walk(jaxpr, path, in_reference, out):
     if name == "ffi_call" or "custom_call" in name:
       target = str(eqn.params.get("target_name", eqn.params.get("call_target_name", "")))
       if target in ("jdfp_gemm_bf16", "jdfp_conv_bf16"):
-        out.append(Op(f"{name}:{target}", here, MIXED_KERNEL, _dtype_str(eqn.invars)))
-      elif target == "jdfp_gemm_f16":
+        tiles = int(dict(eqn.params.get("attributes", ())).get("isa", 0)) == BF16_ISA_NAMES.index("amx_bf16")
+        out.append(Op(f"{name}:{target}", here, MIXED_AMX_KERNEL if tiles else MIXED_KERNEL, _dtype_str(eqn.invars),
+                      AMX_BF16 if tiles else ""))
+      elif target in ("jdfp_gemm_f16", "jdfp_conv_f16"):
         out.append(Op(f"{name}:{target}", here, MIXED_F16_KERNEL, _dtype_str(eqn.invars), AMX_BF16))
       elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
         kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL

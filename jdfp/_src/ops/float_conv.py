@@ -6,8 +6,10 @@ Each pass rounds its two operands to the policy's float format (round to nearest
   backward-data    dx = conv^T_x(fmt(dy), fmt(w))
   weight-gradient  dw = conv^T_w(fmt(x), fmt(dy))
 BF16 on a CPU with AVX512_BF16 (backend "ffi", one group, an even number of >= 8 input channels):
-all three passes on the C++ vdpbf16ps kernel (`jdfp._src.ffi.gemm_bf16.conv_bf16`: implicit GEMM,
-the patch matrix gathered while packing, the BF16 GEMM's chains, docs/arithmetic.md).  FP16 on a CPU
+all three passes on the C++ BF16 conv kernel (`jdfp._src.ffi.gemm_bf16.conv_bf16`: implicit GEMM,
+the patch matrix gathered while packing): on the AMX-BF16 tiles where they are ready and
+``isa="auto"`` (exact products, the tile unit's float32 sums), else the vdpbf16ps chains
+(docs/arithmetic.md).  FP16 on a CPU
 with AMX-BF16 (backend "ffi", ``isa="auto"``, one group, >= 32 channels, >= 2**24 products): all three
 passes on the FP16 GEMM's tiles (`conv_f16`, the same implicit GEMM; each float16 split exactly into
 two bfloat16).  Otherwise
@@ -103,9 +105,17 @@ def _f16_kw(geom):
   return dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil)
 
 
-def _conv_kw(geom):
+def bf16_conv_isa(policy: Policy) -> str:
+  """The BF16 conv kernel's isa for this policy: with ``isa="auto"`` where the AMX-BF16 tiles are
+  ready, "amx_bf16" (the FP16 GEMM's tiles on the bfloat16 operands as they are: 2-4x the vdpbf16ps
+  kernel on the demo's and the CNN's convs, docs/benchmarks.md; exact products, the tile unit's float32
+  sums); else "auto" (the vdpbf16ps chain)."""
+  return "amx_bf16" if policy.isa == "auto" and ffi_gemm_bf16.amx_bf16_ready() else "auto"
+
+
+def _conv_kw(geom, policy):
   return dict(window_strides=geom.strides, padding=geom.pads, lhs_dilation=geom.lhs_dil, rhs_dilation=geom.rhs_dil,
-              isa="auto")
+              isa=bf16_conv_isa(policy))
 
 
 def _rounded32(x, fmt):
@@ -122,7 +132,7 @@ def float_conv(x, w, geom, policy: Policy, out_dtype):
 def _fwd(x, w, geom, policy, out_dtype):
   xq, wq = x.astype(policy.lhs.dtype), w.astype(policy.rhs.dtype)
   if bf16_conv_kernel(policy, x.shape[-1], geom):
-    y = match_varying(ffi_gemm_bf16.conv_bf16(xq, wq, **_conv_kw(geom)), xq, wq).astype(out_dtype)
+    y = match_varying(ffi_gemm_bf16.conv_bf16(xq, wq, **_conv_kw(geom, policy)), xq, wq).astype(out_dtype)
   elif f16_conv_kernel(policy, geom, x.shape, w.shape):
     y = match_varying(ffi_gemm_bf16.conv_f16(xq, wq, **_f16_kw(geom)), xq, wq).astype(out_dtype)
   else:
@@ -151,10 +161,10 @@ def _bwd(geom, policy, out_dtype, res, g):
   if bf16_conv_kernel(policy, xr.shape[-1], geom):
     xq, wq, gq = xr.astype(jnp.bfloat16), wr.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
     if need_x is not None:
-      dx = ffi_gemm_bf16.conv_bf16_input_grad(gq, wq, input_spatial=geom.in_sp, **_conv_kw(geom))
+      dx = ffi_gemm_bf16.conv_bf16_input_grad(gq, wq, input_spatial=geom.in_sp, **_conv_kw(geom, policy))
       dx = as_cotangent_of(match_varying(dx, gq, wq).astype(x_dt.dtype), x_dt)
     if need_w is not None:
-      dw = ffi_gemm_bf16.conv_bf16_weight_grad(xq, gq, kernel_spatial=geom.k_sp, **_conv_kw(geom))
+      dw = ffi_gemm_bf16.conv_bf16_weight_grad(xq, gq, kernel_spatial=geom.k_sp, **_conv_kw(geom, policy))
       dw = as_cotangent_of(match_varying(dw, xq, gq).astype(w_dt.dtype), w_dt)
     return dx, dw
   if f16_conv_kernel(policy, geom, xr.shape, wr.shape):
