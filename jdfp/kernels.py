@@ -1,5 +1,5 @@
 """The C++ kernels as JAX ops (XLA FFI, CPU): the exact INT16 and INT8 GEMMs, INT16 convolutions, the BF16
-GEMM and convolutions (vdpbf16ps), the FP16 GEMM (AMX-BF16 tiles), float -> int16 conversion and quantization counters. Exactness contract: docs/arithmetic.md.
+GEMM and convolutions (vdpbf16ps; the convolutions also on AMX-BF16 tiles, isa="amx_bf16"), the FP16 GEMM (AMX-BF16 tiles), float -> int16 conversion and quantization counters. Exactness contract: docs/arithmetic.md.
 
 Most users call `jdfp.dot_general` & co., which quantize and dispatch here; these are for direct use
 and benchmarks. Every call raises `KernelUnavailableError` when the library is not built: there is no

@@ -11,6 +11,8 @@ Per layer (ResNet-style, NHWC / HWIO) and pass, all jitted in one process:
                    (DFP14, backend ffi; includes quantizing x, w and dy) -- xla_i16 not applicable.
   jdfp_bf16        the same passes on the BF16 conv kernel (vdpbf16ps; bfloat16 in, float32 out),
                    and for train (op) `jdfp.policies.bf16()` -- where the CPU has AVX512_BF16.
+  jdfp_bf16_amx    the three passes on the BF16 conv kernel's AMX-BF16 tiles (isa "amx_bf16"), where
+                   they are ready (the recipe's train (op) row then runs there too).
 GOP/s counts 2 * N * OH * OW * KH * KW * C/G * O for every pass.  xla_f32, jdfp and jdfp_bf16 are
 timed round-robin (median of --repeats); XLA's int16 conv is a slow naive loop, timed --i16-repeats
 times on its own (0 skips it).
@@ -79,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
   policy = jdfp.Policy(lhs=jdfp.DFP(bits), rhs=jdfp.DFP(bits), grad=jdfp.DFP(bits), backend="ffi", isa=isa)
   dn = ("NHWC", "HWIO", "NHWC")
   with_bf16 = not args.no_bf16 and kernels.has_avx512_bf16()
+  with_amx = with_bf16 and kernels.amx_bf16_ready()
   rng = np.random.default_rng(0)
   results = []
   for name in args.layers:
@@ -138,6 +141,13 @@ def main(args: argparse.Namespace) -> int:
           jax.jit(lambda a, d: kernels.conv_bf16_weight_grad(a, d, kernel_spatial=(kh, kw), **kk)), (xb, db))
       cands["train-op"]["jdfp_bf16"] = (jax.jit(jax.grad(lambda a, b, d: jnp.vdot(jdfp.conv_general_dilated(
           a, b, strides, pads, dimension_numbers=dn, policy=bf16_policy), d), argnums=(0, 1))), (xf, wf, df))
+      if with_amx:  # the same passes on the AMX-BF16 tiles (train-op: the recipe takes them itself)
+        ka = dict(kk, isa="amx_bf16")
+        cands["forward"]["jdfp_bf16_amx"] = (jax.jit(lambda a, b: kernels.conv_bf16(a, b, **ka)), (xb, wb))
+        cands["backward-data"]["jdfp_bf16_amx"] = (
+            jax.jit(lambda d, b: kernels.conv_bf16_input_grad(d, b, input_spatial=(h, w_), **ka)), (db, wb))
+        cands["weight-gradient"]["jdfp_bf16_amx"] = (
+            jax.jit(lambda a, d: kernels.conv_bf16_weight_grad(a, d, kernel_spatial=(kh, kw), **ka)), (xb, db))
     for ps in args.passes:
       cd = cands[ps]
       fns = {k: (lambda f=f, a=a: f(*a)) for k, (f, a) in cd.items() if k != "xla_i16"}
@@ -153,12 +163,15 @@ def main(args: argparse.Namespace) -> int:
         row["jdfp_vs_xla_i16"] = secs["xla_i16"] / secs["jdfp"]
       if "jdfp_bf16" in secs:
         row["jdfp_bf16_vs_xla_f32"] = secs["xla_f32"] / secs["jdfp_bf16"]
+      if "jdfp_bf16_amx" in secs:
+        row["jdfp_bf16_amx_vs_xla_f32"] = secs["xla_f32"] / secs["jdfp_bf16_amx"]
       results.append(row)
       print(f"  {name} {ps}: " + ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in secs.items()) +
             f" -> jdfp {row['jdfp_vs_xla_f32']:.2f}x xla_f32", flush=True)
 
   cols = ["layer", "pass", "XLA f32 ms", "XLA i16 ms", "jdfp ms", "jdfp GOP/s", "vs f32", "vs i16"]
   cols += ["bf16 ms", "bf16 vs f32"] if with_bf16 else []
+  cols += ["bf16 amx ms", "amx vs f32"] if with_amx else []
   rows = []
   for r in results:
     sc = r["seconds"]
@@ -168,6 +181,10 @@ def main(args: argparse.Namespace) -> int:
                  f"{r['jdfp_vs_xla_i16']:.0f}x" if "jdfp_vs_xla_i16" in r else "-"])
     if with_bf16:
       rows[-1] += [f"{1e3 * sc['jdfp_bf16']:.1f}", f"{r['jdfp_bf16_vs_xla_f32']:.2f}x"]
+    if with_amx:
+      amx = "jdfp_bf16_amx" in sc
+      rows[-1] += [f"{1e3 * sc['jdfp_bf16_amx']:.1f}" if amx else "-",
+                   f"{r['jdfp_bf16_amx_vs_xla_f32']:.2f}x" if amx else "-"]
   title = (f"jdfp conv, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa}, "
            f"jax {jax.__version__}, {os.cpu_count()} CPUs (median of {args.repeats})")
   print_table(title, cols, rows)
