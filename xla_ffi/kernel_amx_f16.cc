@@ -282,60 +282,37 @@ static inline __m256i load16_bf(const uint16_t* p, int64_t stride, int n) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
 }
 
-// The A panel of rows [0, rows) of x: per 16-row block and 32-k step, 16 rows of 16 k-pair words.
-static void pack_a_plain(const View& x, uint32_t* dst) {
-  const int64_t nsteps = (x.K + 31) / 32, nblocks = (x.rows + 31) / 32 * 2;
-  alignas(64) uint32_t tmp[kWords];
-  for (int64_t rb = 0; rb < nblocks; ++rb) {
-    const int rn = int(std::clamp<int64_t>(x.rows - rb * 16, 0, 16));
-    for (int64_t s = 0; s < nsteps; ++s) {
-      uint32_t* d = dst + (rb * nsteps + s) * kWords;
-      const int64_t kn = std::min<int64_t>(32, x.K - s * 32);
-      if (x.sk == 1) {  // a row's 32 k are the step's 16 words as they lie
-        for (int r = 0; r < 16; ++r) {
-          const __m512i v = r < rn ? _mm512_maskz_loadu_epi16(first_halves(kn), x.src + (rb * 16 + r) * x.sr + s * 32)
-                                   : _mm512_setzero_si512();
-          _mm512_store_si512(d + r * 16, v);
-        }
-      } else {  // along the rows per k pair, then transposed
-        for (int p = 0; p < 16; ++p) {
-          const int64_t k0 = s * 32 + 2 * p;
-          const __m256i lo = load16_bf(x.src + rb * 16 * x.sr + k0 * x.sk, x.sr, k0 < x.K ? rn : 0);
-          const __m256i hi = load16_bf(x.src + rb * 16 * x.sr + (k0 + 1) * x.sk, x.sr, k0 + 1 < x.K ? rn : 0);
-          _mm512_store_si512(tmp + p * 16, pair_words(lo, hi));
-        }
-        transpose_words(tmp, d);
-      }
+// One 16-line block (lines [l0, l0 + ln) of x, zeros past ln) and 32-k step s of x as 16 x 16 words,
+// each a k pair: line-major ([line][pair]: an A tile) or pair-major ([pair][line]: a B tile).  Lines
+// along k (sk == 1) load line-major, others a pair at a time across the lines; a transpose where the
+// load's orientation is not the tile's.
+static void plain_step(const View& x, int64_t l0, int ln, int64_t s, bool line_major, uint32_t* d, uint32_t* tmp) {
+  const bool along_k = x.sk == 1;
+  uint32_t* w = along_k == line_major ? d : tmp;
+  if (along_k) {  // a line's 32 k are its 16 words as they lie
+    const __mmask32 m = first_halves(x.K - s * 32);
+    for (int l = 0; l < 16; ++l)
+      _mm512_store_si512(w + l * 16, l < ln ? _mm512_maskz_loadu_epi16(m, x.src + (l0 + l) * x.sr + s * 32)
+                                            : _mm512_setzero_si512());
+  } else {
+    for (int p = 0; p < 16; ++p) {
+      const int64_t k0 = s * 32 + 2 * p;
+      const __m256i lo = load16_bf(x.src + l0 * x.sr + k0 * x.sk, x.sr, k0 < x.K ? ln : 0);
+      const __m256i hi = load16_bf(x.src + l0 * x.sr + (k0 + 1) * x.sk, x.sr, k0 + 1 < x.K ? ln : 0);
+      _mm512_store_si512(w + p * 16, pair_words(lo, hi));
     }
   }
+  if (w == tmp) transpose_words(tmp, d);
 }
 
-// The B panel of columns [0, rows) of x (x[n, k] = B[k, n]): per 16-column block and 32-k step, 16 k
-// pairs of 16 column words.
-static void pack_b_plain(const View& x, uint32_t* dst) {
+// The A panel (line_major: rows of A) or B panel (columns of B, x[n, k] = B[k, n]) of lines [0, rows)
+// of x: per 16-line block and 32-k step, one tile of k-pair words.
+static void pack_plain(const View& x, uint32_t* dst, bool line_major) {
   const int64_t nsteps = (x.K + 31) / 32, nblocks = (x.rows + 31) / 32 * 2;
   alignas(64) uint32_t tmp[kWords];
-  for (int64_t cb = 0; cb < nblocks; ++cb) {
-    const int cn = int(std::clamp<int64_t>(x.rows - cb * 16, 0, 16));
-    for (int64_t s = 0; s < nsteps; ++s) {
-      uint32_t* d = dst + (cb * nsteps + s) * kWords;
-      if (x.sk != 1 || x.sr == 1) {  // columns along a k row
-        for (int p = 0; p < 16; ++p) {
-          const int64_t k0 = s * 32 + 2 * p;
-          const __m256i lo = load16_bf(x.src + cb * 16 * x.sr + k0 * x.sk, x.sr, k0 < x.K ? cn : 0);
-          const __m256i hi = load16_bf(x.src + cb * 16 * x.sr + (k0 + 1) * x.sk, x.sr, k0 + 1 < x.K ? cn : 0);
-          _mm512_store_si512(d + p * 16, pair_words(lo, hi));
-        }
-      } else {  // k contiguous per column: a column's 32 k are its 16 words, then transposed
-        const int64_t kn = std::min<int64_t>(32, x.K - s * 32);
-        for (int c = 0; c < 16; ++c) {
-          const __m512i v = c < cn ? _mm512_maskz_loadu_epi16(first_halves(kn), x.src + (cb * 16 + c) * x.sr + s * 32)
-                                   : _mm512_setzero_si512();
-          _mm512_store_si512(tmp + c * 16, v);
-        }
-        transpose_words(tmp, d);
-      }
-    }
+  for (int64_t lb = 0; lb < nblocks; ++lb) {
+    const int ln = int(std::clamp<int64_t>(x.rows - lb * 16, 0, 16));
+    for (int64_t s = 0; s < nsteps; ++s) plain_step(x, lb * 16, ln, s, line_major, dst + (lb * nsteps + s) * kWords, tmp);
   }
 }
 
@@ -573,7 +550,7 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
         else pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, bad);
       } else {
         if (P.conv && !P.conv->on_b) pack_a_patches_plain(a, *P.conv, r0, rows, P.K, d);
-        else pack_a_plain(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d);
+        else pack_plain(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, true);
       }
     });
   }
@@ -602,7 +579,7 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
             else pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, bad);
           } else {
             if (P.conv && P.conv->on_b) pack_b_patches_plain(b, *P.conv, n0, cols, P.K, d);
-            else pack_b_plain(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d);
+            else pack_plain(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, false);
           }
         });
       const uint32_t* b0 = bcols[size_t(cp)] + s0 * bstep;

@@ -38,3 +38,19 @@ def draw_conv_geometry(data, max_images=3):
   ld = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
   rd = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
   return xs, ksp, strides, pads, ld, rd
+
+
+def transposed_conv_reference(x, w, dy, strides, padding, ld, rd):
+  """XLA's float32 transpose of the conv (x [N, *S, C], w [*K, C, O]) applied to dy, and the same with
+  |w| and |dy| (the magnitudes of the error bounds of a backward-data pass): float64 arrays."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[np.ndim(x) - 2]
+  w32 = jnp.asarray(w, jnp.float32)
+  conv = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, ld, rd, dimension_numbers=spec,
+                                              precision=lax.Precision.HIGHEST)
+  x32, dy32 = jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32)
+  want = jax.vjp(lambda a: conv(a, w32), x32)[1](dy32)[0]
+  absum = jax.vjp(lambda a: conv(a, jnp.abs(w32)), x32)[1](jnp.abs(dy32))[0]
+  return np.asarray(want, np.float64), np.asarray(absum, np.float64)

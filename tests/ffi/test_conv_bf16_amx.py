@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax import lax
 
 import jdfp
 from jdfp import kernels
 from jdfp._src.ops import explain, float_conv
-from kernel_testing import bits_eq, draw_conv_geometry
+from kernel_testing import bits_eq, draw_conv_geometry, transposed_conv_reference
 from test_conv_bf16_kernel import CASES, _bf16_values, _case_id, _kw, _loss, _patches
 
 pytestmark = pytest.mark.skipif(not (kernels.kernel_available() and kernels.amx_bf16_ready()),
@@ -123,15 +122,10 @@ def test_conv_input_grad_within_the_bound_of_xla_transpose(case):
   xs, ws, strides, padding, ld, rd = case
   rng = np.random.default_rng(1)
   x, w = _bf16_values(xs, rng), _bf16_values(ws, rng)
-  nsp = len(xs) - 2
-  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[nsp]
-  conv = lambda a, b: lax.conv_general_dilated(a, b, strides, padding, ld, rd, dimension_numbers=spec,
-                                              precision=lax.Precision.HIGHEST)
-  y, vjp = jax.vjp(lambda a: conv(a, jnp.asarray(w)), jnp.asarray(x))
-  dy = _bf16_values(y.shape, rng)
-  want = np.asarray(vjp(jnp.asarray(dy))[0], np.float64)
-  absum = np.asarray(jax.vjp(lambda a: conv(a, jnp.abs(jnp.asarray(w))), jnp.asarray(x))[1](
-      jnp.abs(jnp.asarray(dy)))[0], np.float64)
+  y_shape = jax.eval_shape(lambda: conv_bf16(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16),
+                                             **AMX, **_kw(strides, padding, ld, rd))).shape
+  dy = _bf16_values(y_shape, rng)
+  want, absum = transposed_conv_reference(x, w, dy, strides, padding, ld, rd)
   got = np.asarray(conv_bf16_input_grad(jnp.asarray(dy, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16),
                                         input_spatial=xs[1:-1], **AMX, **_kw(strides, padding, ld, rd)))
   k = int(np.prod(ws[:-2])) * ws[-1]
