@@ -330,6 +330,9 @@ def test_fp16_recipe_convs_run_on_the_tiles():
   loss = lambda x, w: jnp.sum(conv(x, w) ** 2)
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
   assert hlo.count("jdfp_conv_f16") == 3, hlo.count("jdfp_conv_f16")
+  report = jdfp.explain(jax.grad(loss, argnums=(0, 1)), x, w)  # named as the FP16 GEMM's, not the INT16 kernel's
+  assert report.count(explain.MIXED_F16_KERNEL) == 3 and report.kernel_calls == 0, str(report)
+  assert all(op.engine == explain.AMX_BF16 for op in report.ops if op.kind == explain.MIXED_F16_KERNEL)
   want = lax.conv_general_dilated(x.astype(jnp.float16).astype(jnp.float32), w.astype(jnp.float16).astype(jnp.float32),
                                   (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                   precision=lax.Precision.HIGHEST)
