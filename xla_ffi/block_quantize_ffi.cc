@@ -49,6 +49,7 @@
 #include "block_quantize_kernels.h"
 #include "conv_geometry.h"
 #include "ffi_helpers.h"
+#include "ffi_runtime.h"
 
 namespace jdfp {
 namespace {
@@ -137,6 +138,7 @@ struct BlockJob {
   PatchGeom geom;
   int16_t* out = nullptr;
   int8_t* out8 = nullptr;  // int8 result (then `out` is null): convert_rows_i8
+  bool i8 = false;         // the values are int8 (out8, or the fused patch GEMM's int8 rows)
   float* deq = nullptr;  // JdfpBlockFakeQuantize: dequantized output (then `out` is null)
   int32_t* e = nullptr;
   int64_t B = 0, R = 0, C = 0, bb = 0, br = 0, bc = 0, GB = 0, GR = 0, GC = 0;
@@ -161,6 +163,10 @@ struct UnitScratch {
   std::vector<int16_t> row;  // fake-quantize and int8 results: one row segment's int16 values
   std::vector<float> band;   // patch mode: the unit's rows of the patch matrix, band_n columns each
   int64_t band_row0 = 0, band_n = 0;
+  // Where int16 element i of the tensor goes: out[i].  The job's output, or (the fused patch GEMM)
+  // the worker's buffer of its current rows, offset so that the same global indices land in it.
+  int16_t* out = nullptr;
+  int8_t* out8 = nullptr;  // the same for int8 values
   Counts counts;
   int32_t emin = INT32_MAX, emax = INT32_MIN;
 };
@@ -216,11 +222,11 @@ void convert_stochastic_rows(const BlockJob& j, int64_t band, int64_t c0, int64_
   for_band_rows(j, band, [&](int64_t off) {
     const float* x = xseg(j, s, off, c0);
     if (j.k.stochastic_cols) {
-      j.k.stochastic_cols(x, j.out + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
+      j.k.stochastic_cols(x, s.out + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm);
       return;
     }
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += j.bc, ++b) {
-      ConvertArgs a{x, j.out, s.s1[b], s.s2[b], j.qm, j.key};
+      ConvertArgs a{x, s.out, s.s1[b], s.s2[b], j.qm, j.key};
       a.x_index0 = off + c0;
       j.stochastic(a, off + c0 + b0, off + c0 + std::min(n, b0 + j.bc));
     }
@@ -235,12 +241,12 @@ void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, con
   for_band_rows(j, band, [&](int64_t off) {
     const float* x = xseg(j, s, off, c0);
     if (!j.stochastic && j.k.convert_cols_i8) {
-      j.k.convert_cols_i8(x, j.out8 + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
+      j.k.convert_cols_i8(x, s.out8 + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
                           j.counts_out ? &s.counts : nullptr);
       return;
     }
     if (j.stochastic && j.k.stochastic_cols_i8) {
-      j.k.stochastic_cols_i8(x, j.out8 + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm,
+      j.k.stochastic_cols_i8(x, s.out8 + off + c0, n, off + c0, j.key, s.s1c.data(), s.s2c.data(), j.qm,
                              j.counts_out ? &s.counts : nullptr);
       return;
     }
@@ -256,7 +262,7 @@ void convert_rows_i8(const BlockJob& j, int64_t band, int64_t c0, int64_t n, con
       j.k.convert(x, q, n, j.bc, args);
     }
     if (j.counts_out) count_row(j, x, q, n, s);
-    narrow_to_i8(q, j.out8 + off + c0, n);
+    narrow_to_i8(q, s.out8 + off + c0, n);
   });
 }
 
@@ -301,45 +307,51 @@ void run_unit(const BlockJob& j, int64_t u, UnitScratch& s) {
     });
     return;
   }
-  const bool cols_i16 = j.out && !j.stochastic && j.k.convert_cols_i16;  // one pass, counts included
-  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols) || (j.out8 && j.k.convert_cols_i8) ||
+  const bool cols_i16 = s.out && !j.stochastic && j.k.convert_cols_i16;  // one pass, counts included
+  if ((j.stochastic && j.k.stochastic_cols) || (j.counts_out && j.k.stats_cols) || (j.i8 && j.k.convert_cols_i8) ||
       cols_i16) {
     for (int64_t b = 0, c = 0; b < nb; ++b)
       for (const int64_t c1 = std::min(n, c + j.bc); c < c1; ++c) s.s1c[size_t(c)] = s.s1[size_t(b)], s.s2c[size_t(c)] = s.s2[size_t(b)];
   }
-  if (j.out8) {
+  if (j.i8) {
     convert_rows_i8(j, band, c0, n, args, s);  // counts as it goes
   } else {
     if (cols_i16) {
       for_band_rows(j, band, [&](int64_t off) {
-        j.k.convert_cols_i16(xseg(j, s, off, c0), j.out + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
+        j.k.convert_cols_i16(xseg(j, s, off, c0), s.out + off + c0, n, s.s1c.data(), s.s2c.data(), j.qm, j.biased,
                              j.counts_out ? &s.counts : nullptr);
       });
     } else if (j.stochastic) {
       convert_stochastic_rows(j, band, c0, n, s);
     } else {
-      for_band_rows(j, band, [&](int64_t off) { j.k.convert(xseg(j, s, off, c0), j.out + off + c0, n, j.bc, args); });
+      for_band_rows(j, band, [&](int64_t off) { j.k.convert(xseg(j, s, off, c0), s.out + off + c0, n, j.bc, args); });
     }
     if (j.counts_out && !cols_i16)
-      for_band_rows(j, band, [&](int64_t off) { count_row(j, xseg(j, s, off, c0), j.out + off + c0, n, s); });
+      for_band_rows(j, band, [&](int64_t off) { count_row(j, xseg(j, s, off, c0), s.out + off + c0, n, s); });
   }
   if (!j.counts_out) return;
   for (int64_t b = 0; b < nb; ++b)
     if (s.block_ok[b]) s.emin = std::min(s.emin, s.e[b]), s.emax = std::max(s.emax, s.e[b]);
 }
 
-void block_worker(const std::shared_ptr<BlockJob>& job) {
-  BlockJob& j = *job;
-  UnitScratch s;
+void init_scratch(const BlockJob& j, UnitScratch& s) {
   s.acc.resize(size_t(j.cb_per_unit * kAmaxLanes));
   s.s1.resize(size_t(j.cb_per_unit));
   s.s2.resize(size_t(j.cb_per_unit));
   s.e.resize(size_t(j.cb_per_unit));
   s.block_ok.resize(size_t(j.cb_per_unit));
-  if (j.deq || j.out8) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
+  if (j.deq || j.i8) s.row.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
   if (j.patches) s.band.resize(size_t(std::min(j.br, j.R) * std::min(j.C, j.cb_per_unit * j.bc)));
   s.s1c.resize(size_t(std::min(j.C, j.cb_per_unit * j.bc)));
   s.s2c.resize(s.s1c.size());
+  s.out = j.out;
+  s.out8 = j.out8;
+}
+
+void block_worker(const std::shared_ptr<BlockJob>& job) {
+  BlockJob& j = *job;
+  UnitScratch s;
+  init_scratch(j, s);
   int64_t done = 0;
   {
     const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
@@ -357,18 +369,19 @@ void block_worker(const std::shared_ptr<BlockJob>& job) {
 
 // Shapes, block attribute and the format attributes, checked; fills the job's geometry.
 // `out` is int16 (or int8 for formats of <= 8 bits), or float32 for JdfpBlockFakeQuantize (`fake`).
-ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer e, bool fake,
+// `out` null: the fused patch GEMM's int16 values, written to its workers' buffers (j.out stays null).
+ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer* out, ffi::AnyBuffer e, bool fake,
                   ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding) {
   auto bad = [](const std::string& m) { return invalid_as("block_quantize", m); };
   if (x.element_type() != ffi::F32) return bad("x must be float32");
-  const bool i8 = !fake && out.element_type() == ffi::S8;
-  if (fake && out.element_type() != ffi::F32) return bad("y must be float32");
-  if (!fake && !i8 && out.element_type() != ffi::S16) return bad("out must be int16 or int8");
+  const bool i8 = out && !fake && out->element_type() == ffi::S8;
+  if (fake && out->element_type() != ffi::F32) return bad("y must be float32");
+  if (out && !fake && !i8 && out->element_type() != ffi::S16) return bad("out must be int16 or int8");
   if (e.element_type() != ffi::S32) return bad("e must be int32");
   // Patch mode: the tensor converted is the patch matrix [1, rows, taps * C] of the image x.
   const int64_t patch_dims[3] = {1, j.geom.rows, j.geom.cols};
   const auto dx = j.patches ? ffi::Span<const int64_t>(patch_dims, 3) : x.dimensions();
-  const auto dout = out.dimensions(), de = e.dimensions();
+  const auto dout = out ? out->dimensions() : dx, de = e.dimensions();
   if (dx.size() != 3) return bad("x must be 3-D [B, R, C], got " + dims_str(dx));
   if (dout.size() != 3 || !std::equal(dx.begin(), dx.end(), dout.begin()))
     return bad(std::string(j.patches ? "out must be the patch matrix [1, rows, taps * C] " : "out must have x's shape ") +
@@ -400,9 +413,9 @@ ffi::Error set_up(BlockJob& j, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuf
   j.units_per_band = (j.GC + j.cb_per_unit - 1) / j.cb_per_unit;
   j.nunits = j.GB * j.GR * j.units_per_band;
   j.x = static_cast<const float*>(x.untyped_data());
-  if (fake) j.deq = static_cast<float*>(out.untyped_data());
-  else if (i8) j.out8 = static_cast<int8_t*>(out.untyped_data());
-  else j.out = static_cast<int16_t*>(out.untyped_data());
+  if (fake) j.deq = static_cast<float*>(out->untyped_data());
+  else if (i8) j.out8 = static_cast<int8_t*>(out->untyped_data()), j.i8 = true;
+  else if (out) j.out = static_cast<int16_t*>(out->untyped_data());
   j.e = static_cast<int32_t*>(e.untyped_data());
   return ffi::Error::Success();
 }
@@ -453,7 +466,7 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
       return error_future(invalid_as("block_quantize", err));
     job->patches = true;
   }
-  if (ffi::Error err = set_up(*job, x, *out, *e, fake, block, kind, bits, rounding); err.failure())
+  if (ffi::Error err = set_up(*job, x, &*out, *e, fake, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
   if (ffi::Error err = set_up_stats(*job, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = set_up_key(*job, key, rounding, *kernels); err.failure()) return error_future(std::move(err));
@@ -472,6 +485,134 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   ffi::Future fut(job->done);
   for (int64_t w = 1; w < nthreads; ++w) pool.Schedule([job]() { block_worker(job); });
   block_worker(job);  // the calling thread finishes every unit if nobody else shows up
+  return fut;
+}
+
+// ---------------------------------------------------------------- patch conversion + GEMM
+// JdfpBlockPatchGemm(Stats): the forward product of a block-format conv whose converted patch matrix
+// nobody keeps (deterministic forward rounding: the backward converts x again).  A work item is a
+// run of row bands: converted (run_unit, as JdfpBlockQuantizePatches) into the worker's buffer, then
+// multiplied by b on the spot (RowGemm: the INT16 kernel, or the INT8 kernel for int8 b and formats
+// of <= 8 bits, on those rows and every column).  The matrix is never stored whole and its rows are
+// still in L2 when the GEMM packs them; bit for bit the conversion call followed by JdfpGemmI16 /
+// JdfpGemmI8 on its result.
+struct PatchGemmJob : BlockJob {
+  std::unique_ptr<RowGemm> gemm;
+  int32_t bits_b = 0;
+  int64_t bands_per_item = 1, nitems = 0;
+};
+
+// The rows of a work item: 8 bands (192 rows at HBFP's 24) unless that leaves under four items per
+// worker; one band at least.
+constexpr int64_t kItemRows = 192;
+
+void patch_gemm_worker(const std::shared_ptr<PatchGemmJob>& job) {
+  PatchGemmJob& j = *job;
+  UnitScratch s;
+  init_scratch(j, s);
+  // Kept per thread: a fresh buffer per call would be page-faulted in again every step.
+  thread_local std::vector<int16_t> a;
+  thread_local std::vector<int32_t> ea;
+  const int64_t item_rows = j.bands_per_item * j.br;
+  if (a.size() < size_t(item_rows * j.C)) a.resize(size_t(item_rows * j.C));
+  if (ea.size() < size_t(item_rows * j.GC)) ea.resize(size_t(item_rows * j.GC));
+  int16_t* a16 = a.data();
+  int8_t* a8 = reinterpret_cast<int8_t*>(a.data());
+  int64_t done = 0, units = 0;
+  int bad = 0;
+  {
+    const WorkerFpEnv fp_env;  // RNE + DAZ/FTZ, as XLA:CPU
+    for (;;) {
+      const int64_t it = j.next.fetch_add(1, std::memory_order_relaxed);
+      if (it >= j.nitems) break;
+      ++done;
+      const int64_t band0 = it * j.bands_per_item, band1 = std::min(j.GR, band0 + j.bands_per_item);
+      const int64_t r0 = band0 * j.br, r1 = std::min(j.R, band1 * j.br);
+      units += (band1 - band0) * j.units_per_band;
+      if (bad) continue;  // keep counting so the promise completes; the result is an error anyway
+      // Element (r, c) of the patch matrix (global index r * C + c) lands at a[(r - r0) * C + c].
+      if (j.i8) s.out8 = a8 - r0 * j.C;
+      else s.out = a16 - r0 * j.C;
+      for (int64_t u = band0 * j.units_per_band; u < band1 * j.units_per_band; ++u) run_unit(j, u, s);
+      for (int64_t r = r0; r < r1; ++r) std::copy_n(j.e + (r / j.br) * j.GC, j.GC, ea.data() + (r - r0) * j.GC);
+      bad = j.gemm->run(r0, r1, j.i8 ? static_cast<const void*>(a8) : a16, ea.data());
+    }
+  }
+  if (!done) return;
+  if (j.counts_out) j.totals.add(s.counts, s.emin, s.emax, units, j.nunits, j.counts_out, j.erange_out);
+  if (bad) {
+    // Converted values are clipped to the format, so only b can be out of range.
+    j.done.CountDown(size_t(done), invalid_as("block_patch_gemm", std::string(j.i8 ? "int8" : "int16") +
+                                              " operand b has a value outside [-qmax, qmax] for bits_b=" +
+                                              std::to_string(j.bits_b)));
+  } else {
+    j.done.CountDown(size_t(done));
+  }
+}
+
+ffi::Future block_patch_gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key, ffi::AnyBuffer b,
+                                  ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                                  ffi::Result<ffi::AnyBuffer> e, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
+                                  ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
+                                  int32_t bits_b, int32_t isa, const PatchAttrs& patch) {
+  auto bad = [](const std::string& m) { return error_future(invalid_as("block_patch_gemm", m)); };
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error err = select_isa("block_patch_gemm", isa, kernels); err.failure()) return error_future(std::move(err));
+  const bool i8 = b.element_type() == ffi::S8;
+  if (!i8 && b.element_type() != ffi::S16) return bad("b must be int16 (INT16 kernel) or int8 (INT8 kernel)");
+  auto job = std::make_shared<PatchGemmJob>();
+  PatchGemmJob& j = *job;
+  {
+    ConvAttrs at{};
+    std::string err;
+    if (x.element_type() != ffi::F32) return bad("x must be float32");
+    if (!read_attrs(patch.strides, patch.plo, patch.phi, patch.ldil, patch.rdil, 1, at, err) ||
+        !j.geom.init(x.dimensions(), patch.kernel_spatial, at, err))
+      return bad(err);
+    j.patches = true;
+  }
+  if (ffi::Error err = set_up(j, x, nullptr, *e, false, block, kind, bits, rounding); err.failure())
+    return error_future(std::move(err));
+  if (ffi::Error err = set_up_stats(j, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = set_up_key(j, key, rounding, *kernels); err.failure()) return error_future(std::move(err));
+  if (rounding == kRoundStochastic) return bad("the fused patch GEMM takes nearest or biased rounding");
+  const int32_t bits_a = j.bfp ? j.bits + 1 : j.bits;
+  if (i8 && bits_a > 8)
+    return bad("int8 b (the INT8 kernel) needs a format of <= 8 bits (|q| <= 127), got bits " + std::to_string(bits_a));
+  j.i8 = i8;
+  j.bits_b = bits_b;
+  j.k = kBlockTable[kernels - &isa_kernels(0)];
+  // The GEMM: a = the patch matrix [1, rows, K] on the conversion's column blocks (KB = GC).
+  const int64_t a_dims[3] = {1, j.R, j.C}, ea_dims[3] = {1, j.R, j.GC};
+  GemmShape gs;
+  gs.da = ffi::Span<const int64_t>(a_dims, 3);
+  gs.dea = ffi::Span<const int64_t>(ea_dims, 3);
+  gs.db = b.dimensions(), gs.deb = eb.dimensions(), gs.dout = y->dimensions();
+  if (gs.db.size() != 3 || gs.deb.size() != 3 || gs.dout.size() != 3 || gs.db[0] != 1 || gs.deb[0] != 1 ||
+      gs.dout[0] != 1)
+    return bad("b, eb and y must be 3-D with batch 1: b [1, K, N], eb [1, KB, N or 1], y [1, rows, N]; got b " +
+               dims_str(gs.db) + " eb " + dims_str(gs.deb) + " y " + dims_str(gs.dout));
+  const int64_t block_k = j.GC == 1 ? -1 : j.bc;
+  auto make = i8 ? make_row_gemm_i8 : make_row_gemm_i16;
+  if (ffi::Error err = make(gs, block_k, b.untyped_data(), eb.typed_data(), y->typed_data(), bits_a, bits_b, isa, j.gemm);
+      err.failure())
+    return error_future(std::move(err));
+  if (gs.N == 0) return bad("b has no columns (N = 0): nothing to multiply");
+  if (j.nunits == 0) {  // no rows (an empty batch): y and e are empty, the counts zero
+    if (counts) std::fill_n(j.counts_out, 4, 0), std::fill_n(j.erange_out, 2, 0);
+    ffi::Promise p;
+    ffi::Future f(p);
+    p.SetAvailable();
+    return f;
+  }
+  const int64_t nthreads = std::min(pool_workers(pool), j.GR);
+  j.bands_per_item = std::max<int64_t>(1, std::min(kItemRows / std::max<int64_t>(j.br, 1),
+                                                   j.GR / std::max<int64_t>(1, 4 * nthreads)));
+  j.nitems = (j.GR + j.bands_per_item - 1) / j.bands_per_item;
+  j.done = ffi::CountDownPromise(size_t(j.nitems));
+  ffi::Future fut(j.done);
+  for (int64_t w = 1; w < std::min(nthreads, j.nitems); ++w) pool.Schedule([job]() { patch_gemm_worker(job); });
+  patch_gemm_worker(job);
   return fut;
 }
 
@@ -596,3 +737,56 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockQuantizePatchesStats, block_quantize_patc
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() JDFP_PATCH_ATTRS);
+
+// The patch matrix's conversion and its GEMM with b in one call (PatchGemmJob): x and key as above; b
+// int16 [1, K, N] (INT16 kernel) or int8 (INT8 kernel, formats of <= 8 bits), eb int32 [1, KB, N or 1]
+// (KB: the conversion's column blocks) -> y float32 [1, rows, N], e (and counts, erange) as
+// JdfpBlockQuantizePatches(Stats).  attrs: the patch attrs plus bits_b.
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockPatchGemm(XLA_FFI_CallFrame*);
+JDFP_EXPORT XLA_FFI_Error* JdfpBlockPatchGemmStats(XLA_FFI_CallFrame*);
+
+static ffi::Future block_patch_gemm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key, ffi::AnyBuffer b,
+                                    ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                                    ffi::Result<ffi::AnyBuffer> e, Span64 block, int32_t kind, int32_t bits,
+                                    int32_t rounding, int32_t isa, Span64 strides, Span64 plo, Span64 phi,
+                                    Span64 ldil, Span64 rdil, Span64 ks, int32_t bits_b) {
+  const jdfp::PatchAttrs pa{strides, plo, phi, ldil, rdil, ks};
+  return jdfp::block_patch_gemm_impl(pool, x, key, b, eb, y, e, nullptr, nullptr, block, kind, bits, rounding, bits_b,
+                                     isa, pa);
+}
+
+static ffi::Future block_patch_gemm_stats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key,
+                                          ffi::AnyBuffer b, ffi::Buffer<ffi::S32> eb,
+                                          ffi::Result<ffi::Buffer<ffi::F32>> y, ffi::Result<ffi::AnyBuffer> e,
+                                          ffi::Result<ffi::AnyBuffer> counts, ffi::Result<ffi::AnyBuffer> erange,
+                                          Span64 block, int32_t kind, int32_t bits, int32_t rounding, int32_t isa,
+                                          Span64 strides, Span64 plo, Span64 phi, Span64 ldil, Span64 rdil, Span64 ks,
+                                          int32_t bits_b) {
+  const jdfp::PatchAttrs pa{strides, plo, phi, ldil, rdil, ks};
+  return jdfp::block_patch_gemm_impl(pool, x, key, b, eb, y, e, &*counts, &*erange, block, kind, bits, rounding,
+                                     bits_b, isa, pa);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockPatchGemm, block_patch_gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>() JDFP_PATCH_ATTRS
+                                  .Attr<int32_t>("bits_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpBlockPatchGemmStats, block_patch_gemm_stats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JDFP_PATCH_ATTRS
+                                  .Attr<int32_t>("bits_b"));

@@ -70,6 +70,45 @@ void plan_chains(Job& j, int64_t K, int64_t block_k, int64_t KB, int64_t C, int3
 bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, int64_t mat_elems,
                    std::vector<int64_t>& off);
 
+// The INT16 GEMM's operands as its handlers read them (gemm_ffi.cc): a [..., M, K] (or [..., K, M]
+// transposed), b [..., K, N] (or [..., N, K]), shapes checked by read_shapes / check_batch_dims, and
+// the job's Problem filled from them by set_up_job.  Shared with the fused patch-conversion + GEMM
+// handler (block_quantize_ffi.cc).
+struct GemmShape {
+  ffi::Span<const int64_t> da, db, dea, deb, dout;
+  int64_t M = 0, N = 0, K = 0, bk = 0, KB = 0;
+  std::vector<int64_t> ob;  // output batch dims
+};
+struct GemmOperands {
+  const void* a;
+  const void* b;
+  const int32_t* ea;
+  const int32_t* eb;
+  float* out;
+  bool a_f32, b_f32;  // float32 operands, quantized while packing
+};
+ffi::Error read_shapes(GemmShape& s, int64_t block_k, bool trans_a, bool trans_b);
+ffi::Error check_batch_dims(GemmShape& s);
+ffi::Error set_up_job(Job& job, const GemmShape& s, const GemmOperands& ops, int32_t bits_a, int32_t bits_b,
+                      bool trans_a, bool trans_b, const IsaKernels& isa);
+
+// A GEMM out [1, M, N] = a . b (b [1, K, N], eb [1, KB, N or 1]) whose A rows the caller supplies a
+// range at a time (the fused patch conversion, block_quantize_ffi.cc): run(r0, r1, a, ea) multiplies
+// rows [r0, r1) by every column, a / ea pointing at those rows ([r1 - r0, K] int16 or int8 values,
+// [r1 - r0, KB] exponents), on the calling thread.  Bit for bit the GEMM handler's result for those
+// rows.  Returns 0, or the tile function's range error (2: a value of b out of [-qmax, qmax]).
+struct RowGemm {
+  virtual ~RowGemm() = default;
+  virtual int run(int64_t r0, int64_t r1, const void* a, const int32_t* ea) const = 0;
+};
+// `s` holds the operands' dims (da, dea as the rows would be stored); its shapes are checked here.
+// INT16 kernel (gemm_ffi.cc): int16 a and b.  INT8 kernel (gemm_i8_ffi.cc): int8, bits <= 8; with
+// isa "auto" on AMX-INT8, the rows whose block scales are exact run on the tiles (as JdfpGemmI8).
+ffi::Error make_row_gemm_i16(GemmShape& s, int64_t block_k, const void* b, const int32_t* eb, float* out,
+                             int32_t bits_a, int32_t bits_b, int32_t isa, std::unique_ptr<RowGemm>& gemm);
+ffi::Error make_row_gemm_i8(GemmShape& s, int64_t block_k, const void* b, const int32_t* eb, float* out,
+                            int32_t bits_a, int32_t bits_b, int32_t isa, std::unique_ptr<RowGemm>& gemm);
+
 // Split (batch, M, N) into tiles and run them on the calling thread plus XLA's pool with the
 // entry's tile function; the returned future completes when the last tile is done (run_worker).
 ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const IsaKernels& isa, int64_t nbatch,

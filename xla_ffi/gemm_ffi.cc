@@ -21,13 +21,6 @@ namespace {
 
 ffi::Error invalid(const std::string& msg) { return invalid_as("gemm", msg); }
 
-// The operands' GEMM view: a [..., M, K] (or [..., K, M] transposed), b [..., K, N] (or [..., N, K]).
-struct GemmShape {
-  ffi::Span<const int64_t> da, db, dea, deb, dout;
-  int64_t M = 0, N = 0, K = 0, bk = 0, KB = 0;
-  std::vector<int64_t> ob;  // output batch dims
-};
-
 ffi::Error check_attrs(int32_t bits_a, int32_t bits_b, int32_t isa, const IsaKernels*& kernels) {
   if (ffi::Error e = check_bits("gemm", "bits_a", bits_a); e.failure()) return e;
   if (ffi::Error e = check_bits("gemm", "bits_b", bits_b); e.failure()) return e;
@@ -42,6 +35,8 @@ ffi::Error check_dtypes(ffi::AnyBuffer a, ffi::AnyBuffer b, bool allow_f32) {
     return invalid(std::string("b must be int16") + (allow_f32 ? " or float32" : ""));
   return ffi::Error::Success();
 }
+
+}  // namespace
 
 // M, N, K, the block size and KB from the operands, with the exponents' and output's shapes checked.
 ffi::Error read_shapes(GemmShape& s, int64_t block_k, bool trans_a, bool trans_b) {
@@ -85,9 +80,8 @@ ffi::Error check_batch_dims(GemmShape& s) {
 }
 
 // Batch offsets of every operand, then the Problem (chains, strides, pointers) of the job.
-ffi::Error set_up_job(Job& job, const GemmShape& s, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
-                      ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>>& out, int32_t bits_a,
-                      int32_t bits_b, bool trans_a, bool trans_b, const IsaKernels& isa) {
+ffi::Error set_up_job(Job& job, const GemmShape& s, const GemmOperands& ops, int32_t bits_a, int32_t bits_b,
+                      bool trans_a, bool trans_b, const IsaKernels& isa) {
   const int64_t M = s.M, N = s.N, K = s.K, KB = s.KB;
   const size_t rea = s.dea.size(), reb = s.deb.size();
   if (!batch_offsets(s.da, s.ob, M * K, job.a_off) || !batch_offsets(s.db, s.ob, K * N, job.b_off) ||
@@ -108,16 +102,24 @@ ffi::Error set_up_job(Job& job, const GemmShape& s, ffi::AnyBuffer a, ffi::AnyBu
   P.ldc = N; P.c_off = nullptr; P.conv = nullptr;
   // Unique per call: lets a worker reuse packed B panels across its own tiles of this call only.
   P.job_id = next_job_id();
-  P.a_f32 = a.element_type() == ffi::F32; P.b_f32 = b.element_type() == ffi::F32;
-  P.a = a.untyped_data(); P.b = b.untyped_data();
-  P.ea = ea.typed_data(); P.eb = eb.typed_data();
-  P.out = out->typed_data();
+  P.a_f32 = ops.a_f32; P.b_f32 = ops.b_f32;
+  P.a = ops.a; P.b = ops.b;
+  P.ea = ops.ea; P.eb = ops.eb;
+  P.out = ops.out;
   P.a_off = job.a_off.data(); P.b_off = job.b_off.data();
   P.ea_off = job.ea_off.data(); P.eb_off = job.eb_off.data();
   P.ea_mstride = s.dea[rea - 2] == 1 ? 0 : KB;
   P.eb_nstride = s.deb[reb - 1] == 1 ? 0 : 1;
   job.bits_a = bits_a; job.bits_b = bits_b;
   return ffi::Error::Success();
+}
+
+namespace {
+
+GemmOperands operands_of(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
+                         float* out) {
+  return GemmOperands{a.untyped_data(), b.untyped_data(), ea.typed_data(), eb.typed_data(), out,
+                      a.element_type() == ffi::F32, b.element_type() == ffi::F32};
 }
 
 ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
@@ -135,7 +137,8 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (ffi::Error e = check_block_sum_bound("jdfp_gemm", std::min(s.bk, s.K), bits_a, bits_b); e.failure())
     return error_future(std::move(e));
   auto job = std::make_shared<Job>();
-  if (ffi::Error e = set_up_job(*job, s, a, b, ea, eb, out, bits_a, bits_b, trans_a, trans_b, *kernels); e.failure())
+  if (ffi::Error e = set_up_job(*job, s, operands_of(a, b, ea, eb, out->typed_data()), bits_a, bits_b, trans_a, trans_b,
+                                  *kernels); e.failure())
     return error_future(std::move(e));
   const int64_t nbatch = int64_t(job->a_off.size());
 #ifdef JDFP_HAVE_SIMD
@@ -150,6 +153,38 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
 #endif
   return launch(job, pool, *kernels, nbatch, s.M, s.N, s.K);
 }
+
+}  // namespace
+
+// ---------------------------------------------------------------- rows supplied by the caller
+struct RowGemmI16 : RowGemm {
+  Job job;
+  TileFn tile = nullptr;
+  int run(int64_t r0, int64_t r1, const void* a, const int32_t* ea) const override {
+    Problem P = job.P;
+    // Row r of A (and of its exponents) at the same offset as in a stored [M, K] matrix.
+    P.a = static_cast<const int16_t*>(a) - r0 * P.K;
+    P.ea = ea - r0 * P.KB;
+    return tile(P, Tile{0, r0, r1, 0, P.N});
+  }
+};
+
+ffi::Error make_row_gemm_i16(GemmShape& s, int64_t block_k, const void* b, const int32_t* eb, float* out,
+                             int32_t bits_a, int32_t bits_b, int32_t isa, std::unique_ptr<RowGemm>& gemm) {
+  const IsaKernels* kernels = nullptr;
+  if (ffi::Error e = check_attrs(bits_a, bits_b, isa, kernels); e.failure()) return e;
+  if (ffi::Error e = read_shapes(s, block_k, false, false); e.failure()) return e;
+  if (ffi::Error e = check_batch_dims(s); e.failure()) return e;
+  if (ffi::Error e = check_block_sum_bound("jdfp_gemm", std::min(s.bk, s.K), bits_a, bits_b); e.failure()) return e;
+  auto g = std::make_unique<RowGemmI16>();
+  const GemmOperands ops{nullptr, b, nullptr, eb, out, false, false};
+  if (ffi::Error e = set_up_job(g->job, s, ops, bits_a, bits_b, false, false, *kernels); e.failure()) return e;
+  g->tile = kernels->tile;
+  gemm = std::move(g);
+  return ffi::Error::Success();
+}
+
+namespace {
 
 // ---------------------------------------------------------------- GEMM + col2im (col2im.h)
 // The INT16 kernel's form of gemm_i8_ffi.cc's JdfpGemmI8Col2im (HBFP12: 12-bit operands).
@@ -183,7 +218,8 @@ ffi::Future gemm_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
   if (ffi::Error e = check_block_sum_bound("jdfp_gemm_col2im", std::min(s.bk, s.K), bits_a, bits_b); e.failure())
     return error_future(std::move(e));
   // set_up_job points the output at dx; each tile redirects it to its worker's buffer.
-  if (ffi::Error e = set_up_job(j, s, a, b, ea, eb, dx, bits_a, bits_b, trans_a, trans_b, *kernels); e.failure())
+  if (ffi::Error e = set_up_job(j, s, operands_of(a, b, ea, eb, dx->typed_data()), bits_a, bits_b, trans_a, trans_b,
+                                  *kernels); e.failure())
     return error_future(std::move(e));
   j.who = "gemm_col2im";
   j.fn = kernels->tile;

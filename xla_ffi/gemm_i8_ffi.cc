@@ -141,9 +141,8 @@ void plan_chains_i8(JobI8& j, int64_t K, int64_t block_k, int64_t KB, int64_t C,
   }
 }
 
-ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
-                         ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>>& out, int32_t bits_a,
-                         int32_t bits_b, bool trans_a, bool trans_b, const I8KernelShape& ks) {
+ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, const GemmOperands& ops, int32_t bits_a, int32_t bits_b,
+                         bool trans_a, bool trans_b, const I8KernelShape& ks) {
   const int64_t M = s.M, N = s.N, K = s.K, KB = s.KB;
   const size_t rea = s.dea.size(), reb = s.deb.size();
   if (!batch_offsets(s.da, s.ob, M * K, job.a_off) || !batch_offsets(s.db, s.ob, K * N, job.b_off) ||
@@ -161,9 +160,9 @@ ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, ffi::AnyBuffer a, ffi::An
   P.b_sr = trans_b ? K : 1; P.b_sk = trans_b ? 1 : N;
   P.ldc = N;
   P.job_id = next_job_id();
-  P.a = static_cast<const int8_t*>(a.untyped_data()); P.b = static_cast<const int8_t*>(b.untyped_data());
-  P.ea = ea.typed_data(); P.eb = eb.typed_data();
-  P.out = out->typed_data();
+  P.a = static_cast<const int8_t*>(ops.a); P.b = static_cast<const int8_t*>(ops.b);
+  P.ea = ops.ea; P.eb = ops.eb;
+  P.out = ops.out;
   P.a_off = job.a_off.data(); P.b_off = job.b_off.data();
   P.ea_off = job.ea_off.data(); P.eb_off = job.eb_off.data();
   P.ea_mstride = s.dea[rea - 2] == 1 ? 0 : KB;
@@ -176,15 +175,21 @@ ffi::Error set_up_job_i8(JobI8& job, const ShapeI8& s, ffi::AnyBuffer a, ffi::An
 
 // Whether every exponent pair of a KB > 1 problem scales exactly (fast_scale_block over all of ea
 // and eb; a NONFINITE exponent fails it): what the AMX path's blocked accumulation needs.
+void exponent_range(const int32_t* e, size_t n, int32_t& mn, int32_t& mx) {
+  mn = 0, mx = 0;
+  for (size_t i = 0; i < n; ++i) mn = std::min(mn, e[i]), mx = std::max(mx, e[i]);
+}
+
 bool exact_block_scales(ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb) {
-  auto range = [](const int32_t* e, size_t n, int32_t& mn, int32_t& mx) {
-    mn = 0, mx = 0;
-    for (size_t i = 0; i < n; ++i) mn = std::min(mn, e[i]), mx = std::max(mx, e[i]);
-  };
   int32_t amn, amx, bmn, bmx;
-  range(ea.typed_data(), ea.element_count(), amn, amx);
-  range(eb.typed_data(), eb.element_count(), bmn, bmx);
+  exponent_range(ea.typed_data(), ea.element_count(), amn, amx);
+  exponent_range(eb.typed_data(), eb.element_count(), bmn, bmx);
   return fast_scale_block(amn, amx, bmn, bmx);
+}
+
+GemmOperands operands_of(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea, ffi::Buffer<ffi::S32> eb,
+                         float* out) {
+  return GemmOperands{a.untyped_data(), b.untyped_data(), ea.typed_data(), eb.typed_data(), out, false, false};
 }
 
 ffi::Future gemm_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> ea,
@@ -202,7 +207,8 @@ ffi::Future gemm_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer 
   s.dout = out->dimensions();
   if (ffi::Error e = read_shapes_i8(s, block_k, trans_a, trans_b); e.failure()) return error_future(std::move(e));
   auto job = std::make_shared<JobI8>();
-  if (ffi::Error e = set_up_job_i8(*job, s, a, b, ea, eb, out, bits_a, bits_b, trans_a, trans_b, ks); e.failure())
+  if (ffi::Error e = set_up_job_i8(*job, s, operands_of(a, b, ea, eb, out->typed_data()), bits_a, bits_b, trans_a,
+                                     trans_b, ks); e.failure())
     return error_future(std::move(e));
   const JobI8* j = job.get();  // the workers hold the job alive
   TileI8Fn fn = ks.tile;
@@ -253,7 +259,8 @@ ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Any
   if (ffi::Error e = read_shapes_i8(s, block_k, trans_a, trans_b); e.failure())
     return bad(j.c2i.shape_error(dp_dims, dx->dimensions(), e));
   // set_up_job_i8 points the output at dx; each tile redirects it to its worker's buffer.
-  if (ffi::Error e = set_up_job_i8(j, s, a, b, ea, eb, dx, bits_a, bits_b, trans_a, trans_b, ks); e.failure())
+  if (ffi::Error e = set_up_job_i8(j, s, operands_of(a, b, ea, eb, dx->typed_data()), bits_a, bits_b, trans_a, trans_b,
+                                     ks); e.failure())
     return error_future(std::move(e));
   j.who = "gemm_i8_col2im";
   j.tile = ks.tile;
@@ -264,7 +271,55 @@ ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Any
   });
 }
 
+struct RowGemmI8 : RowGemm {
+  JobI8 job;
+  TileI8Fn tile = nullptr;
+  bool amx = false;           // isa "auto" on a CPU with AMX-INT8
+  int32_t ebmn = 0, ebmx = 0;  // eb's exponent range (exact_block_scales)
+  int run(int64_t r0, int64_t r1, const void* a, const int32_t* ea) const override {
+    ProblemI8 P = job.P8;
+    // Row r of A (and of its exponents) at the same offset as in a stored [M, K] matrix.
+    P.a = static_cast<const int8_t*>(a) - r0 * P.K;
+    P.ea = ea - r0 * P.KB;
+    TileI8Fn fn = tile;
+#ifdef JDFP_HAVE_SIMD
+    if (amx) {  // as gemm_i8_impl, on these rows' exponents: the same result on either kernel
+      int32_t amn, amx_e;
+      exponent_range(ea, size_t((r1 - r0) * P.KB), amn, amx_e);
+      if (amx_i8_fits(P, P.KB == 1 || fast_scale_block(amn, amx_e, ebmn, ebmx))) fn = tile_amx_i8;
+    }
+#endif
+    return fn(P, Tile{0, r0, r1, 0, P.N});
+  }
+};
+
 }  // namespace
+
+ffi::Error make_row_gemm_i8(GemmShape& gs, int64_t block_k, const void* b, const int32_t* eb, float* out,
+                            int32_t bits_a, int32_t bits_b, int32_t isa, std::unique_ptr<RowGemm>& gemm) {
+  if (ffi::Error e = check_i8_bits("bits_a", bits_a); e.failure()) return e;
+  if (ffi::Error e = check_i8_bits("bits_b", bits_b); e.failure()) return e;
+  const IsaKernels* unused = nullptr;
+  if (ffi::Error e = select_isa("gemm_i8", isa, unused); e.failure()) return e;
+  const I8KernelShape& ks = kI8Kernels[isa == kIsaAuto ? best_isa() : isa];
+  ShapeI8 s;
+  s.da = gs.da; s.db = gs.db; s.dea = gs.dea; s.deb = gs.deb; s.dout = gs.dout;
+  if (ffi::Error e = read_shapes_i8(s, block_k, false, false); e.failure()) return e;
+  gs.M = s.M, gs.N = s.N, gs.K = s.K, gs.bk = s.bk, gs.KB = s.KB, gs.ob = s.ob;
+  auto g = std::make_unique<RowGemmI8>();
+  if (ffi::Error e = set_up_job_i8(g->job, s, GemmOperands{nullptr, b, nullptr, eb, out, false, false}, bits_a, bits_b,
+                                   false, false, ks);
+      e.failure())
+    return e;
+  g->tile = ks.tile;
+#ifdef JDFP_HAVE_SIMD
+  g->amx = isa == kIsaAuto && amx_int8_ready();
+#endif
+  exponent_range(eb, size_t(s.KB * s.deb[s.deb.size() - 1]), g->ebmn, g->ebmx);
+  gemm = std::move(g);
+  return ffi::Error::Success();
+}
+
 }  // namespace jdfp
 
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmI8(XLA_FFI_CallFrame*);

@@ -83,6 +83,140 @@ def test_kernel_call_random_geometries(data):
   patch_call_equals_materialized(x, geo, BFP(7, block=bshape[1:]), bshape, rounding, "auto", jnp.int8)
 
 
+def patch_gemm_equals_two_calls(x, geo, fmt, bshape, rounding, isa, stats, n_out=13, eb_cols=True, seed=0):
+  """`patch_gemm` against `quantize_patches_with_stats` followed by the INT16 GEMM on its result."""
+  from jdfp._src.ffi import gemm as ffi_gemm
+  rng = np.random.default_rng(seed)
+  v, e, *cnt = ffi_block.quantize_patches_with_stats(x, fmt, bshape, rounding=rounding, isa=isa, stats=True, **geo)
+  k = v.shape[2]
+  kb = -(-k // bshape[2])
+  bits_b = 12
+  b = jnp.asarray(rng.integers(-2047, 2048, (1, k, n_out)), jnp.int16)
+  eb = jnp.asarray(rng.integers(-30, 10, (1, kb, n_out if eb_cols else 1)), jnp.int32)
+  ea = jnp.repeat(e, bshape[1], axis=1)[:, :v.shape[1]]
+  want = ffi_gemm.gemm(v, b, ea, eb, bits_a=fmt.int_bits, bits_b=bits_b, block_k=bshape[2] if kb > 1 else None,
+                       isa=isa)
+  got = jax.jit(lambda x, b, eb: ffi_block.patch_gemm(x, fmt, bshape, b, eb, bits_b=bits_b, rounding=rounding,
+                                                      isa=isa, stats=stats, **geo))(x, b, eb)
+  assert got[0].shape == want.shape and len(got) == (4 if stats else 2)
+  assert_same(got, (want, e) + (tuple(cnt) if stats else ()))
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize("exps", [(-30, 10), (-3, -1)])
+def test_patch_gemm_int8_equals_conversion_then_gemm_i8(isa, exps):
+  """int8 b: the patch matrix converted to int8 and multiplied on the INT8 kernel (on AMX-INT8 tiles
+  where the rows' block scales are exact, ``exps`` (-3, -1); VNNI otherwise), bit for bit the int8
+  conversion call followed by `gemm_i8`, statistics included."""
+  from jdfp._src.ffi import gemm_i8 as ffi_gemm_i8
+  rng = np.random.default_rng(3)
+  fmt, bshape = BFP(7, block=(24, 24)), (1, 24, 24)
+  # Finite inputs of one scale for the tiles' exact scales; NaN/Inf/subnormals for the VNNI rows.
+  x = special_input((40, 8, 8, 16), 4) if exps[0] < -10 else jax.random.normal(jax.random.key(4), (40, 8, 8, 16))
+  geo = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
+  v, e, *cnt = ffi_block.quantize_patches_with_stats(x, fmt, bshape, isa=isa, stats=True, out_dtype=jnp.int8, **geo)
+  k, kb = v.shape[2], -(-v.shape[2] // 24)
+  b = jnp.asarray(rng.integers(-127, 128, (1, k, 48)), jnp.int8)
+  eb = jnp.asarray(rng.integers(*exps, (1, kb, 48)), jnp.int32)
+  want = ffi_gemm_i8.gemm_i8(v, b, jnp.repeat(e, 24, axis=1)[:, :v.shape[1]], eb, bits_a=8, bits_b=8, block_k=24,
+                             isa=isa)
+  got = ffi_block.patch_gemm(x, fmt, bshape, b, eb, bits_b=8, isa=isa, **geo)
+  assert_same(got, (want, e) + tuple(cnt))
+  with pytest.raises(Exception, match="outside"):
+    jax.block_until_ready(ffi_block.patch_gemm(x, fmt, bshape, b.at[0, 5, 5].set(-128), eb, bits_b=8, isa=isa, **geo))
+  with pytest.raises(Exception, match="<= 8 bits"):
+    jax.block_until_ready(ffi_block.patch_gemm(x, BFP(9, block=(24, 24)), bshape, b, eb, bits_b=8, isa=isa, **geo))
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize("rounding", ["nearest", "biased"])
+@pytest.mark.parametrize("fmt,bshape", [
+    (BFP(11, block=(24, 24)), (1, 24, 24)),
+    (BFP(9, block=32, axis=-1), (1, 1, 32)),
+    (DFP(12), (1, 5, 16)),
+    (DFP(16), (1, 7, 1000)),  # one block along K
+])
+def test_patch_gemm_equals_conversion_then_gemm(fmt, bshape, rounding, isa):
+  """The fused forward call (conversion of each row band, then its GEMM, in one work item) is bit for
+  bit the two calls, statistics included, with NaN/Inf/subnormal inputs, on every ISA."""
+  x = special_input((3, 9, 10, 7), 1)
+  geo = dict(kernel_spatial=(3, 3), window_strides=(2, 1), padding=((1, 2), (0, 1)), lhs_dilation=(1, 1),
+             rhs_dilation=(1, 2))
+  for stats in (False, True):
+    patch_gemm_equals_two_calls(x, geo, fmt, bshape, rounding, isa, stats)
+  patch_gemm_equals_two_calls(x, geo, fmt, bshape, rounding, isa, True, n_out=40, eb_cols=False)
+
+
+def test_patch_gemm_many_bands():
+  """The demo's 32-channel 3x3 conv at batch 128: many work items on both threads (rows of several
+  items, the last one short), exact against the two calls."""
+  x = jax.random.normal(jax.random.key(0), (128, 12, 12, 32)) * 3
+  geo = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
+  patch_gemm_equals_two_calls(x, geo, BFP(11, block=(24, 24)), (1, 24, 24), "nearest", "auto", True, n_out=32)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_patch_gemm_random_geometries(data):
+  nsp = data.draw(st.integers(1, 3))
+  xs = (data.draw(st.integers(1, 3)),) + tuple(data.draw(st.integers(1, 8)) for _ in range(nsp)) \
+      + (data.draw(st.integers(1, 9)),)
+  ksp = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
+  geo = dict(kernel_spatial=ksp, window_strides=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)),
+             padding=tuple((data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(nsp)),
+             lhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)),
+             rhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)))
+  out_sp = ffi_conv.patch_geometry(xs, **geo)[2]
+  if not all(o > 0 for o in out_sp):
+    return  # an empty patch matrix: the op never calls the fused kernel for it
+  bshape = (1, data.draw(st.integers(1, 30)), data.draw(st.integers(8, 30)))
+  x = special_input(xs, data.draw(st.integers(0, 2**16)))
+  patch_gemm_equals_two_calls(x, geo, BFP(11, block=bshape[1:]), bshape, data.draw(st.sampled_from(["nearest", "biased"])),
+                              "auto", data.draw(st.booleans()), n_out=data.draw(st.integers(1, 20)))
+
+
+def test_patch_gemm_bad_input():
+  x = jnp.ones((2, 5, 5, 3))
+  geo = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
+  fmt, bshape = BFP(11, block=(24, 24)), (1, 24, 24)
+  b, eb = jnp.zeros((1, 27, 4), jnp.int16), jnp.zeros((1, 2, 4), jnp.int32)
+  call = lambda **kw: jax.block_until_ready(ffi_block.patch_gemm(**{**dict(x=x, fmt=fmt, bshape=bshape, b=b, eb=eb,
+                                                                            bits_b=12, **geo), **kw}))
+  with pytest.raises(ValueError, match="nearest or biased"):
+    call(rounding="stochastic")
+  with pytest.raises(TypeError, match="b must be int16"):
+    call(b=b.astype(jnp.float32))
+  with pytest.raises(TypeError, match="eb must be int32"):
+    call(eb=eb[0])
+  # The kernel's own checks: an FFI error, never a crash.
+  with pytest.raises(Exception, match="outside"):
+    call(b=b.at[0, 3, 1].set(-32768))
+  with pytest.raises(Exception, match="eb must be"):
+    call(eb=jnp.zeros((1, 3, 4), jnp.int32))
+  with pytest.raises(Exception, match="contraction dims differ"):
+    call(b=jnp.zeros((1, 26, 4), jnp.int16))
+  with pytest.raises(Exception, match="no columns"):
+    call(b=jnp.zeros((1, 27, 0), jnp.int16), eb=jnp.zeros((1, 2, 0), jnp.int32))
+
+
+def test_hbfp12_forward_is_one_call_and_keeps_x():
+  """`policies.hbfp12()`'s 3x3 conv: the forward is one `patch_gemm` call (no int16 patch matrix in
+  the program's forward), the backward keeps x and converts it again; bit for bit the reference."""
+  pol = jdfp.policies.hbfp12()
+  x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
+  ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
+  kw = dict(window_strides=(1, 1), padding="SAME")
+  fwd = jax.jit(lambda x, w: jdfp.conv_general_dilated(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                       policy=pol, **kw))
+  hlo = fwd.lower(x, w).compile().as_text()
+  assert 'custom_call_target="jdfp_block_patch_gemm"' in hlo
+  assert "jdfp_block_quantize_patches" not in hlo and "jdfp_gemm_i16" not in hlo
+  assert residual_bytes(pol, x, w, **kw) < x.nbytes + 4 * 10 * 10 * 9 * 16  # x, not the int16 patches
+  assert_same(jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))(x, w, ct),
+              jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
+
+
 POLICIES = {
     "hbfp8": jdfp.policies.hbfp8(),
     "hbfp12": jdfp.policies.hbfp12(),
@@ -157,7 +291,12 @@ def test_flax_statistics_merged_and_equal(name):
 
   f, v = grads(POLICIES[name])
   compiled = f.lower(v).compile().as_text()
-  assert compiled.count('custom_call_target="jdfp_block_quantize_patches_stats"') == 2
+  # A forward whose backward keeps x converts and multiplies in one call (patch_gemm): both HBFP12
+  # convs; for HBFP8 the first (the stride-2 conv's int8 patches are smaller than its x, so they are
+  # kept). Either way one counting call per conv.
+  fused = compiled.count('custom_call_target="jdfp_block_patch_gemm_stats"')
+  assert fused == (2 if name == "hbfp12" else 1)
+  assert compiled.count('custom_call_target="jdfp_block_quantize_patches_stats"') + fused == 2
   assert "jdfp_im2col" not in compiled
   f_ref, v_ref = grads(POLICIES[name].replace(backend="reference"))
   got, want = jax.tree.leaves(f(v)), jax.tree.leaves(f_ref(v_ref))
@@ -237,9 +376,10 @@ def test_backward_conversion_waits_for_the_output_gradient():
   ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
   f = jax.jit(lambda x, w, ct: conv_vjp(jdfp.policies.hbfp8(), x, w, ct, window_strides=(1, 1), padding="SAME"))
   hlo = f.lower(x, w, ct).compile().as_text()
-  calls = [l for l in hlo.splitlines() if 'custom_call_target="jdfp_block_quantize_patches' in l]
-  assert len(calls) == 2, calls  # the forward's and the backward's
-  keys = [re.search(r"custom-call\(%[\w.-]+, %([\w.-]+)\)", l).group(1) for l in calls]
+  calls = [l for l in hlo.splitlines()
+           if 'custom_call_target="jdfp_block_quantize_patches' in l or 'custom_call_target="jdfp_block_patch_gemm' in l]
+  assert len(calls) == 2, calls  # the forward's (fused with its GEMM) and the backward's
+  keys = [re.search(r"custom-call\(%[\w.-]+, %([\w.-]+)[,)]", l).group(1) for l in calls]
   defs = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.-]+) = (.*)$", hlo, re.M)}
   from_constants = [k for k in keys if re.fullmatch(r"[^(]*\((%constant[\w.-]*(, )?)*\).*", defs[k]) or
                     " constant(" in defs[k]]

@@ -11,7 +11,8 @@ from jax import lax
 import numpy as np
 
 from jdfp._src.ffi import conv as ffi_conv
-from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_QUANTIZE,
+from jdfp._src.ffi.library import (INT32_MAX, TARGET_BLOCK_FAKE_QUANTIZE, TARGET_BLOCK_PATCH_GEMM,
+                                   TARGET_BLOCK_PATCH_GEMM_STATS, TARGET_BLOCK_QUANTIZE,
                                    TARGET_BLOCK_QUANTIZE_PATCHES, TARGET_BLOCK_QUANTIZE_PATCHES_STATS,
                                    TARGET_BLOCK_QUANTIZE_STATS, dtype_of, isa_attribute, require_lib)
 from jdfp._src.ffi.quantize import check_out_dtype, rounding_operands
@@ -19,7 +20,7 @@ from jdfp._src.numerics import formats
 from jdfp._src.numerics.shard_types import match_varying
 
 __all__ = ["block_quantize", "block_quantize_with_stats", "block_view3", "fake_quantize_blocks", "quantize_blocks",
-           "quantize_blocks_with_stats", "quantize_patches_with_stats"]
+           "quantize_blocks_with_stats", "quantize_patches_with_stats", "patch_gemm"]
 
 ROUNDINGS = ("nearest", "stochastic", "biased")
 FAKE_ROUNDINGS = ("nearest", "biased")  # the optimizer's one-pass re-quantization (no stochastic variant)
@@ -67,9 +68,11 @@ def block_quantize_with_stats(x, block, *, bfp: bool, bits: int, rounding: str =
   return _call(x, block, bfp, bits, rounding, key, isa, stats=True, out_dtype=out_dtype)
 
 
-def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16, patches=None, after=None):
+def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=jnp.int16, patches=None, after=None,
+          gemm=None):
   """``patches``: ``(shape3, attrs)`` of the patch matrix of the conv input ``x`` (`quantize_patches_with_stats`);
-  ``after`` as there."""
+  ``after`` as there; ``gemm``: ``(b, eb, bits_b)`` of `patch_gemm` (then the int16 values are not a result:
+  ``y`` float32 ``[1, rows, N]`` is, first)."""
   isa_code = isa_attribute(isa)
   if dtype_of("x", x).name != "float32":
     raise TypeError(f"x must have dtype float32, got {np.dtype(x.dtype).name}")
@@ -99,20 +102,27 @@ def _call(x, block, bfp, bits, rounding, key, isa, stats, fake=False, out_dtype=
     raise ValueError(f"x has {n} elements; the int32 counters hold at most {INT32_MAX}")
   grid = formats.grid_shape(shape, block)
   if n == 0:
-    empty = (jnp.zeros(shape, values_dt), jnp.zeros(grid, jnp.int32))
+    y0 = jnp.zeros(shape, values_dt) if gemm is None else jnp.zeros(shape[:2] + (gemm[0].shape[-1],), jnp.float32)
+    empty = (y0, jnp.zeros(grid, jnp.int32))
     return empty + ((jnp.zeros((4,), jnp.int32), jnp.zeros((2,), jnp.int32)) if stats else ())
   require_lib()
-  outs = (jax.ShapeDtypeStruct(shape, values_dt), jax.ShapeDtypeStruct(grid, jnp.int32))
+  first = (jax.ShapeDtypeStruct(shape, values_dt) if gemm is None
+           else jax.ShapeDtypeStruct(shape[:2] + (gemm[0].shape[-1],), jnp.float32))
+  outs = (first, jax.ShapeDtypeStruct(grid, jnp.int32))
   if stats:
     outs += (jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
   target = TARGET_BLOCK_FAKE_QUANTIZE if fake else TARGET_BLOCK_QUANTIZE_STATS if stats else TARGET_BLOCK_QUANTIZE
-  extra = {}
+  extra, operands = {}, (x, key_op)
   if patches is not None:
     target = TARGET_BLOCK_QUANTIZE_PATCHES_STATS if stats else TARGET_BLOCK_QUANTIZE_PATCHES
     extra = patches[1]
+  if gemm is not None:
+    target = TARGET_BLOCK_PATCH_GEMM_STATS if stats else TARGET_BLOCK_PATCH_GEMM
+    operands += tuple(gemm[:2])
+    extra = dict(extra, bits_b=np.int32(gemm[2]))
   call = jax.ffi.ffi_call(target, outs,
                           vmap_method="sequential")
-  res = call(x, key_op, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
+  res = call(*operands, block=np.asarray(block, np.int64), kind=np.int32(1 if bfp else 0), bits=np.int32(bits),
              rounding=rounding_code, isa=np.int32(isa_code), **extra)
   # An FFI result carries no shard_map varying axes: give it its input's ones.
   return tuple(match_varying(r, x) for r in res)
@@ -177,3 +187,33 @@ def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_stride
   x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
   return _call(x5, tuple(int(b) for b in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa,
                stats, False, out_dtype, patches=(shape3, attrs), after=after)
+
+
+def patch_gemm(x, fmt, bshape, b, eb, *, bits_b: int, kernel_spatial, window_strides, padding, lhs_dilation=None,
+               rhs_dilation=None, rounding: str = "nearest", isa: str = "auto", stats: bool = True):
+  """The patch matrix ``P [1, rows, K]`` of the conv input ``x`` converted as `quantize_patches_with_stats`
+  converts it, times ``b [1, K, N]`` (exponents ``eb [1, KB, N or 1]`` on P's column blocks, KB =
+  ceil(K / bc)) in one call: ``(y float32 [1, rows, N], P's exponents[, counts, erange])``, bit for bit
+  the conversion followed by `jdfp._src.ffi.gemm.gemm` (int16 b) or `jdfp._src.ffi.gemm_i8.gemm_i8`
+  (int8 b: P converted to int8, formats of <= 8 bits), with P never stored (each work item converts
+  a run of row bands and multiplies them while they are in L2). For the forward of a conv whose
+  converted input nobody keeps: nearest or biased rounding only."""
+  if not isinstance(fmt, (formats.DFP, formats.BFP)):
+    raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
+  if rounding == "stochastic":
+    raise ValueError("patch_gemm takes nearest or biased rounding (a stochastic conversion's values are kept)")
+  if dtype_of("b", b).name not in ("int16", "int8") or np.ndim(b) != 3:
+    raise TypeError(f"b must be int16 or int8 [1, K, N], got {np.dtype(b.dtype).name} {tuple(np.shape(b))}")
+  if dtype_of("eb", eb).name != "int32" or np.ndim(eb) != 3:
+    raise TypeError(f"eb must be int32 [1, KB, N or 1], got {np.dtype(eb.dtype).name} {tuple(np.shape(eb))}")
+  sx = tuple(np.shape(x))
+  nsp, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation,
+                                                    rhs_dilation)
+  shape3 = (1, sx[0] * int(np.prod(out_sp)), int(np.prod(ksp)) * sx[-1])
+  if len(bshape) != 3 or bshape[0] != 1:
+    raise ValueError(f"bshape must be (1, br, bc) for the patch matrix {shape3}, got {tuple(bshape)}")
+  bfp = isinstance(fmt, formats.BFP)
+  x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
+  res = _call(x5, tuple(int(v) for v in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, None, isa,
+              stats, False, b.dtype, patches=(shape3, attrs), gemm=(b, eb, bits_b))
+  return tuple(match_varying(r, x, b, eb) for r in res)

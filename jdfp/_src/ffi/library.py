@@ -62,6 +62,8 @@ TARGET_BLOCK_QUANTIZE = "jdfp_block_quantize"  # float32 x [B, R, C] -> int16, i
 TARGET_BLOCK_QUANTIZE_STATS = "jdfp_block_quantize_stats"  # the same + int32 [4] counters, int32 [2] exponent range
 TARGET_BLOCK_QUANTIZE_PATCHES = "jdfp_block_quantize_patches"  # float32 conv input -> its patch matrix, converted
 TARGET_BLOCK_QUANTIZE_PATCHES_STATS = "jdfp_block_quantize_patches_stats"  # the same + the counters
+TARGET_BLOCK_PATCH_GEMM = "jdfp_block_patch_gemm"  # the patch matrix converted and times int16 b, in one call
+TARGET_BLOCK_PATCH_GEMM_STATS = "jdfp_block_patch_gemm_stats"  # the same + the counters
 TARGET_BLOCK_FAKE_QUANTIZE = "jdfp_block_fake_quantize"  # float32 x -> float32 dequantized values, int32 e
 
 _LIB_FILE = "libjdfp_ffi.so"
@@ -107,7 +109,9 @@ def _load() -> None:
                       (TARGET_BLOCK_QUANTIZE_STATS, lib.JdfpBlockQuantizeStats),
                       (TARGET_BLOCK_FAKE_QUANTIZE, lib.JdfpBlockFakeQuantize),
                       (TARGET_BLOCK_QUANTIZE_PATCHES, lib.JdfpBlockQuantizePatches),
-                      (TARGET_BLOCK_QUANTIZE_PATCHES_STATS, lib.JdfpBlockQuantizePatchesStats)):
+                      (TARGET_BLOCK_QUANTIZE_PATCHES_STATS, lib.JdfpBlockQuantizePatchesStats),
+                      (TARGET_BLOCK_PATCH_GEMM, lib.JdfpBlockPatchGemm),
+                      (TARGET_BLOCK_PATCH_GEMM_STATS, lib.JdfpBlockPatchGemmStats)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (

@@ -40,7 +40,8 @@ from jdfp._src.ops.conv_vjp import per_tensor
 from jdfp._src.ops.convert import counters_read, counters_wanted, int8_conversions
 from jdfp._src.ops.dot import dot_general
 from jdfp._src.ops.layout import canonical_dims, result_dtype, to3, views
-from jdfp._src.ops.patch_conv import patch_conv_core, patch_conversion
+from jdfp._src.ops.patch_conv import lhs_counts as patch_lhs_counts
+from jdfp._src.ops.patch_conv import patch_conv_core
 from jdfp._src.ops.policy import Policy, check_backward_key, check_key
 from jdfp._src.ops.vjp import perturbed_marker_of, primal_values, split_keys
 
@@ -231,7 +232,8 @@ def tracked_patch_conv(x, w3, geom, precision, preferred_element_type, *, policy
   packed = as_packed(state)
   old = unpack(lax.stop_gradient(packed), roles=("grad",))
   # The op's own counting call (the same arguments, so XLA merges the two).
-  lhs_counts = patch_conversion(xs, geom, policy.lhs, policy.fwd_rounding, k_l, int8_conversions(policy), True)[2:]
+  with counters_read(True):
+    lhs_counts = patch_lhs_counts(xs, w3s, key, geom, policy)
   fwd_state = {"lhs": stats_from_block_counts(jax.ShapeDtypeStruct(geom.shape3, jnp.float32), *lhs_counts),
                "rhs": operand_stats(w3s, policy.rhs, 1, policy.fwd_rounding, k_r, policy),
                "grad": jax.tree.map(lax.stop_gradient, old["grad"])}

@@ -30,7 +30,7 @@ from jdfp._src.ops.backend import kernel_quantize, resolve_backend
 from jdfp._src.ops.conv_vjp import patches
 from jdfp._src.ops.convert import (block_shape3, counters_wanted, int8_conversions, int8_operands, kernel_converts,
                                    kernel_converts_blocks, quantize3)
-from jdfp._src.ops.gemm import gemm, gemm_col2im, int8_storage
+from jdfp._src.ops.gemm import align_blocks, gemm, gemm_col2im, int8_storage, kernel_exponents
 from jdfp._src.ops.layout import prod
 from jdfp._src.ops.policy import Policy
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values, split_keys
@@ -99,6 +99,66 @@ def quantize_patches(x, geom: PatchGeom, fmt, rounding: str, key, int8: bool, af
   return qz.QArray(values, e, fmt, block_shape3(geom.shape3, fmt, 2))
 
 
+def rhs_operand(w3, key, policy: Policy, i8: bool) -> qz.QArray:
+  """The forward's rhs conversion (`dot_vjp._dot_fwd`'s for the im2col arrangement); int8 values
+  where both operands go to the INT8 kernel (the kernel conversion writes them so already; |v| <= 127)."""
+  qr = quantize3(w3, policy.rhs, 1, policy.fwd_rounding, key, policy.axis_name, True, i8)
+  if i8 and qr.fmt.is_integer and qr.values.dtype != jnp.int8:
+    qr = qz.QArray(qr.values.astype(jnp.int8), qr.exponent, qr.fmt, qr.blocks)
+  return qr
+
+
+def fused_rhs_exponents(geom: PatchGeom, policy: Policy, qr: qz.QArray):
+  """``eb [1, KB, N or 1]`` of ``qr`` on the column blocks of the patch conversion, where
+  `ffi.block_quantize.patch_gemm` can take them (qr int16 of an integer format whose blocks along K
+  are whole multiples of the lhs's, or one block); else None."""
+  if not (qr.fmt.is_integer and qr.values.dtype in (jnp.int8, jnp.int16) and qr.values.shape[0] == 1):
+    return None
+  k = geom.shape3[2]
+  bc = block_shape3(geom.shape3, policy.lhs, 2)[2]
+  bka = None if bc >= k else bc
+  eb, bkb = kernel_exponents(qr, 1, "b")
+  if eb.shape[0] != 1 or (bka is None and bkb is not None) or (bka is not None and bkb is not None and bkb % bka):
+    return None
+  return align_blocks(eb, bkb, bka, k, 1)
+
+
+def fuses_gemm(x, geom: PatchGeom, policy: Policy) -> bool:
+  """Whether the forward's conversion and GEMM are one `ffi.block_quantize.patch_gemm` call (the
+  patch matrix never stored): an integer rhs, deterministic forward rounding, and the backward
+  keeping x rather than the converted patches (`keeps_float_input`), so that nobody reads their
+  values. The INT8 kernel's where both operands are int8 (`operand_int8`), else the INT16 kernel's.
+  Called where `applies`."""
+  if not policy.rhs.is_integer or policy.fwd_rounding == "stochastic":
+    return False
+  rows, k = geom.shape3[1:]
+  bshape = block_shape3(geom.shape3, policy.lhs, 2)
+  grid = -(-rows // bshape[1]) * -(-k // bshape[2])
+  value_bytes = 1 if operand_int8(policy) else 2
+  return "lhs" in policy.float_residuals or prod(x.shape) * 4 < rows * k * value_bytes + grid * 4
+
+
+def fused_forward(x, qr: qz.QArray, eb, geom: PatchGeom, policy: Policy, counted: bool):
+  """`ffi.block_quantize.patch_gemm` for the conv: ``(y [1, rows, N], the lhs exponents[, counts,
+  erange])``, bit for bit the patch conversion followed by `gemm`."""
+  return ffi_block.patch_gemm(x, policy.lhs, block_shape3(geom.shape3, policy.lhs, 2), qr.values, eb,
+                              bits_b=qr.fmt.int_bits, rounding=policy.fwd_rounding, isa=policy.isa, stats=counted,
+                              **geom.kernel_kwargs())
+
+
+def lhs_counts(x, w3, key, geom: PatchGeom, policy: Policy):
+  """``(counts, erange)`` of the op's lhs conversion, from the very call the op makes inside a
+  ``counters_read(True)`` block (XLA merges the two): the fused forward's where it runs, else the
+  patch conversion's."""
+  k_l, k_r, _ = split_keys(key, 3)
+  if fuses_gemm(x, geom, policy):
+    qr = rhs_operand(w3, k_r, policy, operand_int8(policy))
+    eb = fused_rhs_exponents(geom, policy, qr)
+    if eb is not None:
+      return fused_forward(x, qr, eb, geom, policy, True)[2:]
+  return patch_conversion(x, geom, policy.lhs, policy.fwd_rounding, k_l, int8_conversions(policy), True)[2:]
+
+
 def operand_int8(policy: Policy) -> bool:
   """The int8 decision `quantize3_operands` makes for the two forward operands of the dot."""
   return int8_conversions(policy) or int8_operands([policy.lhs, policy.rhs])
@@ -114,17 +174,23 @@ def patch_conv_core(x, w3, key, geom: PatchGeom, policy: Policy, precision, out_
 def _fwd(x, w3, key, geom, policy, precision, out_dtype):
   k_fwd_l, k_fwd_r, k_bwd = split_keys(key, 3)  # as dot_vjp._dot_fwd
   i8 = operand_int8(policy)
-  ql = quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, k_fwd_l, i8)
-  qr = quantize3(w3, policy.rhs, 1, policy.fwd_rounding, k_fwd_r, policy.axis_name, True, i8)
-  ql, qr = int8_storage(ql, qr, policy)
-  out = gemm(ql, 2, qr, 1, policy, precision).astype(out_dtype)
+  qr = rhs_operand(w3, k_fwd_r, policy, i8)
+  eb = fused_rhs_exponents(geom, policy, qr) if fuses_gemm(x, geom, policy) else None
+  if eb is not None:
+    # Conversion and GEMM in one call; the backward keeps x (`fuses_gemm`).
+    out = fused_forward(x, qr, eb, geom, policy, counters_wanted())[0].astype(out_dtype)
+    lhs_res = x
+  else:
+    ql = quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, k_fwd_l, i8)
+    ql, qr = int8_storage(ql, qr, policy)
+    out = gemm(ql, 2, qr, 1, policy, precision).astype(out_dtype)
+    # Keep x itself where the backward may convert it again (deterministic forward rounding: the same
+    # integers) and x is the smaller residual (float32 x: 4 bytes per input element; the patch matrix:
+    # 1-2 bytes per element, taps / stride**2 elements per input element, plus exponents).
+    lhs_res = x if keeps_float_input(x, ql, policy) else ql
   # The residuals of `dot_vjp._dot_fwd` for lhs = the patch matrix (its zero-size slice carries shape,
   # dtype and x's shard_map type).
   p_dt = jnp.broadcast_to(x.reshape(-1)[:0].reshape((0, 1, 1, 1)), (0,) + geom.shape3)
-  # Keep x itself where the backward may convert it again (deterministic forward rounding: the same
-  # integers) and x is the smaller residual (float32 x: 4 bytes per input element; the patch matrix:
-  # 1-2 bytes per element, taps / stride**2 elements per input element, plus exponents).
-  lhs_res = x if keeps_float_input(x, ql, policy) else ql
   return out, (lhs_res, dot_vjp.backward_residual(qr, w3, "rhs", policy), k_bwd, p_dt, w3[None][:0])
 
 
