@@ -180,6 +180,9 @@ ffi::Error make_row_gemm_i16(GemmShape& s, int64_t block_k, const void* b, const
   const GemmOperands ops{nullptr, b, nullptr, eb, out, false, false};
   if (ffi::Error e = set_up_job(g->job, s, ops, bits_a, bits_b, false, false, *kernels); e.failure()) return e;
   g->tile = kernels->tile;
+#ifdef JDFP_HAVE_SIMD
+  if (isa == kIsaAuto && amx_i16_fits(g->job.P) && amx_int8_ready()) g->tile = tile_amx_i16;  // as gemm_impl
+#endif
   gemm = std::move(g);
   return ffi::Error::Success();
 }

@@ -217,6 +217,22 @@ def test_hbfp12_forward_is_one_call_and_keeps_x():
               jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
 
 
+@pytest.mark.parametrize("name", ["hbfp8", "hbfp12"])
+def test_explain_counts_the_fused_forward(name):
+  """`jdfp.explain` reports the fused forward as a call of the INT8 (HBFP8) / INT16 (HBFP12) kernel:
+  forward, backward-data (with col2im) and weight gradient, three kernel GEMMs per conv."""
+  from jdfp._src.ops import explain as explain_mod
+  pol = POLICIES[name]
+  x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
+  f = lambda x, w: jnp.sum(jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                     policy=pol, key=jax.random.key(3)) ** 2)
+  report = jdfp.explain(jax.grad(f, argnums=(0, 1)), x, w)
+  kind = explain_mod.KERNEL_I8 if name == "hbfp8" else explain_mod.KERNEL
+  assert report.count(kind) == 3 and report.kernel_calls == 3, str(report)
+  assert "jdfp_block_patch_gemm" in str(report)
+
+
 POLICIES = {
     "hbfp8": jdfp.policies.hbfp8(),
     "hbfp12": jdfp.policies.hbfp12(),

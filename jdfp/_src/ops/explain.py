@@ -13,10 +13,12 @@ import dataclasses
 import jax
 import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr types)
 import jax.numpy as jnp
+import numpy as np
 
 from jdfp._src.ffi.gemm import runs_on_amx
 from jdfp._src.ffi.gemm_bf16 import BF16_ISA_NAMES
-from jdfp._src.ffi.library import TARGET_I8, TARGET_I16, TARGET_Q
+from jdfp._src.ffi.library import (TARGET_BLOCK_PATCH_GEMM, TARGET_BLOCK_PATCH_GEMM_STATS, TARGET_I8, TARGET_I16,
+                                   TARGET_Q)
 
 
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
@@ -89,16 +91,28 @@ def _dtype_str(vars_):
   return " x ".join(str(getattr(v.aval, "dtype", "?")) for v in vars_)
 
 
+PATCH_GEMMS = (TARGET_BLOCK_PATCH_GEMM, TARGET_BLOCK_PATCH_GEMM_STATS)
+
+
+def _patch_gemm_int8(eqn) -> bool:
+  """A fused HBFP conv forward (`JdfpBlockPatchGemm`) runs the INT8 kernel when its b is int8."""
+  return eqn.invars[2].aval.dtype == jnp.int8
+
+
 def _engine(target, eqn) -> str:
-  if target not in (TARGET_I16, TARGET_Q, TARGET_I8):
-    return ""
   attrs = dict(eqn.params.get("attributes", ()))
-  shape = eqn.invars[0].aval.shape
-  k = shape[-2] if attrs.get("transpose_a") else shape[-1]
-  kb = eqn.invars[2].aval.shape[-1]
-  block_k = int(attrs.get("block_k", -1))
-  block_k = k if block_k == -1 else block_k
-  if not runs_on_amx(k, kb, block_k, int(attrs.get("isa", -1)), int8=target == TARGET_I8):
+  if target in PATCH_GEMMS:  # x, key, b [1, K, N], eb [1, KB, N or 1]; the patch matrix's blocks
+    k, kb = eqn.invars[2].aval.shape[-2], eqn.invars[3].aval.shape[-2]
+    block_k, int8 = min(int(np.asarray(getattr(attrs["block"], "val", attrs["block"]))[2]), k), _patch_gemm_int8(eqn)
+  elif target in (TARGET_I16, TARGET_Q, TARGET_I8):
+    shape = eqn.invars[0].aval.shape
+    k = shape[-2] if attrs.get("transpose_a") else shape[-1]
+    kb = eqn.invars[2].aval.shape[-1]
+    block_k = int(attrs.get("block_k", -1))
+    block_k, int8 = k if block_k == -1 else block_k, target == TARGET_I8
+  else:
+    return ""
+  if not runs_on_amx(k, kb, block_k, int(attrs.get("isa", -1)), int8=int8):
     return ""
   return AMX if kb == 1 else AMX_BLOCKS
 
@@ -118,9 +132,11 @@ def _walk(jaxpr, path, in_reference, out):
                       AMX_BF16 if tiles else ""))
       elif target in ("jdfp_gemm_f16", "jdfp_conv_f16"):
         out.append(Op(f"{name}:{target}", here, MIXED_F16_KERNEL, _dtype_str(eqn.invars), AMX_BF16))
-      elif target.startswith(("jdfp_gemm", "jdfp_conv")):  # GEMMs, not the int16 conversion calls
-        kind = KERNEL_I8 if target == "jdfp_gemm_i8" else KERNEL
-        out.append(Op(f"{name}:{target}", here, kind, _dtype_str(eqn.invars), _engine(target, eqn)))
+      elif target.startswith(("jdfp_gemm", "jdfp_conv")) or target in PATCH_GEMMS:  # not the conversion calls
+        # (jdfp_gemm_i8_col2im, an HBFP8 conv's backward-data, is the INT8 kernel too.)
+        int8 = target.startswith("jdfp_gemm_i8") or (target in PATCH_GEMMS and _patch_gemm_int8(eqn))
+        out.append(Op(f"{name}:{target}", here, KERNEL_I8 if int8 else KERNEL, _dtype_str(eqn.invars),
+                      _engine(target, eqn)))
     elif name in ("dot_general", "conv_general_dilated"):
       dts = [v.aval.dtype for v in eqn.invars]
       if ref and all(jnp.issubdtype(d, jnp.integer) for d in dts):
