@@ -66,9 +66,9 @@ def test_kernel_call_equals_materialized_patches(fmt, bshape, out_dtype, roundin
   patch_call_equals_materialized(x, geo, fmt, bshape, rounding, isa, out_dtype)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_kernel_call_random_geometries(data):
+def draw_geometry(data):
+  """A random conv input shape (1 to 3 spatial dims) and its patch geometry (strides, padding that may
+  crop, dilations)."""
   nsp = data.draw(st.integers(1, 3))
   xs = (data.draw(st.integers(1, 3)),) + tuple(data.draw(st.integers(1, 8)) for _ in range(nsp)) \
       + (data.draw(st.integers(1, 9)),)
@@ -77,6 +77,13 @@ def test_kernel_call_random_geometries(data):
              padding=tuple((data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(nsp)),
              lhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)),
              rhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)))
+  return xs, geo
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_kernel_call_random_geometries(data):
+  xs, geo = draw_geometry(data)
   bshape = (1, data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30)))
   rounding = data.draw(st.sampled_from(["nearest", "stochastic", "biased"]))
   x = special_input(xs, data.draw(st.integers(0, 2**16)))
@@ -158,14 +165,7 @@ def test_patch_gemm_many_bands():
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_patch_gemm_random_geometries(data):
-  nsp = data.draw(st.integers(1, 3))
-  xs = (data.draw(st.integers(1, 3)),) + tuple(data.draw(st.integers(1, 8)) for _ in range(nsp)) \
-      + (data.draw(st.integers(1, 9)),)
-  ksp = tuple(data.draw(st.integers(1, 3)) for _ in range(nsp))
-  geo = dict(kernel_spatial=ksp, window_strides=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)),
-             padding=tuple((data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(nsp)),
-             lhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)),
-             rhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(nsp)))
+  xs, geo = draw_geometry(data)
   out_sp = ffi_conv.patch_geometry(xs, **geo)[2]
   if not all(o > 0 for o in out_sp):
     return  # an empty patch matrix: the op never calls the fused kernel for it

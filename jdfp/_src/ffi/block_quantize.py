@@ -175,6 +175,14 @@ def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_stride
   fills the key operand, which these roundings ignore, so the result is unchanged; XLA then cannot
   schedule the call before ``after`` exists (a backward's re-conversion of a forward input waits for
   that op's output gradient instead of running during the forward)."""
+  x5, block, bfp, bits, patches = _patch_view(x, fmt, bshape, kernel_spatial, window_strides, padding, lhs_dilation,
+                                               rhs_dilation)
+  return _call(x5, block, bfp, bits, rounding, key, isa, stats, False, out_dtype, patches=patches, after=after)
+
+
+def _patch_view(x, fmt, bshape, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation):
+  """The patch-matrix calls' view of a conv input: ``(x as [N, D, H, W, C], block, bfp, bits, (shape3,
+  conv attributes))``, the format and ``bshape`` checked."""
   if not isinstance(fmt, (formats.DFP, formats.BFP)):
     raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
   sx = tuple(np.shape(x))
@@ -185,8 +193,7 @@ def quantize_patches_with_stats(x, fmt, bshape, *, kernel_spatial, window_stride
     raise ValueError(f"bshape must be (1, br, bc) for the patch matrix {shape3}, got {tuple(bshape)}")
   bfp = isinstance(fmt, formats.BFP)
   x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
-  return _call(x5, tuple(int(b) for b in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, key, isa,
-               stats, False, out_dtype, patches=(shape3, attrs), after=after)
+  return x5, tuple(int(b) for b in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, (shape3, attrs)
 
 
 def patch_gemm(x, fmt, bshape, b, eb, *, bits_b: int, kernel_spatial, window_strides, padding, lhs_dilation=None,
@@ -198,22 +205,13 @@ def patch_gemm(x, fmt, bshape, b, eb, *, bits_b: int, kernel_spatial, window_str
   (int8 b: P converted to int8, formats of <= 8 bits), with P never stored (each work item converts
   a run of row bands and multiplies them while they are in L2). For the forward of a conv whose
   converted input nobody keeps: nearest or biased rounding only."""
-  if not isinstance(fmt, (formats.DFP, formats.BFP)):
-    raise TypeError(f"fmt must be DFP or BFP, got {fmt!r}")
   if rounding == "stochastic":
     raise ValueError("patch_gemm takes nearest or biased rounding (a stochastic conversion's values are kept)")
   if dtype_of("b", b).name not in ("int16", "int8") or np.ndim(b) != 3:
     raise TypeError(f"b must be int16 or int8 [1, K, N], got {np.dtype(b.dtype).name} {tuple(np.shape(b))}")
   if dtype_of("eb", eb).name != "int32" or np.ndim(eb) != 3:
     raise TypeError(f"eb must be int32 [1, KB, N or 1], got {np.dtype(eb.dtype).name} {tuple(np.shape(eb))}")
-  sx = tuple(np.shape(x))
-  nsp, ksp, out_sp, attrs = ffi_conv.patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation,
-                                                    rhs_dilation)
-  shape3 = (1, sx[0] * int(np.prod(out_sp)), int(np.prod(ksp)) * sx[-1])
-  if len(bshape) != 3 or bshape[0] != 1:
-    raise ValueError(f"bshape must be (1, br, bc) for the patch matrix {shape3}, got {tuple(bshape)}")
-  bfp = isinstance(fmt, formats.BFP)
-  x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
-  res = _call(x5, tuple(int(v) for v in bshape), bfp, fmt.mantissa_bits if bfp else fmt.bits, rounding, None, isa,
-              stats, False, b.dtype, patches=(shape3, attrs), gemm=(b, eb, bits_b))
+  x5, block, bfp, bits, patches = _patch_view(x, fmt, bshape, kernel_spatial, window_strides, padding, lhs_dilation,
+                                               rhs_dilation)
+  res = _call(x5, block, bfp, bits, rounding, None, isa, stats, False, b.dtype, patches=patches, gemm=(b, eb, bits_b))
   return tuple(match_varying(r, x, b, eb) for r in res)
