@@ -110,8 +110,8 @@ def rhs_operand(w3, key, policy: Policy, i8: bool) -> qz.QArray:
 
 def fused_rhs_exponents(geom: PatchGeom, policy: Policy, qr: qz.QArray):
   """``eb [1, KB, N or 1]`` of ``qr`` on the column blocks of the patch conversion, where
-  `ffi.block_quantize.patch_gemm` can take them (qr int16 of an integer format whose blocks along K
-  are whole multiples of the lhs's, or one block); else None."""
+  `ffi.block_quantize.patch_gemm` can take them (qr int8 / int16 of an integer format whose blocks
+  along K are whole multiples of the lhs's, or one block); else None."""
   if not (qr.fmt.is_integer and qr.values.dtype in (jnp.int8, jnp.int16) and qr.values.shape[0] == 1):
     return None
   k = geom.shape3[2]
