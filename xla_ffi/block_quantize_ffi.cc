@@ -450,6 +450,19 @@ struct PatchAttrs {
   ffi::Span<const int64_t> strides, plo, phi, ldil, rdil, kernel_spatial;
 };
 
+// Patch mode: the tensor converted is the patch matrix of the conv input x (`who` names the handler
+// in errors).
+ffi::Error set_up_patches(BlockJob& j, ffi::AnyBuffer x, const PatchAttrs& patch, const char* who) {
+  ConvAttrs at{};
+  std::string err;
+  if (x.element_type() != ffi::F32) return invalid_as(who, "x must be float32");
+  if (!read_attrs(patch.strides, patch.plo, patch.phi, patch.ldil, patch.rdil, 1, at, err) ||
+      !j.geom.init(x.dimensions(), patch.kernel_spatial, at, err))
+    return invalid_as(who, err);
+  j.patches = true;
+  return ffi::Error::Success();
+}
+
 ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
                                 ffi::Result<ffi::AnyBuffer> e, bool fake, ffi::AnyBuffer* counts, ffi::AnyBuffer* erange,
                                 ffi::Span<const int64_t> block, int32_t kind, int32_t bits, int32_t rounding,
@@ -458,13 +471,8 @@ ffi::Future block_quantize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Any
   if (ffi::Error err = select_isa("block_quantize", isa, kernels); err.failure()) return error_future(std::move(err));
   auto job = std::make_shared<BlockJob>();
   if (patch) {
-    ConvAttrs at{};
-    std::string err;
-    if (x.element_type() != ffi::F32) return error_future(invalid_as("block_quantize", "x must be float32"));
-    if (!read_attrs(patch->strides, patch->plo, patch->phi, patch->ldil, patch->rdil, 1, at, err) ||
-        !job->geom.init(x.dimensions(), patch->kernel_spatial, at, err))
-      return error_future(invalid_as("block_quantize", err));
-    job->patches = true;
+    if (ffi::Error err = set_up_patches(*job, x, *patch, "block_quantize"); err.failure())
+      return error_future(std::move(err));
   }
   if (ffi::Error err = set_up(*job, x, &*out, *e, fake, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
@@ -562,15 +570,7 @@ ffi::Future block_patch_gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::A
   if (!i8 && b.element_type() != ffi::S16) return bad("b must be int16 (INT16 kernel) or int8 (INT8 kernel)");
   auto job = std::make_shared<PatchGemmJob>();
   PatchGemmJob& j = *job;
-  {
-    ConvAttrs at{};
-    std::string err;
-    if (x.element_type() != ffi::F32) return bad("x must be float32");
-    if (!read_attrs(patch.strides, patch.plo, patch.phi, patch.ldil, patch.rdil, 1, at, err) ||
-        !j.geom.init(x.dimensions(), patch.kernel_spatial, at, err))
-      return bad(err);
-    j.patches = true;
-  }
+  if (ffi::Error err = set_up_patches(j, x, patch, "block_patch_gemm"); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = set_up(j, x, nullptr, *e, false, block, kind, bits, rounding); err.failure())
     return error_future(std::move(err));
   if (ffi::Error err = set_up_stats(j, counts, erange, *kernels); err.failure()) return error_future(std::move(err));
