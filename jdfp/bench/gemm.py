@@ -5,6 +5,9 @@ Candidates (all jitted, same process, timed round-robin; GOP/s counts 2*M*K*N):
   xla_i16    lax.dot int16 x int16 -> int32           (XLA's integer path; wraps, not exact)
   jdfp_i16   jdfp kernel, int16 inputs                (exact, docs/arithmetic.md)
   jdfp_f32q  jdfp kernel, float32 inputs quantized while packing (no int16 copy)
+  jdfp_i16b24 jdfp kernel, int16 inputs with HBFP12's operands: 12-bit values, exponent blocks of 24
+             along K as its 24x24 tiles give them (rows and columns alike in groups of 24); every
+             block's sum is scaled into a float32 accumulator (docs/arithmetic.md)
   jdfp_i8    jdfp INT8 kernel (vpdpbusd), int8 inputs, per-tensor DFP(8) exponents
   jdfp_i8b24 the same with exponent blocks of 24 along K, as HBFP8's 24x24 tiles give them (rows
              and columns alike in groups of 24)
@@ -72,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
         "xla_i16": lambda: f_i16(a16, b16),
         "jdfp_i16": lambda: f_k16(a16, b16, ea, eb),
         "jdfp_f32q": lambda: f_k16(af, bf, ea_f, eb_f),
+        "jdfp_i16b24": hbfp12_candidate(rng, m, k, n, isa),
     }
     if not args.no_int8:
       fns.update(int8_candidates(rng, m, k, n, isa))
@@ -86,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
           flush=True)
 
   cols = ["M x K x N", "XLA f32", "XLA i16", "jdfp i16", "jdfp f32q", "i16/f32", "i16/XLA i16",
-          "f32q/f32"]
+          "f32q/f32", "i16 b24/f32"]
   int8 = ("jdfp_i8", "jdfp_i8b24", "jdfp_i8b32")
   if not args.no_int8:
     cols += ["jdfp i8", "i8/f32", "i8 b24/f32", "i8 b32/f32"]
@@ -97,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
                  f"{g['jdfp_i16']:.1f}", f"{g['jdfp_f32q']:.1f}",
                  f"{r['speedup_vs_xla_f32']['jdfp_i16']:.2f}x",
                  f"{r['speedup_vs_xla_i16']['jdfp_i16']:.2f}x",
-                 f"{r['speedup_vs_xla_f32']['jdfp_f32q']:.2f}x"])
+                 f"{r['speedup_vs_xla_f32']['jdfp_f32q']:.2f}x",
+                 f"{r['speedup_vs_xla_f32']['jdfp_i16b24']:.2f}x"])
     if not args.no_int8:
       rows[-1] += [f"{g['jdfp_i8']:.1f}"] + [f"{r['speedup_vs_xla_f32'][c]:.2f}x" for c in int8]
   title = (f"jdfp GEMM, bits {bits} (chain {kernels.safe_chain_length(bits, bits)}), isa {isa_text}, "
@@ -112,6 +117,31 @@ def main(args: argparse.Namespace) -> int:
       json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.json}")
   return 0
+
+
+def tile_exponents(rng, m, k, n, block):
+  """Exponents [m, KB] and [KB, n] of ``block`` x ``block`` tiles: one per ``block`` rows (columns)
+  of each K block, as HBFP's tiles give them to the GEMM."""
+  import jax.numpy as jnp
+
+  kb = -(-k // block)
+  ea = rng.integers(-12, -8, (-(-m // block), kb)).astype("int32")
+  eb = rng.integers(-12, -8, (kb, -(-n // block))).astype("int32")
+  return (jnp.asarray(ea.repeat(block, axis=0)[:m]), jnp.asarray(eb.repeat(block, axis=1)[:, :n]))
+
+
+def hbfp12_candidate(rng, m, k, n, isa):
+  """The INT16 kernel as HBFP12 runs it: 12-bit values (qmax 2047), 24 x 24 tile exponents."""
+  import jax
+  import jax.numpy as jnp
+
+  from jdfp import kernels
+
+  a = jnp.asarray(rng.integers(-2047, 2048, (m, k)).astype("int16"))
+  b = jnp.asarray(rng.integers(-2047, 2048, (k, n)).astype("int16"))
+  ea, eb = tile_exponents(rng, m, k, n, 24)
+  f = jax.jit(lambda x, y, ex, ey: kernels.gemm(x, y, ex, ey, bits_a=12, bits_b=12, block_k=24, isa=isa))
+  return lambda: f(a, b, ea, eb)
 
 
 def int8_candidates(rng, m, k, n, isa):
@@ -130,7 +160,7 @@ def int8_candidates(rng, m, k, n, isa):
     ea = e1 if bk is None else jnp.asarray(rng.integers(-12, -8, (m, kb)).astype("int32"))
     eb = e1 if bk is None else jnp.asarray(rng.integers(-12, -8, (kb, n)).astype("int32"))
     if bk == 24:  # HBFP tiles: one exponent per 24 rows (columns) of each block
-      ea, eb = jnp.repeat(ea[::24], 24, axis=0)[:m], jnp.repeat(eb[:, ::24], 24, axis=1)[:, :n]
+      ea, eb = tile_exponents(rng, m, k, n, 24)
     f = jax.jit(lambda x, y, ex, ey, bk=bk: kernels.gemm_i8(x, y, ex, ey, bits_a=8, bits_b=8, block_k=bk, isa=isa))
     fns[name] = lambda f=f, ea=ea, eb=eb: f(a8, b8, ea, eb)
   return fns
