@@ -36,7 +36,8 @@ Candidates (default: fp32, every recipe:NAME, dfp16_flax; the others on request)
               work)
 
 Reported: median step time, ratio to fp32 (>1 is faster), the step's trace + compile time and its
-ratio to fp32's (`jit(step).lower(...).compile()`, once per process), XLA's peak temp memory of the compiled
+ratio to fp32's (`jit(step).lower(...).compile()`, once per process; the recipes' RNG key is a step
+argument, as in a training loop), XLA's peak temp memory of the compiled
 step, and the bytes saved for the backward pass (JAX's residual list, see `_saved_bytes`): the
 activations (everything but weight copies), the part of them that are GEMM/conv operands (what jdfp
 stores in int16; the rest are ReLU masks, BN and loss residuals, FP32 in every recipe), and weight
@@ -111,8 +112,8 @@ def _flax_step(loss, params, batch, tx, recipe=None):
   """A training step of the workload as a Linen module through `jdfp.quantize`, statistics on:
   with `jdfp.Policy()` (nearest everywhere), or with ``recipe``'s policy and optimizer.
 
-  Returns (step to jit, initial (variables, optimizer state), function of the params for
-  `_saved_bytes`)."""
+  Returns (step to jit, taking (variables, optimizer state, *batch, key), its initial (variables,
+  optimizer state), function of the params for `_saved_bytes`)."""
   import jax
   from flax import linen as nn
 
@@ -131,9 +132,11 @@ def _flax_step(loss, params, batch, tx, recipe=None):
     otx = jdfp.recipes.optimizer(recipe, tx, loss_scale=None, collections=("dfp",))
   variables = model.init({"params": jax.random.key(1), "dfp": jax.random.key(2)}, *batch)
 
-  def step(v, s, x, y):
+  def step(v, s, x, y, key):
+    # The key is an argument, as a training loop passes it: a constant key would let XLA fold the
+    # per-op key derivation away and under-state the compile time of stochastic recipes.
     def lf(v):
-      val, _ = model.apply(v, x, y, rngs={"dfp": jax.random.key(3)}, mutable=["dfp"])
+      val, _ = model.apply(v, x, y, rngs={"dfp": key}, mutable=["dfp"])
       return val
     val, g = jax.value_and_grad(lf)(v)
     u, s = otx.update(g, s, v)
@@ -336,6 +339,7 @@ def main(args: argparse.Namespace) -> int:
       if name == "dfp16_flax" or name in RECIPES:
         recipe = name.split(":", 1)[1] if name in RECIPES else None
         step, (p0, state), saved_fn = _flax_step(loss, params, batch, tx, recipe)
+        step_args = (p0, state) + tuple(batch) + (jax.random.key(3),)
       else:
         ops = _ops(name)
 
@@ -346,8 +350,9 @@ def main(args: argparse.Namespace) -> int:
 
         p0, state = params, tx.init(params)
         saved_fn = lambda p, _ops=ops: loss(p, *batch, _ops)
+        step_args = (p0, state) + tuple(batch)
       t0 = time.perf_counter()
-      compiled = jax.jit(step).lower(p0, state, *batch).compile()
+      compiled = jax.jit(step).lower(*step_args).compile()
       compile_s = time.perf_counter() - t0
       mem = compiled.memory_analysis()
       with warnings.catch_warnings():  # saved_fn differentiates the params alone, on purpose: no statistics
@@ -357,7 +362,7 @@ def main(args: argparse.Namespace) -> int:
                      "saved_activation_bytes": saved["activations"],
                      "saved_gemm_operand_bytes": saved["gemm_operands"],
                      "saved_weight_copy_bytes": saved["weight_copies"]}
-      fns[name] = functools.partial(lambda f, a: jax.tree.leaves(f(*a))[-1], compiled, (p0, state) + tuple(batch))
+      fns[name] = functools.partial(lambda f, a: jax.tree.leaves(f(*a))[-1], compiled, step_args)
     times = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
     rows = []
     mib = lambda b: f"{b / 2**20:.2f}"
