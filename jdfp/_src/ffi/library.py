@@ -64,6 +64,7 @@ TARGET_BLOCK_QUANTIZE_PATCHES = "jdfp_block_quantize_patches"  # float32 conv in
 TARGET_BLOCK_QUANTIZE_PATCHES_STATS = "jdfp_block_quantize_patches_stats"  # the same + the counters
 TARGET_BLOCK_PATCH_GEMM = "jdfp_block_patch_gemm"  # the patch matrix converted and times int16 b, in one call
 TARGET_BLOCK_PATCH_GEMM_STATS = "jdfp_block_patch_gemm_stats"  # the same + the counters
+TARGET_THREEFRY_FOLD_IN = "jdfp_threefry_fold_in"  # uint32 key [..., 2], uint32 data -> jax.random.fold_in's key data
 TARGET_BLOCK_FAKE_QUANTIZE = "jdfp_block_fake_quantize"  # float32 x -> float32 dequantized values, int32 e
 
 _LIB_FILE = "libjdfp_ffi.so"
@@ -111,7 +112,8 @@ def _load() -> None:
                       (TARGET_BLOCK_QUANTIZE_PATCHES, lib.JdfpBlockQuantizePatches),
                       (TARGET_BLOCK_QUANTIZE_PATCHES_STATS, lib.JdfpBlockQuantizePatchesStats),
                       (TARGET_BLOCK_PATCH_GEMM, lib.JdfpBlockPatchGemm),
-                      (TARGET_BLOCK_PATCH_GEMM_STATS, lib.JdfpBlockPatchGemmStats)):
+                      (TARGET_BLOCK_PATCH_GEMM_STATS, lib.JdfpBlockPatchGemmStats),
+                      (TARGET_THREEFRY_FOLD_IN, lib.JdfpThreefryFoldIn)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
   except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
     _load_error = (

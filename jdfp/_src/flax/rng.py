@@ -5,8 +5,9 @@ Flax derives the key as ``jax.random.fold_in(stream_key, sha1(path suffix, call 
 On CPU JAX lowers that threefry as a loop: an XLA ``while`` plus a dozen copy thunks per key, which
 on a small model's step cost more than its GEMMs (docs/op_costs.md, "The small step through the
 recipes"). `make_rng` lets Flax do its bookkeeping (the checks and the counter) and then computes
-the same fold-in with `jdfp._src.numerics.threefry`; Flax's own key is left unused, so jit drops it
-as dead code. NNX streams fold in their traced count the same way (`stream_key`). Keys of another
+the same fold-in, on the C++ kernel where it runs (`jdfp._src.ffi.threefry`: nothing for XLA to
+compile, where the unrolled rounds cost ~15-20 ms of compile time per op with the key a step argument),
+else with `jdfp._src.numerics.threefry`; Flax's own key is left unused, so jit drops it as dead code. NNX streams fold in their traced count the same way (`stream_key`). Keys of another
 PRNG impl, or streams Flax does not hold as expected, keep Flax's key as is.
 """
 
@@ -21,6 +22,7 @@ from flax import config as flax_config
 from flax import nnx
 from flax.core.scope import LazyRng
 
+from jdfp._src.ffi import threefry as ffi_threefry
 from jdfp._src.numerics import threefry
 
 __all__ = ["make_rng", "stream_key"]
@@ -40,6 +42,13 @@ def _static_hash(suffix) -> int:
     else:
       raise ValueError(f"Expected int or string, got: {x}")
   return int.from_bytes(m.digest()[:4], byteorder="big")
+
+
+def _fold_in(words, data):
+  """`threefry.fold_in_words`, on the kernel where it runs (the same bits)."""
+  if ffi_threefry.runs_here():
+    return ffi_threefry.fold_in_words(words, data)
+  return threefry.fold_in_words(words, data)
 
 
 def _threefry_words(rng):
@@ -65,7 +74,7 @@ def make_rng(module, name: str):
     return key
   words, typed = found
   suffix = lazy.suffix + (scope.rng_counters[name],)  # what make_rng just folded in
-  out = threefry.fold_in_words(words, _static_hash(suffix))
+  out = _fold_in(words, _static_hash(suffix))
   return jax.random.wrap_key_data(out, impl="threefry2x32") if typed else out
 
 
@@ -80,5 +89,5 @@ def stream_key(stream):
   if found is None or jnp.shape(count) != () or jnp.result_type(count) != jnp.uint32:
     return key
   words, typed = found
-  out = threefry.fold_in_words(words, count - np.uint32(1))  # the count stream() just folded in
+  out = _fold_in(words, count - np.uint32(1))  # the count stream() just folded in
   return jax.random.wrap_key_data(out, impl="threefry2x32") if typed else out
