@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdfp._src.ffi.library import TARGET_THREEFRY_FOLD_IN, kernel_available, require_lib
+from jdfp._src.numerics import threefry
 from jdfp._src.numerics.shard_types import match_varying
 
 __all__ = ["fold_in_words", "runs_here"]
@@ -26,16 +26,7 @@ def runs_here() -> bool:
 def fold_in_words(words, data) -> jax.Array:
   """``jax.random.key_data(jax.random.fold_in(k, data))`` for threefry key data ``words``
   (uint32[2]) and ``data`` (an int in ``[0, 2**32)`` or a uint32 scalar array), on the kernel."""
-  if isinstance(data, (int, np.integer)):
-    if not 0 <= int(data) < 2**32:
-      raise ValueError(f"fold_in_words: data must be in [0, 2**32), got {data}")
-    data = np.uint32(int(data))
-  elif jnp.shape(data) != () or jnp.result_type(data) != jnp.uint32:
-    raise ValueError(f"fold_in_words: data must be an int or a uint32 scalar, got {jnp.result_type(data)}"
-                     f"{list(jnp.shape(data))}")
-  words = jnp.asarray(words, jnp.uint32)
-  if words.shape != (2,):
-    raise ValueError(f"fold_in_words: words must be uint32[2] threefry key data, got shape {words.shape}")
+  words, data = threefry.fold_in_args(words, data)
   require_lib()
   call = jax.ffi.ffi_call(TARGET_THREEFRY_FOLD_IN, jax.ShapeDtypeStruct((2,), jnp.uint32),
                           vmap_method="broadcast_all")

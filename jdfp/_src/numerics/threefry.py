@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["fold_in_words", "threefry2x32"]
+__all__ = ["fold_in_args", "fold_in_words", "threefry2x32"]
 
 _PARITY = 0x1BD11BDA  # Threefish's key-schedule parity constant
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -51,6 +51,11 @@ def fold_in_words(words, data) -> jax.Array:
   """``jax.random.key_data(jax.random.fold_in(k, data))`` for a threefry key ``k`` with data words
   ``words`` (uint32[2]): threefry of the counter ``(0, data)`` (JAX's seed of a 32-bit ``data``).
   ``data``: a Python int in ``[0, 2**32)`` or a uint32 scalar array (e.g. NNX's traced stream count)."""
+  return _fold_in(*fold_in_args(words, data))
+
+
+def fold_in_args(words, data):
+  """``(words, data)`` of a fold-in checked and as uint32 (also for the kernel's, `jdfp._src.ffi.threefry`)."""
   if isinstance(data, (int, np.integer)):
     if not 0 <= int(data) < 2**32:
       raise ValueError(f"fold_in_words: data must be in [0, 2**32), got {data}")
@@ -61,7 +66,7 @@ def fold_in_words(words, data) -> jax.Array:
   words = jnp.asarray(words, jnp.uint32)
   if words.shape != (2,):
     raise ValueError(f"fold_in_words: words must be uint32[2] threefry key data, got shape {words.shape}")
-  return _fold_in(words, data)
+  return words, data
 
 
 @jax.jit
