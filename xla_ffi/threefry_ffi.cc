@@ -31,7 +31,7 @@ void threefry2x32(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
   }
 }
 
-ffi::Error fold_in_impl(ffi::AnyBuffer key, ffi::AnyBuffer data, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error fold_in(ffi::AnyBuffer key, ffi::AnyBuffer data, ffi::Result<ffi::AnyBuffer> out) {
   const std::string who = "threefry_fold_in";
   if (key.element_type() != ffi::U32 || data.element_type() != ffi::U32 || out->element_type() != ffi::U32)
     return invalid_as(who, "key, data and the result must be uint32");
@@ -57,11 +57,6 @@ ffi::Error fold_in_impl(ffi::AnyBuffer key, ffi::AnyBuffer data, ffi::Result<ffi
 }
 
 }  // namespace
-
-ffi::Error fold_in(ffi::AnyBuffer key, ffi::AnyBuffer data, ffi::Result<ffi::AnyBuffer> out) {
-  return fold_in_impl(key, data, out);
-}
-
 }  // namespace jdfp
 
 JDFP_EXPORT XLA_FFI_Error* JdfpThreefryFoldIn(XLA_FFI_CallFrame*);

@@ -6,8 +6,9 @@ On CPU JAX lowers that threefry as a loop: an XLA ``while`` plus a dozen copy th
 on a small model's step cost more than its GEMMs (docs/op_costs.md, "The small step through the
 recipes"). `make_rng` lets Flax do its bookkeeping (the checks and the counter) and then computes
 the same fold-in, on the C++ kernel where it runs (`jdfp._src.ffi.threefry`: nothing for XLA to
-compile, where the unrolled rounds cost ~15-20 ms of compile time per op with the key a step argument),
-else with `jdfp._src.numerics.threefry`; Flax's own key is left unused, so jit drops it as dead code. NNX streams fold in their traced count the same way (`stream_key`). Keys of another
+compile, where the unrolled rounds cost ~15-20 ms of compile time per op with the key a step
+argument), else with `jdfp._src.numerics.threefry`; Flax's own key is left unused, so jit drops it
+as dead code. NNX streams fold in their traced count the same way (`stream_key`). Keys of another
 PRNG impl, or streams Flax does not hold as expected, keep Flax's key as is.
 """
 
