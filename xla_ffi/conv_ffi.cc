@@ -198,7 +198,7 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   const ConvGemm cg = conv_gemm(g, at.groups, I, O, bits_a, bits_b, wgrad);
   if (ffi::Error e = check_block_sum_bound("jdfp_conv", cg.K, cg.bits_a, cg.bits_b); e.failure())
     return error_future(std::move(e));
-  auto job = std::make_shared<Job>();
+  auto job = reusable_job();
   job->conv = g;
   set_up_job(*job, cg, x, b, ex, eb, out, wgrad, *kernels);
   return launch(job, pool, *kernels, cg.G, cg.M, cg.N, cg.K);

@@ -99,6 +99,38 @@ void run_worker(const std::shared_ptr<Job>& job) {
 // give every worker several tiles so a busy core does not leave the others idle at the end.
 }  // namespace
 
+void Job::reset() {
+  P = Problem{};
+  pieces.clear();
+  kcb.clear();
+  a_off.clear(); b_off.clear(); ea_off.clear(); eb_off.clear();
+  tiles.clear();
+  fn = nullptr;
+  tile_fn = nullptr;
+  nchunks = 1;
+  chunk_end.clear();
+  next_worker.store(0, std::memory_order_relaxed);
+  done = ffi::CountDownPromise();
+  bits_a = bits_b = 0;
+  who = "gemm"; name_a = "a"; name_b = "b";
+  operand_type = "int16";
+  conv = ConvGeom{};
+  c_off.clear();
+}
+
+std::shared_ptr<Job> reusable_job() {
+  thread_local std::shared_ptr<Job> last;
+  // use_count() is a relaxed read: the fence orders it after the release by which the pool tasks
+  // dropped their references, so their last reads of the job happen before the reset below.
+  if (last && last.use_count() == 1) {
+    std::atomic_thread_fence(std::memory_order_acquire);
+    last->reset();
+  } else {
+    last = std::make_shared<Job>();
+  }
+  return last;
+}
+
 uint64_t next_job_id() {
   static std::atomic<uint64_t> seq{0};
   return seq.fetch_add(1, std::memory_order_relaxed) + 1;
@@ -130,7 +162,10 @@ void tile_sizes(int isa_mr, int isa_nr, int64_t nthreads, int64_t nbatch, int64_
 void split_chunks(Job& job, int64_t nworkers) {
   const int64_t ntiles = int64_t(job.tiles.size());
   job.nchunks = nworkers;
-  job.cursor.reset(new std::atomic<int64_t>[size_t(nworkers)]);
+  if (job.cursor_cap < nworkers) {
+    job.cursor.reset(new std::atomic<int64_t>[size_t(nworkers)]);
+    job.cursor_cap = nworkers;
+  }
   job.chunk_end.assign(size_t(nworkers), 0);
   for (int64_t c = 0; c < nworkers; ++c) {
     job.cursor[size_t(c)].store(ntiles * c / nworkers, std::memory_order_relaxed);
@@ -162,7 +197,12 @@ bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, i
                    std::vector<int64_t>& off) {
   const size_t nb = ob.size(), db = d.size() - 2;
   if (db > nb) return false;
-  std::vector<int64_t> stride(nb, 0);
+  // Strides and the index on the stack for up to 8 batch dims (no heap allocation per call).
+  int64_t small[16];
+  std::vector<int64_t> big(nb > 8 ? 2 * nb : 0);
+  int64_t* const stride = nb > 8 ? big.data() : small;
+  int64_t* const idx = stride + nb;
+  std::fill(stride, stride + 2 * nb, int64_t(0));
   int64_t st = mat_elems;
   for (size_t i = 0; i < db; ++i) {
     const size_t di = db - 1 - i, oi = nb - 1 - i;
@@ -173,7 +213,6 @@ bool batch_offsets(ffi::Span<const int64_t> d, const std::vector<int64_t>& ob, i
   int64_t total = 1;
   for (int64_t x : ob) total *= x;
   off.assign(size_t(total), 0);
-  std::vector<int64_t> idx(nb, 0);
   for (int64_t t = 0; t < total; ++t) {
     int64_t o = 0;
     for (size_t i = 0; i < nb; ++i) o += idx[i] * stride[i];

@@ -136,7 +136,7 @@ ffi::Future gemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (ffi::Error e = check_batch_dims(s); e.failure()) return error_future(std::move(e));
   if (ffi::Error e = check_block_sum_bound("jdfp_gemm", std::min(s.bk, s.K), bits_a, bits_b); e.failure())
     return error_future(std::move(e));
-  auto job = std::make_shared<Job>();
+  auto job = reusable_job();
   if (ffi::Error e = set_up_job(*job, s, operands_of(a, b, ea, eb, out->typed_data()), bits_a, bits_b, trans_a, trans_b,
                                   *kernels); e.failure())
     return error_future(std::move(e));

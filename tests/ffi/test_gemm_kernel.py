@@ -632,3 +632,26 @@ def test_unsupported_isa_is_an_ffi_error(monkeypatch, isas):
     with pytest.raises(Exception, match="not supported"):
       np.asarray(call(a, a, e, eb, bits_a=np.int32(8), bits_b=np.int32(8), block_k=np.int64(-1),
                       transpose_a=False, transpose_b=False, isa=np.int32(code)))
+
+
+def test_reused_jobs_carry_nothing_between_calls(isa):
+  # Each thread reuses its last GEMM / conv job (storage only): a failed conv, then GEMMs of other
+  # shapes, batch counts and block sizes, inline and pooled, must each give their own exact result
+  # and their own error text.
+  rng = np.random.default_rng(21)
+  e1 = jnp.zeros((1,), jnp.int32)
+  x = jnp.zeros((1, 5, 5, 4), jnp.int16).at[0, 2, 2, 1].set(-32768)
+  with pytest.raises(Exception, match=r"jdfp conv: int16 operand x has a value outside"):
+    jax.block_until_ready(kernels.conv(x, jnp.zeros((3, 3, 4, 2), jnp.int16), e1, e1, window_strides=(1, 1),
+                                       padding="SAME", bits_x=14, bits_w=14, isa=isa))
+  for batch, m, k, n, bk in (((3,), 7, 33, 5, 16), ((), 300, 500, 700, None), ((2,), 64, 64, 64, None),
+                             ((), 1, 9, 1, None)):
+    a, b, ea, eb = _rand_case(rng, batch, batch, m, k, n, 14, 14, bk)
+    kw = dict(bits_a=14, bits_b=14, block_k=bk)
+    bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
+  a, b, ea, eb = _rand_case(rng, (), (), 20, 30, 40, 14, 14, None)
+  bad = b.copy()
+  bad[3, 4] = -32768
+  with pytest.raises(Exception, match=r"jdfp gemm: int16 operand b has a value outside"):
+    _run(a, bad, ea, eb, isa=isa, bits_a=14, bits_b=14)
+  bits_eq(_run(a, b, ea, eb, isa=isa, bits_a=14, bits_b=14), _oracle(a, b, ea, eb, bits_a=14, bits_b=14))
