@@ -746,7 +746,12 @@ struct V512 {
 
 }  // namespace
 
-int tile_avx512vnni(const Problem& P, const Tile& T) { return run_tile<UkSimd<V512, 12, 2>>(P, T); }
+// Outputs at most 16 wide (a 16-channel conv, a 10-class head) on a 16 x 16 micro-tile: the 12 x 32
+// one would spend half its dot products on padding columns.
+int tile_avx512vnni(const Problem& P, const Tile& T) {
+  if (P.N <= 16) return run_tile<UkSimd<V512, 16, 1>>(P, T);
+  return run_tile<UkSimd<V512, 12, 2>>(P, T);
+}
 
 // The conv gathers above move 16-bit payloads without reading them (the INT16 range check aside), so
 // the BF16 conv (gemm_bf16_avx512.cc) packs its bfloat16 operands with them: one piece of `len`
