@@ -44,7 +44,9 @@ struct VI8Zmm {
 
 }  // namespace
 
+// Outputs at most 16 wide on 12 x 16 micro-tiles (as the INT16 kernel's narrow case, kernel_avx512vnni.cc).
 int tile_i8_avx512vnni(const ProblemI8& P, const Tile& T) {
+  if (P.N <= 16) return tile_i8<VI8Zmm, UkI8<VI8Zmm, 12, 1, false>, UkI8<VI8Zmm, 12, 1, true>>(P, T);
   return tile_i8<VI8Zmm, UkI8<VI8Zmm, 12, 2, false>, UkI8<VI8Zmm, 6, 2, true>>(P, T);
 }
 

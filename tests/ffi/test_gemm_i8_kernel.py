@@ -157,6 +157,17 @@ def test_multi_tile_multi_kc_threads(isa):
     _check(a, b, ea, eb, isa, lead=False, bits_a=8, bits_b=8, block_k=bk)
 
 
+@pytest.mark.parametrize("n", [1, 9, 16, 17])
+def test_narrow_outputs(isa, n):
+  # N <= 16 runs on 12 x 16 micro-tiles on AVX-512: per-tensor and block exponents (HBFP tiles, MX
+  # blocks), inline and pooled, several kc blocks, transposes.
+  rng = np.random.default_rng(200 + n)
+  for batch, m, k, bk, ta, tb in (((), 37, 50, None, False, False), ((2,), 900, 1500, 24, True, False),
+                                  ((), 300, 1000, 32, False, True), ((3,), 16, 3000, None, True, True)):
+    a, b, ea, eb = _case(rng, batch, batch, m, k, n, block_k=bk, ta=ta, tb=tb)
+    _check(a, b, ea, eb, isa, lead=m < 100, bits_a=8, bits_b=8, block_k=bk, transpose_a=ta, transpose_b=tb)
+
+
 def test_empty(isa):
   for m, k, n in ((0, 5, 3), (4, 0, 3), (4, 5, 0)):
     a = np.zeros((m, k), np.int8)
