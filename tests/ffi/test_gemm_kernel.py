@@ -657,13 +657,14 @@ def test_reused_jobs_carry_nothing_between_calls(isa):
   bits_eq(_run(a, b, ea, eb, isa=isa, bits_a=14, bits_b=14), _oracle(a, b, ea, eb, bits_a=14, bits_b=14))
 
 
-@pytest.mark.parametrize("n", [1, 9, 16, 17])
+@pytest.mark.parametrize("n", [1, 9, 16, 17, 700])
 def test_narrow_outputs_bit_exact(isa, n):
-  # N <= 16 runs on its own micro-tile shape on AVX-512 (16 x 16): narrow heads and 16-channel
-  # convs, inline and pooled, one or several kc blocks, block exponents, both transposes.
+  # N <= 16, or 13 <= M <= 16, runs on its own micro-tile shape on AVX-512 (16 x 16): narrow heads
+  # and 16-channel convs, inline and pooled, one or several kc blocks, block exponents, transposes.
   rng = np.random.default_rng(100 + n)
   for batch, m, k, bk, ta, tb in (((), 37, 50, None, False, False), ((2,), 900, 700, None, True, False),
-                                  ((), 300, 1000, 64, False, True), ((3,), 16, 2000, 96, True, True)):
+                                  ((), 300, 1000, 64, False, True), ((3,), 16, 2000, 96, True, True),
+                                  ((), 13, 300, None, False, False), ((2,), 15, 900, 32, True, False)):
     a, b, ea, eb = _rand_case(rng, batch, batch, m, k, n, 14, 14, bk, ta, tb)
     kw = dict(bits_a=14, bits_b=14, block_k=bk, transpose_a=ta, transpose_b=tb)
     bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
