@@ -162,7 +162,8 @@ static inline void pack_rows_whole(const int8_t* src, int64_t sr, int32_t nq, ui
 // padding (rows past `rows`, k past a piece's end), XOR 0x80 on real values when kShift.  With
 // `rowsum`, also rowsum[(panel * npcs + piece) * W + i] = 128 * (sum of the piece's values of the
 // row) modulo 2**32 (the vpdpbusd compensation).  Row by row: each row's k range of the kc block
-// (its pieces are consecutive in k) is read once, in order.
+// (its pieces are consecutive in k) is read once, in order.  dst == nullptr only scans (the range
+// check and the row sums) rows the micro-kernel reads in place (run_tile_i8's direct panels).
 template <int W, bool kShift>
 static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64_t rows, const I8Piece* pcs,
                                 int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {
@@ -175,8 +176,17 @@ static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64
   for (int64_t pn = 0; pn < panels; ++pn) {
     const int64_t rb = r0 + pn * W;
     const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
-    int8_t* dp = dst + pn * int64_t(quads) * W * 4;
+    int8_t* dp = dst ? dst + pn * int64_t(quads) * W * 4 : nullptr;
     uint32_t* rs = rowsum ? rowsum + pn * npcs * W : nullptr;
+    if (!dp) {
+      for (int i = 0; i < nvalid; ++i) {
+        const int8_t* row = src + (rb + i) * sr;
+        minmax_i8(row + k_lo, k_hi - k_lo, mm);
+        if (rs)
+          for (int pi = 0; pi < npcs; ++pi) rs[pi * W + i] = uint32_t(sum_i8(row + pcs[pi].k_start, pcs[pi].len)) * 128u;
+      }
+      continue;
+    }
 #if defined(__SSE2__)
     if (whole && nvalid == W) {
       pack_rows_whole<W>(src + rb * sr + k_lo, sr, quads, x, dp);
@@ -555,9 +565,15 @@ struct UkI8 {
   using vi = typename V::vi;
   using vf = typename V::vf;
 
-  __attribute__((noinline)) static void kernel(const int8_t* Ap, const int8_t* Bp, const UkI8Args& args) {
+  // kDirect false: Ap is the packed micro-panel (quad q of row i at Ap + (q * MR + i) * 4).
+  // kDirect true: Ap is row 0 of k-contiguous A itself at the kc block's first k (quad q of row i at
+  // Ap + i * rs + 4 * q): whole quads only, so every byte read is the operand's own; the
+  // broadcast reads the quad where it is, which the packed panel only copied.
+  template <bool kDirect>
+  __attribute__((noinline)) static void kernel(const int8_t* Ap, const int8_t* Bp, const UkI8Args& args, int64_t rs_) {
     UkI8Args u;  // a local copy: the stores below cannot alias its fields
     copy_kernel_args(u, args);
+    const int64_t rs = kDirect ? rs_ : 4;
     vf accf[MR][NV];
     if constexpr (kScaled) {
       i8_static_for<MR>([&](auto i) JDFP_AI {
@@ -581,10 +597,10 @@ struct UkI8 {
         vi b[NV];
         i8_static_for<NV>([&](auto v) JDFP_AI { b[v] = V::load(Bp + v * L * 4); });
         i8_static_for<MR>([&](auto i) JDFP_AI {
-          const vi a = V::bcast(int32_t(ld_u32(Ap + 4 * i)));
+          const vi a = V::bcast(int32_t(ld_u32(Ap + i * rs)));
           i8_static_for<NV>([&](auto v) JDFP_AI { acc[i][v] = V::dp(acc[i][v], b[v], a); });
         });
-        Ap += 4 * MR;
+        Ap += kDirect ? 4 : 4 * MR;
         Bp += 4 * NR;
       }
       if (!(fl & kI8ChainClose)) {  // the chain goes on in the next kc block
@@ -612,7 +628,8 @@ struct UkI8 {
   // A block of several chains (block_k > L, so only for K beyond ~133k at 8 bits): each chain's
   // exact int32 sum is added to the block's int64 sum; the closed block is rounded once.  Scalar:
   // it runs once per ~L products.
-  static void long_block(const UkI8Args& u, const I8Piece& pc, vf (&accf)[MR][NV], vi (&acc)[MR][NV]) {
+  // Inlined into both kernels: a call would take the accumulators' addresses and keep them in memory.
+  static inline JDFP_AI void long_block(const UkI8Args& u, const I8Piece& pc, vf (&accf)[MR][NV], vi (&acc)[MR][NV]) {
     alignas(64) int32_t s32[MR * NR];
     alignas(64) float f[MR * NR];
     i8_static_for<MR>([&](auto i) JDFP_AI {
@@ -693,6 +710,11 @@ struct I8BCache {
 };
 constexpr size_t kI8BCacheBytes = size_t(8) << 20;
 
+// Packing A costs a pass over it for every tile; reading it in place costs strided loads from 12 rows
+// in every B panel.  The pass wins above this many B panels per tile (measured on Zen 4 with
+// 12 x 32 tiles: N = 64 / 128 ran 15-25 % faster in place, N = 512 some 10 % slower).
+constexpr int64_t kI8DirectPanels = 4;
+
 // NaN for NONFINITE exponents, zeros for K == 0 (as gemm_driver.h's tile_epilogue).
 static inline void tile_epilogue_i8(const ProblemI8& P, const Tile& T, float* C, const int32_t* ea, const int32_t* eb,
                                     int64_t eb_j) {
@@ -763,11 +785,22 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
         pack_any<NR, V::kShiftB>(bsrc, P.b_sr, P.b_sk, T.n0, nb, pcs, npcs, kb.quads, bpk, nullptr, mm);
         if (!mm.ok(P.qmax_b)) return 2;
       }
+      // k-contiguous A in whole quads, used by at most kI8DirectPanels B panels: the full
+      // micro-panels are read in place (only scanned here for the range check and the row sums), the
+      // last partial one is packed.
+      bool direct = P.a_sk == 1 && nbp <= kI8DirectPanels * NR;
+      for (int pi = 0; pi < npcs && direct; ++pi) direct = pc_whole(pcs[pi]);
+      const int64_t mdir = direct ? mb / MR * MR : 0;
       {
         I8MinMax mm;
-        pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0, mb, pcs, npcs, kb.quads, apk, V::kShiftB ? comp : nullptr, mm);
+        uint32_t* cp = V::kShiftB ? comp : nullptr;
+        if (mdir > 0) pack_kcontig<MR, false>(asrc, P.a_sr, T.m0, mdir, pcs, npcs, kb.quads, nullptr, cp, mm);
+        if (mdir < mb)
+          pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0 + mdir, mb - mdir, pcs, npcs, kb.quads, apk,
+                              cp ? cp + mdir / MR * npcs * MR : nullptr, mm);
         if (!mm.ok(P.qmax_a)) return 1;
       }
+      const int8_t* adir = asrc + T.m0 * P.a_sr + pcs[0].k_start;
       nonfinite |= tile_exponents(ea, P.ea_mstride, T.m0, mb, mbp, eb, eb_j, P.eb_nstride, T.n0, nb, nbp,
                                   kb.blk_first, kb.nblk, MR,
                                   {s.ea.p, s.pa.p, s.eb.p, s.pb.p, s.fast.p, s.uniform.p, s.amn.data(), s.amx.data()});
@@ -793,7 +826,11 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
           const bool direct = mv == MR && nv == NR;
           u.C = last ? (direct ? cdst : edge) : nullptr;
           u.ldc = direct ? P.ldc : NR;
-          UK::kernel(apk + ir * kb.quads * 4, bpanel, u);
+          if (ir < mdir) {
+            UK::template kernel<true>(adir + ir * P.a_sr, bpanel, u, P.a_sr);
+          } else {
+            UK::template kernel<false>(apk + (ir - mdir) * kb.quads * 4, bpanel, u, 4);
+          }
           if (last && !direct)
             for (int i = 0; i < mv; ++i)
               for (int j = 0; j < nv; ++j) cdst[i * P.ldc + j] = edge[i * NR + j];

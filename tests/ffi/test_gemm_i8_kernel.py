@@ -168,6 +168,23 @@ def test_narrow_outputs(isa, n):
     _check(a, b, ea, eb, isa, lead=m < 100, bits_a=8, bits_b=8, block_k=bk, transpose_a=ta, transpose_b=tb)
 
 
+@pytest.mark.parametrize("m", [12, 40, 197])
+def test_a_read_in_place(isa, m):
+  # k-contiguous A in whole quads (K and block_k multiples of 4): the full micro-panels are read where
+  # they lie, only the last partial one is packed; both must give the same bits, and a value out of
+  # range must fail the call wherever it sits (a read-in-place row or the packed tail).
+  rng = np.random.default_rng(300 + m)
+  for k, bk in ((64, None), (96, 24), (160, 32), (100, 20), (1028, None)):
+    a, b, ea, eb = _case(rng, (), (), m, k, 45, block_k=bk, erange=10)
+    _check(a, b, ea, eb, isa, lead=m < 100, bits_a=8, bits_b=8, block_k=bk)
+  a, b, ea, eb = _case(rng, (), (), m, 96, 45, bits_a=6)
+  for row in sorted({0, m // 2, m - 1}):
+    bad = a.copy()
+    bad[row, 93] = 32  # qmax(6) = 31
+    with pytest.raises(Exception, match="int8 operand a has a value outside"):
+      _i8(bad, b, ea, eb, isa=isa, bits_a=6, bits_b=8)
+
+
 def test_empty(isa):
   for m, k, n in ((0, 5, 3), (4, 0, 3), (4, 5, 0)):
     a = np.zeros((m, k), np.int8)
