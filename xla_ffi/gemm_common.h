@@ -127,6 +127,11 @@ static inline bool tile_exponents(const int32_t* ea, int64_t ea_mstride, int64_t
   bool bad = false;
   for (int64_t i = 0; i < mbp; ++i) {
     const int32_t* src = ea + (m0 + (i < mb ? i : mb - 1)) * ea_mstride + blk_first;
+    // The next kc block reads the row's next nblk exponents: start fetching them now (rows of ea lie
+    // KB * 4 bytes apart, so each row's segment is its own cache line; past the end, a prefetch is
+    // only dropped).
+    __builtin_prefetch(src + nblk);
+    __builtin_prefetch(src + nblk + 16);
     int32_t* xa = out.ea + i * nblk;
     float* pa = out.pa + i * nblk;
     bad |= i % mr ? exponent_row<true>(src, xa, pa, out.amn, out.amx, out.uniform, xa - nblk, nblk)
