@@ -114,6 +114,26 @@ struct TileExponents {
   int32_t* amx;
 };
 
+// One block's exponents of n contiguous columns: clamped, 2**clamp(e, -126, 127), their min / max
+// folded into mn / mx.  Plain loops over restrict pointers, so that GCC vectorizes them (a conv's
+// weight gradient has 32-64 columns and ~40 blocks per kc block: as a scalar loop this was a
+// tenth of the GEMM).  Returns whether a NONFINITE exponent was seen.
+static inline bool exponent_cols(const int32_t* __restrict src, int32_t* __restrict xe, float* __restrict pe,
+                                 int64_t n, int32_t& mn, int32_t& mx) {
+  int32_t bad = 0, lo = mn, hi = mx;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t raw = src[i];
+    bad |= raw == kNonfiniteExponent;
+    const int32_t e = eclamp(raw);
+    xe[i] = e;
+    pe[i] = pow2f(clamp_i32(e, -126, 127));
+    lo = lo < e ? lo : e;
+    hi = hi > e ? hi : e;
+  }
+  mn = lo, mx = hi;
+  return bad != 0;
+}
+
 // The INT16 and INT8 drivers' exponent preparation for kc block [blk_first, blk_first + nblk) of a
 // tile: rows [m0, m0 + mb) of ea (row stride ea_mstride; padding rows up to mbp repeat the last row,
 // their products are 0 whatever the scale), columns [n0, n0 + nb) of eb (block stride eb_j, column
@@ -142,20 +162,12 @@ static inline bool tile_exponents(const int32_t* ea, int64_t ea_mstride, int64_t
     int32_t* xe = out.eb + bl * nbp;
     float* pe = out.pb + bl * nbp;
     int32_t bmn = 0, bmx = 0;
-    auto one = [&](int64_t i, int32_t raw) __attribute__((always_inline)) {
-      bad |= raw == kNonfiniteExponent;
-      const int32_t e = eclamp(raw);
-      xe[i] = e;
-      pe[i] = pow2f(clamp_i32(e, -126, 127));
-      bmn = bmn < e ? bmn : e;
-      bmx = bmx > e ? bmx : e;
-    };
     if (eb_nstride == 1) {
-      for (int64_t i = 0; i < nb; ++i) one(i, src[i]);
+      bad |= exponent_cols(src, xe, pe, nb, bmn, bmx);
     } else {
-      for (int64_t i = 0; i < nb; ++i) one(i, src[i * eb_nstride]);
+      for (int64_t i = 0; i < nb; ++i) bad |= exponent_cols(src + i * eb_nstride, xe + i, pe + i, 1, bmn, bmx);
     }
-    for (int64_t i = nb; i < nbp; ++i) one(i, 0);
+    for (int64_t i = nb; i < nbp; ++i) xe[i] = 0, pe[i] = 1.0f;  // padding columns: exponent 0 (bmn, bmx start at 0)
     out.fast[bl] = fast_scale_block(out.amn[bl], out.amx[bl], bmn, bmx);
   }
   return bad;
