@@ -788,9 +788,9 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
       // k-contiguous A in whole quads, used by at most kI8DirectPanels B panels: the full
       // micro-panels are read in place (only scanned here for the range check and the row sums), the
       // last partial one is packed.
-      bool direct = P.a_sk == 1 && nbp <= kI8DirectPanels * NR;
-      for (int pi = 0; pi < npcs && direct; ++pi) direct = pc_whole(pcs[pi]);
-      const int64_t mdir = direct ? mb / MR * MR : 0;
+      bool a_in_place = P.a_sk == 1 && nbp <= kI8DirectPanels * NR;
+      for (int pi = 0; pi < npcs && a_in_place; ++pi) a_in_place = pc_whole(pcs[pi]);
+      const int64_t mdir = a_in_place ? mb / MR * MR : 0;  // rows read in place
       {
         I8MinMax mm;
         uint32_t* cp = V::kShiftB ? comp : nullptr;
