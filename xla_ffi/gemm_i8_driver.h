@@ -178,7 +178,16 @@ static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64
     const int nvalid = int(std::min<int64_t>(W, r0 + rows - rb));
     int8_t* dp = dst ? dst + pn * int64_t(quads) * W * 4 : nullptr;
     uint32_t* rs = rowsum ? rowsum + pn * npcs * W : nullptr;
-    if (!dp) {
+#if defined(__SSE2__)
+    const bool whole_panel = whole && nvalid == W;  // pack_rows_whole's case
+#else
+    const bool whole_panel = false;
+#endif
+    if (!dp || whole_panel) {
+#if defined(__SSE2__)
+      if (dp) pack_rows_whole<W>(src + rb * sr + k_lo, sr, quads, x, dp);
+#endif
+      // The range check and the row sums, row by row (the rows are in cache now, or read in place).
       for (int i = 0; i < nvalid; ++i) {
         const int8_t* row = src + (rb + i) * sr;
         minmax_i8(row + k_lo, k_hi - k_lo, mm);
@@ -187,18 +196,6 @@ static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64
       }
       continue;
     }
-#if defined(__SSE2__)
-    if (whole && nvalid == W) {
-      pack_rows_whole<W>(src + rb * sr + k_lo, sr, quads, x, dp);
-      for (int i = 0; i < W; ++i) {
-        const int8_t* row = src + (rb + i) * sr;
-        minmax_i8(row + k_lo, k_hi - k_lo, mm);
-        if (rs)
-          for (int pi = 0; pi < npcs; ++pi) rs[pi * W + i] = uint32_t(sum_i8(row + pcs[pi].k_start, pcs[pi].len)) * 128u;
-      }
-      continue;
-    }
-#endif
     for (int i = 0; i < W; ++i) {
       if (i >= nvalid) {
         for (int32_t q = 0; q < quads; ++q) st_u32(dp + (int64_t(q) * W + i) * 4, 0);
