@@ -712,6 +712,24 @@ constexpr size_t kI8BCacheBytes = size_t(8) << 20;
 // 12 x 32 tiles: N = 64 / 128 ran 15-25 % faster in place, N = 512 some 10 % slower).
 constexpr int64_t kI8DirectPanels = 4;
 
+// A's part of one kc block of a tile (rows [m0, m0 + mb)): k-contiguous A in whole quads, used by at
+// most kI8DirectPanels B panels, has its full micro-panels read in place (only scanned here for the
+// range check and the row sums); the rest, or all of a transposed A, is packed into apk.  Returns the
+// number of rows read in place, or -1 for a value outside [-qmax_a, qmax_a].
+template <int MR, int NR>
+static inline int64_t prepare_a_i8(const ProblemI8& P, const int8_t* asrc, int64_t m0, int64_t mb, int64_t nbp,
+                                   const I8Piece* pcs, int npcs, int32_t quads, int8_t* apk, uint32_t* comp) {
+  bool in_place = P.a_sk == 1 && nbp <= kI8DirectPanels * NR;
+  for (int pi = 0; pi < npcs && in_place; ++pi) in_place = pc_whole(pcs[pi]);
+  const int64_t mdir = in_place ? mb / MR * MR : 0;
+  I8MinMax mm;
+  if (mdir > 0) pack_kcontig<MR, false>(asrc, P.a_sr, m0, mdir, pcs, npcs, quads, nullptr, comp, mm);
+  if (mdir < mb)
+    pack_any<MR, false>(asrc, P.a_sr, P.a_sk, m0 + mdir, mb - mdir, pcs, npcs, quads, apk,
+                        comp ? comp + mdir / MR * npcs * MR : nullptr, mm);
+  return mm.ok(P.qmax_a) ? mdir : -1;
+}
+
 // NaN for NONFINITE exponents, zeros for K == 0 (as gemm_driver.h's tile_epilogue).
 static inline void tile_epilogue_i8(const ProblemI8& P, const Tile& T, float* C, const int32_t* ea, const int32_t* eb,
                                     int64_t eb_j) {
@@ -782,21 +800,9 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
         pack_any<NR, V::kShiftB>(bsrc, P.b_sr, P.b_sk, T.n0, nb, pcs, npcs, kb.quads, bpk, nullptr, mm);
         if (!mm.ok(P.qmax_b)) return 2;
       }
-      // k-contiguous A in whole quads, used by at most kI8DirectPanels B panels: the full
-      // micro-panels are read in place (only scanned here for the range check and the row sums), the
-      // last partial one is packed.
-      bool a_in_place = P.a_sk == 1 && nbp <= kI8DirectPanels * NR;
-      for (int pi = 0; pi < npcs && a_in_place; ++pi) a_in_place = pc_whole(pcs[pi]);
-      const int64_t mdir = a_in_place ? mb / MR * MR : 0;  // rows read in place
-      {
-        I8MinMax mm;
-        uint32_t* cp = V::kShiftB ? comp : nullptr;
-        if (mdir > 0) pack_kcontig<MR, false>(asrc, P.a_sr, T.m0, mdir, pcs, npcs, kb.quads, nullptr, cp, mm);
-        if (mdir < mb)
-          pack_any<MR, false>(asrc, P.a_sr, P.a_sk, T.m0 + mdir, mb - mdir, pcs, npcs, kb.quads, apk,
-                              cp ? cp + mdir / MR * npcs * MR : nullptr, mm);
-        if (!mm.ok(P.qmax_a)) return 1;
-      }
+      const int64_t mdir = prepare_a_i8<MR, NR>(P, asrc, T.m0, mb, nbp, pcs, npcs, kb.quads, apk,
+                                               V::kShiftB ? comp : nullptr);
+      if (mdir < 0) return 1;
       const int8_t* adir = asrc + T.m0 * P.a_sr + pcs[0].k_start;
       nonfinite |= tile_exponents(ea, P.ea_mstride, T.m0, mb, mbp, eb, eb_j, P.eb_nstride, T.n0, nb, nbp,
                                   kb.blk_first, kb.nblk, MR,
