@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "block_quantize_kernels.h"
+#include "counts_avx512.h"
 
 namespace jdfp {
 namespace {
@@ -89,15 +90,13 @@ template <class Q>
 void convert_cols_avx512(const float* x, Q* out, int64_t n, const float* s1, const float* s2, float qm, bool biased,
                          Counts* c) {
   const __m512 hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
-  const __m512i abs = _mm512_set1_epi32(int(kAbsMask)), inf = _mm512_set1_epi32(int(kInfBits)),
-                tiny = _mm512_set1_epi32(int(kMinNormalBits));
-  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
+  LaneCounts16 k;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
     const __m512 p1 = _mm512_maskz_loadu_ps(m, s1 + i), p2 = _mm512_maskz_loadu_ps(m, s2 + i);
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(xv, p1), p2);
-    y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);  // NaN -> 0
+    const __m512 y_raw = _mm512_mul_ps(_mm512_mul_ps(xv, p1), p2);
+    const __m512 y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y_raw, y_raw, _CMP_ORD_Q), y_raw);  // NaN -> 0
     const __m512i r = biased ? round_biased16(y, hi) : _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
     // Narrow in a register, then a plain store where the step is whole: the masked narrowing store
     // (vpmovsdb to memory) was this loop's bottleneck.
@@ -111,17 +110,12 @@ void convert_cols_avx512(const float* x, Q* out, int64_t n, const float* s1, con
       else _mm256_mask_storeu_epi16(out + i, m, r16);
     }
     if (!c) continue;
-    // As stats_cols_avx512: s1 == 0 marks a NONFINITE block, whose elements are never ok.
-    const __m512i u = _mm512_and_si512(_mm512_castps_si512(xv), abs);
+    // As stats_cols_avx512: s1 == 0 marks a NONFINITE block, whose elements are never ok.  |y| before
+    // NaN lanes are zeroed is |x| * p1 * p2 exactly (the products round alike for either sign).
     const __mmask16 gok = _mm512_mask_cmp_ps_mask(m, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    const __mmask16 good = _mm512_mask_cmplt_epu32_mask(gok, u, inf) & _mm512_cmpge_epu32_mask(u, tiny);
-    const __m512 sc = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
-    nonfin += _mm_popcnt_u32(_mm512_mask_cmpge_epu32_mask(m, u, inf));
-    ok += _mm_popcnt_u32(good);
-    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, sc, hi, _CMP_GT_OQ));
-    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, r, _mm512_setzero_si512()));
+    k.add(m, gok, _mm512_castps_si512(xv), _mm512_abs_ps(y_raw), hi, r);
   }
-  if (c) c->sat += sat, c->under += under, c->nonfin += nonfin, c->ok += ok;
+  if (c) k.flush(*c);
 }
 
 }  // namespace

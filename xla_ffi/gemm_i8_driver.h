@@ -163,7 +163,7 @@ static inline void pack_rows_whole(const int8_t* src, int64_t sr, int32_t nq, ui
 // `rowsum`, also rowsum[(panel * npcs + piece) * W + i] = 128 * (sum of the piece's values of the
 // row) modulo 2**32 (the vpdpbusd compensation).  Row by row: each row's k range of the kc block
 // (its pieces are consecutive in k) is read once, in order.  dst == nullptr only scans (the range
-// check and the row sums) rows the micro-kernel reads in place (run_tile_i8's direct panels).
+// check and the row sums) rows the micro-kernel reads in place (prepare_a_i8's in-place panels).
 template <int W, bool kShift>
 static inline void pack_kcontig(const int8_t* src, int64_t sr, int64_t r0, int64_t rows, const I8Piece* pcs,
                                 int npcs, int32_t quads, int8_t* dst, uint32_t* rowsum, I8MinMax& mm) {

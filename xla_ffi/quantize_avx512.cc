@@ -3,6 +3,7 @@
 // only called after a cpuid + XCR0 check.
 #include <immintrin.h>
 
+#include "counts_avx512.h"
 #include "quantize_kernels.h"
 
 namespace jdfp {
@@ -23,6 +24,9 @@ inline __m512 scaled16(__m512 v, __m512 s1, __m512 s2, __m512 lo, __m512 hi) {
   y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
   return _mm512_min_ps(_mm512_max_ps(y, lo), hi);
 }
+
+// |x| * p1 * p2, the magnitude the saturation count compares with qmax (stats_ref's order).
+inline __m512 abs_scaled16(__m512 x, __m512 p1, __m512 p2) { return _mm512_mul_ps(_mm512_mul_ps(_mm512_abs_ps(x), p1), p2); }
 
 // round_stochastic1 on 16 lanes: floor(y) + (u < frac); exact integers, so the conversion is exact.
 inline __m256i sround16(__m512 y, __m512i w) {
@@ -66,26 +70,6 @@ inline void words64(uint64_t j0, PhiloxKey key, __m512i w[4]) {
 inline __mmask16 lanes_left(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : (left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u));
 }
-
-// The counters of stats_ref over 16-lane steps: lanes `in` of float32 bits xbits, in finite groups
-// `gok` (a subset of in), scaled by (p1, p2), against their int16 values q.
-struct Counts16 {
-  int64_t sat = 0, under = 0, nonfin = 0, ok = 0;
-  inline void add(__mmask16 in, __mmask16 gok, __m512i xbits, __m512 p1, __m512 p2, __m512 qm, __m256i q16) {
-    const __m512i u = _mm512_and_si512(xbits, _mm512_set1_epi32(int(kAbsMask)));
-    const __m512i inf = _mm512_set1_epi32(int(kInfBits));
-    const __mmask16 bad = _mm512_mask_cmpge_epu32_mask(in, u, inf);
-    const __mmask16 good =
-        _mm512_mask_cmplt_epu32_mask(gok, u, inf) & _mm512_cmpge_epu32_mask(u, _mm512_set1_epi32(int(kMinNormalBits)));
-    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(u), p1), p2);
-    const __m512i q = _mm512_cvtepi16_epi32(q16);
-    nonfin += _mm_popcnt_u32(bad);
-    ok += _mm_popcnt_u32(good);
-    sat += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(good, s, qm, _CMP_GT_OQ));
-    under += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(good, q, _mm512_setzero_si512()));
-  }
-  void flush(Counts& c) const { c.sat += sat, c.under += under, c.nonfin += nonfin, c.ok += ok; }
-};
 
 }  // namespace
 
@@ -158,11 +142,12 @@ uint32_t amax_avx512(const float* x, int64_t begin, int64_t end) {
 void stats_avx512(const StatsArgs& a, int64_t begin, int64_t end, Counts& c) {
   const __m512 p1 = _mm512_set1_ps(a.p1), p2 = _mm512_set1_ps(a.p2), qm = _mm512_set1_ps(a.qm);
   const __mmask16 gok = a.group_ok ? __mmask16(0xFFFF) : __mmask16(0);
-  Counts16 k;
+  LaneCounts16 k;
   for (int64_t i = begin; i < end; i += 16) {
     const __mmask16 in = lanes_left(end - i);
-    k.add(in, gok & in, _mm512_maskz_loadu_epi32(in, a.x + i), p1, p2, qm,
-          _mm256_maskz_loadu_epi16(in, a.q + (i - a.q_index0)));
+    const __m512 xv = _mm512_maskz_loadu_ps(in, a.x + i);
+    k.add(in, gok & in, _mm512_castps_si512(xv), abs_scaled16(xv, p1, p2), qm,
+          _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, a.q + (i - a.q_index0))));
   }
   k.flush(c);
 }
@@ -208,13 +193,14 @@ void convert_stochastic_cols_avx512(const float* x, int16_t* out, int64_t n, int
 void convert_stochastic_cols_i8_avx512(const float* x, int8_t* out, int64_t n, int64_t g0, PhiloxKey key,
                                        const float* s1, const float* s2, float qm, Counts* c) {
   const __m512 qmv = _mm512_set1_ps(qm);
-  Counts16 k;
+  LaneCounts16 k;
   stochastic_cols(x, n, g0, key, s1, s2, qm, [&](int64_t i, __mmask16 m, __m256i q16) {
     _mm256_mask_cvtepi16_storeu_epi8(out + i, m, q16);
     if (!c) return;
     const __m512 p1 = _mm512_maskz_loadu_ps(m, s1 + i), p2 = _mm512_maskz_loadu_ps(m, s2 + i);
     const __mmask16 gok = _mm512_mask_cmp_ps_mask(m, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    k.add(m, gok, _mm512_maskz_loadu_epi32(m, x + i), p1, p2, qmv, q16);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+    k.add(m, gok, _mm512_castps_si512(xv), abs_scaled16(xv, p1, p2), qmv, _mm512_cvtepi16_epi32(q16));
   });
   if (c) k.flush(*c);
 }
@@ -223,12 +209,14 @@ void convert_stochastic_cols_i8_avx512(const float* x, int8_t* out, int64_t n, i
 void stats_cols_avx512(const float* x, const int16_t* q, int64_t n, const float* s1, const float* s2, float qmf,
                        Counts& c) {
   const __m512 qm = _mm512_set1_ps(qmf);
-  Counts16 k;
+  LaneCounts16 k;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = lanes_left(n - i);
     const __m512 p1 = _mm512_maskz_loadu_ps(in, s1 + i), p2 = _mm512_maskz_loadu_ps(in, s2 + i);
     const __mmask16 gok = _mm512_mask_cmp_ps_mask(in, p1, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    k.add(in, gok, _mm512_maskz_loadu_epi32(in, x + i), p1, p2, qm, _mm256_maskz_loadu_epi16(in, q + i));
+    const __m512 xv = _mm512_maskz_loadu_ps(in, x + i);
+    k.add(in, gok, _mm512_castps_si512(xv), abs_scaled16(xv, p1, p2), qm,
+          _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(in, q + i)));
   }
   k.flush(c);
 }
