@@ -100,6 +100,8 @@ CASES = [
     # groups on pool threads: each group's weight-gradient tiles split the taps into column ranges
     # and share dy^T's rows (a worker reuses the panels it packed: job_id per call)
     ((2, 16, 16, 64), (3, 3, 32, 64), (1, 1), "SAME", None, None, 2, 14, 14),
+    # a deep weight gradient (4096 pixels against 24 x 144): one tile per worker (deep_split)
+    ((4, 32, 32, 16), (3, 3, 16, 24), (1, 1), "SAME", None, None, 1, 14, 14),
     ((2, 9, 9, 8), (3, 3, 8, 40), (2, 2), "SAME", None, None, 1, 14, 14),  # chains straddle taps (bwd)
     ((2, 11, 10, 8), (3, 3, 8, 32), (3, 2), ((2, 1), (0, 2)), None, (2, 1), 1, 14, 14),  # phases, rd
 ]

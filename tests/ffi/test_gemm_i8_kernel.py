@@ -157,6 +157,14 @@ def test_multi_tile_multi_kc_threads(isa):
     _check(a, b, ea, eb, isa, lead=False, bits_a=8, bits_b=8, block_k=bk)
 
 
+def test_deep_gemms_one_tile_per_worker(isa):
+  # One tile per worker along the larger side for K >= 8x it (ffi_runtime.cc, deep_split).
+  rng = np.random.default_rng(19)
+  for m, k, n, ta, bk in ((250, 4100, 20, True, 24), (30, 3000, 130, False, None)):
+    a, b, ea, eb = _case(rng, (), (), m, k, n, block_k=bk, ta=ta)
+    _check(a, b, ea, eb, isa, lead=False, bits_a=8, bits_b=8, block_k=bk, transpose_a=ta)
+
+
 @pytest.mark.parametrize("n", [1, 9, 16, 17])
 def test_narrow_outputs(isa, n):
   # N <= 16 runs on 12 x 16 micro-tiles on AVX-512: per-tensor and block exponents (HBFP tiles, MX

@@ -175,6 +175,17 @@ def test_multi_tile_multi_kc_threads(isa):
     bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
 
 
+def test_deep_gemms_one_tile_per_worker(isa):
+  # K at least 8x the larger side and work above the inline threshold: one tile per worker along M
+  # (M >= N, rows not a multiple of MR) or along N (ffi_runtime.cc, deep_split); transposed A and
+  # block exponents as in a weight gradient.
+  rng = np.random.default_rng(17)
+  for m, k, n, ta, bk in ((250, 4100, 20, True, 24), (100, 4000, 40, False, None), (30, 3000, 130, True, 64)):
+    a, b, ea, eb = _rand_case(rng, (), (), m, k, n, 12, 12, bk, ta=ta)
+    kw = dict(bits_a=12, bits_b=12, block_k=bk, transpose_a=ta)
+    bits_eq(_run(a, b, ea, eb, isa=isa, **kw), _oracle(a, b, ea, eb, **kw))
+
+
 def test_packed_operand_reuse_across_tiles_batches_and_calls(isa):
   # A worker reuses its packed B panels for its next tile of the same op, batch element and columns,
   # and its packed A panels for a later tile of the same op, batch element and rows (M and N split
