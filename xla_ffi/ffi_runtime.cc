@@ -143,18 +143,21 @@ namespace {
 // streams the whole of its K range of both packed operands, so the usual 4 tiles per worker cost
 // more in re-read B panels and per-kc-block work than they gain in balance (measured on a 2-core
 // Zen 4: the INT16 576 x 32768 x 64 weight gradient 11 ms against 16-18 ms in 48-row tiles; the
-// DFP16 conv's 64 x 32768 x 576 one 9 ms against 10-11 ms).  False (tiles untouched) otherwise.
+// DFP16 conv's 64 x 32768 x 576 one 9 ms against 10-11 ms).  Tiles at most 384 rows (measured up
+// to 288) or 512 columns, so a kc block's packed A still stays near L2.  False (tiles untouched)
+// otherwise.
 bool deep_split(int mr, int nr, int64_t nthreads, int64_t nbatch, int64_t M, int64_t N, int64_t K, int64_t& mb,
                 int64_t& nb) {
   auto rup = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
   if (nbatch != 1 || K < 8 * std::max(M, N)) return false;
-  if (M >= N && rup(N, nr) <= nb) {
-    mb = rup((M + nthreads - 1) / nthreads, mr);
+  const int64_t rows = rup((M + nthreads - 1) / nthreads, mr), cols = rup((N + nthreads - 1) / nthreads, nr);
+  if (M >= N && rup(N, nr) <= nb && rows <= 384) {
+    mb = rows;
     nb = rup(N, nr);
     return true;
   }
-  if (N > M && rup(M, mr) <= mb) {
-    nb = rup((N + nthreads - 1) / nthreads, nr);
+  if (N > M && rup(M, mr) <= mb && cols <= 512) {
+    nb = cols;
     mb = rup(M, mr);
     return true;
   }
