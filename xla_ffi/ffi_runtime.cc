@@ -136,8 +136,6 @@ uint64_t next_job_id() {
   return seq.fetch_add(1, std::memory_order_relaxed) + 1;
 }
 
-namespace {
-
 // A deep GEMM (K at least 8x its larger side, e.g. a weight gradient: 576 x 32768 x 64) of one batch
 // element whose other side fits one tile: one tile per worker along the larger side.  Every tile
 // streams the whole of its K range of both packed operands, so the usual 4 tiles per worker cost
@@ -163,6 +161,8 @@ bool deep_split(int mr, int nr, int64_t nthreads, int64_t nbatch, int64_t M, int
   }
   return false;
 }
+
+namespace {
 
 void tile_sizes(int isa_mr, int isa_nr, int64_t nthreads, int64_t nbatch, int64_t M, int64_t N, int64_t K,
                 int64_t& mb, int64_t& nb) {

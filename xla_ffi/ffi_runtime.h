@@ -125,6 +125,11 @@ ffi::Future launch(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, const 
 // The same for a job whose tiles run through job->tile_fn, with an mr x nr micro-tile.
 ffi::Future launch_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int mr, int nr, int64_t nbatch,
                          int64_t M, int64_t N, int64_t K);
+// Tiles of a deep GEMM (K >= 8 x max(M, N)), one per worker along the larger side where the other
+// fits one tile (mb / nb: the caller's cap-sized tile on entry): sets mb / nb and returns true, else
+// leaves them.  launch_tiles' and the BF16 GEMM's tilings both use it (ffi_runtime.cc).
+bool deep_split(int mr, int nr, int64_t nthreads, int64_t nbatch, int64_t M, int64_t N, int64_t K, int64_t& mb,
+                int64_t& nb);
 // Runs the tiles already in job->tiles (each through job->tile_fn or job->fn) on at most nthreads
 // workers, the calling thread included; launch_tiles after its split.
 ffi::Future launch_job_tiles(const std::shared_ptr<Job>& job, ffi::ThreadPool pool, int64_t nthreads);

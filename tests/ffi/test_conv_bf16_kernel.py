@@ -46,6 +46,8 @@ CASES = [
     # weight-gradient on pool threads with every row (O = 32) in each tile and the taps split into
     # column ranges: each worker reuses the dy^T it packed
     ((2, 16, 16, 64), (3, 3, 64, 32), (1, 1), "SAME", None, None),
+    # a deep weight gradient (4096 pixels against 24 x 144): one tile per worker (deep_split)
+    ((4, 32, 32, 16), (3, 3, 16, 24), (1, 1), "SAME", None, None),
     ((2, 11, 10, 8), (3, 3, 8, 32), (3, 2), ((2, 1), (0, 2)), None, (2, 1)),
 ]
 
