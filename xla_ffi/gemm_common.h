@@ -286,6 +286,21 @@ struct PixCursor {
   }
 };
 
+struct Tile;
+
+// Float32 A supplied a kc block at a time instead of stored whole (gemm_ffi.cc's conv weight
+// gradient gathers it from the conv input): rows(T, k0, k1, sr, sk) returns the tile's rows of A
+// over K range [k0, k1) as X[m, k] = src[m*sr + k*sk] (valid for T's rows and that range only, until
+// the next call on this thread); exponents(T) returns T's block exponents, ea[m * KB + j] valid for
+// T's rows.  Called by the worker that runs T.
+struct ARowSource {
+  virtual const float* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const = 0;
+  virtual const int32_t* exponents(const Tile& T) const = 0;
+
+ protected:
+  ~ARowSource() = default;
+};
+
 // Fully validated problem description handed to the per-ISA tile functions.
 struct Problem {
   int64_t M, N, K, KB, block_k;
@@ -316,6 +331,7 @@ struct Problem {
   int64_t ldc;
   const int64_t* c_off;
   const ConvGeom* conv;  // non-null: A (or B if conv->on_b) is gathered from the int16 input at a|b + off
+  const ARowSource* a_src;  // non-null: A (float32, a_f32) and ea come from it, not from a / ea
   // Nonzero and unique per op call: a worker may keep the packed B panels of a tile's column range
   // (all kc blocks) and reuse them for its next tile with the same batch and columns.  0: no reuse.
   uint64_t job_id;

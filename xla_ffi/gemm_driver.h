@@ -550,6 +550,11 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   } else if (P.conv && !P.conv->on_b) {
     if (pack_conv_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], *P.conv, pa, st.ap) > P.qmax_a)
       return 1;
+  } else if (P.a_src) {
+    const Piece& last = P.pieces[kb.piece_end - 1];
+    PackArgs pas = pa;
+    const float* src = P.a_src->rows(T, kpcs[0].k_start, last.k_start + last.len, pas.sr, pas.sk);
+    pack_f32_any<UK, MR>(src, pas, s, st.ap);
   } else if (P.a_f32) {
     pack_f32_any<UK, MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], pa, s, st.ap);
   } else if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, st.ap) > P.qmax_a) {
@@ -700,7 +705,7 @@ int run_tile(const Problem& P, const Tile& T) {
   st.mbp = round_up(st.mb, MR);
   st.nbp = round_up(st.nb, NR);
   st.C = P.out + (P.c_off ? P.c_off[T.batch] : T.batch * P.M * P.N);
-  st.ea = P.ea + P.ea_off[T.batch];
+  st.ea = P.a_src ? P.a_src->exponents(T) : P.ea + P.ea_off[T.batch];
   st.eb = P.eb + P.eb_off[T.batch];
   st.eb_j = P.eb_nstride ? P.N : 1;
   // One exponent pair for the whole batch element (KB == 1, both broadcast): the scale is applied by

@@ -230,7 +230,7 @@ static inline void block_store(const int32_t* acc, const int32_t* ea_rows, int64
 }  // namespace
 
 bool amx_i16_fits(const Problem& P) {
-  return P.KB == 1 && !P.conv && P.K >= kAmxMinK && P.K <= kAmxMaxK && P.M >= 1 && P.N >= 1;
+  return P.KB == 1 && !P.conv && !P.a_src && P.K >= kAmxMinK && P.K <= kAmxMaxK && P.M >= 1 && P.N >= 1;
 }
 
 // One output tile (batch, [m0, m1) x [n0, n1)) of a problem amx_i16_fits accepts.  Returns 0, or 1 / 2

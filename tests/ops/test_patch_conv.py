@@ -199,9 +199,118 @@ def test_patch_gemm_bad_input():
     call(b=jnp.zeros((1, 27, 0), jnp.int16), eb=jnp.zeros((1, 2, 0), jnp.int32))
 
 
+def patch_wgrad_equals_conversion_then_gemm(x, geo, fmt, tiles, block_k, isa, n_out=13, eb_cols=True, seed=0,
+                                            nonfinite_eb=False):
+  """`gemm_patch_wgrad` (P gathered from x and quantized on the forward's exponents while packing)
+  against `quantize_patches_with_stats` followed by the INT16 GEMM on its result, A transposed."""
+  from jdfp._src.ffi import gemm as ffi_gemm
+  from jdfp._src.numerics.quantize import NONFINITE_EXPONENT
+  rng = np.random.default_rng(seed)
+  br, bc = tiles
+  v, e = ffi_block.quantize_patches_with_stats(x, fmt, (1, br, bc), isa=isa, stats=False, **geo)
+  rows, k = v.shape[1:]
+  kb = 1 if block_k is None else -(-rows // block_k)
+  b = jnp.asarray(rng.integers(-2047, 2048, (1, rows, n_out)), jnp.int16)
+  eb = rng.integers(-30, 10, (1, kb, n_out if eb_cols else 1))
+  if nonfinite_eb:
+    eb[0, kb // 2, 0] = NONFINITE_EXPONENT
+  eb = jnp.asarray(eb, jnp.int32)
+  # ea [1, K, KB]: row m of P^T, block j of rows -> P's tile (row of block j, column tile of m).
+  j_rows = np.minimum(np.arange(kb) * (block_k or rows) // br, e.shape[1] - 1)
+  ea = jnp.transpose(e[:, j_rows][:, :, np.arange(k) // bc], (0, 2, 1))
+  want = ffi_gemm.gemm(v, b, ea, eb, bits_a=fmt.int_bits, bits_b=12, block_k=block_k, transpose_a=True, isa=isa)
+  got = jax.jit(lambda x, e, b, eb: ffi_gemm.gemm_patch_wgrad(x, e, b, eb, tiles=tiles, bits_a=fmt.int_bits, bits_b=12,
+                                                              block_k=block_k, isa=isa, **geo))(x, e, b, eb)
+  assert got.shape == (1, k, n_out)
+  assert_same((got,), (want,))
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize("tiles,block_k,n_out,eb_cols", [
+    ((24, 24), 24, 13, True),
+    ((24, 24), 8, 40, False),  # the gradient's blocks finer than P's tile rows
+    ((8, 5), 8, 3, True),  # column tiles that split the taps' channel runs
+    ((500, 24), None, 17, True),  # one tile row: one block along the rows
+])
+def test_patch_wgrad_equals_conversion_then_gemm(tiles, block_k, n_out, eb_cols, isa):
+  """The fused weight gradient is bit for bit the conversion call followed by the INT16 GEMM on the
+  stored int16 patch matrix, with NaN/Inf/subnormal inputs and a NONFINITE gradient exponent, on every
+  ISA, for strided, padded and dilated geometry."""
+  x = special_input((3, 9, 10, 7), 1)
+  geo = dict(kernel_spatial=(3, 3), window_strides=(2, 1), padding=((1, 2), (0, 1)), lhs_dilation=(1, 1),
+             rhs_dilation=(1, 2))
+  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(11, block=tiles), tiles, block_k, isa, n_out, eb_cols,
+                                          nonfinite_eb=True)
+
+
+@pytest.mark.parametrize("shape,n_out", [((32, 32, 32, 64), 64), ((128, 12, 12, 32), 32)])
+def test_patch_wgrad_deep(shape, n_out):
+  """The CNN's 64-channel and the demo's 32-channel weight gradients (K >> M, N: one tile per worker,
+  many kc blocks, each gathered into the worker's buffer): exact against the two calls."""
+  x = jax.random.normal(jax.random.key(0), shape) * 3
+  geo = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
+  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(11, block=(24, 24)), (24, 24), 24, "auto", n_out)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_patch_wgrad_random_geometries(data):
+  xs, geo = draw_geometry(data)
+  out_sp = ffi_conv.patch_geometry(xs, **geo)[2]
+  if not all(o > 0 for o in out_sp):
+    return  # an empty patch matrix: the op never calls the kernel for it
+  tiles = (data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30)))
+  rows = xs[0] * int(np.prod(out_sp))
+  divisors = [d for d in range(1, tiles[0] + 1) if tiles[0] % d == 0]
+  block_k = None if tiles[0] >= rows else data.draw(st.sampled_from(divisors))
+  x = special_input(xs, data.draw(st.integers(0, 2**16)))
+  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(data.draw(st.integers(2, 15)), block=tiles), tiles, block_k,
+                                          "auto", data.draw(st.integers(1, 20)), data.draw(st.booleans()),
+                                          seed=data.draw(st.integers(0, 99)))
+
+
+def test_patch_wgrad_bad_input():
+  from jdfp._src.ffi import gemm as ffi_gemm
+  from jdfp._src.ffi.library import TARGET_I16_PATCH_WGRAD
+  x = jnp.ones((2, 5, 5, 3))
+  geo = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
+  e, b, eb = jnp.zeros((1, 5, 2), jnp.int32), jnp.zeros((1, 50, 4), jnp.int16), jnp.zeros((1, 3, 4), jnp.int32)
+  kw = dict(tiles=(10, 24), bits_a=12, bits_b=12, block_k=20)
+  call = lambda **over: jax.block_until_ready(ffi_gemm.gemm_patch_wgrad(**{**dict(x=x, e=e, b=b, eb=eb, **geo, **kw),
+                                                                          **over}))
+  call(block_k=10, eb=jnp.zeros((1, 5, 4), jnp.int32))  # a valid call
+  with pytest.raises(TypeError, match="x must be float32"):
+    call(x=x.astype(jnp.float16))
+  with pytest.raises(TypeError, match="b must be int16"):
+    call(b=b.astype(jnp.int8))
+  with pytest.raises(ValueError, match="e must be the tile grid"):
+    call(e=jnp.zeros((1, 5, 3), jnp.int32))
+  with pytest.raises(ValueError, match="contraction dims differ"):
+    call(b=jnp.zeros((1, 49, 4), jnp.int16))
+  with pytest.raises(ValueError, match="eb must have shape"):
+    call(eb=jnp.zeros((1, 2, 4), jnp.int32))
+  # The kernel's own checks (past the Python ones): an FFI error, never a crash.
+  raw = lambda e, b, eb, block_k, block=(10, 24): jax.block_until_ready(jax.ffi.ffi_call(
+      TARGET_I16_PATCH_WGRAD, jax.ShapeDtypeStruct((1, 27, 4), jnp.float32))(
+          x.reshape(2, 1, 5, 5, 3), e, b, eb, bits_a=np.int32(12), bits_b=np.int32(12), block_k=np.int64(block_k),
+          block=np.asarray(block, np.int64), isa=np.int32(0), window_strides=np.ones(3, np.int64),
+          padding_lo=np.array([0, 1, 1]), padding_hi=np.array([0, 1, 1]), lhs_dilation=np.ones(3, np.int64),
+          rhs_dilation=np.ones(3, np.int64), kernel_spatial=np.array([1, 3, 3])))
+  with pytest.raises(Exception, match="block_k must divide"):
+    raw(e, b, eb, 20)
+  with pytest.raises(Exception, match="e must be the patch matrix's tile grid"):
+    raw(jnp.zeros((1, 4, 2), jnp.int32), b, jnp.zeros((1, 5, 4), jnp.int32), 10)
+  with pytest.raises(Exception, match="block must be two ints"):
+    raw(e, b, jnp.zeros((1, 5, 4), jnp.int32), 10, block=(10, 24, 1))
+  with pytest.raises(Exception, match="outside"):
+    raw(e, b.at[0, 7, 1].set(-32768), jnp.zeros((1, 5, 4), jnp.int32), 10)
+
+
 def test_hbfp12_forward_is_one_call_and_keeps_x():
   """`policies.hbfp12()`'s 3x3 conv: the forward is one `patch_gemm` call (no int16 patch matrix in
-  the program's forward), the backward keeps x and converts it again; bit for bit the reference."""
+  the program's forward), the backward keeps x and the forward's exponents and its weight gradient is
+  one `gemm_patch_wgrad` call (no second conversion, no int16 patch matrix in the program at all); bit
+  for bit the reference."""
   pol = jdfp.policies.hbfp12()
   x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
@@ -213,6 +322,9 @@ def test_hbfp12_forward_is_one_call_and_keeps_x():
   assert 'custom_call_target="jdfp_block_patch_gemm"' in hlo
   assert "jdfp_block_quantize_patches" not in hlo and "jdfp_gemm_i16" not in hlo
   assert residual_bytes(pol, x, w, **kw) < x.nbytes + 4 * 10 * 10 * 9 * 16  # x, not the int16 patches
+  bwd_hlo = jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw)).lower(x, w, ct).compile().as_text()
+  assert 'custom_call_target="jdfp_gemm_i16_patch_wgrad"' in bwd_hlo
+  assert "jdfp_block_quantize_patches" not in bwd_hlo
   assert_same(jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))(x, w, ct),
               jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
 
@@ -261,7 +373,8 @@ def test_op_bit_identical_to_reference(name):
   ct = jax.random.normal(jax.random.key(2), (4, 6, 8, 12))
   f = jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))
   hlo = f.lower(x, w, ct).as_text()
-  assert "jdfp_block_quantize_patches" in hlo and "jdfp_im2col" not in hlo
+  gathers = ("jdfp_block_quantize_patches", "jdfp_block_patch_gemm", "jdfp_gemm_i16_patch_wgrad")
+  assert any(t in hlo for t in gathers) and "jdfp_im2col" not in hlo
   want = jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct)
   assert_same(f(x, w, ct), want)
 

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdfp._src.ffi.conv import patch_geometry
-from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_Q, check_bits, dtype_of, has_amx_int8,
-                                   isa_attribute, kernel_available, require_lib)
+from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_I16_PATCH_WGRAD, TARGET_Q, check_bits,
+                                   dtype_of, has_amx_int8, isa_attribute, kernel_available, require_lib)
 
-__all__ = ["AMX_I8_MAX_K", "AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im", "runs_on_amx"]
+__all__ = ["AMX_I8_MAX_K", "AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im",
+           "gemm_patch_wgrad", "runs_on_amx"]
 
 # xla_ffi/gemm_common.h: the K range the AMX-INT8 paths take (kAmxMinK, kAmxMaxK).
 AMX_MIN_K = 32
@@ -125,6 +126,45 @@ def gemm_col2im(a, b, ea, eb, *, x_shape, kernel_spatial, window_strides, paddin
   return col2im_call(TARGET_I16_COL2IM, ("int16",), a, b, ea, eb, check_bits("bits_a", bits_a),
                      check_bits("bits_b", bits_b), block_k, transpose_a, transpose_b, isa, x_shape, kernel_spatial,
                      window_strides, padding, lhs_dilation, rhs_dilation)
+
+
+def gemm_patch_wgrad(x, e, b, eb, *, tiles, kernel_spatial, window_strides, padding, lhs_dilation=None,
+                     rhs_dilation=None, bits_a: int, bits_b: int, block_k: int | None = None,
+                     isa: str = "auto") -> jax.Array:
+  """The weight gradient of a block-format conv in one INT16 kernel call: float32 ``[1, K, N]`` =
+  ``P^T . b``, P ``[1, rows, K]`` the patch matrix of the float32 conv input ``x [N, *S, C]`` with
+  this geometry (`jdfp._src.ffi.conv.im2col`'s, reshaped), ``b`` int16 ``[1, rows, N]`` with
+  exponents ``eb [1, KB, N or 1]`` (blocks of ``block_k`` rows, None: all of them).
+
+  P is quantized on ``e [1, GR, GC]``, the exponents of its ``tiles = (br, bc)`` that the forward's
+  conversion found, with nearest rounding, while the kernel packs it, a kc block at a time: bit for
+  bit `gemm` (``transpose_a``) on ``quantize_patches_with_stats``'s int16 P, which is never stored.
+  ``block_k`` must divide ``br`` (or one tile row must hold every row)."""
+  bits_a, bits_b = check_bits("bits_a", bits_a), check_bits("bits_b", bits_b)
+  isa_code = isa_attribute(isa)
+  for name, v, want in (("x", x, "float32"), ("e", e, "int32"), ("b", b, "int16"), ("eb", eb, "int32")):
+    if dtype_of(name, v).name != want or (name != "x" and np.ndim(v) != 3):
+      raise TypeError(f"{name} must be {want}{'' if name == 'x' else ' 3-D'}, got {dtype_of(name, v).name} "
+                      f"{tuple(np.shape(v))}")
+  sx = tuple(int(d) for d in np.shape(x))
+  nsp, ksp, out_sp, attrs = patch_geometry(sx, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation)
+  rows, k = sx[0] * math.prod(out_sp), math.prod(ksp) * sx[-1]
+  br, bc = (int(t) for t in tiles)
+  grid = (1, -(-rows // br), -(-k // bc))
+  if tuple(np.shape(e)) != grid:
+    raise ValueError(f"e must be the tile grid {grid} of the patch matrix [1, {rows}, {k}] with tiles {(br, bc)}, "
+                     f"got {tuple(np.shape(e))}")
+  # Shapes of b / eb / block_k against a P^T stand-in (the checks of `gemm`).
+  pt = jax.ShapeDtypeStruct((1, rows, k), jnp.int16)
+  kb = 1 if block_k is None else -(-rows // block_k)
+  _, (m, n), _, bk_attr = check_gemm_args(pt, b, jax.ShapeDtypeStruct((1, k, kb), jnp.int32), eb, ("int16",), block_k,
+                                          True, False)
+  require_lib()
+  x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
+  call = jax.ffi.ffi_call(TARGET_I16_PATCH_WGRAD, jax.ShapeDtypeStruct((1, m, n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x5, e, b, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b), block_k=np.int64(bk_attr),
+              block=np.asarray((br, bc), np.int64), isa=np.int32(isa_code), **attrs)
 
 
 def col2im_call(target, operand_dtypes, a, b, ea, eb, bits_a, bits_b, block_k, transpose_a, transpose_b, isa,

@@ -39,6 +39,7 @@ _ISA_CODE = {name: i for i, name in enumerate(ISA_NAMES)}
 
 TARGET_I16 = "jdfp_gemm_i16"  # int16 a, int16 b
 TARGET_I16_COL2IM = "jdfp_gemm_i16_col2im"  # its [1, rows, taps * C] result summed into a conv input's (col2im)
+TARGET_I16_PATCH_WGRAD = "jdfp_gemm_i16_patch_wgrad"  # P^T . int16 b, P a float32 conv input's patch matrix
 TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
 TARGET_I8 = "jdfp_gemm_i8"  # int8 a, int8 b (bits <= 8): the vpdpbusd kernel
 TARGET_I8_COL2IM = "jdfp_gemm_i8_col2im"  # the same GEMM's patch gradient, summed into the conv input's (col2im)
@@ -99,6 +100,7 @@ def _load() -> None:
     if lib.jdfp_abi_version() != ABI_VERSION:
       raise OSError(f"unexpected ABI version {lib.jdfp_abi_version()}")
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_I16_COL2IM, lib.JdfpGemmI16Col2im), (TARGET_Q, lib.JdfpGemmQ),
+                      (TARGET_I16_PATCH_WGRAD, lib.JdfpGemmI16PatchWgrad),
                       (TARGET_I8, lib.JdfpGemmI8), (TARGET_I8_COL2IM, lib.JdfpGemmI8Col2im),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
                       (TARGET_IM2COL, lib.JdfpIm2col),

@@ -88,8 +88,8 @@ def _dot_fwd_perturbed(lhs, rhs, key, dims, policy, precision, out_dtype):
   return out, res + (perturbed_marker(lhs), perturbed_marker(rhs), perturbed_marker_of(counters_wanted()))
 
 
-def dot_bwd(dims, policy, precision, out_dtype, res, g, lhs_cotangent=None):
-  """The VJP of `dot_core`; ``lhs_cotangent`` as in `backward_gemms`."""
+def dot_bwd(dims, policy, precision, out_dtype, res, g, lhs_cotangent=None, rhs_grad=None):
+  """The VJP of `dot_core`; ``lhs_cotangent`` and ``rhs_grad`` as in `backward_gemms`."""
   ql, qr, k_bwd, lhs_dt, rhs_dt, need_l, need_r, counted = res
   if isinstance(g, SymbolicZero):
     return None, None, None
@@ -115,19 +115,20 @@ def dot_bwd(dims, policy, precision, out_dtype, res, g, lhs_cotangent=None):
     g_dr = g_dl if same else quantize3(g3, policy.drhs, 1, policy.grad_rounding, k_dr, ax, uk, i8)
 
   dlhs, drhs = backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision,
-                              need_l is not None, need_r is not None, lhs_cotangent)
+                              need_l is not None, need_r is not None, lhs_cotangent, rhs_grad)
   return dlhs, drhs, None
 
 
 def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, need_l=True, need_r=True,
-                   lhs_cotangent=None):
+                   lhs_cotangent=None, rhs_grad=None):
   """Backward-data and weight-gradient GEMMs from the quantized operands and output gradient, each
   produced directly in its operand's physical layout (no transposes of the results).
 
   ``lhs_cotangent(g_dl, qr, b_c)``, for an lhs ``[B, M, K]`` that is itself a function of some
   array (`patch_conv`: the patch matrix of the conv input), gives that array's cotangent from the
   backward-data GEMM's operands (``g_dl . qr`` contracting qr's axis b_c) in place of the lhs's
-  (its shard_map type included)."""
+  (its shard_map type included).  ``rhs_grad(g_dr)``, for an rhs ``[B, K, N]``: the weight-gradient
+  GEMM ``lhs^T . g_dr`` ``[B, K, N]`` computed without ``ql`` (`patch_conv`: from the conv input itself)."""
   lv, rv = views(lhs_dt.shape[1:], rhs_dt.shape[1:], dims)
   dlhs = drhs = None
   if need_l:
@@ -141,7 +142,10 @@ def backward_gemms(ql, qr, g_dl, g_dr, lhs_dt, rhs_dt, dims, policy, precision, 
       else:  # lhs3 = [B, K, M]: dlhs3 = rhs[., K, N] . g^T
         dl3 = gemm(qr, rv.f_ax, g_dl, 2, policy, precision)
       dlhs = as_cotangent_of(from3(dl3, lv, lhs_dt.shape[1:]).astype(lhs_dt.dtype), lhs_dt)
-  if need_r:
+  if need_r and rhs_grad is not None:
+    assert rv.c_ax == 1, "rhs_grad: rhs [B, K, N]"
+    drhs = as_cotangent_of(from3(rhs_grad(g_dr), rv, rhs_dt.shape[1:]).astype(rhs_dt.dtype), rhs_dt)
+  elif need_r:
     ql = reblock_for_backward(ql, lv.f_ax, policy)
     if rv.c_ax == 1:  # rhs3 = [B, K, N]: drhs3 = lhs^T . g
       dr3 = gemm(ql, lv.f_ax, g_dr, 1, policy, precision)

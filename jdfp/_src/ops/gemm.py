@@ -38,7 +38,7 @@ def int8_storage(qa: qz.QArray, qb: qz.QArray, policy: Policy) -> tuple[qz.QArra
   return tuple(qz.QArray(q.values.astype(jnp.int8), q.exponent, q.fmt, q.blocks) for q in (qa, qb))
 
 
-def _int16(x: jax.Array) -> jax.Array:
+def widen_int8(x: jax.Array) -> jax.Array:
   """int8 storage (int8_storage) widened for the INT16 kernel and the reference; others as they are."""
   return x.astype(jnp.int16) if x.dtype == jnp.int8 else x
 
@@ -104,11 +104,11 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
                                 bits_a=bits_a, bits_b=bits_b, block_k=block, transpose_a=ta,
                                 transpose_b=tb, isa=policy.isa)
     else:
-      out = ffi_gemm.gemm(_int16(qa.values), _int16(qb.values), ea, eb, bits_a=bits_a, bits_b=bits_b,
+      out = ffi_gemm.gemm(widen_int8(qa.values), widen_int8(qb.values), ea, eb, bits_a=bits_a, bits_b=bits_b,
                           block_k=block, transpose_a=ta, transpose_b=tb, isa=policy.isa)
     # An FFI call's result type carries no shard_map varying axes: give it its inputs' ones.
     return match_varying(out, qa.values, qb.values, ea, eb)
-  return reference_call(_int16(qa.values), _int16(qb.values), ea, eb, bits_a, bits_b, block, ta, tb)
+  return reference_call(widen_int8(qa.values), widen_int8(qb.values), ea, eb, bits_a, bits_b, block, ta, tb)
 
 
 def _kernel_exponents_of(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int):
@@ -154,7 +154,7 @@ def gemm_col2im(qa: qz.QArray, qb: qz.QArray, b_c: int, policy: Policy, x_shape,
   if _int8_kernel_runs(qa, qb):
     dx = ffi_gemm_i8.gemm_i8_col2im(qa.values.astype(jnp.int8), qb.values.astype(jnp.int8), ea, eb, **kw)
   else:
-    dx = ffi_gemm.gemm_col2im(_int16(qa.values), _int16(qb.values), ea, eb, **kw)
+    dx = ffi_gemm.gemm_col2im(widen_int8(qa.values), widen_int8(qb.values), ea, eb, **kw)
   return match_varying(dx, qa.values, qb.values, ea, eb)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,9 @@ from jdfp._src.ops.backend import kernel_quantize, resolve_backend
 from jdfp._src.ops.conv_vjp import patches
 from jdfp._src.ops.convert import (block_shape3, counters_wanted, int8_conversions, int8_operands, kernel_converts,
                                    kernel_converts_blocks, quantize3)
-from jdfp._src.ops.gemm import align_blocks, gemm, gemm_col2im, int8_storage, kernel_exponents
+from jdfp._src.ffi import gemm as ffi_gemm
+from jdfp._src.ops.gemm import (align_blocks, gemm, gemm_col2im, int8_storage, kernel_exponents, uses_int8_kernel,
+                                widen_int8)
 from jdfp._src.ops.layout import prod
 from jdfp._src.ops.policy import Policy
 from jdfp._src.ops.vjp import as_cotangent_of, perturbed_marker, perturbed_marker_of, primal_values, split_keys
@@ -178,7 +181,8 @@ def _fwd(x, w3, key, geom, policy, precision, out_dtype):
   eb = fused_rhs_exponents(geom, policy, qr) if fuses_gemm(x, geom, policy) else None
   if eb is not None:
     # Conversion and GEMM in one call; the backward keeps x (`fuses_gemm`).
-    out = fused_forward(x, qr, eb, geom, policy, counters_wanted())[0].astype(out_dtype)
+    out, e = fused_forward(x, qr, eb, geom, policy, counters_wanted())[:2]
+    out = out.astype(out_dtype)
     lhs_res = x
   else:
     ql = quantize_patches(x, geom, policy.lhs, policy.fwd_rounding, k_fwd_l, i8)
@@ -187,7 +191,9 @@ def _fwd(x, w3, key, geom, policy, precision, out_dtype):
     # Keep x itself where the backward may convert it again (deterministic forward rounding: the same
     # integers) and x is the smaller residual (float32 x: 4 bytes per input element; the patch matrix:
     # 1-2 bytes per element, taps / stride**2 elements per input element, plus exponents).
-    lhs_res = x if keeps_float_input(x, ql, policy) else ql
+    lhs_res, e = (x, ql.exponent) if keeps_float_input(x, ql, policy) else (ql, None)
+  if e is not None and fuses_weight_grad(geom, policy):
+    lhs_res = (x, e)  # the weight gradient quantizes x's patches on these exponents while packing
   # The residuals of `dot_vjp._dot_fwd` for lhs = the patch matrix (its zero-size slice carries shape,
   # dtype and x's shard_map type).
   p_dt = jnp.broadcast_to(x.reshape(-1)[:0].reshape((0, 1, 1, 1)), (0,) + geom.shape3)
@@ -207,6 +213,34 @@ def keeps_float_input(x, ql: qz.QArray, policy: Policy) -> bool:
   return nbytes(x) < nbytes(ql.values) + nbytes(ql.exponent)
 
 
+def fuses_weight_grad(geom: PatchGeom, policy: Policy) -> bool:
+  """Whether the backward's weight gradient runs as one `ffi.gemm.gemm_patch_wgrad` call from x and
+  the forward's exponents (no second conversion, no int16 patch matrix): nearest forward rounding
+  (the kernel's packing rounds so), tiles that read the same along both axes (no re-blocking for
+  the backward), an integer gradient format, and the INT16 kernel running that GEMM (an INT8 one,
+  HBFP8's, converts x again into int8 patches)."""
+  fmt, grad = policy.lhs, policy.drhs
+  return (policy.fwd_rounding == "nearest" and grad.is_integer
+          and block_shape3(geom.shape3, fmt, 2) == block_shape3(geom.shape3, fmt, 1)
+          and not uses_int8_kernel(fmt.int_bits, grad.int_bits))
+
+
+def weight_grad(x, e, g_dr: qz.QArray, geom: PatchGeom, policy: Policy):
+  """``[1, KK * C, O]``: the patch matrix of x (quantized on the forward's tile exponents ``e``) times
+  the output gradient ``g_dr [1, rows, O]``, contracting the rows, in one kernel call; bit for bit
+  `gemm` on the converted patch matrix (`dot_vjp.backward_gemms`' weight gradient)."""
+  rows = geom.shape3[1]
+  br, bc = block_shape3(geom.shape3, policy.lhs, 2)[1:]
+  eb, bkb = kernel_exponents(g_dr, 1, "b")
+  bka = None if br >= rows else br  # one tile row: P's exponents do not vary along the rows
+  blocks = [b for b in (bka, bkb) if b is not None]
+  block = math.gcd(*blocks) if blocks else None
+  eb = align_blocks(eb, bkb, block, rows, 1)
+  out = ffi_gemm.gemm_patch_wgrad(x, e, widen_int8(g_dr.values), eb, tiles=(br, bc), bits_a=policy.lhs.int_bits,
+                                  bits_b=g_dr.fmt.int_bits, block_k=block, isa=policy.isa, **geom.kernel_kwargs())
+  return match_varying(out, x, e, g_dr.values, eb)
+
+
 def _fwd_perturbed(x, w3, key, geom, policy, precision, out_dtype):
   out, res = _fwd(x.value, w3.value, primal_values(key), geom, policy, precision, out_dtype)
   return out, res + (perturbed_marker(x), perturbed_marker(w3), perturbed_marker_of(counters_wanted()))
@@ -216,10 +250,13 @@ def _bwd(geom, policy, precision, out_dtype, res, g):
   if isinstance(g, SymbolicZero):
     return None, None, None
   reconverted = not isinstance(res[0], qz.QArray)  # the forward kept x (`keeps_float_input`)
+  w_grad = None
   if reconverted:
-    x, need_w = res[0], res[6]
+    (x, e), need_w = res[0] if isinstance(res[0], tuple) else (res[0], None), res[6]
     ql = None
-    if need_w is not None:
+    if need_w is not None and e is not None:
+      w_grad = lambda g_dr: weight_grad(x, e, g_dr, geom, policy)
+    elif need_w is not None:
       # The call reads this op's output gradient (as its ignored key), so XLA converts x here, not
       # as early as it could: one layer's patch matrix alive at a time, not every layer's from the
       # forward on. (XLA:CPU drops optimization barriers before scheduling; a data dependency stays.)
@@ -245,7 +282,8 @@ def _bwd(geom, policy, precision, out_dtype, res, g):
       (dx,) = jax.vjp(xla_patches, x0)[1](dp.reshape(geom.patches_shape))
     return dx
 
-  dx, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g, lhs_cotangent=x_cotangent)
+  dx, dw3, _ = dot_vjp.dot_bwd(DIMS, policy, precision, out_dtype, res, g, lhs_cotangent=x_cotangent,
+                               rhs_grad=w_grad)
   return dx, dw3, None
 
 
