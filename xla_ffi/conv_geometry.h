@@ -136,9 +136,26 @@ struct PatchGeom {
   }
 
   // Rows [row0, row0 + nrows) of patches[:, k0 : k0 + len), row after row at dst (len floats each):
-  // one memcpy (or zero fill) per tap's channel run. The column range's runs are found once and the
-  // output position is stepped from row to row, so no row pays a division.
+  // one memcpy (or zero fill) per tap's channel run.
   void gather_rows(const float* x, int64_t row0, int64_t nrows, int64_t k0, int64_t len, float* dst) const {
+    for_each_run(x, row0, nrows, k0, len, [dst, len](int64_t r, int64_t at, int64_t n, const float* sp) {
+      float* d = dst + r * len + at;
+      if (!sp) {
+        if (n == 1) *d = 0.0f;
+        else std::memset(d, 0, size_t(n) * sizeof(float));
+      } else {
+        if (n == 1) *d = *sp;
+        else std::memcpy(d, sp, size_t(n) * sizeof(float));
+      }
+    });
+  }
+
+  // For rows [row0, row0 + nrows) of patches[:, k0 : k0 + len), in order, each tap's channel run:
+  // f(r - row0, offset in the row segment, length, the run's first element in x or null for padding).
+  // The column range's runs are found once and the output position is stepped from row to row, so
+  // no row pays a division.
+  template <class F>
+  void for_each_run(const float* x, int64_t row0, int64_t nrows, int64_t k0, int64_t len, F&& f) const {
     if (nrows <= 0 || len <= 0) return;
     struct Run {
       int64_t td, th, tw, c, n, at;  // the tap's (d, h, w), first channel, length, offset in the row
@@ -163,7 +180,7 @@ struct PatchGeom {
     int64_t od = rem % out_sp[0];
     int64_t nb = rem / out_sp[0];
     const int64_t image = in[0] * in[1] * in[2] * C;
-    for (int64_t r = 0; r < nrows; ++r, dst += len) {
+    for (int64_t r = 0; r < nrows; ++r) {
       const int64_t* sd = src[0].data() + od * ks[0];
       const int64_t* sh = src[1].data() + oh * ks[1];
       const int64_t* sw = src[2].data() + ow * ks[2];
@@ -171,15 +188,8 @@ struct PatchGeom {
       for (int64_t i = 0; i < nruns; ++i) {
         const Run& u = runs[i];
         const int64_t id = sd[u.td], ih = sh[u.th], iw = sw[u.tw];
-        float* d = dst + u.at;
-        if (id < 0 || ih < 0 || iw < 0) {
-          if (u.n == 1) *d = 0.0f;
-          else std::memset(d, 0, size_t(u.n) * sizeof(float));
-        } else {
-          const float* sp = xb + ((id * in[1] + ih) * in[2] + iw) * C + u.c;
-          if (u.n == 1) *d = *sp;
-          else std::memcpy(d, sp, size_t(u.n) * sizeof(float));
-        }
+        const bool pad = id < 0 || ih < 0 || iw < 0;
+        f(r, u.at, u.n, pad ? nullptr : xb + ((id * in[1] + ih) * in[2] + iw) * C + u.c);
       }
       if (++ow == out_sp[2]) {
         ow = 0;

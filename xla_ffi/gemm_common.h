@@ -185,6 +185,15 @@ static inline float scale2(float x, int32_t e) {
   return (x * pow2f(e1)) * pow2f(e2);
 }
 
+// The two power-of-two factors that scale2(x, -e) multiplies by (quantize1's s1, s2); s1 = 0 for a
+// NONFINITE exponent (its values quantize to 0; the output is NaN anyway).
+static inline void scales_of(int32_t e, float& s1, float& s2) {
+  const int32_t ne = -eclamp(e);
+  const int32_t e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
+  s1 = e == kNonfiniteExponent ? 0.0f : pow2f(e1);
+  s2 = pow2f(e2);
+}
+
 // Quantize one float32 for the fused-quantization entry: clip(round_half_even(scale2(x, -e)), +-qmax).
 // NaN -> 0 (the contract gives NaN groups the sentinel exponent, which forces a NaN output anyway).
 // Rounding uses the 1.5*2**23 trick: exact round-half-even for |y| <= 2**22 whatever the compiler
@@ -288,13 +297,13 @@ struct PixCursor {
 
 struct Tile;
 
-// Float32 A supplied a kc block at a time instead of stored whole (gemm_ffi.cc's conv weight
-// gradient gathers it from the conv input): rows(T, k0, k1, sr, sk) returns the tile's rows of A
-// over K range [k0, k1) as X[m, k] = src[m*sr + k*sk] (valid for T's rows and that range only, until
-// the next call on this thread); exponents(T) returns T's block exponents, ea[m * KB + j] valid for
-// T's rows.  Called by the worker that runs T.
+// int16 A supplied a kc block at a time instead of stored whole (gemm_ffi.cc's conv weight gradient
+// converts it from the conv input): rows(T, k0, k1, sr, sk) returns the tile's rows of A over K
+// range [k0, k1) as X[m, k] = src[m*sr + k*sk] (valid for T's rows and that range only, until the
+// next call on this thread); exponents(T) returns T's block exponents, ea[m * KB + j] valid for T's
+// rows.  Called by the worker that runs T.
 struct ARowSource {
-  virtual const float* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const = 0;
+  virtual const int16_t* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const = 0;
   virtual const int32_t* exponents(const Tile& T) const = 0;
 
  protected:
@@ -331,7 +340,7 @@ struct Problem {
   int64_t ldc;
   const int64_t* c_off;
   const ConvGeom* conv;  // non-null: A (or B if conv->on_b) is gathered from the int16 input at a|b + off
-  const ARowSource* a_src;  // non-null: A (float32, a_f32) and ea come from it, not from a / ea
+  const ARowSource* a_src;  // non-null: A and ea come from it, not from a / ea
   // Nonzero and unique per op call: a worker may keep the packed B panels of a tile's column range
   // (all kc blocks) and reuse them for its next tile with the same batch and columns.  0: no reuse.
   uint64_t job_id;

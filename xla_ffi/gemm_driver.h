@@ -553,8 +553,8 @@ static inline int pack_kc_block(const Problem& P, const Tile& T, const KcBlock& 
   } else if (P.a_src) {
     const Piece& last = P.pieces[kb.piece_end - 1];
     PackArgs pas = pa;
-    const float* src = P.a_src->rows(T, kpcs[0].k_start, last.k_start + last.len, pas.sr, pas.sk);
-    pack_f32_any<UK, MR>(src, pas, s, st.ap);
+    const int16_t* src = P.a_src->rows(T, kpcs[0].k_start, last.k_start + last.len, pas.sr, pas.sk);
+    if (pack_i16_any<UK, MR>(src, pas, s, st.ap) > P.qmax_a) return 1;
   } else if (P.a_f32) {
     pack_f32_any<UK, MR>(static_cast<const float*>(P.a) + P.a_off[T.batch], pa, s, st.ap);
   } else if (pack_i16_any<UK, MR>(static_cast<const int16_t*>(P.a) + P.a_off[T.batch], pa, s, st.ap) > P.qmax_a) {

@@ -15,6 +15,7 @@
 // launch).  Also the plain C helpers of the Python side (jdfp_isa_mask, ...).
 #include "col2im.h"
 #include "ffi_runtime.h"
+#include "patch_source.h"
 
 namespace jdfp {
 namespace {
@@ -234,59 +235,30 @@ ffi::Future gemm_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
 }
 
 // ---------------------------------------------------------------- conv weight gradient from x
-// JdfpGemmI16PatchWgrad: dW [1, K, N] = P^T . b, P [rows, K] the patch matrix of a float32 conv input
-// x (conv_geometry.h) in a block format whose tiles (br x bc) have the exponents e [1, GR, GC] that
-// the forward's conversion found.  The GEMM's A = P^T is gathered from x a kc block at a time into
-// the worker's buffer and quantized while packing, on those exponents (nearest rounding: the integers
-// of the conversion), so neither P nor its int16 copy is stored and no conversion pass runs.  Bit
-// for bit JdfpGemmI16 (transpose_a) on the converted P with e expanded to ea [1, K, KB].
+// JdfpGemmI16PatchWgrad: dW [1, K, N] = P^T . b for the patch matrix P of a float32 conv input in a
+// block format (patch_source.h), bit for bit JdfpGemmI16 (transpose_a) on the int16 P that
+// JdfpBlockQuantizePatches converts.
 struct PatchWgradA final : ARowSource {
-  PatchGeom geom;
-  const float* x = nullptr;
-  const int32_t* e = nullptr;
-  int64_t br = 1, bc = 1, GR = 0, GC = 0, bk = 1, KB = 0;
-
-  const float* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const override {
-    thread_local std::vector<float> buf;  // kept per thread: page-faulted once, then L2-resident
-    const int64_t w = T.m1 - T.m0;
-    if (buf.size() < size_t((k1 - k0) * w)) buf.resize(size_t((k1 - k0) * w));
-    geom.gather_rows(x, k0, k1 - k0, T.m0, w, buf.data());
-    sr = 1, sk = w;  // element (m, k) at buf[(k - k0) * w + m - m0]
-    return buf.data() - k0 * w - T.m0;
-  }
-
-  // ea[m, j] = e[tile row of block j's rows, m / bc]: one strided gather per column tile, then a
-  // contiguous copy per row (row-by-row gathers missed L1 on every element).
-  const int32_t* exponents(const Tile& T) const override {
-    thread_local std::vector<int32_t> ea, col;
-    ea.resize(size_t((T.m1 - T.m0) * KB));
-    col.resize(size_t(KB));
-    for (int64_t m = T.m0, cb = -1; m < T.m1; ++m) {
-      if (m / bc != cb) {
-        cb = m / bc;
-        for (int64_t j = 0; j < KB; ++j) col[size_t(j)] = e[std::min(j * bk / br, GR - 1) * GC + cb];
+  PatchTiles p;
+  float qm = 0.0f;
+  bool avx512 = false;  // the kernel's ISA is AVX-512 VNNI: convert with convert_cols_i16_avx512
+  const int16_t* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const override {
+    sr = 1, sk = T.m1 - T.m0;
+    return p.convert_rows<int16_t>(T, k0, k1, [this](const float* x, int16_t* q, int64_t n, const float* s1,
+                                                     const float* s2) {
+      if (kConvertColsAvx512 && avx512) {
+        convert_cols_i16_avx512(x, q, n, s1, s2, qm, false, nullptr);
+      } else {
+        for (int64_t i = 0; i < n; ++i) q[i] = quantize1(x[i], s1[i], s2[i], qm);
       }
-      std::copy(col.begin(), col.end(), ea.begin() + (m - T.m0) * KB);
-    }
-    return ea.data() - T.m0 * KB;
+    });
   }
+  const int32_t* exponents(const Tile& T) const override { return p.exponents(T); }
 };
 
 struct PatchWgradJob : Job {
   PatchWgradA src;
 };
-
-// e's shape and the GEMM's blocks against the patch matrix's tiles: each block of block_k rows lies
-// inside one tile row (block_k divides br, or one tile row holds every row).
-ffi::Error check_patch_tiles(const PatchWgradA& a, ffi::Span<const int64_t> de, int64_t block_k) {
-  auto bad = [](const std::string& m) { return invalid_as("gemm_patch_wgrad", m); };
-  if (de.size() != 3 || de[0] != 1 || de[1] != a.GR || de[2] != a.GC)
-    return bad("e must be the patch matrix's tile grid [1, " + std::to_string(a.GR) + ", " + std::to_string(a.GC) +
-               "], got " + dims_str(de));
-  if (a.GR > 1 && (block_k < 1 || a.br % block_k != 0))
-    return bad("block_k must divide the tiles' rows br = " + std::to_string(a.br) + ", got " + std::to_string(block_k));
-  return ffi::Error::Success();
-}
 
 ffi::Future patch_wgrad_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> e, ffi::AnyBuffer b,
                              ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a,
@@ -294,43 +266,30 @@ ffi::Future patch_wgrad_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
                              ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
                              ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
                              ffi::Span<const int64_t> rdil, ffi::Span<const int64_t> kernel_spatial) {
-  auto bad = [](const std::string& m) { return error_future(invalid_as("gemm_patch_wgrad", m)); };
+  const char* who = "gemm_patch_wgrad";
   const IsaKernels* kernels = nullptr;
   if (ffi::Error err = check_attrs(bits_a, bits_b, isa, kernels); err.failure()) return error_future(std::move(err));
-  if (x.element_type() != ffi::F32) return bad("x must be float32");
-  if (b.element_type() != ffi::S16) return bad("b must be int16");
+  if (b.element_type() != ffi::S16) return error_future(invalid_as(who, "b must be int16"));
   auto job = std::make_shared<PatchWgradJob>();
-  PatchWgradA& a = job->src;
-  ConvAttrs at{};
-  std::string err;
-  if (!read_attrs(strides, plo, phi, ldil, rdil, 1, at, err) || !a.geom.init(x.dimensions(), kernel_spatial, at, err))
-    return bad(err);
-  if (block.size() != 2 || block[0] < 1 || block[1] < 1) return bad("block must be two ints >= 1: the tiles (br, bc)");
-  const int64_t rows = a.geom.rows, K = a.geom.cols;
-  a.br = block[0], a.bc = block[1];
-  a.GR = (rows + a.br - 1) / a.br, a.GC = (K + a.bc - 1) / a.bc;
-  if (ffi::Error err = check_patch_tiles(a, e.dimensions(), block_k); err.failure()) return error_future(std::move(err));
-  // A = P^T: stored as P [1, rows, K] (transpose_a), its exponents as [1, K, KB].
-  const int64_t bk = block_k == -1 ? std::max<int64_t>(rows, 1) : std::max<int64_t>(block_k, 1);
-  const int64_t da[3] = {1, rows, K}, dea[3] = {1, K, (rows + bk - 1) / bk};
+  PatchTiles& p = job->src.p;
+  if (ffi::Error err = p.init(who, x, e, block, block_k, strides, plo, phi, ldil, rdil, kernel_spatial); err.failure())
+    return error_future(std::move(err));
   GemmShape s;
-  s.da = ffi::Span<const int64_t>(da, 3), s.dea = ffi::Span<const int64_t>(dea, 3);
+  s.da = ffi::Span<const int64_t>(p.da, 3), s.dea = ffi::Span<const int64_t>(p.dea, 3);
   s.db = b.dimensions(), s.deb = eb.dimensions(), s.dout = out->dimensions();
-  if (s.db.size() != 3 || s.deb.size() != 3 || s.dout.size() != 3 || s.db[0] != 1 || s.deb[0] != 1 || s.dout[0] != 1)
-    return bad("b, eb and out must be 3-D with batch 1: b [1, rows, N], eb [1, KB, N or 1], out [1, K, N]; got b " +
-               dims_str(s.db) + " eb " + dims_str(s.deb) + " out " + dims_str(s.dout));
+  if (ffi::Error err = PatchTiles::check_operands(who, s.db, s.deb, s.dout); err.failure())
+    return error_future(std::move(err));
   if (ffi::Error err = read_shapes(s, block_k, true, false); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = check_batch_dims(s); err.failure()) return error_future(std::move(err));
   if (ffi::Error err = check_block_sum_bound("jdfp_gemm_patch_wgrad", std::min(s.bk, s.K), bits_a, bits_b);
       err.failure())
     return error_future(std::move(err));
-  const GemmOperands ops{nullptr, b.untyped_data(), nullptr, eb.typed_data(), out->typed_data(), true, false};
+  const GemmOperands ops{nullptr, b.untyped_data(), nullptr, eb.typed_data(), out->typed_data(), false, false};
   if (ffi::Error err = set_up_job(*job, s, ops, bits_a, bits_b, true, false, *kernels); err.failure())
     return error_future(std::move(err));
-  a.x = static_cast<const float*>(x.untyped_data());
-  a.e = e.typed_data();
-  a.bk = s.bk, a.KB = s.KB;
-  job->P.a_src = &a;
+  job->src.qm = float(job->P.qmax_a);
+  job->src.avx512 = kernels == &isa_kernels(kIsaAvx512Vnni);
+  job->P.a_src = &job->src;
   return launch(job, pool, *kernels, 1, s.M, s.N, s.K);
 }
 
@@ -367,21 +326,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16Col2im, jdfp::gemm_col2im_impl,
                                   .Attr<ffi::Span<const int64_t>>("kernel_spatial"));
 
 JDFP_EXPORT XLA_FFI_Error* JdfpGemmI16PatchWgrad(XLA_FFI_CallFrame*);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16PatchWgrad, jdfp::patch_wgrad_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("bits_a")
-                                  .Attr<int32_t>("bits_b")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<ffi::Span<const int64_t>>("block")
-                                  .Attr<int32_t>("isa")
-                                  JDFP_CONV_SPATIAL_ATTRS
-                                  .Attr<ffi::Span<const int64_t>>("kernel_spatial"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI16PatchWgrad, jdfp::patch_wgrad_impl, JDFP_PATCH_WGRAD_BINDING);
 
 // Plain C helpers for the Python side (ctypes).
 // 2: the quantize handlers take a key operand and a rounding attribute.

@@ -41,6 +41,17 @@ struct I8KcBlock {
 
 // Fully validated INT8 problem handed to the per-ISA tile functions (the INT16 Problem's fields
 // that apply; no fused quantization, no conv gather).
+// int8 A supplied a kc block at a time instead of stored whole (gemm_i8_ffi.cc's conv weight
+// gradient converts it from the conv input): as gemm_common.h's ARowSource, with A's int8 values
+// (|v| <= qmax_a) in place of float32 ones.
+struct I8RowSource {
+  virtual const int8_t* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const = 0;
+  virtual const int32_t* exponents(const Tile& T) const = 0;
+
+ protected:
+  ~I8RowSource() = default;
+};
+
 struct ProblemI8 {
   int64_t M, N, K, KB, block_k;
   int32_t qmax_a, qmax_b;
@@ -66,6 +77,7 @@ struct ProblemI8 {
   int64_t a_sr, a_sk, b_sr, b_sk;
   int64_t ldc;
   uint64_t job_id;  // unique per call: lets a worker reuse its packed B across its tiles of the call
+  const I8RowSource* a_src = nullptr;  // non-null: A and ea come from it, not from a / ea
 };
 
 // Result of a tile: 0 = ok, 1 / 2 = an A / B value outside [-qmax, qmax].

@@ -716,16 +716,18 @@ constexpr int64_t kI8DirectPanels = 4;
 // most kI8DirectPanels B panels, has its full micro-panels read in place (only scanned here for the
 // range check and the row sums); the rest, or all of a transposed A, is packed into apk.  Returns the
 // number of rows read in place, or -1 for a value outside [-qmax_a, qmax_a].
+// A supplied by P.a_src (sr, sk: its view) is always packed.
 template <int MR, int NR>
-static inline int64_t prepare_a_i8(const ProblemI8& P, const int8_t* asrc, int64_t m0, int64_t mb, int64_t nbp,
-                                   const I8Piece* pcs, int npcs, int32_t quads, int8_t* apk, uint32_t* comp) {
-  bool in_place = P.a_sk == 1 && nbp <= kI8DirectPanels * NR;
+static inline int64_t prepare_a_i8(const ProblemI8& P, const int8_t* asrc, int64_t sr, int64_t sk, int64_t m0,
+                                   int64_t mb, int64_t nbp, const I8Piece* pcs, int npcs, int32_t quads, int8_t* apk,
+                                   uint32_t* comp) {
+  bool in_place = sk == 1 && !P.a_src && nbp <= kI8DirectPanels * NR;
   for (int pi = 0; pi < npcs && in_place; ++pi) in_place = pc_whole(pcs[pi]);
   const int64_t mdir = in_place ? mb / MR * MR : 0;
   I8MinMax mm;
-  if (mdir > 0) pack_kcontig<MR, false>(asrc, P.a_sr, m0, mdir, pcs, npcs, quads, nullptr, comp, mm);
+  if (mdir > 0) pack_kcontig<MR, false>(asrc, sr, m0, mdir, pcs, npcs, quads, nullptr, comp, mm);
   if (mdir < mb)
-    pack_any<MR, false>(asrc, P.a_sr, P.a_sk, m0 + mdir, mb - mdir, pcs, npcs, quads, apk,
+    pack_any<MR, false>(asrc, sr, sk, m0 + mdir, mb - mdir, pcs, npcs, quads, apk,
                         comp ? comp + mdir / MR * npcs * MR : nullptr, mm);
   return mm.ok(P.qmax_a) ? mdir : -1;
 }
@@ -763,7 +765,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
   if (mb <= 0 || nb <= 0) return 0;
   const int64_t mbp = i8_round_up(mb, MR), nbp = i8_round_up(nb, NR);
   float* C = P.out + T.batch * P.M * P.N;
-  const int32_t* ea = P.ea + P.ea_off[T.batch];
+  const int32_t* ea = P.a_src ? P.a_src->exponents(T) : P.ea + P.ea_off[T.batch];
   const int32_t* eb = P.eb + P.eb_off[T.batch];
   const int64_t eb_j = P.eb_nstride ? P.N : 1;
   bool nonfinite = false;  // a NONFINITE exponent in the tile's rows / columns (checked while preparing them)
@@ -789,7 +791,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
     s.fast.get(size_t(P.max_nblk));
     s.uniform.get(size_t(P.max_nblk));
     if (s.amn.size() < size_t(P.max_nblk)) s.amn.resize(size_t(P.max_nblk)), s.amx.resize(size_t(P.max_nblk));
-    const int8_t* asrc = P.a + P.a_off[T.batch];
+    const int8_t* asrc = P.a_src ? nullptr : P.a + P.a_off[T.batch];
     const int8_t* bsrc = P.b + P.b_off[T.batch];
     for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
       const I8KcBlock& kb = P.kcb[kbi];
@@ -800,7 +802,12 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
         pack_any<NR, V::kShiftB>(bsrc, P.b_sr, P.b_sk, T.n0, nb, pcs, npcs, kb.quads, bpk, nullptr, mm);
         if (!mm.ok(P.qmax_b)) return 2;
       }
-      const int64_t mdir = prepare_a_i8<MR, NR>(P, asrc, T.m0, mb, nbp, pcs, npcs, kb.quads, apk,
+      int64_t a_sr = P.a_sr, a_sk = P.a_sk;
+      if (P.a_src) {
+        const I8Piece& last = pcs[npcs - 1];
+        asrc = P.a_src->rows(T, pcs[0].k_start, last.k_start + last.len, a_sr, a_sk);
+      }
+      const int64_t mdir = prepare_a_i8<MR, NR>(P, asrc, a_sr, a_sk, T.m0, mb, nbp, pcs, npcs, kb.quads, apk,
                                                V::kShiftB ? comp : nullptr);
       if (mdir < 0) return 1;
       const int8_t* adir = asrc + T.m0 * P.a_sr + pcs[0].k_start;

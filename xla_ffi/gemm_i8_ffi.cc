@@ -12,6 +12,7 @@
 #include "col2im.h"
 #include "ffi_runtime.h"
 #include "gemm_i8_common.h"
+#include "patch_source.h"
 
 namespace jdfp {
 namespace {
@@ -271,6 +272,71 @@ ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Any
   });
 }
 
+// ---------------------------------------------------------------- conv weight gradient from x
+// JdfpGemmI8PatchWgrad: gemm_ffi.cc's JdfpGemmI16PatchWgrad for formats of <= 8 bits on the INT8
+// kernel (patch_source.h): bit for bit JdfpGemmI8 (transpose_a) on the int8 P that
+// JdfpBlockQuantizePatches converts.
+struct PatchWgradA8 final : I8RowSource {
+  PatchTiles p;
+  float qm = 0.0f;
+  bool avx512 = false;  // the INT8 kernel's ISA is AVX-512 VNNI: convert with convert_cols_i8_avx512
+  const int8_t* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const override {
+    sr = 1, sk = T.m1 - T.m0;
+    return p.convert_rows<int8_t>(T, k0, k1, [this](const float* x, int8_t* q, int64_t n, const float* s1,
+                                                    const float* s2) {
+      if (kConvertColsAvx512 && avx512) {
+        convert_cols_i8_avx512(x, q, n, s1, s2, qm, false, nullptr);
+      } else {
+        for (int64_t i = 0; i < n; ++i) q[i] = int8_t(quantize1(x[i], s1[i], s2[i], qm));
+      }
+    });
+  }
+  const int32_t* exponents(const Tile& T) const override { return p.exponents(T); }
+};
+
+struct PatchWgradJobI8 : JobI8 {
+  PatchWgradA8 src;
+};
+
+ffi::Future patch_wgrad_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> e, ffi::AnyBuffer b,
+                                ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::Buffer<ffi::F32>> out, int32_t bits_a,
+                                int32_t bits_b, int64_t block_k, ffi::Span<const int64_t> block, int32_t isa,
+                                ffi::Span<const int64_t> strides, ffi::Span<const int64_t> plo,
+                                ffi::Span<const int64_t> phi, ffi::Span<const int64_t> ldil,
+                                ffi::Span<const int64_t> rdil, ffi::Span<const int64_t> kernel_spatial) {
+  const char* who = "gemm_i8_patch_wgrad";
+  auto bad = [who](const std::string& m) { return error_future(invalid_as(who, m)); };
+  if (ffi::Error err = check_i8_bits("bits_a", bits_a); err.failure()) return error_future(std::move(err));
+  if (ffi::Error err = check_i8_bits("bits_b", bits_b); err.failure()) return error_future(std::move(err));
+  const IsaKernels* unused = nullptr;
+  if (ffi::Error err = select_isa(who, isa, unused); err.failure()) return error_future(std::move(err));
+  const int32_t run_isa = isa == kIsaAuto ? best_isa() : isa;
+  const I8KernelShape& ks = kI8Kernels[run_isa];
+  if (b.element_type() != ffi::S8) return bad("b must be int8");
+  auto job = std::make_shared<PatchWgradJobI8>();
+  PatchWgradA8& src = job->src;
+  if (ffi::Error err = src.p.init(who, x, e, block, block_k, strides, plo, phi, ldil, rdil, kernel_spatial);
+      err.failure())
+    return error_future(std::move(err));
+  ShapeI8 s;
+  s.da = ffi::Span<const int64_t>(src.p.da, 3), s.dea = ffi::Span<const int64_t>(src.p.dea, 3);
+  s.db = b.dimensions(), s.deb = eb.dimensions(), s.dout = out->dimensions();
+  if (ffi::Error err = PatchTiles::check_operands(who, s.db, s.deb, s.dout); err.failure())
+    return error_future(std::move(err));
+  if (ffi::Error err = read_shapes_i8(s, block_k, true, false); err.failure()) return error_future(std::move(err));
+  const GemmOperands ops{nullptr, b.untyped_data(), nullptr, eb.typed_data(), out->typed_data(), false, false};
+  if (ffi::Error err = set_up_job_i8(*job, s, ops, bits_a, bits_b, true, false, ks); err.failure())
+    return error_future(std::move(err));
+  job->who = who;
+  src.qm = float(job->P8.qmax_a);
+  src.avx512 = run_isa == kIsaAvx512Vnni;
+  job->P8.a_src = &src;
+  const PatchWgradJobI8* j = job.get();  // the workers hold the job alive
+  TileI8Fn fn = ks.tile;
+  job->tile_fn = [j, fn](const Tile& t) { return fn(j->P8, t); };
+  return launch_tiles(job, pool, ks.mr, ks.nr, 1, s.M, s.N, s.K);
+}
+
 struct RowGemmI8 : RowGemm {
   JobI8 job;
   TileI8Fn tile = nullptr;
@@ -335,3 +401,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8, gemm_i8, JDFP_GEMM_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8Col2im, jdfp::gemm_i8_col2im_impl,
                               JDFP_GEMM_BINDING JDFP_CONV_SPATIAL_ATTRS.Attr<ffi::Span<const int64_t>>("kernel_spatial"));
+
+JDFP_EXPORT XLA_FFI_Error* JdfpGemmI8PatchWgrad(XLA_FFI_CallFrame*);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdfpGemmI8PatchWgrad, jdfp::patch_wgrad_i8_impl, JDFP_PATCH_WGRAD_BINDING);

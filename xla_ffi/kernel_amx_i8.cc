@@ -209,7 +209,7 @@ static void run_blocked(const ProblemI8& P, const Tile& T, const uint8_t* ap, co
 // The handler's rule (gemm_i8_ffi.cc): which INT8 problems the tiles take.  `exact_scales`: every
 // exponent of ea and eb is finite and the pairs scale exactly (fast_scale_block over all of them).
 bool amx_i8_fits(const ProblemI8& P, bool exact_scales) {
-  if (P.K < kAmxMinK || P.M < 1 || P.N < 1) return false;
+  if (P.a_src || P.K < kAmxMinK || P.M < 1 || P.N < 1) return false;
   if (P.KB == 1) return P.K <= kAmxI8MaxK;
   return P.block_k <= 64 && P.block_k % 4 == 0 && exact_scales;
 }

@@ -35,13 +35,6 @@ struct Load32 {
   }
 };
 
-static inline void scales_of(int32_t e, float& s1, float& s2) {
-  const int32_t ne = -eclamp(e);
-  const int32_t e1 = clamp_i32(ne, -126, 127), e2 = clamp_i32(ne - e1, -126, 127);
-  s1 = e == kNonfiniteExponent ? 0.0f : pow2f(e1);
-  s2 = pow2f(e2);
-}
-
 // In-register transpose of a 16 x 16 int32 matrix.
 static inline void transpose16(__m512i* r) {
   __m512i t[16];

@@ -201,16 +201,21 @@ def test_patch_gemm_bad_input():
 
 def patch_wgrad_equals_conversion_then_gemm(x, geo, fmt, tiles, block_k, isa, n_out=13, eb_cols=True, seed=0,
                                             nonfinite_eb=False):
-  """`gemm_patch_wgrad` (P gathered from x and quantized on the forward's exponents while packing)
-  against `quantize_patches_with_stats` followed by the INT16 GEMM on its result, A transposed."""
+  """`gemm_patch_wgrad` / `gemm_i8_patch_wgrad` (formats of <= 8 bits: int8 b, the INT8 kernel) (P
+  converted from x on the forward's exponents, a kc block at a time) against
+  `quantize_patches_with_stats` followed by the INT16 / INT8 GEMM on its result, A transposed."""
   from jdfp._src.ffi import gemm as ffi_gemm
+  from jdfp._src.ffi import gemm_i8 as ffi_gemm_i8
   from jdfp._src.numerics.quantize import NONFINITE_EXPONENT
   rng = np.random.default_rng(seed)
   br, bc = tiles
-  v, e = ffi_block.quantize_patches_with_stats(x, fmt, (1, br, bc), isa=isa, stats=False, **geo)
+  i8 = fmt.int_bits <= 8
+  bits_b, dt = (8, jnp.int8) if i8 else (12, jnp.int16)
+  v, e = ffi_block.quantize_patches_with_stats(x, fmt, (1, br, bc), isa=isa, stats=False, out_dtype=dt, **geo)
   rows, k = v.shape[1:]
   kb = 1 if block_k is None else -(-rows // block_k)
-  b = jnp.asarray(rng.integers(-2047, 2048, (1, rows, n_out)), jnp.int16)
+  qb = 2 ** (bits_b - 1) - 1
+  b = jnp.asarray(rng.integers(-qb, qb + 1, (1, rows, n_out)), dt)
   eb = rng.integers(-30, 10, (1, kb, n_out if eb_cols else 1))
   if nonfinite_eb:
     eb[0, kb // 2, 0] = NONFINITE_EXPONENT
@@ -218,38 +223,45 @@ def patch_wgrad_equals_conversion_then_gemm(x, geo, fmt, tiles, block_k, isa, n_
   # ea [1, K, KB]: row m of P^T, block j of rows -> P's tile (row of block j, column tile of m).
   j_rows = np.minimum(np.arange(kb) * (block_k or rows) // br, e.shape[1] - 1)
   ea = jnp.transpose(e[:, j_rows][:, :, np.arange(k) // bc], (0, 2, 1))
-  want = ffi_gemm.gemm(v, b, ea, eb, bits_a=fmt.int_bits, bits_b=12, block_k=block_k, transpose_a=True, isa=isa)
-  got = jax.jit(lambda x, e, b, eb: ffi_gemm.gemm_patch_wgrad(x, e, b, eb, tiles=tiles, bits_a=fmt.int_bits, bits_b=12,
-                                                              block_k=block_k, isa=isa, **geo))(x, e, b, eb)
+  gemm, fused = ((ffi_gemm_i8.gemm_i8, ffi_gemm_i8.gemm_i8_patch_wgrad) if i8
+                 else (ffi_gemm.gemm, ffi_gemm.gemm_patch_wgrad))
+  want = gemm(v, b, ea, eb, bits_a=fmt.int_bits, bits_b=bits_b, block_k=block_k, transpose_a=True, isa=isa)
+  got = jax.jit(lambda x, e, b, eb: fused(x, e, b, eb, tiles=tiles, bits_a=fmt.int_bits, bits_b=bits_b,
+                                          block_k=block_k, isa=isa, **geo))(x, e, b, eb)
   assert got.shape == (1, k, n_out)
   assert_same((got,), (want,))
 
 
 @pytest.mark.parametrize("isa", kernels.available_isas())
+@pytest.mark.parametrize("mantissa", [11, 7])
+@pytest.mark.parametrize("channels", [7, 20])
 @pytest.mark.parametrize("tiles,block_k,n_out,eb_cols", [
     ((24, 24), 24, 13, True),
     ((24, 24), 8, 40, False),  # the gradient's blocks finer than P's tile rows
     ((8, 5), 8, 3, True),  # column tiles that split the taps' channel runs
     ((500, 24), None, 17, True),  # one tile row: one block along the rows
 ])
-def test_patch_wgrad_equals_conversion_then_gemm(tiles, block_k, n_out, eb_cols, isa):
-  """The fused weight gradient is bit for bit the conversion call followed by the INT16 GEMM on the
-  stored int16 patch matrix, with NaN/Inf/subnormal inputs and a NONFINITE gradient exponent, on every
-  ISA, for strided, padded and dilated geometry."""
-  x = special_input((3, 9, 10, 7), 1)
+def test_patch_wgrad_equals_conversion_then_gemm(tiles, block_k, n_out, eb_cols, channels, mantissa, isa):
+  """The fused weight gradient (INT16 kernel for BFP(11), INT8 for BFP(7)) is bit for bit the
+  conversion call followed by the GEMM on the stored patch matrix, with NaN/Inf/subnormal inputs and
+  a NONFINITE gradient exponent, on every ISA, for strided, padded and dilated geometry, with channel
+  runs gathered into rows (7 channels) or converted straight from x (20)."""
+  x = special_input((3, 9, 10, channels), 1)
   geo = dict(kernel_spatial=(3, 3), window_strides=(2, 1), padding=((1, 2), (0, 1)), lhs_dilation=(1, 1),
              rhs_dilation=(1, 2))
-  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(11, block=tiles), tiles, block_k, isa, n_out, eb_cols,
+  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(mantissa, block=tiles), tiles, block_k, isa, n_out, eb_cols,
                                           nonfinite_eb=True)
 
 
+@pytest.mark.parametrize("mantissa", [11, 7])
 @pytest.mark.parametrize("shape,n_out", [((32, 32, 32, 64), 64), ((128, 12, 12, 32), 32)])
-def test_patch_wgrad_deep(shape, n_out):
+def test_patch_wgrad_deep(shape, n_out, mantissa):
   """The CNN's 64-channel and the demo's 32-channel weight gradients (K >> M, N: one tile per worker,
-  many kc blocks, each gathered into the worker's buffer): exact against the two calls."""
+  many kc blocks, each converted into the worker's buffer), HBFP12 and HBFP8: exact against the two
+  calls."""
   x = jax.random.normal(jax.random.key(0), shape) * 3
   geo = dict(kernel_spatial=(3, 3), window_strides=(1, 1), padding=((1, 1), (1, 1)))
-  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(11, block=(24, 24)), (24, 24), 24, "auto", n_out)
+  patch_wgrad_equals_conversion_then_gemm(x, geo, BFP(mantissa, block=(24, 24)), (24, 24), 24, "auto", n_out)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -304,14 +316,26 @@ def test_patch_wgrad_bad_input():
     raw(e, b, jnp.zeros((1, 5, 4), jnp.int32), 10, block=(10, 24, 1))
   with pytest.raises(Exception, match="outside"):
     raw(e, b.at[0, 7, 1].set(-32768), jnp.zeros((1, 5, 4), jnp.int32), 10)
+  from jdfp._src.ffi import gemm_i8 as ffi_gemm_i8
+  call8 = lambda **over: jax.block_until_ready(ffi_gemm_i8.gemm_i8_patch_wgrad(**{
+      **dict(x=x, e=e, b=b.astype(jnp.int8), eb=jnp.zeros((1, 5, 4), jnp.int32), **geo,
+             **{**kw, "bits_a": 8, "bits_b": 8, "block_k": 10}), **over}))
+  call8()
+  with pytest.raises(ValueError, match="bits_a must be an int in 2..8"):
+    call8(bits_a=12)
+  with pytest.raises(TypeError, match="b must be int8"):
+    call8(b=b)
+  with pytest.raises(Exception, match="outside"):
+    call8(b=b.astype(jnp.int8).at[0, 7, 1].set(-128))
 
 
-def test_hbfp12_forward_is_one_call_and_keeps_x():
-  """`policies.hbfp12()`'s 3x3 conv: the forward is one `patch_gemm` call (no int16 patch matrix in
-  the program's forward), the backward keeps x and the forward's exponents and its weight gradient is
-  one `gemm_patch_wgrad` call (no second conversion, no int16 patch matrix in the program at all); bit
-  for bit the reference."""
-  pol = jdfp.policies.hbfp12()
+@pytest.mark.parametrize("name,wgrad", [("hbfp12", "jdfp_gemm_i16_patch_wgrad"), ("hbfp8", "jdfp_gemm_i8_patch_wgrad")])
+def test_hbfp_conv_never_stores_the_patch_matrix(name, wgrad):
+  """`policies.hbfp12()` / `hbfp8()`'s 3x3 conv: the forward is one `patch_gemm` call (no patch matrix
+  in the program's forward), the backward keeps x and the forward's exponents and its weight gradient
+  is one `gemm_patch_wgrad` call on the INT16 / INT8 kernel (no second conversion, no patch matrix in
+  the program at all); bit for bit the reference."""
+  pol = POLICIES[name]
   x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
   ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
@@ -321,9 +345,9 @@ def test_hbfp12_forward_is_one_call_and_keeps_x():
   hlo = fwd.lower(x, w).compile().as_text()
   assert 'custom_call_target="jdfp_block_patch_gemm"' in hlo
   assert "jdfp_block_quantize_patches" not in hlo and "jdfp_gemm_i16" not in hlo
-  assert residual_bytes(pol, x, w, **kw) < x.nbytes + 4 * 10 * 10 * 9 * 16  # x, not the int16 patches
+  assert residual_bytes(pol, x, w, **kw) < x.nbytes + 4 * 10 * 10 * 9 * 16 // 2  # x, not the patches
   bwd_hlo = jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw)).lower(x, w, ct).compile().as_text()
-  assert 'custom_call_target="jdfp_gemm_i16_patch_wgrad"' in bwd_hlo
+  assert f'custom_call_target="{wgrad}"' in bwd_hlo
   assert "jdfp_block_quantize_patches" not in bwd_hlo
   assert_same(jax.jit(lambda x, w, ct: conv_vjp(pol, x, w, ct, **kw))(x, w, ct),
               jax.jit(lambda x, w, ct: conv_vjp(pol.replace(backend="reference"), x, w, ct, **kw))(x, w, ct))
@@ -496,14 +520,16 @@ def test_lhs_residual_is_the_patch_matrix_otherwise(case):
 
 
 def test_backward_conversion_waits_for_the_output_gradient():
-  """The backward's second conversion of x reads the op's output gradient (as the key operand that
-  nearest rounding ignores), so XLA cannot hoist it into the forward, where every layer's patch
-  matrix would be alive at once: in the optimized HLO its key operand is not a constant."""
+  """Where the weight gradient needs x converted again (MX-style 1-D blocks along K, which the
+  backward re-blocks; HBFP tiles go to `gemm_patch_wgrad` instead), that second conversion reads the
+  op's output gradient (as the key operand that nearest rounding ignores), so XLA cannot hoist it
+  into the forward, where every layer's patch matrix would be alive at once: in the optimized HLO
+  its key operand is not a constant."""
   import re
   x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 24)) * 0.1
   ct = jax.random.normal(jax.random.key(2), (4, 10, 10, 24))
-  f = jax.jit(lambda x, w, ct: conv_vjp(jdfp.policies.hbfp8(), x, w, ct, window_strides=(1, 1), padding="SAME"))
+  f = jax.jit(lambda x, w, ct: conv_vjp(POLICIES["mx"], x, w, ct, window_strides=(1, 1), padding="SAME"))
   hlo = f.lower(x, w, ct).compile().as_text()
   calls = [l for l in hlo.splitlines()
            if 'custom_call_target="jdfp_block_quantize_patches' in l or 'custom_call_target="jdfp_block_patch_gemm' in l]

@@ -13,7 +13,7 @@ from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_I16_PAT
                                    dtype_of, has_amx_int8, isa_attribute, kernel_available, require_lib)
 
 __all__ = ["AMX_I8_MAX_K", "AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im",
-           "gemm_patch_wgrad", "runs_on_amx"]
+           "gemm_patch_wgrad", "patch_wgrad_call", "runs_on_amx"]
 
 # xla_ffi/gemm_common.h: the K range the AMX-INT8 paths take (kAmxMinK, kAmxMaxK).
 AMX_MIN_K = 32
@@ -140,9 +140,16 @@ def gemm_patch_wgrad(x, e, b, eb, *, tiles, kernel_spatial, window_strides, padd
   conversion found, with nearest rounding, while the kernel packs it, a kc block at a time: bit for
   bit `gemm` (``transpose_a``) on ``quantize_patches_with_stats``'s int16 P, which is never stored.
   ``block_k`` must divide ``br`` (or one tile row must hold every row)."""
-  bits_a, bits_b = check_bits("bits_a", bits_a), check_bits("bits_b", bits_b)
+  return patch_wgrad_call(TARGET_I16_PATCH_WGRAD, "int16", x, e, b, eb, tiles, kernel_spatial, window_strides,
+                          padding, lhs_dilation, rhs_dilation, check_bits("bits_a", bits_a),
+                          check_bits("bits_b", bits_b), block_k, isa)
+
+
+def patch_wgrad_call(target, b_dtype, x, e, b, eb, tiles, kernel_spatial, window_strides, padding, lhs_dilation,
+                     rhs_dilation, bits_a, bits_b, block_k, isa) -> jax.Array:
+  """The FFI call of a fused conv weight gradient (INT16 here, INT8 in gemm_i8.py), bits already checked."""
   isa_code = isa_attribute(isa)
-  for name, v, want in (("x", x, "float32"), ("e", e, "int32"), ("b", b, "int16"), ("eb", eb, "int32")):
+  for name, v, want in (("x", x, "float32"), ("e", e, "int32"), ("b", b, b_dtype), ("eb", eb, "int32")):
     if dtype_of(name, v).name != want or (name != "x" and np.ndim(v) != 3):
       raise TypeError(f"{name} must be {want}{'' if name == 'x' else ' 3-D'}, got {dtype_of(name, v).name} "
                       f"{tuple(np.shape(v))}")
@@ -154,15 +161,14 @@ def gemm_patch_wgrad(x, e, b, eb, *, tiles, kernel_spatial, window_strides, padd
   if tuple(np.shape(e)) != grid:
     raise ValueError(f"e must be the tile grid {grid} of the patch matrix [1, {rows}, {k}] with tiles {(br, bc)}, "
                      f"got {tuple(np.shape(e))}")
-  # Shapes of b / eb / block_k against a P^T stand-in (the checks of `gemm`).
-  pt = jax.ShapeDtypeStruct((1, rows, k), jnp.int16)
+  # b / eb / block_k against a P^T stand-in: the checks of `gemm`.
+  pt = jax.ShapeDtypeStruct((1, rows, k), jnp.dtype(b_dtype))
   kb = 1 if block_k is None else -(-rows // block_k)
-  _, (m, n), _, bk_attr = check_gemm_args(pt, b, jax.ShapeDtypeStruct((1, k, kb), jnp.int32), eb, ("int16",), block_k,
-                                          True, False)
+  _, (m, n), _, bk_attr = check_gemm_args(pt, b, jax.ShapeDtypeStruct((1, k, kb), jnp.int32), eb, (b_dtype,),
+                                          block_k, True, False)
   require_lib()
   x5 = jnp.reshape(x, (sx[0],) + (1,) * (3 - nsp) + sx[1:])
-  call = jax.ffi.ffi_call(TARGET_I16_PATCH_WGRAD, jax.ShapeDtypeStruct((1, m, n), jnp.float32),
-                          vmap_method="sequential")
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((1, m, n), jnp.float32), vmap_method="sequential")
   return call(x5, e, b, eb, bits_a=np.int32(bits_a), bits_b=np.int32(bits_b), block_k=np.int64(bk_attr),
               block=np.asarray((br, bc), np.int64), isa=np.int32(isa_code), **attrs)
 

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.gemm import check_gemm_args, col2im_call
-from jdfp._src.ffi.library import TARGET_I8, TARGET_I8_COL2IM, isa_attribute, require_lib
+from jdfp._src.ffi.gemm import check_gemm_args, col2im_call, patch_wgrad_call
+from jdfp._src.ffi.library import TARGET_I8, TARGET_I8_COL2IM, TARGET_I8_PATCH_WGRAD, isa_attribute, require_lib
 
-__all__ = ["gemm_i8", "gemm_i8_col2im", "MAX_BITS"]
+__all__ = ["gemm_i8", "gemm_i8_col2im", "gemm_i8_patch_wgrad", "MAX_BITS"]
 
 MAX_BITS = 8  # qmax = 2**(bits-1) - 1 <= 127: int8 storage, never -128
 
@@ -68,3 +68,14 @@ def gemm_i8_col2im(a, b, ea, eb, *, x_shape, kernel_spatial, window_strides, pad
   return col2im_call(TARGET_I8_COL2IM, ("int8",), a, b, ea, eb, _check_bits8("bits_a", bits_a),
                      _check_bits8("bits_b", bits_b), block_k, transpose_a, transpose_b, isa, x_shape, kernel_spatial,
                      window_strides, padding, lhs_dilation, rhs_dilation)
+
+
+def gemm_i8_patch_wgrad(x, e, b, eb, *, tiles, kernel_spatial, window_strides, padding, lhs_dilation=None,
+                        rhs_dilation=None, bits_a: int, bits_b: int, block_k: int | None = None,
+                        isa: str = "auto") -> jax.Array:
+  """`jdfp._src.ffi.gemm.gemm_patch_wgrad` on the INT8 kernel: int8 ``b``, formats of <= 8 bits; P
+  converted to int8 on the forward's exponents a kc block at a time, bit for bit `gemm_i8`
+  (``transpose_a``) on ``quantize_patches_with_stats``'s int8 P, which is never stored."""
+  return patch_wgrad_call(TARGET_I8_PATCH_WGRAD, "int8", x, e, b, eb, tiles, kernel_spatial, window_strides, padding,
+                          lhs_dilation, rhs_dilation, _check_bits8("bits_a", bits_a), _check_bits8("bits_b", bits_b),
+                          block_k, isa)

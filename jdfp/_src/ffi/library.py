@@ -43,6 +43,7 @@ TARGET_I16_PATCH_WGRAD = "jdfp_gemm_i16_patch_wgrad"  # P^T . int16 b, P a float
 TARGET_Q = "jdfp_gemm_q"  # float32 a and/or b, quantized while packing
 TARGET_I8 = "jdfp_gemm_i8"  # int8 a, int8 b (bits <= 8): the vpdpbusd kernel
 TARGET_I8_COL2IM = "jdfp_gemm_i8_col2im"  # the same GEMM's patch gradient, summed into the conv input's (col2im)
+TARGET_I8_PATCH_WGRAD = "jdfp_gemm_i8_patch_wgrad"  # P^T . int8 b, P a float32 conv input's patch matrix
 TARGET_CONV_FWD = "jdfp_conv_fwd"  # int16 x, int16 w -> float32 y (also backward-data)
 TARGET_CONV_WGRAD = "jdfp_conv_wgrad"  # int16 x, int16 dy -> float32 dw
 TARGET_IM2COL = "jdfp_im2col"  # float32 x -> float32 patches (block-format convs)
@@ -102,6 +103,7 @@ def _load() -> None:
     for name, sym in ((TARGET_I16, lib.JdfpGemmI16), (TARGET_I16_COL2IM, lib.JdfpGemmI16Col2im), (TARGET_Q, lib.JdfpGemmQ),
                       (TARGET_I16_PATCH_WGRAD, lib.JdfpGemmI16PatchWgrad),
                       (TARGET_I8, lib.JdfpGemmI8), (TARGET_I8_COL2IM, lib.JdfpGemmI8Col2im),
+                      (TARGET_I8_PATCH_WGRAD, lib.JdfpGemmI8PatchWgrad),
                       (TARGET_CONV_FWD, lib.JdfpConvFwd), (TARGET_CONV_WGRAD, lib.JdfpConvWgrad),
                       (TARGET_IM2COL, lib.JdfpIm2col),
                       (TARGET_QUANTIZE, lib.JdfpQuantizeI16), (TARGET_QUANTIZE_DFP, lib.JdfpQuantizeDfp),

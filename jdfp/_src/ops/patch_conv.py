@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jdfp._src.ffi import block_quantize as ffi_block
+from jdfp._src.ffi import gemm as ffi_gemm
+from jdfp._src.ffi import gemm_i8 as ffi_gemm_i8
 from jdfp._src.numerics import quantize as qz
 from jdfp._src.numerics.shard_types import match_varying, varying_axes
 from jdfp._src.ops import dot_vjp
@@ -31,7 +33,6 @@ from jdfp._src.ops.backend import kernel_quantize, resolve_backend
 from jdfp._src.ops.conv_vjp import patches
 from jdfp._src.ops.convert import (block_shape3, counters_wanted, int8_conversions, int8_operands, kernel_converts,
                                    kernel_converts_blocks, quantize3)
-from jdfp._src.ffi import gemm as ffi_gemm
 from jdfp._src.ops.gemm import (align_blocks, gemm, gemm_col2im, int8_storage, kernel_exponents, uses_int8_kernel,
                                 widen_int8)
 from jdfp._src.ops.layout import prod
@@ -214,15 +215,14 @@ def keeps_float_input(x, ql: qz.QArray, policy: Policy) -> bool:
 
 
 def fuses_weight_grad(geom: PatchGeom, policy: Policy) -> bool:
-  """Whether the backward's weight gradient runs as one `ffi.gemm.gemm_patch_wgrad` call from x and
-  the forward's exponents (no second conversion, no int16 patch matrix): nearest forward rounding
-  (the kernel's packing rounds so), tiles that read the same along both axes (no re-blocking for
-  the backward), an integer gradient format, and the INT16 kernel running that GEMM (an INT8 one,
-  HBFP8's, converts x again into int8 patches)."""
-  fmt, grad = policy.lhs, policy.drhs
-  return (policy.fwd_rounding == "nearest" and grad.is_integer
-          and block_shape3(geom.shape3, fmt, 2) == block_shape3(geom.shape3, fmt, 1)
-          and not uses_int8_kernel(fmt.int_bits, grad.int_bits))
+  """Whether the backward's weight gradient runs as one `ffi.gemm.gemm_patch_wgrad` (INT16) or
+  `ffi.gemm_i8.gemm_i8_patch_wgrad` (INT8) call from x and the forward's exponents (no second
+  conversion, no int16 / int8 patch matrix): nearest forward rounding (what the kernels' packing
+  rounds by), tiles that read the same along both axes (no re-blocking for the backward) and an
+  integer gradient format."""
+  fmt = policy.lhs
+  return (policy.fwd_rounding == "nearest" and policy.drhs.is_integer
+          and block_shape3(geom.shape3, fmt, 2) == block_shape3(geom.shape3, fmt, 1))
 
 
 def weight_grad(x, e, g_dr: qz.QArray, geom: PatchGeom, policy: Policy):
@@ -236,8 +236,12 @@ def weight_grad(x, e, g_dr: qz.QArray, geom: PatchGeom, policy: Policy):
   blocks = [b for b in (bka, bkb) if b is not None]
   block = math.gcd(*blocks) if blocks else None
   eb = align_blocks(eb, bkb, block, rows, 1)
-  out = ffi_gemm.gemm_patch_wgrad(x, e, widen_int8(g_dr.values), eb, tiles=(br, bc), bits_a=policy.lhs.int_bits,
-                                  bits_b=g_dr.fmt.int_bits, block_k=block, isa=policy.isa, **geom.kernel_kwargs())
+  bits_a, bits_b = policy.lhs.int_bits, g_dr.fmt.int_bits
+  kw = dict(tiles=(br, bc), bits_a=bits_a, bits_b=bits_b, block_k=block, isa=policy.isa, **geom.kernel_kwargs())
+  if uses_int8_kernel(bits_a, bits_b):  # as `gemm`: both formats fit int8 (|v| <= 127)
+    out = ffi_gemm_i8.gemm_i8_patch_wgrad(x, e, g_dr.values.astype(jnp.int8), eb, **kw)
+  else:
+    out = ffi_gemm.gemm_patch_wgrad(x, e, widen_int8(g_dr.values), eb, **kw)
   return match_varying(out, x, e, g_dr.values, eb)
 
 
