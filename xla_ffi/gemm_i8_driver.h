@@ -753,6 +753,17 @@ static inline void tile_epilogue_i8(const ProblemI8& P, const Tile& T, float* C,
   }
 }
 
+// The per-block exponent scratch of a tile with mbp x nbp padded rows and columns (tile_exponents').
+static inline void size_exponent_scratch(const ProblemI8& P, int64_t mbp, int64_t nbp, I8Scratch& s) {
+  s.ea.get(size_t(mbp) * P.max_nblk);
+  s.pa.get(size_t(mbp) * P.max_nblk);
+  s.eb.get(size_t(nbp) * P.max_nblk);
+  s.pb.get(size_t(nbp) * P.max_nblk);
+  s.fast.get(size_t(P.max_nblk));
+  s.uniform.get(size_t(P.max_nblk));
+  if (s.amn.size() < size_t(P.max_nblk)) s.amn.resize(size_t(P.max_nblk)), s.amx.resize(size_t(P.max_nblk));
+}
+
 // One output tile: for each kc block (increasing K) pack B (or reuse it) and A, then every micro-tile
 // (NR panels outer: the B micro-panel stays in L1).  Returns 0, or 1 / 2 for an A / B value out of range.
 template <class V, class UK>
@@ -784,13 +795,7 @@ int run_tile_i8(const ProblemI8& P, const Tile& T) {
     int32_t* acc32 = s.acc32.get(nacc);
     int64_t* acc64 = s.acc64.get(nacc);
     float* accf = kScaled ? s.accf.get(nacc) : nullptr;
-    s.ea.get(size_t(mbp) * P.max_nblk);
-    s.pa.get(size_t(mbp) * P.max_nblk);
-    s.eb.get(size_t(nbp) * P.max_nblk);
-    s.pb.get(size_t(nbp) * P.max_nblk);
-    s.fast.get(size_t(P.max_nblk));
-    s.uniform.get(size_t(P.max_nblk));
-    if (s.amn.size() < size_t(P.max_nblk)) s.amn.resize(size_t(P.max_nblk)), s.amx.resize(size_t(P.max_nblk));
+    size_exponent_scratch(P, mbp, nbp, s);
     const int8_t* asrc = P.a_src ? nullptr : P.a + P.a_off[T.batch];
     const int8_t* bsrc = P.b + P.b_off[T.batch];
     for (int64_t kbi = 0; kbi < P.nkcb; ++kbi) {
