@@ -240,18 +240,9 @@ ffi::Future gemm_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
 // JdfpBlockQuantizePatches converts.
 struct PatchWgradA final : ARowSource {
   PatchTiles p;
-  float qm = 0.0f;
-  bool avx512 = false;  // the kernel's ISA is AVX-512 VNNI: convert with convert_cols_i16_avx512
   const int16_t* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const override {
     sr = 1, sk = T.m1 - T.m0;
-    return p.convert_rows<int16_t>(T, k0, k1, [this](const float* x, int16_t* q, int64_t n, const float* s1,
-                                                     const float* s2) {
-      if (kConvertColsAvx512 && avx512) {
-        convert_cols_i16_avx512(x, q, n, s1, s2, qm, false, nullptr);
-      } else {
-        for (int64_t i = 0; i < n; ++i) q[i] = quantize1(x[i], s1[i], s2[i], qm);
-      }
-    });
+    return p.convert_rows<int16_t>(T, k0, k1);
   }
   const int32_t* exponents(const Tile& T) const override { return p.exponents(T); }
 };
@@ -287,8 +278,8 @@ ffi::Future patch_wgrad_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
   const GemmOperands ops{nullptr, b.untyped_data(), nullptr, eb.typed_data(), out->typed_data(), false, false};
   if (ffi::Error err = set_up_job(*job, s, ops, bits_a, bits_b, true, false, *kernels); err.failure())
     return error_future(std::move(err));
-  job->src.qm = float(job->P.qmax_a);
-  job->src.avx512 = kernels == &isa_kernels(kIsaAvx512Vnni);
+  job->src.p.qm = float(job->P.qmax_a);
+  job->src.p.avx512 = kernels == &isa_kernels(kIsaAvx512Vnni);
   job->P.a_src = &job->src;
   return launch(job, pool, *kernels, 1, s.M, s.N, s.K);
 }

@@ -278,18 +278,9 @@ ffi::Future gemm_i8_col2im_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Any
 // JdfpBlockQuantizePatches converts.
 struct PatchWgradA8 final : I8RowSource {
   PatchTiles p;
-  float qm = 0.0f;
-  bool avx512 = false;  // the INT8 kernel's ISA is AVX-512 VNNI: convert with convert_cols_i8_avx512
   const int8_t* rows(const Tile& T, int64_t k0, int64_t k1, int64_t& sr, int64_t& sk) const override {
     sr = 1, sk = T.m1 - T.m0;
-    return p.convert_rows<int8_t>(T, k0, k1, [this](const float* x, int8_t* q, int64_t n, const float* s1,
-                                                    const float* s2) {
-      if (kConvertColsAvx512 && avx512) {
-        convert_cols_i8_avx512(x, q, n, s1, s2, qm, false, nullptr);
-      } else {
-        for (int64_t i = 0; i < n; ++i) q[i] = int8_t(quantize1(x[i], s1[i], s2[i], qm));
-      }
-    });
+    return p.convert_rows<int8_t>(T, k0, k1);
   }
   const int32_t* exponents(const Tile& T) const override { return p.exponents(T); }
 };
@@ -328,8 +319,8 @@ ffi::Future patch_wgrad_i8_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buf
   if (ffi::Error err = set_up_job_i8(*job, s, ops, bits_a, bits_b, true, false, ks); err.failure())
     return error_future(std::move(err));
   job->who = who;
-  src.qm = float(job->P8.qmax_a);
-  src.avx512 = run_isa == kIsaAvx512Vnni;
+  src.p.qm = float(job->P8.qmax_a);
+  src.p.avx512 = run_isa == kIsaAvx512Vnni;
   job->P8.a_src = &src;
   const PatchWgradJobI8* j = job.get();  // the workers hold the job alive
   TileI8Fn fn = ks.tile;

@@ -53,6 +53,8 @@ struct PatchTiles {
   int64_t br = 1, bc = 1, GR = 0, GC = 0;
   int64_t bk = 1, KB = 0;  // the GEMM's blocks along P's rows (its contraction)
   int64_t da[3] = {}, dea[3] = {};  // P as the GEMM's transposed a [1, rows, K], ea [1, K, KB]
+  float qm = 0.0f;      // the format's largest value (the GEMM's qmax_a)
+  bool avx512 = false;  // the GEMM runs on AVX-512 VNNI: convert with the AVX-512 row kernels
 
   // x's geometry, the tiles (block: br, bc), e's shape and block_k (it must divide br, or one tile
   // row holds every row) checked; `who` names the handler in errors.
@@ -97,14 +99,25 @@ struct PatchTiles {
     return ffi::Error::Success();
   }
 
+  // n values with per-column scales onto the grid (|q| <= qm): the conversion's AVX-512 row kernel
+  // where the GEMM runs on AVX-512 (`avx512`), else quantize1; the same integers either way.
+  template <class Q>
+  void cols(const float* xv, Q* q, int64_t n, const float* s1, const float* s2) const {
+    if (kConvertColsAvx512 && avx512) {
+      if constexpr (sizeof(Q) == 1) convert_cols_i8_avx512(xv, q, n, s1, s2, qm, false, nullptr);
+      else convert_cols_i16_avx512(xv, q, n, s1, s2, qm, false, nullptr);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) q[i] = Q(quantize1(xv[i], s1[i], s2[i], qm));
+  }
+
   // P's rows [k0, k1) x T's columns quantized on e into the worker's buffer of Q (int8 / int16):
   // (m, k) at result[(m - T.m0) + (k - k0) * w], w = T.m1 - T.m0 (the result is offset so that
-  // result[m + k * w] reads it).  cols(x, q, n, s1, s2) converts n values with per-column scales.
-  // Tap runs of at least kDirectRun channels convert straight from x; shorter ones (a first layer's
-  // 1-3 channels) are gathered into rows first.
+  // result[m + k * w] reads it).  Tap runs of at least kDirectRun channels convert straight from x;
+  // shorter ones (a first layer's 1-3 channels) are gathered into rows first.
   static constexpr int64_t kDirectRun = 16;
-  template <class Q, class Cols>
-  const Q* convert_rows(const Tile& T, int64_t k0, int64_t k1, Cols&& cols) const {
+  template <class Q>
+  const Q* convert_rows(const Tile& T, int64_t k0, int64_t k1) const {
     thread_local std::vector<float> f, s1, s2;  // kept per thread: page-faulted once, then in L2
     thread_local std::vector<Q> q;
     const int64_t w = T.m1 - T.m0;
@@ -126,7 +139,7 @@ struct PatchTiles {
       geom.for_each_run(x, k0, k1 - k0, T.m0, w, [&](int64_t r, int64_t at, int64_t n, const float* xp) {
         if (at == 0) rescale(k0 + r);
         Q* d = q.data() + r * w + at;
-        if (xp) cols(xp, d, n, s1.data() + at, s2.data() + at);
+        if (xp) cols<Q>(xp, d, n, s1.data() + at, s2.data() + at);
         else std::memset(d, 0, size_t(n) * sizeof(Q));  // padding: 0 whatever the scale
       });
     } else {
@@ -134,7 +147,7 @@ struct PatchTiles {
       geom.gather_rows(x, k0, k1 - k0, T.m0, w, f.data());
       for (int64_t k = k0; k < k1; ++k) {
         rescale(k);
-        cols(f.data() + (k - k0) * w, q.data() + (k - k0) * w, w, s1.data(), s2.data());
+        cols<Q>(f.data() + (k - k0) * w, q.data() + (k - k0) * w, w, s1.data(), s2.data());
       }
     }
     return q.data() - k0 * w - T.m0;
