@@ -4,6 +4,9 @@
 //   JdfpGemmQ   : a and/or b float32, quantized while packing (the int16 copy is never stored)
 //   JdfpGemmI16Col2im : the int16 GEMM's [1, rows, taps * C] result summed into a conv input's
 //                 gradient (col2im.h), image by image
+//   JdfpGemmI16PatchWgrad : a block-format conv's weight gradient P^T . b, P the patch matrix of the
+//                 float32 conv input, converted on the forward's tile exponents a kc block at a
+//                 time while packing (patch_source.h)
 //
 // Both: int32 ea [..., M|1, KB], eb [..., KB, N|1] -> float32 out [..., M, N], leading batch dims
 // broadcast (size 1 on one side, stride 0, no copies).  Work is split into (batch, M, N) tiles that

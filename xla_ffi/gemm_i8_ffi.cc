@@ -4,6 +4,7 @@
 //                -> float32 out [..., M, N]; attributes as JdfpGemmI16 (bits_a, bits_b <= 8).
 //   JdfpGemmI8Col2im : the same GEMM's [1, rows, taps * C] result summed into a conv input's gradient
 //                float32 dx [N, D, H, W, C] (col2im.h), image by image; plus the conv attributes.
+//   JdfpGemmI8PatchWgrad : JdfpGemmI16PatchWgrad (gemm_ffi.cc) on this kernel, P converted to int8.
 //
 // Operand values must lie in [-qmax, qmax] (qmax = 2**(bits-1) - 1 <= 127, so never -128); a tile
 // that meets one outside fails the call with an FFI error.  Tiling, threads and the future are
