@@ -7,8 +7,10 @@ work unit of `ffi.block_quantize.quantize_patches_with_stats` gathers its rows f
 and converts them (maxima, exponents, values, counters in one pass), so neither the float32 patch
 matrix nor a second pass over it exists. Bit for bit the im2col + `jdfp.dot_general` arrangement:
 the same keys, conversions, GEMMs and backward (`dot_vjp.dot_bwd`). For the weight gradient the
-backward keeps x itself where it is smaller than the patch matrix's integers (`keeps_float_input`)
-and converts it again once the op's output gradient exists. The backward-data GEMM and
+backward keeps x itself where it is smaller than the patch matrix's integers (`keeps_float_input`),
+with the forward's tile exponents: the weight gradient is then one INT16 / INT8 kernel call that
+converts P from x on them while packing (`fuses_weight_grad`, `weight_grad`); formats the backward
+re-blocks convert x again once the op's output gradient exists. The backward-data GEMM and
 col2im (the transpose of `conv_vjp.patches`) run as one INT8 / INT16 kernel call
 (`ops.gemm.gemm_col2im`, from 4 images on), so the float32 patch gradient is not stored either;
 elsewhere the GEMM, then XLA's col2im, with the same bits."""
