@@ -73,7 +73,7 @@ def test_gemm_bf16(tmp_path, capsys):
   out = _run(capsys, ["gemm_bf16", "--sizes", "64", "--warmup", "1", "--json", str(tmp_path / "b.json")] + FAST)
   assert "jdfp BF16 GEMM" in out
   (r,) = _json(tmp_path / "b.json")["results"]
-  fp16 = {"jdfp_f16"} if kernels.amx_bf16_ready() else set()  # the FP16 GEMM on AMX-BF16 tiles
+  fp16 = {"jdfp_f16", "jdfp_amx_bf16"} if kernels.amx_bf16_ready() else set()  # on the AMX-BF16 tiles
   assert set(r["gflops"]) == {"xla_f32", "xla_bf16_f32", "xla_bf16", "jdfp_bf16", "jdfp_f32r", "xla_f16_f32"} | fp16
   assert _json(tmp_path / "b.json")["meta"]["fp16_gemm_on_amx"] == kernels.amx_bf16_ready()
   _positive(r["gflops"].values())

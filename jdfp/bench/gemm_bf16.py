@@ -4,7 +4,8 @@ GEMM (float16 = two bfloat16 on the tiles) against XLA's dots, side by side.
 Candidates (all jitted, same process, timed round-robin; GFLOP/s counts 2*M*K*N):
   xla_f32       jnp.dot on float32                                  (the baseline)
   xla_bf16_f32  bf16 operands widened to float32, then jnp.dot       (what the BF16 recipe ran before)
-  xla_bf16      XLA's own bf16 dot, float32 result                   (the recipe's dots on AMX-BF16 CPUs)
+  xla_bf16      XLA's own bf16 dot, float32 result                   (on AMX tiles up to jax 0.12.0)
+  jdfp_amx_bf16 jdfp kernel on AMX-BF16 tiles, bf16 -> float32        (the recipe's dots on AMX-BF16 CPUs)
   jdfp_bf16     jdfp kernel, bfloat16 operands -> float32            (docs/arithmetic.md, "BF16 GEMM")
   jdfp_f32r     jdfp kernel, float32 operands rounded to bf16 while packing
   xla_f16_f32   float16 operands widened to float32, then jnp.dot    (the FP16 recipe's dots without AMX)
@@ -62,7 +63,9 @@ def main(args: argparse.Namespace) -> int:
     }
     if amx_bf16_ready():
       f_h = jax.jit(gemm_f16)
+      f_t = jax.jit(lambda x, y: gemm_bf16(x, y, isa="amx_bf16"))
       fns["jdfp_f16"] = lambda: f_h(h16, g16)
+      fns["jdfp_amx_bf16"] = lambda: f_t(a16, b16)
     secs = time_side_by_side(fns, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
     ops = 2.0 * m * k * n
     row = {"m": m, "k": k, "n": n, "seconds": secs, "gflops": {nm: ops / s / 1e9 for nm, s in secs.items()},
@@ -71,17 +74,19 @@ def main(args: argparse.Namespace) -> int:
     print(f"  {m}x{k}x{n}: " + ", ".join(f"{nm} {g:.1f}" for nm, g in row["gflops"].items()) + " GFLOP/s",
           flush=True)
   cols = ["M x K x N", "XLA f32", "XLA bf16->f32", "XLA bf16", "jdfp bf16", "jdfp f32r", "bf16/f32",
-          "bf16/XLA bf16->f32", "f32r/f32", "XLA bf16/f32", "XLA f16->f32", "jdfp f16", "f16/f32"]
+          "bf16/XLA bf16->f32", "f32r/f32", "XLA bf16/f32", "jdfp AMX bf16", "AMX bf16/f32", "XLA f16->f32",
+          "jdfp f16", "f16/f32"]
   rows = []
   for r in results:
     g, s = r["gflops"], r["speedup_vs_xla_f32"]
     rows.append([f"{r['m']}x{r['k']}x{r['n']}", f"{g['xla_f32']:.1f}", f"{g['xla_bf16_f32']:.1f}",
                  f"{g['xla_bf16']:.1f}", f"{g['jdfp_bf16']:.1f}", f"{g['jdfp_f32r']:.1f}", f"{s['jdfp_bf16']:.2f}x",
                  f"{g['jdfp_bf16'] / g['xla_bf16_f32']:.2f}x", f"{s['jdfp_f32r']:.2f}x", f"{s['xla_bf16']:.2f}x",
-                 f"{g['xla_f16_f32']:.1f}", f"{g['jdfp_f16']:.1f}" if "jdfp_f16" in g else "-",
+                 f"{g['jdfp_amx_bf16']:.1f}" if "jdfp_amx_bf16" in g else "-",
+                 f"{s['jdfp_amx_bf16']:.2f}x" if "jdfp_amx_bf16" in s else "-", f"{g['xla_f16_f32']:.1f}", f"{g['jdfp_f16']:.1f}" if "jdfp_f16" in g else "-",
                  f"{s['jdfp_f16']:.2f}x" if "jdfp_f16" in s else "-"])
   isa = args.isa if args.isa != "auto" else ("avx512_bf16" if has_avx512_bf16() else "scalar")
-  amx = "AMX-BF16: the recipe's dots run as XLA bf16" if kernels.has_amx_bf16() else "no AMX-BF16"
+  amx = "AMX-BF16: the recipe's dots run on jdfp's tile path" if amx_bf16_ready() else "no AMX-BF16"
   title = (f"jdfp BF16 GEMM, isa {isa}, {amx}, jax {jax.__version__}, {os.cpu_count()} CPUs -- GFLOP/s "
            f"(median of {args.repeats})")
   print_table(title, cols, rows)

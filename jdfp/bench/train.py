@@ -27,7 +27,7 @@ Candidates (default: fp32, every recipe:NAME, dfp16_flax; the others on request)
               also updates the "dfp" statistics collection (exponents, saturation, underflow of every
               operand and gradient), applied with `jdfp.overwrite_state`
   bf16        jdfp BF16 mixed precision (bf16 operands, fp32 accumulation; the vdpbf16ps kernel where
-              the CPU has AVX512_BF16, else XLA dots; on AMX-BF16 CPUs XLA's bf16 dots and the conv
+              the CPU has AVX512_BF16, else XLA dots; on AMX-BF16 CPUs the GEMM's and the conv
               kernel's tiles)
   recipe:NAME the recipes as users run them (NAME: dfp16, hbfp8, hbfp12, fp16, bf16): the Flax module
               of dfp16_flax through `jdfp.quantize(module, jdfp.policies.NAME())`, RNG stream "dfp"

@@ -12,7 +12,7 @@ from jax import lax
 
 import jdfp
 from jdfp._src.ffi.gemm_bf16 import gemm_bf16
-from jdfp._src.ops.gemm import bf16_dot_kernel, f16_dot_kernel
+from jdfp._src.ops.gemm import bf16_dot_isa, bf16_dot_kernel, f16_dot_kernel
 
 FFI = jdfp.Policy(backend="ffi")
 REF = jdfp.Policy(backend="reference")
@@ -215,8 +215,9 @@ def test_hlo_has_ffi_custom_call_and_explain_reports_it():
   assert report.kernel_calls == 3 and not report.float_ops
   mixed = lambda x, w: jnp.sum(jdfp.dot_general(x, w, MATMUL, policy=jdfp.policies.bf16()) @ jnp.ones((4, 2)))
   r = jdfp.explain(jax.grad(mixed, argnums=(0, 1)), x, w)
-  # XLA dots of the widened operands, or the BF16 kernel where the CPU has AVX512_BF16.
-  mixed_kinds = (jdfp._src.ops.explain.MIXED, jdfp._src.ops.explain.MIXED_KERNEL)
+  # XLA dots of the widened operands, or the BF16 kernel where the CPU has AVX512_BF16 or AMX-BF16.
+  mixed_kinds = (jdfp._src.ops.explain.MIXED, jdfp._src.ops.explain.MIXED_KERNEL,
+                 jdfp._src.ops.explain.MIXED_AMX_KERNEL)
   assert sum(r.count(k) for k in mixed_kinds) == 3 and len(r.float_ops) >= 1
   r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=REF), x, w)
   assert r.count(jdfp._src.ops.explain.REFERENCE) >= 1 and r.kernel_calls == 0
@@ -229,9 +230,11 @@ def test_float_recipes_use_fp32_accumulation():
     y = jdfp.dot_general(x, w, MATMUL, policy=pol)
     exp = lax.dot_general(x.astype(dt), w.astype(dt), MATMUL, preferred_element_type=jnp.float32)
     if dt == jnp.bfloat16 and bf16_dot_kernel(pol):
-      # The vdpbf16ps kernel sums in its own documented order (docs/arithmetic.md, "BF16 GEMM"), not
-      # XLA's: the same bits as its scalar path, and within the FP32-accumulation bound of XLA's dot.
-      bits_equal(y, gemm_bf16(x.astype(dt), w.astype(dt), isa="scalar"))
+      # The kernel sums in its own documented order (docs/arithmetic.md, "BF16 GEMM"; on AMX-BF16
+      # CPUs the tile unit's), not XLA's: the same bits as its scalar path (the vdpbf16ps chain) or a
+      # direct call on the tiles, and within the FP32-accumulation bound of XLA's dot.
+      isa = bf16_dot_isa(pol)
+      bits_equal(y, gemm_bf16(x.astype(dt), w.astype(dt), isa="amx_bf16" if isa == "amx_bf16" else "scalar"))
       bound = 2 * 16 * 2.0**-24 * (jnp.abs(x.astype(dt).astype(jnp.float32)) @ jnp.abs(w.astype(dt).astype(jnp.float32)))
       assert bool(jnp.all(jnp.abs(y - exp) <= bound))
     elif dt == jnp.float16 and f16_dot_kernel(pol):
@@ -269,33 +272,37 @@ def test_explain_names_the_amx_paths():
 
 
 def test_bf16_dots_route_by_cpu():
-  """BF16 dots: the vdpbf16ps kernel where the CPU has AVX512_BF16 but no AMX-BF16; XLA's own bf16
-  dot (on the AMX tiles) where it has AMX-BF16, unless the policy names an ISA; `jdfp.explain` says
-  which. Convolutions keep the conv kernel either way (XLA's bf16 conv is its FP32 one)."""
-  from jdfp._src.ffi.gemm_bf16 import has_amx_bf16, has_avx512_bf16
+  """BF16 dots: jdfp's GEMM on the AMX-BF16 tiles where they are ready (isa "auto"), else the vdpbf16ps
+  kernel where the CPU has AVX512_BF16 (and always where the policy names an ISA); `jdfp.explain` says
+  which. XLA's own bf16 dot is not used: from jax 0.12.1 on it runs at FP32's speed on those tiles."""
+  from jdfp._src.ffi.gemm_bf16 import amx_bf16_ready, has_avx512_bf16
   from jdfp._src.ops import explain
 
   x, w = rand(0, (8, 16)), rand(1, (16, 4))
   auto, scalar = jdfp.policies.bf16(), jdfp.policies.bf16().replace(isa="scalar")
-  on_kernel = has_avx512_bf16() and not has_amx_bf16()
-  assert bf16_dot_kernel(auto) == on_kernel
-  assert bf16_dot_kernel(scalar) == has_avx512_bf16()  # a named ISA is the kernel's: never rerouted
+  tiles = amx_bf16_ready()
+  assert bf16_dot_isa(auto) == ("amx_bf16" if tiles else "auto" if has_avx512_bf16() else None)
+  assert bf16_dot_isa(scalar) == ("scalar" if has_avx512_bf16() else None)  # a named ISA is the kernel's
+  assert bf16_dot_isa(jdfp.policies.bf16(backend="reference")) is None
   for pol in (auto, scalar):
     r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=pol), x, w)
-    assert r.count(explain.MIXED_KERNEL if bf16_dot_kernel(pol) else explain.MIXED) == 1
+    isa = bf16_dot_isa(pol)
+    kind = explain.MIXED_AMX_KERNEL if isa == "amx_bf16" else explain.MIXED_KERNEL if isa else explain.MIXED
+    assert r.count(kind) == 1
   xc, wc = rand(2, (1, 6, 6, 8)), rand(3, (3, 3, 8, 8))
   conv = lambda x, w: jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                 policy=auto)
   r = jdfp.explain(conv, xc, wc)
   # The conv kernel: its AMX-BF16 tiles where they are ready (isa auto), else the vdpbf16ps chain.
-  from jdfp._src.ffi.gemm_bf16 import amx_bf16_ready
-  assert r.count(explain.MIXED_AMX_KERNEL) == (1 if amx_bf16_ready() else 0)
-  assert r.count(explain.MIXED_KERNEL) == (1 if has_avx512_bf16() and not amx_bf16_ready() else 0)
-  # On the AMX route the weight-gradient's x^T is one jdfp_transpose16 copy (XLA would fold its own
-  # transpose into the dot and widen it to FP32); the gradients are the recipe's all the same.
+  assert r.count(explain.MIXED_AMX_KERNEL) == (1 if tiles else 0)
+  assert r.count(explain.MIXED_KERNEL) == (1 if has_avx512_bf16() and not tiles else 0)
+  # The weight gradient's x^T is read in place by the kernel (transpose_a): no copy, no XLA dot; the
+  # gradients are the recipe's all the same.
   loss = lambda x, w: jnp.sum(jdfp.dot_general(x, w, MATMUL, policy=auto) ** 2)
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
-  assert hlo.count("jdfp_transpose16") == (1 if has_amx_bf16() else 0)
+  assert "jdfp_transpose16" not in hlo
+  if bf16_dot_kernel(auto):
+    assert hlo.count("jdfp_gemm_bf16") == 3 and "dot_general" not in hlo
   gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
   r16 = lambda v: v.astype(jnp.bfloat16).astype(jnp.float32)
   gy = r16(2 * jdfp.dot_general(x, w, MATMUL, policy=auto))  # the backward rounds the op's own dy

@@ -74,15 +74,11 @@ def gemm(qa: qz.QArray, a_c: int, qb: qz.QArray, b_c: int, policy: Policy, preci
   if not qa.fmt.is_integer:
     dims = (((a_c,), (b_c,)), ((0,), (0,)))
     a, b = qa.values, qb.values
-    if a.dtype == b.dtype == jnp.bfloat16 and bf16_dot_kernel(policy):
-      # vdpbf16ps: bf16 products are exact, float32 sums in a fixed order (docs/arithmetic.md).
-      out = ffi_gemm_bf16.gemm_bf16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2,
-                                    isa="scalar" if policy.isa == "scalar" else "auto")
+    if a.dtype == b.dtype == jnp.bfloat16 and (isa := bf16_dot_isa(policy)):
+      # bf16 products are exact, float32 sums in the kernel's documented order (docs/arithmetic.md):
+      # the vdpbf16ps chain, or the AMX-BF16 tile unit's.
+      out = ffi_gemm_bf16.gemm_bf16(a, b, transpose_a=a_c == 1, transpose_b=b_c == 2, isa=isa)
       return match_varying(out, a, b)
-    if a.dtype == b.dtype == jnp.bfloat16 and a_c == 1 and _amx_bf16_dots(policy):
-      # XLA's AMX bf16 dot wants the lhs's K last (else XLA widens the dot to FP32): a [B, K, M]
-      # (a weight-gradient's x) is copied transposed by a call XLA cannot fold back into the dot.
-      a, dims = match_varying(ffi_gemm_bf16.transpose16(a), a), (((2,), (b_c,)), ((0,), (0,)))
     if a.dtype == b.dtype == jnp.float16 and f16_dot_kernel(policy) and _work(a, b, b_c) >= F16_MIN_WORK:
       # Each float16 split exactly into two bfloat16 on AMX-BF16 tiles: exact products, float32 sums
       # (docs/arithmetic.md, "The FP16 GEMM on AMX-BF16 tiles"), ~1.5x FP32 where XLA has no FP16 dot.
@@ -165,12 +161,6 @@ def bf16_kernel(policy: Policy) -> bool:
           and ffi_gemm_bf16.has_avx512_bf16())
 
 
-def _amx_bf16_dots(policy: Policy) -> bool:
-  """BF16 dots of this policy run as XLA's bf16 dots on AMX tiles (`bf16_dot_kernel`)."""
-  return (policy.backend != "reference" and jax.default_backend() == "cpu" and policy.isa == "auto"
-          and ffi_gemm_bf16.has_amx_bf16())
-
-
 # The FP16 GEMM takes dots of at least this many products (batch x M x N x K; 128 x 128 x 256):
 # below it XLA's FP32 dot of the widened operands is as fast, and a step of small dots (the 64-128-10
 # MLP) was slower through the custom calls (docs/benchmarks.md).
@@ -191,13 +181,28 @@ def f16_dot_kernel(policy: Policy) -> bool:
           and ffi_gemm_bf16.amx_bf16_ready())
 
 
+def bf16_dot_isa(policy: Policy) -> str | None:
+  """The jdfp BF16 GEMM's ``isa`` for this policy's BF16 x BF16 dots, or None where they stay XLA's
+  dots of the widened operands (the reference backend, no AVX512_BF16 and no AMX-BF16).
+
+  ``isa="auto"`` on a CPU whose AMX-BF16 tiles are ready (`amx_bf16_ready`: Intel Sapphire Rapids and
+  later, ``JDFP_AMX`` not 0) gives "amx_bf16": jdfp's GEMM on the tiles, 1.1-5x XLA's FP32 dot from
+  64 x 128 x 10 up (docs/benchmarks.md, 2026-12-07 (19:00-)).  XLA's own bf16 dot ran on those tiles
+  up to jax 0.12.0 but at FP32's speed from jax 0.12.1 on, so the recipe no longer depends on it.
+  Elsewhere with AVX512_BF16, the vdpbf16ps chain ("scalar" where the policy names it).  Both are the
+  recipe's arithmetic (exact bf16 products, float32 sums), each in its own documented order."""
+  if policy.backend == "reference" or jax.default_backend() != "cpu":
+    return None
+  if policy.isa == "auto" and ffi_gemm_bf16.amx_bf16_ready():
+    return "amx_bf16"
+  if ffi_gemm_bf16.has_avx512_bf16():
+    return "scalar" if policy.isa == "scalar" else "auto"
+  return None
+
+
 def bf16_dot_kernel(policy: Policy) -> bool:
-  """Whether BF16 x BF16 dots run on the C++ vdpbf16ps kernel: `bf16_kernel`, except with
-  ``isa="auto"`` on a CPU with AMX-BF16 (Intel Sapphire Rapids and later), where XLA's own bf16 dot
-  runs on the tile unit at ~4x FP32 while vdpbf16ps issues at half the FMA rate (docs/benchmarks.md,
-  "XLA's own bf16 dot").  Both are the recipe's arithmetic (exact bf16 products, float32 sums), each in
-  its own order; XLA's convs get no such speed-up, so convolutions keep the kernel."""
-  return bf16_kernel(policy) and not _amx_bf16_dots(policy)
+  """Whether this policy's BF16 x BF16 dots run on a jdfp BF16 GEMM (`bf16_dot_isa`)."""
+  return bf16_dot_isa(policy) is not None
 
 
 @functools.partial(jax.named_call, name="jdfp_reference_gemm")
