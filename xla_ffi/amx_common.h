@@ -121,5 +121,50 @@ static inline void store_row(__m512 f, int32_t ea_raw, const ColExponents& ce, _
 
 static inline __mmask16 first_lanes(int64_t n) { return __mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1); }
 
+// Convolutions: the patch matrix P[pixel, (tap, c)] gathered from a 16-bit input x (float16, bfloat16
+// or int16 bits), +0 where a tap reads padding or a hole of the lhs dilation.
+
+// n 16-bit values from src (zeros when src is null) to dst: one masked 64-byte move for runs of <= 32.
+static inline void copy_run(uint16_t* dst, const uint16_t* src, int64_t n) {
+  if (n <= 32) {
+    const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+    _mm512_mask_storeu_epi16(dst, m, src ? _mm512_maskz_loadu_epi16(m, src) : _mm512_setzero_si512());
+  } else if (src) {
+    std::memcpy(dst, src, size_t(n) * 2);
+  } else {
+    std::memset(dst, 0, size_t(n) * 2);
+  }
+}
+
+// Where column c0 of the patch matrix starts: its tap's coordinates and channel.
+struct PatchCol {
+  int64_t t[3], c;
+};
+static inline PatchCol patch_col(const ConvGeom& g, int64_t c0) {
+  PatchCol pc;
+  const int64_t tap = c0 / g.cg;
+  pc.c = c0 - tap * g.cg;
+  conv_split_tap(g, tap, pc.t);
+  return pc;
+}
+
+// Columns [c0, c0 + n) (from `at`, patch_col(c0)) of the patch row of pixel `px` into dst: one run of a
+// tap's channels at a time, the tap's coordinates stepped rather than divided out.
+// (Not inlined: GCC would then see the small fixed-size buffers of some callers and warn about the
+// memcpy branch that only runs longer than 32.)
+static inline __attribute__((noinline)) void patch_row(const uint16_t* x, const ConvGeom& g, const PixCursor& px,
+                                                     PatchCol at, int64_t n, uint16_t* dst) {
+  for (int64_t j = 0; j < n;) {
+    const int64_t run = std::min(n - j, g.cg - at.c);
+    const int64_t off = conv_pixel_offset(g, px.n, px.o, at.t);
+    copy_run(dst + j, off < 0 ? nullptr : x + off + at.c, run);
+    j += run, at.c = 0;
+    if (++at.t[2] == g.ks[2]) {
+      at.t[2] = 0;
+      if (++at.t[1] == g.ks[1]) at.t[1] = 0, ++at.t[0];
+    }
+  }
+}
+
 }  // namespace amx
 }  // namespace jdfp

@@ -201,6 +201,19 @@ ffi::Future conv_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b, 
   auto job = reusable_job();
   job->conv = g;
   set_up_job(*job, cg, x, b, ex, eb, out, wgrad, *kernels);
+#ifdef JDFP_HAVE_SIMD
+  // isa="auto" on a CPU with AMX-INT8: the forward and backward-data GEMMs on the tiles (kernel_amx.cc,
+  // each pixel's patch row gathered while packing), the same result bit for bit, for convs of at least
+  // kAmxConvMinWork products (1.5-2.5x the AVX-512 kernel on 32-128-channel 3 x 3 convs; at a few
+  // million products the gather and the 64-k padding leave the two even, docs/benchmarks.md).  A named
+  // ISA, a K under kAmxMinK (a first layer's 3 x 3 x 3 taps) and the weight gradient keep the
+  // AVX-512 / AVX2 / scalar kernels.
+  constexpr int64_t kAmxConvMinWork = int64_t(1) << 26;
+  if (isa == kIsaAuto && cg.G * cg.M * cg.N * cg.K >= kAmxConvMinWork && amx_i16_fits(job->P) && amx_int8_ready()) {
+    job->fn = tile_amx_i16;
+    return launch_tiles(job, pool, 16, 16, cg.G, cg.M, cg.N, cg.K);
+  }
+#endif
   return launch(job, pool, *kernels, cg.G, cg.M, cg.N, cg.K);
 }
 

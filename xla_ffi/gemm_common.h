@@ -359,9 +359,10 @@ int tile_avx2(const Problem&, const Tile&);
 int tile_avxvnni(const Problem&, const Tile&);
 int tile_avx512vnni(const Problem&, const Tile&);
 
-// The AMX-INT8 path of the INT16 GEMM (kernel_amx.cc): KB == 1, int16 or float32 operands, no conv
-// gather, kAmxMinK <= K <= kAmxMaxK (the longest K whose byte-product tile sums cannot leave int32;
-// a shorter K, which the tiles pad to 64, stays on the AVX-512 kernels, INT8 too).
+// The AMX-INT8 path of the INT16 GEMM (kernel_amx.cc): KB == 1, int16 or float32 operands, no a_src,
+// kAmxMinK <= K <= kAmxMaxK (the longest K whose byte-product tile sums cannot leave int32; a shorter
+// K, which the tiles pad to 64, stays on the AVX-512 kernels, INT8 too); of the convolutions
+// (conv_ffi.cc), the passes that gather A from the int16 input (forward, backward-data).
 constexpr int64_t kAmxMaxK = 16384;
 constexpr int64_t kAmxMinK = 32;
 bool amx_i16_fits(const Problem&);

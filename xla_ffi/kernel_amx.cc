@@ -33,7 +33,9 @@ static inline void split32(__m512i v, uint8_t* hi, uint8_t* lo) {
 }
 
 // Operand view X[r, k] = src[r * sr + k * sk], rows [r0, r0 + rows), K columns.  A float32 view
-// (fsrc) is quantized while packing with row r's exponent e[r * es], as quantize1 does.
+// (fsrc) is quantized while packing with row r's exponent e[r * es], as quantize1 does.  A conv view
+// gathers X from the int16 input at src instead (the convolution's patch matrix, never stored): rows
+// are output pixels, k their (tap, channel) columns, row 0 of the view is pixel `row0`.
 struct View {
   const int16_t* src;
   int64_t sr, sk, rows, K;
@@ -41,6 +43,8 @@ struct View {
   const int32_t* e = nullptr;
   int64_t es = 0;
   int32_t qmax = 0;
+  const ConvGeom* conv = nullptr;
+  int64_t row0 = 0;
 };
 
 // clip(round_half_even(scale2(x, -e)), +-qmax) of 16 floats (quantize1; vcvtps2dq rounds half to
@@ -98,6 +102,17 @@ static inline View stage_f32(const View& x, int64_t r0, int64_t k0, int16_t* t) 
     }
   }
   return View{t, 64, 1, 16, 64};
+}
+
+// Gathers pixel rows [r0, r0 + 16) of a conv view whole (all K) into int16, rows ld values apart:
+// each pixel's patch row is read once per panel, a tap's channels at a time.
+static void gather_conv(const View& x, int64_t r0, int64_t ld, int16_t* t) {
+  const ConvGeom& g = *x.conv;
+  const int64_t rn = std::min<int64_t>(16, x.rows - r0);
+  PixCursor px(g, x.row0 + r0);
+  const PatchCol first = patch_col(g, 0);
+  for (int r = 0; r < rn; ++r, px.next(g))
+    patch_row(reinterpret_cast<const uint16_t*>(x.src), g, px, first, x.K, reinterpret_cast<uint16_t*>(t + r * ld));
 }
 
 // One 16-row, 64-k block in the A layout (h plane at dst, l plane at dst + kPlane), zero padded.
@@ -161,6 +176,17 @@ static int32_t pack_panel(const View& x, bool b_layout, uint8_t* dst) {
   MinMax<int16_t> mm;
   alignas(64) uint8_t tmp[kStep];
   alignas(64) int16_t staged[16 * 64];
+  if (x.conv) {  // the patch matrix's pixel rows (forward, backward-data: A), a row block at a time
+    thread_local Aligned<int16_t> gathered;
+    const int64_t ld = nsteps * 64;
+    int16_t* t = gathered.get(size_t(16 * ld));
+    for (int64_t rb = 0; rb < nblocks; ++rb) {
+      gather_conv(x, rb * 16, ld, t);
+      const View v{t, ld, 1, std::min<int64_t>(16, x.rows - rb * 16), x.K};
+      for (int64_t s = 0; s < nsteps; ++s) block_rows(v, 0, s * 64, dst + (rb * nsteps + s) * kStep, mm);
+    }
+    return mm.absmax();
+  }
   for (int64_t rb = 0; rb < nblocks; ++rb)
     for (int64_t s = 0; s < nsteps; ++s) {
       uint8_t* d = dst + (rb * nsteps + s) * kStep;
@@ -230,7 +256,11 @@ static inline void block_store(const int32_t* acc, const int32_t* ea_rows, int64
 }  // namespace
 
 bool amx_i16_fits(const Problem& P) {
-  return P.KB == 1 && !P.conv && !P.a_src && P.K >= kAmxMinK && P.K <= kAmxMaxK && P.M >= 1 && P.N >= 1;
+  if (P.KB != 1 || P.a_src || P.K < kAmxMinK || P.M < 1 || P.N < 1) return false;
+  // A conv takes the tiles where it gathers A (forward, backward-data); its weight gradient gathers B
+  // pixel by pixel, which ran slower here than the AVX-512 kernel's vector gathers.
+  if (P.conv && (P.conv->on_b || P.a_f32 || P.b_f32)) return false;
+  return P.K <= kAmxMaxK;
 }
 
 // One output tile (batch, [m0, m1) x [n0, n1)) of a problem amx_i16_fits accepts.  Returns 0, or 1 / 2
@@ -257,6 +287,7 @@ int tile_amx_i16(const Problem& P, const Tile& T) {
   }
   uint8_t* apanel = apanel_buf.get(size_t(mblocks * nsteps * kStep));
   View va{a + T.m0 * P.a_sr, P.a_sr, P.a_sk, mb, P.K};
+  if (P.conv) va.src = a, va.conv = P.conv, va.row0 = T.m0;  // A gathered from the conv input
   if (P.a_f32)
     va.fsrc = static_cast<const float*>(P.a) + P.a_off[T.batch] + T.m0 * P.a_sr, va.e = ea + T.m0 * P.ea_mstride,
     va.es = P.ea_mstride, va.qmax = P.qmax_a;

@@ -1,5 +1,6 @@
 """The C++ implicit-GEMM INT16 convolution (jdfp.kernels.conv / conv_weight_grad /
-conv_input_grad) bit for bit against the GEMM contract on an independent numpy im2col, on every ISA;
+conv_input_grad) bit for bit against the GEMM contract on an independent numpy im2col, on every ISA
+and, where the CPU has them, on the AMX-INT8 tiles (isa "auto");
 and `jdfp.conv_general_dilated` with backend "ffi" against backend "reference" (im2col in JAX +
 `reference_gemm`) for all three training passes.
 """
@@ -20,7 +21,7 @@ from jdfp._src.ffi import conv as ffi_conv
 from jdfp._src.ffi import library
 from jdfp._src.numerics import reference
 from jdfp._src.ops import backend, conv_vjp
-from kernel_testing import bits_eq, qmax
+from kernel_testing import bits_eq, gemm_isas, qmax
 
 pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="libjdfp_ffi.so not built")
 
@@ -112,7 +113,8 @@ def _case_id(c):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_three_passes_bit_exact_every_isa(case, isas):
+def test_three_passes_bit_exact_every_isa(case):
+  isas = gemm_isas()
   xs, ws, strides, padding, ld, rd, g, bx, bw = case
   nsp = len(xs) - 2
   ld, rd = ld or (1,) * nsp, rd or (1,) * nsp
@@ -153,8 +155,9 @@ def test_three_passes_bit_exact_every_isa(case, isas):
 
 
 @pytest.mark.parametrize("bits", [16, 14])
-def test_adversarial_all_max(bits, isas):
+def test_adversarial_all_max(bits):
   """Every product at qmax**2: any int32 chain longer than the contract's L would wrap."""
+  isas = gemm_isas()
   q = qmax(bits)
   x = np.full((2, 10, 10, 64), q, np.int16)
   w = np.full((3, 3, 64, 32), -q, np.int16)
@@ -171,6 +174,60 @@ def test_adversarial_all_max(bits, isas):
             dw_ref)
   # The centre output sums 576 products of q*q exactly up to FP32 rounding of the chain sums.
   assert abs(float(y_ref[0, 5, 5, 0]) - 576.0 * q * q) <= 576.0 * q * q * 2**-20
+
+
+needs_amx = pytest.mark.skipif(not (kernels.kernel_available() and kernels.has_amx_int8()),
+                               reason="no AMX-INT8 tiles on this CPU (or JDFP_AMX=0)")
+
+
+@needs_amx
+@pytest.mark.parametrize("xs,ws", [((4, 48, 64, 32), (3, 3, 32, 20)), ((2, 5, 7, 1820), (3, 3, 1820, 64))],
+                         ids=["K288", "K16380"])
+def test_amx_forward_all_max_at_the_k_limits(xs, ws):
+  """On the AMX tiles (isa "auto", convs of >= 2**26 products) the forward gathers each pixel's patch
+  row whole and splits it into bytes: all-max values with alternating signs at K = 288 and at
+  K = 9 * 1820 = 16380, the longest the tiles' int32 byte sums take; bit for bit the oracle and the
+  AVX-512 kernel."""
+  q = qmax(16)
+  x = np.full(xs, q, np.int16)
+  x[1, :, ::2] = -q
+  w = np.full(ws, q, np.int16)
+  w[..., 1::3] = -q
+  e0 = jnp.zeros((1,), jnp.int32)
+  y_ref, _ = oracle_fwd(x, w, 0, 0, (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1, 16, 16)
+  kw = dict(window_strides=(1, 1), padding="SAME", bits_x=16, bits_w=16)
+  got = kernels.conv(x, w, e0, e0, isa="auto", **kw)
+  bits_eq(got, y_ref)
+  bits_eq(got, kernels.conv(x, w, e0, e0, isa="avx512_vnni", **kw))
+  assert float(np.asarray(got)[0, 2, 3, 0]) == np.float32(9.0 * xs[-1] * q * q)
+
+
+@needs_amx
+@pytest.mark.parametrize("case", [
+    ((8, 40, 40, 64), (3, 3, 32, 64), (1, 1), "SAME", None, None, 2, 14, 14),  # groups
+    ((8, 41, 39, 48), (3, 3, 48, 48), (2, 2), ((1, 2), (0, 1)), None, (2, 1), 1, 12, 14),  # strides, rhs dilation
+    ((4, 30, 30, 40), (5, 5, 40, 24), (1, 1), "VALID", (2, 2), None, 1, 14, 14),  # lhs dilation (holes)
+], ids=_case_id)
+def test_amx_forward_and_backward_data_geometries(case):
+  """The passes that gather A (forward; backward-data, the forward on dy with the flipped kernel and
+  the stride as lhs dilation) on the tiles, for geometries large enough to take them: bit for bit the
+  oracle and the AVX-512 kernel."""
+  xs, ws, strides, padding, ld, rd, g, bx, bw = case
+  ld, rd = ld or (1, 1), rd or (1, 1)
+  rng = np.random.default_rng(7)
+  x = rng.integers(-qmax(bx), qmax(bx) + 1, xs).astype(np.int16)
+  w = rng.integers(-qmax(bw), qmax(bw) + 1, ws).astype(np.int16)
+  pads = kernels.conv_padding(padding, xs[1:-1], ws[:-2], strides, ld, rd)
+  y_ref, _ = oracle_fwd(x, w, -7, -13, strides, pads, ld, rd, g, bx, bw)
+  dy = rng.integers(-qmax(bx), qmax(bx) + 1, y_ref.shape).astype(np.int16)
+  wt, pads_t = ffi_conv.conv_input_grad_setup(jnp.asarray(w), xs[1:-1], strides, pads, ld, rd, g)
+  dx_ref, _ = oracle_fwd(dy, np.asarray(wt), -20, -13, ld, pads_t, strides, rd, g, bx, bw)
+  kw = dict(window_strides=strides, padding=padding, lhs_dilation=ld, rhs_dilation=rd, feature_group_count=g)
+  e = lambda v: jnp.full((1,), v, jnp.int32)
+  for isa in ("auto", "avx512_vnni"):
+    bits_eq(kernels.conv(x, w, e(-7), e(-13), bits_x=bx, bits_w=bw, isa=isa, **kw), y_ref)
+    bits_eq(kernels.conv_input_grad(dy, w, e(-20), e(-13), input_spatial=xs[1:-1], bits_dy=bx, bits_w=bw, isa=isa,
+                                    **kw), dx_ref)
 
 
 def test_nonfinite_exponent_gives_nan():

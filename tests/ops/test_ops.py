@@ -266,6 +266,15 @@ def test_explain_names_the_amx_paths():
   r = jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL, policy=jdfp.policies.hbfp8()), rand(0, (8, 96)),
                    rand(1, (96, 4)))  # INT8 in 24-long blocks: on the tiles where the scales are exact
   assert [op.engine for op in r.ops if op.kind == explain.KERNEL_I8] == [explain.AMX_BLOCKS if amx else ""]
+  # Convolutions: forward and backward-data of a conv of >= 2**26 products on the tiles, its weight
+  # gradient and small convs on the AVX-512 kernel.
+  dn = ("NHWC", "HWIO", "NHWC")
+  conv = lambda x, w: jnp.sum(jdfp.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2)
+  kernel_engines = lambda r: sorted(op.engine for op in r.ops if op.kind == explain.KERNEL)
+  big = jdfp.explain(jax.grad(conv, argnums=(0, 1)), rand(2, (8, 32, 32, 64)), rand(3, (3, 3, 64, 64)))
+  assert kernel_engines(big) == sorted(["", amx, amx])
+  small = jdfp.explain(jax.grad(conv, argnums=(0, 1)), rand(2, (1, 6, 6, 8)), rand(3, (3, 3, 8, 8)))
+  assert kernel_engines(small) == ["", "", ""]
   # The printed report names the tiles exactly where they run ("" is in every string: test the label).
   text = str(jdfp.explain(lambda x, w: jdfp.dot_general(x, w, MATMUL), rand(0, (8, 64)), rand(1, (64, 4))))
   assert (explain.AMX in text) == bool(amx)

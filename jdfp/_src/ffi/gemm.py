@@ -12,13 +12,14 @@ from jdfp._src.ffi.conv import patch_geometry
 from jdfp._src.ffi.library import (TARGET_I16, TARGET_I16_COL2IM, TARGET_I16_PATCH_WGRAD, TARGET_Q, check_bits,
                                    dtype_of, has_amx_int8, isa_attribute, kernel_available, require_lib)
 
-__all__ = ["AMX_I8_MAX_K", "AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call", "gemm", "gemm_col2im",
-           "gemm_patch_wgrad", "patch_wgrad_call", "runs_on_amx"]
+__all__ = ["AMX_CONV_MIN_WORK", "AMX_I8_MAX_K", "AMX_MAX_K", "AMX_MIN_K", "check_gemm_args", "col2im_call",
+           "conv_runs_on_amx", "gemm", "gemm_col2im", "gemm_patch_wgrad", "patch_wgrad_call", "runs_on_amx"]
 
 # xla_ffi/gemm_common.h: the K range the AMX-INT8 paths take (kAmxMinK, kAmxMaxK).
 AMX_MIN_K = 32
 AMX_MAX_K = 16384
 AMX_I8_MAX_K = 131072  # gemm_i8_common.h's kAmxI8MaxK
+AMX_CONV_MIN_WORK = 1 << 26  # conv_ffi.cc's kAmxConvMinWork: products of a conv that takes the tiles
 
 
 def gemm(a, b, ea, eb, *, bits_a: int, bits_b: int, block_k: int | None = None,
@@ -69,6 +70,15 @@ def runs_on_amx(k: int, kb: int, block_k: int, isa: str | int, int8: bool = Fals
   if kb == 1:
     return k <= (AMX_I8_MAX_K if int8 else AMX_MAX_K)
   return int8 and block_k <= 64 and block_k % 4 == 0
+
+
+def conv_runs_on_amx(x_shape, w_shape, y_shape, isa: str | int) -> bool:
+  """Whether a `jdfp.kernels.conv` call (or `conv_input_grad`, the same call on dy) with these 5-D
+  shapes (x ``[N, D, H, W, C]``, w ``[KD, KH, KW, C/G, O]``, y ``[N, OD, OH, OW, O]``) runs on the
+  AMX-INT8 tiles (xla_ffi/conv_ffi.cc): K = taps x C/G within the GEMM's range and at least
+  `AMX_CONV_MIN_WORK` products.  The weight gradient never does."""
+  k = math.prod(w_shape[:3]) * w_shape[3]
+  return runs_on_amx(k, 1, k, isa) and math.prod(y_shape) * k >= AMX_CONV_MIN_WORK
 
 
 def check_gemm_args(a, b, ea, eb, operand_dtypes, block_k, transpose_a, transpose_b):

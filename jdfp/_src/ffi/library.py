@@ -164,7 +164,9 @@ def has_amx_int8() -> bool:
   """True when ``isa="auto"`` runs the INT16 GEMM on AMX-INT8 tiles: the CPU has them, the OS saves
   their state and granted this process their use, and ``JDFP_AMX=0`` is not set.  The AMX path
   takes GEMMs with one exponent pair per output element (per-tensor, per-row, per-column DFP) and
-  K <= 16384; other GEMMs, convolutions and a named ISA keep the AVX-512 / AVX2 / scalar kernels."""
+  K <= 16384, and the forward and backward-data passes of large enough convolutions
+  (`jdfp._src.ffi.gemm.conv_runs_on_amx`); other GEMMs, weight gradients and a named ISA keep the
+  AVX-512 / AVX2 / scalar kernels."""
   return kernel_available() and bool(require_lib().jdfp_amx_int8_ready())
 
 

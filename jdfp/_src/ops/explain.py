@@ -15,10 +15,10 @@ import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr types)
 import jax.numpy as jnp
 import numpy as np
 
-from jdfp._src.ffi.gemm import runs_on_amx
+from jdfp._src.ffi.gemm import conv_runs_on_amx, runs_on_amx
 from jdfp._src.ffi.gemm_bf16 import BF16_ISA_NAMES
-from jdfp._src.ffi.library import (TARGET_BLOCK_PATCH_GEMM, TARGET_BLOCK_PATCH_GEMM_STATS, TARGET_I8, TARGET_I16,
-                                   TARGET_Q)
+from jdfp._src.ffi.library import (TARGET_BLOCK_PATCH_GEMM, TARGET_BLOCK_PATCH_GEMM_STATS, TARGET_CONV_FWD,
+                                   TARGET_I8, TARGET_I16, TARGET_Q)
 
 
 KERNEL = "jdfp kernel (FFI, int16 x int16 -> int32 chains)"
@@ -110,6 +110,9 @@ def _engine(target, eqn) -> str:
     kb = eqn.invars[2].aval.shape[-1]
     block_k = int(attrs.get("block_k", -1))
     block_k, int8 = k if block_k == -1 else block_k, target == TARGET_I8
+  elif target == TARGET_CONV_FWD:  # x, w, ex, ew as 5-D; forward or backward-data
+    shapes = (eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape)
+    return AMX if conv_runs_on_amx(*shapes, int(np.asarray(getattr(attrs["isa"], "val", attrs["isa"])))) else ""
   else:
     return ""
   if not runs_on_amx(k, kb, block_k, int(attrs.get("isa", -1)), int8=int8):
