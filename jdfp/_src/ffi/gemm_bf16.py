@@ -132,7 +132,8 @@ def transpose16(x) -> jax.Array:
   """``x [..., R, C]`` (bfloat16, float16 or int16) -> ``[..., C, R]``, a physical copy in C++.
 
   XLA folds its own transposes into the dot that reads them; this one it cannot, so a dot of the
-  result contracts its lhs's last axis (what XLA's AMX bf16 dot needs: `jdfp._src.ops.gemm`).
+  result contracts its lhs's last axis (what XLA's bf16 dot needed to run on AMX tiles up to jax
+  0.12.0; jdfp's own GEMMs read transposed operands in place).
   """
   dt = dtype_of("x", x)
   if dt not in (jnp.bfloat16, jnp.float16, jnp.int16):
