@@ -1,6 +1,7 @@
-// What the AMX paths (kernel_amx.cc: INT16 GEMM; kernel_amx_i8.cc: INT8 GEMM) share: the tile
-// configuration, aligned per-thread buffers, the 4-byte-word transpose between the A and B tile
-// layouts, and the epilogue's exponent helpers.  Included only by TUs built with -mamx-* and AVX-512.
+// What the AMX paths (kernel_amx.cc: INT16 GEMM and DFP conv forward; kernel_amx_i8.cc: INT8 GEMM;
+// kernel_amx_f16.cc: FP16 / BF16 GEMM and convs) share: the tile configuration, aligned per-thread
+// buffers, the 4-byte-word transpose between the A and B tile layouts, the epilogue's exponent helpers,
+// and a conv's patch-row gather.  Included only by TUs built with -mamx-* and AVX-512.
 #pragma once
 
 #include <immintrin.h>
