@@ -96,7 +96,7 @@ struct View {
 };
 
 // The A panel of rows [0, rows) of x: per 16-row block and 16-k step, 16 rows of 16 (hi | lo) words.
-// bad[r] = 1 where row r holds a NaN or Inf.
+// bad[r] |= 1 where row r holds a NaN or Inf.
 static void pack_a(const View& x, uint32_t* dst, uint8_t* bad) {
   const int64_t nsteps = (x.K + 15) / 16, nblocks = (x.rows + 31) / 32 * 2;
   alignas(64) uint32_t tmp[kWords];
@@ -121,7 +121,7 @@ static void pack_a(const View& x, uint32_t* dst, uint8_t* bad) {
         transpose_words(tmp, d);
       }
     }
-    for (int r = 0; r < rn; ++r) bad[rb * 16 + r] = (rows_bad >> r) & 1;
+    for (int r = 0; r < rn; ++r) bad[rb * 16 + r] |= (rows_bad >> r) & 1;
   }
 }
 
@@ -195,17 +195,17 @@ static void pack_a_patches(const uint16_t* x, const ConvGeom& g, int64_t r0, int
   }
 }
 
-// The B panel of columns [n0, n0 + cols) of the patch matrix with the pixels as k (weight-gradient):
-// as pack_b.
-static void pack_b_patches(const uint16_t* x, const ConvGeom& g, int64_t n0, int64_t cols, int64_t K, uint32_t* dst,
-                           uint8_t* bad) {
+// The B panel of columns [n0, n0 + cols) of the patch matrix with pixels [k0, k0 + K) as k (the
+// weight-gradient's K chunk): as pack_b.  bad[c] |= 1 where column c holds a NaN or Inf.
+static void pack_b_patches(const uint16_t* x, const ConvGeom& g, int64_t n0, int64_t cols, int64_t k0, int64_t K,
+                           uint32_t* dst, uint8_t* bad) {
   const int64_t nsteps = (K + 15) / 16;
   alignas(64) uint16_t row[32];
   uint32_t cols_bad = 0;
-  PixCursor px(g, 0);  // the pixels in order: no divisions per pixel
+  PixCursor px(g, k0);  // then the pixels in order: no divisions per pixel
   const PatchCol first = patch_col(g, n0);
   for (int64_t k = 0; k < nsteps * 16; ++k) {
-    std::memset(row, 0, sizeof(row));
+    _mm512_store_si512(row, _mm512_setzero_si512());
     if (k < K) {
       patch_row(x, g, px, first, cols, row);
       px.next(g);
@@ -219,7 +219,7 @@ static void pack_b_patches(const uint16_t* x, const ConvGeom& g, int64_t n0, int
       cols_bad |= uint32_t(sp.bad) << (16 * cb);
     }
   }
-  for (int c = 0; c < cols; ++c) bad[c] = (cols_bad >> c) & 1;
+  for (int c = 0; c < cols; ++c) bad[c] |= (cols_bad >> c) & 1;
 }
 
 // ---- plain bfloat16 (amx_plain): a step is 32 k, a word a k pair; B has one tile per step.
@@ -298,13 +298,13 @@ static void pack_a_patches_plain(const uint16_t* x, const ConvGeom& g, int64_t r
   }
 }
 
-// The B panel of columns [n0, n0 + cols) of the patch matrix with the pixels as k (weight-gradient):
-// two pixels' rows per k pair.
-static void pack_b_patches_plain(const uint16_t* x, const ConvGeom& g, int64_t n0, int64_t cols, int64_t K,
-                                 uint32_t* dst) {
+// The B panel of columns [n0, n0 + cols) of the patch matrix with pixels [k0, k0 + K) as k (the
+// weight-gradient's K chunk): two pixels' rows per k pair.
+static void pack_b_patches_plain(const uint16_t* x, const ConvGeom& g, int64_t n0, int64_t cols, int64_t k0,
+                                 int64_t K, uint32_t* dst) {
   const int64_t nsteps = (K + 31) / 32;
   alignas(64) uint16_t row[2][32];
-  PixCursor px(g, 0);
+  PixCursor px(g, k0);
   const PatchCol first = patch_col(g, n0);
   for (int64_t k = 0; k < nsteps * 32; k += 2) {
     for (int h = 0; h < 2; ++h) {
@@ -410,6 +410,7 @@ class BufferPool {
 
 struct Panels {
   int64_t nsteps = 0, mpairs = 0, npairs = 0;
+  bool streamed = false;  // a conv's weight gradient: no shared panels (tile_amx packs per K chunk)
   size_t a_pair = 0, b_pair = 0;  // words per packed row pair / column pair
   uint32_t* a = nullptr;
   uint32_t* b = nullptr;
@@ -465,10 +466,13 @@ std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   s->nsteps = P.amx_plain ? (P.K + 31) / 32 : (P.K + 15) / 16, s->mpairs = (P.M + 31) / 32, s->npairs = (P.N + 31) / 32;
   s->a_pair = size_t(2 * s->nsteps * kWords), s->b_pair = size_t(2 * s->nsteps * (P.amx_plain ? kWords : kBStep));
   const size_t na = size_t(nbatch * s->mpairs), nb = size_t(nbatch * s->npairs);
-  size_t got = 0;
-  s->a = BufferPool::get().take(na * s->a_pair + nb * s->b_pair, got);
-  s->words = got;
-  s->b = s->a + na * s->a_pair;
+  s->streamed = P.conv && P.conv->on_b;
+  if (!s->streamed) {
+    size_t got = 0;
+    s->a = BufferPool::get().take(na * s->a_pair + nb * s->b_pair, got);
+    s->words = got;
+    s->b = s->a + na * s->a_pair;
+  }
   s->a_state.reset(new std::atomic<uint8_t>[na]);
   s->b_state.reset(new std::atomic<uint8_t>[nb]);
   for (size_t i = 0; i < na; ++i) s->a_state[i].store(0, std::memory_order_relaxed);
@@ -486,6 +490,7 @@ namespace {
 template <bool Split>
 void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   constexpr int64_t bstep = Split ? kBStep : kWords;
+  constexpr int64_t step_k = Split ? 16 : 32;
   const int64_t mb = T.m1 - T.m0, nb = T.n1 - T.n0;
   if (mb <= 0 || nb <= 0) return;
   float* C = P.out + T.batch * P.M * P.N;
@@ -498,22 +503,49 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   const uint16_t* a = static_cast<const uint16_t*>(P.a) + P.a_off[T.batch];
   const uint16_t* b = static_cast<const uint16_t*>(P.b) + P.b_off[T.batch];
   const int64_t ra = T.batch * S.mpairs + T.m0 / 32, rb = T.batch * S.npairs + T.n0 / 32;
+  // Packs rows [r0, r0 + 32) of A over k [k0, k0 + kn) (zero padded to whole steps) into d.
+  auto pack_rows = [&](int64_t r0, int64_t k0, int64_t kn, uint32_t* d, uint8_t* bad) {
+    const int64_t rows = std::min<int64_t>(32, P.M - r0);
+    if constexpr (Split) {
+      if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
+      else pack_a(View{a + r0 * P.a_sm + k0 * P.a_sk, P.a_sm, P.a_sk, rows, kn}, d, bad);
+    } else {
+      if (P.conv && !P.conv->on_b) pack_a_patches_plain(a, *P.conv, r0, rows, P.K, d);
+      else pack_plain(View{a + r0 * P.a_sm + k0 * P.a_sk, P.a_sm, P.a_sk, rows, kn}, d, true);
+    }
+  };
+  auto pack_cols = [&](int64_t n0, int64_t k0, int64_t kn, uint32_t* d, uint8_t* bad) {
+    const int64_t cols = std::min<int64_t>(32, P.N - n0);
+    if constexpr (Split) {
+      if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, k0, kn, d, bad);
+      else pack_b(View{b + n0 * P.b_sn + k0 * P.b_sk, P.b_sn, P.b_sk, cols, kn}, d, bad);
+    } else {
+      if (P.conv && P.conv->on_b) pack_b_patches_plain(b, *P.conv, n0, cols, k0, kn, d);
+      else pack_plain(View{b + n0 * P.b_sn + k0 * P.b_sk, P.b_sn, P.b_sk, cols, kn}, d, false);
+    }
+  };
+  // A conv's weight gradient (S.streamed: O x pixels x (tap, c), deep) packs both operands a K chunk at
+  // a time into this worker's buffers, consumed while in L2: packed whole, its split B (16 bytes per
+  // element, 85 MB for the demo's 32 x 18432 x 288) went through memory once written and once read,
+  // and its A was packed by one worker while the other waited.  (A chunk is packed by each worker
+  // whose tile needs it: the rows are few.)  Elsewhere the panels are packed once per call and shared.
+  const bool streamed = S.streamed;
+  thread_local std::vector<uint8_t> rows_bad_buf, cols_bad_buf;
+  uint8_t* rows_bad = S.a_bad.get() + size_t(ra) * 32;
+  uint8_t* cols_bad = S.b_bad.get() + size_t(rb) * 32;
+  if (streamed) {
+    rows_bad_buf.assign(size_t(mpairs * 32), 0);
+    cols_bad_buf.assign(size_t(npairs * 32), 0);
+    rows_bad = rows_bad_buf.data(), cols_bad = cols_bad_buf.data();
+  }
+  thread_local Aligned<uint32_t> achunk, bchunk;
   thread_local std::vector<const uint32_t*> arows;
   arows.resize(size_t(mpairs));
-  for (int64_t rp = 0; rp < mpairs; ++rp) {
-    const int64_t r0 = T.m0 + rp * 32;
-    arows[size_t(rp)] = ready(S.a_state[size_t(ra + rp)], S.a + size_t(ra + rp) * S.a_pair, [&](uint32_t* d) {
-      const int64_t rows = std::min<int64_t>(32, P.M - r0);
-      uint8_t* bad = S.a_bad.get() + size_t(ra + rp) * 32;
-      if constexpr (Split) {
-        if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
-        else pack_a(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, bad);
-      } else {
-        if (P.conv && !P.conv->on_b) pack_a_patches_plain(a, *P.conv, r0, rows, P.K, d);
-        else pack_plain(View{a + r0 * P.a_sm, P.a_sm, P.a_sk, rows, P.K}, d, true);
-      }
-    });
-  }
+  if (!streamed)
+    for (int64_t rp = 0; rp < mpairs; ++rp)
+      arows[size_t(rp)] = ready(S.a_state[size_t(ra + rp)], S.a + size_t(ra + rp) * S.a_pair, [&](uint32_t* d) {
+        pack_rows(T.m0 + rp * 32, 0, P.K, d, rows_bad + rp * 32);
+      });
 
   const TileConfig cfg = uniform_config(8, 16, 64);
   _tile_loadconfig(&cfg);
@@ -528,27 +560,35 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   for (int64_t s0 = 0; s0 < nsteps; s0 += kKcSteps) {
     const int64_t ns = std::min(kKcSteps, nsteps - s0);
     const bool last = s0 + ns >= nsteps;
+    const int64_t k0 = s0 * step_k, kn = std::min(ns * step_k, P.K - k0);
+    // A row pair's two 16-row blocks lie `astride` words apart, a column pair's `bstride`.
+    int64_t astride = nsteps * kWords, bstride = nsteps * bstep, aoff = s0 * kWords, boff = s0 * bstep;
+    uint32_t* bbuf = nullptr;
+    if (streamed) {
+      astride = ns * kWords, bstride = ns * bstep, aoff = boff = 0;
+      uint32_t* abuf = achunk.get(size_t(mpairs * 2 * astride));
+      for (int64_t rp = 0; rp < mpairs; ++rp) {
+        arows[size_t(rp)] = abuf + rp * 2 * astride;
+        pack_rows(T.m0 + rp * 32, k0, kn, abuf + rp * 2 * astride, rows_bad + rp * 32);
+      }
+      bbuf = bchunk.get(size_t(2 * bstride));
+    }
     for (int64_t cp = 0; cp < npairs; ++cp) {
       const int64_t n0 = T.n0 + cp * 32;
-      if (!bcols[size_t(cp)])
-        bcols[size_t(cp)] = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair, [&](uint32_t* d) {
-          const int64_t cols = std::min<int64_t>(32, P.N - n0);
-          uint8_t* bad = S.b_bad.get() + size_t(rb + cp) * 32;
-          if constexpr (Split) {
-            if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, P.K, d, bad);
-            else pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, bad);
-          } else {
-            if (P.conv && P.conv->on_b) pack_b_patches_plain(b, *P.conv, n0, cols, P.K, d);
-            else pack_plain(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, cols, P.K}, d, false);
-          }
-        });
-      const uint32_t* b0 = bcols[size_t(cp)] + s0 * bstep;
+      if (streamed) {
+        pack_cols(n0, k0, kn, bbuf, cols_bad + cp * 32);
+        bcols[size_t(cp)] = bbuf;
+      } else if (!bcols[size_t(cp)]) {
+        bcols[size_t(cp)] = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair,
+                                  [&](uint32_t* d) { pack_cols(n0, 0, P.K, d, cols_bad + cp * 32); });
+      }
+      const uint32_t* b0 = bcols[size_t(cp)] + boff;
       const int nv = int(std::min<int64_t>(32, T.n1 - n0));
       const __mmask16 lo = first_lanes(nv), hi = first_lanes(std::max(0, nv - 16));
       for (int64_t rp = 0; rp < mpairs; ++rp) {
-        const uint32_t* a0 = arows[size_t(rp)] + s0 * kWords;
+        const uint32_t* a0 = arows[size_t(rp)] + aoff;
         float* acc = accs + (cp * mpairs + rp) * 1024;
-        block32<Split>(a0, a0 + nsteps * kWords, b0, b0 + nsteps * bstep, ns, s0 == 0, acc);
+        block32<Split>(a0, a0 + astride, b0, b0 + bstride, ns, s0 == 0, acc);
         if (!last) continue;
         const int64_t m0 = T.m0 + rp * 32;
         const int mv = int(std::min<int64_t>(32, T.m1 - m0));
@@ -558,11 +598,11 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
           if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
         }
         if constexpr (!Split) continue;  // no split, no spurious NaN: the tiles' IEEE results stand
-        const uint8_t* rows_bad = S.a_bad.get() + size_t(ra + rp) * 32;
-        const uint8_t* cols_bad = S.b_bad.get() + size_t(rb + cp) * 32;
+        const uint8_t* rbad = rows_bad + rp * 32;
+        const uint8_t* cbad = cols_bad + cp * 32;
         for (int i = 0; i < mv; ++i)
           for (int j = 0; j < nv; ++j)
-            if (rows_bad[i] | cols_bad[j]) C[(m0 + i) * P.N + n0 + j] = ieee_dot(P, a, b, m0 + i, n0 + j);
+            if (rbad[i] | cbad[j]) C[(m0 + i) * P.N + n0 + j] = ieee_dot(P, a, b, m0 + i, n0 + j);
       }
     }
   }

@@ -308,6 +308,25 @@ def test_nonfinite_in_transposed_layouts_and_conv_gathers(transposed):
   assert np.all(np.isposinf(dw))
 
 
+def test_weight_grad_nonfinite_in_an_early_k_chunk():
+  """The weight gradient packs its operands a K chunk (512 pixels) at a time; a NaN / Inf met in an
+  early chunk must still send its outputs to the IEEE path at the last one."""
+  rng = np.random.default_rng(5)
+  x = _f16_values((1, 48, 48, 4), rng)  # 2304 pixels: five chunks
+  dy = _f16_values((1, 48, 48, 3), rng)
+  x[0, 2, 5, 1] = np.inf  # pixel 101 (chunk 0): the Inf meets nonzero dy, Inf - Inf where signs differ
+  dy[0, 20, 7, 2] = np.nan  # pixel 967 (chunk 1): row 2 of dw^T all NaN
+  got = np.asarray(kernels.conv_f16_weight_grad(x, dy, kernel_spatial=(3, 3), window_strides=(1, 1),
+                                                padding="SAME"))
+  p, _ = im2col_np(x.astype(np.float32), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1))
+  p = p.reshape(-1, p.shape[-2] * p.shape[-1])
+  with np.errstate(invalid="ignore"):
+    ref = np.moveaxis((dy.reshape(-1, 3).T.astype(np.float32) @ p).reshape(3, 3, 3, 4), 0, -1)
+  assert not np.isfinite(ref).all() and np.isfinite(ref).any()
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+  np.testing.assert_array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+
+
 def test_conv_errors_name_the_argument():
   x = jnp.zeros((2, 6, 6, 4), jnp.float16)
   w = jnp.zeros((3, 3, 4, 5), jnp.float16)
