@@ -137,6 +137,18 @@ static inline void copy_run(uint16_t* dst, const uint16_t* src, int64_t n) {
   }
 }
 
+// The same for 32-bit words (a float16 input already split into bfloat16 pairs).
+static inline void copy_run(uint32_t* dst, const uint32_t* src, int64_t n) {
+  if (n <= 16) {
+    const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    _mm512_mask_storeu_epi32(dst, m, src ? _mm512_maskz_loadu_epi32(m, src) : _mm512_setzero_si512());
+  } else if (src) {
+    std::memcpy(dst, src, size_t(n) * 4);
+  } else {
+    std::memset(dst, 0, size_t(n) * 4);
+  }
+}
+
 // Where column c0 of the patch matrix starts: its tap's coordinates and channel.
 struct PatchCol {
   int64_t t[3], c;
@@ -153,8 +165,9 @@ static inline PatchCol patch_col(const ConvGeom& g, int64_t c0) {
 // tap's channels at a time, the tap's coordinates stepped rather than divided out.
 // (Not inlined: GCC would then see the small fixed-size buffers of some callers and warn about the
 // memcpy branch that only runs longer than 32.)
-static inline __attribute__((noinline)) void patch_row(const uint16_t* x, const ConvGeom& g, const PixCursor& px,
-                                                     PatchCol at, int64_t n, uint16_t* dst) {
+template <class T>
+static inline __attribute__((noinline)) void patch_row(const T* x, const ConvGeom& g, const PixCursor& px,
+                                                     PatchCol at, int64_t n, T* dst) {
   for (int64_t j = 0; j < n;) {
     const int64_t run = std::min(n - j, g.cg - at.c);
     const int64_t off = conv_pixel_offset(g, px.n, px.o, at.t);

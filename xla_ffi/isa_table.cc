@@ -144,7 +144,12 @@ bool amx_int8_ready() {
 
 bool amx_bf16_ready() {
 #if JDFP_X86 && defined(JDFP_HAVE_SIMD) && defined(__linux__)
-  static const bool ready = has_amx(22) && amx_allowed();
+  // The tile code also splits float16 with vcvtneps2bf16: AVX512_BF16 (cpuid 7.1:EAX bit 5), which
+  // every AMX-BF16 CPU has.
+  static const bool ready = has_amx(22) && amx_allowed() && [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
+  }();
   return ready;
 #else
   return false;

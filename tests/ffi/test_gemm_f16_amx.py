@@ -259,10 +259,38 @@ def check_conv(xs, ws, strides, padding, ld, rd, seed=0):
   return x, w, dy
 
 
-@pytest.mark.parametrize("case", CASES + [((4, 12, 12, 1), (3, 3, 1, 32), (1, 1), "SAME", None, None)],
+# Channels in whole 16-k steps: the forward gathers pre-split words a step at a time (positions
+# stepped per tap, or conv_pixel_offset with lhs dilation).
+WHOLE_STEP_CASES = [
+    ((2, 9, 9, 16), (3, 3, 16, 8), (1, 1), "SAME", None, None),
+    ((2, 10, 9, 32), (3, 2, 32, 5), (2, 1), ((2, 0), (1, 3)), None, (2, 1)),
+    ((2, 5, 5, 16), (3, 3, 16, 6), (1, 1), ((2, 2), (2, 2)), (2, 2), None),
+    ((1, 3, 6, 7, 16), (2, 3, 3, 16, 4), (1, 1, 1), "SAME", None, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES + WHOLE_STEP_CASES + [((4, 12, 12, 1), (3, 3, 1, 32), (1, 1), "SAME", None, None)],
                          ids=_case_id)
 def test_conv_forward_and_weight_grad_are_the_gemm_on_the_patches(case):
   check_conv(*case)
+
+
+@pytest.mark.parametrize("channels", [4, 32])
+def test_conv_forward_nonfinite_through_the_split_input(channels):
+  """NaN and Inf in a conv input that is split once and gathered (both gathers): IEEE results where
+  XLA's float32 conv of the same values has them, every other output as the tiles sum it."""
+  rng = np.random.default_rng(6)
+  x = _f16_values((2, 8, 8, channels), rng)
+  w = _f16_values((3, 3, channels, 5), rng)
+  x[0, 3, 4, 1], x[1, 6, 0, channels - 1] = np.inf, np.nan
+  got = np.asarray(kernels.conv_f16(x, w, window_strides=(1, 1), padding="SAME"))
+  ref = np.asarray(lax.conv_general_dilated(x.astype(np.float32), w.astype(np.float32), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  assert np.isnan(ref).any() and np.isinf(ref).any()
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+  np.testing.assert_array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+  fin = np.isfinite(ref)
+  np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-3, atol=1e-3 * np.abs(ref[fin]).max())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
