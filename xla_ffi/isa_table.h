@@ -38,12 +38,13 @@ int best_isa();
 // (non-x86) have null kernels; isa_mask() never lists them.
 const IsaKernels& isa_kernels(int isa);
 // The CPU has AMX-BF16 tiles and the OS saves their state (cpuid 7.0:EDX bits 22, 24; XCR0 bits 17,
-// 18).  The BF16 recipe's dots then go to XLA, whose bf16 dot uses the tiles (jdfp's own bf16 tile code is the FP16 GEMM's, kernel_amx_f16.cc).
+// 18) (what jdfp.kernels.has_amx_bf16() reports; amx_bf16_ready() below decides what runs there).
 bool has_amx_bf16();
 // The CPU has AMX-INT8 tiles, the OS saves their state and granted this process their use
 // (arch_prctl ARCH_REQ_XCOMP_PERM, asked once): kernel_amx.cc may run.  JDFP_AMX=0 turns it off.
 bool amx_int8_ready();
-// The same for AMX-BF16 (kernel_amx_f16.cc: the FP16 GEMM).
+// The same for AMX-BF16, plus AVX512_BF16 (kernel_amx_f16.cc: the FP16 GEMM and convs, the BF16
+// recipe's dots and convs).
 bool amx_bf16_ready();
 
 }  // namespace jdfp
