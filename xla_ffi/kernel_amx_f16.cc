@@ -432,6 +432,44 @@ static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_
   _tile_stored(3, acc + 528, 128);
 }
 
+// block32<true> with the A tiles read in place: step s's two 16-row tiles at x + off[s] and
+// x + 16 * lda_words + off[s], rows lda_words apart (the padded split input of tile_direct).
+static inline void block32_direct(const uint32_t* x, int64_t lda_words, const int64_t* off, const uint32_t* b0,
+                                  const uint32_t* b1, int64_t nsteps, bool first, float* acc) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, 128);
+    _tile_loadd(1, acc + 16, 128);
+    _tile_loadd(2, acc + 512, 128);
+    _tile_loadd(3, acc + 528, 128);
+  }
+  const uint32_t* x1 = x + 16 * lda_words;
+  for (int64_t s = 0; s < nsteps; ++s, b0 += kBStep, b1 += kBStep) {
+    _tile_loadd(4, x + off[s], lda_words * 4);
+    _tile_loadd(5, x1 + off[s], lda_words * 4);
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, b0 + kWords, 64);
+    _tile_loadd(7, b1 + kWords, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, acc, 128);
+  _tile_stored(1, acc + 16, 128);
+  _tile_stored(2, acc + 512, 128);
+  _tile_stored(3, acc + 528, 128);
+}
+
 }  // namespace
 
 namespace {
@@ -489,6 +527,12 @@ struct Panels {
   size_t xw_words = 0;
   int64_t xs_parts = 0;
   std::atomic<int64_t> xs_next{0}, xs_done{0};
+  // The direct forward (tile_direct): xw is the input zero padded to pe[] pixels per spatial dim
+  // (vrows padded pixels, then `tail` rows of zeros that the last blocks' taps read), and the tiles'
+  // A rows are read from it in place.  x_bad: the input holds a NaN or Inf (set by split_padded).
+  bool direct = false;
+  int64_t pe[3] = {1, 1, 1}, vrows = 0, tail = 0, rows_per_part = 0;
+  std::atomic<uint8_t> x_bad{0};
   ~Panels() {
     if (a) BufferPool::get().give(a, words);
     if (xw) BufferPool::get().give(xw, xw_words);
@@ -562,7 +606,74 @@ void split_input(Panels& S, const uint16_t* x, int64_t nelem) {
 
 int64_t input_elements(const ConvGeom& g) { return g.n * g.in[0] * g.in[1] * g.in[2] * g.C; }
 
+// Word offset (in pixels) of tap `tap` in the padded input, relative to the output's padded pixel.
+int64_t tap_delta(const ConvGeom& g, const int64_t* pe, int64_t tap) {
+  int64_t t[3];
+  conv_split_tap(g, tap, t);
+  return (t[0] * g.rdil[0] * pe[1] + t[1] * g.rdil[1]) * pe[2] + t[2] * g.rdil[2];
+}
+
+// Whether the forward can read its A tiles in place from the padded split input: stride 1, no lhs
+// dilation, no cropping, one group of whole 16-k steps per tap, and no more than 1.5x the output
+// pixels on the padded grid (the junk columns between rows are computed and dropped).
+bool direct_fits(const ConvGeom& g, int64_t* pe) {
+  if (g.cg != g.C || g.C % 16 != 0) return false;
+  int64_t vpix = g.n;
+  for (int d = 0; d < 3; ++d) {
+    if (g.stride[d] != 1 || g.ldil[d] != 1 || g.pad[d] < 0) return false;
+    pe[d] = g.out[d] + (g.ks[d] - 1) * g.rdil[d];
+    vpix *= pe[d];
+  }
+  return 2 * vpix <= 3 * g.npix;
+}
+
+// xw = the padded input's split words, a part (rows_per_part padded rows of pe[2] pixels, or the
+// zero tail) per claim, as split_input.
+void split_padded(Panels& S, const uint16_t* x, const ConvGeom& g) {
+  const int64_t C = g.C, nrows = g.n * S.pe[0] * S.pe[1], rowlen = S.pe[2] * C;
+  for (int64_t p; (p = S.xs_next.fetch_add(1, std::memory_order_relaxed)) < S.xs_parts;) {
+    if (p == S.xs_parts - 1) {  // the tail
+      std::memset(S.xw + S.vrows * C, 0, size_t(S.tail * C) * 4);
+    } else {
+      __mmask16 bad = 0;
+      for (int64_t row = p * S.rows_per_part; row < std::min(nrows, (p + 1) * S.rows_per_part); ++row) {
+        uint32_t* d = S.xw + row * rowlen;
+        const int64_t p1 = row % S.pe[1], p0 = (row / S.pe[1]) % S.pe[0], n = row / (S.pe[1] * S.pe[0]);
+        const int64_t i0 = p0 - g.pad[0], i1 = p1 - g.pad[1];
+        if (i0 < 0 || i0 >= g.in[0] || i1 < 0 || i1 >= g.in[1]) {
+          std::memset(d, 0, size_t(rowlen) * 4);
+          continue;
+        }
+        const int64_t lo = g.pad[2], cnt = std::clamp<int64_t>(S.pe[2] - lo, 0, g.in[2]);
+        std::memset(d, 0, size_t(lo * C) * 4);
+        const uint16_t* src = x + ((n * g.in[0] + i0) * g.in[1] + i1) * g.in[2] * C;
+        for (int64_t e = 0; e < cnt * C; e += 16) {  // C is a multiple of 16
+          const Split sp = split16(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + e))));
+          _mm512_storeu_si512(d + lo * C + e, sp.hl);
+          bad |= sp.bad;
+        }
+        std::memset(d + (lo + cnt) * C, 0, size_t((S.pe[2] - lo - cnt) * C) * 4);
+      }
+      if (bad) S.x_bad.store(1, std::memory_order_relaxed);
+    }
+    S.xs_done.fetch_add(1, std::memory_order_release);
+  }
+  for (int spins = 0; S.xs_done.load(std::memory_order_acquire) < S.xs_parts; ++spins) {
+    if (spins < 256) _mm_pause();
+    else std::this_thread::yield();
+  }
+}
+
 }  // namespace
+
+// JDFP_F16_DIRECT=0: the forward gathers patch rows into panels even where tile_direct fits (A/B).
+static bool direct_off() {
+  static const bool off = [] {
+    const char* e = std::getenv("JDFP_F16_DIRECT");
+    return e && std::string(e) == "0";
+  }();
+  return off;
+}
 
 std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   auto s = std::make_shared<Panels>();
@@ -585,7 +696,15 @@ std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
   // Pre-split where the patch matrix reads the input at least twice over (splitting each element
   // once, not once per tap: with the whole-step gather, the demo's 3x3 conv 128x12x12x32 -> 32 went
   // 1.57 -> 1.35-1.39 ms).
-  if (!P.amx_plain && P.conv && !P.conv->on_b) {
+  if (!P.amx_plain && P.conv && !P.conv->on_b && !direct_off() && direct_fits(*P.conv, s->pe)) {
+    const ConvGeom& g = *P.conv;
+    s->direct = true;
+    s->vrows = g.n * s->pe[0] * s->pe[1] * s->pe[2];
+    s->tail = tap_delta(g, s->pe, g.ntaps - 1) + 32;
+    s->xw = BufferPool::get().take(size_t((s->vrows + s->tail) * g.C), s->xw_words);
+    s->rows_per_part = std::max<int64_t>(1, kSplitPart / (s->pe[2] * g.C));
+    s->xs_parts = (g.n * s->pe[0] * s->pe[1] + s->rows_per_part - 1) / s->rows_per_part + 1;
+  } else if (!P.amx_plain && P.conv && !P.conv->on_b) {
     const int64_t nelem = input_elements(*P.conv);
     if (P.M * P.K >= 2 * nelem && nelem > 0) {
       s->xw = BufferPool::get().take(size_t(nelem), s->xw_words);
@@ -596,6 +715,87 @@ std::shared_ptr<void> f16_make_panels(const Bf16Problem& P, int64_t nbatch) {
 }
 
 namespace {
+
+// One output tile of an FP16 conv forward that S.direct takes: the A tiles read in place from the
+// padded split input.  Output pixel (n, o) is padded pixel q = ((n * pe0 + o0) * pe1 + o1) * pe2 + o2,
+// and tap t reads padded pixel q + tap_delta(t): for a run of consecutive q the rows of an A tile
+// are C words apart, whatever image row they fall in.  So the tile's rows [m0, m1) are computed as
+// the q range from q(m0) to q(m1 - 1), in 32-row blocks; the q that are no output pixel (past the
+// row's or the image's last output) are computed and dropped.  The products and the K order are the
+// packed path's (the same words, steps and tile products), so the same sums, bit for bit.
+void tile_direct(const Bf16Problem& P, const Bf16Tile& T, Panels& S) {
+  const ConvGeom& g = *P.conv;
+  const int64_t C = g.C, nsteps = S.nsteps, nb = T.n1 - T.n0, npairs = (nb + 31) / 32;
+  const uint16_t* a = static_cast<const uint16_t*>(P.a) + P.a_off[T.batch];
+  const uint16_t* b = static_cast<const uint16_t*>(P.b) + P.b_off[T.batch];
+  float* Cout = P.out + T.batch * P.M * P.N;
+  split_padded(S, a, g);
+  auto qof = [&](int64_t r) {
+    int64_t n, o[3];
+    conv_split_pixel(g, r, n, o);
+    return ((n * S.pe[0] + o[0]) * S.pe[1] + o[1]) * S.pe[2] + o[2];
+  };
+  const int64_t qb = qof(T.m0), qe = qof(T.m1 - 1) + 1, nvb = (qe - qb + 31) / 32;
+  thread_local std::vector<int64_t> offs;
+  offs.resize(size_t(nsteps));
+  for (int64_t s = 0; s < nsteps; ++s) {
+    const int64_t k = s * 16, tap = k / g.cg;
+    offs[size_t(s)] = tap_delta(g, S.pe, tap) * C + (k - tap * g.cg);
+  }
+  const int64_t rb = T.batch * S.npairs + T.n0 / 32;
+  const TileConfig cfg = uniform_config(8, 16, 64);
+  _tile_loadconfig(&cfg);
+  thread_local Aligned<float> accbuf;
+  float* accs = accbuf.get(size_t(nvb * npairs * 1024));
+  const bool x_bad = S.x_bad.load(std::memory_order_relaxed);  // split_padded's last acquire orders it
+  for (int64_t s0 = 0; s0 < nsteps; s0 += kKcSteps) {
+    const int64_t ns = std::min(kKcSteps, nsteps - s0);
+    const bool last = s0 + ns >= nsteps;
+    for (int64_t cp = 0; cp < npairs; ++cp) {
+      const int64_t n0 = T.n0 + cp * 32;
+      const uint32_t* bpanel = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair, [&](uint32_t* d) {
+        pack_b(View{b + n0 * P.b_sn, P.b_sn, P.b_sk, std::min<int64_t>(32, P.N - n0), P.K}, d,
+               S.b_bad.get() + size_t(rb + cp) * 32);
+      });
+      const uint32_t* b0 = bpanel + s0 * kBStep;
+      const int nv = int(std::min<int64_t>(32, T.n1 - n0));
+      const __mmask16 lo = first_lanes(nv), hi = first_lanes(std::max(0, nv - 16));
+      const uint8_t* cbad = S.b_bad.get() + size_t(rb + cp) * 32;
+      for (int64_t vb = 0; vb < nvb; ++vb) {
+        const int64_t q0 = qb + vb * 32;
+        float* acc = accs + (cp * nvb + vb) * 1024;
+        block32_direct(S.xw + q0 * C, C, offs.data() + s0, b0, b0 + nsteps * kBStep, ns, s0 == 0, acc);
+        if (!last) continue;
+        for (int i = 0; i < 32 && q0 + i < qe; ++i) {
+          int64_t q = q0 + i, o[3], r;
+          o[2] = q % S.pe[2], q /= S.pe[2];
+          o[1] = q % S.pe[1], q /= S.pe[1];
+          o[0] = q % S.pe[0];
+          if (o[0] >= g.out[0] || o[1] >= g.out[1] || o[2] >= g.out[2]) continue;  // no output pixel
+          r = ((q / S.pe[0] * g.out[0] + o[0]) * g.out[1] + o[1]) * g.out[2] + o[2];
+          if (r < T.m0 || r >= T.m1) continue;  // a neighbouring tile's
+          float* dst = Cout + r * P.N + n0;
+          _mm512_mask_storeu_ps(dst, lo, _mm512_load_ps(acc + i * 32));
+          if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
+          // NaN / Inf: as the packed path, the float32 dot in k order where the row or column has one
+          bool rbad = false;
+          if (x_bad) {
+            const __m512i expo = _mm512_set1_epi32(0x7F80);
+            for (int64_t t = 0; t < g.ntaps && !rbad; ++t) {
+              const uint32_t* w = S.xw + (q0 + i + tap_delta(g, S.pe, t)) * C;
+              for (int64_t c = 0; c < C && !rbad; c += 16)
+                rbad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(w + c), expo), expo) != 0;
+            }
+          }
+          if (!rbad && !any_set(cbad, nv)) continue;
+          for (int j = 0; j < nv; ++j)
+            if (rbad || cbad[j]) dst[j] = ieee_dot(P, a, b, r, n0 + j);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
 
 // One output tile (batch, [m0, m1) x [n0, n1)) of the FP16 GEMM (float16 bits in P.a and P.b; Split)
 // or of the plain BF16 one (bfloat16 bits, amx_plain); m0 and n0 are multiples of 32 (launch_bf16
@@ -612,6 +812,7 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
     return;
   }
   Panels& S = *static_cast<Panels*>(P.f16_panels);
+  if (Split && S.direct) return tile_direct(P, T, S);
   const int64_t nsteps = S.nsteps, mpairs = (mb + 31) / 32, npairs = (nb + 31) / 32;
   const uint16_t* a = static_cast<const uint16_t*>(P.a) + P.a_off[T.batch];
   const uint16_t* b = static_cast<const uint16_t*>(P.b) + P.b_off[T.batch];

@@ -155,6 +155,25 @@ def test_same_bits_for_every_tiling_and_thread_count(tmp_path):
   assert outs[0].size == 300 * 260
 
 
+def test_conv_forward_same_bits_in_place_and_packed(tmp_path):
+  # JDFP_F16_DIRECT=0 gathers the patch rows into panels where the forward would read them in place:
+  # the same words, steps and tile products, so the same bits (one thread and two).
+  code = ("import numpy as np, jax, sys; from jdfp import kernels; rng = np.random.default_rng(8); "
+          "x = rng.standard_normal((6, 12, 12, 32)).astype(np.float16); "
+          "w = (rng.standard_normal((3, 3, 32, 48)) * 0.1).astype(np.float16); "
+          "f = jax.jit(lambda x, w: kernels.conv_f16(x, w, window_strides=(1, 1), padding='SAME')); "
+          "sys.stdout.buffer.write(np.asarray(f(x, w)).tobytes())")
+  outs = []
+  for env in ({}, {"JDFP_F16_DIRECT": "0"}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "96"}):
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    outs.append(np.frombuffer(run.stdout, np.float32))
+  for o in outs[1:]:
+    bits_eq(o, outs[0])
+  assert outs[0].size == 6 * 12 * 12 * 48
+
+
 def test_bad_input_is_rejected_at_trace_time():
   a = jnp.ones((4, 8), jnp.float16)
   with pytest.raises(TypeError, match="a must have dtype float16, got float32"):
@@ -266,6 +285,11 @@ WHOLE_STEP_CASES = [
     ((2, 10, 9, 32), (3, 2, 32, 5), (2, 1), ((2, 0), (1, 3)), None, (2, 1)),
     ((2, 5, 5, 16), (3, 3, 16, 6), (1, 1), ((2, 2), (2, 2)), (2, 2), None),
     ((1, 3, 6, 7, 16), (2, 3, 3, 16, 4), (1, 1, 1), "SAME", None, None),
+    # stride 1 on at most 1.5x the output pixels padded: the forward reads its A tiles in place from
+    # the padded split input (tile_direct), several tiles per call, rhs dilation
+    ((3, 12, 12, 32), (3, 3, 32, 40), (1, 1), "SAME", None, None),
+    ((2, 16, 16, 16), (3, 3, 16, 24), (1, 1), "SAME", None, (1, 2)),
+    ((2, 14, 10, 48), (3, 2, 48, 8), (1, 1), ((1, 2), (0, 1)), None, None),
 ]
 
 
@@ -275,12 +299,13 @@ def test_conv_forward_and_weight_grad_are_the_gemm_on_the_patches(case):
   check_conv(*case)
 
 
-@pytest.mark.parametrize("channels", [4, 32])
-def test_conv_forward_nonfinite_through_the_split_input(channels):
-  """NaN and Inf in a conv input that is split once and gathered (both gathers): IEEE results where
-  XLA's float32 conv of the same values has them, every other output as the tiles sum it."""
+@pytest.mark.parametrize("channels, size", [(4, 8), (32, 8), (32, 12)])
+def test_conv_forward_nonfinite_through_the_split_input(channels, size):
+  """NaN and Inf in a conv input that is split once and gathered (both gathers), or read in place
+  padded (32 channels on 12 x 12): IEEE results where XLA's float32 conv of the same values has them,
+  every other output as the tiles sum it."""
   rng = np.random.default_rng(6)
-  x = _f16_values((2, 8, 8, channels), rng)
+  x = _f16_values((2, size, size, channels), rng)
   w = _f16_values((3, 3, channels, 5), rng)
   x[0, 3, 4, 1], x[1, 6, 0, channels - 1] = np.inf, np.nan
   got = np.asarray(kernels.conv_f16(x, w, window_strides=(1, 1), padding="SAME"))
