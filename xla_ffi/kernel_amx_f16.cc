@@ -391,10 +391,12 @@ static void pack_b_patches_plain(const uint16_t* x, const ConvGeom& g, int64_t n
 
 // acc[32 x 32] (+)= row blocks (a0, a1) x column blocks (b0, b1) over nsteps k steps: from zero when
 // `first`, else from acc (float32 in memory between K chunks: exact, so chunking changes no bit).
+// Step s's A tiles are at a0 + astep(s) and a1 + astep(s), their rows lda bytes apart (a packed panel:
+// s * kWords and 64; tile_direct: the padded input in place).
 // Split: float16 pieces (B' and B'' per step, kBStep words); else plain bfloat16 (one B tile a step).
-template <bool Split>
-static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_t* b0, const uint32_t* b1,
-                           int64_t nsteps, bool first, float* acc) {
+template <bool Split, class AStep>
+static inline void block32(const uint32_t* a0, const uint32_t* a1, int64_t lda, AStep astep, const uint32_t* b0,
+                           const uint32_t* b1, int64_t nsteps, bool first, float* acc) {
   constexpr int64_t bstep = Split ? kBStep : kWords;
   if (first) {
     _tile_zero(0);
@@ -407,11 +409,11 @@ static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_
     _tile_loadd(2, acc + 512, 128);
     _tile_loadd(3, acc + 528, 128);
   }
-  for (int64_t s = 0; s < nsteps; ++s, a0 += kWords, a1 += kWords, b0 += bstep, b1 += bstep) {
+  for (int64_t s = 0; s < nsteps; ++s, b0 += bstep, b1 += bstep) {
     // B' of both column blocks, then B'': four products between two into one accumulator, which
     // covers tdpbf16ps's latency (back to back into one tile ran ~1.3x slower).
-    _tile_loadd(4, a0, 64);
-    _tile_loadd(5, a1, 64);
+    _tile_loadd(4, a0 + astep(s), lda);
+    _tile_loadd(5, a1 + astep(s), lda);
     _tile_loadd(6, b0, 64);
     _tile_loadd(7, b1, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -432,43 +434,8 @@ static inline void block32(const uint32_t* a0, const uint32_t* a1, const uint32_
   _tile_stored(3, acc + 528, 128);
 }
 
-// block32<true> with the A tiles read in place: step s's two 16-row tiles at x + off[s] and
-// x + 16 * lda_words + off[s], rows lda_words apart (the padded split input of tile_direct).
-static inline void block32_direct(const uint32_t* x, int64_t lda_words, const int64_t* off, const uint32_t* b0,
-                                  const uint32_t* b1, int64_t nsteps, bool first, float* acc) {
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  } else {
-    _tile_loadd(0, acc, 128);
-    _tile_loadd(1, acc + 16, 128);
-    _tile_loadd(2, acc + 512, 128);
-    _tile_loadd(3, acc + 528, 128);
-  }
-  const uint32_t* x1 = x + 16 * lda_words;
-  for (int64_t s = 0; s < nsteps; ++s, b0 += kBStep, b1 += kBStep) {
-    _tile_loadd(4, x + off[s], lda_words * 4);
-    _tile_loadd(5, x1 + off[s], lda_words * 4);
-    _tile_loadd(6, b0, 64);
-    _tile_loadd(7, b1, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(3, 5, 7);
-    _tile_loadd(6, b0 + kWords, 64);
-    _tile_loadd(7, b1 + kWords, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, acc, 128);
-  _tile_stored(1, acc + 16, 128);
-  _tile_stored(2, acc + 512, 128);
-  _tile_stored(3, acc + 528, 128);
-}
+// A packed panel's steps: kWords apart, rows 64 bytes apart.
+static inline int64_t panel_step(int64_t s) { return s * kWords; }
 
 }  // namespace
 
@@ -587,6 +554,14 @@ namespace {
 
 constexpr int64_t kSplitPart = 16384;  // elements per claimed part of split_input
 
+// Until every part of the input's split is done (by this worker or the others).
+void wait_parts(const Panels& S) {
+  for (int spins = 0; S.xs_done.load(std::memory_order_acquire) < S.xs_parts; ++spins) {
+    if (spins < 256) _mm_pause();
+    else std::this_thread::yield();
+  }
+}
+
 // xw = the split words (hi | lo << 16) of every element of the conv input x: parts claimed by whichever
 // workers arrive, then each waits until all are done.
 void split_input(Panels& S, const uint16_t* x, int64_t nelem) {
@@ -598,10 +573,7 @@ void split_input(Panels& S, const uint16_t* x, int64_t nelem) {
     }
     S.xs_done.fetch_add(1, std::memory_order_release);
   }
-  for (int spins = 0; S.xs_done.load(std::memory_order_acquire) < S.xs_parts; ++spins) {
-    if (spins < 256) _mm_pause();
-    else std::this_thread::yield();
-  }
+  wait_parts(S);
 }
 
 int64_t input_elements(const ConvGeom& g) { return g.n * g.in[0] * g.in[1] * g.in[2] * g.C; }
@@ -658,10 +630,7 @@ void split_padded(Panels& S, const uint16_t* x, const ConvGeom& g) {
     }
     S.xs_done.fetch_add(1, std::memory_order_release);
   }
-  for (int spins = 0; S.xs_done.load(std::memory_order_acquire) < S.xs_parts; ++spins) {
-    if (spins < 256) _mm_pause();
-    else std::this_thread::yield();
-  }
+  wait_parts(S);
 }
 
 }  // namespace
@@ -764,7 +733,9 @@ void tile_direct(const Bf16Problem& P, const Bf16Tile& T, Panels& S) {
       for (int64_t vb = 0; vb < nvb; ++vb) {
         const int64_t q0 = qb + vb * 32;
         float* acc = accs + (cp * nvb + vb) * 1024;
-        block32_direct(S.xw + q0 * C, C, offs.data() + s0, b0, b0 + nsteps * kBStep, ns, s0 == 0, acc);
+        const int64_t* off = offs.data() + s0;
+        block32<true>(S.xw + q0 * C, S.xw + (q0 + 16) * C, 4 * C, [off](int64_t s) { return off[s]; }, b0,
+                      b0 + nsteps * kBStep, ns, s0 == 0, acc);
         if (!last) continue;
         for (int i = 0; i < 32 && q0 + i < qe; ++i) {
           int64_t q = q0 + i, o[3], r;
@@ -904,7 +875,7 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
       for (int64_t rp = 0; rp < mpairs; ++rp) {
         const uint32_t* a0 = arows[size_t(rp)] + aoff;
         float* acc = accs + (cp * mpairs + rp) * 1024;
-        block32<Split>(a0, a0 + astride, b0, b0 + bstride, ns, s0 == 0, acc);
+        block32<Split>(a0, a0 + astride, 64, panel_step, b0, b0 + bstride, ns, s0 == 0, acc);
         if (!last) continue;
         const int64_t m0 = T.m0 + rp * 32;
         const int mv = int(std::min<int64_t>(32, T.m1 - m0));

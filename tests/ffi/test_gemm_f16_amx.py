@@ -134,6 +134,18 @@ def test_nan_and_inf_never_become_finite_and_inf_stays_inf():
   bits_eq(np.delete(got, 11, axis=1), np.delete(clean, 11, axis=1))
 
 
+def _bits_under_envs(code, envs, cwd):
+  """What `python -c code` writes to stdout (float32), once per extra environment."""
+  outs = []
+  for env in envs:
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree of a
+    # non-editable install has no built library.
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, cwd=cwd)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    outs.append(np.frombuffer(run.stdout, np.float32))
+  return outs
+
+
 def test_same_bits_for_every_tiling_and_thread_count(tmp_path):
   # Each output is one chain over K (K in chunks whose float32 sums wait in memory, exactly), so
   # neither the tile shape nor the number of threads may change a bit.
@@ -141,15 +153,8 @@ def test_same_bits_for_every_tiling_and_thread_count(tmp_path):
           "a = (rng.standard_normal((300, 700)) * 4).astype(np.float16); "
           "b = rng.standard_normal((700, 260)).astype(np.float16); "
           "sys.stdout.buffer.write(np.asarray(jax.jit(kernels.gemm_f16)(a, b)).tobytes())")
-  outs = []
-  for env in ({}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "32", "JDFP_TILE_N": "32"},
-              {"JDFP_TILE_M": "300", "JDFP_TILE_N": "1000"}):
-    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree of a
-    # non-editable install has no built library.
-    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
-                         cwd=tmp_path)
-    assert run.returncode == 0, run.stderr.decode()[-2000:]
-    outs.append(np.frombuffer(run.stdout, np.float32))
+  outs = _bits_under_envs(code, ({}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "32", "JDFP_TILE_N": "32"},
+                                  {"JDFP_TILE_M": "300", "JDFP_TILE_N": "1000"}), tmp_path)
   for o in outs[1:]:
     bits_eq(o, outs[0])
   assert outs[0].size == 300 * 260
@@ -163,12 +168,7 @@ def test_conv_forward_same_bits_in_place_and_packed(tmp_path):
           "w = (rng.standard_normal((3, 3, 32, 48)) * 0.1).astype(np.float16); "
           "f = jax.jit(lambda x, w: kernels.conv_f16(x, w, window_strides=(1, 1), padding='SAME')); "
           "sys.stdout.buffer.write(np.asarray(f(x, w)).tobytes())")
-  outs = []
-  for env in ({}, {"JDFP_F16_DIRECT": "0"}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "96"}):
-    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
-                         cwd=tmp_path)
-    assert run.returncode == 0, run.stderr.decode()[-2000:]
-    outs.append(np.frombuffer(run.stdout, np.float32))
+  outs = _bits_under_envs(code, ({}, {"JDFP_F16_DIRECT": "0"}, {"JDFP_THREADS": "1"}, {"JDFP_TILE_M": "96"}), tmp_path)
   for o in outs[1:]:
     bits_eq(o, outs[0])
   assert outs[0].size == 6 * 12 * 12 * 48
