@@ -13,8 +13,10 @@
 // output whose row of A or column of B holds a NaN or Inf is recomputed as a float32 dot in k order
 // (ieee_dot): Inf where IEEE says Inf, not the NaN of the split's Inf * 0 cross products.
 //
-// Convolutions (one group) gather their patch matrix from the float16 input while packing, as the
-// BF16 conv kernel does: never stored whole.
+// Convolutions (one group) never store their patch matrix: the forward gathers its rows while
+// packing (from the input split once where taps re-read it: split_input), or, at stride 1, its A tiles
+// read their rows in place from a zero-padded split copy (tile_direct); weight gradients pack both
+// operands a K chunk at a time per worker.
 //
 // Plain bfloat16 operands (Bf16Problem::amx_plain: the BF16 recipe's convolutions, isa amx_bf16) take
 // the same tiles, panels and K chunks without the split: one tdpbf16ps per 32 k, each 32-bit word a
