@@ -770,6 +770,53 @@ void tile_direct(const Bf16Problem& P, const Bf16Tile& T, Panels& S) {
   _tile_release();
 }
 
+// Rows [r0, r0 + 32) of A over k [k0, k0 + kn) (zero padded to whole steps) packed into d.
+template <bool Split>
+void pack_rows(const Bf16Problem& P, const Panels& S, const uint16_t* a, int64_t r0, int64_t k0, int64_t kn,
+               uint32_t* d, uint8_t* bad) {
+  const int64_t rows = std::min<int64_t>(32, P.M - r0);
+  if constexpr (Split) {
+    if (S.xw) pack_a_patches_words(S.xw, *P.conv, r0, rows, P.K, d, bad);
+    else if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
+    else pack_a(View{a + r0 * P.a_sm + k0 * P.a_sk, P.a_sm, P.a_sk, rows, kn}, d, bad);
+  } else {
+    if (P.conv && !P.conv->on_b) pack_a_patches_plain(a, *P.conv, r0, rows, P.K, d);
+    else pack_plain(View{a + r0 * P.a_sm + k0 * P.a_sk, P.a_sm, P.a_sk, rows, kn}, d, true);
+  }
+}
+
+// Columns [n0, n0 + 32) of B over k [k0, k0 + kn) packed into d.
+template <bool Split>
+void pack_cols(const Bf16Problem& P, const uint16_t* b, int64_t n0, int64_t k0, int64_t kn, uint32_t* d,
+               uint8_t* bad) {
+  const int64_t cols = std::min<int64_t>(32, P.N - n0);
+  if constexpr (Split) {
+    if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, k0, kn, d, bad);
+    else pack_b(View{b + n0 * P.b_sn + k0 * P.b_sk, P.b_sn, P.b_sk, cols, kn}, d, bad);
+  } else {
+    if (P.conv && P.conv->on_b) pack_b_patches_plain(b, *P.conv, n0, cols, k0, kn, d);
+    else pack_plain(View{b + n0 * P.b_sn + k0 * P.b_sk, P.b_sn, P.b_sk, cols, kn}, d, false);
+  }
+}
+
+// A 32 x 32 block's float32 sums (acc, rows of 32) into C rows [m0, m0 + mv), columns [n0, n0 + nv);
+// with the split, outputs whose row or column holds a NaN or Inf recomputed as IEEE float32 dots.
+template <bool Split>
+void store_block(const Bf16Problem& P, const uint16_t* a, const uint16_t* b, const float* acc, float* C, int64_t m0,
+                 int mv, int64_t n0, int nv, const uint8_t* rbad, const uint8_t* cbad) {
+  const __mmask16 lo = first_lanes(nv), hi = first_lanes(std::max(0, nv - 16));
+  for (int i = 0; i < mv; ++i) {
+    float* dst = C + (m0 + i) * P.N + n0;
+    _mm512_mask_storeu_ps(dst, lo, _mm512_load_ps(acc + i * 32));
+    if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
+  }
+  if constexpr (!Split) return;  // no split, no spurious NaN: the tiles' IEEE results stand
+  if (!any_set(rbad, mv) && !any_set(cbad, nv)) return;  // the usual case, without a loop per output
+  for (int i = 0; i < mv; ++i)
+    for (int j = 0; j < nv; ++j)
+      if (rbad[i] | cbad[j]) C[(m0 + i) * P.N + n0 + j] = ieee_dot(P, a, b, m0 + i, n0 + j);
+}
+
 // One output tile (batch, [m0, m1) x [n0, n1)) of the FP16 GEMM (float16 bits in P.a and P.b; Split)
 // or of the plain BF16 one (bfloat16 bits, amx_plain); m0 and n0 are multiples of 32 (launch_bf16
 // with 32-row units).
@@ -790,28 +837,6 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   const uint16_t* a = static_cast<const uint16_t*>(P.a) + P.a_off[T.batch];
   const uint16_t* b = static_cast<const uint16_t*>(P.b) + P.b_off[T.batch];
   const int64_t ra = T.batch * S.mpairs + T.m0 / 32, rb = T.batch * S.npairs + T.n0 / 32;
-  // Packs rows [r0, r0 + 32) of A over k [k0, k0 + kn) (zero padded to whole steps) into d.
-  auto pack_rows = [&](int64_t r0, int64_t k0, int64_t kn, uint32_t* d, uint8_t* bad) {
-    const int64_t rows = std::min<int64_t>(32, P.M - r0);
-    if constexpr (Split) {
-      if (S.xw) pack_a_patches_words(S.xw, *P.conv, r0, rows, P.K, d, bad);
-      else if (P.conv && !P.conv->on_b) pack_a_patches(a, *P.conv, r0, rows, P.K, d, bad);
-      else pack_a(View{a + r0 * P.a_sm + k0 * P.a_sk, P.a_sm, P.a_sk, rows, kn}, d, bad);
-    } else {
-      if (P.conv && !P.conv->on_b) pack_a_patches_plain(a, *P.conv, r0, rows, P.K, d);
-      else pack_plain(View{a + r0 * P.a_sm + k0 * P.a_sk, P.a_sm, P.a_sk, rows, kn}, d, true);
-    }
-  };
-  auto pack_cols = [&](int64_t n0, int64_t k0, int64_t kn, uint32_t* d, uint8_t* bad) {
-    const int64_t cols = std::min<int64_t>(32, P.N - n0);
-    if constexpr (Split) {
-      if (P.conv && P.conv->on_b) pack_b_patches(b, *P.conv, n0, cols, k0, kn, d, bad);
-      else pack_b(View{b + n0 * P.b_sn + k0 * P.b_sk, P.b_sn, P.b_sk, cols, kn}, d, bad);
-    } else {
-      if (P.conv && P.conv->on_b) pack_b_patches_plain(b, *P.conv, n0, cols, k0, kn, d);
-      else pack_plain(View{b + n0 * P.b_sn + k0 * P.b_sk, P.b_sn, P.b_sk, cols, kn}, d, false);
-    }
-  };
   // A conv's weight gradient (S.streamed: O x pixels x (tap, c), deep) packs both operands a K chunk at
   // a time into this worker's buffers, consumed while in L2: packed whole, its split B (16 bytes per
   // element, 85 MB for the demo's 32 x 18432 x 288) went through memory once written and once read,
@@ -833,7 +858,7 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
   if (!streamed)
     for (int64_t rp = 0; rp < mpairs; ++rp)
       arows[size_t(rp)] = ready(S.a_state[size_t(ra + rp)], S.a + size_t(ra + rp) * S.a_pair, [&](uint32_t* d) {
-        pack_rows(T.m0 + rp * 32, 0, P.K, d, rows_bad + rp * 32);
+        pack_rows<Split>(P, S, a, T.m0 + rp * 32, 0, P.K, d, rows_bad + rp * 32);
       });
 
   const TileConfig cfg = uniform_config(8, 16, 64);
@@ -858,41 +883,28 @@ void tile_amx(const Bf16Problem& P, const Bf16Tile& T) {
       uint32_t* abuf = achunk.get(size_t(mpairs * 2 * astride));
       for (int64_t rp = 0; rp < mpairs; ++rp) {
         arows[size_t(rp)] = abuf + rp * 2 * astride;
-        pack_rows(T.m0 + rp * 32, k0, kn, abuf + rp * 2 * astride, rows_bad + rp * 32);
+        pack_rows<Split>(P, S, a, T.m0 + rp * 32, k0, kn, abuf + rp * 2 * astride, rows_bad + rp * 32);
       }
       bbuf = bchunk.get(size_t(2 * bstride));
     }
     for (int64_t cp = 0; cp < npairs; ++cp) {
       const int64_t n0 = T.n0 + cp * 32;
       if (streamed) {
-        pack_cols(n0, k0, kn, bbuf, cols_bad + cp * 32);
+        pack_cols<Split>(P, b, n0, k0, kn, bbuf, cols_bad + cp * 32);
         bcols[size_t(cp)] = bbuf;
       } else if (!bcols[size_t(cp)]) {
         bcols[size_t(cp)] = ready(S.b_state[size_t(rb + cp)], S.b + size_t(rb + cp) * S.b_pair,
-                                  [&](uint32_t* d) { pack_cols(n0, 0, P.K, d, cols_bad + cp * 32); });
+                                  [&](uint32_t* d) { pack_cols<Split>(P, b, n0, 0, P.K, d, cols_bad + cp * 32); });
       }
       const uint32_t* b0 = bcols[size_t(cp)] + boff;
       const int nv = int(std::min<int64_t>(32, T.n1 - n0));
-      const __mmask16 lo = first_lanes(nv), hi = first_lanes(std::max(0, nv - 16));
       for (int64_t rp = 0; rp < mpairs; ++rp) {
         const uint32_t* a0 = arows[size_t(rp)] + aoff;
         float* acc = accs + (cp * mpairs + rp) * 1024;
         block32<Split>(a0, a0 + astride, 64, panel_step, b0, b0 + bstride, ns, s0 == 0, acc);
-        if (!last) continue;
-        const int64_t m0 = T.m0 + rp * 32;
-        const int mv = int(std::min<int64_t>(32, T.m1 - m0));
-        for (int i = 0; i < mv; ++i) {
-          float* dst = C + (m0 + i) * P.N + n0;
-          _mm512_mask_storeu_ps(dst, lo, _mm512_load_ps(acc + i * 32));
-          if (hi) _mm512_mask_storeu_ps(dst + 16, hi, _mm512_load_ps(acc + i * 32 + 16));
-        }
-        if constexpr (!Split) continue;  // no split, no spurious NaN: the tiles' IEEE results stand
-        const uint8_t* rbad = rows_bad + rp * 32;
-        const uint8_t* cbad = cols_bad + cp * 32;
-        if (!any_set(rbad, mv) && !any_set(cbad, nv)) continue;  // the usual case, without a loop per output
-        for (int i = 0; i < mv; ++i)
-          for (int j = 0; j < nv; ++j)
-            if (rbad[i] | cbad[j]) C[(m0 + i) * P.N + n0 + j] = ieee_dot(P, a, b, m0 + i, n0 + j);
+        if (last)
+          store_block<Split>(P, a, b, acc, C, T.m0 + rp * 32, int(std::min<int64_t>(32, T.m1 - T.m0 - rp * 32)), n0,
+                             nv, rows_bad + rp * 32, cols_bad + cp * 32);
       }
     }
   }
